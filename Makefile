@@ -1,0 +1,93 @@
+# sandbox-executor: `make help` lists the targets.
+
+PYTHON       ?= python3
+VENV         ?= .venv
+BASE_IMAGE   ?= sandbox-executor/base:bookworm
+SANDBOX_IMAGE ?= sandbox-executor/sandbox:latest
+PYTEST_ARGS  ?=
+DOCKER_BUILDKIT ?= 0
+export DOCKER_BUILDKIT
+
+VPY   := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUILD := build
+ARCH  := $(shell uname -m)
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+.PHONY: install
+install: $(STAMP) ## Make .venv with the package and its dev tools
+
+.PHONY: protos
+protos: $(STAMP) ## Regenerate the checked-in protobuf and gRPC code
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VPY) -m grpc_tools.protoc -Iproto \
+	  --python_out=. --pyi_out=. --grpc_python_out=. --mypy_grpc_out=. \
+	  proto/executor/v1/sandbox.proto
+
+.PHONY: check-protos
+check-protos: $(STAMP) ## Fail if the generated code is stale
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VPY) -m grpc_tools.protoc -Iproto \
+	  --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp --mypy_grpc_out=$$tmp \
+	  proto/executor/v1/sandbox.proto >/dev/null 2>&1 && \
+	for f in sandbox_pb2.py sandbox_pb2.pyi sandbox_pb2_grpc.py sandbox_pb2_grpc.pyi; do \
+	  cmp -s $$tmp/executor/v1/$$f executor/v1/$$f || { echo "executor/v1/$$f is stale: run 'make protos'"; exit 1; }; \
+	done; echo "generated code is up to date"
+
+.PHONY: lint
+lint: $(STAMP) ## ruff and mypy (strict on the package)
+	$(VENV)/bin/ruff check executor tests bench examples
+	$(VENV)/bin/ruff format --check executor tests bench examples
+	$(VENV)/bin/mypy
+
+.PHONY: check
+check: lint check-protos ## All static checks
+
+# The image's context holds only the child runtime and its wheels.
+$(BUILD)/sandbox/.wheels: constraints.txt
+	rm -rf $(BUILD)/sandbox/lib && mkdir -p $(BUILD)/sandbox/lib
+	$(VPY) -m pip install -q --target $(BUILD)/sandbox/lib --no-deps --only-binary=:all: \
+	  --implementation cp --python-version 3.11 --platform manylinux_2_28_$(ARCH) \
+	  --platform manylinux_2_17_$(ARCH) --platform manylinux2014_$(ARCH) \
+	  $$(grep -E '^(grpcio|protobuf|typing_extensions)==' constraints.txt)
+	rm -rf $(BUILD)/sandbox/lib/bin $(BUILD)/sandbox/lib/*.dist-info/RECORD
+	touch $@
+
+.PHONY: images
+images: $(STAMP) $(BUILD)/sandbox/.wheels ## Build the base (offline) and sandbox images
+	images/base/build.sh $(BASE_IMAGE)
+	rm -rf $(BUILD)/sandbox/lib/executor && mkdir -p $(BUILD)/sandbox/lib/executor
+	cp executor/__init__.py $(BUILD)/sandbox/lib/executor/
+	cp -r executor/sandbox executor/v1 $(BUILD)/sandbox/lib/executor/
+	find $(BUILD)/sandbox/lib/executor -name '__pycache__' -prune -exec rm -rf {} +
+	cp images/sandbox/Dockerfile $(BUILD)/sandbox/Dockerfile
+	docker build -q --force-rm --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	  -t $(SANDBOX_IMAGE) $(BUILD)/sandbox >/dev/null
+	@echo "sandbox image $(SANDBOX_IMAGE): built"
+
+.PHONY: demo
+demo: images ## Build everything, then run the example protocol on the example data
+	$(VENV)/bin/sandbox-executor run examples/protocols/column_stats --data examples/data/hospital_a \
+	  --project demo --param columns='["age","systolic_bp"]'
+
+.PHONY: test
+test: check images ## Build everything and run the whole test suite
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: $(STAMP) ## Only the tests that need no Docker
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: clean
+clean: ## Remove build output (not the images)
+	rm -rf $(BUILD) .pytest_cache .mypy_cache .ruff_cache

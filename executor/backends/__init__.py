@@ -1,0 +1,90 @@
+"""Container backends: the seam between the executor and a container engine.
+
+:class:`ContainerBackend` is what the executor needs; the Docker backend is
+the real one. A fake may serve unit tests of supervision logic, never tests
+that claim isolation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from executor.policy import IsolationPolicy
+
+LABEL_PREFIX = "io.sandbox-executor"
+LABEL_MANAGED = f"{LABEL_PREFIX}.managed"
+LABEL_TASK = f"{LABEL_PREFIX}.task-id"
+LABEL_PROJECT = f"{LABEL_PREFIX}.project"
+LABEL_PARENT = f"{LABEL_PREFIX}.parent"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A host directory bind-mounted into the sandbox."""
+
+    source: Path
+    target: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything a backend needs to create one task's container.
+
+    Attributes:
+        name: A unique container name.
+        command: The child runtime's argv.
+        policy: The isolation policy to enforce.
+        mounts: The only host paths the sandbox sees.
+        labels: Engine labels (never secrets).
+        environment: Non-secret environment variables.
+    """
+
+    name: str
+    command: list[str]
+    policy: IsolationPolicy
+    mounts: list[Mount]
+    labels: dict[str, str] = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a container ended."""
+
+    exit_code: int
+    oom_killed: bool = False
+
+
+class ContainerBackend(Protocol):
+    """The operations the executor performs on a container engine."""
+
+    def check_image(self, image: str) -> None:
+        """Raise ``ImageNotFoundError`` unless ``image`` exists locally."""
+        ...
+
+    def create(self, spec: ContainerSpec) -> str:
+        """Create (not start) a container; return its id."""
+        ...
+
+    def start(self, container_id: str) -> None:
+        """Start a created container."""
+        ...
+
+    def wait(self, container_id: str) -> ExitInfo:
+        """Block until the container exits."""
+        ...
+
+    def kill(self, container_id: str) -> None:
+        """Kill the container now; no error if it already stopped."""
+        ...
+
+    def stderr_tail(self, container_id: str, lines: int) -> str:
+        """The last ``lines`` lines the container wrote to stderr."""
+        ...
+
+    def remove(self, container_id: str) -> None:
+        """Force-remove the container; no error if it is already gone."""
+        ...

@@ -1,0 +1,194 @@
+"""The Docker backend: one hardened container per task, through docker-py.
+
+This is the only module that knows Docker's keyword arguments. Engine and HTTP
+exceptions are wrapped here, so callers only ever see
+:mod:`executor.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import LogConfig, Ulimit
+
+from executor.backends import ContainerSpec, ExitInfo
+from executor.errors import (
+    ContainerError,
+    EngineUnavailableError,
+    ImageNotFoundError,
+)
+from executor.policy import IsolationPolicy
+
+_T = TypeVar("_T")
+
+SANDBOX_TMP = "/tmp"
+STDERR_LOG_MAX = "1m"
+
+
+def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
+    """docker-py ``containers.create`` arguments for ``spec``.
+
+    The hardening here is not configurable: a policy can only change the
+    resource numbers, the image and the runtime.
+    """
+    p: IsolationPolicy = spec.policy
+    return {
+        "image": p.image,
+        "command": spec.command,
+        "name": spec.name,
+        "labels": dict(spec.labels),
+        "environment": dict(spec.environment),
+        "user": f"{p.uid}:{p.uid}",
+        "working_dir": SANDBOX_TMP,
+        "runtime": p.runtime,
+        "network_mode": "none",
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges:true"],
+        "privileged": False,
+        "read_only": True,
+        "init": True,
+        "ipc_mode": "private",
+        "tmpfs": {SANDBOX_TMP: f"rw,noexec,nosuid,nodev,size={p.tmpfs_mb}m,mode=1777"},
+        "mem_limit": f"{p.memory_mb}m",
+        "memswap_limit": f"{p.memory_mb}m",
+        "nano_cpus": int(p.cpus * 1e9),
+        "pids_limit": p.pids,
+        "ulimits": [
+            Ulimit(name="nofile", soft=p.nofile, hard=p.nofile),
+            Ulimit(name="core", soft=0, hard=0),
+        ],
+        "shm_size": "16m",
+        "log_config": LogConfig(type="json-file", config={"max-size": STDERR_LOG_MAX, "max-file": "1"}),
+        "volumes": {
+            str(m.source): {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in spec.mounts
+        },
+        "hostname": "sandbox",
+        "stdin_open": False,
+        "detach": True,
+    }
+
+
+class DockerBackend:
+    """Runs task containers on a Docker engine.
+
+    Args:
+        client: A docker-py client; by default one from the environment
+            (``DOCKER_HOST`` or the local socket), made on first use.
+    """
+
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> docker.DockerClient:
+        """The engine client, connecting on first use."""
+        with self._lock:
+            if self._client is None:
+                try:
+                    client = docker.from_env(timeout=30)
+                    client.ping()
+                except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                    raise EngineUnavailableError(
+                        f"the Docker engine is not reachable ({_short(exc)}); is dockerd running "
+                        "and is DOCKER_HOST right?"
+                    ) from None
+                self._client = client
+            return self._client
+
+    def _call(self, what: str, fn: Callable[[], _T], container_id: str | None = None) -> _T:
+        try:
+            return fn()
+        except docker.errors.ImageNotFound:
+            raise
+        except docker.errors.APIError as exc:
+            raise ContainerError(f"{what} failed: {_short(exc)}", container_id=container_id) from None
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise EngineUnavailableError(
+                f"{what} failed: the Docker engine did not answer ({_short(exc)})",
+                container_id=container_id,
+            ) from None
+
+    def check_image(self, image: str) -> None:
+        """Raise :class:`ImageNotFoundError` with the fix unless ``image`` exists."""
+        try:
+            self._call("image lookup", lambda: self.client.images.get(image))
+        except docker.errors.ImageNotFound:
+            raise ImageNotFoundError(
+                f"sandbox image {image} is not built; run `make images` in the sandbox-executor checkout"
+            ) from None
+
+    def runtimes(self) -> list[str]:
+        """The OCI runtimes the engine knows."""
+        info = self._call("engine info", self.client.info)
+        return sorted(info.get("Runtimes", {}))
+
+    def create(self, spec: ContainerSpec) -> str:
+        """Create the task's container; nothing runs yet."""
+        kwargs = container_kwargs(spec)
+        try:
+            container = self._call("container create", lambda: self.client.containers.create(**kwargs))
+        except docker.errors.ImageNotFound:
+            raise ImageNotFoundError(
+                f"sandbox image {spec.policy.image} is not built; run `make images`"
+            ) from None
+        return str(container.id)
+
+    def _api(self) -> Any:
+        return self.client.api
+
+    def start(self, container_id: str) -> None:
+        """Start the container."""
+        self._call("container start", lambda: self._api().start(container_id), container_id)
+
+    def wait(self, container_id: str) -> ExitInfo:
+        """Block until the container exits, then report how."""
+        result = self._call("container wait", lambda: self._api().wait(container_id), container_id)
+        state = self._call(
+            "container inspect", lambda: self._api().inspect_container(container_id), container_id
+        )["State"]
+        return ExitInfo(exit_code=int(result.get("StatusCode", -1)), oom_killed=bool(state.get("OOMKilled")))
+
+    def kill(self, container_id: str) -> None:
+        """Kill the container; a container that already stopped is fine."""
+        with contextlib.suppress(ContainerError):
+            self._call("container kill", lambda: self._api().kill(container_id), container_id)
+
+    def stderr_tail(self, container_id: str, lines: int) -> str:
+        """The container's last ``lines`` lines of stderr, decoded leniently."""
+        try:
+            raw = self._call(
+                "container logs",
+                lambda: self._api().logs(container_id, stdout=False, stderr=True, tail=lines),
+                container_id,
+            )
+        except ContainerError:
+            return ""
+        return bytes(raw).decode("utf-8", "replace")[-8192:]
+
+    def remove(self, container_id: str) -> None:
+        """Force-remove the container and its anonymous volumes."""
+        try:
+            self._call(
+                "container remove",
+                lambda: self._api().remove_container(container_id, force=True, v=True),
+                container_id,
+            )
+        except ContainerError as exc:
+            if "No such container" not in str(exc) and "is already in progress" not in str(exc):
+                raise
+
+
+def _short(exc: BaseException) -> str:
+    """One line from an engine exception, without docker-py's HTTP noise."""
+    if isinstance(exc, docker.errors.APIError) and exc.explanation:
+        text = str(exc.explanation)
+    else:
+        text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:300] if text else type(exc).__name__

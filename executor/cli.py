@@ -1,0 +1,121 @@
+"""The operator's command line: ``sandbox-executor run PROTOCOL_DIR --data DATA_DIR``.
+
+Exit status: 0 when the task ended OK, 1 when it ended otherwise, 2 when it
+could not be run at all (bad input, no engine, no image). Errors are one line
+on stderr; with ``--json`` stdout holds exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from executor import __version__
+from executor.errors import SandboxExecutorError
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
+
+
+def _parse_param(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not _KEY_RE.match(key):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a plain key, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="sandbox-executor", description="Run untrusted protocols, one hardened container per task."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one task in a sandbox")
+    run.add_argument("protocol_dir", type=Path, metavar="PROTOCOL_DIR", help="directory with protocol.py")
+    run.add_argument("--data", type=Path, required=True, metavar="DATA_DIR", help="datasource directory")
+    run.add_argument("--project", default="default", metavar="NAME", help="project the task belongs to")
+    run.add_argument("--task-id", default=None, metavar="ID", help="task identifier (default: random)")
+    run.add_argument(
+        "--param",
+        action="append",
+        type=_parse_param,
+        default=[],
+        metavar="KEY=VALUE",
+        help="protocol parameter; VALUE is JSON if it parses, else a string",
+    )
+    run.add_argument("--json", action="store_true", help="print one JSON object with the outcome")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+    except SandboxExecutorError as exc:
+        print(f"sandbox-executor: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    from executor.executor import Executor, TaskSpec
+
+    spec = TaskSpec(
+        protocol_dir=args.protocol_dir,
+        data_dir=args.data,
+        project_id=args.project,
+        task_id=args.task_id,
+        parameters=dict(args.param),
+        datasource_name=args.data.name,
+    )
+    cancel = threading.Event()
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+        if not args.json:
+            print("cancelling (Ctrl-C again to stop waiting)…", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        executor = Executor()
+        if args.json:
+            outcome = executor.run(spec, cancel=cancel)
+        else:
+            from executor.progress import ProgressDisplay
+
+            with ProgressDisplay() as display:
+                outcome = executor.run(spec, on_progress=display.update, cancel=cancel)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    if args.json:
+        print(json.dumps(outcome.to_dict()))
+    else:
+        from executor.progress import print_outcome
+
+        print_outcome(outcome)
+    return EXIT_OK if outcome.ok else EXIT_TASK_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Run one task in one container: the parent side's entry point.
+
+:meth:`Executor.run` validates the task, makes its directory, token and gRPC
+server, creates one hardened container, waits for the sandbox's result or the
+container's end, and returns an :class:`~executor.outcome.Outcome`. The
+container, the socket and the directory are removed whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from executor.backends import (
+    LABEL_MANAGED,
+    LABEL_PARENT,
+    LABEL_PROJECT,
+    LABEL_TASK,
+    ContainerBackend,
+    ContainerSpec,
+    ExitInfo,
+    Mount,
+)
+from executor.bundle import ENTRY_MODULE, Bundle, check_protocol_dir, copy_bundle
+from executor.errors import BackendError, ConfigurationError, DataSourceError
+from executor.outcome import ErrorDetail, Outcome, Status
+from executor.policy import IsolationPolicy
+from executor.service import TaskServer
+from executor.session import FinishReport, ProgressUpdate, TaskSession
+from executor.taskdir import SOCKET_NAME, TOKEN_NAME, TaskDir, default_base_dir
+from executor.transport import InMemoryTransport, Transport
+from executor.v1 import sandbox_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SANDBOX_IPC = "/run/sandbox"
+SANDBOX_PROTOCOL = "/sandbox/protocol"
+SANDBOX_DATA = "/data"
+# After a result arrives the runtime exits by itself; this long at most.
+EXIT_GRACE_S = 10.0
+# After a cancel request the protocol has this long to stop before a kill.
+CANCEL_GRACE_S = 5.0
+STDERR_TAIL_LINES = 20
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task as the pod orchestrator describes it.
+
+    Mirrors the seed's worker configuration where that makes sense for a
+    container. Keys and secrets are deliberately absent: they stay with the
+    parent, which does the mailbox crypto.
+    """
+
+    protocol_dir: Path
+    data_dir: Path
+    project_id: str = "default"
+    task_id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    modeller_name: str = ""
+    pod_identifier: str = ""
+    pod_identifiers: tuple[str, ...] = ()
+    datasource_name: str = ""
+    schema: dict[str, Any] = field(default_factory=dict)
+    serialized_protocol: bytes = b""
+    batched_execution: bool = False
+    test_run: bool = False
+    run_on_new_data_only: bool = False
+    force_rerun_failed_files: bool = False
+    max_inference_files: int = 0
+    max_inference_batches: int = 0
+    model_urls: dict[str, str] = field(default_factory=dict)
+    task_hash: str = ""
+    username: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("project_id", "task_id"):
+            value = getattr(self, name)
+            if value is not None and not _ID_RE.match(value):
+                raise ConfigurationError(
+                    f"{name}: expected 1-64 letters, digits, '.', '_' or '-', got {value!r}"
+                )
+        try:
+            json.dumps(self.parameters, allow_nan=False)
+            json.dumps(self.schema, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"parameters and schema must be JSON-serialisable: {exc}") from None
+
+
+def check_data_dir(path: Path, uid: int) -> Path:
+    """The resolved data directory, if the sandbox user can list and read it.
+
+    Only the directory's own mode matters: it is bind-mounted, so the sandbox
+    never traverses its host ancestors.
+
+    Raises:
+        DataSourceError: It does not exist, is not a directory, or is closed to
+            the sandbox's uid.
+    """
+    resolved = path.resolve()
+    if not resolved.is_dir():
+        raise DataSourceError(f"data directory {path} does not exist or is not a directory")
+    st = resolved.stat()
+    if st.st_uid == uid:
+        bits = (st.st_mode >> 6) & 0o7
+    elif st.st_gid == uid:
+        bits = (st.st_mode >> 3) & 0o7
+    else:
+        bits = st.st_mode & 0o7
+    if bits & 0o5 != 0o5:
+        raise DataSourceError(
+            f"data directory {path} (mode {stat.S_IMODE(st.st_mode):o}) is not readable by the sandbox "
+            f"user uid {uid}; grant it read and search (e.g. chmod o+rx), or change the policy's uid"
+        )
+    return resolved
+
+
+class Executor:
+    """Runs tasks, one hardened container each.
+
+    Args:
+        backend: The container engine; by default Docker from the environment.
+        policy: The isolation policy for every task.
+        transport: Where mailbox traffic goes; by default an in-memory one.
+        run_dir: Where task directories go; see :func:`default_base_dir`.
+    """
+
+    def __init__(
+        self,
+        backend: ContainerBackend | None = None,
+        *,
+        policy: IsolationPolicy | None = None,
+        transport: Transport | None = None,
+        run_dir: Path | None = None,
+    ) -> None:
+        if backend is None:
+            from executor.backends.docker import DockerBackend
+
+            backend = DockerBackend()
+        self.backend = backend
+        self.policy = policy or IsolationPolicy.hardened()
+        self.transport: Transport = transport if transport is not None else InMemoryTransport()
+        self.run_dir = run_dir or default_base_dir()
+        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def run(
+        self,
+        spec: TaskSpec,
+        *,
+        on_progress: Callable[[ProgressUpdate], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Outcome:
+        """Run one task to its end.
+
+        Args:
+            spec: The task.
+            on_progress: Called from a server thread for each progress event.
+            cancel: Set it to stop the task; the outcome is then CANCELLED.
+
+        Returns:
+            The outcome. A protocol that fails is an outcome, not an exception.
+
+        Raises:
+            ConfigurationError: The protocol, data or task is unusable.
+            BackendError: The engine is unreachable, the image is missing, or
+                the container could not be created or started.
+        """
+        started = time.monotonic()
+        policy = self.policy
+        task_id = spec.task_id or uuid.uuid4().hex
+        check_protocol_dir(spec.protocol_dir)
+        data_dir = check_data_dir(spec.data_dir, policy.uid)
+        self.backend.check_image(policy.image)
+        with TaskDir(self.run_dir, policy.uid) as task_dir:
+            bundle = copy_bundle(spec.protocol_dir, task_dir.protocol)
+            wake = threading.Event()
+            session = TaskSession(
+                task_id,
+                _task_config(spec, task_id, bundle, policy).SerializeToString(),
+                self.transport,
+                max_message_bytes=policy.max_message_bytes,
+                max_result_bytes=policy.max_result_bytes,
+                on_progress=on_progress,
+                on_finish=wake.set,
+            )
+            server = TaskServer(session, task_dir.token, task_dir.socket_path)
+            server.start()
+            try:
+                task_dir.grant_to_sandbox()
+                container = ContainerSpec(
+                    name=f"sandbox-{task_id[:40]}-{uuid.uuid4().hex[:6]}",
+                    command=[
+                        "python3",
+                        "-m",
+                        "executor.sandbox",
+                        "--socket",
+                        f"{SANDBOX_IPC}/{SOCKET_NAME}",
+                        "--token-file",
+                        f"{SANDBOX_IPC}/{TOKEN_NAME}",
+                    ],
+                    policy=policy,
+                    mounts=[
+                        Mount(task_dir.ipc, SANDBOX_IPC),
+                        Mount(bundle.path, SANDBOX_PROTOCOL),
+                        Mount(data_dir, SANDBOX_DATA),
+                    ],
+                    labels={
+                        LABEL_MANAGED: "true",
+                        LABEL_TASK: task_id,
+                        LABEL_PROJECT: spec.project_id,
+                        LABEL_PARENT: self.instance_id,
+                    },
+                )
+                return self._supervise(task_id, container, session, wake, cancel, started)
+            finally:
+                server.stop()
+
+    def _supervise(
+        self,
+        task_id: str,
+        container: ContainerSpec,
+        session: TaskSession,
+        wake: threading.Event,
+        cancel: threading.Event | None,
+        started: float,
+    ) -> Outcome:
+        policy = container.policy
+        timings: dict[str, float] = {}
+        container_id: str | None = None
+        try:
+            t = time.monotonic()
+            container_id = self.backend.create(container)
+            timings["create"] = time.monotonic() - t
+            t = time.monotonic()
+            self.backend.start(container_id)
+            running_since = time.monotonic()
+            timings["start"] = running_since - t
+
+            exit_box: list[ExitInfo | BaseException] = []
+            cid = container_id
+
+            def await_exit() -> None:
+                try:
+                    exit_box.append(self.backend.wait(cid))
+                except BaseException as exc:  # reported below as a lost container
+                    exit_box.append(exc)
+                wake.set()
+
+            threading.Thread(target=await_exit, name=f"wait-{task_id[:8]}", daemon=True).start()
+            deadline = running_since + policy.timeout_s
+            verdict: tuple[Status, ErrorDetail] | None = None
+            while not session.finished.is_set() and not exit_box:
+                if cancel is not None and cancel.is_set():
+                    verdict = self._cancel(session, wake, exit_box, cid)
+                    break
+                if time.monotonic() >= deadline:
+                    self.backend.kill(cid)
+                    verdict = (
+                        Status.TIMEOUT,
+                        ErrorDetail(
+                            "TimeoutError",
+                            f"the task exceeded its wall-clock limit of {policy.timeout_s:g} s",
+                        ),
+                    )
+                    break
+                wake.wait(0.1 if cancel is not None else max(0.0, min(1.0, deadline - time.monotonic())))
+                wake.clear()
+            if session.config_fetched_at is not None:
+                timings["boot"] = session.config_fetched_at - running_since
+            if verdict is None and session.finish is not None:
+                # The runtime exits by itself after reporting; give it a moment.
+                if not _wait_for(lambda: bool(exit_box), EXIT_GRACE_S):
+                    self.backend.kill(cid)
+                report = session.finish
+                timings.update(report.timings)
+                outcome = self._from_report(task_id, policy, report)
+            elif verdict is None:
+                outcome = self._from_exit(task_id, policy, exit_box[0], cid)
+            else:
+                outcome = Outcome(task_id, verdict[0], runtime=policy.runtime, error=verdict[1])
+            timings["total"] = time.monotonic() - started
+            return Outcome(
+                outcome.task_id,
+                outcome.status,
+                outcome.result,
+                outcome.runtime,
+                timings,
+                outcome.error,
+            )
+        finally:
+            if container_id is not None:
+                try:
+                    self.backend.remove(container_id)
+                except BackendError as exc:
+                    log.warning("could not remove container %s of task %s: %s", container_id, task_id, exc)
+
+    def _cancel(
+        self,
+        session: TaskSession,
+        wake: threading.Event,
+        exit_box: list[ExitInfo | BaseException],
+        container_id: str,
+    ) -> tuple[Status, ErrorDetail]:
+        session.send_control("CANCEL", "cancelled by the operator")
+        if not _wait_for(lambda: bool(exit_box), CANCEL_GRACE_S):
+            self.backend.kill(container_id)
+        return Status.CANCELLED, ErrorDetail("Cancelled", "the task was cancelled by the operator")
+
+    @staticmethod
+    def _from_report(task_id: str, policy: IsolationPolicy, report: FinishReport) -> Outcome:
+        if report.status == "OK":
+            return Outcome(task_id, Status.OK, report.result, policy.runtime)
+        status = Status.ABORT if report.status == "ABORT" else Status.ERROR
+        return Outcome(
+            task_id,
+            status,
+            runtime=policy.runtime,
+            error=ErrorDetail(report.error_type or "Error", report.error_message, report.traceback),
+        )
+
+    def _from_exit(
+        self,
+        task_id: str,
+        policy: IsolationPolicy,
+        exited: ExitInfo | BaseException,
+        container_id: str,
+    ) -> Outcome:
+        if isinstance(exited, BaseException):
+            detail = ErrorDetail("ContainerLost", f"lost track of the container: {exited}")
+            return Outcome(task_id, Status.ERROR, runtime=policy.runtime, error=detail)
+        tail = self.backend.stderr_tail(container_id, STDERR_TAIL_LINES)
+        if exited.oom_killed:
+            return Outcome(
+                task_id,
+                Status.KILLED,
+                runtime=policy.runtime,
+                error=ErrorDetail(
+                    "OutOfMemory",
+                    f"the sandbox exceeded its memory limit of {policy.memory_mb} MiB",
+                    exit_code=exited.exit_code,
+                    stderr_tail=tail,
+                ),
+            )
+        if exited.exit_code in (137, -9):
+            return Outcome(
+                task_id,
+                Status.KILLED,
+                runtime=policy.runtime,
+                error=ErrorDetail(
+                    "Killed", "the sandbox was killed (SIGKILL)", exit_code=exited.exit_code, stderr_tail=tail
+                ),
+            )
+        return Outcome(
+            task_id,
+            Status.ERROR,
+            runtime=policy.runtime,
+            error=ErrorDetail(
+                "ContainerExited",
+                f"the sandbox exited with code {exited.exit_code} before reporting a result",
+                exit_code=exited.exit_code,
+                stderr_tail=tail,
+            ),
+        )
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _task_config(spec: TaskSpec, task_id: str, bundle: Bundle, policy: IsolationPolicy) -> pb.TaskConfig:
+    """The configuration the sandbox fetches: no keys, no secrets, no host paths."""
+    return pb.TaskConfig(
+        task_id=task_id,
+        project_id=spec.project_id,
+        modeller_name=spec.modeller_name,
+        pod_identifier=spec.pod_identifier,
+        pod_identifiers=list(spec.pod_identifiers),
+        datasource_name=spec.datasource_name,
+        data_path=SANDBOX_DATA,
+        schema_json=json.dumps(spec.schema),
+        serialized_protocol=spec.serialized_protocol,
+        parameters_json=json.dumps(spec.parameters),
+        flags=pb.Flags(
+            batched_execution=spec.batched_execution,
+            test_run=spec.test_run,
+            run_on_new_data_only=spec.run_on_new_data_only,
+            force_rerun_failed_files=spec.force_rerun_failed_files,
+        ),
+        inference_limits=pb.InferenceLimits(
+            max_files=spec.max_inference_files, max_batches=spec.max_inference_batches
+        ),
+        model_urls=dict(spec.model_urls),
+        task_hash=spec.task_hash,
+        username=spec.username,
+        protocol_path=SANDBOX_PROTOCOL,
+        entry_module=ENTRY_MODULE,
+        bundle_sha256=bundle.sha256,
+        heartbeat_interval_ms=int(policy.heartbeat_interval_s * 1000),
+        max_message_bytes=policy.max_message_bytes,
+        max_result_bytes=policy.max_result_bytes,
+    )

@@ -1,0 +1,89 @@
+"""What a task ended with: status, result, error and phase timings."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    """How a task ended. Only ``OK`` counts as success."""
+
+    OK = "OK"
+    ABORT = "ABORT"
+    ERROR = "ERROR"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+    KILLED = "KILLED"
+
+
+@dataclass(frozen=True)
+class ErrorDetail:
+    """Why a task did not end OK.
+
+    Attributes:
+        type: The exception type name raised in the sandbox, or a parent-side
+            kind such as ``ContainerExited`` or ``OutOfMemory``.
+        message: A one-line, human-readable message.
+        traceback: A short formatted summary from the sandbox, if any.
+        exit_code: The container's exit code, when it exited.
+        stderr_tail: The last lines the sandbox wrote to stderr, when useful.
+    """
+
+    type: str
+    message: str
+    traceback: str = ""
+    exit_code: int | None = None
+    stderr_tail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form used by the CLI's ``--json`` output."""
+        out: dict[str, Any] = {"type": self.type, "message": self.message}
+        if self.traceback:
+            out["traceback"] = self.traceback
+        if self.exit_code is not None:
+            out["exit_code"] = self.exit_code
+        if self.stderr_tail:
+            out["stderr_tail"] = self.stderr_tail
+        return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one task.
+
+    Attributes:
+        task_id: The task's identifier.
+        status: How it ended.
+        result: The protocol's JSON-serialisable return value (``None`` unless OK).
+        runtime: The container runtime that isolated it (``runc``, ``runsc``).
+        timings: Phase durations in seconds (``create``, ``start``, ``boot``,
+            ``config``, ``load``, ``run``, ``total``); phases not reached are absent.
+        error: Why it did not end OK.
+    """
+
+    task_id: str
+    status: Status
+    result: Any = None
+    runtime: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    error: ErrorDetail | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the task succeeded."""
+        return self.status is Status.OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON contract of ``sandbox-executor run --json``."""
+        out: dict[str, Any] = {
+            "task_id": self.task_id,
+            "status": self.status.value,
+            "result": self.result,
+            "runtime": self.runtime,
+            "timings": {k: round(v, 6) for k, v in self.timings.items()},
+        }
+        if self.error is not None:
+            out["error"] = self.error.to_dict()
+        return out

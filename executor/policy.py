@@ -1,0 +1,118 @@
+"""Isolation policies: how tightly one project's sandboxes are confined.
+
+A policy is a frozen, validated value. It says nothing about Docker: the Docker
+backend alone turns it into engine arguments. The defaults are the hardened
+settings of the design; no field can loosen what every sandbox gets regardless
+(no network, no capabilities, no new privileges, read-only root).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+from executor.errors import PolicyError
+
+DEFAULT_IMAGE = "sandbox-executor/sandbox:latest"
+RUNTIMES = ("runc", "runsc")
+
+_IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,200}(:[A-Za-z0-9._-]{1,128})?(@sha256:[0-9a-f]{64})?$")
+
+# (minimum, maximum) for each numeric field; a policy may tighten, never exceed.
+_RANGES: dict[str, tuple[float, float]] = {
+    "memory_mb": (32, 262_144),
+    "cpus": (0.05, 256),
+    "pids": (16, 4096),
+    "nofile": (64, 65_536),
+    "tmpfs_mb": (1, 65_536),
+    "timeout_s": (1, 7 * 24 * 3600),
+    "heartbeat_interval_s": (0.05, 60),
+    "heartbeat_timeout_s": (0.2, 3600),
+    "max_message_mb": (1, 1024),
+    "max_result_mb": (0.001, 256),
+    "uid": (1, 2**31 - 1),
+}
+
+
+@dataclass(frozen=True)
+class IsolationPolicy:
+    """The confinement one task's sandbox runs under.
+
+    Attributes:
+        runtime: The OCI runtime: ``runc`` (hardened namespaces) or ``runsc`` (gVisor).
+        image: The sandbox image; it must carry the child runtime.
+        memory_mb: Memory limit, swap included.
+        cpus: CPU quota in cores.
+        pids: Maximum number of processes and threads.
+        nofile: Maximum open file descriptors.
+        tmpfs_mb: Size of the writable, non-executable ``/tmp``.
+        timeout_s: Wall-clock limit for the whole task.
+        heartbeat_interval_s: How often the sandbox beats.
+        heartbeat_timeout_s: Silence after which the sandbox counts as hung.
+        max_message_mb: Largest single message the sandbox may send or receive.
+        max_result_mb: Largest result (JSON) the protocol may return.
+        uid: The unprivileged user and group id the protocol runs as.
+    """
+
+    runtime: str = "runc"
+    image: str = DEFAULT_IMAGE
+    memory_mb: int = 1024
+    cpus: float = 1.0
+    pids: int = 128
+    nofile: int = 1024
+    tmpfs_mb: int = 64
+    timeout_s: float = 3600.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 30.0
+    max_message_mb: int = 4
+    max_result_mb: float = 1.0
+    uid: int = 10_001
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise PolicyError(f"runtime: expected one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        if not isinstance(self.image, str) or not _IMAGE_RE.match(self.image):
+            raise PolicyError(f"image: expected a Docker image reference, got {self.image!r}")
+        for f in fields(self):
+            if f.name not in _RANGES:
+                continue
+            value = getattr(self, f.name)
+            lo, hi = _RANGES[f.name]
+            integral = f.type in ("int", int)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                kind = "an integer" if integral else "a number"
+                raise PolicyError(f"{f.name}: expected {kind}, got {value!r}")
+            if integral and not isinstance(value, int):
+                raise PolicyError(f"{f.name}: expected an integer, got {value!r}")
+            if not lo <= value <= hi:
+                raise PolicyError(f"{f.name}: expected a value from {lo:g} to {hi:g}, got {value!r}")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise PolicyError(
+                "heartbeat_timeout_s: expected more than heartbeat_interval_s "
+                f"({self.heartbeat_interval_s:g}), got {self.heartbeat_timeout_s:g}"
+            )
+
+    @classmethod
+    def hardened(cls) -> IsolationPolicy:
+        """The default policy: every hardening on, modest resource caps."""
+        return cls()
+
+    def replace(self, **changes: Any) -> IsolationPolicy:
+        """A copy with ``changes`` applied and validated."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise PolicyError(f"unknown policy key(s): {', '.join(sorted(unknown))}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return IsolationPolicy(**values)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """``max_message_mb`` in bytes."""
+        return int(self.max_message_mb * 1024 * 1024)
+
+    @property
+    def max_result_bytes(self) -> int:
+        """``max_result_mb`` in bytes."""
+        return int(self.max_result_mb * 1024 * 1024)

@@ -1,0 +1,223 @@
+"""The sandbox's main loop: fetch the task, run the protocol, report, exit."""
+
+from __future__ import annotations
+
+import time
+
+_T0 = time.monotonic()
+
+import _thread  # noqa: E402
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import importlib.util  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import traceback  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import grpc  # noqa: E402
+
+from executor.sandbox.context import Context, ParentClient, TaskAborted  # noqa: E402
+from executor.v1 import sandbox_pb2 as pb  # noqa: E402
+from executor.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
+
+TOKEN_METADATA_KEY = "x-sandbox-token"  # noqa: S105 (a header name, not a secret)
+SCRATCH_DIR = Path("/tmp/scratch")
+CONNECT_TIMEOUT_S = 30.0
+MAX_TRACEBACK_CHARS = 8000
+MAX_ERROR_MESSAGE_CHARS = 4000
+# Exit status when the parent vanished: no sandbox outlives its parent.
+EXIT_PARENT_GONE = 75
+
+
+def _stderr(message: str) -> None:
+    sys.stderr.write(f"sandbox: {message}\n")
+    sys.stderr.flush()
+
+
+class Heartbeat:
+    """Beats up from a thread of its own; applies control messages coming down."""
+
+    def __init__(self, client: ParentClient, interval_s: float, ctx_holder: list[Context]) -> None:
+        self._client = client
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._ctx_holder = ctx_holder
+        self.cancelled = threading.Event()
+        self._main_ident = threading.main_thread().ident
+        self._last_position: tuple[int, int] | None = None
+
+    def _main_moved(self) -> bool:
+        frame = sys._current_frames().get(self._main_ident or 0)
+        position = (id(frame.f_code), frame.f_lineno) if frame is not None else (0, 0)
+        moved = position != self._last_position
+        self._last_position = position
+        return moved
+
+    def _beats(self) -> Iterator[pb.Beat]:
+        seq = 0
+        while True:
+            seq += 1
+            yield pb.Beat(
+                seq=seq,
+                progress_events=self._client.progress_events,
+                mailbox_ops=self._client.mailbox_ops,
+                main_thread_moved=self._main_moved(),
+            )
+            if self._stop.wait(self._interval):
+                return
+
+    def _listen(self) -> None:
+        try:
+            for control in self._client.stub.Heartbeat(self._beats(), metadata=self._client.metadata):
+                kind = pb.Control.Kind.Name(control.kind)
+                if kind == "MODELLER_READY" and self._ctx_holder:
+                    self._ctx_holder[0].mailbox.modeller_ready.set()
+                elif kind == "CANCEL":
+                    self.cancelled.set()
+                    _thread.interrupt_main()
+                elif kind == "SHUTDOWN":
+                    _stderr("parent asked for shutdown")
+                    os._exit(0)
+        except grpc.RpcError as exc:
+            if not self._stop.is_set():
+                _stderr(f"lost the parent ({exc.code().name}); exiting")
+                os._exit(EXIT_PARENT_GONE)
+        finally:
+            self._done.set()
+
+    def start(self) -> None:
+        """Start beating."""
+        threading.Thread(target=self._listen, name="heartbeat", daemon=True).start()
+
+    def stop(self) -> None:
+        """Stop beating; the stream closes."""
+        self._stop.set()
+
+
+def _load_protocol(config: pb.TaskConfig) -> Any:
+    bundle = Path(config.protocol_path)
+    entry = bundle / f"{config.entry_module}.py"
+    sys.path.insert(0, str(bundle))
+    spec = importlib.util.spec_from_file_location(config.entry_module, entry)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {entry.name}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[config.entry_module] = module
+    spec.loader.exec_module(module)
+    run = getattr(module, "run", None)
+    if not callable(run):
+        raise TypeError(f"{entry.name} defines no callable run(ctx)")
+    return run
+
+
+def _summarise(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(exc))
+    return text[-MAX_TRACEBACK_CHARS:]
+
+
+def _execute(config: pb.TaskConfig, ctx: Context, timings: dict[str, float]) -> pb.FinishRequest:
+    """Load and run the protocol; never raises."""
+    phase = "load"
+    try:
+        t = time.monotonic()
+        run = _load_protocol(config)
+        timings["load"] = time.monotonic() - t
+        phase = "run"
+        t = time.monotonic()
+        value = run(ctx)
+        if inspect.isawaitable(value):
+            value = asyncio.run(_await(value))
+        timings["run"] = time.monotonic() - t
+        try:
+            result_json = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            return _error("ResultNotSerialisable", f"run() returned a value that is not JSON: {exc}", "")
+        if len(result_json.encode()) > config.max_result_bytes:
+            return _error(
+                "ResultTooLarge",
+                f"the result is {len(result_json.encode())} bytes; the limit is {config.max_result_bytes}",
+                "",
+            )
+        return pb.FinishRequest(status=pb.Status.OK, result_json=result_json)
+    except TaskAborted as exc:
+        timings.setdefault(phase, time.monotonic() - t)
+        return pb.FinishRequest(
+            status=pb.Status.ABORT,
+            error=pb.ErrorInfo(type=exc.reason or "TaskAborted", message=str(exc)[:MAX_ERROR_MESSAGE_CHARS]),
+        )
+    except BaseException as exc:  # the protocol's failure, whatever it is, is the result
+        timings.setdefault(phase, time.monotonic() - t)
+        return _error(type(exc).__name__, str(exc), _summarise(exc))
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _error(kind: str, message: str, tb: str) -> pb.FinishRequest:
+    return pb.FinishRequest(
+        status=pb.Status.ERROR,
+        error=pb.ErrorInfo(type=kind[:200], message=message[:MAX_ERROR_MESSAGE_CHARS], traceback=tb),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one task and return the process exit status."""
+    parser = argparse.ArgumentParser(prog="python3 -m executor.sandbox")
+    parser.add_argument("--socket", required=True, help="the parent's Unix socket")
+    parser.add_argument("--token-file", required=True, help="file holding this task's token")
+    args = parser.parse_args(argv)
+    timings: dict[str, float] = {"import": time.monotonic() - _T0}
+
+    token = Path(args.token_file).read_text().strip()
+    metadata = ((TOKEN_METADATA_KEY, token),)
+    # The parent is trusted and enforces the caps on what we send, so only our
+    # receive limit needs lifting (a configuration may carry a large protocol).
+    channel = grpc.insecure_channel(
+        f"unix:{args.socket}",
+        options=[
+            ("grpc.enable_http_proxy", 0),
+            ("grpc.enable_retries", 0),
+            ("grpc.max_receive_message_length", -1),
+        ],
+    )
+    stub = pb_grpc.SandboxStub(channel)
+    t = time.monotonic()
+    try:
+        grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+        config = stub.GetTask(pb.GetTaskRequest(), metadata=metadata, timeout=CONNECT_TIMEOUT_S)
+    except (grpc.RpcError, grpc.FutureTimeoutError) as exc:
+        _stderr(f"cannot fetch the task from the parent: {exc}")
+        return EXIT_PARENT_GONE
+    timings["config"] = time.monotonic() - t
+    client = ParentClient(stub, metadata)
+
+    SCRATCH_DIR.mkdir(mode=0o700, exist_ok=True)
+    ctx_holder: list[Context] = []
+    heartbeat = Heartbeat(client, max(config.heartbeat_interval_ms, 50) / 1000, ctx_holder)
+    heartbeat.start()
+    try:
+        ctx = Context(config, client, SCRATCH_DIR)
+        ctx_holder.append(ctx)
+        report = _execute(config, ctx, timings)
+    except BaseException as exc:  # even a broken configuration must be reported
+        report = _error(type(exc).__name__, str(exc), _summarise(exc))
+    if heartbeat.cancelled.is_set() and report.status == pb.Status.ERROR:
+        report = _error("Cancelled", "the task was cancelled", "")
+    report.timings.update(timings)
+    heartbeat.stop()
+    try:
+        client.stub.Finish(report, metadata=metadata, timeout=CONNECT_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        _stderr(f"could not report the result: {exc.code().name}: {exc.details()}")
+        return 1
+    finally:
+        channel.close()
+    return 0

@@ -1,0 +1,258 @@
+"""The gRPC edge of a task: authentication, the servicer and its server.
+
+Each task gets its own server on its own Unix socket. An interceptor checks the
+task's token on every call against an explicit method map that fails closed;
+the servicer only converts protobuf to plain values and calls
+:class:`~executor.session.TaskSession`. Errors map to a status and a public
+message in one catalog; anything unexpected becomes INTERNAL with no detail.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from executor.session import ProgressUpdate, RequestRejected, TaskSession
+from executor.v1 import sandbox_pb2 as pb
+from executor.v1 import sandbox_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+TOKEN_METADATA_KEY = "x-sandbox-token"  # noqa: S105 (a header name, not a secret)
+SERVICE_NAME = "executor.v1.Sandbox"
+
+# Every RPC and who may call it. A method missing here is refused, so a new
+# RPC stays closed until someone decides its policy (a unit test checks that
+# this map covers the service exactly).
+METHOD_POLICY: dict[str, str] = {
+    f"/{SERVICE_NAME}/GetTask": "task-token",
+    f"/{SERVICE_NAME}/Heartbeat": "task-token",
+    f"/{SERVICE_NAME}/SendMessage": "task-token",
+    f"/{SERVICE_NAME}/ReceiveMessage": "task-token",
+    f"/{SERVICE_NAME}/ReportProgress": "task-token",
+    f"/{SERVICE_NAME}/Finish": "task-token",
+}
+
+# RequestRejected codes a handler may return, and nothing else.
+_STATUS_CATALOG: dict[str, grpc.StatusCode] = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+MAX_METADATA_BYTES = 8 * 1024
+SERVER_THREADS = 8
+MAX_CONCURRENT_RPCS = 12
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _abort_handler(
+    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same streaming shape as ``handler`` that only aborts."""
+
+    def deny(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny)
+    return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Admit a call only if its method is mapped and it carries this task's token."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """Return the real handler, or one that aborts the call."""
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if METHOD_POLICY.get(handler_call_details.method) != "task-token":
+            return _abort_handler(handler, grpc.StatusCode.PERMISSION_DENIED, "method not allowed")
+        presented = b""
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == TOKEN_METADATA_KEY:
+                presented = value.encode() if isinstance(value, str) else bytes(value)
+                break
+        if not hmac.compare_digest(presented, self._token):
+            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid or missing token")
+        return handler
+
+
+def _rpc_errors(method: _F) -> _F:
+    """Map session errors to gRPC statuses; hide anything unexpected."""
+
+    @functools.wraps(method)
+    def wrapper(self: SandboxServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except RequestRejected as exc:
+            code = _STATUS_CATALOG.get(exc.code, grpc.StatusCode.INTERNAL)
+            context.abort(
+                code, exc.public_message if code is not grpc.StatusCode.INTERNAL else "internal error"
+            )
+        except Exception:
+            log.exception("unexpected error in %s for task %s", method.__name__, self._session.task_id)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    """The name of ``value`` in a protobuf enum, or ``"<invalid>"``."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return "<invalid>"
+
+
+class SandboxServicer(pb_grpc.SandboxServicer):
+    """Thin protobuf-to-session adapter for one task."""
+
+    def __init__(self, session: TaskSession) -> None:
+        self._session = session
+
+    @_rpc_errors
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.TaskConfig:
+        """The task's configuration."""
+        config = pb.TaskConfig()
+        config.ParseFromString(self._session.get_config())
+        return config
+
+    def Heartbeat(
+        self, request_iterator: Iterator[pb.Beat], context: grpc.ServicerContext
+    ) -> Iterator[pb.Control]:
+        """Record beats; stream control messages down."""
+        session = self._session
+
+        def read_beats() -> None:
+            try:
+                for beat in request_iterator:
+                    session.record_beat(beat.progress_events, beat.mailbox_ops, beat.main_thread_moved)
+            except Exception:  # the stream broke; the supervisor sees the silence
+                log.debug("heartbeat stream of task %s ended abruptly", session.task_id)
+            finally:
+                session.controls.put(None)
+
+        reader = threading.Thread(target=read_beats, name=f"beats-{session.task_id}", daemon=True)
+        reader.start()
+        while context.is_active():
+            try:
+                item = session.controls.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                break
+            kind, reason = item
+            yield pb.Control(kind=kind, reason=reason)
+
+    @_rpc_errors
+    def SendMessage(
+        self, request: pb.SendMessageRequest, context: grpc.ServicerContext
+    ) -> pb.SendMessageResponse:
+        """Forward a message to the modeller."""
+        self._session.send_message(_enum_name(pb.MessageType, request.type), request.body)
+        return pb.SendMessageResponse()
+
+    @_rpc_errors
+    def ReceiveMessage(
+        self, request: pb.ReceiveMessageRequest, context: grpc.ServicerContext
+    ) -> pb.ReceiveMessageResponse:
+        """Wait for a message from the modeller."""
+        name = _enum_name(pb.MessageType, request.type)
+        body = self._session.receive_message(name, request.timeout_ms / 1000)
+        return pb.ReceiveMessageResponse(type=request.type, body=body)
+
+    @_rpc_errors
+    def ReportProgress(self, request: pb.ProgressEvent, context: grpc.ServicerContext) -> pb.Ack:
+        """Pass a progress event on."""
+        self._session.report_progress(
+            ProgressUpdate(
+                kind=_enum_name(pb.ProgressEvent.Kind, request.kind),
+                current_epoch=request.current_epoch,
+                max_epochs=request.max_epochs,
+                current=request.current,
+                total=request.total,
+                info=request.info,
+            )
+        )
+        return pb.Ack()
+
+    @_rpc_errors
+    def Finish(self, request: pb.FinishRequest, context: grpc.ServicerContext) -> pb.Ack:
+        """Record the terminal result."""
+        self._session.report_finish(
+            status=_enum_name(pb.Status, request.status),
+            result_json=request.result_json,
+            error_type=request.error.type,
+            error_message=request.error.message,
+            traceback=request.error.traceback,
+            timings=dict(request.timings),
+        )
+        return pb.Ack()
+
+
+class TaskServer:
+    """A gRPC server for one task, listening on that task's Unix socket.
+
+    Args:
+        session: The task's state.
+        token: The task's bootstrap token.
+        socket_path: Where to listen.
+    """
+
+    def __init__(self, session: TaskSession, token: str, socket_path: Path) -> None:
+        self.session = session
+        self.socket_path = socket_path
+        # Headroom over the body cap for the envelope of the largest message.
+        cap = session.max_message_bytes + 64 * 1024
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=SERVER_THREADS, thread_name_prefix=f"rpc-{session.task_id[:8]}"
+            ),
+            interceptors=[TokenAuthInterceptor(token)],
+            options=[
+                ("grpc.max_receive_message_length", cap),
+                ("grpc.max_send_message_length", cap),
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.max_concurrent_streams", MAX_CONCURRENT_RPCS),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        )
+        pb_grpc.add_SandboxServicer_to_server(SandboxServicer(session), self._server)
+        if self._server.add_insecure_port(f"unix:{socket_path}") == 0:
+            raise OSError(f"cannot listen on {socket_path}")
+
+    def start(self) -> None:
+        """Start serving."""
+        self._server.start()
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop serving, ending open streams, and remove the socket."""
+        self.session.closed.set()
+        self.session.controls.put(None)
+        self._server.stop(grace).wait(grace + 1)
+        self.socket_path.unlink(missing_ok=True)

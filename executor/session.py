@@ -1,0 +1,254 @@
+"""The parent's view of one running task: plain Python, no gRPC.
+
+The servicer converts protobuf to the values below and calls these methods;
+the executor reads what they record. Every method validates its input, since
+it all comes from untrusted code, and raises :class:`RequestRejected` with a
+public message when it is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from executor.transport import Message, Transport
+
+log = logging.getLogger(__name__)
+
+# The message types a sandbox may send, and those it may wait for.
+SENDABLE = frozenset(
+    {
+        "TASK_START",
+        "PREPARING_DATA_BATCHES",
+        "TASK_ABORT",
+        "NUMBER_OF_BATCHES",
+        "BATCHES_COMPLETE",
+        "CURRENT_BATCH_ID",
+        "TRAINING_UPDATE",
+    }
+)
+RECEIVABLE = frozenset(
+    {"ALGORITHM_EXCHANGE", "TRAINING_COMPLETE", "TASK_COMPLETE", "MODELLER_RESPONSE", "SECURE_SHARE"}
+)
+PROGRESS_KINDS = frozenset({"RUN_START", "RUN_END", "EPOCH_START", "EPOCH_END", "STEP"})
+FINISH_STATUSES = frozenset({"OK", "ABORT", "ERROR"})
+CHILD_TIMINGS = frozenset({"import", "config", "load", "run"})
+
+MAX_RECEIVE_TIMEOUT_S = 600.0
+MAX_PENDING_RECEIVES = 4
+MAX_INFO_CHARS = 1024
+MAX_ERROR_TYPE_CHARS = 200
+MAX_ERROR_MESSAGE_CHARS = 4096
+MAX_TRACEBACK_CHARS = 16_384
+
+
+class RequestRejected(Exception):
+    """A request from the sandbox is invalid; ``code`` names the gRPC status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.public_message = message
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """A progress event from the protocol, for progress bars and hooks."""
+
+    kind: str
+    current_epoch: int = 0
+    max_epochs: int = 0
+    current: int = 0
+    total: int = 0
+    info: str = ""
+
+
+@dataclass(frozen=True)
+class FinishReport:
+    """The terminal report a sandbox sent."""
+
+    status: str
+    result: Any
+    error_type: str = ""
+    error_message: str = ""
+    traceback: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BeatStats:
+    """What the parent knows of the sandbox's liveness."""
+
+    beats: int = 0
+    last_beat: float | None = None
+    progress_events: int = 0
+    mailbox_ops: int = 0
+    main_thread_moved: bool = False
+
+
+class TaskSession:
+    """State shared between a task's gRPC handlers and its supervisor.
+
+    Args:
+        task_id: The task's identifier.
+        config: The serialised ``TaskConfig`` the sandbox fetches.
+        transport: Where mailbox messages go.
+        max_message_bytes: Largest mailbox body accepted or delivered.
+        max_result_bytes: Largest result JSON accepted.
+        on_progress: Called, from a server thread, for each progress event.
+        on_finish: Called once the terminal report is recorded.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        config: bytes,
+        transport: Transport,
+        *,
+        max_message_bytes: int,
+        max_result_bytes: int,
+        on_progress: Callable[[ProgressUpdate], None] | None = None,
+        on_finish: Callable[[], None] | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self._config = config
+        self._transport = transport
+        self.max_message_bytes = max_message_bytes
+        self.max_result_bytes = max_result_bytes
+        self._on_progress = on_progress
+        self._on_finish = on_finish
+        self._lock = threading.Lock()
+        self._pending_receives = 0
+        self.config_fetched_at: float | None = None
+        self.finish: FinishReport | None = None
+        self.finished = threading.Event()
+        self.beat_stats = BeatStats()
+        self.controls: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self.closed = threading.Event()
+
+    # -- configuration -------------------------------------------------
+    def get_config(self) -> bytes:
+        """The serialised task configuration; records when it was first fetched."""
+        with self._lock:
+            if self.config_fetched_at is None:
+                self.config_fetched_at = time.monotonic()
+        return self._config
+
+    # -- liveness ------------------------------------------------------
+    def record_beat(self, progress_events: int, mailbox_ops: int, main_thread_moved: bool) -> None:
+        """Note a heartbeat from the sandbox."""
+        with self._lock:
+            s = self.beat_stats
+            s.beats += 1
+            s.last_beat = time.monotonic()
+            s.progress_events = progress_events
+            s.mailbox_ops = mailbox_ops
+            s.main_thread_moved = main_thread_moved
+
+    def send_control(self, kind: str, reason: str = "") -> None:
+        """Queue a control message down the heartbeat stream."""
+        self.controls.put((kind, reason))
+
+    # -- mailbox -------------------------------------------------------
+    def send_message(self, message_type: str, body: bytes) -> None:
+        """Forward a message from the sandbox to the modeller."""
+        if message_type not in SENDABLE:
+            raise RequestRejected("INVALID_ARGUMENT", f"a sandbox may not send {message_type} messages")
+        if len(body) > self.max_message_bytes:
+            raise RequestRejected(
+                "RESOURCE_EXHAUSTED",
+                f"message body is {len(body)} bytes; the limit is {self.max_message_bytes}",
+            )
+        self._transport.send(Message(self.task_id, message_type, body))
+
+    def receive_message(self, message_type: str, timeout_s: float) -> bytes:
+        """Wait for the modeller's next message of ``message_type``."""
+        if message_type not in RECEIVABLE:
+            raise RequestRejected("INVALID_ARGUMENT", f"a sandbox may not receive {message_type} messages")
+        if not 0 <= timeout_s <= MAX_RECEIVE_TIMEOUT_S:
+            raise RequestRejected("INVALID_ARGUMENT", f"timeout must be at most {MAX_RECEIVE_TIMEOUT_S:g} s")
+        with self._lock:
+            if self._pending_receives >= MAX_PENDING_RECEIVES:
+                raise RequestRejected(
+                    "RESOURCE_EXHAUSTED", f"at most {MAX_PENDING_RECEIVES} receives may wait at once"
+                )
+            self._pending_receives += 1
+        try:
+            body = self._transport.receive(self.task_id, message_type, timeout_s)
+        finally:
+            with self._lock:
+                self._pending_receives -= 1
+        if body is None:
+            raise RequestRejected("DEADLINE_EXCEEDED", f"no {message_type} message within {timeout_s:g} s")
+        if len(body) > self.max_message_bytes:
+            raise RequestRejected(
+                "RESOURCE_EXHAUSTED",
+                f"incoming {message_type} message is {len(body)} bytes; the limit is "
+                f"{self.max_message_bytes}",
+            )
+        return body
+
+    # -- progress and result ------------------------------------------
+    def report_progress(self, update: ProgressUpdate) -> None:
+        """Validate a progress event and pass it to the listener."""
+        if update.kind not in PROGRESS_KINDS:
+            raise RequestRejected("INVALID_ARGUMENT", "unknown progress event kind")
+        if len(update.info) > MAX_INFO_CHARS:
+            raise RequestRejected("INVALID_ARGUMENT", f"progress info exceeds {MAX_INFO_CHARS} characters")
+        if self._on_progress is not None:
+            try:
+                self._on_progress(update)
+            except Exception:  # a listener's bug must not fail the sandbox's call
+                log.exception("progress listener failed for task %s", self.task_id)
+
+    def report_finish(
+        self,
+        status: str,
+        result_json: str,
+        error_type: str,
+        error_message: str,
+        traceback: str,
+        timings: dict[str, float],
+    ) -> None:
+        """Record the sandbox's terminal report; accepted once."""
+        if status not in FINISH_STATUSES:
+            raise RequestRejected("INVALID_ARGUMENT", "status must be OK, ABORT or ERROR")
+        if len(error_type) > MAX_ERROR_TYPE_CHARS or len(error_message) > MAX_ERROR_MESSAGE_CHARS:
+            raise RequestRejected("INVALID_ARGUMENT", "error type or message too long")
+        if len(traceback) > MAX_TRACEBACK_CHARS:
+            raise RequestRejected("INVALID_ARGUMENT", f"traceback exceeds {MAX_TRACEBACK_CHARS} characters")
+        if len(timings) > len(CHILD_TIMINGS) or not set(timings) <= CHILD_TIMINGS:
+            raise RequestRejected("INVALID_ARGUMENT", "unknown timing names")
+        if not all(math.isfinite(v) and 0 <= v < 1e7 for v in timings.values()):
+            raise RequestRejected("INVALID_ARGUMENT", "timings must be finite, non-negative seconds")
+        size = len(result_json.encode("utf-8"))
+        if size > self.max_result_bytes:
+            report = FinishReport(
+                "ERROR",
+                None,
+                "ResultTooLarge",
+                f"the protocol's result is {size} bytes; the limit is {self.max_result_bytes}",
+                timings=dict(timings),
+            )
+        else:
+            try:
+                # json.loads builds only dicts, lists, strings and numbers: safe on
+                # untrusted text, unlike pickle (design invariant 1).
+                result = json.loads(result_json) if result_json else None
+            except (ValueError, RecursionError):
+                raise RequestRejected("INVALID_ARGUMENT", "result_json is not valid JSON") from None
+            report = FinishReport(status, result, error_type, error_message, traceback, dict(timings))
+        with self._lock:
+            if self.finish is not None:
+                raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")
+            self.finish = report
+        self.finished.set()
+        if self._on_finish is not None:
+            self._on_finish()

@@ -1,0 +1,119 @@
+"""Per-task directories: the socket, the bootstrap token and the bundle.
+
+Layout of one task directory (its name is random, so that other local users
+who cannot list the base directory cannot find it)::
+
+    <base>/<random>/            0711
+        ipc/                    mounted read-only at /run/sandbox
+            sandbox.sock        the task's gRPC server
+            token               the bootstrap token, readable by the sandbox user
+        protocol/               the bundle, mounted read-only at /sandbox/protocol
+
+The directory is removed whatever happens to the task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+
+SOCKET_NAME = "sandbox.sock"
+TOKEN_NAME = "token"  # noqa: S105 (a file name, not a secret)
+ENV_BASE = "SANDBOX_EXECUTOR_RUN_DIR"
+
+
+def default_base_dir() -> Path:
+    """Where task directories go unless the caller says otherwise.
+
+    ``$SANDBOX_EXECUTOR_RUN_DIR`` wins; then ``/run/sandbox-executor`` for root;
+    then ``$XDG_RUNTIME_DIR/sandbox-executor``; then a per-user directory in the
+    system temporary directory. All are short, which keeps socket paths below
+    the 107-byte limit of ``sun_path``.
+    """
+    env = os.environ.get(ENV_BASE)
+    if env:
+        return Path(env)
+    if os.geteuid() == 0 and Path("/run").is_dir():
+        return Path("/run/sandbox-executor")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and Path(xdg).is_dir():
+        return Path(xdg) / "sandbox-executor"
+    return Path(tempfile.gettempdir()) / f"sandbox-executor-{os.geteuid()}"
+
+
+class TaskDir:
+    """A fresh task directory with its own token; a context manager that removes it.
+
+    Args:
+        base: The directory that holds all task directories.
+        sandbox_uid: The uid the sandbox runs as; when the parent is root the
+            IPC directory is handed to that uid alone.
+    """
+
+    def __init__(self, base: Path, sandbox_uid: int) -> None:
+        base.mkdir(mode=0o711, parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix="t-", dir=base))
+        self.sandbox_uid = sandbox_uid
+        self.token = secrets.token_urlsafe(32)
+        try:
+            self.path.chmod(0o711)
+            self.ipc = self.path / "ipc"
+            self.ipc.mkdir(mode=0o700)
+            self.protocol = self.path / "protocol"
+            fd = os.open(self.ipc / TOKEN_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.token)
+        except BaseException:
+            self.remove()
+            raise
+
+    @property
+    def socket_path(self) -> Path:
+        """The path of the task's Unix socket."""
+        return self.ipc / SOCKET_NAME
+
+    def grant_to_sandbox(self) -> None:
+        """Let the sandbox user reach the socket and read the token.
+
+        Call once the server is listening. As root, the IPC directory, socket
+        and token are given to the sandbox uid and closed to everyone else;
+        otherwise they are opened to all, behind the unguessable directory name.
+        """
+        token = self.ipc / TOKEN_NAME
+        sock = self.socket_path
+        if os.geteuid() == 0:
+            for p in (self.ipc, sock, token):
+                os.chown(p, self.sandbox_uid, self.sandbox_uid)
+            self.ipc.chmod(0o500)
+            sock.chmod(0o600)
+            token.chmod(0o400)
+        else:
+            self.ipc.chmod(0o711)
+            sock.chmod(0o666)
+            token.chmod(0o644)
+
+    def remove(self) -> None:
+        """Delete the directory and everything in it; safe to call twice."""
+        if self.path.exists():
+            for root, dirs, _ in os.walk(self.path):
+                for d in dirs:
+                    with contextlib.suppress(OSError):
+                        os.chmod(os.path.join(root, d), 0o700)
+            os.chmod(self.path, 0o700)
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> TaskDir:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()

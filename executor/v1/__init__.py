@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for the ``executor.v1`` API (see proto/)."""
