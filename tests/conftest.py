@@ -1,0 +1,82 @@
+"""Fixtures shared by the integration and security suites: real engine, real images."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from executor.backends import LABEL_PARENT
+from executor.policy import DEFAULT_IMAGE, IsolationPolicy
+
+PROTOCOLS = Path(__file__).parent / "protocols"
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[object]:
+    """A docker-py client; the suites that use it fail loudly without an engine or image."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        client.ping()
+    except Exception as exc:  # pragma: no cover - environment problem
+        pytest.fail(f"the Docker engine is not reachable: {exc}")
+    try:
+        client.images.get(DEFAULT_IMAGE)
+    except docker.errors.ImageNotFound:
+        pytest.fail(f"{DEFAULT_IMAGE} is not built: run `make images` (make test does)")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A short, private base for task directories, removed after the test."""
+    path = Path(tempfile.mkdtemp(prefix="se-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A small datasource the sandbox user can read."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "records.csv").write_text("id,value\n1,10\n2,32\n")
+    data.chmod(0o755)
+    (data / "records.csv").chmod(0o644)
+    return data
+
+
+@pytest.fixture
+def make_executor(docker_client: object, run_dir: Path) -> Iterator[object]:
+    """Build executors on the real engine; afterwards nothing they made may remain.
+
+    The check runs even when the test failed, and whatever leaked is removed
+    before the assertion reports it.
+    """
+    from executor.executor import Executor
+
+    made: list[Executor] = []
+
+    def factory(**kwargs: object) -> Executor:
+        kwargs.setdefault("policy", IsolationPolicy.hardened())
+        ex = Executor(run_dir=run_dir, **kwargs)  # type: ignore[arg-type]
+        made.append(ex)
+        return ex
+
+    yield factory
+    leaked_containers = []
+    for ex in made:
+        for c in docker_client.containers.list(  # type: ignore[attr-defined]
+            all=True, filters={"label": f"{LABEL_PARENT}={ex.instance_id}"}
+        ):
+            leaked_containers.append(c.name)
+            c.remove(force=True)
+    leaked_paths = sorted(str(p) for p in run_dir.iterdir())
+    assert not leaked_containers, f"containers left behind: {leaked_containers}"
+    assert not leaked_paths, f"task directories left behind: {leaked_paths}"

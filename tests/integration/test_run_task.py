@@ -1,0 +1,177 @@
+"""One task end to end on the real engine: result, mailbox, progress, errors, cleanup."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from executor.errors import ImageNotFoundError
+from executor.executor import TaskSpec
+from executor.outcome import Status
+from executor.policy import IsolationPolicy
+from executor.transport import InMemoryTransport
+
+from ..conftest import PROTOCOLS
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_protocol_result_mailbox_and_progress_travel_over_grpc(make_executor, data_dir):
+    transport = InMemoryTransport()
+    executor = make_executor(transport=transport)
+    spec = TaskSpec(
+        protocol_dir=PROTOCOLS / "echo",
+        data_dir=data_dir,
+        project_id="oncology",
+        task_id="task-echo-1",
+        parameters={"lr": 0.1, "rounds": 3},
+        schema={"fields": ["id", "value"]},
+        test_run=True,
+    )
+    transport.deliver("task-echo-1", "MODELLER_RESPONSE", b"hello from the modeller")
+    events = []
+
+    outcome = executor.run(spec, on_progress=events.append)
+
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == {
+        "task_id": "task-echo-1",
+        "project_id": "oncology",
+        "parameters": {"lr": 0.1, "rounds": 3},
+        "files": ["records.csv"],
+        "reply": "hello from the modeller",
+        "flags": {"test_run": True},
+        "schema": {"fields": ["id", "value"]},
+        "data": "id,value\n1,10\n2,32\n",
+    }
+    sent = transport.sent(timeout=1)
+    assert sent is not None
+    assert (sent.task_id, sent.type, sent.body) == (
+        "task-echo-1",
+        "TRAINING_UPDATE",
+        b"update:hello from the modeller",
+    )
+    kinds = [e.kind for e in events]
+    assert kinds == ["RUN_START", "STEP", "STEP", "STEP", "RUN_END"]
+    assert [e.current for e in events if e.kind == "STEP"] == [1, 2, 3]
+    assert outcome.runtime == "runc"
+    for phase in ("create", "start", "boot", "config", "load", "run", "total"):
+        assert outcome.timings[phase] >= 0, phase
+
+
+def test_async_run_is_awaited(make_executor, data_dir):
+    outcome = make_executor().run(
+        TaskSpec(protocol_dir=PROTOCOLS / "async_run", data_dir=data_dir, parameters={"n": 21})
+    )
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == {"async": True, "n": 42}
+
+
+def test_raising_protocol_gives_error_with_type_and_message(make_executor, data_dir):
+    outcome = make_executor().run(
+        TaskSpec(protocol_dir=PROTOCOLS / "raises", data_dir=data_dir, parameters={"level": 7})
+    )
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None
+    assert outcome.error.type == "CalibrationError"
+    assert outcome.error.message == "calibration drifted to 7"
+    assert "_calibrate" in outcome.error.traceback
+    assert outcome.result is None
+
+
+def test_abort_gives_abort_with_reason(make_executor, data_dir):
+    outcome = make_executor().run(TaskSpec(protocol_dir=PROTOCOLS / "aborts", data_dir=data_dir))
+    assert outcome.status is Status.ABORT
+    assert outcome.error is not None
+    assert (outcome.error.type, outcome.error.message) == (
+        "InsufficientData",
+        "not enough records to train",
+    )
+
+
+def test_result_that_is_not_json_is_an_error(make_executor, data_dir):
+    outcome = make_executor().run(TaskSpec(protocol_dir=PROTOCOLS / "not_json", data_dir=data_dir))
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None
+    assert outcome.error.type == "ResultNotSerialisable"
+
+
+def test_sandbox_that_dies_without_result_reports_exit_code_and_stderr(make_executor, data_dir):
+    outcome = make_executor().run(TaskSpec(protocol_dir=PROTOCOLS / "exits", data_dir=data_dir))
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None
+    assert outcome.error.type == "ContainerExited"
+    assert outcome.error.exit_code == 3
+    assert "about to vanish" in outcome.error.stderr_tail
+
+
+def test_missing_image_fails_before_anything_is_made(make_executor, data_dir, run_dir):
+    policy = IsolationPolicy.hardened().replace(image="sandbox-executor/not-built:latest")
+    executor = make_executor(policy=policy)
+    with pytest.raises(ImageNotFoundError, match="make images"):
+        executor.run(TaskSpec(protocol_dir=PROTOCOLS / "echo", data_dir=data_dir))
+    assert list(run_dir.iterdir()) == []
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "executor.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_cli_json_contract(data_dir, run_dir, docker_client):
+    import os
+
+    env = {**os.environ, "SANDBOX_EXECUTOR_RUN_DIR": str(run_dir)}
+    proc = _cli(
+        "run",
+        str(REPO / "examples/protocols/column_stats"),
+        "--data",
+        str(REPO / "examples/data/hospital_a"),
+        "--project",
+        "demo",
+        "--param",
+        'columns=["age"]',
+        "--json",
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["status"] == "OK"
+    assert out["runtime"] == "runc"
+    assert out["result"]["rows"] == 120
+    assert out["result"]["columns"]["age"]["count"] == 120
+    assert set(out) >= {"task_id", "status", "result", "runtime", "timings"}
+    assert "error" not in out
+
+    proc = _cli("run", str(PROTOCOLS / "raises"), "--data", str(data_dir), "--json", env=env)
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert out["status"] == "ERROR"
+    assert out["error"]["type"] == "CalibrationError"
+    assert out["error"]["message"] == "calibration drifted to 42"
+    # The protocol's failure is an outcome, not a parent-side traceback.
+    assert "Traceback" not in proc.stderr
+    assert list(run_dir.iterdir()) == []
+
+
+def test_cli_human_output_shows_error_in_one_line(data_dir, run_dir, docker_client):
+    import os
+
+    env = {**os.environ, "SANDBOX_EXECUTOR_RUN_DIR": str(run_dir)}
+    proc = _cli("run", str(PROTOCOLS / "raises"), "--data", str(data_dir), env=env)
+    assert proc.returncode == 1
+    assert "ERROR" in proc.stdout
+    assert "CalibrationError: calibration drifted to 42" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
