@@ -12,6 +12,7 @@ VPY   := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUILD := build
 ARCH  := $(shell uname -m)
+LINT_DIRS := executor tests examples $(wildcard bench)
 
 .DEFAULT_GOAL := help
 
@@ -46,8 +47,8 @@ check-protos: $(STAMP) ## Fail if the generated code is stale
 
 .PHONY: lint
 lint: $(STAMP) ## ruff and mypy (strict on the package)
-	$(VENV)/bin/ruff check executor tests bench examples
-	$(VENV)/bin/ruff format --check executor tests bench examples
+	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 	$(VENV)/bin/mypy
 
 .PHONY: check
