@@ -33,13 +33,15 @@ from executor.backends import (
     Mount,
 )
 from executor.bundle import ENTRY_MODULE, Bundle, check_protocol_dir, copy_bundle
+from executor.crypto import TaskKeys
 from executor.errors import BackendError, ConfigurationError, DataSourceError
+from executor.mailbox import MailboxBroker
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.service import TaskServer
+from executor.service import CHUNK_BYTES, TaskServer
 from executor.session import FinishReport, ProgressUpdate, TaskSession
-from executor.taskdir import SOCKET_NAME, TOKEN_NAME, TaskDir, default_base_dir
-from executor.transport import InMemoryTransport, Transport
+from executor.taskdir import SOCKET_NAME, TOKEN_NAME, TaskDir, default_base_dir, default_spool_dir
+from executor.transport import InMemoryTransport, Route, Transport
 from executor.v1 import sandbox_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,10 @@ class TaskSpec:
     """One task as the pod orchestrator describes it.
 
     Mirrors the seed's worker configuration where that makes sense for a
-    container. Keys and secrets are deliberately absent: they stay with the
-    parent, which does the mailbox crypto.
+    container. ``keys`` (the task's AES key, this pod's RSA key and the peers'
+    public keys) stay in the parent, which does all mailbox crypto; they are
+    never part of what the sandbox fetches. Without keys a fresh task key is
+    made, which suits a task with no real modeller.
     """
 
     protocol_dir: Path
@@ -85,6 +89,7 @@ class TaskSpec:
     model_urls: dict[str, str] = field(default_factory=dict)
     task_hash: str = ""
     username: str = ""
+    keys: TaskKeys | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("project_id", "task_id"):
@@ -136,6 +141,8 @@ class Executor:
         policy: The isolation policy for every task.
         transport: Where mailbox traffic goes; by default an in-memory one.
         run_dir: Where task directories go; see :func:`default_base_dir`.
+        spool_dir: Where large mailbox bodies are staged (disk, not memory);
+            see :func:`default_spool_dir`.
     """
 
     def __init__(
@@ -145,6 +152,7 @@ class Executor:
         policy: IsolationPolicy | None = None,
         transport: Transport | None = None,
         run_dir: Path | None = None,
+        spool_dir: Path | None = None,
     ) -> None:
         if backend is None:
             from executor.backends.docker import DockerBackend
@@ -154,6 +162,7 @@ class Executor:
         self.policy = policy or IsolationPolicy.hardened()
         self.transport: Transport = transport if transport is not None else InMemoryTransport()
         self.run_dir = run_dir or default_base_dir()
+        self.spool_dir = spool_dir or default_spool_dir()
         self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def run(
@@ -186,18 +195,27 @@ class Executor:
         self.backend.check_image(policy.image)
         with TaskDir(self.run_dir, policy.uid) as task_dir:
             bundle = copy_bundle(spec.protocol_dir, task_dir.protocol)
+            route = Route(task_id, spec.pod_identifier, spec.modeller_name, spec.pod_identifiers)
+            broker = MailboxBroker(
+                route,
+                self.transport.open(route),
+                spec.keys or TaskKeys.generate(),
+                self.spool_dir / task_dir.path.name,
+                max_message_bytes=policy.max_message_bytes,
+                max_task_bytes=policy.max_task_bytes,
+            )
             wake = threading.Event()
             session = TaskSession(
                 task_id,
                 _task_config(spec, task_id, bundle, policy).SerializeToString(),
-                self.transport,
-                max_message_bytes=policy.max_message_bytes,
+                broker,
                 max_result_bytes=policy.max_result_bytes,
                 on_progress=on_progress,
                 on_finish=wake.set,
             )
             server = TaskServer(session, task_dir.token, task_dir.socket_path)
             server.start()
+            broker.watch_ready(lambda: session.send_control("MODELLER_READY"))
             try:
                 task_dir.grant_to_sandbox()
                 container = ContainerSpec(
@@ -227,6 +245,7 @@ class Executor:
                 return self._supervise(task_id, container, session, wake, cancel, started)
             finally:
                 server.stop()
+                broker.close()
 
     def _supervise(
         self,
@@ -416,4 +435,5 @@ def _task_config(spec: TaskSpec, task_id: str, bundle: Bundle, policy: Isolation
         heartbeat_interval_ms=int(policy.heartbeat_interval_s * 1000),
         max_message_bytes=policy.max_message_bytes,
         max_result_bytes=policy.max_result_bytes,
+        chunk_bytes=CHUNK_BYTES,
     )

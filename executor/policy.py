@@ -29,8 +29,9 @@ _RANGES: dict[str, tuple[float, float]] = {
     "timeout_s": (1, 7 * 24 * 3600),
     "heartbeat_interval_s": (0.05, 60),
     "heartbeat_timeout_s": (0.2, 3600),
-    "max_message_mb": (1, 1024),
-    "max_result_mb": (0.001, 256),
+    "max_message_mb": (1, 4096),
+    "max_task_mb": (1, 65_536),
+    "max_result_mb": (0.001, 64),
     "uid": (1, 2**31 - 1),
 }
 
@@ -50,7 +51,8 @@ class IsolationPolicy:
         timeout_s: Wall-clock limit for the whole task.
         heartbeat_interval_s: How often the sandbox beats.
         heartbeat_timeout_s: Silence after which the sandbox counts as hung.
-        max_message_mb: Largest single message the sandbox may send or receive.
+        max_message_mb: Largest single mailbox message the sandbox may send or receive.
+        max_task_mb: Most mailbox traffic one task may move, both ways together.
         max_result_mb: Largest result (JSON) the protocol may return.
         uid: The unprivileged user and group id the protocol runs as.
     """
@@ -65,7 +67,8 @@ class IsolationPolicy:
     timeout_s: float = 3600.0
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 30.0
-    max_message_mb: int = 4
+    max_message_mb: int = 512
+    max_task_mb: int = 4096
     max_result_mb: float = 1.0
     uid: int = 10_001
 
@@ -111,6 +114,11 @@ class IsolationPolicy:
     def max_message_bytes(self) -> int:
         """``max_message_mb`` in bytes."""
         return int(self.max_message_mb * 1024 * 1024)
+
+    @property
+    def max_task_bytes(self) -> int:
+        """``max_task_mb`` in bytes."""
+        return int(self.max_task_mb * 1024 * 1024)
 
     @property
     def max_result_bytes(self) -> int:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from executor.mailbox import Incoming
 from executor.session import ProgressUpdate, RequestRejected, TaskSession
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
@@ -38,6 +39,8 @@ METHOD_POLICY: dict[str, str] = {
     f"/{SERVICE_NAME}/Heartbeat": "task-token",
     f"/{SERVICE_NAME}/SendMessage": "task-token",
     f"/{SERVICE_NAME}/ReceiveMessage": "task-token",
+    f"/{SERVICE_NAME}/SendSecureShares": "task-token",
+    f"/{SERVICE_NAME}/GetSecureShares": "task-token",
     f"/{SERVICE_NAME}/ReportProgress": "task-token",
     f"/{SERVICE_NAME}/Finish": "task-token",
 }
@@ -48,9 +51,15 @@ _STATUS_CATALOG: dict[str, grpc.StatusCode] = {
     "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
     "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "DATA_LOSS": grpc.StatusCode.DATA_LOSS,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
 }
 
 MAX_METADATA_BYTES = 8 * 1024
+# Mailbox bodies of any size travel in chunks of at most this many bytes, so no
+# single gRPC message is ever large.
+CHUNK_BYTES = 1024 * 1024
+ENVELOPE_HEADROOM = 64 * 1024
 SERVER_THREADS = 8
 MAX_CONCURRENT_RPCS = 12
 
@@ -170,20 +179,45 @@ class SandboxServicer(pb_grpc.SandboxServicer):
 
     @_rpc_errors
     def SendMessage(
-        self, request: pb.SendMessageRequest, context: grpc.ServicerContext
+        self, request_iterator: Iterator[pb.MessageChunk], context: grpc.ServicerContext
     ) -> pb.SendMessageResponse:
-        """Forward a message to the modeller."""
-        self._session.send_message(_enum_name(pb.MessageType, request.type), request.body)
+        """Forward a (chunked) message to the modeller."""
+        first = next(request_iterator, None)
+        if first is None:
+            raise RequestRejected("INVALID_ARGUMENT", "empty message stream")
+        message_type = _enum_name(pb.MessageType, first.type)
+
+        def chunks() -> Iterator[bytes]:
+            yield first.data
+            for chunk in request_iterator:
+                if len(chunk.data) > CHUNK_BYTES:
+                    raise RequestRejected("INVALID_ARGUMENT", f"chunks may be at most {CHUNK_BYTES} bytes")
+                yield chunk.data
+
+        self._session.send_message(message_type, first.total_size, chunks())
         return pb.SendMessageResponse()
 
     @_rpc_errors
     def ReceiveMessage(
         self, request: pb.ReceiveMessageRequest, context: grpc.ServicerContext
-    ) -> pb.ReceiveMessageResponse:
-        """Wait for a message from the modeller."""
+    ) -> Iterator[pb.MessageChunk]:
+        """Wait for a message from the modeller; stream it down in chunks."""
         name = _enum_name(pb.MessageType, request.type)
-        body = self._session.receive_message(name, request.timeout_ms / 1000)
-        return pb.ReceiveMessageResponse(type=request.type, body=body)
+        incoming = self._session.receive_message(name, request.timeout_ms / 1000)
+        return _stream_incoming(incoming, request.type, context, self._session.task_id)
+
+    @_rpc_errors
+    def SendSecureShares(self, request: pb.SecureShares, context: grpc.ServicerContext) -> pb.Ack:
+        """Send secure-aggregation shares to peer pods."""
+        self._session.send_secure_shares(dict(request.shares))
+        return pb.Ack()
+
+    @_rpc_errors
+    def GetSecureShares(
+        self, request: pb.GetSecureSharesRequest, context: grpc.ServicerContext
+    ) -> pb.SecureShares:
+        """Wait for a share from every peer pod."""
+        return pb.SecureShares(shares=self._session.get_secure_shares(request.timeout_ms / 1000))
 
     @_rpc_errors
     def ReportProgress(self, request: pb.ProgressEvent, context: grpc.ServicerContext) -> pb.Ack:
@@ -214,6 +248,27 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         return pb.Ack()
 
 
+def _stream_incoming(
+    incoming: Incoming, type_value: int, context: grpc.ServicerContext, task_id: str
+) -> Iterator[pb.MessageChunk]:
+    """Chunks of a received body; the first names type and size. Cleans up after."""
+    try:
+        first = True
+        for data in incoming.chunks(CHUNK_BYTES):
+            if first:
+                yield pb.MessageChunk(type=type_value, total_size=incoming.size, data=data)  # type: ignore[arg-type]
+                first = False
+            else:
+                yield pb.MessageChunk(data=data)
+        if first:
+            yield pb.MessageChunk(type=type_value, total_size=0)  # type: ignore[arg-type]
+    except Exception:
+        log.exception("streaming a message to task %s failed", task_id)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    finally:
+        incoming.discard()
+
+
 class TaskServer:
     """A gRPC server for one task, listening on that task's Unix socket.
 
@@ -226,8 +281,8 @@ class TaskServer:
     def __init__(self, session: TaskSession, token: str, socket_path: Path) -> None:
         self.session = session
         self.socket_path = socket_path
-        # Headroom over the body cap for the envelope of the largest message.
-        cap = session.max_message_bytes + 64 * 1024
+        # Mailbox bodies arrive in chunks; the result is the largest single message.
+        cap = max(CHUNK_BYTES, session.max_result_bytes) + ENVELOPE_HEADROOM
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=SERVER_THREADS, thread_name_prefix=f"rpc-{session.task_id[:8]}"
@@ -235,7 +290,7 @@ class TaskServer:
             interceptors=[TokenAuthInterceptor(token)],
             options=[
                 ("grpc.max_receive_message_length", cap),
-                ("grpc.max_send_message_length", cap),
+                ("grpc.max_send_message_length", -1),
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
                 ("grpc.max_concurrent_streams", MAX_CONCURRENT_RPCS),
                 ("grpc.so_reuseport", 0),

@@ -8,17 +8,20 @@ public message when it is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from executor.transport import Message, Transport
+from executor.crypto import DecryptionError
+from executor.mailbox import Incoming, MailboxBroker, MailboxLimitError
+from executor.transport import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +37,16 @@ SENDABLE = frozenset(
         "TRAINING_UPDATE",
     }
 )
-RECEIVABLE = frozenset(
-    {"ALGORITHM_EXCHANGE", "TRAINING_COMPLETE", "TASK_COMPLETE", "MODELLER_RESPONSE", "SECURE_SHARE"}
-)
+RECEIVABLE = frozenset({"ALGORITHM_EXCHANGE", "TRAINING_COMPLETE", "TASK_COMPLETE", "MODELLER_RESPONSE"})
 PROGRESS_KINDS = frozenset({"RUN_START", "RUN_END", "EPOCH_START", "EPOCH_END", "STEP"})
 FINISH_STATUSES = frozenset({"OK", "ABORT", "ERROR"})
 CHILD_TIMINGS = frozenset({"import", "config", "load", "run"})
 
 MAX_RECEIVE_TIMEOUT_S = 600.0
 MAX_PENDING_RECEIVES = 4
+MAX_SHARES = 256
+MAX_SHARE_BYTES = 190
+MAX_POD_ID_CHARS = 256
 MAX_INFO_CHARS = 1024
 MAX_ERROR_TYPE_CHARS = 200
 MAX_ERROR_MESSAGE_CHARS = 4096
@@ -56,6 +60,21 @@ class RequestRejected(Exception):
         super().__init__(message)
         self.code = code
         self.public_message = message
+
+
+@contextlib.contextmanager
+def _mailbox_errors(task_id: str) -> Iterator[None]:
+    """Turn broker and transport failures into public rejections."""
+    try:
+        yield
+    except MailboxLimitError as exc:
+        raise RequestRejected("RESOURCE_EXHAUSTED", str(exc)) from None
+    except DecryptionError as exc:
+        log.error("task %s: %s", task_id, exc)
+        raise RequestRejected("DATA_LOSS", "a message from the modeller failed authentication") from None
+    except TransportError as exc:
+        log.warning("task %s: %s", task_id, exc)
+        raise RequestRejected("UNAVAILABLE", str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -99,8 +118,7 @@ class TaskSession:
     Args:
         task_id: The task's identifier.
         config: The serialised ``TaskConfig`` the sandbox fetches.
-        transport: Where mailbox messages go.
-        max_message_bytes: Largest mailbox body accepted or delivered.
+        mailbox: The task's mailbox broker (limits, crypto, transport).
         max_result_bytes: Largest result JSON accepted.
         on_progress: Called, from a server thread, for each progress event.
         on_finish: Called once the terminal report is recorded.
@@ -110,17 +128,15 @@ class TaskSession:
         self,
         task_id: str,
         config: bytes,
-        transport: Transport,
+        mailbox: MailboxBroker,
         *,
-        max_message_bytes: int,
         max_result_bytes: int,
         on_progress: Callable[[ProgressUpdate], None] | None = None,
         on_finish: Callable[[], None] | None = None,
     ) -> None:
         self.task_id = task_id
         self._config = config
-        self._transport = transport
-        self.max_message_bytes = max_message_bytes
+        self.mailbox = mailbox
         self.max_result_bytes = max_result_bytes
         self._on_progress = on_progress
         self._on_finish = on_finish
@@ -157,21 +173,48 @@ class TaskSession:
         self.controls.put((kind, reason))
 
     # -- mailbox -------------------------------------------------------
-    def send_message(self, message_type: str, body: bytes) -> None:
-        """Forward a message from the sandbox to the modeller."""
+    def send_message(self, message_type: str, declared_size: int, chunks: Iterator[bytes]) -> None:
+        """Forward a message from the sandbox to the modeller, sealed by the broker."""
         if message_type not in SENDABLE:
             raise RequestRejected("INVALID_ARGUMENT", f"a sandbox may not send {message_type} messages")
-        if len(body) > self.max_message_bytes:
-            raise RequestRejected(
-                "RESOURCE_EXHAUSTED",
-                f"message body is {len(body)} bytes; the limit is {self.max_message_bytes}",
-            )
-        self._transport.send(Message(self.task_id, message_type, body))
+        with _mailbox_errors(self.task_id):
+            self.mailbox.send(message_type, declared_size, chunks)
 
-    def receive_message(self, message_type: str, timeout_s: float) -> bytes:
-        """Wait for the modeller's next message of ``message_type``."""
+    def receive_message(self, message_type: str, timeout_s: float) -> Incoming:
+        """Wait for the modeller's next message of ``message_type``, opened."""
         if message_type not in RECEIVABLE:
             raise RequestRejected("INVALID_ARGUMENT", f"a sandbox may not receive {message_type} messages")
+        with self._waiting(timeout_s), _mailbox_errors(self.task_id):
+            incoming = self.mailbox.receive(message_type, timeout_s)
+        if incoming is None:
+            raise RequestRejected("DEADLINE_EXCEEDED", f"no {message_type} message within {timeout_s:g} s")
+        return incoming
+
+    def send_secure_shares(self, shares: dict[str, bytes]) -> None:
+        """Seal each share for its peer pod and send it."""
+        if not shares or len(shares) > MAX_SHARES:
+            raise RequestRejected("INVALID_ARGUMENT", f"expected 1 to {MAX_SHARES} shares")
+        for pod, share in shares.items():
+            if not pod or len(pod) > MAX_POD_ID_CHARS or "\0" in pod:
+                raise RequestRejected("INVALID_ARGUMENT", "invalid pod identifier")
+            if len(share) > MAX_SHARE_BYTES:
+                raise RequestRejected("INVALID_ARGUMENT", f"a share may be at most {MAX_SHARE_BYTES} bytes")
+        with _mailbox_errors(self.task_id):
+            self.mailbox.send_shares(shares)
+
+    def get_secure_shares(self, timeout_s: float) -> dict[str, bytes]:
+        """One share from every peer pod, opened."""
+        with self._waiting(timeout_s), _mailbox_errors(self.task_id):
+            shares = self.mailbox.get_shares(timeout_s)
+        if shares is None:
+            raise RequestRejected(
+                "DEADLINE_EXCEEDED", f"not every peer's share arrived within {timeout_s:g} s"
+            )
+        return shares
+
+    @contextlib.contextmanager
+    def _waiting(self, timeout_s: float) -> Iterator[None]:
+        """Bound how long and how many of this task's calls may wait at once."""
         if not 0 <= timeout_s <= MAX_RECEIVE_TIMEOUT_S:
             raise RequestRejected("INVALID_ARGUMENT", f"timeout must be at most {MAX_RECEIVE_TIMEOUT_S:g} s")
         with self._lock:
@@ -181,19 +224,10 @@ class TaskSession:
                 )
             self._pending_receives += 1
         try:
-            body = self._transport.receive(self.task_id, message_type, timeout_s)
+            yield
         finally:
             with self._lock:
                 self._pending_receives -= 1
-        if body is None:
-            raise RequestRejected("DEADLINE_EXCEEDED", f"no {message_type} message within {timeout_s:g} s")
-        if len(body) > self.max_message_bytes:
-            raise RequestRejected(
-                "RESOURCE_EXHAUSTED",
-                f"incoming {message_type} message is {len(body)} bytes; the limit is "
-                f"{self.max_message_bytes}",
-            )
-        return body
 
     # -- progress and result ------------------------------------------
     def report_progress(self, update: ProgressUpdate) -> None:

@@ -25,6 +25,7 @@ from types import TracebackType
 SOCKET_NAME = "sandbox.sock"
 TOKEN_NAME = "token"  # noqa: S105 (a file name, not a secret)
 ENV_BASE = "SANDBOX_EXECUTOR_RUN_DIR"
+ENV_SPOOL = "SANDBOX_EXECUTOR_SPOOL_DIR"
 
 
 def default_base_dir() -> Path:
@@ -44,6 +45,20 @@ def default_base_dir() -> Path:
     if xdg and Path(xdg).is_dir():
         return Path(xdg) / "sandbox-executor"
     return Path(tempfile.gettempdir()) / f"sandbox-executor-{os.geteuid()}"
+
+
+def default_spool_dir() -> Path:
+    """Where large mailbox bodies are staged: on disk, since they can be big.
+
+    ``$SANDBOX_EXECUTOR_SPOOL_DIR`` wins; then ``/var/tmp/sandbox-executor`` for
+    root; then a per-user directory in the system temporary directory.
+    """
+    env = os.environ.get(ENV_SPOOL)
+    if env:
+        return Path(env)
+    if os.geteuid() == 0 and Path("/var/tmp").is_dir():
+        return Path("/var/tmp/sandbox-executor")
+    return Path(tempfile.gettempdir()) / f"sandbox-executor-spool-{os.geteuid()}"
 
 
 class TaskDir:

@@ -1,76 +1,178 @@
-"""The parent's side of the proxy mailbox: how messages reach the modeller.
+"""The pod's message service, as the executor sees it.
 
-A pod orchestrator implements :class:`Transport` over its real message service;
-the sandbox never sees that connection. :class:`InMemoryTransport` serves the
-demo and the tests, with a local modeller that reads and writes its queues.
+A pod orchestrator implements :class:`Transport` over its real connection to
+the modeller and the other pods; the sandbox never sees it. Everything that
+crosses a transport is sealed (see :mod:`executor.crypto`): a transport moves
+ciphertext and never needs a key.
+
+:class:`InMemoryTransport` serves the demo and the tests: its modeller side is
+this process, and pods opened on the same instance reach each other.
 """
 
 from __future__ import annotations
 
 import queue
+import shutil
+import tempfile
 import threading
+import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
+
+from executor.errors import SandboxExecutorError
+
+
+class TransportError(SandboxExecutorError):
+    """The message service could not deliver or fetch a message."""
 
 
 @dataclass(frozen=True)
-class Message:
-    """One mailbox message.
+class Route:
+    """Who a task talks to.
 
     Attributes:
-        task_id: The task it belongs to.
-        type: Its ``executor.v1.MessageType`` name, e.g. ``TRAINING_UPDATE``.
-        body: The plaintext body.
+        task_id: The task on this pod.
+        pod_identifier: This pod.
+        modeller_name: The modeller on the other end.
+        peers: The other pods of a multi-pod task, for secure shares.
     """
 
     task_id: str
+    pod_identifier: str = ""
+    modeller_name: str = ""
+    peers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A sealed message on the wire.
+
+    Attributes:
+        type: The ``executor.v1.MessageType`` name.
+        body: The sealed body: bytes, or a file for large bodies. Whoever
+            receives an envelope with a file owns that file and deletes it.
+        peer: For pod-to-pod messages, the recipient (sending) or the sender
+            (receiving); empty for the modeller.
+    """
+
     type: str
-    body: bytes
+    body: bytes | Path = field(repr=False)
+    peer: str = ""
+
+
+class Channel(Protocol):
+    """One task's connection to its modeller and peers."""
+
+    def send(self, envelope: Envelope) -> None:
+        """Deliver ``envelope``; a file body is the transport's once this returns."""
+        ...
+
+    def receive(self, message_type: str, timeout: float) -> Envelope | None:
+        """The next envelope of ``message_type`` for this task, or ``None`` on timeout."""
+        ...
+
+    def close(self) -> None:
+        """The task is over; release what the channel holds."""
+        ...
 
 
 class Transport(Protocol):
     """What the executor needs from the pod's message service."""
 
-    def send(self, message: Message) -> None:
-        """Deliver ``message`` from the task to its modeller."""
-        ...
-
-    def receive(self, task_id: str, message_type: str, timeout: float) -> bytes | None:
-        """The next message of ``message_type`` for ``task_id``, or ``None`` on timeout."""
+    def open(self, route: Route) -> Channel:
+        """A channel for one task."""
         ...
 
 
 class InMemoryTransport:
-    """A transport whose modeller side is this process: for demos and tests."""
+    """A transport whose modeller is this process: for demos, tests and benchmarks.
 
-    def __init__(self) -> None:
+    Large bodies are moved into a spool directory of its own, as a real
+    transport would take them over.
+    """
+
+    def __init__(self, spool_dir: Path | None = None) -> None:
         self._lock = threading.Lock()
-        self._inboxes: dict[tuple[str, str], queue.Queue[bytes]] = defaultdict(queue.Queue)
-        self._outbox: queue.Queue[Message] = queue.Queue()
+        self._owns_spool = spool_dir is None
+        self._spool = spool_dir or Path(tempfile.mkdtemp(prefix="se-transport-"))
+        self._to_pod: dict[tuple[str, str], queue.Queue[Envelope]] = defaultdict(queue.Queue)
+        self._to_modeller: dict[str, queue.Queue[Envelope]] = defaultdict(queue.Queue)
+        self._pods: dict[str, str] = {}
 
-    def _inbox(self, task_id: str, message_type: str) -> queue.Queue[bytes]:
+    def _inbox(self, task_id: str, message_type: str) -> queue.Queue[Envelope]:
         with self._lock:
-            return self._inboxes[(task_id, message_type)]
+            return self._to_pod[(task_id, message_type)]
 
-    def send(self, message: Message) -> None:
-        """Record a message from the task for the modeller to read."""
-        self._outbox.put(message)
+    def _outbox(self, task_id: str) -> queue.Queue[Envelope]:
+        with self._lock:
+            return self._to_modeller[task_id]
 
-    def receive(self, task_id: str, message_type: str, timeout: float) -> bytes | None:
-        """Wait up to ``timeout`` seconds for the modeller's next message."""
+    def _take(self, envelope: Envelope) -> Envelope:
+        if isinstance(envelope.body, Path):
+            moved = self._spool / uuid.uuid4().hex
+            shutil.move(envelope.body, moved)
+            return Envelope(envelope.type, moved, envelope.peer)
+        return envelope
+
+    def open(self, route: Route) -> InMemoryChannel:
+        """Register the task (and its pod, for peers) and return its channel."""
+        if route.pod_identifier:
+            with self._lock:
+                self._pods[route.pod_identifier] = route.task_id
+        return InMemoryChannel(self, route)
+
+    def _route_to_peer(self, sender: Route, envelope: Envelope) -> None:
+        with self._lock:
+            task_id = self._pods.get(envelope.peer)
+        if task_id is None:
+            raise TransportError(f"pod {envelope.peer!r} is not reachable")
+        self._inbox(task_id, envelope.type).put(
+            self._take(Envelope(envelope.type, envelope.body, sender.pod_identifier))
+        )
+
+    # -- the modeller's side -------------------------------------------
+    def to_pod(self, task_id: str, envelope: Envelope) -> None:
+        """Deliver a sealed envelope from the modeller to a task."""
+        self._inbox(task_id, envelope.type).put(self._take(envelope))
+
+    def from_pod(self, task_id: str, timeout: float) -> Envelope | None:
+        """The next sealed envelope a task sent to its modeller, or ``None``."""
         try:
-            return self._inbox(task_id, message_type).get(timeout=max(0.0, timeout))
+            return self._outbox(task_id).get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
 
-    def deliver(self, task_id: str, message_type: str, body: bytes) -> None:
-        """Act as the modeller: queue ``body`` for the task to receive."""
-        self._inbox(task_id, message_type).put(body)
+    def close(self) -> None:
+        """Drop undelivered messages and the spool."""
+        if self._owns_spool:
+            shutil.rmtree(self._spool, ignore_errors=True)
 
-    def sent(self, timeout: float = 0.0) -> Message | None:
-        """Act as the modeller: the next message a task sent, or ``None``."""
+
+class InMemoryChannel:
+    """One task's channel on an :class:`InMemoryTransport`."""
+
+    def __init__(self, transport: InMemoryTransport, route: Route) -> None:
+        self._transport = transport
+        self.route = route
+
+    def send(self, envelope: Envelope) -> None:
+        """To the modeller, or to the peer pod the envelope names."""
+        if envelope.peer:
+            self._transport._route_to_peer(self.route, envelope)
+        else:
+            self._transport._outbox(self.route.task_id).put(self._transport._take(envelope))
+
+    def receive(self, message_type: str, timeout: float) -> Envelope | None:
+        """Wait up to ``timeout`` seconds for the next ``message_type`` envelope."""
         try:
-            return self._outbox.get(timeout=timeout) if timeout > 0 else self._outbox.get_nowait()
+            return self._transport._inbox(self.route.task_id, message_type).get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
+
+    def close(self) -> None:
+        """Forget the pod's registration."""
+        with self._transport._lock:
+            if self._transport._pods.get(self.route.pod_identifier) == self.route.task_id:
+                del self._transport._pods[self.route.pod_identifier]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,6 +15,8 @@ from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 
 RPC_TIMEOUT_S = 30.0
+# Generous: a 256 MiB body at tens of MiB/s still fits.
+BULK_TIMEOUT_S = 600.0
 
 
 class TaskAborted(Exception):
@@ -60,21 +63,43 @@ def _type_value(message_type: str) -> str:
 
 
 class Mailbox:
-    """The proxy mailbox: the parent owns the real connection and every key."""
+    """The proxy mailbox: the parent owns the real connection and every key.
 
-    def __init__(self, client: ParentClient) -> None:
+    Bodies are plaintext here; the parent seals them for the modeller and opens
+    what the modeller sends. Bodies of any size up to the task's limit work:
+    they travel in chunks.
+    """
+
+    def __init__(self, client: ParentClient, chunk_bytes: int, max_message_bytes: int) -> None:
         self._client = client
+        self._chunk = max(1024, chunk_bytes)
+        self.max_message_bytes = max_message_bytes
         self.modeller_ready = threading.Event()
 
-    def send(self, message_type: str, body: bytes) -> None:
-        """Send ``body`` (plaintext; the parent encrypts it) to the modeller."""
+    # -- generic -------------------------------------------------------
+    def send(self, message_type: str, body: bytes | bytearray | memoryview) -> None:
+        """Send ``body`` to the modeller as a ``message_type`` message.
+
+        Raises:
+            MailboxError: The parent refused it (too large, type not allowed).
+        """
+        kind = _type_value(message_type)
+        view = memoryview(body).cast("B")
+        if len(view) > self.max_message_bytes:
+            raise MailboxError(
+                f"{message_type} body is {len(view)} bytes; the limit is {self.max_message_bytes}",
+                "RESOURCE_EXHAUSTED",
+            )
+        step = self._chunk
+
+        def chunks() -> Iterator[pb.MessageChunk]:
+            yield pb.MessageChunk(type=kind, total_size=len(view), data=bytes(view[:step]))
+            for start in range(step, len(view), step):
+                yield pb.MessageChunk(data=bytes(view[start : start + step]))
+
         self._client.count(mailbox=1)
         try:
-            self._client.stub.SendMessage(
-                pb.SendMessageRequest(type=_type_value(message_type), body=bytes(body)),
-                metadata=self._client.metadata,
-                timeout=RPC_TIMEOUT_S,
-            )
+            self._client.stub.SendMessage(chunks(), metadata=self._client.metadata, timeout=BULK_TIMEOUT_S)
         except grpc.RpcError as exc:
             raise MailboxError(f"send {message_type} failed: {exc.details()}", exc.code().name) from None
 
@@ -83,22 +108,135 @@ class Mailbox:
 
         Raises:
             MailboxTimeout: Nothing arrived in time.
-            MailboxError: The parent refused the request.
+            MailboxError: The parent refused the request or the message.
         """
+        kind = _type_value(message_type)
         self._client.count(mailbox=1)
         try:
-            reply = self._client.stub.ReceiveMessage(
-                pb.ReceiveMessageRequest(type=_type_value(message_type), timeout_ms=int(timeout * 1000)),
+            stream = self._client.stub.ReceiveMessage(
+                pb.ReceiveMessageRequest(type=kind, timeout_ms=int(timeout * 1000)),
                 metadata=self._client.metadata,
-                timeout=timeout + RPC_TIMEOUT_S,
+                timeout=timeout + BULK_TIMEOUT_S,
             )
+            buf: bytearray | None = None
+            filled = 0
+            for chunk in stream:
+                if buf is None:
+                    if chunk.total_size > self.max_message_bytes:
+                        raise MailboxError(f"{message_type} body exceeds the limit", "RESOURCE_EXHAUSTED")
+                    buf = bytearray(chunk.total_size)
+                end = filled + len(chunk.data)
+                if end > len(buf):
+                    raise MailboxError(f"{message_type} body is longer than announced", "DATA_LOSS")
+                buf[filled:end] = chunk.data
+                filled = end
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise MailboxTimeout(
                     f"no {message_type} message within {timeout:g} s", "DEADLINE_EXCEEDED"
                 ) from None
             raise MailboxError(f"receive {message_type} failed: {exc.details()}", exc.code().name) from None
-        return bytes(reply.body)
+        if buf is None or filled != len(buf):
+            raise MailboxError(f"{message_type} body arrived incomplete", "DATA_LOSS")
+        return bytes(buf)
+
+    def wait_for_modeller(self, timeout: float | None = None) -> bool:
+        """Block until the modeller has said it is ready (its TASK_START); ``False`` on timeout."""
+        return self.modeller_ready.wait(timeout)
+
+    # -- what the pod tells the modeller -------------------------------
+    def send_task_start(self) -> None:
+        """Tell the modeller the task has started on this pod."""
+        self.send("TASK_START", b"")
+
+    def send_preparing_data_batches(self) -> None:
+        """Tell the modeller the pod is preparing data batches."""
+        self.send("PREPARING_DATA_BATCHES", b"")
+
+    def send_task_abort(
+        self, message: str, reason: str = "", exception_type: str = "", traceback: str = ""
+    ) -> None:
+        """Tell the modeller the task is aborting, with a message a user can read."""
+        self.send(
+            "TASK_ABORT",
+            _json(
+                {
+                    "message": message[:4000],
+                    "reason": reason[:200],
+                    "exception_type": exception_type[:200],
+                    "traceback": traceback[-8000:],
+                }
+            ),
+        )
+
+    def send_number_of_batches(self, number: int) -> None:
+        """Tell the modeller how many batches the pod will process."""
+        self.send("NUMBER_OF_BATCHES", _json({"number_of_batches": int(number)}))
+
+    def send_batches_complete(self, state: str) -> None:
+        """Tell the modeller batching has finished, and in what state."""
+        self.send("BATCHES_COMPLETE", _json({"state": str(state)[:200]}))
+
+    def send_current_batch_id(self, batch_id: int) -> None:
+        """Tell the modeller which batch is being processed."""
+        self.send("CURRENT_BATCH_ID", _json({"batch_id": int(batch_id)}))
+
+    def send_training_update(self, update: bytes | bytearray | memoryview) -> None:
+        """Send a training update (model parameters, gradients) of any size."""
+        self.send("TRAINING_UPDATE", update)
+
+    # -- what the modeller tells the pod -------------------------------
+    def await_algorithm_exchange(self, timeout: float = 60.0) -> bytes:
+        """The modeller's next ALGORITHM_EXCHANGE body (e.g. new global weights)."""
+        return self.receive("ALGORITHM_EXCHANGE", timeout)
+
+    def await_training_complete(self, timeout: float = 60.0) -> bytes:
+        """The modeller's TRAINING_COMPLETE body."""
+        return self.receive("TRAINING_COMPLETE", timeout)
+
+    def await_task_complete(self, timeout: float = 60.0) -> bytes:
+        """The modeller's TASK_COMPLETE body."""
+        return self.receive("TASK_COMPLETE", timeout)
+
+    def await_modeller_response(self, timeout: float = 60.0) -> bytes:
+        """The modeller's next MODELLER_RESPONSE body."""
+        return self.receive("MODELLER_RESPONSE", timeout)
+
+    # -- secure aggregation between pods -------------------------------
+    def send_secure_shares(self, shares: dict[str, bytes]) -> None:
+        """Send one share to each named peer pod; the parent seals each with its key."""
+        self._client.count(mailbox=1)
+        try:
+            self._client.stub.SendSecureShares(
+                pb.SecureShares(shares={k: bytes(v) for k, v in shares.items()}),
+                metadata=self._client.metadata,
+                timeout=RPC_TIMEOUT_S,
+            )
+        except grpc.RpcError as exc:
+            raise MailboxError(f"send secure shares failed: {exc.details()}", exc.code().name) from None
+
+    def get_secure_shares(self, timeout: float = 60.0) -> dict[str, bytes]:
+        """One share from every peer pod, by pod identifier.
+
+        Raises:
+            MailboxTimeout: Not every peer's share arrived in time.
+        """
+        self._client.count(mailbox=1)
+        try:
+            reply = self._client.stub.GetSecureShares(
+                pb.GetSecureSharesRequest(timeout_ms=int(timeout * 1000)),
+                metadata=self._client.metadata,
+                timeout=timeout + RPC_TIMEOUT_S,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise MailboxTimeout(f"secure shares did not all arrive within {timeout:g} s") from None
+            raise MailboxError(f"get secure shares failed: {exc.details()}", exc.code().name) from None
+        return {k: bytes(v) for k, v in reply.shares.items()}
+
+
+def _json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value).encode()
 
 
 class Progress:
@@ -190,7 +328,7 @@ class Context:
         self.model_urls = dict(config.model_urls)
         self.data_dir = Path(config.data_path)
         self.scratch_dir = scratch_dir
-        self.mailbox = Mailbox(client)
+        self.mailbox = Mailbox(client, config.chunk_bytes, config.max_message_bytes)
         self.progress = Progress(client)
 
     def abort(self, message: str, reason: str = "") -> NoReturn:

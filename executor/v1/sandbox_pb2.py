@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xecutor/v1/sandbox.proto\x12\x0b\x65xecutor.v1\"\x10\n\x0eGetTaskRequest\"t\n\x05\x46lags\x12\x19\n\x11\x62\x61tched_execution\x18\x01 \x01(\x08\x12\x10\n\x08test_run\x18\x02 \x01(\x08\x12\x1c\n\x14run_on_new_data_only\x18\x03 \x01(\x08\x12 \n\x18\x66orce_rerun_failed_files\x18\x04 \x01(\x08\"9\n\x0fInferenceLimits\x12\x11\n\tmax_files\x18\x01 \x01(\x04\x12\x13\n\x0bmax_batches\x18\x02 \x01(\x04\"\xf6\x04\n\nTaskConfig\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x15\n\rmodeller_name\x18\x03 \x01(\t\x12\x16\n\x0epod_identifier\x18\x04 \x01(\t\x12\x17\n\x0fpod_identifiers\x18\x05 \x03(\t\x12\x17\n\x0f\x64\x61tasource_name\x18\x06 \x01(\t\x12\x11\n\tdata_path\x18\x07 \x01(\t\x12\x13\n\x0bschema_json\x18\x08 \x01(\t\x12\x1b\n\x13serialized_protocol\x18\t \x01(\x0c\x12\x17\n\x0fparameters_json\x18\n \x01(\t\x12!\n\x05\x66lags\x18\x0b \x01(\x0b\x32\x12.executor.v1.Flags\x12\x36\n\x10inference_limits\x18\x0c \x01(\x0b\x32\x1c.executor.v1.InferenceLimits\x12:\n\nmodel_urls\x18\r \x03(\x0b\x32&.executor.v1.TaskConfig.ModelUrlsEntry\x12\x11\n\ttask_hash\x18\x0e \x01(\t\x12\x10\n\x08username\x18\x0f \x01(\t\x12\x15\n\rprotocol_path\x18\x10 \x01(\t\x12\x14\n\x0c\x65ntry_module\x18\x11 \x01(\t\x12\x15\n\rbundle_sha256\x18\x12 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x13 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x14 \x01(\x04\x12\x18\n\x10max_result_bytes\x18\x15 \x01(\x04\x1a\x30\n\x0eModelUrlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x04\x42\x65\x61t\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x17\n\x0fprogress_events\x18\x02 \x01(\x04\x12\x13\n\x0bmailbox_ops\x18\x03 \x01(\x04\x12\x19\n\x11main_thread_moved\x18\x04 \x01(\x08\"\x8e\x01\n\x07\x43ontrol\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.executor.v1.Control.Kind\x12\x0e\n\x06reason\x18\x02 \x01(\t\"J\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODELLER_READY\x10\x01\x12\n\n\x06\x43\x41NCEL\x10\x02\x12\x0c\n\x08SHUTDOWN\x10\x03\"J\n\x12SendMessageRequest\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"\x15\n\x13SendMessageResponse\"S\n\x15ReceiveMessageRequest\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"N\n\x16ReceiveMessageResponse\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\"\xfb\x01\n\rProgressEvent\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.executor.v1.ProgressEvent.Kind\x12\x15\n\rcurrent_epoch\x18\x02 \x01(\r\x12\x12\n\nmax_epochs\x18\x03 \x01(\r\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x04\x12\r\n\x05total\x18\x05 \x01(\x04\x12\x0c\n\x04info\x18\x06 \x01(\t\"b\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tRUN_START\x10\x01\x12\x0b\n\x07RUN_END\x10\x02\x12\x0f\n\x0b\x45POCH_START\x10\x03\x12\r\n\tEPOCH_END\x10\x04\x12\x08\n\x04STEP\x10\x05\"\x05\n\x03\x41\x63k\"=\n\tErrorInfo\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\xda\x01\n\rFinishRequest\x12#\n\x06status\x18\x01 \x01(\x0e\x32\x13.executor.v1.Status\x12\x13\n\x0bresult_json\x18\x02 \x01(\t\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.executor.v1.ErrorInfo\x12\x38\n\x07timings\x18\x04 \x03(\x0b\x32\'.executor.v1.FinishRequest.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xaa\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_START\x10\x01\x12\x1a\n\x16PREPARING_DATA_BATCHES\x10\x02\x12\x0e\n\nTASK_ABORT\x10\x03\x12\x15\n\x11NUMBER_OF_BATCHES\x10\x04\x12\x14\n\x10\x42\x41TCHES_COMPLETE\x10\x05\x12\x14\n\x10\x43URRENT_BATCH_ID\x10\x06\x12\x13\n\x0fTRAINING_UPDATE\x10\x07\x12\x16\n\x12\x41LGORITHM_EXCHANGE\x10\x08\x12\x15\n\x11TRAINING_COMPLETE\x10\t\x12\x11\n\rTASK_COMPLETE\x10\n\x12\x15\n\x11MODELLER_RESPONSE\x10\x0b\x12\x10\n\x0cSECURE_SHARE\x10\x0c*>\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\t\n\x05\x41\x42ORT\x10\x02\x12\t\n\x05\x45RROR\x10\x03\x32\xa9\x03\n\x07Sandbox\x12?\n\x07GetTask\x12\x1b.executor.v1.GetTaskRequest\x1a\x17.executor.v1.TaskConfig\x12\x38\n\tHeartbeat\x12\x11.executor.v1.Beat\x1a\x14.executor.v1.Control(\x01\x30\x01\x12P\n\x0bSendMessage\x12\x1f.executor.v1.SendMessageRequest\x1a .executor.v1.SendMessageResponse\x12Y\n\x0eReceiveMessage\x12\".executor.v1.ReceiveMessageRequest\x1a#.executor.v1.ReceiveMessageResponse\x12>\n\x0eReportProgress\x12\x1a.executor.v1.ProgressEvent\x1a\x10.executor.v1.Ack\x12\x36\n\x06\x46inish\x12\x1a.executor.v1.FinishRequest\x1a\x10.executor.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xecutor/v1/sandbox.proto\x12\x0b\x65xecutor.v1\"\x10\n\x0eGetTaskRequest\"t\n\x05\x46lags\x12\x19\n\x11\x62\x61tched_execution\x18\x01 \x01(\x08\x12\x10\n\x08test_run\x18\x02 \x01(\x08\x12\x1c\n\x14run_on_new_data_only\x18\x03 \x01(\x08\x12 \n\x18\x66orce_rerun_failed_files\x18\x04 \x01(\x08\"9\n\x0fInferenceLimits\x12\x11\n\tmax_files\x18\x01 \x01(\x04\x12\x13\n\x0bmax_batches\x18\x02 \x01(\x04\"\x8b\x05\n\nTaskConfig\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x15\n\rmodeller_name\x18\x03 \x01(\t\x12\x16\n\x0epod_identifier\x18\x04 \x01(\t\x12\x17\n\x0fpod_identifiers\x18\x05 \x03(\t\x12\x17\n\x0f\x64\x61tasource_name\x18\x06 \x01(\t\x12\x11\n\tdata_path\x18\x07 \x01(\t\x12\x13\n\x0bschema_json\x18\x08 \x01(\t\x12\x1b\n\x13serialized_protocol\x18\t \x01(\x0c\x12\x17\n\x0fparameters_json\x18\n \x01(\t\x12!\n\x05\x66lags\x18\x0b \x01(\x0b\x32\x12.executor.v1.Flags\x12\x36\n\x10inference_limits\x18\x0c \x01(\x0b\x32\x1c.executor.v1.InferenceLimits\x12:\n\nmodel_urls\x18\r \x03(\x0b\x32&.executor.v1.TaskConfig.ModelUrlsEntry\x12\x11\n\ttask_hash\x18\x0e \x01(\t\x12\x10\n\x08username\x18\x0f \x01(\t\x12\x15\n\rprotocol_path\x18\x10 \x01(\t\x12\x14\n\x0c\x65ntry_module\x18\x11 \x01(\t\x12\x15\n\rbundle_sha256\x18\x12 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x13 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x14 \x01(\x04\x12\x18\n\x10max_result_bytes\x18\x15 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x16 \x01(\r\x1a\x30\n\x0eModelUrlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x04\x42\x65\x61t\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x17\n\x0fprogress_events\x18\x02 \x01(\x04\x12\x13\n\x0bmailbox_ops\x18\x03 \x01(\x04\x12\x19\n\x11main_thread_moved\x18\x04 \x01(\x08\"\x8e\x01\n\x07\x43ontrol\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.executor.v1.Control.Kind\x12\x0e\n\x06reason\x18\x02 \x01(\t\"J\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODELLER_READY\x10\x01\x12\n\n\x06\x43\x41NCEL\x10\x02\x12\x0c\n\x08SHUTDOWN\x10\x03\"X\n\x0cMessageChunk\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x15\n\x13SendMessageResponse\"S\n\x15ReceiveMessageRequest\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"t\n\x0cSecureShares\x12\x35\n\x06shares\x18\x01 \x03(\x0b\x32%.executor.v1.SecureShares.SharesEntry\x1a-\n\x0bSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\",\n\x16GetSecureSharesRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\"\xfb\x01\n\rProgressEvent\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.executor.v1.ProgressEvent.Kind\x12\x15\n\rcurrent_epoch\x18\x02 \x01(\r\x12\x12\n\nmax_epochs\x18\x03 \x01(\r\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x04\x12\r\n\x05total\x18\x05 \x01(\x04\x12\x0c\n\x04info\x18\x06 \x01(\t\"b\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tRUN_START\x10\x01\x12\x0b\n\x07RUN_END\x10\x02\x12\x0f\n\x0b\x45POCH_START\x10\x03\x12\r\n\tEPOCH_END\x10\x04\x12\x08\n\x04STEP\x10\x05\"\x05\n\x03\x41\x63k\"=\n\tErrorInfo\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\xda\x01\n\rFinishRequest\x12#\n\x06status\x18\x01 \x01(\x0e\x32\x13.executor.v1.Status\x12\x13\n\x0bresult_json\x18\x02 \x01(\t\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.executor.v1.ErrorInfo\x12\x38\n\x07timings\x18\x04 \x03(\x0b\x32\'.executor.v1.FinishRequest.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xaa\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_START\x10\x01\x12\x1a\n\x16PREPARING_DATA_BATCHES\x10\x02\x12\x0e\n\nTASK_ABORT\x10\x03\x12\x15\n\x11NUMBER_OF_BATCHES\x10\x04\x12\x14\n\x10\x42\x41TCHES_COMPLETE\x10\x05\x12\x14\n\x10\x43URRENT_BATCH_ID\x10\x06\x12\x13\n\x0fTRAINING_UPDATE\x10\x07\x12\x16\n\x12\x41LGORITHM_EXCHANGE\x10\x08\x12\x15\n\x11TRAINING_COMPLETE\x10\t\x12\x11\n\rTASK_COMPLETE\x10\n\x12\x15\n\x11MODELLER_RESPONSE\x10\x0b\x12\x10\n\x0cSECURE_SHARE\x10\x0c*>\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\t\n\x05\x41\x42ORT\x10\x02\x12\t\n\x05\x45RROR\x10\x03\x32\xb1\x04\n\x07Sandbox\x12?\n\x07GetTask\x12\x1b.executor.v1.GetTaskRequest\x1a\x17.executor.v1.TaskConfig\x12\x38\n\tHeartbeat\x12\x11.executor.v1.Beat\x1a\x14.executor.v1.Control(\x01\x30\x01\x12L\n\x0bSendMessage\x12\x19.executor.v1.MessageChunk\x1a .executor.v1.SendMessageResponse(\x01\x12Q\n\x0eReceiveMessage\x12\".executor.v1.ReceiveMessageRequest\x1a\x19.executor.v1.MessageChunk0\x01\x12?\n\x10SendSecureShares\x12\x19.executor.v1.SecureShares\x1a\x10.executor.v1.Ack\x12Q\n\x0fGetSecureShares\x12#.executor.v1.GetSecureSharesRequest\x1a\x19.executor.v1.SecureShares\x12>\n\x0eReportProgress\x12\x1a.executor.v1.ProgressEvent\x1a\x10.executor.v1.Ack\x12\x36\n\x06\x46inish\x12\x1a.executor.v1.FinishRequest\x1a\x10.executor.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKCONFIG_MODELURLSENTRY']._loaded_options = None
   _globals['_TASKCONFIG_MODELURLSENTRY']._serialized_options = b'8\001'
+  _globals['_SECURESHARES_SHARESENTRY']._loaded_options = None
+  _globals['_SECURESHARES_SHARESENTRY']._serialized_options = b'8\001'
   _globals['_FINISHREQUEST_TIMINGSENTRY']._loaded_options = None
   _globals['_FINISHREQUEST_TIMINGSENTRY']._serialized_options = b'8\001'
-  _globals['_MESSAGETYPE']._serialized_start=1919
-  _globals['_MESSAGETYPE']._serialized_end=2217
-  _globals['_STATUS']._serialized_start=2219
-  _globals['_STATUS']._serialized_end=2281
+  _globals['_MESSAGETYPE']._serialized_start=2038
+  _globals['_MESSAGETYPE']._serialized_end=2336
+  _globals['_STATUS']._serialized_start=2338
+  _globals['_STATUS']._serialized_end=2400
   _globals['_GETTASKREQUEST']._serialized_start=42
   _globals['_GETTASKREQUEST']._serialized_end=58
   _globals['_FLAGS']._serialized_start=60
@@ -46,35 +48,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFERENCELIMITS']._serialized_start=178
   _globals['_INFERENCELIMITS']._serialized_end=235
   _globals['_TASKCONFIG']._serialized_start=238
-  _globals['_TASKCONFIG']._serialized_end=868
-  _globals['_TASKCONFIG_MODELURLSENTRY']._serialized_start=820
-  _globals['_TASKCONFIG_MODELURLSENTRY']._serialized_end=868
-  _globals['_BEAT']._serialized_start=870
-  _globals['_BEAT']._serialized_end=962
-  _globals['_CONTROL']._serialized_start=965
-  _globals['_CONTROL']._serialized_end=1107
-  _globals['_CONTROL_KIND']._serialized_start=1033
-  _globals['_CONTROL_KIND']._serialized_end=1107
-  _globals['_SENDMESSAGEREQUEST']._serialized_start=1109
-  _globals['_SENDMESSAGEREQUEST']._serialized_end=1183
-  _globals['_SENDMESSAGERESPONSE']._serialized_start=1185
-  _globals['_SENDMESSAGERESPONSE']._serialized_end=1206
-  _globals['_RECEIVEMESSAGEREQUEST']._serialized_start=1208
-  _globals['_RECEIVEMESSAGEREQUEST']._serialized_end=1291
-  _globals['_RECEIVEMESSAGERESPONSE']._serialized_start=1293
-  _globals['_RECEIVEMESSAGERESPONSE']._serialized_end=1371
-  _globals['_PROGRESSEVENT']._serialized_start=1374
-  _globals['_PROGRESSEVENT']._serialized_end=1625
-  _globals['_PROGRESSEVENT_KIND']._serialized_start=1527
-  _globals['_PROGRESSEVENT_KIND']._serialized_end=1625
-  _globals['_ACK']._serialized_start=1627
-  _globals['_ACK']._serialized_end=1632
-  _globals['_ERRORINFO']._serialized_start=1634
-  _globals['_ERRORINFO']._serialized_end=1695
-  _globals['_FINISHREQUEST']._serialized_start=1698
-  _globals['_FINISHREQUEST']._serialized_end=1916
-  _globals['_FINISHREQUEST_TIMINGSENTRY']._serialized_start=1870
-  _globals['_FINISHREQUEST_TIMINGSENTRY']._serialized_end=1916
-  _globals['_SANDBOX']._serialized_start=2284
-  _globals['_SANDBOX']._serialized_end=2709
+  _globals['_TASKCONFIG']._serialized_end=889
+  _globals['_TASKCONFIG_MODELURLSENTRY']._serialized_start=841
+  _globals['_TASKCONFIG_MODELURLSENTRY']._serialized_end=889
+  _globals['_BEAT']._serialized_start=891
+  _globals['_BEAT']._serialized_end=983
+  _globals['_CONTROL']._serialized_start=986
+  _globals['_CONTROL']._serialized_end=1128
+  _globals['_CONTROL_KIND']._serialized_start=1054
+  _globals['_CONTROL_KIND']._serialized_end=1128
+  _globals['_MESSAGECHUNK']._serialized_start=1130
+  _globals['_MESSAGECHUNK']._serialized_end=1218
+  _globals['_SENDMESSAGERESPONSE']._serialized_start=1220
+  _globals['_SENDMESSAGERESPONSE']._serialized_end=1241
+  _globals['_RECEIVEMESSAGEREQUEST']._serialized_start=1243
+  _globals['_RECEIVEMESSAGEREQUEST']._serialized_end=1326
+  _globals['_SECURESHARES']._serialized_start=1328
+  _globals['_SECURESHARES']._serialized_end=1444
+  _globals['_SECURESHARES_SHARESENTRY']._serialized_start=1399
+  _globals['_SECURESHARES_SHARESENTRY']._serialized_end=1444
+  _globals['_GETSECURESHARESREQUEST']._serialized_start=1446
+  _globals['_GETSECURESHARESREQUEST']._serialized_end=1490
+  _globals['_PROGRESSEVENT']._serialized_start=1493
+  _globals['_PROGRESSEVENT']._serialized_end=1744
+  _globals['_PROGRESSEVENT_KIND']._serialized_start=1646
+  _globals['_PROGRESSEVENT_KIND']._serialized_end=1744
+  _globals['_ACK']._serialized_start=1746
+  _globals['_ACK']._serialized_end=1751
+  _globals['_ERRORINFO']._serialized_start=1753
+  _globals['_ERRORINFO']._serialized_end=1814
+  _globals['_FINISHREQUEST']._serialized_start=1817
+  _globals['_FINISHREQUEST']._serialized_end=2035
+  _globals['_FINISHREQUEST_TIMINGSENTRY']._serialized_start=1989
+  _globals['_FINISHREQUEST_TIMINGSENTRY']._serialized_end=2035
+  _globals['_SANDBOX']._serialized_start=2403
+  _globals['_SANDBOX']._serialized_end=2964
 # @@protoc_insertion_point(module_scope)

@@ -72,7 +72,7 @@ class InferenceLimits(_message.Message):
     def __init__(self, max_files: _Optional[int] = ..., max_batches: _Optional[int] = ...) -> None: ...
 
 class TaskConfig(_message.Message):
-    __slots__ = ("task_id", "project_id", "modeller_name", "pod_identifier", "pod_identifiers", "datasource_name", "data_path", "schema_json", "serialized_protocol", "parameters_json", "flags", "inference_limits", "model_urls", "task_hash", "username", "protocol_path", "entry_module", "bundle_sha256", "heartbeat_interval_ms", "max_message_bytes", "max_result_bytes")
+    __slots__ = ("task_id", "project_id", "modeller_name", "pod_identifier", "pod_identifiers", "datasource_name", "data_path", "schema_json", "serialized_protocol", "parameters_json", "flags", "inference_limits", "model_urls", "task_hash", "username", "protocol_path", "entry_module", "bundle_sha256", "heartbeat_interval_ms", "max_message_bytes", "max_result_bytes", "chunk_bytes")
     class ModelUrlsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class TaskConfig(_message.Message):
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_RESULT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     project_id: str
     modeller_name: str
@@ -122,7 +123,8 @@ class TaskConfig(_message.Message):
     heartbeat_interval_ms: int
     max_message_bytes: int
     max_result_bytes: int
-    def __init__(self, task_id: _Optional[str] = ..., project_id: _Optional[str] = ..., modeller_name: _Optional[str] = ..., pod_identifier: _Optional[str] = ..., pod_identifiers: _Optional[_Iterable[str]] = ..., datasource_name: _Optional[str] = ..., data_path: _Optional[str] = ..., schema_json: _Optional[str] = ..., serialized_protocol: _Optional[bytes] = ..., parameters_json: _Optional[str] = ..., flags: _Optional[_Union[Flags, _Mapping]] = ..., inference_limits: _Optional[_Union[InferenceLimits, _Mapping]] = ..., model_urls: _Optional[_Mapping[str, str]] = ..., task_hash: _Optional[str] = ..., username: _Optional[str] = ..., protocol_path: _Optional[str] = ..., entry_module: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_result_bytes: _Optional[int] = ...) -> None: ...
+    chunk_bytes: int
+    def __init__(self, task_id: _Optional[str] = ..., project_id: _Optional[str] = ..., modeller_name: _Optional[str] = ..., pod_identifier: _Optional[str] = ..., pod_identifiers: _Optional[_Iterable[str]] = ..., datasource_name: _Optional[str] = ..., data_path: _Optional[str] = ..., schema_json: _Optional[str] = ..., serialized_protocol: _Optional[bytes] = ..., parameters_json: _Optional[str] = ..., flags: _Optional[_Union[Flags, _Mapping]] = ..., inference_limits: _Optional[_Union[InferenceLimits, _Mapping]] = ..., model_urls: _Optional[_Mapping[str, str]] = ..., task_hash: _Optional[str] = ..., username: _Optional[str] = ..., protocol_path: _Optional[str] = ..., entry_module: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_result_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class Beat(_message.Message):
     __slots__ = ("seq", "progress_events", "mailbox_ops", "main_thread_moved")
@@ -154,13 +156,15 @@ class Control(_message.Message):
     reason: str
     def __init__(self, kind: _Optional[_Union[Control.Kind, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
-class SendMessageRequest(_message.Message):
-    __slots__ = ("type", "body")
+class MessageChunk(_message.Message):
+    __slots__ = ("type", "total_size", "data")
     TYPE_FIELD_NUMBER: _ClassVar[int]
-    BODY_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     type: MessageType
-    body: bytes
-    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., body: _Optional[bytes] = ...) -> None: ...
+    total_size: int
+    data: bytes
+    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SendMessageResponse(_message.Message):
     __slots__ = ()
@@ -174,13 +178,24 @@ class ReceiveMessageRequest(_message.Message):
     timeout_ms: int
     def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
-class ReceiveMessageResponse(_message.Message):
-    __slots__ = ("type", "body")
-    TYPE_FIELD_NUMBER: _ClassVar[int]
-    BODY_FIELD_NUMBER: _ClassVar[int]
-    type: MessageType
-    body: bytes
-    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., body: _Optional[bytes] = ...) -> None: ...
+class SecureShares(_message.Message):
+    __slots__ = ("shares",)
+    class SharesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.ScalarMap[str, bytes]
+    def __init__(self, shares: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class GetSecureSharesRequest(_message.Message):
+    __slots__ = ("timeout_ms",)
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    timeout_ms: int
+    def __init__(self, timeout_ms: _Optional[int] = ...) -> None: ...
 
 class ProgressEvent(_message.Message):
     __slots__ = ("kind", "current_epoch", "max_epochs", "current", "total", "info")

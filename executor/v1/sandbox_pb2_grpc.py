@@ -44,15 +44,25 @@ class SandboxStub:
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.Beat.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_sandbox__pb2.Control.FromString,
                 _registered_method=True)
-        self.SendMessage = channel.unary_unary(
+        self.SendMessage = channel.stream_unary(
                 '/executor.v1.Sandbox/SendMessage',
-                request_serializer=executor_dot_v1_dot_sandbox__pb2.SendMessageRequest.SerializeToString,
+                request_serializer=executor_dot_v1_dot_sandbox__pb2.MessageChunk.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_sandbox__pb2.SendMessageResponse.FromString,
                 _registered_method=True)
-        self.ReceiveMessage = channel.unary_unary(
+        self.ReceiveMessage = channel.unary_stream(
                 '/executor.v1.Sandbox/ReceiveMessage',
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.ReceiveMessageRequest.SerializeToString,
-                response_deserializer=executor_dot_v1_dot_sandbox__pb2.ReceiveMessageResponse.FromString,
+                response_deserializer=executor_dot_v1_dot_sandbox__pb2.MessageChunk.FromString,
+                _registered_method=True)
+        self.SendSecureShares = channel.unary_unary(
+                '/executor.v1.Sandbox/SendSecureShares',
+                request_serializer=executor_dot_v1_dot_sandbox__pb2.SecureShares.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
+                _registered_method=True)
+        self.GetSecureShares = channel.unary_unary(
+                '/executor.v1.Sandbox/GetSecureShares',
+                request_serializer=executor_dot_v1_dot_sandbox__pb2.GetSecureSharesRequest.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_sandbox__pb2.SecureShares.FromString,
                 _registered_method=True)
         self.ReportProgress = channel.unary_unary(
                 '/executor.v1.Sandbox/ReportProgress',
@@ -84,14 +94,30 @@ class SandboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SendMessage(self, request, context):
-        """Proxy mailbox: the parent owns the real connection and all keys.
+    def SendMessage(self, request_iterator, context):
+        """Proxy mailbox: the parent owns the real connection and all keys, and
+        encrypts and decrypts for the sandbox. Bodies of any size travel as a
+        stream of chunks: the first names the type and the total size.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ReceiveMessage(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendSecureShares(self, request, context):
+        """Secure aggregation: shares to and from the other pods of the task, sealed
+        and opened by the parent with the pods' RSA keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSecureShares(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,15 +150,25 @@ def add_SandboxServicer_to_server(servicer, server):
                     request_deserializer=executor_dot_v1_dot_sandbox__pb2.Beat.FromString,
                     response_serializer=executor_dot_v1_dot_sandbox__pb2.Control.SerializeToString,
             ),
-            'SendMessage': grpc.unary_unary_rpc_method_handler(
+            'SendMessage': grpc.stream_unary_rpc_method_handler(
                     servicer.SendMessage,
-                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.SendMessageRequest.FromString,
+                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.MessageChunk.FromString,
                     response_serializer=executor_dot_v1_dot_sandbox__pb2.SendMessageResponse.SerializeToString,
             ),
-            'ReceiveMessage': grpc.unary_unary_rpc_method_handler(
+            'ReceiveMessage': grpc.unary_stream_rpc_method_handler(
                     servicer.ReceiveMessage,
                     request_deserializer=executor_dot_v1_dot_sandbox__pb2.ReceiveMessageRequest.FromString,
-                    response_serializer=executor_dot_v1_dot_sandbox__pb2.ReceiveMessageResponse.SerializeToString,
+                    response_serializer=executor_dot_v1_dot_sandbox__pb2.MessageChunk.SerializeToString,
+            ),
+            'SendSecureShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendSecureShares,
+                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.SecureShares.FromString,
+                    response_serializer=executor_dot_v1_dot_sandbox__pb2.Ack.SerializeToString,
+            ),
+            'GetSecureShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSecureShares,
+                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.GetSecureSharesRequest.FromString,
+                    response_serializer=executor_dot_v1_dot_sandbox__pb2.SecureShares.SerializeToString,
             ),
             'ReportProgress': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportProgress,
@@ -210,7 +246,7 @@ class Sandbox:
             _registered_method=True)
 
     @staticmethod
-    def SendMessage(request,
+    def SendMessage(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -220,11 +256,11 @@ class Sandbox:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/executor.v1.Sandbox/SendMessage',
-            executor_dot_v1_dot_sandbox__pb2.SendMessageRequest.SerializeToString,
+            executor_dot_v1_dot_sandbox__pb2.MessageChunk.SerializeToString,
             executor_dot_v1_dot_sandbox__pb2.SendMessageResponse.FromString,
             options,
             channel_credentials,
@@ -247,12 +283,66 @@ class Sandbox:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/executor.v1.Sandbox/ReceiveMessage',
             executor_dot_v1_dot_sandbox__pb2.ReceiveMessageRequest.SerializeToString,
-            executor_dot_v1_dot_sandbox__pb2.ReceiveMessageResponse.FromString,
+            executor_dot_v1_dot_sandbox__pb2.MessageChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendSecureShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/executor.v1.Sandbox/SendSecureShares',
+            executor_dot_v1_dot_sandbox__pb2.SecureShares.SerializeToString,
+            executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSecureShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/executor.v1.Sandbox/GetSecureShares',
+            executor_dot_v1_dot_sandbox__pb2.GetSecureSharesRequest.SerializeToString,
+            executor_dot_v1_dot_sandbox__pb2.SecureShares.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,9 +44,17 @@ class SandboxStub:
     """Liveness. Beats flow up from a child thread; control messages (modeller
     ready, cancel, shutdown) flow down. One stream per task.
     """
-    SendMessage: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.SendMessageRequest, _sandbox_pb2.SendMessageResponse]
-    """Proxy mailbox: the parent owns the real connection and all keys."""
-    ReceiveMessage: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ReceiveMessageRequest, _sandbox_pb2.ReceiveMessageResponse]
+    SendMessage: _grpc.StreamUnaryMultiCallable[_sandbox_pb2.MessageChunk, _sandbox_pb2.SendMessageResponse]
+    """Proxy mailbox: the parent owns the real connection and all keys, and
+    encrypts and decrypts for the sandbox. Bodies of any size travel as a
+    stream of chunks: the first names the type and the total size.
+    """
+    ReceiveMessage: _grpc.UnaryStreamMultiCallable[_sandbox_pb2.ReceiveMessageRequest, _sandbox_pb2.MessageChunk]
+    SendSecureShares: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.SecureShares, _sandbox_pb2.Ack]
+    """Secure aggregation: shares to and from the other pods of the task, sealed
+    and opened by the parent with the pods' RSA keys.
+    """
+    GetSecureShares: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.GetSecureSharesRequest, _sandbox_pb2.SecureShares]
     ReportProgress: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ProgressEvent, _sandbox_pb2.Ack]
     """Progress events for the operator (progress bars) and the hooks."""
     Finish: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.FinishRequest, _sandbox_pb2.Ack]
@@ -61,9 +69,17 @@ class SandboxAsyncStub(SandboxStub):
     """Liveness. Beats flow up from a child thread; control messages (modeller
     ready, cancel, shutdown) flow down. One stream per task.
     """
-    SendMessage: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.SendMessageRequest, _sandbox_pb2.SendMessageResponse]  # type: ignore[assignment]
-    """Proxy mailbox: the parent owns the real connection and all keys."""
-    ReceiveMessage: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ReceiveMessageRequest, _sandbox_pb2.ReceiveMessageResponse]  # type: ignore[assignment]
+    SendMessage: _aio.StreamUnaryMultiCallable[_sandbox_pb2.MessageChunk, _sandbox_pb2.SendMessageResponse]  # type: ignore[assignment]
+    """Proxy mailbox: the parent owns the real connection and all keys, and
+    encrypts and decrypts for the sandbox. Bodies of any size travel as a
+    stream of chunks: the first names the type and the total size.
+    """
+    ReceiveMessage: _aio.UnaryStreamMultiCallable[_sandbox_pb2.ReceiveMessageRequest, _sandbox_pb2.MessageChunk]  # type: ignore[assignment]
+    SendSecureShares: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.SecureShares, _sandbox_pb2.Ack]  # type: ignore[assignment]
+    """Secure aggregation: shares to and from the other pods of the task, sealed
+    and opened by the parent with the pods' RSA keys.
+    """
+    GetSecureShares: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.GetSecureSharesRequest, _sandbox_pb2.SecureShares]  # type: ignore[assignment]
     ReportProgress: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ProgressEvent, _sandbox_pb2.Ack]  # type: ignore[assignment]
     """Progress events for the operator (progress bars) and the hooks."""
     Finish: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.FinishRequest, _sandbox_pb2.Ack]  # type: ignore[assignment]
@@ -91,17 +107,37 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def SendMessage(
         self,
-        request: _sandbox_pb2.SendMessageRequest,
+        request_iterator: _MaybeAsyncIterator[_sandbox_pb2.MessageChunk],
         context: _ServicerContext,
     ) -> _typing.Union[_sandbox_pb2.SendMessageResponse, _abc.Awaitable[_sandbox_pb2.SendMessageResponse]]:
-        """Proxy mailbox: the parent owns the real connection and all keys."""
+        """Proxy mailbox: the parent owns the real connection and all keys, and
+        encrypts and decrypts for the sandbox. Bodies of any size travel as a
+        stream of chunks: the first names the type and the total size.
+        """
 
     @_abc_1.abstractmethod
     def ReceiveMessage(
         self,
         request: _sandbox_pb2.ReceiveMessageRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_sandbox_pb2.ReceiveMessageResponse, _abc.Awaitable[_sandbox_pb2.ReceiveMessageResponse]]: ...
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.MessageChunk], _abc.AsyncIterator[_sandbox_pb2.MessageChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def SendSecureShares(
+        self,
+        request: _sandbox_pb2.SecureShares,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.Ack, _abc.Awaitable[_sandbox_pb2.Ack]]:
+        """Secure aggregation: shares to and from the other pods of the task, sealed
+        and opened by the parent with the pods' RSA keys.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSecureShares(
+        self,
+        request: _sandbox_pb2.GetSecureSharesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.SecureShares, _abc.Awaitable[_sandbox_pb2.SecureShares]]: ...
 
     @_abc_1.abstractmethod
     def ReportProgress(

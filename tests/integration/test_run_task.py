@@ -13,6 +13,8 @@ from executor.errors import ImageNotFoundError
 from executor.executor import TaskSpec
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
+from executor.crypto import TaskKeys
+from executor.modeller import LocalModeller
 from executor.transport import InMemoryTransport
 
 from ..conftest import PROTOCOLS
@@ -24,6 +26,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_protocol_result_mailbox_and_progress_travel_over_grpc(make_executor, data_dir):
     transport = InMemoryTransport()
+    modeller = LocalModeller(transport)
+    keys = TaskKeys.generate()
+    modeller.add_task("task-echo-1", keys)
     executor = make_executor(transport=transport)
     spec = TaskSpec(
         protocol_dir=PROTOCOLS / "echo",
@@ -33,8 +38,9 @@ def test_protocol_result_mailbox_and_progress_travel_over_grpc(make_executor, da
         parameters={"lr": 0.1, "rounds": 3},
         schema={"fields": ["id", "value"]},
         test_run=True,
+        keys=keys,
     )
-    transport.deliver("task-echo-1", "MODELLER_RESPONSE", b"hello from the modeller")
+    modeller.send("task-echo-1", "MODELLER_RESPONSE", b"hello from the modeller")
     events = []
 
     outcome = executor.run(spec, on_progress=events.append)
@@ -50,13 +56,9 @@ def test_protocol_result_mailbox_and_progress_travel_over_grpc(make_executor, da
         "schema": {"fields": ["id", "value"]},
         "data": "id,value\n1,10\n2,32\n",
     }
-    sent = transport.sent(timeout=1)
+    sent = modeller.receive("task-echo-1", timeout=1)
     assert sent is not None
-    assert (sent.task_id, sent.type, sent.body) == (
-        "task-echo-1",
-        "TRAINING_UPDATE",
-        b"update:hello from the modeller",
-    )
+    assert (sent.type, sent.read()) == ("TRAINING_UPDATE", b"update:hello from the modeller")
     kinds = [e.kind for e in events]
     assert kinds == ["RUN_START", "STEP", "STEP", "STEP", "RUN_END"]
     assert [e.current for e in events if e.kind == "STEP"] == [1, 2, 3]

@@ -1,0 +1,259 @@
+"""The parent's half of a task's proxy mailbox: limits, crypto and spooling.
+
+The sandbox hands over and receives plaintext; this broker seals and opens it
+with the task's keys, which never leave the parent, and moves ciphertext over
+the pod's :class:`~executor.transport.Channel`. Bodies above
+:data:`SPOOL_THRESHOLD` stream through a file, one chunk in memory at a time,
+so a 256 MiB training update costs the parent megabytes, not a second copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from executor.crypto import (
+    OVERHEAD_BYTES,
+    TaskKeys,
+    associated_data,
+    open_sealed,
+    open_share,
+    open_stream,
+    seal,
+    seal_share,
+    seal_stream,
+)
+from executor.errors import SandboxExecutorError
+from executor.transport import Channel, Envelope, Route
+
+log = logging.getLogger(__name__)
+
+SPOOL_THRESHOLD = 4 * 1024 * 1024
+READY_POLL_S = 0.5
+
+
+class MailboxLimitError(SandboxExecutorError):
+    """A body breaks the per-message or per-task limit, or its declared size."""
+
+
+@dataclass
+class Incoming:
+    """A received plaintext body, in memory or in a spool file, to stream onward."""
+
+    type: str
+    size: int
+    body: bytes | None = None
+    path: Path | None = None
+
+    def chunks(self, chunk_size: int) -> Iterator[bytes]:
+        """The body in pieces of at most ``chunk_size`` bytes."""
+        if self.body is not None:
+            view = memoryview(self.body)
+            for start in range(0, len(view), chunk_size):
+                yield bytes(view[start : start + chunk_size])
+            return
+        assert self.path is not None
+        with self.path.open("rb") as f:
+            while chunk := f.read(chunk_size):
+                yield chunk
+
+    def discard(self) -> None:
+        """Delete the spool file, if any."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+class MailboxBroker:
+    """Seals, opens and meters one task's mailbox traffic.
+
+    Args:
+        route: Who the task talks to.
+        channel: The task's channel on the pod's transport.
+        keys: The task's keys.
+        spool_dir: A private directory for large bodies; removed by :meth:`close`.
+        max_message_bytes: Largest plaintext body either way.
+        max_task_bytes: Most plaintext bytes the task may move, both ways together.
+    """
+
+    def __init__(
+        self,
+        route: Route,
+        channel: Channel,
+        keys: TaskKeys,
+        spool_dir: Path,
+        *,
+        max_message_bytes: int,
+        max_task_bytes: int,
+    ) -> None:
+        self.route = route
+        self._channel = channel
+        self._keys = keys
+        self._spool = spool_dir
+        self._spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.max_message_bytes = max_message_bytes
+        self.max_task_bytes = max_task_bytes
+        self._lock = threading.Lock()
+        self._moved = 0
+        self._closed = threading.Event()
+
+    def _spool_path(self) -> Path:
+        return self._spool / uuid.uuid4().hex
+
+    def _reserve(self, size: int, direction: str) -> None:
+        if size > self.max_message_bytes:
+            raise MailboxLimitError(
+                f"{direction} message is {size} bytes; the limit is {self.max_message_bytes}"
+            )
+        with self._lock:
+            if self._moved + size > self.max_task_bytes:
+                raise MailboxLimitError(
+                    f"the task has moved {self._moved} bytes; {size} more would pass its limit of "
+                    f"{self.max_task_bytes}"
+                )
+            self._moved += size
+
+    # -- to the modeller -----------------------------------------------
+    def send(self, message_type: str, declared_size: int, chunks: Iterator[bytes]) -> None:
+        """Seal the body and hand it to the transport.
+
+        Raises:
+            MailboxLimitError: The body is too large, or not ``declared_size``.
+        """
+        self._reserve(declared_size, "outgoing")
+        checked = _exactly(chunks, declared_size)
+        aad = associated_data(self.route.task_id, message_type)
+        key = self._keys.aes_key
+        if declared_size <= SPOOL_THRESHOLD:
+            body = b"".join(checked)
+            self._channel.send(Envelope(message_type, seal(key, body, aad)))
+            return
+        path = self._spool_path()
+        try:
+            with path.open("wb") as out:
+                seal_stream(key, checked, out, aad)
+            self._channel.send(Envelope(message_type, path))
+        finally:
+            path.unlink(missing_ok=True)
+
+    # -- from the modeller ---------------------------------------------
+    def receive(self, message_type: str, timeout: float) -> Incoming | None:
+        """The next ``message_type`` body for the task, opened; ``None`` on timeout.
+
+        Raises:
+            MailboxLimitError: The body is larger than the limits allow.
+            DecryptionError: The body fails authentication.
+        """
+        envelope = self._channel.receive(message_type, timeout)
+        if envelope is None:
+            return None
+        aad = associated_data(self.route.task_id, message_type)
+        key = self._keys.aes_key
+        if isinstance(envelope.body, bytes):
+            self._reserve(max(0, len(envelope.body) - OVERHEAD_BYTES), "incoming")
+            body = open_sealed(key, envelope.body, aad)
+            return Incoming(message_type, len(body), body=body)
+        sealed_path = envelope.body
+        try:
+            self._reserve(max(0, sealed_path.stat().st_size - OVERHEAD_BYTES), "incoming")
+            plain = self._spool_path()
+            try:
+                with plain.open("wb") as out:
+                    size = open_stream(key, sealed_path, out, aad)
+            except BaseException:
+                plain.unlink(missing_ok=True)
+                raise
+            return Incoming(message_type, size, path=plain)
+        finally:
+            sealed_path.unlink(missing_ok=True)
+
+    # -- secure aggregation --------------------------------------------
+    def send_shares(self, shares: dict[str, bytes]) -> None:
+        """Seal each share for its recipient pod and send it.
+
+        Raises:
+            MailboxLimitError: A recipient is not a peer of this task.
+        """
+        unknown = sorted(set(shares) - set(self.route.peers))
+        if unknown:
+            raise MailboxLimitError(f"not peers of this task: {', '.join(unknown)}")
+        missing = [p for p in shares if p not in self._keys.peer_public_keys]
+        if missing:
+            raise MailboxLimitError(f"no public key for peer(s): {', '.join(sorted(missing))}")
+        for pod, share in shares.items():
+            sealed = seal_share(self._keys.peer_public_keys[pod], share)
+            self._channel.send(Envelope("SECURE_SHARE", sealed, peer=pod))
+
+    def get_shares(self, timeout: float) -> dict[str, bytes] | None:
+        """One share from every peer, opened; ``None`` if they did not all come in time.
+
+        Raises:
+            MailboxLimitError: The pod has no private key.
+            DecryptionError: A share was not sealed for this pod.
+        """
+        private_key = self._keys.pod_private_key
+        if private_key is None:
+            raise MailboxLimitError("this pod has no private key for secure shares")
+        expected = set(self.route.peers)
+        got: dict[str, bytes] = {}
+        deadline = time.monotonic() + timeout
+        while set(got) != expected:
+            remaining = deadline - time.monotonic()
+            envelope = self._channel.receive("SECURE_SHARE", max(0.0, remaining)) if remaining > 0 else None
+            if envelope is None:
+                return None
+            if envelope.peer not in expected or envelope.peer in got or not isinstance(envelope.body, bytes):
+                log.warning("task %s: dropped a secure share from %r", self.route.task_id, envelope.peer)
+                continue
+            got[envelope.peer] = open_share(private_key, envelope.body)
+        return got
+
+    # -- modeller readiness --------------------------------------------
+    def watch_ready(self, on_ready: Callable[[], None]) -> None:
+        """Call ``on_ready`` once the modeller's TASK_START arrives (in a thread)."""
+
+        def watch() -> None:
+            aad = associated_data(self.route.task_id, "TASK_START")
+            while not self._closed.is_set():
+                try:
+                    envelope = self._channel.receive("TASK_START", READY_POLL_S)
+                except Exception:
+                    log.exception("task %s: waiting for the modeller failed", self.route.task_id)
+                    return
+                if envelope is None:
+                    continue
+                if not isinstance(envelope.body, bytes):
+                    envelope.body.unlink(missing_ok=True)
+                    continue
+                try:
+                    open_sealed(self._keys.aes_key, envelope.body, aad)
+                except SandboxExecutorError:
+                    log.error("task %s: the modeller's TASK_START failed authentication", self.route.task_id)
+                    continue
+                on_ready()
+                return
+
+        threading.Thread(target=watch, name=f"ready-{self.route.task_id[:8]}", daemon=True).start()
+
+    def close(self) -> None:
+        """Stop watching, close the channel, remove the spool."""
+        self._closed.set()
+        self._channel.close()
+        shutil.rmtree(self._spool, ignore_errors=True)
+
+
+def _exactly(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """Pass ``chunks`` through, failing as soon as they exceed ``size`` or end short."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > size:
+            raise MailboxLimitError(f"message body is longer than its declared {size} bytes")
+        yield chunk
+    if total != size:
+        raise MailboxLimitError(f"message body is {total} bytes, not its declared {size}")

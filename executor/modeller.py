@@ -1,0 +1,120 @@
+"""A modeller in this process, over an :class:`InMemoryTransport`: for the demo and tests.
+
+It holds each task's AES key, as a real modeller does, and seals and opens
+bodies in the same format as the pod's parent.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from executor.crypto import (
+    STREAM_CHUNK,
+    TaskKeys,
+    associated_data,
+    open_sealed,
+    open_stream,
+    seal,
+    seal_stream,
+)
+from executor.transport import Envelope, InMemoryTransport
+
+
+@dataclass(frozen=True)
+class ModellerMessage:
+    """A message the modeller received, opened.
+
+    Attributes:
+        type: The message type name.
+        body: The plaintext, for bodies that travelled in memory.
+        path: The plaintext in a file, for large bodies.
+    """
+
+    type: str
+    body: bytes | None = None
+    path: Path | None = None
+
+    def read(self) -> bytes:
+        """The plaintext, wherever it is."""
+        if self.body is not None:
+            return self.body
+        assert self.path is not None
+        return self.path.read_bytes()
+
+
+class LocalModeller:
+    """The modeller's end of an in-memory transport.
+
+    Args:
+        transport: The transport the pods' executors use.
+        spool_dir: Where large bodies are staged; a temporary directory by default.
+    """
+
+    def __init__(self, transport: InMemoryTransport, spool_dir: Path | None = None) -> None:
+        self.transport = transport
+        self._keys: dict[str, TaskKeys] = {}
+        self._owns_spool = spool_dir is None
+        self._spool = spool_dir or Path(tempfile.mkdtemp(prefix="se-modeller-"))
+        self._n = 0
+
+    def add_task(self, task_id: str, keys: TaskKeys) -> None:
+        """Share a task's key with this modeller."""
+        self._keys[task_id] = keys
+
+    def _spool_file(self) -> Path:
+        self._n += 1
+        return self._spool / f"m{self._n}"
+
+    def send(self, task_id: str, message_type: str, body: bytes) -> None:
+        """Seal ``body`` and deliver it to the task."""
+        key = self._keys[task_id].aes_key
+        sealed = seal(key, body, associated_data(task_id, message_type))
+        self.transport.to_pod(task_id, Envelope(message_type, sealed))
+
+    def send_stream(self, task_id: str, message_type: str, chunks: Iterator[bytes]) -> None:
+        """Seal a large body chunk by chunk into a file and deliver it."""
+        key = self._keys[task_id].aes_key
+        path = self._spool_file()
+        with path.open("wb") as out:
+            seal_stream(key, chunks, out, associated_data(task_id, message_type))
+        self.transport.to_pod(task_id, Envelope(message_type, path))
+
+    def ready(self, task_id: str) -> None:
+        """Tell the task the modeller is ready (the modeller's TASK_START)."""
+        self.send(task_id, "TASK_START", b"")
+
+    def receive(self, task_id: str, timeout: float) -> ModellerMessage | None:
+        """The next message the task sent, opened; ``None`` on timeout."""
+        envelope = self.transport.from_pod(task_id, timeout)
+        if envelope is None:
+            return None
+        key = self._keys[task_id].aes_key
+        aad = associated_data(task_id, envelope.type)
+        if isinstance(envelope.body, Path):
+            out_path = self._spool_file()
+            try:
+                with out_path.open("wb") as out:
+                    open_stream(key, envelope.body, out, aad)
+            except BaseException:
+                out_path.unlink(missing_ok=True)
+                raise
+            finally:
+                envelope.body.unlink(missing_ok=True)
+            return ModellerMessage(envelope.type, path=out_path)
+        return ModellerMessage(envelope.type, body=open_sealed(key, envelope.body, aad))
+
+    def close(self) -> None:
+        """Remove staged files."""
+        if self._owns_spool:
+            shutil.rmtree(self._spool, ignore_errors=True)
+
+
+def chunked(data: bytes | memoryview, size: int = STREAM_CHUNK) -> Iterator[bytes]:
+    """``data`` in pieces of at most ``size`` bytes."""
+    view = memoryview(data)
+    for start in range(0, len(view), size):
+        yield bytes(view[start : start + size])
