@@ -195,7 +195,8 @@ class Executor:
         self.backend.check_image(policy.image)
         with TaskDir(self.run_dir, policy.uid) as task_dir:
             bundle = copy_bundle(spec.protocol_dir, task_dir.protocol)
-            route = Route(task_id, spec.pod_identifier, spec.modeller_name, spec.pod_identifiers)
+            peers = tuple(p for p in spec.pod_identifiers if p != spec.pod_identifier)
+            route = Route(task_id, spec.pod_identifier, spec.modeller_name, peers)
             broker = MailboxBroker(
                 route,
                 self.transport.open(route),

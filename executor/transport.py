@@ -23,6 +23,9 @@ from typing import Protocol
 
 from executor.errors import SandboxExecutorError
 
+# Message types that travel between pods rather than to the modeller.
+PEER_TYPES = frozenset({"SECURE_SHARE"})
+
 
 class TransportError(SandboxExecutorError):
     """The message service could not deliver or fetch a message."""
@@ -99,7 +102,6 @@ class InMemoryTransport:
         self._spool = spool_dir or Path(tempfile.mkdtemp(prefix="se-transport-"))
         self._to_pod: dict[tuple[str, str], queue.Queue[Envelope]] = defaultdict(queue.Queue)
         self._to_modeller: dict[str, queue.Queue[Envelope]] = defaultdict(queue.Queue)
-        self._pods: dict[str, str] = {}
 
     def _inbox(self, task_id: str, message_type: str) -> queue.Queue[Envelope]:
         with self._lock:
@@ -117,18 +119,14 @@ class InMemoryTransport:
         return envelope
 
     def open(self, route: Route) -> InMemoryChannel:
-        """Register the task (and its pod, for peers) and return its channel."""
-        if route.pod_identifier:
-            with self._lock:
-                self._pods[route.pod_identifier] = route.task_id
+        """The task's channel."""
         return InMemoryChannel(self, route)
 
     def _route_to_peer(self, sender: Route, envelope: Envelope) -> None:
-        with self._lock:
-            task_id = self._pods.get(envelope.peer)
-        if task_id is None:
-            raise TransportError(f"pod {envelope.peer!r} is not reachable")
-        self._inbox(task_id, envelope.type).put(
+        # Held by pod, not task, so a share may arrive before the peer's task opens.
+        if not sender.pod_identifier:
+            raise TransportError("a task without a pod identifier cannot reach peers")
+        self._inbox(_pod_key(envelope.peer), envelope.type).put(
             self._take(Envelope(envelope.type, envelope.body, sender.pod_identifier))
         )
 
@@ -166,13 +164,15 @@ class InMemoryChannel:
 
     def receive(self, message_type: str, timeout: float) -> Envelope | None:
         """Wait up to ``timeout`` seconds for the next ``message_type`` envelope."""
+        key = _pod_key(self.route.pod_identifier) if message_type in PEER_TYPES else self.route.task_id
         try:
-            return self._transport._inbox(self.route.task_id, message_type).get(timeout=max(0.0, timeout))
+            return self._transport._inbox(key, message_type).get(timeout=max(0.0, timeout))
         except queue.Empty:
             return None
 
     def close(self) -> None:
-        """Forget the pod's registration."""
-        with self._transport._lock:
-            if self._transport._pods.get(self.route.pod_identifier) == self.route.task_id:
-                del self._transport._pods[self.route.pod_identifier]
+        """Nothing to release: undelivered messages stay with the transport."""
+
+
+def _pod_key(pod_identifier: str) -> str:
+    return f"pod:{pod_identifier}"

@@ -53,6 +53,19 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def modeller() -> Iterator[object]:
+    """A modeller in this process over a fresh in-memory transport; cleaned up after."""
+    from executor.modeller import LocalModeller
+    from executor.transport import InMemoryTransport
+
+    transport = InMemoryTransport()
+    m = LocalModeller(transport)
+    yield m
+    m.close()
+    transport.close()
+
+
+@pytest.fixture
 def make_executor(docker_client: object, run_dir: Path) -> Iterator[object]:
     """Build executors on the real engine; afterwards nothing they made may remain.
 

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from executor.crypto import TaskKeys
 from executor.errors import ImageNotFoundError
 from executor.executor import TaskSpec
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
-from executor.crypto import TaskKeys
-from executor.modeller import LocalModeller
-from executor.transport import InMemoryTransport
 
 from ..conftest import PROTOCOLS
 
@@ -24,12 +22,10 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_protocol_result_mailbox_and_progress_travel_over_grpc(make_executor, data_dir):
-    transport = InMemoryTransport()
-    modeller = LocalModeller(transport)
+def test_protocol_result_mailbox_and_progress_travel_over_grpc(make_executor, modeller, data_dir):
     keys = TaskKeys.generate()
     modeller.add_task("task-echo-1", keys)
-    executor = make_executor(transport=transport)
+    executor = make_executor(transport=modeller.transport)
     spec = TaskSpec(
         protocol_dir=PROTOCOLS / "echo",
         data_dir=data_dir,

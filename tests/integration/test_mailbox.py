@@ -1,0 +1,278 @@
+"""The proxy mailbox end to end: real containers, real gRPC, parent-held keys."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from executor.crypto import TaskKeys
+from executor.executor import TaskSpec
+from executor.outcome import Status
+
+from ..conftest import PROTOCOLS
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+
+
+def _start(make_executor, modeller, spec: TaskSpec, **run_kwargs):
+    """Run ``spec`` in a thread; return the thread and a box for its outcome."""
+    executor = make_executor(transport=modeller.transport, **run_kwargs)
+    box: list = []
+    thread = threading.Thread(target=lambda: box.append(executor.run(spec)), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_every_mailbox_operation_and_modeller_ready(make_executor, modeller, data_dir):
+    keys = TaskKeys.generate()
+    modeller.add_task("mb-all", keys)
+    spec = TaskSpec(protocol_dir=PROTOCOLS / "mailbox_all", data_dir=data_dir, task_id="mb-all", keys=keys)
+    thread, box = _start(make_executor, modeller, spec)
+
+    first = modeller.receive("mb-all", timeout=60)
+    assert first is not None and first.type == "TASK_START"
+    # Only now does the modeller say it is ready: the sandbox must have waited.
+    modeller.ready("mb-all")
+    received = []
+    for _ in range(5):
+        msg = modeller.receive("mb-all", timeout=30)
+        assert msg is not None
+        received.append((msg.type, msg.read()))
+    modeller.send("mb-all", "ALGORITHM_EXCHANGE", b"global weights")
+    modeller.send("mb-all", "TRAINING_COMPLETE", b"done training")
+    modeller.send("mb-all", "TASK_COMPLETE", b"done task")
+    modeller.send("mb-all", "MODELLER_RESPONSE", b"ack")
+    abort = modeller.receive("mb-all", timeout=30)
+    thread.join(60)
+    outcome = box[0]
+
+    assert outcome.status is Status.OK, outcome.error
+    assert received == [
+        ("PREPARING_DATA_BATCHES", b""),
+        ("NUMBER_OF_BATCHES", b'{"number_of_batches": 3}'),
+        ("CURRENT_BATCH_ID", b'{"batch_id": 1}'),
+        ("BATCHES_COMPLETE", b'{"state": "complete"}'),
+        ("TRAINING_UPDATE", b"\x00\x01weights"),
+    ]
+    assert abort is not None and abort.type == "TASK_ABORT"
+    assert json.loads(abort.read()) == {
+        "message": "stopping early",
+        "reason": "LimitsExceeded",
+        "exception_type": "ValueError",
+        "traceback": "tb",
+    }
+    seen = outcome.result
+    assert seen["ready_at_start"] is False
+    assert seen["ready"] is True
+    assert seen["algorithm_exchange"] == "global weights"
+    assert seen["training_complete"] == "done training"
+    assert seen["task_complete"] == "done task"
+    assert seen["modeller_response"] == "ack"
+    assert seen["timeout"] == ["MailboxTimeout", True, "DEADLINE_EXCEEDED"]
+    assert seen["receive_forbidden"] == "INVALID_ARGUMENT"
+    assert seen["send_forbidden"] == "INVALID_ARGUMENT"
+
+
+def test_wrong_key_fails_loudly_both_ways(make_executor, modeller, data_dir):
+    # The modeller holds a different key from the pod's parent.
+    modeller.add_task("mb-wrong", TaskKeys.generate())
+    spec = TaskSpec(
+        protocol_dir=PROTOCOLS / "echo", data_dir=data_dir, task_id="mb-wrong", keys=TaskKeys.generate()
+    )
+    modeller.send("mb-wrong", "MODELLER_RESPONSE", b"sealed with the wrong key")
+    outcome = make_executor(transport=modeller.transport).run(spec)
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None
+    assert outcome.error.type == "MailboxError"
+    assert "failed authentication" in outcome.error.message
+
+
+def test_oversize_messages_are_refused_and_the_parent_carries_on(make_executor, modeller, data_dir):
+    from executor.policy import IsolationPolicy
+
+    keys = TaskKeys.generate()
+    modeller.add_task("mb-big", keys)
+    policy = IsolationPolicy.hardened().replace(max_message_mb=2)
+    modeller.send("mb-big", "MODELLER_RESPONSE", b"y" * (2 * MiB + 1))
+    spec = TaskSpec(protocol_dir=PROTOCOLS / "oversize", data_dir=data_dir, task_id="mb-big", keys=keys)
+    outcome = make_executor(transport=modeller.transport, policy=policy).run(spec)
+
+    assert outcome.status is Status.OK, outcome.error
+    out = outcome.result
+    assert out["limit"] == 2 * MiB
+    assert out["polite"][0] == "RESOURCE_EXHAUSTED"
+    assert out["declared_too_big"] == [
+        "RESOURCE_EXHAUSTED",
+        f"outgoing message is {2 * MiB + 1} bytes; the limit is {2 * MiB}",
+    ]
+    assert out["longer_than_declared"][0] == "RESOURCE_EXHAUSTED"
+    assert "longer than its declared 1024 bytes" in out["longer_than_declared"][1]
+    assert out["shorter_than_declared"][0] == "RESOURCE_EXHAUSTED"
+    assert "not its declared 4096" in out["shorter_than_declared"][1]
+    assert out["incoming_too_big"][0] == "RESOURCE_EXHAUSTED"
+    assert f"the limit is {2 * MiB}" in out["incoming_too_big"][1]
+    # Nothing refused reached the modeller; the message after the refusals did.
+    msg = modeller.receive("mb-big", timeout=5)
+    assert msg is not None and (msg.type, msg.read()) == ("TRAINING_UPDATE", b"still here")
+    assert modeller.receive("mb-big", timeout=0.2) is None
+
+
+def test_task_keys_are_nowhere_in_the_sandbox(make_executor, modeller, data_dir):
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    keys = TaskKeys(aes_key=os.urandom(32), pod_private_key=private)
+    spec = TaskSpec(protocol_dir=PROTOCOLS / "key_scan", data_dir=data_dir, task_id="mb-keys", keys=keys)
+    outcome = make_executor(transport=modeller.transport).run(spec)
+    assert outcome.status is Status.OK, outcome.error
+
+    dump = outcome.result
+    assert "/run/sandbox/token" in dump["files"]  # the scan did reach the mounts
+    blobs = [base64.b64decode(v) for v in dump["files"].values()]
+    blobs.append(base64.b64decode(dump["config"]))
+    blobs.append(json.dumps(dump["environ"]).encode())
+    aes = keys.aes_key
+    needles = [aes, aes.hex().encode(), base64.b64encode(aes), base64.urlsafe_b64encode(aes)]
+    d = private.private_numbers().d
+    needles.append(d.to_bytes((d.bit_length() + 7) // 8, "big")[:32])
+    needles.append(str(d).encode()[:40])
+    for blob in blobs:
+        for needle in needles:
+            assert needle not in blob
+
+
+def test_secure_shares_between_two_pods(make_executor, modeller, data_dir):
+    priv = {p: rsa.generate_private_key(public_exponent=65537, key_size=2048) for p in ("pod-a", "pod-b")}
+    threads = []
+    for me, peer in (("pod-a", "pod-b"), ("pod-b", "pod-a")):
+        keys = TaskKeys(
+            aes_key=os.urandom(32),
+            pod_private_key=priv[me],
+            peer_public_keys={peer: priv[peer].public_key()},
+        )
+        spec = TaskSpec(
+            protocol_dir=PROTOCOLS / "shares",
+            data_dir=data_dir,
+            task_id=f"share-{me}",
+            pod_identifier=me,
+            pod_identifiers=("pod-a", "pod-b"),
+            keys=keys,
+        )
+        threads.append(_start(make_executor, modeller, spec))
+    for thread, _ in threads:
+        thread.join(120)
+    (a,), (b,) = (box for _, box in threads)
+    assert a.status is Status.OK, a.error
+    assert b.status is Status.OK, b.error
+    assert a.result == {"pod-b": "pod-b->pod-a"}
+    assert b.result == {"pod-a": "pod-a->pod-b"}
+
+
+def test_a_waiting_task_does_not_block_another(make_executor, modeller, data_dir):
+    keys = TaskKeys.generate()
+    modeller.add_task("mb-waits", keys)
+    spec = TaskSpec(protocol_dir=PROTOCOLS / "waits", data_dir=data_dir, task_id="mb-waits", keys=keys)
+    waiting, box = _start(make_executor, modeller, spec)
+    started = modeller.receive("mb-waits", timeout=60)
+    assert started is not None and started.type == "TASK_START"
+
+    other = make_executor(transport=modeller.transport).run(
+        TaskSpec(protocol_dir=PROTOCOLS / "async_run", data_dir=data_dir, parameters={"n": 1})
+    )
+    assert other.status is Status.OK, other.error
+    assert waiting.is_alive()  # still parked in its receive, unharmed
+    modeller.send("mb-waits", "MODELLER_RESPONSE", b"now")
+    waiting.join(60)
+    assert box[0].status is Status.OK, box[0].error
+    assert box[0].result == "now"
+
+
+BULK_PARENT = r"""
+import hashlib, json, os, resource, sys, tempfile, threading
+from pathlib import Path
+from executor.crypto import TaskKeys
+from executor.executor import Executor, TaskSpec
+from executor.modeller import LocalModeller
+from executor.transport import InMemoryTransport
+
+protocols, data, run_dir, mib = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+transport = InMemoryTransport()
+modeller = LocalModeller(transport)
+executor = Executor(transport=transport, run_dir=run_dir)
+
+def rss_peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def run(task_id, size_mib):
+    keys = TaskKeys.generate()
+    modeller.add_task(task_id, keys)
+    box = []
+    spec = TaskSpec(protocol_dir=protocols / "bulk", data_dir=data, task_id=task_id, keys=keys,
+                    parameters={"mib": size_mib})
+    t = threading.Thread(target=lambda: box.append(executor.run(spec)), daemon=True)
+    t.start()
+    update = modeller.receive(task_id, timeout=600)
+    digest = hashlib.sha256()
+    if size_mib > 4:
+        assert update.path is not None, "a large body must arrive spooled, not in memory"
+        with update.path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    else:
+        digest.update(update.read())
+    down = hashlib.sha256()
+    def chunks():
+        for i in range(size_mib):
+            block = hashlib.sha256(str(i).encode()).digest() * 32768
+            down.update(block)
+            yield block
+    modeller.send_stream(task_id, "ALGORITHM_EXCHANGE", chunks())
+    t.join()
+    outcome = box[0]
+    return outcome, digest.hexdigest(), down.hexdigest()
+
+try:
+    outcome, _, _ = run("warm-up", 1)
+    assert outcome.ok, outcome.error
+    before = rss_peak_mib()
+    outcome, up, down = run("bulk", mib)
+    after = rss_peak_mib()
+    print(json.dumps({"status": outcome.status.value, "error": outcome.error and outcome.error.message,
+                      "result": outcome.result, "modeller_sha256": up, "sent_down_sha256": down,
+                      "rss_before_mib": before, "rss_after_mib": after}))
+finally:
+    modeller.close()
+    transport.close()
+"""
+
+
+@pytest.mark.timeout(900)
+def test_256_mib_each_way_with_bounded_parent_memory(docker_client, data_dir, run_dir, tmp_path):
+    script = tmp_path / "bulk_parent.py"
+    script.write_text(BULK_PARENT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(PROTOCOLS), str(data_dir), str(run_dir), "256"],
+        capture_output=True,
+        text=True,
+        timeout=800,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["status"] == "OK", report["error"]
+    result = report["result"]
+    assert result["sent_sha256"] == report["modeller_sha256"]
+    assert result["received_size"] == 256 * MiB
+    assert result["received_sha256"] == report["sent_down_sha256"]
+    growth = report["rss_after_mib"] - report["rss_before_mib"]
+    # Streaming through the spool: far below the 2x-payload (512 MiB) ceiling.
+    assert growth < 128, f"parent peak RSS grew by {growth:.0f} MiB moving 256 MiB each way"
+    assert list(run_dir.iterdir()) == []

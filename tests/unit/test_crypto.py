@@ -1,0 +1,97 @@
+"""The parent's mailbox crypto: AES-GCM in memory and streamed, RSA shares."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from executor.crypto import (
+    DecryptionError,
+    TaskKeys,
+    associated_data,
+    open_sealed,
+    open_share,
+    open_stream,
+    seal,
+    seal_share,
+    seal_stream,
+)
+
+AAD = associated_data("task-1", "TRAINING_UPDATE")
+
+
+def test_round_trip_in_memory():
+    key = TaskKeys.generate().aes_key
+    assert open_sealed(key, seal(key, b"weights", AAD), AAD) == b"weights"
+
+
+def test_wrong_key_fails_loudly():
+    sealed = seal(TaskKeys.generate().aes_key, b"weights", AAD)
+    with pytest.raises(DecryptionError, match="failed authentication"):
+        open_sealed(TaskKeys.generate().aes_key, sealed, AAD)
+
+
+def test_body_is_bound_to_task_and_type():
+    key = TaskKeys.generate().aes_key
+    sealed = seal(key, b"weights", AAD)
+    for other in (associated_data("task-2", "TRAINING_UPDATE"), associated_data("task-1", "TASK_ABORT")):
+        with pytest.raises(DecryptionError):
+            open_sealed(key, sealed, other)
+
+
+def test_tampering_is_detected():
+    key = TaskKeys.generate().aes_key
+    sealed = bytearray(seal(key, b"weights", AAD))
+    sealed[-20] ^= 1
+    with pytest.raises(DecryptionError):
+        open_sealed(key, bytes(sealed), AAD)
+    with pytest.raises(DecryptionError, match="malformed"):
+        open_sealed(key, b"SE1short", AAD)
+
+
+def test_stream_format_matches_in_memory_format(tmp_path):
+    key = TaskKeys.generate().aes_key
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    path = tmp_path / "sealed"
+    with path.open("wb") as out:
+        n = seal_stream(key, iter([data[:1000], data[1000:]]), out, AAD)
+    assert n == len(data)
+    assert open_sealed(key, path.read_bytes(), AAD) == data
+    out = io.BytesIO()
+    assert open_stream(key, path, out, AAD) == len(data)
+    assert out.getvalue() == data
+    # and the other way round
+    path.write_bytes(seal(key, data, AAD))
+    out = io.BytesIO()
+    open_stream(key, path, out, AAD)
+    assert out.getvalue() == data
+
+
+def test_stream_with_wrong_key_fails(tmp_path):
+    path = tmp_path / "sealed"
+    with path.open("wb") as out:
+        seal_stream(TaskKeys.generate().aes_key, iter([b"x" * 5000]), out, AAD)
+    with pytest.raises(DecryptionError):
+        open_stream(TaskKeys.generate().aes_key, path, io.BytesIO(), AAD)
+
+
+def test_task_key_must_be_256_bits_and_hidden_from_repr():
+    with pytest.raises(ValueError, match="32 bytes"):
+        TaskKeys(aes_key=b"short")
+    keys = TaskKeys.generate()
+    assert keys.aes_key.hex() not in repr(keys)
+    assert repr(keys.aes_key) not in repr(keys)
+
+
+def test_shares_open_only_with_the_recipient_key():
+    recipient = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sealed = seal_share(recipient.public_key(), b"share-17")
+    assert open_share(recipient, sealed) == b"share-17"
+    with pytest.raises(DecryptionError):
+        open_share(stranger, sealed)
+    with pytest.raises(ValueError, match="at most"):
+        seal_share(recipient.public_key(), b"x" * 500)
