@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="protocol parameter; VALUE is JSON if it parses, else a string",
     )
     run.add_argument("--json", action="store_true", help="print one JSON object with the outcome")
+    reap = sub.add_parser("reap", help="remove containers and directories left by dead executors")
+    reap.add_argument(
+        "--all", action="store_true", help="remove every managed container, even of live executors"
+    )
+    reap.add_argument("--json", action="store_true", help="print what was removed as JSON")
     return parser
 
 
@@ -69,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "reap":
+            return _reap(args)
     except SandboxExecutorError as exc:
         print(f"sandbox-executor: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -115,6 +122,24 @@ def _run(args: argparse.Namespace) -> int:
 
         print_outcome(outcome)
     return EXIT_OK if outcome.ok else EXIT_TASK_FAILED
+
+
+def _reap(args: argparse.Namespace) -> int:
+    from executor.executor import Executor
+
+    report = Executor().reap(everything=args.all)
+    if args.json:
+        print(
+            json.dumps(
+                {"containers": report.containers, "task_dirs": report.task_dirs, "spools": report.spools}
+            )
+        )
+    else:
+        print(
+            f"removed {len(report.containers)} container(s), {len(report.task_dirs)} task "
+            f"director{'y' if len(report.task_dirs) == 1 else 'ies'}, {len(report.spools)} spool(s)"
+        )
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socket
 import stat
 import threading
 import time
@@ -29,17 +27,18 @@ from executor.backends import (
     LABEL_TASK,
     ContainerBackend,
     ContainerSpec,
-    ExitInfo,
     Mount,
 )
 from executor.bundle import ENTRY_MODULE, Bundle, check_protocol_dir, copy_bundle
 from executor.crypto import TaskKeys
-from executor.errors import BackendError, ConfigurationError, DataSourceError
+from executor.errors import ConfigurationError, DataSourceError
 from executor.mailbox import MailboxBroker
-from executor.outcome import ErrorDetail, Outcome, Status
+from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
+from executor.reaper import ReapReport, new_instance_id, reap
 from executor.service import CHUNK_BYTES, TaskServer
-from executor.session import FinishReport, ProgressUpdate, TaskSession
+from executor.session import ProgressUpdate, TaskSession
+from executor.supervisor import Supervisor, abort_message
 from executor.taskdir import SOCKET_NAME, TOKEN_NAME, TaskDir, default_base_dir, default_spool_dir
 from executor.transport import InMemoryTransport, Route, Transport
 from executor.v1 import sandbox_pb2 as pb
@@ -49,11 +48,6 @@ log = logging.getLogger(__name__)
 SANDBOX_IPC = "/run/sandbox"
 SANDBOX_PROTOCOL = "/sandbox/protocol"
 SANDBOX_DATA = "/data"
-# After a result arrives the runtime exits by itself; this long at most.
-EXIT_GRACE_S = 10.0
-# After a cancel request the protocol has this long to stop before a kill.
-CANCEL_GRACE_S = 5.0
-STDERR_TAIL_LINES = 20
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -163,7 +157,16 @@ class Executor:
         self.transport: Transport = transport if transport is not None else InMemoryTransport()
         self.run_dir = run_dir or default_base_dir()
         self.spool_dir = spool_dir or default_spool_dir()
-        self.instance_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.instance_id = new_instance_id()
+        self._reaped = False
+        self._reap_lock = threading.Lock()
+
+    def reap(self, *, everything: bool = False) -> ReapReport:
+        """Remove containers, task directories and spools of dead executors.
+
+        Runs once by itself before this executor's first task.
+        """
+        return reap(self.backend, self.run_dir, self.spool_dir, everything=everything)
 
     def run(
         self,
@@ -193,7 +196,11 @@ class Executor:
         check_protocol_dir(spec.protocol_dir)
         data_dir = check_data_dir(spec.data_dir, policy.uid)
         self.backend.check_image(policy.image)
-        with TaskDir(self.run_dir, policy.uid) as task_dir:
+        with self._reap_lock:
+            if not self._reaped:
+                self.reap()
+                self._reaped = True
+        with TaskDir(self.run_dir, policy.uid, self.instance_id) as task_dir:
             bundle = copy_bundle(spec.protocol_dir, task_dir.protocol)
             peers = tuple(p for p in spec.pod_identifiers if p != spec.pod_identifier)
             route = Route(task_id, spec.pod_identifier, spec.modeller_name, peers)
@@ -243,166 +250,22 @@ class Executor:
                         LABEL_PARENT: self.instance_id,
                     },
                 )
-                return self._supervise(task_id, container, session, wake, cancel, started)
+                supervisor = Supervisor(
+                    self.backend,
+                    container,
+                    session,
+                    wake,
+                    cancel,
+                    notify_abort=lambda kind, message: broker.send_bytes(
+                        "TASK_ABORT", abort_message(kind, message)
+                    ),
+                )
+                outcome = supervisor.run()
+                outcome.timings["total"] = time.monotonic() - started
+                return outcome
             finally:
                 server.stop()
                 broker.close()
-
-    def _supervise(
-        self,
-        task_id: str,
-        container: ContainerSpec,
-        session: TaskSession,
-        wake: threading.Event,
-        cancel: threading.Event | None,
-        started: float,
-    ) -> Outcome:
-        policy = container.policy
-        timings: dict[str, float] = {}
-        container_id: str | None = None
-        try:
-            t = time.monotonic()
-            container_id = self.backend.create(container)
-            timings["create"] = time.monotonic() - t
-            t = time.monotonic()
-            self.backend.start(container_id)
-            running_since = time.monotonic()
-            timings["start"] = running_since - t
-
-            exit_box: list[ExitInfo | BaseException] = []
-            cid = container_id
-
-            def await_exit() -> None:
-                try:
-                    exit_box.append(self.backend.wait(cid))
-                except BaseException as exc:  # reported below as a lost container
-                    exit_box.append(exc)
-                wake.set()
-
-            threading.Thread(target=await_exit, name=f"wait-{task_id[:8]}", daemon=True).start()
-            deadline = running_since + policy.timeout_s
-            verdict: tuple[Status, ErrorDetail] | None = None
-            while not session.finished.is_set() and not exit_box:
-                if cancel is not None and cancel.is_set():
-                    verdict = self._cancel(session, wake, exit_box, cid)
-                    break
-                if time.monotonic() >= deadline:
-                    self.backend.kill(cid)
-                    verdict = (
-                        Status.TIMEOUT,
-                        ErrorDetail(
-                            "TimeoutError",
-                            f"the task exceeded its wall-clock limit of {policy.timeout_s:g} s",
-                        ),
-                    )
-                    break
-                wake.wait(0.1 if cancel is not None else max(0.0, min(1.0, deadline - time.monotonic())))
-                wake.clear()
-            if session.config_fetched_at is not None:
-                timings["boot"] = session.config_fetched_at - running_since
-            if verdict is None and session.finish is not None:
-                # The runtime exits by itself after reporting; give it a moment.
-                if not _wait_for(lambda: bool(exit_box), EXIT_GRACE_S):
-                    self.backend.kill(cid)
-                report = session.finish
-                timings.update(report.timings)
-                outcome = self._from_report(task_id, policy, report)
-            elif verdict is None:
-                outcome = self._from_exit(task_id, policy, exit_box[0], cid)
-            else:
-                outcome = Outcome(task_id, verdict[0], runtime=policy.runtime, error=verdict[1])
-            timings["total"] = time.monotonic() - started
-            return Outcome(
-                outcome.task_id,
-                outcome.status,
-                outcome.result,
-                outcome.runtime,
-                timings,
-                outcome.error,
-            )
-        finally:
-            if container_id is not None:
-                try:
-                    self.backend.remove(container_id)
-                except BackendError as exc:
-                    log.warning("could not remove container %s of task %s: %s", container_id, task_id, exc)
-
-    def _cancel(
-        self,
-        session: TaskSession,
-        wake: threading.Event,
-        exit_box: list[ExitInfo | BaseException],
-        container_id: str,
-    ) -> tuple[Status, ErrorDetail]:
-        session.send_control("CANCEL", "cancelled by the operator")
-        if not _wait_for(lambda: bool(exit_box), CANCEL_GRACE_S):
-            self.backend.kill(container_id)
-        return Status.CANCELLED, ErrorDetail("Cancelled", "the task was cancelled by the operator")
-
-    @staticmethod
-    def _from_report(task_id: str, policy: IsolationPolicy, report: FinishReport) -> Outcome:
-        if report.status == "OK":
-            return Outcome(task_id, Status.OK, report.result, policy.runtime)
-        status = Status.ABORT if report.status == "ABORT" else Status.ERROR
-        return Outcome(
-            task_id,
-            status,
-            runtime=policy.runtime,
-            error=ErrorDetail(report.error_type or "Error", report.error_message, report.traceback),
-        )
-
-    def _from_exit(
-        self,
-        task_id: str,
-        policy: IsolationPolicy,
-        exited: ExitInfo | BaseException,
-        container_id: str,
-    ) -> Outcome:
-        if isinstance(exited, BaseException):
-            detail = ErrorDetail("ContainerLost", f"lost track of the container: {exited}")
-            return Outcome(task_id, Status.ERROR, runtime=policy.runtime, error=detail)
-        tail = self.backend.stderr_tail(container_id, STDERR_TAIL_LINES)
-        if exited.oom_killed:
-            return Outcome(
-                task_id,
-                Status.KILLED,
-                runtime=policy.runtime,
-                error=ErrorDetail(
-                    "OutOfMemory",
-                    f"the sandbox exceeded its memory limit of {policy.memory_mb} MiB",
-                    exit_code=exited.exit_code,
-                    stderr_tail=tail,
-                ),
-            )
-        if exited.exit_code in (137, -9):
-            return Outcome(
-                task_id,
-                Status.KILLED,
-                runtime=policy.runtime,
-                error=ErrorDetail(
-                    "Killed", "the sandbox was killed (SIGKILL)", exit_code=exited.exit_code, stderr_tail=tail
-                ),
-            )
-        return Outcome(
-            task_id,
-            Status.ERROR,
-            runtime=policy.runtime,
-            error=ErrorDetail(
-                "ContainerExited",
-                f"the sandbox exited with code {exited.exit_code} before reporting a result",
-                exit_code=exited.exit_code,
-                stderr_tail=tail,
-            ),
-        )
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= end:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def _task_config(spec: TaskSpec, task_id: str, bundle: Bundle, policy: IsolationPolicy) -> pb.TaskConfig:

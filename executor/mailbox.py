@@ -141,6 +141,10 @@ class MailboxBroker:
         finally:
             path.unlink(missing_ok=True)
 
+    def send_bytes(self, message_type: str, body: bytes) -> None:
+        """Seal and send a body the parent itself composed (e.g. a TASK_ABORT)."""
+        self.send(message_type, len(body), iter([body]))
+
     # -- from the modeller ---------------------------------------------
     def receive(self, message_type: str, timeout: float) -> Incoming | None:
         """The next ``message_type`` body for the task, opened; ``None`` on timeout.

@@ -29,6 +29,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "timeout_s": (1, 7 * 24 * 3600),
     "heartbeat_interval_s": (0.05, 60),
     "heartbeat_timeout_s": (0.2, 3600),
+    "stall_timeout_s": (0, 7 * 24 * 3600),
     "max_message_mb": (1, 4096),
     "max_task_mb": (1, 65_536),
     "max_result_mb": (0.001, 64),
@@ -51,6 +52,9 @@ class IsolationPolicy:
         timeout_s: Wall-clock limit for the whole task.
         heartbeat_interval_s: How often the sandbox beats.
         heartbeat_timeout_s: Silence after which the sandbox counts as hung.
+        stall_timeout_s: Time with heartbeats but no progress (no progress event,
+            mailbox operation or movement of the protocol's main thread) after
+            which the sandbox counts as stuck; 0 turns the check off.
         max_message_mb: Largest single mailbox message the sandbox may send or receive.
         max_task_mb: Most mailbox traffic one task may move, both ways together.
         max_result_mb: Largest result (JSON) the protocol may return.
@@ -67,6 +71,7 @@ class IsolationPolicy:
     timeout_s: float = 3600.0
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 30.0
+    stall_timeout_s: float = 0.0
     max_message_mb: int = 512
     max_task_mb: int = 4096
     max_result_mb: float = 1.0

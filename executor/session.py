@@ -110,6 +110,7 @@ class BeatStats:
     progress_events: int = 0
     mailbox_ops: int = 0
     main_thread_moved: bool = False
+    last_progress: float | None = None
 
 
 class TaskSession:
@@ -162,8 +163,15 @@ class TaskSession:
         """Note a heartbeat from the sandbox."""
         with self._lock:
             s = self.beat_stats
+            now = time.monotonic()
+            if (
+                s.last_progress is None
+                or main_thread_moved
+                or (progress_events, mailbox_ops) != (s.progress_events, s.mailbox_ops)
+            ):
+                s.last_progress = now
             s.beats += 1
-            s.last_beat = time.monotonic()
+            s.last_beat = now
             s.progress_events = progress_events
             s.mailbox_ops = mailbox_ops
             s.main_thread_moved = main_thread_moved

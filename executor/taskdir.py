@@ -26,6 +26,7 @@ SOCKET_NAME = "sandbox.sock"
 TOKEN_NAME = "token"  # noqa: S105 (a file name, not a secret)
 ENV_BASE = "SANDBOX_EXECUTOR_RUN_DIR"
 ENV_SPOOL = "SANDBOX_EXECUTOR_SPOOL_DIR"
+OWNER_NAME = "owner"
 
 
 def default_base_dir() -> Path:
@@ -61,6 +62,19 @@ def default_spool_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"sandbox-executor-spool-{os.geteuid()}"
 
 
+def remove_tree(path: Path) -> None:
+    """Delete a task directory, including its read-only parts; no error if gone."""
+    if not path.exists():
+        return
+    for root, dirs, _ in os.walk(path):
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(root, d), 0o700)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 class TaskDir:
     """A fresh task directory with its own token; a context manager that removes it.
 
@@ -68,9 +82,10 @@ class TaskDir:
         base: The directory that holds all task directories.
         sandbox_uid: The uid the sandbox runs as; when the parent is root the
             IPC directory is handed to that uid alone.
+        owner: The executor instance that owns it, for the reaper.
     """
 
-    def __init__(self, base: Path, sandbox_uid: int) -> None:
+    def __init__(self, base: Path, sandbox_uid: int, owner: str = "") -> None:
         base.mkdir(mode=0o711, parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix="t-", dir=base))
         self.sandbox_uid = sandbox_uid
@@ -80,6 +95,7 @@ class TaskDir:
             self.ipc = self.path / "ipc"
             self.ipc.mkdir(mode=0o700)
             self.protocol = self.path / "protocol"
+            (self.path / OWNER_NAME).write_text(owner)
             fd = os.open(self.ipc / TOKEN_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self.token)
@@ -114,13 +130,7 @@ class TaskDir:
 
     def remove(self) -> None:
         """Delete the directory and everything in it; safe to call twice."""
-        if self.path.exists():
-            for root, dirs, _ in os.walk(self.path):
-                for d in dirs:
-                    with contextlib.suppress(OSError):
-                        os.chmod(os.path.join(root, d), 0o700)
-            os.chmod(self.path, 0o700)
-            shutil.rmtree(self.path, ignore_errors=True)
+        remove_tree(self.path)
 
     def __enter__(self) -> TaskDir:
         return self

@@ -88,3 +88,7 @@ class ContainerBackend(Protocol):
     def remove(self, container_id: str) -> None:
         """Force-remove the container; no error if it is already gone."""
         ...
+
+    def list_managed(self) -> list[tuple[str, dict[str, str]]]:
+        """Every container carrying this project's managed label, with its labels."""
+        ...

@@ -8,7 +8,9 @@ exceptions are wrapped here, so callers only ever see
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -17,8 +19,9 @@ import docker.errors
 import requests.exceptions
 from docker.types import LogConfig, Ulimit
 
-from executor.backends import ContainerSpec, ExitInfo
+from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
 from executor.errors import (
+    BackendError,
     ContainerError,
     EngineUnavailableError,
     ImageNotFoundError,
@@ -26,8 +29,13 @@ from executor.errors import (
 from executor.policy import IsolationPolicy
 
 _T = TypeVar("_T")
+log = logging.getLogger(__name__)
 
 SANDBOX_TMP = "/tmp"
+# Transient engine failures on create and start are retried this many times,
+# with exponential backoff from RETRY_BASE_S.
+RETRIES = 3
+RETRY_BASE_S = 0.2
 STDERR_LOG_MAX = "1m"
 
 
@@ -82,9 +90,12 @@ class DockerBackend:
             (``DOCKER_HOST`` or the local socket), made on first use.
     """
 
-    def __init__(self, client: docker.DockerClient | None = None) -> None:
+    def __init__(
+        self, client: docker.DockerClient | None = None, *, retry_base_s: float = RETRY_BASE_S
+    ) -> None:
         self._client = client
         self._lock = threading.Lock()
+        self._retry_base_s = retry_base_s
 
     @property
     def client(self) -> docker.DockerClient:
@@ -107,13 +118,32 @@ class DockerBackend:
             return fn()
         except docker.errors.ImageNotFound:
             raise
-        except docker.errors.APIError as exc:
-            raise ContainerError(f"{what} failed: {_short(exc)}", container_id=container_id) from None
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-            raise EngineUnavailableError(
-                f"{what} failed: the Docker engine did not answer ({_short(exc)})",
-                container_id=container_id,
-            ) from None
+            raise _wrapped(what, exc, container_id) from None
+
+    def _retrying(self, what: str, fn: Callable[[], _T], container_id: str | None = None) -> _T:
+        """``_call`` with retries for transient engine errors (HTTP 5xx, read time-outs).
+
+        Permanent errors (a missing image, a bad request, a refused connection)
+        fail at once.
+        """
+        for attempt in range(RETRIES + 1):
+            try:
+                return fn()
+            except docker.errors.ImageNotFound:
+                raise
+            except (docker.errors.APIError, requests.exceptions.ReadTimeout) as exc:
+                transient = isinstance(exc, requests.exceptions.ReadTimeout) or (
+                    exc.is_server_error() and exc.status_code not in (404, 409)
+                )
+                if not transient or attempt == RETRIES:
+                    raise _wrapped(what, exc, container_id) from None
+                delay = self._retry_base_s * 2**attempt
+                log.warning("%s failed (%s); retrying in %.1f s", what, _short(exc), delay)
+                time.sleep(delay)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise _wrapped(what, exc, container_id) from None
+        raise AssertionError("unreachable")
 
     def check_image(self, image: str) -> None:
         """Raise :class:`ImageNotFoundError` with the fix unless ``image`` exists."""
@@ -133,7 +163,7 @@ class DockerBackend:
         """Create the task's container; nothing runs yet."""
         kwargs = container_kwargs(spec)
         try:
-            container = self._call("container create", lambda: self.client.containers.create(**kwargs))
+            container = self._retrying("container create", lambda: self.client.containers.create(**kwargs))
         except docker.errors.ImageNotFound:
             raise ImageNotFoundError(
                 f"sandbox image {spec.policy.image} is not built; run `make images`"
@@ -145,7 +175,7 @@ class DockerBackend:
 
     def start(self, container_id: str) -> None:
         """Start the container."""
-        self._call("container start", lambda: self._api().start(container_id), container_id)
+        self._retrying("container start", lambda: self._api().start(container_id), container_id)
 
     def wait(self, container_id: str) -> ExitInfo:
         """Block until the container exits, then report how."""
@@ -183,6 +213,23 @@ class DockerBackend:
         except ContainerError as exc:
             if "No such container" not in str(exc) and "is already in progress" not in str(exc):
                 raise
+
+    def list_managed(self) -> list[tuple[str, dict[str, str]]]:
+        """Every container (running or not) that an executor made."""
+        found = self._call(
+            "container list",
+            lambda: self._api().containers(all=True, filters={"label": f"{LABEL_MANAGED}=true"}),
+        )
+        return [(str(c["Id"]), dict(c.get("Labels") or {})) for c in found]
+
+
+def _wrapped(what: str, exc: BaseException, container_id: str | None) -> BackendError:
+    """The package's error for an engine or HTTP exception."""
+    if isinstance(exc, docker.errors.APIError):
+        return ContainerError(f"{what} failed: {_short(exc)}", container_id=container_id)
+    return EngineUnavailableError(
+        f"{what} failed: the Docker engine did not answer ({_short(exc)})", container_id=container_id
+    )
 
 
 def _short(exc: BaseException) -> str:

@@ -6,13 +6,13 @@ import time
 
 _T0 = time.monotonic()
 
-import _thread  # noqa: E402
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import traceback  # noqa: E402
@@ -81,7 +81,9 @@ class Heartbeat:
                     self._ctx_holder[0].mailbox.modeller_ready.set()
                 elif kind == "CANCEL":
                     self.cancelled.set()
-                    _thread.interrupt_main()
+                    # A real signal, aimed at the main thread, so that a blocking
+                    # call there (sleep, select) is interrupted too.
+                    signal.pthread_kill(self._main_ident or 0, signal.SIGINT)
                 elif kind == "SHUTDOWN":
                     _stderr("parent asked for shutdown")
                     os._exit(0)

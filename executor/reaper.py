@@ -1,0 +1,108 @@
+"""Remove what a dead parent left behind: containers, task directories, spools.
+
+Every container carries the label of the executor instance that made it, and
+every task directory an ``owner`` file with the same instance id. An instance
+id names the host, the process id and the process's start time, so a reused
+pid is not mistaken for the original parent. Only leftovers of instances on
+this host that are provably dead are removed, unless everything is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from executor.backends import LABEL_PARENT, ContainerBackend
+from executor.taskdir import OWNER_NAME, remove_tree
+
+log = logging.getLogger(__name__)
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # Field 22, after the parenthesised command, which may hold spaces.
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def new_instance_id() -> str:
+    """An id for this executor instance: host, pid, process start time, nonce."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_start_time(os.getpid()) or '0'}:{uuid.uuid4().hex[:8]}"
+
+
+def instance_alive(instance_id: str) -> bool:
+    """Whether ``instance_id`` may still be running; other hosts' ids count as alive."""
+    try:
+        host, pid, started, _ = instance_id.split(":")
+    except ValueError:
+        return False  # not an id this code made
+    if host != socket.gethostname():
+        return True
+    current = _start_time(int(pid)) if pid.isdigit() else None
+    return current is not None and current == started
+
+
+@dataclass
+class ReapReport:
+    """What a reap removed."""
+
+    containers: list[str] = field(default_factory=list)
+    task_dirs: list[str] = field(default_factory=list)
+    spools: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """How many things were removed."""
+        return len(self.containers) + len(self.task_dirs) + len(self.spools)
+
+
+def reap(
+    backend: ContainerBackend, run_dir: Path, spool_dir: Path, *, everything: bool = False
+) -> ReapReport:
+    """Remove leftovers of dead executor instances (of all instances if ``everything``).
+
+    Args:
+        backend: The engine to search for labelled containers.
+        run_dir: The base of task directories.
+        spool_dir: The base of mailbox spools.
+        everything: Remove every managed container and task directory, even of
+            live instances. For an operator who knows no executor is running.
+    """
+    report = ReapReport()
+    for container_id, labels in backend.list_managed():
+        owner = labels.get(LABEL_PARENT, "")
+        if everything or not instance_alive(owner):
+            backend.remove(container_id)
+            report.containers.append(container_id)
+    live_dirs: set[str] = set()
+    if run_dir.is_dir():
+        for task_dir in run_dir.iterdir():
+            try:
+                owner = (task_dir / OWNER_NAME).read_text().strip()
+            except OSError:
+                owner = ""
+            if everything or not instance_alive(owner):
+                remove_tree(task_dir)
+                report.task_dirs.append(str(task_dir))
+            else:
+                live_dirs.add(task_dir.name)
+    if spool_dir.is_dir():
+        for spool in spool_dir.iterdir():
+            if spool.name not in live_dirs:
+                shutil.rmtree(spool, ignore_errors=True)
+                report.spools.append(str(spool))
+    if report.total:
+        log.info(
+            "reaped %d container(s), %d task dir(s), %d spool(s) left by dead executors",
+            len(report.containers),
+            len(report.task_dirs),
+            len(report.spools),
+        )
+    return report

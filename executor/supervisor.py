@@ -1,0 +1,251 @@
+"""Watch one running container until its task ends, and say how it ended.
+
+The supervisor is the only place that decides an outcome. It wakes on the
+sandbox's result, the container's exit or a cancel request, and between those
+checks the wall-clock limit, the heartbeat's age (a frozen sandbox stops
+beating) and, when the project asks for it, progress (a sandbox that beats but
+does nothing is stuck). Whatever ends the task, the container is killed if
+still running and removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from executor.backends import ContainerBackend, ContainerSpec, ExitInfo
+from executor.errors import BackendError, SandboxExecutorError
+from executor.outcome import ErrorDetail, Outcome, Status
+from executor.policy import IsolationPolicy
+from executor.session import FinishReport, TaskSession
+
+log = logging.getLogger(__name__)
+
+# After a result arrives the runtime exits by itself; this long at most.
+EXIT_GRACE_S = 10.0
+# After a cancel request the protocol has this long to stop before a kill.
+CANCEL_GRACE_S = 5.0
+STDERR_TAIL_LINES = 20
+# Exit statuses of a process killed by SIGKILL, as engines report them.
+_SIGKILL_CODES = (137, -9)
+
+
+@dataclass
+class _Verdict:
+    status: Status
+    error: ErrorDetail
+    abort_modeller: bool = False
+
+
+@dataclass
+class Supervisor:
+    """Supervises one task's container.
+
+    Args:
+        backend: The engine.
+        spec: The container to create.
+        session: The task's RPC-side state.
+        wake: Set by anything the supervisor should react to at once.
+        cancel: Set by the caller to cancel the task.
+        notify_abort: Sends a TASK_ABORT to the modeller when limits end a task.
+    """
+
+    backend: ContainerBackend
+    spec: ContainerSpec
+    session: TaskSession
+    wake: threading.Event
+    cancel: threading.Event | None = None
+    notify_abort: Callable[[str, str], None] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def policy(self) -> IsolationPolicy:
+        """The task's isolation policy."""
+        return self.spec.policy
+
+    def run(self) -> Outcome:
+        """Create, start and watch the container; always remove it."""
+        task_id = self.session.task_id
+        container_id: str | None = None
+        try:
+            t = time.monotonic()
+            container_id = self.backend.create(self.spec)
+            self.timings["create"] = time.monotonic() - t
+            t = time.monotonic()
+            self.backend.start(container_id)
+            running_since = time.monotonic()
+            self.timings["start"] = running_since - t
+            return self._watch(container_id, running_since)
+        finally:
+            if container_id is not None:
+                try:
+                    self.backend.remove(container_id)
+                except BackendError as exc:
+                    log.warning("could not remove container %s of task %s: %s", container_id, task_id, exc)
+
+    def _watch(self, cid: str, running_since: float) -> Outcome:
+        policy = self.policy
+        session = self.session
+        exit_box: list[ExitInfo | BaseException] = []
+
+        def await_exit() -> None:
+            try:
+                exit_box.append(self.backend.wait(cid))
+            except BaseException as exc:  # reported below as a lost container
+                exit_box.append(exc)
+            self.wake.set()
+
+        threading.Thread(target=await_exit, name=f"wait-{session.task_id[:8]}", daemon=True).start()
+        deadline = running_since + policy.timeout_s
+        tick = min(policy.heartbeat_interval_s / 4, 0.25)
+        verdict: _Verdict | None = None
+        while not session.finished.is_set() and not exit_box:
+            now = time.monotonic()
+            if self.cancel is not None and self.cancel.is_set():
+                verdict = self._cancel(cid, exit_box)
+            elif now >= deadline:
+                verdict = _Verdict(
+                    Status.TIMEOUT,
+                    ErrorDetail(
+                        "TimeoutError", f"the task exceeded its wall-clock limit of {policy.timeout_s:g} s"
+                    ),
+                    abort_modeller=True,
+                )
+            else:
+                verdict = self._liveness(now, running_since)
+            if verdict is not None:
+                break
+            self.wake.wait(tick)
+            self.wake.clear()
+
+        if session.config_fetched_at is not None:
+            self.timings["boot"] = session.config_fetched_at - running_since
+        if verdict is not None:
+            self.backend.kill(cid)
+            if verdict.abort_modeller:
+                self._abort_modeller(verdict.error)
+            return self._outcome(verdict.status, error=verdict.error)
+        if session.finish is not None:
+            # The runtime exits by itself after reporting; give it a moment.
+            if not _wait_for(lambda: bool(exit_box), EXIT_GRACE_S):
+                self.backend.kill(cid)
+            return self._from_report(session.finish)
+        return self._from_exit(exit_box[0], cid)
+
+    def _liveness(self, now: float, running_since: float) -> _Verdict | None:
+        """A verdict if the sandbox is frozen or stuck, else ``None``."""
+        policy = self.policy
+        stats = self.session.beat_stats
+        last = stats.last_beat if stats.last_beat is not None else running_since
+        silence = now - last
+        if silence > policy.heartbeat_timeout_s:
+            return _Verdict(
+                Status.TIMEOUT,
+                ErrorDetail(
+                    "HeartbeatTimeout",
+                    f"the sandbox sent no heartbeat for {silence:.2f} s (limit "
+                    f"{policy.heartbeat_timeout_s:g} s): it is frozen or hung",
+                ),
+                abort_modeller=True,
+            )
+        if policy.stall_timeout_s and stats.last_progress is not None:
+            idle = now - stats.last_progress
+            if idle > policy.stall_timeout_s:
+                return _Verdict(
+                    Status.TIMEOUT,
+                    ErrorDetail(
+                        "StallTimeout",
+                        f"the sandbox is alive but made no progress for {idle:.1f} s (limit "
+                        f"{policy.stall_timeout_s:g} s): no progress event, mailbox operation or "
+                        "movement of its main thread",
+                    ),
+                    abort_modeller=True,
+                )
+        return None
+
+    def _cancel(self, cid: str, exit_box: list[ExitInfo | BaseException]) -> _Verdict:
+        self.session.send_control("CANCEL", "cancelled by the operator")
+        if _wait_for(lambda: bool(exit_box) or self.session.finished.is_set(), CANCEL_GRACE_S):
+            how = "it stopped within the grace period"
+        else:
+            how = f"it was killed after a {CANCEL_GRACE_S:g} s grace period"
+        return _Verdict(
+            Status.CANCELLED, ErrorDetail("Cancelled", f"the task was cancelled by the operator; {how}")
+        )
+
+    def _abort_modeller(self, error: ErrorDetail) -> None:
+        if self.notify_abort is None:
+            return
+        try:
+            self.notify_abort(error.type, error.message)
+        except SandboxExecutorError as exc:
+            log.warning("task %s: could not tell the modeller it aborted: %s", self.session.task_id, exc)
+
+    def _outcome(self, status: Status, result: object = None, error: ErrorDetail | None = None) -> Outcome:
+        return Outcome(self.session.task_id, status, result, self.policy.runtime, self.timings, error)
+
+    def _from_report(self, report: FinishReport) -> Outcome:
+        self.timings.update(report.timings)
+        if report.status == "OK":
+            return self._outcome(Status.OK, report.result)
+        if self.cancel is not None and self.cancel.is_set():
+            return self._outcome(
+                Status.CANCELLED,
+                error=ErrorDetail(
+                    "Cancelled", "the task was cancelled by the operator; it stopped gracefully"
+                ),
+            )
+        status = Status.ABORT if report.status == "ABORT" else Status.ERROR
+        return self._outcome(
+            status, error=ErrorDetail(report.error_type or "Error", report.error_message, report.traceback)
+        )
+
+    def _from_exit(self, exited: ExitInfo | BaseException, cid: str) -> Outcome:
+        if isinstance(exited, BaseException):
+            return self._outcome(
+                Status.ERROR, error=ErrorDetail("ContainerLost", f"lost track of the container: {exited}")
+            )
+        tail = self.backend.stderr_tail(cid, STDERR_TAIL_LINES)
+        if exited.oom_killed:
+            detail = ErrorDetail(
+                "OutOfMemory",
+                f"the sandbox exceeded its memory limit of {self.policy.memory_mb} MiB and was killed",
+                exit_code=exited.exit_code,
+                stderr_tail=tail,
+            )
+            return self._outcome(Status.KILLED, error=detail)
+        if exited.exit_code in _SIGKILL_CODES:
+            detail = ErrorDetail(
+                "Killed",
+                "the sandbox was killed (SIGKILL) from outside the executor",
+                exit_code=exited.exit_code,
+                stderr_tail=tail,
+            )
+            return self._outcome(Status.KILLED, error=detail)
+        detail = ErrorDetail(
+            "ContainerExited",
+            f"the sandbox exited with code {exited.exit_code} before reporting a result",
+            exit_code=exited.exit_code,
+            stderr_tail=tail,
+        )
+        return self._outcome(Status.ERROR, error=detail)
+
+
+def abort_message(error_type: str, message: str) -> bytes:
+    """The TASK_ABORT body the parent sends when limits end a task."""
+    return json.dumps(
+        {"message": message, "reason": "LimitsExceeded", "exception_type": error_type, "traceback": ""}
+    ).encode()
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.02)
+    return True
