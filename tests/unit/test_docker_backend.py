@@ -1,0 +1,123 @@
+"""The Docker backend without an engine: hardening arguments, retries, error wrapping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+import pytest
+import requests
+
+from executor.backends import ContainerSpec, Mount
+from executor.backends.docker import RETRIES, DockerBackend, container_kwargs
+from executor.errors import ContainerError, EngineUnavailableError, ImageNotFoundError
+from executor.policy import IsolationPolicy
+
+
+def _spec(policy: IsolationPolicy | None = None) -> ContainerSpec:
+    return ContainerSpec(
+        name="sandbox-t",
+        command=["python3", "-m", "executor.sandbox"],
+        policy=policy or IsolationPolicy.hardened(),
+        mounts=[Mount(Path("/host/ipc"), "/run/sandbox"), Mount(Path("/host/data"), "/data")],
+        labels={"io.sandbox-executor.managed": "true"},
+    )
+
+
+def test_hardening_is_always_on():
+    kw = container_kwargs(_spec())
+    assert kw["network_mode"] == "none"
+    assert kw["cap_drop"] == ["ALL"]
+    assert kw["security_opt"] == ["no-new-privileges:true"]
+    assert kw["privileged"] is False
+    assert kw["read_only"] is True
+    assert kw["init"] is True
+    assert kw["user"] == "10001:10001"
+    assert "noexec" in kw["tmpfs"]["/tmp"] and "size=64m" in kw["tmpfs"]["/tmp"]
+    assert kw["mem_limit"] == kw["memswap_limit"] == "1024m"
+    assert kw["pids_limit"] == 128
+    assert {u.name: u.hard for u in kw["ulimits"]} == {"nofile": 1024, "core": 0}
+    assert all(v["mode"] == "ro" for v in kw["volumes"].values())
+    assert "/var/run/docker.sock" not in kw["volumes"]
+    assert not kw["environment"]
+
+
+def test_policy_numbers_reach_the_engine():
+    policy = IsolationPolicy.hardened().replace(memory_mb=256, cpus=0.5, pids=64, tmpfs_mb=8, runtime="runsc")
+    kw = container_kwargs(_spec(policy))
+    assert (kw["mem_limit"], kw["nano_cpus"], kw["pids_limit"], kw["runtime"]) == (
+        "256m",
+        500_000_000,
+        64,
+        "runsc",
+    )
+    assert "size=8m" in kw["tmpfs"]["/tmp"]
+
+
+class _Response:
+    def __init__(self, status: int) -> None:
+        self.status_code = status
+        self.reason = "x"
+
+
+def _api_error(status: int, explanation: str = "boom") -> docker.errors.APIError:
+    return docker.errors.APIError("engine said no", response=_Response(status), explanation=explanation)
+
+
+class _FakeContainers:
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def create(self, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return type("C", (), {"id": "cid-1"})()
+
+
+class _FakeClient:
+    def __init__(self, failures: list[BaseException]) -> None:
+        self.containers = _FakeContainers(failures)
+
+
+def _backend(failures: list[BaseException]) -> tuple[DockerBackend, _FakeContainers]:
+    client = _FakeClient(failures)
+    return DockerBackend(client, retry_base_s=0.001), client.containers  # type: ignore[arg-type]
+
+
+def test_transient_server_errors_are_retried():
+    backend, containers = _backend([_api_error(500), _api_error(503)])
+    assert backend.create(_spec()) == "cid-1"
+    assert containers.calls == 3
+
+
+def test_retries_give_up_with_a_clear_error():
+    backend, containers = _backend([_api_error(500, "daemon busy")] * (RETRIES + 1))
+    with pytest.raises(ContainerError, match="container create failed: daemon busy"):
+        backend.create(_spec())
+    assert containers.calls == RETRIES + 1
+
+
+@pytest.mark.parametrize(
+    ("failure", "error"),
+    [
+        (docker.errors.ImageNotFound("no such image", response=_Response(404)), ImageNotFoundError),
+        (_api_error(400, "invalid mount"), ContainerError),
+        (_api_error(409, "name in use"), ContainerError),
+        (requests.exceptions.ConnectionError("refused"), EngineUnavailableError),
+    ],
+)
+def test_permanent_errors_fail_at_once(failure, error):
+    backend, containers = _backend([failure])
+    with pytest.raises(error):
+        backend.create(_spec())
+    assert containers.calls == 1
+
+
+def test_unreachable_engine_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    with pytest.raises(EngineUnavailableError, match="not reachable") as info:
+        DockerBackend().check_image("sandbox-executor/sandbox:latest")
+    assert "\n" not in str(info.value)
