@@ -80,6 +80,13 @@ def _defines_run(tree: ast.Module) -> bool:
             isinstance(t, ast.Name) and t.id == "run" for t in node.targets
         ):
             return True
+        if (
+            isinstance(node, ast.AnnAssign)
+            and node.value is not None
+            and isinstance(node.target, ast.Name)
+            and node.target.id == "run"
+        ):
+            return True
         if isinstance(node, (ast.Import, ast.ImportFrom)) and any(
             (alias.asname or alias.name) == "run" for alias in node.names
         ):

@@ -30,7 +30,7 @@ _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 
 def _parse_param(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
-    if not sep or not _KEY_RE.match(key):
+    if not sep or not _KEY_RE.fullmatch(key):
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a plain key, got {text!r}")
     try:
         value = json.loads(raw)

@@ -8,6 +8,7 @@ container, the socket and the directory are removed whatever happened.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -88,7 +89,7 @@ class TaskSpec:
     def __post_init__(self) -> None:
         for name in ("project_id", "task_id"):
             value = getattr(self, name)
-            if value is not None and not _ID_RE.match(value):
+            if value is not None and not _ID_RE.fullmatch(value):
                 raise ConfigurationError(
                     f"{name}: expected 1-64 letters, digits, '.', '_' or '-', got {value!r}"
                 )
@@ -220,6 +221,7 @@ class Executor:
                 max_result_bytes=policy.max_result_bytes,
                 on_progress=on_progress,
                 on_finish=wake.set,
+                data_dir=data_dir,
             )
             server = TaskServer(session, task_dir.token, task_dir.socket_path)
             server.start()
@@ -262,10 +264,10 @@ class Executor:
                 )
                 outcome = supervisor.run()
                 outcome.timings["total"] = time.monotonic() - started
-                return outcome
+                return dataclasses.replace(outcome, files=session.file_outcomes())
             finally:
-                server.stop()
                 broker.close()
+                server.stop()
 
 
 def _task_config(spec: TaskSpec, task_id: str, bundle: Bundle, policy: IsolationPolicy) -> pb.TaskConfig:

@@ -80,7 +80,7 @@ class IsolationPolicy:
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise PolicyError(f"runtime: expected one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        if not isinstance(self.image, str) or not _IMAGE_RE.match(self.image):
+        if not isinstance(self.image, str) or not _IMAGE_RE.fullmatch(self.image):
             raise PolicyError(f"image: expected a Docker image reference, got {self.image!r}")
         for f in fields(self):
             if f.name not in _RANGES:

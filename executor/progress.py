@@ -27,11 +27,13 @@ class ProgressDisplay:
             console=self._console,
             transient=False,
         )
+        self._started = False
         self._epochs: TaskID | None = None
         self._steps: TaskID | None = None
 
     def __enter__(self) -> ProgressDisplay:
-        self._progress.start()
+        # Drawing starts with the first event, so that an error raised before
+        # the task runs is the only thing printed.
         return self
 
     def __exit__(
@@ -40,11 +42,15 @@ class ProgressDisplay:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._progress.stop()
+        if self._started:
+            self._progress.stop()
 
     def update(self, event: ProgressUpdate) -> None:
         """Apply one progress event (called from a server thread)."""
         p = self._progress
+        if not self._started:
+            self._started = True
+            p.start()
         if event.kind in ("EPOCH_START", "EPOCH_END") and event.max_epochs:
             if self._epochs is None:
                 self._epochs = p.add_task("epochs", total=event.max_epochs, info="")

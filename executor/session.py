@@ -13,10 +13,12 @@ import json
 import logging
 import math
 import queue
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from executor.crypto import DecryptionError
@@ -47,10 +49,27 @@ MAX_PENDING_RECEIVES = 4
 MAX_SHARES = 256
 MAX_SHARE_BYTES = 190
 MAX_POD_ID_CHARS = 256
+MAX_FILES_PER_CALL = 1000
+MAX_FILES_PER_TASK = 1_000_000
+MAX_FILE_NAME_CHARS = 1024
+MAX_FILE_REASON_CHARS = 1000
+FILE_KINDS = frozenset({"PROCESSED", "FAILED"})
 MAX_INFO_CHARS = 1024
 MAX_ERROR_TYPE_CHARS = 200
 MAX_ERROR_MESSAGE_CHARS = 4096
 MAX_TRACEBACK_CHARS = 16_384
+
+
+def _reject_constant(name: str) -> float:
+    """NaN and Infinity are not JSON; the outcome must stay valid JSON."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 class RequestRejected(Exception):
@@ -123,6 +142,7 @@ class TaskSession:
         max_result_bytes: Largest result JSON accepted.
         on_progress: Called, from a server thread, for each progress event.
         on_finish: Called once the terminal report is recorded.
+        data_dir: The datasource on the host, to check reported file names against.
     """
 
     def __init__(
@@ -134,6 +154,7 @@ class TaskSession:
         max_result_bytes: int,
         on_progress: Callable[[ProgressUpdate], None] | None = None,
         on_finish: Callable[[], None] | None = None,
+        data_dir: Path | None = None,
     ) -> None:
         self.task_id = task_id
         self._config = config
@@ -141,6 +162,8 @@ class TaskSession:
         self.max_result_bytes = max_result_bytes
         self._on_progress = on_progress
         self._on_finish = on_finish
+        self._data_dir = data_dir
+        self._files: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
         self._pending_receives = 0
         self.config_fetched_at: float | None = None
@@ -237,6 +260,54 @@ class TaskSession:
             with self._lock:
                 self._pending_receives -= 1
 
+    # -- per-file outcomes ----------------------------------------------
+    def report_files(self, outcomes: list[tuple[str, str, str]]) -> None:
+        """Record (name, kind, reason) per datasource file; names are checked strictly."""
+        if not 0 < len(outcomes) <= MAX_FILES_PER_CALL:
+            raise RequestRejected("INVALID_ARGUMENT", f"expected 1 to {MAX_FILES_PER_CALL} file outcomes")
+        checked = []
+        for name, kind, reason in outcomes:
+            if kind not in FILE_KINDS:
+                raise RequestRejected("INVALID_ARGUMENT", "file outcome must be PROCESSED or FAILED")
+            if len(reason) > MAX_FILE_REASON_CHARS:
+                raise RequestRejected(
+                    "INVALID_ARGUMENT", f"reason exceeds {MAX_FILE_REASON_CHARS} characters"
+                )
+            checked.append((self._check_file_name(name), kind, reason))
+        with self._lock:
+            if len(self._files) + len(checked) > MAX_FILES_PER_TASK:
+                raise RequestRejected("RESOURCE_EXHAUSTED", f"at most {MAX_FILES_PER_TASK} file outcomes")
+            for name, kind, reason in checked:
+                self._files[name] = (kind, reason)
+
+    def _check_file_name(self, name: str) -> str:
+        """``name`` if it is a plain relative path to a regular file in the datasource."""
+        if not name or len(name) > MAX_FILE_NAME_CHARS or "\0" in name:
+            raise RequestRejected("INVALID_ARGUMENT", "file name is empty, too long or holds NUL")
+        path = PurePosixPath(name)
+        if path.is_absolute() or ".." in path.parts or name != str(path):
+            raise RequestRejected(
+                "INVALID_ARGUMENT", "file name must be a plain relative path inside the datasource"
+            )
+        if self._data_dir is not None:
+            current = self._data_dir
+            for part in path.parts:
+                current = current / part
+                try:
+                    st = current.lstat()
+                except OSError:
+                    raise RequestRejected("INVALID_ARGUMENT", "no such file in the datasource") from None
+                if stat.S_ISLNK(st.st_mode):
+                    raise RequestRejected("INVALID_ARGUMENT", "file name may not pass through a symlink")
+            if not stat.S_ISREG(st.st_mode):
+                raise RequestRejected("INVALID_ARGUMENT", "file name must name a regular file")
+        return name
+
+    def file_outcomes(self) -> dict[str, tuple[str, str]]:
+        """A copy of the per-file outcomes reported so far."""
+        with self._lock:
+            return dict(self._files)
+
     # -- progress and result ------------------------------------------
     def report_progress(self, update: ProgressUpdate) -> None:
         """Validate a progress event and pass it to the listener."""
@@ -283,7 +354,11 @@ class TaskSession:
             try:
                 # json.loads builds only dicts, lists, strings and numbers: safe on
                 # untrusted text, unlike pickle (design invariant 1).
-                result = json.loads(result_json) if result_json else None
+                result = (
+                    json.loads(result_json, parse_constant=_reject_constant, parse_float=_finite_float)
+                    if result_json
+                    else None
+                )
             except (ValueError, RecursionError):
                 raise RequestRejected("INVALID_ARGUMENT", "result_json is not valid JSON") from None
             report = FinishReport(status, result, error_type, error_message, traceback, dict(timings))

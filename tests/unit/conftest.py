@@ -1,0 +1,123 @@
+"""Fixtures shared by the unit tests: protocol directories and task sessions, no Docker."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from executor.crypto import TaskKeys
+from executor.mailbox import MailboxBroker
+from executor.modeller import LocalModeller
+from executor.session import ProgressUpdate, TaskSession
+from executor.transport import Channel, InMemoryTransport, Route
+
+MINIMAL_PROTOCOL = "def run(ctx):\n    return {'ok': True}\n"
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def make_protocol(tmp_path: Path) -> Callable[..., Path]:
+    """Make a protocol directory: ``protocol.py`` plus any extra files."""
+    counter = itertools.count()
+
+    def make(source: str = MINIMAL_PROTOCOL, files: dict[str, str | bytes] | None = None) -> Path:
+        root = tmp_path / f"protocol-{next(counter)}"
+        root.mkdir()
+        (root / "protocol.py").write_text(source)
+        for rel, content in (files or {}).items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
+        return root
+
+    return make
+
+
+@dataclass
+class SessionKit:
+    """A task session wired to an in-memory modeller, and what its callbacks saw."""
+
+    session: TaskSession
+    modeller: LocalModeller
+    transport: InMemoryTransport
+    broker: MailboxBroker
+    task_id: str
+    progress: list[ProgressUpdate] = field(default_factory=list)
+    finish_calls: list[None] = field(default_factory=list)
+
+
+@pytest.fixture
+def make_session(tmp_path: Path) -> Iterator[Callable[..., SessionKit]]:
+    """Build task sessions over a fresh in-memory transport; all closed afterwards."""
+    counter = itertools.count()
+    cleanups: list[Callable[[], None]] = []
+
+    def make(
+        *,
+        task_id: str = "task-1",
+        config: bytes = b"",
+        max_message_bytes: int = 1024 * 1024,
+        max_task_bytes: int = 8 * 1024 * 1024,
+        max_result_bytes: int = 1024,
+        on_progress: Callable[[ProgressUpdate], None] | None = None,
+        channel: Channel | None = None,
+    ) -> SessionKit:
+        n = next(counter)
+        spool = tmp_path / f"transport-{n}"
+        spool.mkdir()
+        modeller_spool = tmp_path / f"modeller-{n}"
+        modeller_spool.mkdir()
+        transport = InMemoryTransport(spool_dir=spool)
+        modeller = LocalModeller(transport, spool_dir=modeller_spool)
+        keys = TaskKeys.generate()
+        modeller.add_task(task_id, keys)
+        route = Route(task_id)
+        broker = MailboxBroker(
+            route,
+            channel if channel is not None else transport.open(route),
+            keys,
+            tmp_path / f"broker-{n}",
+            max_message_bytes=max_message_bytes,
+            max_task_bytes=max_task_bytes,
+        )
+        progress: list[ProgressUpdate] = []
+        finish_calls: list[None] = []
+
+        def record(update: ProgressUpdate) -> None:
+            progress.append(update)
+            if on_progress is not None:
+                on_progress(update)
+
+        session = TaskSession(
+            task_id,
+            config,
+            broker,
+            max_result_bytes=max_result_bytes,
+            on_progress=record,
+            on_finish=lambda: finish_calls.append(None),
+        )
+        cleanups.append(broker.close)
+        cleanups.append(modeller.close)
+        cleanups.append(transport.close)
+        return SessionKit(session, modeller, transport, broker, task_id, progress, finish_calls)
+
+    yield make
+    for cleanup in reversed(cleanups):
+        cleanup()

@@ -1,0 +1,197 @@
+"""IsolationPolicy: hardened defaults, and every bad value refused with the key it concerns."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from executor.errors import ConfigurationError, PolicyError
+from executor.policy import DEFAULT_IMAGE, IsolationPolicy
+
+
+def test_defaults_are_the_hardened_values():
+    p = IsolationPolicy.hardened()
+    assert p == IsolationPolicy()
+    assert (p.runtime, p.image) == ("runc", DEFAULT_IMAGE)
+    assert p.uid == 10_001  # never root
+    assert (p.memory_mb, p.cpus, p.pids, p.nofile, p.tmpfs_mb) == (1024, 1.0, 128, 1024, 64)
+    assert (p.timeout_s, p.heartbeat_interval_s, p.heartbeat_timeout_s) == (3600.0, 1.0, 30.0)
+    assert (p.max_message_mb, p.max_task_mb, p.max_result_mb) == (512, 4096, 1.0)
+    assert p.max_message_bytes == 512 * 1024 * 1024
+    assert p.max_task_bytes == 4096 * 1024 * 1024
+    assert p.max_result_bytes == 1024 * 1024
+
+
+def test_policy_is_frozen():
+    p = IsolationPolicy()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.memory_mb = 1_000_000  # type: ignore[misc]
+
+
+def test_policy_error_is_a_configuration_error():
+    assert issubclass(PolicyError, ConfigurationError)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("memory_mb", 31),
+        ("memory_mb", 262_145),
+        ("cpus", 0),
+        ("cpus", 0.01),
+        ("cpus", 257.0),
+        ("cpus", math.nan),
+        ("cpus", math.inf),
+        ("pids", 15),
+        ("pids", 4097),
+        ("nofile", 63),
+        ("nofile", 65_537),
+        ("tmpfs_mb", 0),
+        ("timeout_s", 0.5),
+        ("timeout_s", 7 * 24 * 3600 + 1),
+        ("heartbeat_interval_s", 0.01),
+        ("heartbeat_timeout_s", 3601),
+        ("max_message_mb", 0),
+        ("max_message_mb", 4097),
+        ("max_task_mb", 65_537),
+        ("max_result_mb", 0),
+        ("max_result_mb", 65),
+        ("uid", 0),
+        ("uid", -1),
+        ("uid", 2**31),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_key(key, value):
+    with pytest.raises(PolicyError, match=rf"^{key}: expected a value from") as info:
+        IsolationPolicy(**{key: value})
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("memory_mb", 32),
+        ("memory_mb", 262_144),
+        ("cpus", 0.05),
+        ("cpus", 2),  # an int is a fine number of cores
+        ("pids", 16),
+        ("uid", 1),
+        ("max_result_mb", 0.001),
+        ("timeout_s", 1),
+    ],
+)
+def test_boundary_values_are_accepted(key, value):
+    assert getattr(IsolationPolicy(**{key: value}), key) == value
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("memory_mb", True, "an integer"),
+        ("pids", False, "an integer"),
+        ("cpus", True, "a number"),
+        ("memory_mb", "1024", "an integer"),
+        ("cpus", "1.0", "a number"),
+        ("timeout_s", "60", "a number"),
+        ("memory_mb", 1024.0, "an integer"),
+        ("pids", 64.5, "an integer"),
+        ("uid", 10001.0, "an integer"),
+        ("nofile", None, "an integer"),
+        ("max_message_mb", [512], "an integer"),
+    ],
+)
+def test_wrong_types_are_refused_naming_the_key(key, value, expected):
+    with pytest.raises(PolicyError, match=rf"^{key}: expected {expected}, got "):
+        IsolationPolicy(**{key: value})
+
+
+@pytest.mark.parametrize("runtime", ["kata", "RUNC", "runc ", "", "runsc-debug", None])
+def test_unknown_runtime_is_refused(runtime):
+    with pytest.raises(PolicyError, match=r"^runtime: expected one of runc, runsc"):
+        IsolationPolicy(runtime=runtime)
+
+
+def test_both_known_runtimes_are_accepted():
+    assert IsolationPolicy(runtime="runsc").runtime == "runsc"
+    assert IsolationPolicy(runtime="runc").runtime == "runc"
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "",
+        "Sandbox/Upper:latest",
+        "sandbox image",
+        "sandbox;rm -rf /",
+        "../escape",
+        "-flag",
+        "sandbox:",
+        "sandbox@sha256:abc",
+        "a" * 202,
+        42,
+        None,
+    ],
+)
+def test_bad_image_references_are_refused(image):
+    with pytest.raises(PolicyError, match=r"^image: expected a Docker image reference"):
+        IsolationPolicy(image=image)
+
+
+def test_image_reference_with_trailing_newline_is_refused():
+    with pytest.raises(PolicyError, match=r"^image:"):
+        IsolationPolicy(image=DEFAULT_IMAGE + "\n")
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "sandbox-executor/sandbox:latest",
+        "sandbox-executor/numpy:1.0",
+        "python:3.11-slim",
+        "sandbox-executor/sandbox@sha256:" + "0" * 64,
+    ],
+)
+def test_good_image_references_are_accepted(image):
+    assert IsolationPolicy(image=image).image == image
+
+
+def test_replace_applies_and_keeps_the_original():
+    base = IsolationPolicy()
+    tighter = base.replace(memory_mb=256, pids=32, runtime="runsc")
+    assert (tighter.memory_mb, tighter.pids, tighter.runtime) == (256, 32, "runsc")
+    assert (base.memory_mb, base.pids, base.runtime) == (1024, 128, "runc")
+    assert tighter.image == base.image
+
+
+def test_replace_validates_the_new_values():
+    with pytest.raises(PolicyError, match=r"^memory_mb:"):
+        IsolationPolicy().replace(memory_mb=8)
+    with pytest.raises(PolicyError, match=r"^uid:"):
+        IsolationPolicy().replace(uid=0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"network": "host"}, "network"),
+        ({"privileged": True, "memory_mb": 2048}, "privileged"),
+        ({"cap_add": ["SYS_ADMIN"], "volumes": ["/:/host"]}, "cap_add, volumes"),
+    ],
+)
+def test_replace_refuses_unknown_keys_naming_them(changes, named):
+    with pytest.raises(PolicyError, match=rf"^unknown policy key\(s\): {named}$"):
+        IsolationPolicy().replace(**changes)
+
+
+def test_heartbeat_timeout_must_exceed_the_interval():
+    with pytest.raises(PolicyError, match=r"^heartbeat_timeout_s: expected more than heartbeat_interval_s"):
+        IsolationPolicy(heartbeat_interval_s=5.0, heartbeat_timeout_s=5.0)
+    with pytest.raises(PolicyError, match=r"^heartbeat_timeout_s:"):
+        IsolationPolicy(heartbeat_interval_s=5.0, heartbeat_timeout_s=2.0)
+    # Raising the interval past the default timeout is caught too.
+    with pytest.raises(PolicyError, match=r"^heartbeat_timeout_s:"):
+        IsolationPolicy().replace(heartbeat_interval_s=45.0)
+    ok = IsolationPolicy(heartbeat_interval_s=5.0, heartbeat_timeout_s=5.5)
+    assert ok.heartbeat_timeout_s > ok.heartbeat_interval_s
