@@ -245,7 +245,7 @@ class MailboxBroker:
         threading.Thread(target=watch, name=f"ready-{self.route.task_id[:8]}", daemon=True).start()
 
     def close(self) -> None:
-        """Stop watching, close the channel, remove the spool."""
+        """Stop watching, close the channel (freeing waiting receives), remove the spool."""
         self._closed.set()
         self._channel.close()
         shutil.rmtree(self._spool, ignore_errors=True)

@@ -61,6 +61,8 @@ class Outcome:
         timings: Phase durations in seconds (``create``, ``start``, ``boot``,
             ``config``, ``load``, ``run``, ``total``); phases not reached are absent.
         error: Why it did not end OK.
+        files: Per-file outcomes the protocol reported: datasource-relative
+            name -> ``("PROCESSED" | "FAILED", reason)``.
     """
 
     task_id: str
@@ -69,6 +71,7 @@ class Outcome:
     runtime: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     error: ErrorDetail | None = None
+    files: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -86,4 +89,7 @@ class Outcome:
         }
         if self.error is not None:
             out["error"] = self.error.to_dict()
+        if self.files:
+            failed = {name: reason for name, (kind, reason) in self.files.items() if kind == "FAILED"}
+            out["files"] = {"processed": len(self.files) - len(failed), "failed": failed}
         return out

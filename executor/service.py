@@ -14,6 +14,7 @@ import hmac
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -42,6 +43,7 @@ METHOD_POLICY: dict[str, str] = {
     f"/{SERVICE_NAME}/SendSecureShares": "task-token",
     f"/{SERVICE_NAME}/GetSecureShares": "task-token",
     f"/{SERVICE_NAME}/ReportProgress": "task-token",
+    f"/{SERVICE_NAME}/ReportFiles": "task-token",
     f"/{SERVICE_NAME}/Finish": "task-token",
 }
 
@@ -56,6 +58,21 @@ _STATUS_CATALOG: dict[str, grpc.StatusCode] = {
 }
 
 MAX_METADATA_BYTES = 8 * 1024
+# Per task: calls per second (sustained) and burst, and how many calls of a
+# kind may be open at once. A flood or a pile of half-open streams hurts
+# only the task that makes it, and not even its other calls.
+RATE_PER_S = 1000.0
+RATE_BURST = 2000
+CONCURRENCY: dict[str, int] = {
+    f"/{SERVICE_NAME}/Heartbeat": 1,
+    f"/{SERVICE_NAME}/SendMessage": 2,
+    f"/{SERVICE_NAME}/ReceiveMessage": 4,
+    f"/{SERVICE_NAME}/GetSecureShares": 1,
+}
+# A connection that carries no call for this long is closed (the runtime's
+# heartbeat stream keeps its own connection busy).
+IDLE_CONNECTION_MS = 60_000
+HANDSHAKE_TIMEOUT_MS = 5_000
 # Mailbox bodies of any size travel in chunks of at most this many bytes, so no
 # single gRPC message is ever large.
 CHUNK_BYTES = 1024 * 1024
@@ -83,11 +100,85 @@ def _abort_handler(
     return grpc.unary_unary_rpc_method_handler(deny)
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Admit a call only if its method is mapped and it carries this task's token."""
+class CallLimiter:
+    """A token bucket for the call rate and counters for open calls, for one task."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, rate_per_s: float = RATE_PER_S, burst: int = RATE_BURST) -> None:
+        self._rate = rate_per_s
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, method: str) -> str | None:
+        """Take a slot for a call to ``method``; the reason it is refused, or ``None``."""
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+            self._stamp = now
+            if self._tokens < 1:
+                return "call rate limit exceeded"
+            cap = CONCURRENCY.get(method)
+            if cap is not None and self._open.get(method, 0) >= cap:
+                return f"at most {cap} {method.rsplit('/', 1)[-1]} call(s) may be open at once"
+            self._tokens -= 1
+            self._open[method] = self._open.get(method, 0) + 1
+            return None
+
+    def release(self, method: str) -> None:
+        """Give back the slot of a finished call."""
+        with self._lock:
+            self._open[method] -= 1
+
+
+def _released(
+    handler: grpc.RpcMethodHandler[Any, Any], release: Callable[[], None]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with ``release`` called once its call is over, streams included."""
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None or handler.stream_unary is not None:
+        behaviour = handler.unary_unary or handler.stream_unary
+        assert behaviour is not None
+
+        def once(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return behaviour(request, context)
+            finally:
+                release()
+
+        factory = (
+            grpc.unary_unary_rpc_method_handler
+            if handler.unary_unary is not None
+            else grpc.stream_unary_rpc_method_handler
+        )
+        return factory(once, **kwargs)
+    streaming = handler.unary_stream or handler.stream_stream
+    assert streaming is not None
+
+    def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from streaming(request, context)
+        finally:
+            release()
+
+    factory = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream is not None
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return factory(stream, **kwargs)
+
+
+class TokenAuthInterceptor(grpc.ServerInterceptor):
+    """Admit a call only if its method is mapped, it carries this task's token, and limits allow."""
+
+    def __init__(self, token: str, limiter: CallLimiter | None = None) -> None:
         self._token = token.encode()
+        self._limiter = limiter or CallLimiter()
 
     def intercept_service(
         self,
@@ -107,7 +198,11 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
                 break
         if not hmac.compare_digest(presented, self._token):
             return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid or missing token")
-        return handler
+        method = handler_call_details.method
+        refused = self._limiter.admit(method)
+        if refused is not None:
+            return _abort_handler(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        return _released(handler, lambda: self._limiter.release(method))
 
 
 def _rpc_errors(method: _F) -> _F:
@@ -235,6 +330,14 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         return pb.Ack()
 
     @_rpc_errors
+    def ReportFiles(self, request: pb.FileOutcomes, context: grpc.ServicerContext) -> pb.Ack:
+        """Record per-file outcomes."""
+        self._session.report_files(
+            [(f.name, _enum_name(pb.FileOutcome.Kind, f.kind), f.reason) for f in request.files]
+        )
+        return pb.Ack()
+
+    @_rpc_errors
     def Finish(self, request: pb.FinishRequest, context: grpc.ServicerContext) -> pb.Ack:
         """Record the terminal result."""
         self._session.report_finish(
@@ -293,6 +396,8 @@ class TaskServer:
                 ("grpc.max_send_message_length", -1),
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
                 ("grpc.max_concurrent_streams", MAX_CONCURRENT_RPCS),
+                ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
+                ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,

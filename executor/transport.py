@@ -15,6 +15,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Protocol
 
 from executor.errors import SandboxExecutorError
 
+CLOSE_POLL_S = 0.25
 # Message types that travel between pods rather than to the modeller.
 PEER_TYPES = frozenset({"SECURE_SHARE"})
 
@@ -77,7 +79,7 @@ class Channel(Protocol):
         ...
 
     def close(self) -> None:
-        """The task is over; release what the channel holds."""
+        """The task is over: release what the channel holds and end any waiting receive."""
         ...
 
 
@@ -99,7 +101,7 @@ class InMemoryTransport:
     def __init__(self, spool_dir: Path | None = None) -> None:
         self._lock = threading.Lock()
         self._owns_spool = spool_dir is None
-        self._spool = spool_dir or Path(tempfile.mkdtemp(prefix="se-transport-"))
+        self._spool_dir = spool_dir
         self._to_pod: dict[tuple[str, str], queue.Queue[Envelope]] = defaultdict(queue.Queue)
         self._to_modeller: dict[str, queue.Queue[Envelope]] = defaultdict(queue.Queue)
 
@@ -110,6 +112,14 @@ class InMemoryTransport:
     def _outbox(self, task_id: str) -> queue.Queue[Envelope]:
         with self._lock:
             return self._to_modeller[task_id]
+
+    @property
+    def _spool(self) -> Path:
+        """The spool directory, made on first use (most tasks never need it)."""
+        with self._lock:
+            if self._spool_dir is None:
+                self._spool_dir = Path(tempfile.mkdtemp(prefix="se-transport-"))
+            return self._spool_dir
 
     def _take(self, envelope: Envelope) -> Envelope:
         if isinstance(envelope.body, Path):
@@ -144,8 +154,8 @@ class InMemoryTransport:
 
     def close(self) -> None:
         """Drop undelivered messages and the spool."""
-        if self._owns_spool:
-            shutil.rmtree(self._spool, ignore_errors=True)
+        if self._owns_spool and self._spool_dir is not None:
+            shutil.rmtree(self._spool_dir, ignore_errors=True)
 
 
 class InMemoryChannel:
@@ -154,6 +164,7 @@ class InMemoryChannel:
     def __init__(self, transport: InMemoryTransport, route: Route) -> None:
         self._transport = transport
         self.route = route
+        self._closed = threading.Event()
 
     def send(self, envelope: Envelope) -> None:
         """To the modeller, or to the peer pod the envelope names."""
@@ -165,13 +176,20 @@ class InMemoryChannel:
     def receive(self, message_type: str, timeout: float) -> Envelope | None:
         """Wait up to ``timeout`` seconds for the next ``message_type`` envelope."""
         key = _pod_key(self.route.pod_identifier) if message_type in PEER_TYPES else self.route.task_id
-        try:
-            return self._transport._inbox(key, message_type).get(timeout=max(0.0, timeout))
-        except queue.Empty:
-            return None
+        inbox = self._transport._inbox(key, message_type)
+        deadline = time.monotonic() + max(0.0, timeout)
+        # Wait in slices, so that closing the channel frees a waiting receiver.
+        while not self._closed.is_set():
+            try:
+                return inbox.get(timeout=max(0.0, min(CLOSE_POLL_S, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    return None
+        return None
 
     def close(self) -> None:
-        """Nothing to release: undelivered messages stay with the transport."""
+        """Release waiting receivers; undelivered messages stay with the transport."""
+        self._closed.set()
 
 
 def _pod_key(pod_identifier: str) -> str:

@@ -331,6 +331,26 @@ class Context:
         self.mailbox = Mailbox(client, config.chunk_bytes, config.max_message_bytes)
         self.progress = Progress(client)
 
+    def file_processed(self, name: str) -> None:
+        """Record that datasource file ``name`` (relative to ``data_dir``) was processed."""
+        self._report_file(name, "PROCESSED", "")
+
+    def file_failed(self, name: str, reason: str) -> None:
+        """Record that datasource file ``name`` failed, and why."""
+        self._report_file(name, "FAILED", reason)
+
+    def _report_file(self, name: str, kind: str, reason: str) -> None:
+        client = self.mailbox._client
+        client.count(progress=1)
+        try:
+            client.stub.ReportFiles(
+                pb.FileOutcomes(files=[pb.FileOutcome(name=name, kind=kind, reason=reason[:1000])]),
+                metadata=client.metadata,
+                timeout=RPC_TIMEOUT_S,
+            )
+        except grpc.RpcError as exc:
+            raise ValueError(f"file outcome for {name!r} refused: {exc.details()}") from None
+
     def abort(self, message: str, reason: str = "") -> NoReturn:
         """End the task now with status ABORT and a message for the modeller."""
         raise TaskAborted(message, reason)

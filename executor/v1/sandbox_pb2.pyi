@@ -227,6 +227,30 @@ class ProgressEvent(_message.Message):
     info: str
     def __init__(self, kind: _Optional[_Union[ProgressEvent.Kind, str]] = ..., current_epoch: _Optional[int] = ..., max_epochs: _Optional[int] = ..., current: _Optional[int] = ..., total: _Optional[int] = ..., info: _Optional[str] = ...) -> None: ...
 
+class FileOutcome(_message.Message):
+    __slots__ = ("name", "kind", "reason")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[FileOutcome.Kind]
+        PROCESSED: _ClassVar[FileOutcome.Kind]
+        FAILED: _ClassVar[FileOutcome.Kind]
+    KIND_UNSPECIFIED: FileOutcome.Kind
+    PROCESSED: FileOutcome.Kind
+    FAILED: FileOutcome.Kind
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    kind: FileOutcome.Kind
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[FileOutcome.Kind, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FileOutcomes(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[FileOutcome]
+    def __init__(self, files: _Optional[_Iterable[_Union[FileOutcome, _Mapping]]] = ...) -> None: ...
+
 class Ack(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -69,6 +69,11 @@ class SandboxStub:
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.ProgressEvent.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
                 _registered_method=True)
+        self.ReportFiles = channel.unary_unary(
+                '/executor.v1.Sandbox/ReportFiles',
+                request_serializer=executor_dot_v1_dot_sandbox__pb2.FileOutcomes.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
+                _registered_method=True)
         self.Finish = channel.unary_unary(
                 '/executor.v1.Sandbox/Finish',
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.FinishRequest.SerializeToString,
@@ -130,6 +135,13 @@ class SandboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportFiles(self, request, context):
+        """Per-file outcomes: which datasource files were processed or failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Finish(self, request, context):
         """The terminal result. Called at most once.
         """
@@ -173,6 +185,11 @@ def add_SandboxServicer_to_server(servicer, server):
             'ReportProgress': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportProgress,
                     request_deserializer=executor_dot_v1_dot_sandbox__pb2.ProgressEvent.FromString,
+                    response_serializer=executor_dot_v1_dot_sandbox__pb2.Ack.SerializeToString,
+            ),
+            'ReportFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFiles,
+                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.FileOutcomes.FromString,
                     response_serializer=executor_dot_v1_dot_sandbox__pb2.Ack.SerializeToString,
             ),
             'Finish': grpc.unary_unary_rpc_method_handler(
@@ -369,6 +386,33 @@ class Sandbox:
             target,
             '/executor.v1.Sandbox/ReportProgress',
             executor_dot_v1_dot_sandbox__pb2.ProgressEvent.SerializeToString,
+            executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/executor.v1.Sandbox/ReportFiles',
+            executor_dot_v1_dot_sandbox__pb2.FileOutcomes.SerializeToString,
             executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -57,6 +57,8 @@ class SandboxStub:
     GetSecureShares: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.GetSecureSharesRequest, _sandbox_pb2.SecureShares]
     ReportProgress: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ProgressEvent, _sandbox_pb2.Ack]
     """Progress events for the operator (progress bars) and the hooks."""
+    ReportFiles: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.FileOutcomes, _sandbox_pb2.Ack]
+    """Per-file outcomes: which datasource files were processed or failed."""
     Finish: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.FinishRequest, _sandbox_pb2.Ack]
     """The terminal result. Called at most once."""
 
@@ -82,6 +84,8 @@ class SandboxAsyncStub(SandboxStub):
     GetSecureShares: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.GetSecureSharesRequest, _sandbox_pb2.SecureShares]  # type: ignore[assignment]
     ReportProgress: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ProgressEvent, _sandbox_pb2.Ack]  # type: ignore[assignment]
     """Progress events for the operator (progress bars) and the hooks."""
+    ReportFiles: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.FileOutcomes, _sandbox_pb2.Ack]  # type: ignore[assignment]
+    """Per-file outcomes: which datasource files were processed or failed."""
     Finish: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.FinishRequest, _sandbox_pb2.Ack]  # type: ignore[assignment]
     """The terminal result. Called at most once."""
 
@@ -146,6 +150,14 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sandbox_pb2.Ack, _abc.Awaitable[_sandbox_pb2.Ack]]:
         """Progress events for the operator (progress bars) and the hooks."""
+
+    @_abc_1.abstractmethod
+    def ReportFiles(
+        self,
+        request: _sandbox_pb2.FileOutcomes,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.Ack, _abc.Awaitable[_sandbox_pb2.Ack]]:
+        """Per-file outcomes: which datasource files were processed or failed."""
 
     @_abc_1.abstractmethod
     def Finish(
