@@ -4,6 +4,7 @@ PYTHON       ?= python3
 VENV         ?= .venv
 BASE_IMAGE   ?= sandbox-executor/base:bookworm
 SANDBOX_IMAGE ?= sandbox-executor/sandbox:latest
+NUMPY_IMAGE  ?= sandbox-executor/numpy:latest
 PYTEST_ARGS  ?=
 DOCKER_BUILDKIT ?= 0
 export DOCKER_BUILDKIT
@@ -64,8 +65,19 @@ $(BUILD)/sandbox/.wheels: constraints.txt
 	rm -rf $(BUILD)/sandbox/lib/bin $(BUILD)/sandbox/lib/*.dist-info/RECORD
 	touch $@
 
+# numpy for the numpy image only: the parent never imports it (not in constraints.txt).
+$(BUILD)/numpy/.wheels: images/numpy/requirements.txt
+	rm -rf $(BUILD)/numpy/lib && mkdir -p $(BUILD)/numpy/lib
+	$(VPY) -m pip install -q --target $(BUILD)/numpy/lib --no-deps --no-compile --only-binary=:all: \
+	  --implementation cp --python-version 3.11 --platform manylinux_2_28_$(ARCH) \
+	  --platform manylinux_2_17_$(ARCH) --platform manylinux2014_$(ARCH) \
+	  -r images/numpy/requirements.txt
+	rm -rf $(BUILD)/numpy/lib/bin $(BUILD)/numpy/lib/*.dist-info/RECORD
+	find $(BUILD)/numpy/lib -type d -name tests -prune -exec rm -rf {} +
+	touch $@
+
 .PHONY: images
-images: $(STAMP) $(BUILD)/sandbox/.wheels ## Build the base (offline) and sandbox images
+images: $(STAMP) $(BUILD)/sandbox/.wheels $(BUILD)/numpy/.wheels ## Build the base (offline), sandbox and numpy images
 	images/base/build.sh $(BASE_IMAGE)
 	rm -rf $(BUILD)/sandbox/lib/executor && mkdir -p $(BUILD)/sandbox/lib/executor
 	cp executor/__init__.py $(BUILD)/sandbox/lib/executor/
@@ -75,14 +87,24 @@ images: $(STAMP) $(BUILD)/sandbox/.wheels ## Build the base (offline) and sandbo
 	docker build -q --force-rm --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  -t $(SANDBOX_IMAGE) $(BUILD)/sandbox >/dev/null
 	@echo "sandbox image $(SANDBOX_IMAGE): built"
+	cp images/numpy/Dockerfile $(BUILD)/numpy/Dockerfile
+	docker build -q --force-rm --network none --build-arg SANDBOX_IMAGE=$(SANDBOX_IMAGE) \
+	  -t $(NUMPY_IMAGE) $(BUILD)/numpy >/dev/null
+	@echo "numpy image $(NUMPY_IMAGE): built"
+	@docker image prune -f --filter label=io.sandbox-executor.image >/dev/null
+
+.PHONY: runsc
+runsc: ## Install gVisor (Debian's runsc) and register it with the engine (root)
+	scripts/install-runsc.sh
 
 .PHONY: demo
-demo: images ## Build everything, then run the example protocol on the example data
+demo: images ## Build everything, then run the examples: one task, then FedAvg across two pods
 	$(VENV)/bin/sandbox-executor run examples/protocols/column_stats --data examples/data/hospital_a \
 	  --project demo --param columns='["age","systolic_bp"]'
+	$(VPY) examples/fedavg_demo.py --rounds 10
 
 .PHONY: test
-test: check images ## Build everything and run the whole test suite
+test: check images runsc ## Build everything and run the whole test suite (runc and gVisor)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
