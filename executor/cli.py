@@ -59,7 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="protocol parameter; VALUE is JSON if it parses, else a string",
     )
+    run.add_argument("--policy", type=Path, metavar="FILE", help="isolation policy file (TOML)")
     run.add_argument("--json", action="store_true", help="print one JSON object with the outcome")
+    policy = sub.add_parser("policy", help="check or show isolation policy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_sub.add_parser("check", help="validate a policy file")
+    check.add_argument("file", type=Path, metavar="FILE")
+    show = policy_sub.add_parser("show", help="print a project's effective policy as JSON")
+    show.add_argument("file", type=Path, metavar="FILE")
+    show.add_argument("--project", default="default", metavar="NAME")
+    sub.add_parser("doctor", help="check the engine, runtimes and images, and say how to fix what is missing")
     reap = sub.add_parser("reap", help="remove containers and directories left by dead executors")
     reap.add_argument(
         "--all", action="store_true", help="remove every managed container, even of live executors"
@@ -76,6 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "reap":
             return _reap(args)
+        if args.command == "policy":
+            return _policy(args)
+        if args.command == "doctor":
+            from executor.doctor import run_doctor
+
+            return run_doctor()
     except SandboxExecutorError as exc:
         print(f"sandbox-executor: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -93,6 +108,11 @@ def _run(args: argparse.Namespace) -> int:
         parameters=dict(args.param),
         datasource_name=args.data.name,
     )
+    policies = None
+    if args.policy is not None:
+        from executor.policy_file import load_policy_file
+
+        policies = load_policy_file(args.policy)
     cancel = threading.Event()
 
     def on_sigint(signum: int, frame: FrameType | None) -> None:
@@ -104,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        executor = Executor()
+        executor = Executor(policies=policies)
         if args.json:
             outcome = executor.run(spec, cancel=cancel)
         else:
@@ -122,6 +142,18 @@ def _run(args: argparse.Namespace) -> int:
 
         print_outcome(outcome)
     return EXIT_OK if outcome.ok else EXIT_TASK_FAILED
+
+
+def _policy(args: argparse.Namespace) -> int:
+    from executor.policy_file import load_policy_file
+
+    policies = load_policy_file(args.file)
+    if args.policy_command == "check":
+        names = ", ".join(sorted(policies.projects)) or "none"
+        print(f"{args.file}: OK ([default] and {len(policies.projects)} project(s): {names})")
+        return EXIT_OK
+    print(json.dumps(policies.for_project(args.project).describe(), indent=2))
+    return EXIT_OK
 
 
 def _reap(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 import stat
 import threading
@@ -36,6 +37,7 @@ from executor.errors import ConfigurationError, DataSourceError
 from executor.mailbox import MailboxBroker
 from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
+from executor.policy_file import PolicySet
 from executor.reaper import ReapReport, new_instance_id, reap
 from executor.service import CHUNK_BYTES, TaskServer
 from executor.session import ProgressUpdate, TaskSession
@@ -133,7 +135,8 @@ class Executor:
 
     Args:
         backend: The container engine; by default Docker from the environment.
-        policy: The isolation policy for every task.
+        policy: One isolation policy for every task.
+        policies: Per-project policies (from a policy file); ``policy`` wins if both.
         transport: Where mailbox traffic goes; by default an in-memory one.
         run_dir: Where task directories go; see :func:`default_base_dir`.
         spool_dir: Where large mailbox bodies are staged (disk, not memory);
@@ -145,6 +148,7 @@ class Executor:
         backend: ContainerBackend | None = None,
         *,
         policy: IsolationPolicy | None = None,
+        policies: PolicySet | None = None,
         transport: Transport | None = None,
         run_dir: Path | None = None,
         spool_dir: Path | None = None,
@@ -154,13 +158,25 @@ class Executor:
 
             backend = DockerBackend()
         self.backend = backend
-        self.policy = policy or IsolationPolicy.hardened()
+        self.policies = policies or PolicySet(default=policy or IsolationPolicy.hardened())
+        self._single_policy = policy
         self.transport: Transport = transport if transport is not None else InMemoryTransport()
         self.run_dir = run_dir or default_base_dir()
         self.spool_dir = spool_dir or default_spool_dir()
         self.instance_id = new_instance_id()
         self._reaped = False
         self._reap_lock = threading.Lock()
+
+    @property
+    def policy(self) -> IsolationPolicy:
+        """The default policy (every project's, unless a policy file says otherwise)."""
+        return self.policies.default
+
+    def policy_for(self, project: str) -> IsolationPolicy:
+        """The effective isolation policy of ``project``."""
+        if self._single_policy is not None:
+            return self._single_policy
+        return self.policies.for_project(project)
 
     def reap(self, *, everything: bool = False) -> ReapReport:
         """Remove containers, task directories and spools of dead executors.
@@ -192,7 +208,8 @@ class Executor:
                 the container could not be created or started.
         """
         started = time.monotonic()
-        policy = self.policy
+        policy = self.policy_for(spec.project_id)
+        secrets = resolve_secrets(policy)
         task_id = spec.task_id or uuid.uuid4().hex
         check_protocol_dir(spec.protocol_dir)
         data_dir = check_data_dir(spec.data_dir, policy.uid)
@@ -216,7 +233,7 @@ class Executor:
             wake = threading.Event()
             session = TaskSession(
                 task_id,
-                _task_config(spec, task_id, bundle, policy).SerializeToString(),
+                _task_config(spec, task_id, bundle, policy, secrets).SerializeToString(),
                 broker,
                 max_result_bytes=policy.max_result_bytes,
                 on_progress=on_progress,
@@ -270,7 +287,30 @@ class Executor:
                 server.stop()
 
 
-def _task_config(spec: TaskSpec, task_id: str, bundle: Bundle, policy: IsolationPolicy) -> pb.TaskConfig:
+def resolve_secrets(policy: IsolationPolicy) -> dict[str, str]:
+    """The values of the secrets ``policy`` grants, read in the parent.
+
+    Raises:
+        ConfigurationError: A granted secret's variable or file is missing.
+    """
+    values: dict[str, str] = {}
+    for name, source in policy.secrets:
+        kind, _, ref = source.partition(":")
+        if kind == "env":
+            if ref not in os.environ:
+                raise ConfigurationError(f"secret {name}: environment variable {ref} is not set")
+            values[name] = os.environ[ref]
+        else:
+            try:
+                values[name] = Path(ref).read_text().strip()
+            except OSError as exc:
+                raise ConfigurationError(f"secret {name}: cannot read {ref} ({exc.strerror})") from None
+    return values
+
+
+def _task_config(
+    spec: TaskSpec, task_id: str, bundle: Bundle, policy: IsolationPolicy, secrets: dict[str, str]
+) -> pb.TaskConfig:
     """The configuration the sandbox fetches: no keys, no secrets, no host paths."""
     return pb.TaskConfig(
         task_id=task_id,
@@ -302,4 +342,5 @@ def _task_config(spec: TaskSpec, task_id: str, bundle: Bundle, policy: Isolation
         max_message_bytes=policy.max_message_bytes,
         max_result_bytes=policy.max_result_bytes,
         chunk_bytes=CHUNK_BYTES,
+        secrets=secrets,
     )

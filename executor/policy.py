@@ -8,8 +8,9 @@ settings of the design; no field can loosen what every sandbox gets regardless
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from executor.errors import PolicyError
@@ -18,6 +19,57 @@ DEFAULT_IMAGE = "sandbox-executor/sandbox:latest"
 RUNTIMES = ("runc", "runsc")
 
 _IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,200}(:[A-Za-z0-9._-]{1,128})?(@sha256:[0-9a-f]{64})?$")
+
+_SECRET_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# An allow-list profile refuses by default; one that allows by default is looser
+# than the engine's own and is refused.
+_STRICT_DEFAULT_ACTIONS = {
+    "SCMP_ACT_ERRNO",
+    "SCMP_ACT_KILL",
+    "SCMP_ACT_KILL_PROCESS",
+    "SCMP_ACT_KILL_THREAD",
+    "SCMP_ACT_TRAP",
+}
+MAX_SECCOMP_BYTES = 1024 * 1024
+
+
+def _check_seccomp(profile: str) -> None:
+    if not profile:
+        return
+    if len(profile) > MAX_SECCOMP_BYTES:
+        raise PolicyError(f"seccomp_profile: expected at most {MAX_SECCOMP_BYTES} bytes of JSON")
+    try:
+        parsed = json.loads(profile)
+    except ValueError as exc:
+        raise PolicyError(
+            f"seccomp_profile: expected a JSON seccomp profile, got invalid JSON ({exc})"
+        ) from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("syscalls", []), list):
+        raise PolicyError("seccomp_profile: expected a JSON object with defaultAction and syscalls")
+    action = parsed.get("defaultAction")
+    if action not in _STRICT_DEFAULT_ACTIONS:
+        raise PolicyError(
+            "seccomp_profile: defaultAction must refuse (one of "
+            f"{', '.join(sorted(_STRICT_DEFAULT_ACTIONS))}), got {action!r}: "
+            "a profile may only be stricter than the default"
+        )
+
+
+def _check_secrets(secrets: tuple[tuple[str, str], ...]) -> None:
+    if not isinstance(secrets, tuple):
+        raise PolicyError('secrets: expected a table of NAME = "env:VARIABLE" or "file:/path"')
+    for item in secrets:
+        if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            raise PolicyError('secrets: expected a table of NAME = "env:VARIABLE" or "file:/path"')
+        name, source = item
+        if not _SECRET_NAME_RE.fullmatch(name):
+            raise PolicyError(f"secrets: {name!r} is not a valid secret name (letters, digits, _)")
+        kind, _, ref = source.partition(":")
+        if kind not in ("env", "file") or not ref or (kind == "file" and not ref.startswith("/")):
+            raise PolicyError(
+                f'secrets.{name}: expected "env:VARIABLE" or "file:/absolute/path", got {source!r}'
+            )
+
 
 # (minimum, maximum) for each numeric field; a policy may tighten, never exceed.
 _RANGES: dict[str, tuple[float, float]] = {
@@ -59,6 +111,12 @@ class IsolationPolicy:
         max_task_mb: Most mailbox traffic one task may move, both ways together.
         max_result_mb: Largest result (JSON) the protocol may return.
         uid: The unprivileged user and group id the protocol runs as.
+        seccomp_profile: A stricter seccomp profile (JSON text, an allow-list:
+            its defaultAction refuses); empty means the engine's default profile.
+        secrets: Secrets granted to this project's sandboxes, as
+            ``(name, source)`` with source ``env:VARIABLE`` or ``file:/path``,
+            resolved in the parent at task start. Nothing else is granted.
+        gpus: GPUs passed through: 0 (the default) for none, -1 for all.
     """
 
     runtime: str = "runc"
@@ -76,6 +134,9 @@ class IsolationPolicy:
     max_task_mb: int = 4096
     max_result_mb: float = 1.0
     uid: int = 10_001
+    seccomp_profile: str = field(default="", repr=False)
+    secrets: tuple[tuple[str, str], ...] = ()
+    gpus: int = 0
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -95,6 +156,10 @@ class IsolationPolicy:
                 raise PolicyError(f"{f.name}: expected an integer, got {value!r}")
             if not lo <= value <= hi:
                 raise PolicyError(f"{f.name}: expected a value from {lo:g} to {hi:g}, got {value!r}")
+        _check_seccomp(self.seccomp_profile)
+        _check_secrets(self.secrets)
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not -1 <= self.gpus <= 64:
+            raise PolicyError(f"gpus: expected 0 (none), a count up to 64, or -1 (all), got {self.gpus!r}")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise PolicyError(
                 "heartbeat_timeout_s: expected more than heartbeat_interval_s "
@@ -114,6 +179,13 @@ class IsolationPolicy:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return IsolationPolicy(**values)
+
+    def describe(self) -> dict[str, Any]:
+        """The effective policy as plain data (secret sources, not values)."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["seccomp_profile"] = "custom" if self.seccomp_profile else "engine default"
+        out["secrets"] = {name: source for name, source in self.secrets}
+        return out
 
     @property
     def max_message_bytes(self) -> int:

@@ -77,7 +77,8 @@ def make_executor(docker_client: object, run_dir: Path) -> Iterator[object]:
     made: list[Executor] = []
 
     def factory(**kwargs: object) -> Executor:
-        kwargs.setdefault("policy", IsolationPolicy.hardened())
+        if "policies" not in kwargs:
+            kwargs.setdefault("policy", IsolationPolicy.hardened())
         ex = Executor(run_dir=run_dir, **kwargs)  # type: ignore[arg-type]
         made.append(ex)
         return ex

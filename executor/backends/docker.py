@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import LogConfig, Ulimit
+from docker.types import DeviceRequest, LogConfig, Ulimit
 
 from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
 from executor.errors import (
@@ -46,6 +46,11 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     resource numbers, the image and the runtime.
     """
     p: IsolationPolicy = spec.policy
+    security_opt = ["no-new-privileges:true"]
+    if p.seccomp_profile:
+        # docker-py wants the profile's JSON text here, not a path.
+        security_opt.append(f"seccomp={p.seccomp_profile}")
+    device_requests = [DeviceRequest(count=p.gpus, capabilities=[["gpu"]])] if p.gpus else []
     return {
         "image": p.image,
         "command": spec.command,
@@ -57,7 +62,8 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "runtime": p.runtime,
         "network_mode": "none",
         "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges:true"],
+        "security_opt": security_opt,
+        "device_requests": device_requests,
         "privileged": False,
         "read_only": True,
         "init": True,

@@ -299,6 +299,7 @@ class Context:
         serialized_protocol: The modeller's serialised protocol, as sent.
         flags: Execution flags.
         model_urls: Model names to download URLs (not reachable from here).
+        secrets: The secrets the project's policy grants, by name (usually none).
         data_dir: The datasource, read-only.
         scratch_dir: A small writable directory (memory-backed, not executable).
         mailbox: The proxy mailbox.
@@ -326,6 +327,7 @@ class Context:
         self.max_inference_files = config.inference_limits.max_files
         self.max_inference_batches = config.inference_limits.max_batches
         self.model_urls = dict(config.model_urls)
+        self.secrets = dict(config.secrets)
         self.data_dir = Path(config.data_path)
         self.scratch_dir = scratch_dir
         self.mailbox = Mailbox(client, config.chunk_bytes, config.max_message_bytes)

@@ -72,8 +72,15 @@ class InferenceLimits(_message.Message):
     def __init__(self, max_files: _Optional[int] = ..., max_batches: _Optional[int] = ...) -> None: ...
 
 class TaskConfig(_message.Message):
-    __slots__ = ("task_id", "project_id", "modeller_name", "pod_identifier", "pod_identifiers", "datasource_name", "data_path", "schema_json", "serialized_protocol", "parameters_json", "flags", "inference_limits", "model_urls", "task_hash", "username", "protocol_path", "entry_module", "bundle_sha256", "heartbeat_interval_ms", "max_message_bytes", "max_result_bytes", "chunk_bytes")
+    __slots__ = ("task_id", "project_id", "modeller_name", "pod_identifier", "pod_identifiers", "datasource_name", "data_path", "schema_json", "serialized_protocol", "parameters_json", "flags", "inference_limits", "model_urls", "task_hash", "username", "protocol_path", "entry_module", "bundle_sha256", "heartbeat_interval_ms", "max_message_bytes", "max_result_bytes", "chunk_bytes", "secrets")
     class ModelUrlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class SecretsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +109,7 @@ class TaskConfig(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_RESULT_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECRETS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     project_id: str
     modeller_name: str
@@ -124,7 +132,8 @@ class TaskConfig(_message.Message):
     max_message_bytes: int
     max_result_bytes: int
     chunk_bytes: int
-    def __init__(self, task_id: _Optional[str] = ..., project_id: _Optional[str] = ..., modeller_name: _Optional[str] = ..., pod_identifier: _Optional[str] = ..., pod_identifiers: _Optional[_Iterable[str]] = ..., datasource_name: _Optional[str] = ..., data_path: _Optional[str] = ..., schema_json: _Optional[str] = ..., serialized_protocol: _Optional[bytes] = ..., parameters_json: _Optional[str] = ..., flags: _Optional[_Union[Flags, _Mapping]] = ..., inference_limits: _Optional[_Union[InferenceLimits, _Mapping]] = ..., model_urls: _Optional[_Mapping[str, str]] = ..., task_hash: _Optional[str] = ..., username: _Optional[str] = ..., protocol_path: _Optional[str] = ..., entry_module: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_result_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    secrets: _containers.ScalarMap[str, str]
+    def __init__(self, task_id: _Optional[str] = ..., project_id: _Optional[str] = ..., modeller_name: _Optional[str] = ..., pod_identifier: _Optional[str] = ..., pod_identifiers: _Optional[_Iterable[str]] = ..., datasource_name: _Optional[str] = ..., data_path: _Optional[str] = ..., schema_json: _Optional[str] = ..., serialized_protocol: _Optional[bytes] = ..., parameters_json: _Optional[str] = ..., flags: _Optional[_Union[Flags, _Mapping]] = ..., inference_limits: _Optional[_Union[InferenceLimits, _Mapping]] = ..., model_urls: _Optional[_Mapping[str, str]] = ..., task_hash: _Optional[str] = ..., username: _Optional[str] = ..., protocol_path: _Optional[str] = ..., entry_module: _Optional[str] = ..., bundle_sha256: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_result_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., secrets: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Beat(_message.Message):
     __slots__ = ("seq", "progress_events", "mailbox_ops", "main_thread_moved")

@@ -1,0 +1,86 @@
+"""``sandbox-executor doctor``: what this machine has, what is missing, and the fix."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from executor.errors import SandboxExecutorError
+from executor.policy import DEFAULT_IMAGE
+from executor.taskdir import default_base_dir, default_spool_dir
+
+IMAGES = {
+    "sandbox-executor/base:bookworm": "make images",
+    DEFAULT_IMAGE: "make images",
+    "sandbox-executor/numpy:latest": "make images (only protocols that need numpy)",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def checks() -> list[Check]:
+    """Look at the engine, its runtimes, the images and the executor's directories."""
+    from executor.backends.docker import DockerBackend
+
+    out: list[Check] = []
+    backend = DockerBackend()
+    try:
+        info = backend.client.info()
+    except SandboxExecutorError as exc:
+        return [Check("engine", False, str(exc), "start dockerd, or point DOCKER_HOST at it")]
+    out.append(
+        Check(
+            "engine",
+            True,
+            f"Docker {info.get('ServerVersion', '?')}, cgroup v{info.get('CgroupVersion', '?')}",
+        )
+    )
+    runtimes = sorted(info.get("Runtimes", {}))
+    out.append(Check("runtime runc", "runc" in runtimes, "hardened namespaces", "install Docker's runc"))
+    out.append(
+        Check(
+            "runtime runsc",
+            "runsc" in runtimes,
+            'gVisor, for projects with runtime = "runsc"',
+            "sudo make runsc (installs Debian's runsc and registers it with dockerd)",
+            required=False,
+        )
+    )
+    for image, fix in IMAGES.items():
+        try:
+            backend.check_image(image)
+            out.append(
+                Check(f"image {image}", True, "present", required=image != "sandbox-executor/numpy:latest")
+            )
+        except SandboxExecutorError:
+            out.append(
+                Check(
+                    f"image {image}", False, "missing", fix, required=image != "sandbox-executor/numpy:latest"
+                )
+            )
+    for name, path in (("task directories", default_base_dir()), ("spool", default_spool_dir())):
+        parent = path if path.exists() else path.parent
+        ok = os.access(parent, os.W_OK | os.X_OK)
+        out.append(Check(name, ok, str(path), f"make {parent} writable, or set SANDBOX_EXECUTOR_*_DIR"))
+    return out
+
+
+def run_doctor() -> int:
+    """Print the report; exit 0 when everything required is there, else 1."""
+    results = checks()
+    for c in results:
+        mark = "ok " if c.ok else ("MISSING" if c.required else "missing (optional)")
+        line = f"{mark:<7} {c.name}: {c.detail}"
+        if not c.ok and c.fix:
+            line += f"  -> {c.fix}"
+        print(line)
+    return 0 if all(c.ok or not c.required for c in results) else 1

@@ -1,0 +1,146 @@
+"""Policy files: per-project TOML, validated before any container starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from executor.backends import ContainerSpec
+from executor.backends.docker import container_kwargs
+from executor.cli import main
+from executor.errors import PolicyError
+from executor.executor import resolve_secrets
+from executor.policy import IsolationPolicy
+from executor.policy_file import load_policy_file
+
+STRICT_PROFILE = {
+    "defaultAction": "SCMP_ACT_ERRNO",
+    "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}],
+}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+def test_projects_override_default_which_overrides_hardened(tmp_path):
+    (tmp_path / "strict.json").write_text(json.dumps(STRICT_PROFILE))
+    path = _write(
+        tmp_path,
+        """
+[default]
+memory_mb = 512
+timeout_s = 600
+
+[projects.oncology]
+runtime = "runsc"
+pids = 64
+seccomp_profile = "strict.json"
+secrets = { HF_TOKEN = "env:HF_TOKEN" }
+""",
+    )
+    policies = load_policy_file(path)
+    onc = policies.for_project("oncology")
+    assert (onc.runtime, onc.pids, onc.memory_mb, onc.timeout_s) == ("runsc", 64, 512, 600.0)
+    assert json.loads(onc.seccomp_profile) == STRICT_PROFILE
+    assert onc.secrets == (("HF_TOKEN", "env:HF_TOKEN"),)
+    other = policies.for_project("cardiology")
+    assert (other.runtime, other.pids, other.memory_mb) == ("runc", 128, 512)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[default]\nmemroy_mb = 5\n", "[default] memroy_mb: unknown key"),
+        ('[default]\nmemory_mb = "lots"\n', "[default] memory_mb: expected an integer, got 'lots'"),
+        ("[default]\npids = true\n", "[default] pids: expected an integer, got True"),
+        ("[projects.x]\ncpus = 1000\n", "[projects.x] cpus: expected a value from 0.05 to 256, got 1000.0"),
+        ('[projects.x]\nruntime = "kata"\n', "[projects.x] runtime: expected one of runc, runsc, got 'kata'"),
+        ('[default]\nnetwork = "bridge"\n', "[default] network: cannot be set: every sandbox has no network"),
+        (
+            "[projects.x]\nprivileged = true\n",
+            "[projects.x] privileged: cannot be set: no sandbox is privileged",
+        ),
+        (
+            '[projects.x]\ncap_add = ["SYS_ADMIN"]\n',
+            "cap_add: cannot be set: every sandbox has no capabilities",
+        ),
+        ("[projects.x]\nuid = 0\n", "[projects.x] uid: expected a value from 1"),
+        ('[default]\nseccomp_profile = "missing.json"\n', "seccomp_profile: cannot read"),
+        ('[default]\nsecrets = { K = "plain-value" }\n', 'secrets.K: expected "env:VARIABLE"'),
+        ("[default]\ngpus = 100\n", "gpus: expected 0 (none)"),
+        ("[other]\n", "unknown table(s) other"),
+        ("[default\n", "not valid TOML"),
+    ],
+)
+def test_bad_policy_files_fail_with_file_key_and_expectation(tmp_path, body, message):
+    path = _write(tmp_path, body)
+    with pytest.raises(PolicyError) as info:
+        load_policy_file(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_seccomp_profile_may_only_be_stricter(tmp_path):
+    (tmp_path / "loose.json").write_text(json.dumps({"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}))
+    path = _write(tmp_path, '[default]\nseccomp_profile = "loose.json"\n')
+    with pytest.raises(PolicyError, match="may only be stricter"):
+        load_policy_file(path)
+
+
+def test_seccomp_and_gpus_reach_the_engine_arguments(tmp_path):
+    policy = IsolationPolicy(seccomp_profile=json.dumps(STRICT_PROFILE), gpus=1)
+    kw = container_kwargs(ContainerSpec(name="n", command=["x"], policy=policy, mounts=[]))
+    assert kw["security_opt"][0] == "no-new-privileges:true"
+    assert json.loads(kw["security_opt"][1].removeprefix("seccomp=")) == STRICT_PROFILE
+    assert kw["device_requests"][0].count == 1
+    assert (
+        container_kwargs(ContainerSpec(name="n", command=["x"], policy=IsolationPolicy(), mounts=[]))[
+            "device_requests"
+        ]
+        == []
+    )
+
+
+def test_secrets_resolve_from_env_and_file_only_when_granted(tmp_path, monkeypatch):
+    secret_file = tmp_path / "token"
+    secret_file.write_text("from-file\n")
+    monkeypatch.setenv("MY_TOKEN", "from-env")
+    policy = IsolationPolicy(secrets=(("A", "env:MY_TOKEN"), ("B", f"file:{secret_file}")))
+    assert resolve_secrets(policy) == {"A": "from-env", "B": "from-file"}
+    assert resolve_secrets(IsolationPolicy()) == {}
+    monkeypatch.delenv("MY_TOKEN")
+    with pytest.raises(Exception, match="environment variable MY_TOKEN is not set"):
+        resolve_secrets(policy)
+
+
+def test_cli_policy_check_and_show(tmp_path, capsys):
+    path = _write(tmp_path, '[default]\nmemory_mb = 256\n[projects.onc]\nruntime = "runsc"\n')
+    assert main(["policy", "check", str(path)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert main(["policy", "show", str(path), "--project", "onc"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["runtime"], shown["memory_mb"], shown["seccomp_profile"]) == (
+        "runsc",
+        256,
+        "engine default",
+    )
+    bad = _write(tmp_path, "[default]\nprivileged = true\n")
+    assert main(["policy", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sandbox-executor: error: ") and err.count("\n") == 1
+
+
+def test_cli_run_refuses_a_bad_policy_before_docker(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "protocol.py").write_text("def run(ctx):\n    return 1\n")
+    bad = _write(tmp_path, "[default]\nmemory_mb = 1\n")
+    code = main(["run", str(tmp_path / "p"), "--data", str(tmp_path), "--policy", str(bad)])
+    assert code == 2
+    assert "memory_mb: expected a value from 32" in capsys.readouterr().err
