@@ -248,6 +248,11 @@ class Executor:
                 container = ContainerSpec(
                     name=f"sandbox-{task_id[:40]}-{uuid.uuid4().hex[:6]}",
                     command=[
+                        # Our own init (untraceable pid 1), then the runtime.
+                        "python3",
+                        "-m",
+                        "executor.sandbox.init",
+                        "--",
                         "python3",
                         "-m",
                         "executor.sandbox",

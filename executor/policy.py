@@ -17,6 +17,9 @@ from executor.errors import PolicyError
 
 DEFAULT_IMAGE = "sandbox-executor/sandbox:latest"
 RUNTIMES = ("runc", "runsc")
+# gVisor's sentry and gofer threads count against the container's pids cap
+# (about 75 here), so a smaller cap kills a runsc sandbox before it starts.
+RUNSC_MIN_PIDS = 128
 
 _IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,200}(:[A-Za-z0-9._-]{1,128})?(@sha256:[0-9a-f]{64})?$")
 
@@ -160,6 +163,11 @@ class IsolationPolicy:
         _check_secrets(self.secrets)
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not -1 <= self.gpus <= 64:
             raise PolicyError(f"gpus: expected 0 (none), a count up to 64, or -1 (all), got {self.gpus!r}")
+        if self.runtime == "runsc" and self.pids < RUNSC_MIN_PIDS:
+            raise PolicyError(
+                f"pids: expected at least {RUNSC_MIN_PIDS} with runtime runsc (gVisor's own threads count "
+                f"against the cap), got {self.pids}"
+            )
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise PolicyError(
                 "heartbeat_timeout_s: expected more than heartbeat_interval_s "

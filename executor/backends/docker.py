@@ -66,7 +66,9 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "device_requests": device_requests,
         "privileged": False,
         "read_only": True,
-        "init": True,
+        # pid 1 is the runtime's own init (executor.sandbox.init), not Docker's:
+        # tini stays dumpable, so the protocol could ptrace it.
+        "init": False,
         "ipc_mode": "private",
         "tmpfs": {SANDBOX_TMP: f"rw,noexec,nosuid,nodev,size={p.tmpfs_mb}m,mode=1777"},
         "mem_limit": f"{p.memory_mb}m",

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import docker.errors
@@ -188,7 +187,11 @@ from pathlib import Path
 from executor.executor import Executor, TaskSpec
 ex = Executor(run_dir=Path(sys.argv[1]), spool_dir=Path(sys.argv[2]))
 print(ex.instance_id, flush=True)
-ex.run(TaskSpec(protocol_dir=Path(sys.argv[3]), data_dir=Path(sys.argv[4]), task_id="orphan"))
+def started(event):
+    if event.kind == "RUN_START":
+        print("running", flush=True)
+spec = TaskSpec(protocol_dir=Path(sys.argv[3]), data_dir=Path(sys.argv[4]), task_id="orphan")
+ex.run(spec, on_progress=started)
 """
 
 
@@ -207,12 +210,7 @@ def test_parent_killed_with_sigkill_leaves_containers_the_next_start_reaps(
     try:
         instance = proc.stdout.readline().strip()
         label = f"{LABEL_PARENT}={instance}"
-        for _ in range(300):
-            if docker_client.containers.list(filters={"label": label, "status": "running"}):
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the orphan's container never started")
+        assert proc.stdout.readline().strip() == "running", "the orphan's protocol never started"
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
@@ -247,10 +245,7 @@ def test_the_sandbox_exits_by_itself_when_its_parent_dies(docker_client, data_di
     label = ""
     try:
         label = f"{LABEL_PARENT}={proc.stdout.readline().strip()}"
-        for _ in range(300):
-            if docker_client.containers.list(filters={"label": label, "status": "running"}):
-                break
-            time.sleep(0.1)
+        assert proc.stdout.readline().strip() == "running", "the orphan's protocol never started"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
         (container,) = docker_client.containers.list(all=True, filters={"label": label})

@@ -32,7 +32,7 @@ def test_hardening_is_always_on():
     assert kw["security_opt"] == ["no-new-privileges:true"]
     assert kw["privileged"] is False
     assert kw["read_only"] is True
-    assert kw["init"] is True
+    assert kw["init"] is False  # pid 1 is the runtime's own, untraceable init
     assert kw["user"] == "10001:10001"
     assert "noexec" in kw["tmpfs"]["/tmp"] and "size=64m" in kw["tmpfs"]["/tmp"]
     assert kw["mem_limit"] == kw["memswap_limit"] == "1024m"
@@ -44,12 +44,14 @@ def test_hardening_is_always_on():
 
 
 def test_policy_numbers_reach_the_engine():
-    policy = IsolationPolicy.hardened().replace(memory_mb=256, cpus=0.5, pids=64, tmpfs_mb=8, runtime="runsc")
+    policy = IsolationPolicy.hardened().replace(
+        memory_mb=256, cpus=0.5, pids=256, tmpfs_mb=8, runtime="runsc"
+    )
     kw = container_kwargs(_spec(policy))
     assert (kw["mem_limit"], kw["nano_cpus"], kw["pids_limit"], kw["runtime"]) == (
         "256m",
         500_000_000,
-        64,
+        256,
         "runsc",
     )
     assert "size=8m" in kw["tmpfs"]["/tmp"]

@@ -159,8 +159,8 @@ def test_good_image_references_are_accepted(image):
 
 def test_replace_applies_and_keeps_the_original():
     base = IsolationPolicy()
-    tighter = base.replace(memory_mb=256, pids=32, runtime="runsc")
-    assert (tighter.memory_mb, tighter.pids, tighter.runtime) == (256, 32, "runsc")
+    tighter = base.replace(memory_mb=256, pids=200, runtime="runsc")
+    assert (tighter.memory_mb, tighter.pids, tighter.runtime) == (256, 200, "runsc")
     assert (base.memory_mb, base.pids, base.runtime) == (1024, 128, "runc")
     assert tighter.image == base.image
 

@@ -38,14 +38,14 @@ timeout_s = 600
 
 [projects.oncology]
 runtime = "runsc"
-pids = 64
+pids = 200
 seccomp_profile = "strict.json"
 secrets = { HF_TOKEN = "env:HF_TOKEN" }
 """,
     )
     policies = load_policy_file(path)
     onc = policies.for_project("oncology")
-    assert (onc.runtime, onc.pids, onc.memory_mb, onc.timeout_s) == ("runsc", 64, 512, 600.0)
+    assert (onc.runtime, onc.pids, onc.memory_mb, onc.timeout_s) == ("runsc", 200, 512, 600.0)
     assert json.loads(onc.seccomp_profile) == STRICT_PROFILE
     assert onc.secrets == (("HF_TOKEN", "env:HF_TOKEN"),)
     other = policies.for_project("cardiology")
@@ -73,6 +73,7 @@ secrets = { HF_TOKEN = "env:HF_TOKEN" }
         ('[default]\nseccomp_profile = "missing.json"\n', "seccomp_profile: cannot read"),
         ('[default]\nsecrets = { K = "plain-value" }\n', 'secrets.K: expected "env:VARIABLE"'),
         ("[default]\ngpus = 100\n", "gpus: expected 0 (none)"),
+        ('[projects.x]\nruntime = "runsc"\npids = 64\n', "pids: expected at least 128 with runtime runsc"),
         ("[other]\n", "unknown table(s) other"),
         ("[default\n", "not valid TOML"),
     ],

@@ -1,16 +1,222 @@
 """Security probes, run as protocol code inside the sandbox.
 
 Each probe tries something a hostile protocol would try and reports whether
-the sandbox held. The result maps a probe name to {"held": bool, "detail": str}.
-Probes read local state or act on the container's own namespace only; none
-sends traffic anywhere.
+the sandbox held: ``(held, detail)``, or ``(None, detail)`` when the check does
+not apply to the runtime it finds itself in (gVisor runs its own kernel, so
+some runc facts, such as the NoNewPrivs line or the seccomp mode in
+``/proc/self/status``, say nothing there). The test keeps a short allow-list
+of which probes may not apply under which runtime.
+
+``run`` returns::
+
+    {"runtime": "runc" | "runsc", "evidence": str, "machine": str,
+     "probes": {name: {"held": bool | None, "detail": str, "applies": bool}}}
+
+Parameters tell the probes the policy's caps: ``pids``, ``memory_mb``,
+``nofile``, ``tmpfs_mb``; ``parent_is_root`` says whether the parent handed the
+token to the sandbox uid alone; ``only`` (a list of names) runs just those
+probes, for debugging. With ``{"mode": "fork_bomb"}`` or
+``{"mode": "memory_hog"}`` it instead pushes one cap past its limit, for the
+test to check the outcome from outside.
+
+Probes read local state or act on the container's own namespaces only; none
+sends traffic anywhere. Anything that could change the sandbox's own process
+(namespaces, mounts, ptrace) runs in a forked child.
 """
 
+import contextlib
+import ctypes
 import errno
+import fnmatch
+import glob
+import json
 import os
+import platform
+import re
 import resource
+import select
+import signal
 import stat
 import subprocess
+import sys
+import time
+
+MIB = 1024 * 1024
+
+# Raw syscall numbers: the probes call the kernel directly, not libc wrappers
+# that might short-circuit.
+SYSCALLS = {
+    "x86_64": {
+        "ptrace": 101,
+        "syslog": 103,
+        "mount": 165,
+        "init_module": 175,
+        "delete_module": 176,
+        "kexec_load": 246,
+        "add_key": 248,
+        "request_key": 249,
+        "keyctl": 250,
+        "unshare": 272,
+        "perf_event_open": 298,
+        "open_by_handle_at": 304,
+        "setns": 308,
+        "finit_module": 313,
+        "kexec_file_load": 320,
+        "bpf": 321,
+        "userfaultfd": 323,
+    },
+    "aarch64": {
+        "mount": 40,
+        "unshare": 97,
+        "kexec_load": 104,
+        "init_module": 105,
+        "delete_module": 106,
+        "syslog": 116,
+        "ptrace": 117,
+        "add_key": 217,
+        "request_key": 218,
+        "keyctl": 219,
+        "perf_event_open": 241,
+        "open_by_handle_at": 265,
+        "setns": 268,
+        "finit_module": 273,
+        "bpf": 280,
+        "userfaultfd": 282,
+        "kexec_file_load": 294,
+    },
+}
+SYSCALLS["amd64"] = SYSCALLS["x86_64"]
+SYSCALLS["arm64"] = SYSCALLS["aarch64"]
+
+# What a refusal by the sandbox looks like: the seccomp filter or a missing
+# capability (EPERM / EACCES), or a kernel that does not offer the call (ENOSYS).
+REFUSED = {errno.EPERM, errno.EACCES, errno.ENOSYS}
+# gVisor answers some calls it does not implement at all with these instead.
+GVISOR_UNIMPLEMENTED = {errno.EOPNOTSUPP, errno.ENODEV}
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+PTRACE_ATTACH = 16
+PTRACE_DETACH = 17
+WALL = 0x40000000
+PR_GET_NO_NEW_PRIVS = 39
+SYSLOG_ACTION_READ_ALL = 3
+MS_BIND = 0x1000
+MS_REMOUNT = 0x20
+AT_FDCWD = -100
+
+# Environment variables whose names match SECRET_WORDS but are known to be harmless.
+HARMLESS_ENV = {
+    "GPG_KEY",  # python:3.x images: the fingerprint of CPython's public release key
+}
+SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "PRIVATE")
+
+IPC_DIR = "/run/sandbox"
+TOKEN_PATH = f"{IPC_DIR}/token"
+SOCKET_PATH = f"{IPC_DIR}/sandbox.sock"
+ENGINE_SOCKET_PATTERNS = ("*docker*.sock", "*containerd*.sock", "*podman*.sock", "*crio*.sock")
+ENGINE_MOUNT_RE = re.compile(r"(docker|containerd|podman|crio)[^/]*\.sock")
+WALK_LIMIT = 400_000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.restype = ctypes.c_int
+
+
+class Env:
+    """What every probe gets: the task context, the caps and the runtime it found."""
+
+    def __init__(self, ctx, params, runtime, evidence):
+        self.ctx = ctx
+        self.params = params
+        self.runtime = runtime
+        self.evidence = evidence
+
+    @property
+    def gvisor(self):
+        return self.runtime == "runsc"
+
+    def cap(self, name):
+        value = self.params.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"parameter {name!r} (the policy's cap) is missing")
+        return value
+
+
+# -- helpers -----------------------------------------------------------------
+
+
+def _ename(code):
+    return errno.errorcode.get(code, str(code))
+
+
+def _arg(value):
+    if value is None:
+        return ctypes.c_void_p(None)
+    if isinstance(value, int):
+        return ctypes.c_long(value)
+    return value
+
+
+def _syscall(name, *args):
+    """Call syscall ``name`` raw; ``(return value, errno name or "")``."""
+    table = SYSCALLS.get(platform.machine())
+    if table is None:
+        raise RuntimeError(f"no syscall table for machine {platform.machine()!r}")
+    ctypes.set_errno(0)
+    ret = _libc.syscall(ctypes.c_long(table[name]), *(_arg(a) for a in args))
+    code = ctypes.get_errno()
+    return ret, (_ename(code) if ret == -1 else "")
+
+
+def _refused(env, attempts):
+    """``(held, detail)`` for ``{label: (ret, errno name)}``: held if every call was refused."""
+    refused_names = {_ename(c) for c in REFUSED | (GVISOR_UNIMPLEMENTED if env.gvisor else set())}
+    held = all(ret == -1 and err in refused_names for ret, err in attempts.values())
+    detail = ", ".join(f"{label}={err or f'ok({ret})'}" for label, (ret, err) in attempts.items())
+    return held, detail
+
+
+def _in_child(fn, timeout=15.0):
+    """Run ``fn`` in a forked child; its JSON-able return value, or {"crash": ...}.
+
+    Whatever the child does to itself (namespaces, mounts, ptrace) ends with it.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            try:
+                out = json.dumps(fn())
+            except BaseException as exc:
+                out = json.dumps({"crash": f"{type(exc).__name__}: {exc}"})
+            os.write(w, out.encode()[:60_000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                data = json.dumps({"crash": f"child timed out after {timeout:g} s"}).encode()
+                break
+            chunk = os.read(r, 65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    return json.loads(data or b'{"crash": "child said nothing"}')
 
 
 def _status_field(name):
@@ -21,74 +227,514 @@ def _status_field(name):
     return None
 
 
-def probe_only_loopback():
+def _read_kernel_log():
+    """``(ret, errno name, text)`` from syslog(SYSLOG_ACTION_READ_ALL)."""
+    size = 1 << 16
+    buf = ctypes.create_string_buffer(size)
+    ret, err = _syscall("syslog", SYSLOG_ACTION_READ_ALL, buf, size)
+    text = buf.raw[: max(ret, 0)].decode(errors="replace")
+    return ret, err, text
+
+
+def detect_runtime():
+    """``("runsc" | "runc", evidence)``, judged from inside.
+
+    gVisor's kernel log (which it lets anyone read) names it, and its
+    ``/proc/version`` is a fixed fake 4.4.0. Under runc reading the host's
+    kernel log is refused (a probe checks that).
+    """
+    ret, err, text = _read_kernel_log()
+    with open("/proc/version") as f:
+        version = f.read().strip()
+    if ret >= 0 and "gVisor" in text:
+        first = next((line for line in text.splitlines() if "gVisor" in line), "")
+        return "runsc", f"kernel log: {first.strip()!r}; /proc/version: {version!r}"
+    if version.startswith("Linux version 4.4.0 #1 SMP Sun Jan 10 15:06:54 PST 2016"):
+        return "runsc", f"/proc/version is gVisor's: {version!r}"
+    return "runc", f"kernel log: {err or f'{ret} bytes'}; /proc/version: {version[:80]!r}"
+
+
+def _write_refused(path):
+    try:
+        with open(path, "x") as f:
+            f.write("x")
+    except OSError as exc:
+        return True, f"{path}: {_ename(exc.errno)}"
+    os.unlink(path)
+    return False, f"{path}: written"
+
+
+def _open_for_write_refused(paths):
+    """Try to open each path for writing (never write); held if none opens."""
+    results = {}
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError as exc:
+            results[path] = _ename(exc.errno)
+        else:
+            os.close(fd)
+            results[path] = "OPENED"
+    held = all(v != "OPENED" for v in results.values())
+    return held, ", ".join(f"{p}: {v}" for p, v in results.items())
+
+
+# -- network -------------------------------------------------------------------
+
+
+def probe_only_loopback(env):
     names = sorted(os.listdir("/sys/class/net"))
     return names == ["lo"], f"interfaces: {names}"
 
 
-def probe_no_routes():
+def probe_no_routes(env):
     with open("/proc/net/route") as f:
         routes = f.read().splitlines()[1:]
     return not routes, f"{len(routes)} IPv4 routes"
 
 
-def probe_capabilities_empty():
+# -- identity and privileges ---------------------------------------------------
+
+
+def probe_not_root(env):
+    uid, gid = os.getuid(), os.getgid()
+    held = 0 not in (uid, os.geteuid(), gid, os.getegid()) and 0 not in os.getgroups()
+    return held, f"uid={uid} gid={gid} groups={os.getgroups()}"
+
+
+def probe_capabilities_empty(env):
     caps = {k: _status_field(k) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
-    held = all(v is not None and int(v, 16) == 0 for v in caps.values())
+    # gVisor's /proc/self/status has no CapAmb line; every line that is there must be zero.
+    required = ("CapInh", "CapPrm", "CapEff", "CapBnd") if env.gvisor else tuple(caps)
+    held = all(caps[k] is not None for k in required) and all(
+        int(v, 16) == 0 for v in caps.values() if v is not None
+    )
     return held, str(caps)
 
 
-def probe_no_new_privs():
-    value = _status_field("NoNewPrivs")
-    return value == "1", f"NoNewPrivs={value}"
+def probe_no_new_privs(env):
+    ctypes.set_errno(0)
+    prctl = _libc.prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0)
+    line = _status_field("NoNewPrivs")
+    detail = f"prctl(PR_GET_NO_NEW_PRIVS)={prctl}, status NoNewPrivs={line}"
+    if env.gvisor and line is None and prctl != 1:
+        return None, f"gVisor's own kernel does not report it: {detail}"
+    return prctl == 1 and line in ("1", None), detail
 
 
-def probe_seccomp_filter():
+def probe_seccomp_filter(env):
     value = _status_field("Seccomp")
+    if env.gvisor:
+        return None, f"Seccomp={value} is gVisor's own (guest) view; the host filter is on the Sentry"
     return value == "2", f"Seccomp={value}"
 
 
-def probe_not_root():
-    uid, gid = os.getuid(), os.getgid()
-    return uid != 0 and os.geteuid() != 0 and gid != 0, f"uid={uid} gid={gid}"
+def probe_kernel_log_refused(env):
+    ret, err, _text = _read_kernel_log()
+    kmsg = os.path.exists("/dev/kmsg")
+    if env.gvisor:
+        return None, f"gVisor serves its own kernel log ({ret} bytes), not the host's"
+    held = ret == -1 and err in ("EPERM", "EACCES") and not kmsg
+    return held, f"syslog(READ_ALL): {err or ret}; /dev/kmsg={kmsg}"
 
 
-def _write_refused(path):
+def probe_ptrace_pid1_refused(env):
+    def attach():
+        ret, err = _syscall("ptrace", PTRACE_ATTACH, 1, None, None)
+        if ret == -1:
+            return {"attach": err}
+        stopped = False
+        for _ in range(200):
+            try:
+                pid, _status = os.waitpid(1, os.WNOHANG | WALL)
+            except ChildProcessError:
+                break
+            if pid:
+                stopped = True
+                break
+            time.sleep(0.005)
+        detach = _syscall("ptrace", PTRACE_DETACH, 1, None, None)
+        return {"attach": f"ATTACHED (stopped={stopped})", "detach": detach[1] or "ok"}
+
+    out = _in_child(attach)
+    held = out.get("attach") in ("EPERM", "EACCES", "ENOSYS")
+    return held, f"ptrace(PTRACE_ATTACH, 1): {out}"
+
+
+# -- namespaces and mounts -----------------------------------------------------
+
+
+def probe_pid1_memory_not_readable(env):
+    """Reading init's memory needs the same ptrace access as attaching to it."""
     try:
-        with open(path, "w") as f:
-            f.write("x")
+        with open("/proc/1/maps") as f:
+            first = f.readline()
+        start = int(first.split("-", 1)[0], 16)
+        with open("/proc/1/mem", "rb") as f:
+            f.seek(start)
+            data = f.read(4)
     except OSError as exc:
-        return True, f"{path}: {errno.errorcode.get(exc.errno, exc.errno)}"
-    os.unlink(path)
-    return False, f"{path}: written"
+        return True, f"/proc/1/mem: {_ename(exc.errno)}"
+    except ValueError as exc:
+        return True, f"/proc/1/maps unusable: {exc}"
+    return False, f"read {data!r} from pid 1's memory at {start:#x} ({first.split()[-1]})"
 
 
-def probe_root_read_only():
+def probe_unshare_refused(env):
+    flags = {
+        "NEWUSER|NEWNS": CLONE_NEWUSER | CLONE_NEWNS,
+        "NEWUSER": CLONE_NEWUSER,
+        "NEWNS": CLONE_NEWNS,
+        "NEWNET": CLONE_NEWNET,
+        "NEWPID": CLONE_NEWPID,
+        "NEWUTS": CLONE_NEWUTS,
+        "NEWIPC": CLONE_NEWIPC,
+        "NEWCGROUP": CLONE_NEWCGROUP,
+    }
+    attempts = {}
+    for label, value in flags.items():
+        out = _in_child(lambda v=value: list(_syscall("unshare", v)))
+        attempts[label] = tuple(out) if isinstance(out, list) else (0, str(out))
+    held, detail = _refused(env, attempts)
+    if env.gvisor:
+        return None, f"gVisor makes these namespaces in its own kernel, not the host's: {detail}"
+    return held, detail
+
+
+def probe_setns_refused(env):
+    def join():
+        out = {}
+        for ns in ("mnt", "net", "pid", "user", "uts", "ipc", "cgroup"):
+            try:
+                fd = os.open(f"/proc/1/ns/{ns}", os.O_RDONLY)
+            except OSError as exc:
+                out[ns] = f"open {_ename(exc.errno)}"
+                continue
+            try:
+                ret, err = _syscall("setns", fd, 0)
+                out[ns] = err or f"JOINED({ret})"
+            finally:
+                os.close(fd)
+        return out
+
+    out = _in_child(join)
+    held = "crash" not in out and not any("JOINED" in v for v in out.values())
+    return held, f"setns(/proc/1/ns/*): {out}"
+
+
+def probe_mount_refused(env):
+    target = "/tmp/probe-mnt"
+
+    def try_mounts():
+        os.makedirs(target, exist_ok=True)
+        return {
+            "tmpfs": list(_syscall("mount", b"none", target.encode(), b"tmpfs", 0, None)),
+            "bind /": list(_syscall("mount", b"/", target.encode(), None, MS_BIND, None)),
+            "remount / rw": list(_syscall("mount", None, b"/", None, MS_REMOUNT, None)),
+            "proc": list(_syscall("mount", b"proc", target.encode(), b"proc", 0, None)),
+        }
+
+    try:
+        out = _in_child(try_mounts)
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(target)
+    if "crash" in out:
+        return False, str(out)
+    return _refused(env, {k: tuple(v) for k, v in out.items()})
+
+
+# -- dangerous syscalls ----------------------------------------------------------
+
+
+def probe_keyctl_refused(env):
+    KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, KEY_SPEC_PROCESS_KEYRING = 0, -3, -2
+    return _refused(
+        env,
+        {
+            "keyctl": _syscall("keyctl", KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0),
+            "add_key": _syscall("add_key", b"user", b"probe", b"x", 1, KEY_SPEC_PROCESS_KEYRING),
+            "request_key": _syscall("request_key", b"user", b"probe", None, 0),
+        },
+    )
+
+
+def probe_bpf_refused(env):
+    BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
+    attr = (ctypes.c_uint32 * 32)(BPF_MAP_TYPE_ARRAY, 4, 4, 1)  # type, key, value size, entries
+    ret, err = _syscall("bpf", BPF_MAP_CREATE, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret >= 0:
+        os.close(ret)
+    return _refused(env, {"bpf(MAP_CREATE)": (ret, err)})
+
+
+def probe_perf_event_open_refused(env):
+    PERF_TYPE_SOFTWARE = 1
+    attr = (ctypes.c_uint8 * 128)()
+    words = (ctypes.c_uint32 * 2).from_buffer(attr)
+    words[0], words[1] = PERF_TYPE_SOFTWARE, 128  # config 0 = PERF_COUNT_SW_CPU_CLOCK
+    ctypes.c_uint64.from_buffer(attr, 40).value = 0x61  # disabled, exclude_kernel, exclude_hv
+    ret, err = _syscall("perf_event_open", ctypes.byref(attr), 0, -1, -1, 0)
+    if ret >= 0:
+        os.close(ret)
+    return _refused(env, {"perf_event_open(self, sw clock)": (ret, err)})
+
+
+def probe_module_loading_refused(env):
+    image = ctypes.create_string_buffer(64)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        attempts = {
+            "init_module": _syscall("init_module", image, 64, b""),
+            "finit_module": _syscall("finit_module", fd, b"", 0),
+            "delete_module": _syscall("delete_module", b"probe", os.O_NONBLOCK),
+        }
+    finally:
+        os.close(fd)
+    return _refused(env, attempts)
+
+
+def probe_kexec_refused(env):
+    return _refused(
+        env,
+        {
+            "kexec_load": _syscall("kexec_load", 0, 0, None, 0),
+            "kexec_file_load": _syscall("kexec_file_load", -1, -1, 0, None, 0),
+        },
+    )
+
+
+def probe_open_by_handle_at_refused(env):
+    handle = (ctypes.c_uint32 * 8)(16, 1)  # handle_bytes, handle_type, then the handle
+    return _refused(env, {"open_by_handle_at": _syscall("open_by_handle_at", AT_FDCWD, handle, os.O_RDONLY)})
+
+
+def probe_userfaultfd_refused(env):
+    ret, err = _syscall("userfaultfd", os.O_CLOEXEC)
+    if ret >= 0:
+        os.close(ret)
+    return _refused(env, {"userfaultfd": (ret, err)})
+
+
+# -- host interfaces -------------------------------------------------------------
+
+
+def probe_proc_sys_read_only(env):
+    return _open_for_write_refused(
+        [
+            "/proc/sys/kernel/hostname",
+            "/proc/sys/kernel/core_pattern",
+            "/proc/sys/kernel/modprobe",
+            "/proc/sys/vm/overcommit_memory",
+            "/proc/sys/net/ipv4/ip_forward",
+        ]
+    )
+
+
+def probe_sysrq_trigger_not_writable(env):
+    return _open_for_write_refused(["/proc/sysrq-trigger"])
+
+
+def probe_kcore_not_readable(env):
+    results = {}
+    for path in ("/proc/kcore", "/proc/kmsg", "/dev/mem", "/dev/kmem", "/dev/port"):
+        try:
+            with open(path, "rb") as f:
+                data = f.read(4096)
+        except OSError as exc:
+            results[path] = _ename(exc.errno)
+        else:
+            results[path] = f"read {len(data)} bytes"
+    held = all(not v.startswith("read") or v == "read 0 bytes" for v in results.values())
+    return held, str(results)
+
+
+def probe_sys_firmware_not_readable(env):
+    readable = []
+    try:
+        for root, _dirs, files in os.walk("/sys/firmware"):
+            for name in files:
+                path = os.path.join(root, name)
+                try:
+                    with open(path, "rb") as f:
+                        if f.read(1):
+                            readable.append(path)
+                except OSError:
+                    pass
+        listing = os.listdir("/sys/firmware")
+    except OSError as exc:
+        return True, f"/sys/firmware: {_ename(exc.errno)}"
+    return not readable, f"entries: {listing[:10]}, readable files: {readable[:5]}"
+
+
+def probe_no_block_devices(env):
+    found = []
+    for root, _dirs, files in os.walk("/dev"):
+        for name in files:
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if stat.S_ISBLK(os.lstat(path).st_mode):
+                    found.append(path)
+    present = [p for p in ("/dev/mem", "/dev/kmem", "/dev/port") if os.path.lexists(p)]
+    return not found and not present, f"block devices: {found}, memory devices: {present}"
+
+
+def probe_release_agent_not_writable(env):
+    paths = sorted({*glob.glob("/sys/fs/cgroup/release_agent"), *glob.glob("/sys/fs/cgroup/*/release_agent")})
+    if not paths:
+        with contextlib.suppress(OSError):
+            os.listdir("/sys/fs/cgroup")
+            return True, "no release_agent visible under /sys/fs/cgroup"
+        return True, "/sys/fs/cgroup is not there"
+    return _open_for_write_refused(paths)
+
+
+def _is_socket(entry):
+    # Only special files (d_type says which) are worth a stat.
+    if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+        return False
+    return stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode)
+
+
+def probe_no_engine_socket(env):
+    """No Docker / containerd socket anywhere, and no Unix socket but the task's own."""
+    named, sockets, errors = [], [], 0
+    seen = 0
+    stack = ["/"]
+    while stack:
+        top = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            errors += 1
+            continue
+        for entry in entries:
+            seen += 1
+            if seen > WALK_LIMIT:
+                return False, f"walk stopped after {WALK_LIMIT} entries: the check is incomplete"
+            if any(fnmatch.fnmatch(entry.name, p) for p in ENGINE_SOCKET_PATTERNS):
+                named.append(entry.path)
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.path not in ("/proc", "/sys"):
+                        stack.append(entry.path)
+                elif _is_socket(entry):
+                    sockets.append(entry.path)
+            except OSError:
+                errors += 1
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line for line in f if ENGINE_MOUNT_RE.search(line.split(" - ")[0].split()[3])]
+    others = [s for s in sockets if s != SOCKET_PATH]
+    held = not named and not others and not mounts
+    return held, (
+        f"walked {seen} entries ({errors} unreadable dirs); engine-named: {named[:5]}, "
+        f"other sockets: {others[:5]}, engine mounts: {[m.split()[4] for m in mounts][:5]}"
+    )
+
+
+# Mounts that may be writable: the scratch tmpfs, the kernel's virtual file
+# systems (whose files the sandbox uid cannot write) and /dev.
+WRITABLE_MOUNTS = {"/tmp", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/proc", "/sys/fs/cgroup"}
+VIRTUAL_FS = {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2"}
+# The only host paths the container sees besides its root: the task's three
+# mounts, and what the engine itself adds.
+HOST_MOUNTS = {
+    "/data",
+    "/sandbox/protocol",
+    IPC_DIR,
+    "/etc/hosts",
+    "/etc/hostname",
+    "/etc/resolv.conf",
+    "/usr/sbin/docker-init",
+}
+
+
+def probe_only_expected_mounts(env):
+    """The root and every host mount read-only; no host mount beyond the task's own."""
+    problems, host = [], []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            before, _, after = line.partition(" - ")
+            fields, fstype = before.split(), after.split()[0]
+            root, point, options = fields[3], fields[4], fields[5].split(",")
+            writable = "rw" in options
+            if fstype in VIRTUAL_FS:
+                masked = point.startswith("/proc/") and root == "/null"  # runc's masked paths
+                if writable and point not in WRITABLE_MOUNTS and not masked:
+                    problems.append(f"{point} ({fstype}) writable")
+                continue
+            if point != "/":
+                host.append(point)
+                if point not in HOST_MOUNTS:
+                    problems.append(f"unexpected host mount {point} ({fstype} {root})")
+            if writable:
+                problems.append(f"{point} ({fstype}) writable")
+    for needed in ("/data", "/sandbox/protocol", IPC_DIR):
+        if needed not in host:
+            problems.append(f"{needed} not mounted")
+    return not problems, f"problems: {problems}; host mounts: {sorted(host)}"
+
+
+def probe_own_pid_namespace(env):
+    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    with open("/proc/1/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    init = os.path.basename(argv[0].decode(errors="replace"))
+    held = len(pids) < 10 and (init in ("docker-init", "tini", "tini-static") or init.startswith("python"))
+    return held, f"pid 1={init}, pids={pids}"
+
+
+# -- filesystem ----------------------------------------------------------------
+
+
+def probe_root_read_only(env):
     return _write_refused("/probe-root")
 
 
-def probe_etc_read_only():
+def probe_etc_read_only(env):
     return _write_refused("/etc/probe")
 
 
-def probe_usr_read_only():
+def probe_usr_read_only(env):
     return _write_refused("/usr/probe")
 
 
-def probe_data_read_only(ctx):
-    return _write_refused(str(ctx.data_dir / "probe"))
+def probe_data_read_only(env):
+    return _write_refused(str(env.ctx.data_dir / "probe"))
 
 
-def probe_data_readable(ctx):
-    names = sorted(p.name for p in ctx.data_dir.iterdir())
+def probe_data_readable(env):
+    names = sorted(p.name for p in env.ctx.data_dir.iterdir())
     return bool(names), f"data: {names}"
 
 
-def probe_protocol_read_only():
+def probe_protocol_read_only(env):
     return _write_refused(os.path.join(os.path.dirname(__file__), "probe"))
 
 
-def probe_tmp_not_executable():
+def probe_ipc_dir_read_only(env):
+    return _write_refused(f"{IPC_DIR}/probe")
+
+
+def probe_token_private(env):
+    token, sock = os.stat(TOKEN_PATH), os.stat(SOCKET_PATH)
+    detail = (
+        f"token uid={token.st_uid} mode={stat.S_IMODE(token.st_mode):o}; "
+        f"socket uid={sock.st_uid} mode={stat.S_IMODE(sock.st_mode):o}; sandbox uid={os.getuid()}"
+    )
+    if not env.params.get("parent_is_root", False):
+        return None, f"the parent is not root, so the token is open behind a random directory: {detail}"
+    uid = os.getuid()
+    held = (
+        token.st_uid == uid
+        and stat.S_IMODE(token.st_mode) & 0o077 == 0
+        and sock.st_uid == uid
+        and stat.S_IMODE(sock.st_mode) & 0o077 == 0
+    )
+    return held, detail
+
+
+def probe_tmp_not_executable(env):
     path = "/tmp/probe.sh"
     with open(path, "w") as f:
         f.write("#!/bin/sh\necho ran\n")
@@ -102,7 +748,7 @@ def probe_tmp_not_executable():
     return False, f"executed: {out.stdout!r}"
 
 
-def probe_tmp_writable():
+def probe_tmp_writable(env):
     path = "/tmp/probe.txt"
     with open(path, "w") as f:
         f.write("ok")
@@ -110,83 +756,252 @@ def probe_tmp_writable():
     return True, "scratch space writable"
 
 
-def probe_no_docker_socket():
-    found = [
-        p
-        for p in ("/var/run/docker.sock", "/run/docker.sock", "/run/containerd/containerd.sock")
-        if os.path.exists(p)
-    ]
-    return not found, f"found: {found}"
+# -- resource caps ---------------------------------------------------------------
 
 
-def probe_ipc_dir_read_only():
-    return _write_refused("/run/sandbox/probe")
-
-
-def probe_nofile_capped():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 0 < hard <= 1024 and soft <= hard, f"nofile soft={soft} hard={hard}"
-
-
-def probe_core_dumps_off():
+def probe_core_dumps_off(env):
     soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
     return hard == 0, f"core soft={soft} hard={hard}"
 
 
-def probe_memory_capped():
+def probe_nofile_capped(env):
+    cap = env.cap("nofile")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fds, refused = [], ""
+    try:
+        while len(fds) < cap + 16:
+            fds.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError as exc:
+        refused = _ename(exc.errno)
+    finally:
+        highest = max(fds, default=-1)
+        for fd in fds:
+            os.close(fd)
+    held = refused == "EMFILE" and highest < cap and hard <= cap
+    return held, f"opened {len(fds)} more (highest fd {highest}) then {refused or 'no refusal'}; " + (
+        f"rlimit soft={soft} hard={hard}, cap {cap}"
+    )
+
+
+def probe_tmpfs_capped(env):
+    cap = env.cap("tmpfs_mb")
+    path = "/tmp/probe-fill"
+    chunk = b"\xa5" * MIB
+    written, refused = 0, ""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while written < (2 * cap + 8) * MIB:
+            written += os.write(fd, chunk)
+    except OSError as exc:
+        refused = _ename(exc.errno)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    held = refused == "ENOSPC" and written <= (cap + 1) * MIB
+    return held, f"wrote {written / MIB:.1f} MiB to /tmp then {refused or 'no refusal'}; cap {cap} MiB"
+
+
+def _cgroup_memory_limit():
     for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        if os.path.exists(path):
+        with contextlib.suppress(OSError):
             with open(path) as f:
                 raw = f.read().strip()
-            limit = int(raw) if raw.isdigit() else None
-            return limit is not None and limit <= 1024 * 1024 * 1024, f"{path}={raw}"
-    return False, "no memory cgroup visible"
+            return path, (int(raw) if raw.isdigit() else None)
+    return None, None
 
 
-def probe_own_pid_namespace():
-    pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    with open("/proc/1/cmdline", "rb") as f:
-        init = f.read().split(b"\0")[0].decode(errors="replace")
-    return len(pids) < 10 and ("init" in init or "python" in init), f"pid 1={init}, {len(pids)} pids"
+def _meminfo_total():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
-def probe_no_block_devices():
-    found = [n for n in os.listdir("/dev") if stat.S_ISBLK(os.lstat(f"/dev/{n}").st_mode)]
-    return not found and not os.path.exists("/dev/mem"), f"block devices: {found}"
+def probe_memory_capped(env):
+    cap = env.cap("memory_mb")
+    if env.gvisor:
+        # Going past the limit under gVisor ends the whole sandbox (the host's
+        # OOM killer takes the Sentry): check what gVisor shows instead, which
+        # it takes from the container's limit. The test checks the kill from outside.
+        total = _meminfo_total()
+        held = total is not None and total <= cap * MIB
+        return held, f"gVisor MemTotal={total} bytes, cap {cap} MiB"
+    path, limit = _cgroup_memory_limit()
+    step = 8 * MIB
+
+    def hog():
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # be the one the OOM killer picks
+        hoard = []
+        for _ in range(2 * cap * MIB // step):
+            block = bytearray(step)
+            block[::4096] = b"\x01" * len(range(0, step, 4096))
+            hoard.append(block)
+        return {"allocated_mb": len(hoard) * step // MIB}
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            hog()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    held = killed and limit is not None and limit <= cap * MIB
+    how = f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit {status}"
+    return held, f"child allocating {2 * cap} MiB: {how}; {path}={limit}, cap {cap} MiB"
+
+
+def probe_pids_capped(env):
+    cap = env.cap("pids")
+    if env.gvisor:
+        # DESIGN (runsc facts): forking to the cap under gVisor ends the sandbox
+        # rather than returning EAGAIN; the test checks that from outside.
+        return None, "gVisor: the pids cap ends the sandbox instead of refusing fork()"
+    return _fork_until_refused(cap)
+
+
+# Run in a fresh interpreter, not forked from the sandbox runtime: grpc's fork
+# handlers in the runtime retry thread creation after every fork, and at the
+# pids cap they retry until they abort the whole process.
+FORK_UNTIL_REFUSED = """
+import errno, json, os, signal, sys, time
+cap, children, refused = int(sys.argv[1]), [], ""
+try:
+    while len(children) < cap:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                time.sleep(120)
+            finally:
+                os._exit(0)
+        children.append(pid)
+except OSError as exc:
+    refused = errno.errorcode.get(exc.errno, str(exc.errno))
+finally:
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    for pid in children:
+        os.waitpid(pid, 0)
+print(json.dumps({"children": len(children), "refused": refused}))
+"""
+
+
+def _fork_until_refused(cap):
+    """Fork sleeping children until fork() fails (at most ``cap``), then kill and reap them."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_UNTIL_REFUSED, str(cap)], capture_output=True, text=True, timeout=120
+    )
+    if proc.returncode != 0:
+        return False, f"fork helper exited {proc.returncode}: {proc.stderr[-300:]}"
+    out = json.loads(proc.stdout)
+    held = out["refused"] == "EAGAIN" and out["children"] < cap
+    return held, f"forked {out['children']} children then {out['refused'] or 'no refusal'}; cap {cap}"
+
+
+def probe_environment_has_no_secrets(env):
+    with open(TOKEN_PATH) as f:
+        token = f.read().strip()
+    suspicious, holds_token = [], []
+    sources = {"self": dict(os.environ)}
+    with contextlib.suppress(OSError), open("/proc/1/environ", "rb") as f:
+        pairs = (item.partition(b"=") for item in f.read().split(b"\0") if item)
+        sources["pid 1"] = {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
+    for where, environ in sources.items():
+        for name, value in environ.items():
+            if token and token in value:
+                holds_token.append(f"{where}:{name}")
+            if name in HARMLESS_ENV:
+                continue
+            if any(w in name.upper() or w in value.upper() for w in SECRET_WORDS):
+                suspicious.append(f"{where}:{name}")
+    held = not suspicious and not holds_token
+    names = sorted(sources["self"])
+    return held, f"suspicious: {suspicious}, holding the token: {holds_token}; names: {names}"
 
 
 PROBES = [
     probe_only_loopback,
     probe_no_routes,
+    probe_not_root,
     probe_capabilities_empty,
     probe_no_new_privs,
     probe_seccomp_filter,
-    probe_not_root,
+    probe_kernel_log_refused,
+    probe_ptrace_pid1_refused,
+    probe_pid1_memory_not_readable,
+    probe_unshare_refused,
+    probe_setns_refused,
+    probe_mount_refused,
+    probe_keyctl_refused,
+    probe_bpf_refused,
+    probe_perf_event_open_refused,
+    probe_module_loading_refused,
+    probe_kexec_refused,
+    probe_open_by_handle_at_refused,
+    probe_userfaultfd_refused,
+    probe_proc_sys_read_only,
+    probe_sysrq_trigger_not_writable,
+    probe_kcore_not_readable,
+    probe_sys_firmware_not_readable,
+    probe_no_block_devices,
+    probe_release_agent_not_writable,
+    probe_no_engine_socket,
+    probe_only_expected_mounts,
+    probe_own_pid_namespace,
     probe_root_read_only,
     probe_etc_read_only,
     probe_usr_read_only,
     probe_data_read_only,
     probe_data_readable,
     probe_protocol_read_only,
+    probe_ipc_dir_read_only,
+    probe_token_private,
     probe_tmp_not_executable,
     probe_tmp_writable,
-    probe_no_docker_socket,
-    probe_ipc_dir_read_only,
-    probe_nofile_capped,
     probe_core_dumps_off,
+    probe_nofile_capped,
+    probe_tmpfs_capped,
     probe_memory_capped,
-    probe_own_pid_namespace,
-    probe_no_block_devices,
+    probe_pids_capped,
+    probe_environment_has_no_secrets,
 ]
 
 
+def _push_cap(mode, params):
+    """Go past one cap on purpose; the test judges the outcome from outside."""
+    if mode == "fork_bomb":
+        cap = int(params["pids"])
+        held, detail = _fork_until_refused(cap)
+        return {"held": held, "detail": detail}
+    if mode == "memory_hog":
+        hoard = []
+        for _ in range(4 * int(params["memory_mb"])):
+            hoard.append(bytearray(b"\x01") * MIB)
+        return {"held": False, "detail": f"allocated {len(hoard)} MiB"}
+    raise ValueError(f"unknown mode {mode!r}")
+
+
 def run(ctx):
+    params = dict(ctx.parameters)
+    if params.get("mode"):
+        return _push_cap(params["mode"], params)
+    runtime, evidence = detect_runtime()
+    env = Env(ctx, params, runtime, evidence)
+    only = params.get("only")
     results = {}
     for probe in PROBES:
         name = probe.__name__.removeprefix("probe_")
+        if only and name not in only:
+            continue
         try:
-            held, detail = probe(ctx) if probe.__code__.co_argcount else probe()
+            held, detail = probe(env)
         except Exception as exc:
             held, detail = False, f"probe crashed: {type(exc).__name__}: {exc}"
-        results[name] = {"held": bool(held), "detail": str(detail)[:300]}
-    return results
+        results[name] = {
+            "held": None if held is None else bool(held),
+            "detail": str(detail)[:600],
+            "applies": held is not None,
+        }
+    return {"runtime": runtime, "evidence": evidence, "machine": platform.machine(), "probes": results}
