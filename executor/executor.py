@@ -229,6 +229,7 @@ class Executor:
                 self.spool_dir / task_dir.path.name,
                 max_message_bytes=policy.max_message_bytes,
                 max_task_bytes=policy.max_task_bytes,
+                owner=self.instance_id,
             )
             wake = threading.Event()
             session = TaskSession(

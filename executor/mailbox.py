@@ -35,6 +35,7 @@ from executor.transport import Channel, Envelope, Route
 log = logging.getLogger(__name__)
 
 SPOOL_THRESHOLD = 4 * 1024 * 1024
+SPOOL_OWNER = ".owner"
 READY_POLL_S = 0.5
 
 
@@ -77,6 +78,7 @@ class MailboxBroker:
         channel: The task's channel on the pod's transport.
         keys: The task's keys.
         spool_dir: A private directory for large bodies; removed by :meth:`close`.
+        owner: The executor instance, written into the spool for the reaper.
         max_message_bytes: Largest plaintext body either way.
         max_task_bytes: Most plaintext bytes the task may move, both ways together.
     """
@@ -90,12 +92,14 @@ class MailboxBroker:
         *,
         max_message_bytes: int,
         max_task_bytes: int,
+        owner: str = "",
     ) -> None:
         self.route = route
         self._channel = channel
         self._keys = keys
         self._spool = spool_dir
         self._spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self._spool / SPOOL_OWNER).write_text(owner)
         self.max_message_bytes = max_message_bytes
         self.max_task_bytes = max_task_bytes
         self._lock = threading.Lock()

@@ -13,11 +13,13 @@ import logging
 import os
 import shutil
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from executor.backends import LABEL_PARENT, ContainerBackend
+from executor.mailbox import SPOOL_OWNER
 from executor.taskdir import OWNER_NAME, remove_tree
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,16 @@ def _start_time(pid: int) -> str | None:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+UNLABELLED_GRACE_S = 60.0
+
+
+def _age_s(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def new_instance_id() -> str:
@@ -81,7 +93,6 @@ def reap(
         if everything or not instance_alive(owner):
             backend.remove(container_id)
             report.containers.append(container_id)
-    live_dirs: set[str] = set()
     if run_dir.is_dir():
         for task_dir in run_dir.iterdir():
             try:
@@ -91,11 +102,18 @@ def reap(
             if everything or not instance_alive(owner):
                 remove_tree(task_dir)
                 report.task_dirs.append(str(task_dir))
-            else:
-                live_dirs.add(task_dir.name)
     if spool_dir.is_dir():
+        # Spools name their owner themselves: executors with other run
+        # directories may share the spool directory.
         for spool in spool_dir.iterdir():
-            if spool.name not in live_dirs:
+            try:
+                owner = (spool / SPOOL_OWNER).read_text().strip()
+            except OSError:
+                # Made a moment ago and not yet labelled: leave it to a later reap.
+                if not everything and _age_s(spool) < UNLABELLED_GRACE_S:
+                    continue
+                owner = ""
+            if everything or not instance_alive(owner):
                 shutil.rmtree(spool, ignore_errors=True)
                 report.spools.append(str(spool))
     if report.total:

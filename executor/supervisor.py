@@ -30,6 +30,9 @@ EXIT_GRACE_S = 10.0
 # After a cancel request the protocol has this long to stop before a kill.
 CANCEL_GRACE_S = 5.0
 STDERR_TAIL_LINES = 20
+# Before its first heartbeat a sandbox may be silent this long (or the
+# heartbeat timeout, if longer): booting is not hanging.
+BOOT_GRACE_S = 30.0
 # Exit statuses of a process killed by SIGKILL, as engines report them.
 _SIGKILL_CODES = (137, -9)
 
@@ -140,15 +143,20 @@ class Supervisor:
         """A verdict if the sandbox is frozen or stuck, else ``None``."""
         policy = self.policy
         stats = self.session.beat_stats
-        last = stats.last_beat if stats.last_beat is not None else running_since
+        if stats.last_beat is None:
+            # Booting (interpreter, imports; slower under gVisor) precedes the
+            # first beat, so a hang before it gets a longer allowance.
+            last, limit = running_since, max(policy.heartbeat_timeout_s, BOOT_GRACE_S)
+        else:
+            last, limit = stats.last_beat, policy.heartbeat_timeout_s
         silence = now - last
-        if silence > policy.heartbeat_timeout_s:
+        if silence > limit:
             return _Verdict(
                 Status.TIMEOUT,
                 ErrorDetail(
                     "HeartbeatTimeout",
                     f"the sandbox sent no heartbeat for {silence:.2f} s (limit "
-                    f"{policy.heartbeat_timeout_s:g} s): it is frozen or hung",
+                    f"{limit:g} s): it is frozen or hung",
                 ),
                 abort_modeller=True,
             )

@@ -54,10 +54,12 @@ def test_frozen_sandbox_is_detected_and_the_modeller_told(make_executor, modelle
     assert outcome.status is Status.TIMEOUT
     assert outcome.error is not None
     assert outcome.error.type == "HeartbeatTimeout"
-    # The supervisor's own measure of the silence when it gave up: the limit,
-    # plus at most one beat interval of detection slack.
+    # The supervisor's own measure of the silence when it gave up: past the
+    # limit, so it did not fire early. How soon after the limit it fires is
+    # measured by bench/failure_detection.py, not asserted here (no wall-clock
+    # assertions in tests).
     silence = float(outcome.error.message.split("for ")[1].split(" s")[0])
-    assert 1.5 < silence <= 1.5 + 0.2
+    assert silence > 1.5
     abort = modeller.receive("frozen", timeout=5)
     assert abort is not None and abort.type == "TASK_ABORT"
     body = json.loads(abort.read())
