@@ -1,0 +1,160 @@
+"""Cold start: submit to the first line of protocol code, runc and runsc, against a multiprocessing spawn.
+
+The protocol (bench/protocols/first_line) returns ``time.time()`` from the first
+line of ``run(ctx)``; the parent records ``time.time()`` just before
+``Executor.run``. Both read the same host clock (containers share the host's
+clock under runc and runsc alike). The baseline, measured in the same run, is
+a ``multiprocessing`` spawn-context process whose target sends back the time
+of its own first line: the seed's worker process without the container.
+
+Also reported: the median of each phase of ``outcome.timings`` and the time
+from the first line to ``Executor.run`` returning (result, exit, removal).
+
+    .venv/bin/python bench/cold_start.py [--runs 10] [--runtimes runc,runsc] [--json]
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from typing import Any
+
+import _common as c
+
+PHASES = ("create", "start", "boot", "import", "config", "load", "run", "total")
+
+
+def _first_line(conn: Any) -> None:
+    first = time.time()
+    conn.send(first)
+    conn.close()
+
+
+def spawn_baseline(ws: c.Workspace, runs: int, warmup: int) -> dict[str, Any]:
+    """Submit-to-first-line latency of a spawn-context process, ``runs`` times."""
+    mp = multiprocessing.get_context("spawn")
+    latencies = []
+    for i in range(warmup + runs):
+        recv, send = mp.Pipe(duplex=False)
+        submitted = time.time()
+        proc = ws.track_process(mp.Process(target=_first_line, args=(send,), daemon=True))
+        proc.start()
+        send.close()
+        first = recv.recv()
+        proc.join()
+        recv.close()
+        if i >= warmup:
+            latencies.append(first - submitted)
+    return {"first_line": c.summary(latencies), "samples": latencies}
+
+
+def executor_runs(ws: c.Workspace, runtime: str, runs: int, warmup: int) -> dict[str, Any]:
+    """Submit-to-first-line latency through the executor on ``runtime``, ``runs`` times."""
+    from executor.executor import TaskSpec
+
+    executor = ws.executor(c.policy(runtime))
+    data = ws.data_dir()
+    latencies, tails, totals = [], [], []
+    phases: dict[str, list[float]] = {p: [] for p in PHASES}
+    for i in range(warmup + runs):
+        spec = TaskSpec(
+            protocol_dir=c.PROTOCOLS / "first_line", data_dir=data, task_id=c.new_task_id(f"cold-{runtime}")
+        )
+        handle = ws.run(executor, spec, timeout=300)
+        outcome = handle.outcome
+        c.check_ok(outcome, f"cold start on {runtime}")
+        if i < warmup:
+            continue
+        first = float(outcome.result)
+        latencies.append(first - handle.submitted)
+        tails.append(handle.returned - first)
+        totals.append(handle.returned - handle.submitted)
+        for p in PHASES:
+            if p in outcome.timings:
+                phases[p].append(outcome.timings[p])
+    return {
+        "first_line": c.summary(latencies),
+        "first_line_to_return": c.summary(tails),
+        "submit_to_return": c.summary(totals),
+        "phases_median": {p: c.median(v) for p, v in phases.items() if v},
+        "samples": latencies,
+    }
+
+
+def render(report: dict[str, Any]) -> str:
+    res = report["results"]
+    base = res["baseline_spawn"]["first_line"]
+    rows = [["mp spawn (baseline)", c.ms(base["p50"]), c.ms(base["p90"]), "1.00x", "1.00x", "-", "-"]]
+    for rt in report["params"]["runtimes"]:
+        r = res.get(rt)
+        if r is None:
+            continue
+        fl = r["first_line"]
+        rows.append(
+            [
+                f"executor {rt}",
+                c.ms(fl["p50"]),
+                c.ms(fl["p90"]),
+                c.times(report["ratios"][rt]["p50"]),
+                c.times(report["ratios"][rt]["p90"]),
+                c.ms(r["first_line_to_return"]["p50"]),
+                c.ms(r["submit_to_return"]["p50"]),
+            ]
+        )
+    n = report["params"]["runs"]
+    out = [
+        c.table(
+            f"submit -> first line of protocol code, {n} runs each (ms)",
+            ["", "p50", "p90", "p50/base", "p90/base", "first->return p50", "submit->return p50"],
+            rows,
+        ),
+        "",
+    ]
+    phase_rows = []
+    for rt in report["params"]["runtimes"]:
+        r = res.get(rt)
+        if r is not None:
+            phase_rows.append([rt, *(c.ms(r["phases_median"].get(p, float("nan"))) for p in PHASES)])
+    if phase_rows:
+        out.append(c.table("executor outcome.timings, median (ms)", ["runtime", *PHASES], phase_rows))
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = c.base_parser(__doc__ or "")
+    parser.add_argument("--runs", type=int, default=10, help="measured runs per row")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs first, per row")
+    parser.add_argument("--runtimes", type=c.runtimes_arg, default="runc,runsc", help="OCI runtimes")
+    args = parser.parse_args()
+
+    with c.Workspace() as ws:
+        known = c.available_runtimes(ws)
+        notes = [
+            "first line = time.time() at the top of run(ctx); submit = time.time() just before Executor.run "
+            "(spawn: just before Process()); same host clock",
+            f"{args.warmup} warm-up run(s) per row not counted (the first executor run also reaps and "
+            "connects to the engine)",
+        ]
+        results: dict[str, Any] = {"baseline_spawn": spawn_baseline(ws, args.runs, args.warmup)}
+        ratios: dict[str, Any] = {}
+        base = results["baseline_spawn"]["first_line"]
+        for rt in args.runtimes:
+            if rt not in known:
+                notes.append(f"{rt} skipped: the engine knows only {', '.join(known)}")
+                continue
+            results[rt] = executor_runs(ws, rt, args.runs, args.warmup)
+            fl = results[rt]["first_line"]
+            ratios[rt] = {"p50": c.ratio(fl["p50"], base["p50"]), "p90": c.ratio(fl["p90"], base["p90"])}
+        report = {
+            "benchmark": "cold_start",
+            "machine": c.machine(ws),
+            "params": {"runs": args.runs, "warmup": args.warmup, "runtimes": args.runtimes},
+            "results": results,
+            "ratios": ratios,
+            "notes": notes,
+        }
+    c.emit(args, report, render)
+
+
+if __name__ == "__main__":
+    c.entry(main)
