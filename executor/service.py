@@ -72,6 +72,9 @@ CONCURRENCY: dict[str, int] = {
 # A connection that carries no call for this long is closed (the runtime's
 # heartbeat stream keeps its own connection busy).
 IDLE_CONNECTION_MS = 60_000
+# Connections one task may hold open: the runtime needs one. Without a cap a
+# protocol could exhaust the parent's file descriptors, which all tasks share.
+MAX_CONNECTIONS = 8
 HANDSHAKE_TIMEOUT_MS = 5_000
 # Mailbox bodies of any size travel in chunks of at most this many bytes, so no
 # single gRPC message is ever large.
@@ -91,6 +94,7 @@ def _abort_handler(
     def deny(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
+    # No deserializer: a refused call's request is never parsed.
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny)
     if handler.request_streaming:
@@ -132,43 +136,78 @@ class CallLimiter:
             self._open[method] -= 1
 
 
-def _released(
-    handler: grpc.RpcMethodHandler[Any, Any], release: Callable[[], None]
+def _guarded(
+    handler: grpc.RpcMethodHandler[Any, Any], limiter: CallLimiter, method: str
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """``handler`` with ``release`` called once its call is over, streams included."""
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
+    """``handler``, parsing its own requests and holding a limiter slot while it runs.
+
+    Requests reach the handler as raw bytes and are parsed here, so a
+    malformed one is refused with INVALID_ARGUMENT by our own code (grpc's
+    failed-deserialisation path leaves streams behind on the connection), and
+    the slot is taken only once the handler really runs, so a call grpc
+    refuses earlier (too large, over the server's concurrency cap) cannot
+    leak one.
+    """
+    parse: Callable[[bytes], Any] = handler.request_deserializer or (lambda raw: raw)
+    kwargs: dict[str, Any] = {
+        "request_deserializer": None,
         "response_serializer": handler.response_serializer,
     }
-    if handler.unary_unary is not None or handler.stream_unary is not None:
+
+    def parsed(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except Exception:
+            raise RequestRejected("INVALID_ARGUMENT", "malformed request") from None
+
+    def parsed_stream(raws: Iterator[bytes]) -> Iterator[Any]:
+        for raw in raws:
+            yield parsed(raw)
+
+    def enter(context: grpc.ServicerContext) -> None:
+        refused = limiter.admit(method)
+        if refused is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+
+    def first(raw: Any, context: grpc.ServicerContext, streaming: bool) -> Any:
+        if streaming:
+            return parsed_stream(raw)
+        try:
+            return parsed(raw)
+        except RequestRejected as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.public_message)
+
+    if not handler.response_streaming:
         behaviour = handler.unary_unary or handler.stream_unary
         assert behaviour is not None
 
-        def once(request: Any, context: grpc.ServicerContext) -> Any:
+        def once(raw: Any, context: grpc.ServicerContext) -> Any:
+            enter(context)
             try:
-                return behaviour(request, context)
+                return behaviour(first(raw, context, handler.request_streaming), context)
             finally:
-                release()
+                limiter.release(method)
 
         factory = (
-            grpc.unary_unary_rpc_method_handler
-            if handler.unary_unary is not None
-            else grpc.stream_unary_rpc_method_handler
+            grpc.stream_unary_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_unary_rpc_method_handler
         )
         return factory(once, **kwargs)
     streaming = handler.unary_stream or handler.stream_stream
     assert streaming is not None
 
-    def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def stream(raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        enter(context)
         try:
-            yield from streaming(request, context)
+            yield from streaming(first(raw, context, handler.request_streaming), context)
         finally:
-            release()
+            limiter.release(method)
 
     factory = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.unary_stream is not None
-        else grpc.stream_stream_rpc_method_handler
+        grpc.stream_stream_rpc_method_handler
+        if handler.request_streaming
+        else grpc.unary_stream_rpc_method_handler
     )
     return factory(stream, **kwargs)
 
@@ -198,11 +237,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
                 break
         if not hmac.compare_digest(presented, self._token):
             return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid or missing token")
-        method = handler_call_details.method
-        refused = self._limiter.admit(method)
-        if refused is not None:
-            return _abort_handler(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
-        return _released(handler, lambda: self._limiter.release(method))
+        return _guarded(handler, self._limiter, handler_call_details.method)
 
 
 def _rpc_errors(method: _F) -> _F:
@@ -397,6 +432,7 @@ class TaskServer:
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
                 ("grpc.max_concurrent_streams", MAX_CONCURRENT_RPCS),
                 ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
+                ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
                 ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
                 ("grpc.so_reuseport", 0),
             ],

@@ -1,0 +1,1293 @@
+"""Test protocol: attack the parent's gRPC surface from inside the sandbox.
+
+Each attack is run as untrusted code would run it: with grpc and raw sockets
+against /run/sandbox/sandbox.sock, on channels of its own (the runtime's own
+channel is used only to check that normal calls still work). An attack returns
+``(held, detail)``: ``held`` is true only if every status code (and, where the
+parent gives one, its public message) is exactly the safe one. ``run``
+returns ``{name: {"held": bool, "detail": str}}``.
+
+Parameters (from the test): ``limits`` (the parent's caps, so that expected
+messages follow the code), ``victim_task_id`` (another task of the same
+parent), ``host_run_dir`` (the parent's task directory base on the host) and
+``connections`` (processes and connections per process for the connection
+flood).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from executor.v1 import sandbox_pb2 as pb
+from executor.v1 import sandbox_pb2_grpc as pb_grpc
+
+IPC = "/run/sandbox"
+SOCKET = f"{IPC}/sandbox.sock"
+TOKEN_FILE = f"{IPC}/token"
+SERVICE = "/executor.v1.Sandbox/"
+TOKEN_KEY = "x-sandbox-token"
+MiB = 1024 * 1024
+TIMEOUT_S = 15.0
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+# Progress markers the test listens for (it samples the parent's open files).
+MARK_HELD = "rpc-attacks:connections-held"
+MARK_RELEASED = "rpc-attacks:connections-released"
+MARK_START = "rpc-attacks:start"
+# A task that needs one channel has no business holding more than this many.
+MAX_CONNECTIONS_PER_TASK = 64
+
+# Every RPC of the service, its streaming shape and a plausible request.
+METHODS: dict[str, tuple[str, bytes]] = {
+    "GetTask": ("unary_unary", pb.GetTaskRequest().SerializeToString()),
+    "Heartbeat": ("stream_stream", pb.Beat(seq=1, progress_events=1).SerializeToString()),
+    "SendMessage": (
+        "stream_unary",
+        pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=6, data=b"forged").SerializeToString(),
+    ),
+    "ReceiveMessage": (
+        "unary_stream",
+        pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE, timeout_ms=100).SerializeToString(),
+    ),
+    "SendSecureShares": ("unary_unary", pb.SecureShares(shares={"pod-x": b"s"}).SerializeToString()),
+    "GetSecureShares": ("unary_unary", pb.GetSecureSharesRequest(timeout_ms=100).SerializeToString()),
+    "ReportProgress": (
+        "unary_unary",
+        pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="forged").SerializeToString(),
+    ),
+    "ReportFiles": (
+        "unary_unary",
+        pb.FileOutcomes(
+            files=[pb.FileOutcome(name="sub/inner.csv", kind=pb.FileOutcome.FAILED, reason="forged")]
+        ).SerializeToString(),
+    ),
+    # If this were ever accepted the task would end with a forged result: loud, not silent.
+    "Finish": ("unary_unary", pb.FinishRequest(status=pb.OK, result_json='"forged"').SerializeToString()),
+}
+
+Status = tuple[str, str]
+
+
+def _channel() -> grpc.Channel:
+    """A channel with a connection of its own (not shared with the runtime's channel)."""
+    return grpc.insecure_channel(
+        f"unix:{SOCKET}",
+        options=[
+            ("grpc.use_local_subchannel_pool", 1),
+            ("grpc.enable_retries", 0),
+            ("grpc.enable_http_proxy", 0),
+            ("grpc.max_receive_message_length", -1),
+        ],
+    )
+
+
+def _status(call: Callable[[], Any]) -> Status:
+    """The status name and details ``call`` ends with."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code().name, exc.details() or ""
+    return "OK", ""
+
+
+def _raw(
+    channel: grpc.Channel, method: str, payload: bytes, metadata: Any, timeout: float = TIMEOUT_S
+) -> Any:
+    """Call ``method`` with raw request bytes (no client-side serialisation)."""
+    shape = METHODS[method][0] if method in METHODS else "unary_unary"
+    path = method if method.startswith("/") else SERVICE + method
+    if shape == "unary_unary":
+        return channel.unary_unary(path)(payload, metadata=metadata, timeout=timeout)
+    if shape == "unary_stream":
+        return list(channel.unary_stream(path)(payload, metadata=metadata, timeout=timeout))
+    if shape == "stream_unary":
+        return channel.stream_unary(path)(iter([payload]), metadata=metadata, timeout=timeout)
+    return next(iter(channel.stream_stream(path)(iter([payload]), metadata=metadata, timeout=timeout)))
+
+
+class Checks:
+    """Expectations of one attack; ``result()`` is its ``(held, detail)``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.failures: list[str] = []
+        self.notes: list[str] = []
+
+    def status(
+        self, label: str, got: Status, code: str, message: str | None = None, contains: str = ""
+    ) -> None:
+        self.count += 1
+        if got[0] != code or (message is not None and got[1] != message) or contains not in got[1]:
+            want = f"{code} {message!r}" if message is not None else f"{code} containing {contains!r}"
+            self.failures.append(f"{label}: got {got[0]} {got[1]!r}, expected {want}")
+
+    def true(self, label: str, condition: bool, detail: str = "") -> None:
+        self.count += 1
+        if not condition:
+            self.failures.append(f"{label}: {detail}" if detail else label)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def result(self) -> tuple[bool, str]:
+        if self.failures:
+            return False, "; ".join(self.failures)[:4000]
+        text = f"all {self.count} checks held"
+        if self.notes:
+            text += " (" + "; ".join(self.notes) + ")"
+        return self.count > 0, text[:4000]
+
+
+class Attacker:
+    """Shared state for the attacks: the token, stubs and the parent's limits."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+        with open(TOKEN_FILE) as f:
+            self.token = f.read().strip()
+        self.md = ((TOKEN_KEY, self.token),)
+        self.own = ctx.mailbox._client  # the runtime's own channel: only for "still works"
+        self.limits: dict[str, int] = ctx.parameters["limits"]
+        self.victim = ctx.parameters["victim_task_id"]
+        self.host_run_dir = ctx.parameters["host_run_dir"]
+
+    def normal_calls_work(self, checks: Checks, label: str, channel: grpc.Channel | None = None) -> None:
+        """GetTask and ReportProgress answer on ``channel``, a new channel and the runtime's own."""
+        fresh = _channel()
+        try:
+            stubs = [("new channel", pb_grpc.SandboxStub(fresh)), ("runtime channel", self.own.stub)]
+            if channel is not None:
+                stubs.insert(0, ("same channel", pb_grpc.SandboxStub(channel)))
+            for where, stub in stubs:
+                got: Status = ("", "")
+                for _ in range(20):  # a brief refusal right after a flood is fine; a dead server is not
+                    got = _status(lambda s=stub: s.GetTask(pb.GetTaskRequest(), metadata=self.md, timeout=10))
+                    if got[1] != "call rate limit exceeded":
+                        break
+                    time.sleep(0.1)
+                checks.status(f"{label}: GetTask on the {where}", got, "OK")
+                got = _status(
+                    lambda s=stub: s.ReportProgress(
+                        pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="still here"),
+                        metadata=self.md,
+                        timeout=10,
+                    )
+                )
+                checks.status(f"{label}: ReportProgress on the {where}", got, "OK")
+        finally:
+            fresh.close()
+
+
+# -- authentication -----------------------------------------------------------
+
+
+def _every_method_refused(a: Attacker, checks: Checks, label: str, metadata: Any) -> None:
+    channel = _channel()
+    try:
+        for method, (_, payload) in METHODS.items():
+            got = _status(lambda m=method, p=payload: _raw(channel, m, p, metadata))
+            checks.status(f"{label} {method}", got, "UNAUTHENTICATED", "invalid or missing token")
+    finally:
+        channel.close()
+
+
+def attack_no_token(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    _every_method_refused(a, checks, "no metadata:", None)
+    _every_method_refused(a, checks, "other metadata only:", (("x-other", a.token),))
+    _every_method_refused(a, checks, "token under a -bin key:", ((TOKEN_KEY + "-bin", a.token.encode()),))
+    checks.note(f"{len(METHODS)} methods x 3 ways")
+    return checks.result()
+
+
+def _flip(token: str, index: int) -> str:
+    c = token[index]
+    return token[:index] + ("A" if c != "A" else "B") + token[index + 1 :]
+
+
+def attack_wrong_token_same_length(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    n = len(a.token)
+    variants = {
+        "first char changed": _flip(a.token, 0),
+        "last char changed": _flip(a.token, n - 1),
+        "middle char changed": _flip(a.token, n // 2),
+        "all A": "A" * n,
+        "reversed": a.token[::-1] if a.token[::-1] != a.token else _flip(a.token, 1),
+    }
+    for label, wrong in variants.items():
+        assert len(wrong) == n and wrong != a.token
+        _every_method_refused(a, checks, f"{label}:", ((TOKEN_KEY, wrong),))
+    return checks.result()
+
+
+def attack_token_other_lengths(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    variants: dict[str, Any] = {
+        "empty": ((TOKEN_KEY, ""),),
+        "one char short": ((TOKEN_KEY, a.token[:-1]),),
+        "one char long": ((TOKEN_KEY, a.token + "A"),),
+        "prefix only": ((TOKEN_KEY, a.token[:8]),),
+        "doubled": ((TOKEN_KEY, a.token * 2),),
+        "trailing space": ((TOKEN_KEY, a.token + " "),),
+        "wrong then right": ((TOKEN_KEY, "A" * len(a.token)), (TOKEN_KEY, a.token)),
+    }
+    for label, metadata in variants.items():
+        _every_method_refused(a, checks, f"{label}:", metadata)
+    return checks.result()
+
+
+# -- identity -------------------------------------------------------------
+
+
+def _sockets_anywhere() -> tuple[list[str], int]:
+    """Every Unix socket in the sandbox's file tree (not /proc, /sys, /dev)."""
+    found: list[str] = []
+    seen = 0
+    for root, dirs, files in os.walk("/", onerror=lambda e: None):
+        if root == "/":
+            dirs[:] = [d for d in dirs if d not in ("proc", "sys", "dev")]
+        for name in dirs + files:
+            seen += 1
+            path = os.path.join(root, name)
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    found.append(path)
+            except OSError:
+                pass
+    return sorted(found), seen
+
+
+def _mounted_task_dirs() -> set[str]:
+    """Task directories (``t-...``) that any mount of this sandbox comes from."""
+    dirs = set()
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            for field in fields[3:5]:
+                for m in re.finditer(r"/(t-[A-Za-z0-9_]+)(?:/|$)", field):
+                    dirs.add(m.group(1))
+    return dirs
+
+
+def _unknown_fields(*values: str) -> bytes:
+    """Unknown string fields 1, 15 and 99 carrying ``values``: identity smuggled in a body."""
+    out = b""
+    for number, value in zip((1, 15, 99), values, strict=False):
+        data = value.encode()
+        out += _varint((number << 3) | 2) + _varint(len(data)) + data
+    return out
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def attack_other_task_identity(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    own_id = a.ctx.task_id
+    listing = sorted(os.listdir(IPC))
+    checks.true("/run/sandbox listing", listing == ["sandbox.sock", "token"], f"holds {listing}")
+    sockets, seen = _sockets_anywhere()
+    checks.true("sockets in the file tree", sockets == [SOCKET], f"found {sockets}")
+    checks.note(f"walked {seen} paths, the only socket is {SOCKET}")
+    checks.true(
+        "host run dir not visible", not os.path.exists(a.host_run_dir), f"{a.host_run_dir} exists inside"
+    )
+    task_dirs = _mounted_task_dirs()
+    checks.true(
+        "mounts come from at most one task directory", len(task_dirs) <= 1, f"mounts from {task_dirs}"
+    )
+
+    channel = _channel()
+    try:
+        smuggled = [
+            ("plain", (), b""),
+            ("x-task-id header", (("x-task-id", a.victim),), b""),
+            ("task-id headers", (("task-id", a.victim), ("x-sandbox-task-id", a.victim)), b""),
+            ("victim id in unknown body fields", (), _unknown_fields(a.victim, a.victim, a.victim)),
+            (":authority-like header", (("x-forwarded-for", a.victim), ("x-task", a.victim)), b""),
+        ]
+        for label, extra, body in smuggled:
+            try:
+                raw = _raw(channel, "GetTask", body, a.md + extra)
+                config = pb.TaskConfig()
+                config.ParseFromString(raw)
+                checks.true(
+                    f"GetTask ({label}) returns this task",
+                    config.task_id == own_id,
+                    f"returned {config.task_id!r}, this task is {own_id!r}",
+                )
+            except grpc.RpcError as exc:
+                checks.true(f"GetTask ({label})", False, f"{exc.code().name} {exc.details()!r}")
+        # The test queued a MODELLER_RESPONSE for the victim task: it must stay out of reach.
+        request = pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE, timeout_ms=500).SerializeToString()
+        got = _status(
+            lambda: _raw(
+                channel,
+                "ReceiveMessage",
+                request + _unknown_fields(a.victim, a.victim),
+                (*a.md, ("x-task-id", a.victim)),
+            )
+        )
+        checks.status(
+            "receive the victim's message",
+            got,
+            "DEADLINE_EXCEEDED",
+            "no MODELLER_RESPONSE message within 0.5 s",
+        )
+        stub = pb_grpc.SandboxStub(channel)
+        got = _status(
+            lambda: stub.SendSecureShares(
+                pb.SecureShares(shares={"victim-pod": b"x"}), metadata=a.md, timeout=TIMEOUT_S
+            )
+        )
+        checks.status(
+            "share to a pod outside the task", got, "RESOURCE_EXHAUSTED", "not peers of this task: victim-pod"
+        )
+    finally:
+        channel.close()
+    return checks.result()
+
+
+# -- size, rate and concurrency ----------------------------------------------
+
+
+def attack_oversized_message(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    big = 32 * MiB
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    too_big = "Received message larger than max"
+    try:
+        got = _status(
+            lambda: stub.ReportProgress(
+                pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="i" * big), metadata=a.md, timeout=60
+            )
+        )
+        checks.status("32 MiB ProgressEvent.info", got, "RESOURCE_EXHAUSTED", contains=too_big)
+        got = _status(
+            lambda: stub.SendMessage(
+                iter([pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=big, data=b"d" * big)]),
+                metadata=a.md,
+                timeout=60,
+            )
+        )
+        checks.status("32 MiB first MessageChunk.data", got, "RESOURCE_EXHAUSTED", contains=too_big)
+
+        def then_big() -> Iterator[pb.MessageChunk]:
+            yield pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=big + 10, data=b"0123456789")
+            yield pb.MessageChunk(data=b"d" * big)
+
+        got = _status(lambda: stub.SendMessage(then_big(), metadata=a.md, timeout=60))
+        checks.status("32 MiB second MessageChunk.data", got, "RESOURCE_EXHAUSTED", contains=too_big)
+        got = _status(
+            lambda: stub.Finish(
+                pb.FinishRequest(status=42, result_json='"' + "r" * big + '"'), metadata=a.md, timeout=60
+            )
+        )
+        checks.status("32 MiB FinishRequest", got, "RESOURCE_EXHAUSTED", contains=too_big)
+        a.normal_calls_work(checks, "after oversize", channel)
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_flood(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    threads, per_thread, batch, deadline_s = 4, 8000, 200, 30.0
+    allowed = {
+        ("RESOURCE_EXHAUSTED", "call rate limit exceeded"),
+        ("RESOURCE_EXHAUSTED", "Concurrent RPC limit exceeded!"),
+    }
+    counts: dict[Status, int] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+    started = time.monotonic()
+
+    def worker() -> None:
+        channel = _channel()
+        # Raw bytes (an empty GetTaskRequest) spare the client the protobuf work: a faster flood.
+        get_task = channel.unary_unary(SERVICE + "GetTask")
+        try:
+            sent = 0
+            while not stop.is_set() and sent < per_thread:
+                futures = [get_task.future(b"", metadata=a.md, timeout=TIMEOUT_S) for _ in range(batch)]
+                sent += batch
+                for fut in futures:
+                    got = _status(fut.result)
+                    if got[0] == "UNAVAILABLE" and "RST_STREAM" in got[1]:
+                        got = ("UNAVAILABLE", "stream refused (max_concurrent_streams)")
+                    with lock:
+                        counts[got] = counts.get(got, 0) + 1
+                with lock:
+                    if counts.get(("RESOURCE_EXHAUSTED", "call rate limit exceeded"), 0) >= 200:
+                        stop.set()
+                if time.monotonic() - started > deadline_s:
+                    stop.set()
+        finally:
+            channel.close()
+
+    workers = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(deadline_s + 30)
+    elapsed = time.monotonic() - started
+    total = sum(counts.values())
+    limited = counts.get(("RESOURCE_EXHAUSTED", "call rate limit exceeded"), 0)
+    checks.true(
+        "flood bounded", total <= threads * per_thread and elapsed < deadline_s + 30, f"{total} calls"
+    )
+    checks.true("some calls hit the rate limit", limited > 0, f"none of {total} calls were rate limited")
+    allowed.add(("UNAVAILABLE", "stream refused (max_concurrent_streams)"))
+    unexpected = {f"{k[0]} {k[1]!r}": v for k, v in counts.items() if k[0] != "OK" and k not in allowed}
+    checks.true("only safe refusals", not unexpected, f"unexpected statuses {unexpected}")
+    checks.note(
+        f"{total} calls in {elapsed:.1f} s: "
+        + ", ".join(f"{k[0]} {k[1]!r} x{v}" for k, v in sorted(counts.items()))
+    )
+    time.sleep(2.5)  # the bucket refills at its rate: 2.5 s fills any burst of up to 2500 calls
+    a.normal_calls_work(checks, "after the flood")
+    return checks.result()
+
+
+def attack_rapid_cancel(a: Attacker) -> tuple[bool, str]:
+    """Start calls and cancel them at once (HTTP/2 'rapid reset'); the server must stay up."""
+    checks = Checks()
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    counts: dict[str, int] = {}
+    try:
+        for _ in range(5):
+            futures = [
+                stub.ReportProgress.future(
+                    pb.ProgressEvent(kind=pb.ProgressEvent.STEP), metadata=a.md, timeout=TIMEOUT_S
+                )
+                for _ in range(200)
+            ]
+            for fut in futures:
+                fut.cancel()
+            for fut in futures:
+                if fut.cancelled():
+                    code = "CANCELLED"
+                else:
+                    got = _status(fut.result)
+                    refused_stream = got[0] == "UNAVAILABLE" and "RST_STREAM" in got[1]
+                    code = "UNAVAILABLE (stream refused)" if refused_stream else f"{got[0]} {got[1]!r}"
+                counts[code] = counts.get(code, 0) + 1
+        safe = ("CANCELLED", "OK ''", "UNAVAILABLE (stream refused)")
+        unexpected = {
+            k: v for k, v in counts.items() if k not in safe and not k.startswith("RESOURCE_EXHAUSTED")
+        }
+        checks.true("only OK, CANCELLED, refused or RESOURCE_EXHAUSTED", not unexpected, f"{unexpected}")
+        checks.note(", ".join(f"{k} x{v}" for k, v in sorted(counts.items())))
+        time.sleep(1.5)
+        a.normal_calls_work(checks, "after 1000 cancelled calls")
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def _exchange(junk: bytes, wait_s: float) -> tuple[str, float]:
+    """Send ``junk`` on a raw connection; how it ended (``closed`` or not) and when."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(wait_s)
+    started = time.monotonic()
+    try:
+        s.connect(SOCKET)
+        if junk:
+            s.sendall(junk)
+        while s.recv(65536):
+            pass
+        return "closed", time.monotonic() - started
+    except (BrokenPipeError, ConnectionResetError):
+        return "closed", time.monotonic() - started
+    except TimeoutError:
+        return "still open", time.monotonic() - started
+    finally:
+        s.close()
+
+
+def attack_garbage_bytes(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    huge_frame = PREFACE + EMPTY_SETTINGS + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01" + os.urandom(1024)
+    junks = {
+        "HTTP/1.1 request": b"GET / HTTP/1.1\r\nHost: sandbox\r\nConnection: keep-alive\r\n\r\n",
+        "8 KiB of random bytes": os.urandom(8192),
+        "preface then random frames": PREFACE + os.urandom(4096),
+        "frame longer than allowed": huge_frame,
+        "TLS ClientHello-like": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(500),
+    }
+    # Connections that say nothing, or half a preface, must be closed by the
+    # handshake timeout: run them meanwhile.
+    silent: dict[str, tuple[str, float]] = {}
+
+    def quiet(label: str, junk: bytes) -> None:
+        silent[label] = _exchange(junk, 20.0)
+
+    quiet_threads = [
+        threading.Thread(target=quiet, args=(label, junk), daemon=True)
+        for label, junk in (("silent connection", b""), ("half a preface", PREFACE[:10]))
+    ]
+    for t in quiet_threads:
+        t.start()
+    for label, junk in junks.items():
+        how, took = _exchange(junk, 10.0)
+        checks.true(f"{label}: closed by the server", how == "closed", f"{how} after {took:.1f} s")
+    for t in quiet_threads:
+        t.join(25)
+    for label, (how, took) in sorted(silent.items()):
+        checks.true(f"{label}: closed by the handshake timeout", how == "closed", f"{how} after {took:.1f} s")
+        checks.note(f"{label} closed after {took:.1f} s")
+    checks.true("both quiet connections finished", len(silent) == 2, f"{silent}")
+    a.normal_calls_work(checks, "after garbage")
+    return checks.result()
+
+
+def attack_half_open_streams(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    cap = a.limits["send_message_open"]
+    refused = f"at most {cap} SendMessage call(s) may be open at once"
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    gate = threading.Event()
+
+    def first_chunk_then_nothing() -> Iterator[pb.MessageChunk]:
+        yield pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=MiB, data=b"h" * 1024)
+        gate.wait(120)
+
+    futures = []
+    try:
+        for _ in range(cap + 3):
+            fut = stub.SendMessage.future(first_chunk_then_nothing(), metadata=a.md, timeout=120)
+            futures.append(fut)
+            deadline = time.monotonic() + 1.0
+            while not fut.done() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        # A refusal may arrive late on a busy machine: give the ones beyond the cap time to end.
+        deadline = time.monotonic() + 10.0
+        while sum(f.done() for f in futures) < len(futures) - cap and time.monotonic() < deadline:
+            time.sleep(0.05)
+        still_open = [f for f in futures if not f.done()]
+        ended = [_status(f.result) for f in futures if f.done()]
+        checks.true(
+            f"exactly {cap} half-open streams admitted", len(still_open) == cap, f"{len(still_open)} open"
+        )
+        for i, got in enumerate(ended):
+            checks.status(f"stream beyond the cap #{i + 1}", got, "RESOURCE_EXHAUSTED", refused)
+        a.normal_calls_work(checks, "while streams are half-open", channel)
+    finally:
+        for fut in futures:
+            fut.cancel()
+        gate.set()
+    # The slots come back once the server sees the cancel: a SendMessage is admitted again.
+    got: Status = ("", "")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        got = _status(
+            lambda: stub.SendMessage(
+                iter([pb.MessageChunk(type=999, total_size=1, data=b"x")]), metadata=a.md, timeout=TIMEOUT_S
+            )
+        )
+        if got[1] != refused:
+            break
+        time.sleep(0.2)
+    checks.status(
+        "SendMessage admitted again after cancelling",
+        got,
+        "INVALID_ARGUMENT",
+        "a sandbox may not send <invalid> messages",
+    )
+    channel.close()
+    return checks.result()
+
+
+def attack_pending_receives(a: Attacker) -> tuple[bool, str]:
+    """More waiting receives than the cap: exactly the cap wait, the rest are refused."""
+    checks = Checks()
+    cap = a.limits["receive_message_open"]
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    waited = "no MODELLER_RESPONSE message within 3 s"
+    refused = f"at most {cap} ReceiveMessage call(s) may be open at once"
+    try:
+        calls = []
+        for _ in range(cap + 2):
+            calls.append(
+                stub.ReceiveMessage(
+                    pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE, timeout_ms=3000),
+                    metadata=a.md,
+                    timeout=60,
+                )
+            )
+            time.sleep(0.1)
+        time.sleep(0.5)
+        a.normal_calls_work(checks, "while receives wait", channel)
+        # Which calls got in depends on arrival order, not on their index.
+        ended = [_status(lambda c=call: list(c)) for call in calls]
+        counts = {f"{code} {message!r}": ended.count((code, message)) for code, message in set(ended)}
+        expected = {f"DEADLINE_EXCEEDED {waited!r}": cap, f"RESOURCE_EXHAUSTED {refused!r}": 2}
+        checks.true(f"{cap} receives waited, 2 were refused", counts == expected, f"got {counts}")
+        got = _status(
+            lambda: list(
+                stub.ReceiveMessage(
+                    pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE, timeout_ms=100),
+                    metadata=a.md,
+                    timeout=TIMEOUT_S,
+                )
+            )
+        )
+        checks.status(
+            "receive admitted again", got, "DEADLINE_EXCEEDED", "no MODELLER_RESPONSE message within 0.1 s"
+        )
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_second_heartbeat(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    cap = a.limits["heartbeat_open"]
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    forged = pb.Beat(seq=2**63, progress_events=2**64 - 1, mailbox_ops=2**64 - 1, main_thread_moved=True)
+    try:
+        for i in range(3):
+            got = _status(
+                lambda: next(iter(stub.Heartbeat(iter([forged]), metadata=a.md, timeout=TIMEOUT_S)))
+            )
+            checks.status(
+                f"second Heartbeat #{i + 1}",
+                got,
+                "RESOURCE_EXHAUSTED",
+                f"at most {cap} Heartbeat call(s) may be open at once",
+            )
+        a.normal_calls_work(checks, "after second heartbeats", channel)
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_huge_metadata(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    variants = {
+        "one 64 KiB value": (*a.md, ("x-junk", "v" * 65536)),
+        "token plus 64 KiB": ((TOKEN_KEY, a.token + "v" * 65536),),
+        "64 KiB key name": (*a.md, ("x-" + "k" * 65536, "v")),
+        "200 headers of 200 bytes": a.md + tuple((f"x-junk-{i}", "v" * 200) for i in range(200)),
+    }
+    try:
+        for label, metadata in variants.items():
+            got = _status(lambda m=metadata: stub.GetTask(pb.GetTaskRequest(), metadata=m, timeout=TIMEOUT_S))
+            checks.status(
+                label, got, "RESOURCE_EXHAUSTED", contains="received metadata size exceeds hard limit"
+            )
+        a.normal_calls_work(checks, "after huge metadata", channel)
+    finally:
+        channel.close()
+    return checks.result()
+
+
+# -- validation ---------------------------------------------------------------
+
+
+def attack_invalid_enums(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+
+    def send(type_value: int) -> Status:
+        return _status(
+            lambda: stub.SendMessage(
+                iter([pb.MessageChunk(type=type_value, total_size=1, data=b"x")]),
+                metadata=a.md,
+                timeout=TIMEOUT_S,
+            )
+        )
+
+    def receive(type_value: int) -> Status:
+        return _status(
+            lambda: list(
+                stub.ReceiveMessage(
+                    pb.ReceiveMessageRequest(type=type_value, timeout_ms=100),
+                    metadata=a.md,
+                    timeout=TIMEOUT_S,
+                )
+            )
+        )
+
+    try:
+        for value, name in ((999, "<invalid>"), (-5, "<invalid>"), (2**31 - 1, "<invalid>")):
+            checks.status(
+                f"SendMessage type {value}",
+                send(value),
+                "INVALID_ARGUMENT",
+                f"a sandbox may not send {name} messages",
+            )
+            checks.status(
+                f"ReceiveMessage type {value}",
+                receive(value),
+                "INVALID_ARGUMENT",
+                f"a sandbox may not receive {name} messages",
+            )
+        for value in (pb.MESSAGE_TYPE_UNSPECIFIED, pb.ALGORITHM_EXCHANGE, pb.SECURE_SHARE):
+            name = pb.MessageType.Name(value)
+            checks.status(
+                f"SendMessage {name}",
+                send(value),
+                "INVALID_ARGUMENT",
+                f"a sandbox may not send {name} messages",
+            )
+        for value in (pb.TASK_ABORT, pb.TRAINING_UPDATE, pb.SECURE_SHARE):
+            name = pb.MessageType.Name(value)
+            checks.status(
+                f"ReceiveMessage {name}",
+                receive(value),
+                "INVALID_ARGUMENT",
+                f"a sandbox may not receive {name} messages",
+            )
+        for kind in (77, 0, -1):
+            got = _status(
+                lambda k=kind: stub.ReportProgress(pb.ProgressEvent(kind=k), metadata=a.md, timeout=TIMEOUT_S)
+            )
+            checks.status(
+                f"ProgressEvent.Kind {kind}", got, "INVALID_ARGUMENT", "unknown progress event kind"
+            )
+        for kind in (9, 0):
+            got = _status(
+                lambda k=kind: stub.ReportFiles(
+                    pb.FileOutcomes(files=[pb.FileOutcome(name="sub/inner.csv", kind=k)]),
+                    metadata=a.md,
+                    timeout=TIMEOUT_S,
+                )
+            )
+            checks.status(
+                f"FileOutcome.Kind {kind}",
+                got,
+                "INVALID_ARGUMENT",
+                "file outcome must be PROCESSED or FAILED",
+            )
+        for status in (42, 0, -1):
+            got = _status(
+                lambda s=status: stub.Finish(
+                    pb.FinishRequest(status=s, result_json='"forged"'), metadata=a.md, timeout=TIMEOUT_S
+                )
+            )
+            checks.status(
+                f"Finish status {status}", got, "INVALID_ARGUMENT", "status must be OK, ABORT or ERROR"
+            )
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_file_names(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    plain = "file name must be a plain relative path inside the datasource"
+    bad = {
+        "..": plain,
+        "../records.csv": plain,
+        "sub/../records.csv": plain,
+        "/etc/passwd": plain,
+        "/data/records.csv": plain,
+        "./records.csv": plain,
+        "records.csv/": plain,
+        "sub//inner.csv": plain,
+        "records.csv\0.txt": "file name is empty, too long or holds NUL",
+        "\0": "file name is empty, too long or holds NUL",
+        "": "file name is empty, too long or holds NUL",
+        "n" * 1025: "file name is empty, too long or holds NUL",
+        "link.csv": "file name may not pass through a symlink",
+        "escape.csv": "file name may not pass through a symlink",
+        "linkdir/inner.csv": "file name may not pass through a symlink",
+        "missing.csv": "no such file in the datasource",
+        "sub/missing.csv": "no such file in the datasource",
+        "sub": "file name must name a regular file",
+    }
+
+    def report(*names: str) -> Status:
+        return _status(
+            lambda: stub.ReportFiles(
+                pb.FileOutcomes(
+                    files=[pb.FileOutcome(name=n, kind=pb.FileOutcome.FAILED, reason="bad") for n in names]
+                ),
+                metadata=a.md,
+                timeout=TIMEOUT_S,
+            )
+        )
+
+    try:
+        for name, message in bad.items():
+            checks.status(f"name {name[:40]!r}", report(name), "INVALID_ARGUMENT", message)
+        # One bad name refuses the whole call: the good one in it is not recorded either.
+        checks.status("good and bad together", report("sub/inner.csv", "../x"), "INVALID_ARGUMENT", plain)
+        checks.status("a correct name", report("records.csv"), "OK")
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_forged_body_size(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    chunk = a.limits["chunk_bytes"]
+    limit = a.ctx.mailbox.max_message_bytes
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+
+    def send(chunks: list[pb.MessageChunk] | Iterator[pb.MessageChunk]) -> Status:
+        return _status(lambda: stub.SendMessage(iter(chunks), metadata=a.md, timeout=60))
+
+    def lie(declared: int, sizes: list[int]) -> Iterator[pb.MessageChunk]:
+        yield pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=declared, data=b"L" * sizes[0])
+        for n in sizes[1:]:
+            yield pb.MessageChunk(data=b"L" * n)
+
+    try:
+        checks.status(
+            "declares 1 KiB, sends 3 MiB",
+            send(lie(1024, [chunk, chunk, chunk])),
+            "RESOURCE_EXHAUSTED",
+            "message body is longer than its declared 1024 bytes",
+        )
+        checks.status(
+            "declares 10 B, first chunk 1 MiB",
+            send(lie(10, [chunk])),
+            "RESOURCE_EXHAUSTED",
+            "message body is longer than its declared 10 bytes",
+        )
+        checks.status(
+            "declares 0, sends 1 B",
+            send(lie(0, [1])),
+            "RESOURCE_EXHAUSTED",
+            "message body is longer than its declared 0 bytes",
+        )
+        checks.status(
+            "declares 4 KiB, sends 10 B",
+            send(lie(4096, [10])),
+            "RESOURCE_EXHAUSTED",
+            "message body is 10 bytes, not its declared 4096",
+        )
+        checks.status(
+            "declares 2^64-1",
+            send(lie(2**64 - 1, [10])),
+            "RESOURCE_EXHAUSTED",
+            f"outgoing message is {2**64 - 1} bytes; the limit is {limit}",
+        )
+        checks.status(
+            "second chunk above the chunk size",
+            send(lie(2 * chunk, [10, chunk + 1000])),
+            "INVALID_ARGUMENT",
+            f"chunks may be at most {chunk} bytes",
+        )
+        checks.status("no chunk at all", send([]), "INVALID_ARGUMENT", "empty message stream")
+        a.normal_calls_work(checks, "after forged sizes", channel)
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_garbage_protobuf(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    channel = _channel()
+    bad_utf8_name = b"\x0a\x04" + b"\x0a\x02\xff\xfe"  # FileOutcomes{files{name: b"\xff\xfe"}}
+    cases = [
+        ("GetTask", "invalid tag", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"),
+        ("ReportProgress", "truncated length-delimited field", b"\x32\x05ab"),
+        ("ReportProgress", "random bytes", os.urandom(512)),
+        ("ReportFiles", "invalid UTF-8 in a string", bad_utf8_name),
+        ("Finish", "100k nested groups", b"\x0b" * 100_000),
+        ("SendSecureShares", "wire type 7", b"\x0f\x00"),
+        ("SendMessage", "random bytes on a stream", b"\x1a\xff\xff\xff\xff\x0f"),
+    ]
+    expected = ("INVALID_ARGUMENT", "malformed request")
+    try:
+        for method, label, payload in cases:
+            got = _status(lambda m=method, p=payload: _raw(channel, m, p, a.md))
+            checks.status(f"{method}: {label}", got, *expected)
+        a.normal_calls_work(checks, "after garbage protobuf", channel)
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_garbage_protobuf_one_connection(a: Attacker) -> tuple[bool, str]:
+    """Many unparsable requests on one connection: that connection must keep serving."""
+    checks = Checks()
+    channel = _channel()
+    raw = channel.unary_unary(SERVICE + "ReportProgress")
+    stub = pb_grpc.SandboxStub(channel)
+    n = 30
+    try:
+        got = [_status(lambda: raw(b"\xff\xff\xff\xff", metadata=a.md, timeout=TIMEOUT_S)) for _ in range(n)]
+        counts = {f"{c} {m!r}": got.count((c, m)) for c, m in set(got)}
+        checks.true(
+            f"{n} unparsable requests refused as such",
+            counts == {"INVALID_ARGUMENT 'malformed request'": n},
+            f"got {counts}",
+        )
+        time.sleep(1.0)
+        after = _status(lambda: stub.GetTask(pb.GetTaskRequest(), metadata=a.md, timeout=TIMEOUT_S))
+        checks.status("GetTask on the same connection afterwards", after, "OK")
+        a.normal_calls_work(checks, "after unparsable requests")
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_unknown_method(a: Attacker) -> tuple[bool, str]:
+    checks = Checks()
+    channel = _channel()
+    methods = [
+        "/executor.v1.Sandbox/DeleteEverything",
+        "/executor.v1.Sandbox/gettask",
+        "/executor.v1.Sandbox/",
+        "/executor.v1.Sandbox/../Finish",
+        "/executor.v2.Sandbox/GetTask",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.channelz.v1.Channelz/GetServers",
+    ]
+    try:
+        for method in methods:
+            for label, metadata in (("with token", a.md), ("without token", None)):
+                got = _status(lambda m=method, md=metadata: _raw(channel, m, b"", md))
+                checks.status(f"{method} {label}", got, "UNIMPLEMENTED", "Method not found!")
+        a.normal_calls_work(checks, "after unknown methods", channel)
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_field_limits(a: Attacker) -> tuple[bool, str]:
+    """Counts, lengths and timeouts past their caps; Finish fields behind a valid status."""
+    checks = Checks()
+    lim = a.limits
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+
+    def call(fn: Callable[..., Any], request: Any) -> Status:
+        return _status(lambda: fn(request, metadata=a.md, timeout=TIMEOUT_S))
+
+    def stream(fn: Callable[..., Any], request: Any) -> Status:
+        return _status(lambda: list(fn(request, metadata=a.md, timeout=TIMEOUT_S)))
+
+    max_timeout = f"timeout must be at most {lim['max_receive_timeout_s']:g} s"
+    try:
+        checks.status(
+            "receive timeout 2^32-1 ms",
+            stream(
+                stub.ReceiveMessage, pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE, timeout_ms=2**32 - 1)
+            ),
+            "INVALID_ARGUMENT",
+            max_timeout,
+        )
+        checks.status(
+            "shares timeout 2^32-1 ms",
+            call(stub.GetSecureShares, pb.GetSecureSharesRequest(timeout_ms=2**32 - 1)),
+            "INVALID_ARGUMENT",
+            max_timeout,
+        )
+        n = lim["max_shares"]
+        checks.status(
+            f"{n + 1} shares",
+            call(stub.SendSecureShares, pb.SecureShares(shares={f"p{i}": b"s" for i in range(n + 1)})),
+            "INVALID_ARGUMENT",
+            f"expected 1 to {n} shares",
+        )
+        checks.status(
+            "no shares",
+            call(stub.SendSecureShares, pb.SecureShares()),
+            "INVALID_ARGUMENT",
+            f"expected 1 to {n} shares",
+        )
+        checks.status(
+            "pod id with NUL",
+            call(stub.SendSecureShares, pb.SecureShares(shares={"pod\0x": b"s"})),
+            "INVALID_ARGUMENT",
+            "invalid pod identifier",
+        )
+        size = lim["max_share_bytes"]
+        checks.status(
+            "oversized share",
+            call(stub.SendSecureShares, pb.SecureShares(shares={"pod-x": b"s" * (size + 1)})),
+            "INVALID_ARGUMENT",
+            f"a share may be at most {size} bytes",
+        )
+        chars = lim["max_info_chars"]
+        checks.status(
+            "progress info too long",
+            call(stub.ReportProgress, pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="i" * (chars + 1))),
+            "INVALID_ARGUMENT",
+            f"progress info exceeds {chars} characters",
+        )
+        files = lim["max_files_per_call"]
+        checks.status(
+            f"{files + 1} file outcomes",
+            call(
+                stub.ReportFiles,
+                pb.FileOutcomes(
+                    files=[pb.FileOutcome(name="sub/inner.csv", kind=pb.FileOutcome.PROCESSED)] * (files + 1)
+                ),
+            ),
+            "INVALID_ARGUMENT",
+            f"expected 1 to {files} file outcomes",
+        )
+        checks.status(
+            "no file outcomes",
+            call(stub.ReportFiles, pb.FileOutcomes()),
+            "INVALID_ARGUMENT",
+            f"expected 1 to {files} file outcomes",
+        )
+        reason = lim["max_file_reason_chars"]
+        checks.status(
+            "file reason too long",
+            call(
+                stub.ReportFiles,
+                pb.FileOutcomes(
+                    files=[
+                        pb.FileOutcome(
+                            name="sub/inner.csv", kind=pb.FileOutcome.FAILED, reason="r" * (reason + 1)
+                        )
+                    ]
+                ),
+            ),
+            "INVALID_ARGUMENT",
+            f"reason exceeds {reason} characters",
+        )
+        # A valid status, so that the other Finish fields are checked too: each one
+        # is invalid, so the task does not end here (if it did, the test would see it).
+        finish = [
+            ("unknown timing", pb.FinishRequest(status=pb.OK, timings={"evil": 1.0}), "unknown timing names"),
+            (
+                "NaN timing",
+                pb.FinishRequest(status=pb.OK, timings={"run": float("nan")}),
+                "timings must be finite, non-negative seconds",
+            ),
+            (
+                "NaN result",
+                pb.FinishRequest(status=pb.OK, result_json="NaN"),
+                "result_json is not valid JSON",
+            ),
+            (
+                "not JSON",
+                pb.FinishRequest(status=pb.OK, result_json="{'a': 1}"),
+                "result_json is not valid JSON",
+            ),
+            (
+                "deep JSON",
+                pb.FinishRequest(status=pb.OK, result_json="[" * 100_000 + "]" * 100_000),
+                "result_json is not valid JSON",
+            ),
+            (
+                "long error type",
+                pb.FinishRequest(status=pb.ERROR, error=pb.ErrorInfo(type="t" * 10_000)),
+                "error type or message too long",
+            ),
+        ]
+        for label, request, message in finish:
+            checks.status(f"Finish {label}", call(stub.Finish, request), "INVALID_ARGUMENT", message)
+        a.normal_calls_work(checks, "after field limits", channel)
+    finally:
+        channel.close()
+    return checks.result()
+
+
+# -- connections and the limiter's bookkeeping --------------------------------
+
+_HOLDER = r"""
+import socket, sys, time
+path, n, preface = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+socks, error = [], ""
+for _ in range(n):
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        s.sendall(preface)
+        socks.append(s)
+    except OSError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        break
+time.sleep(2.0)
+open_now = 0
+for s in socks:
+    s.setblocking(False)
+    try:
+        while True:
+            if not s.recv(65536):
+                break
+    except BlockingIOError:
+        open_now += 1
+    except OSError:
+        pass
+print(len(socks), open_now, error.replace(" ", "_") or "-", flush=True)
+sys.stdin.read()
+"""
+
+
+def attack_connection_flood(a: Attacker) -> tuple[bool, str]:
+    """Many idle HTTP/2 connections from several processes: the parent must cap them per task."""
+    checks = Checks()
+    procs_n = int(a.ctx.parameters["connections"]["processes"])
+    per_proc = int(a.ctx.parameters["connections"]["per_process"])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, SOCKET, str(per_proc), (PREFACE + EMPTY_SETTINGS).hex()],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(procs_n)
+    ]
+    opened = still_open = 0
+    errors = []
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            fields = p.stdout.readline().split()
+            if len(fields) != 3:
+                errors.append(f"holder said {fields}")
+                continue
+            opened += int(fields[0])
+            still_open += int(fields[1])
+            if fields[2] != "-":
+                errors.append(fields[2])
+        # The test samples the parent's open files while every connection is held.
+        a.ctx.progress.step(still_open, opened, info=MARK_HELD)
+    finally:
+        for p in procs:
+            if p.stdin is not None:
+                p.stdin.close()
+        for p in procs:
+            p.wait(30)
+    time.sleep(1.0)
+    a.ctx.progress.step(0, opened, info=MARK_RELEASED)
+    checks.note(f"{procs_n} processes opened {opened} connections; {still_open} stayed open")
+    if errors:
+        checks.note("connect errors: " + ", ".join(sorted(set(errors)))[:300])
+    checks.true(
+        f"at most {MAX_CONNECTIONS_PER_TASK} connections per task stay open",
+        still_open <= MAX_CONNECTIONS_PER_TASK,
+        f"the parent kept {still_open} of {opened} idle connections from {procs_n} processes open",
+    )
+    a.normal_calls_work(checks, "after the connection flood")
+    return checks.result()
+
+
+def attack_limiter_slot_leak(a: Attacker) -> tuple[bool, str]:
+    """Calls refused before their handler runs must give their concurrency slot back.
+
+    Run last: if the slots leak, this task cannot receive any more.
+    """
+    checks = Checks()
+    cap = a.limits["receive_message_open"]
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    try:
+        # 1. Requests too large to be read (RESOURCE_EXHAUSTED from gRPC itself).
+        big = pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE, timeout_ms=100).SerializeToString()
+        big += _varint((99 << 3) | 2) + _varint(2 * MiB) + b"z" * (2 * MiB)
+        for i in range(cap + 1):
+            got = _status(lambda: _raw(channel, "ReceiveMessage", big, a.md))
+            checks.status(
+                f"oversized receive request #{i + 1}", got, "RESOURCE_EXHAUSTED", contains="larger than max"
+            )
+        got = _status(
+            lambda: list(
+                stub.ReceiveMessage(
+                    pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE, timeout_ms=100),
+                    metadata=a.md,
+                    timeout=TIMEOUT_S,
+                )
+            )
+        )
+        checks.status(
+            "a normal receive afterwards is admitted",
+            got,
+            "DEADLINE_EXCEEDED",
+            "no MODELLER_RESPONSE message within 0.1 s",
+        )
+        # 2. A request that does not parse (INTERNAL from gRPC itself).
+        got = _status(lambda: _raw(channel, "GetSecureShares", b"\xff\xff\xff\xff", a.md))
+        checks.status("garbage GetSecureShares", got, "INVALID_ARGUMENT", "malformed request")
+        got = _status(
+            lambda: stub.GetSecureShares(
+                pb.GetSecureSharesRequest(timeout_ms=100), metadata=a.md, timeout=TIMEOUT_S
+            )
+        )
+        checks.true(
+            "a normal GetSecureShares afterwards is admitted",
+            "may be open at once" not in got[1],
+            f"got {got[0]} {got[1]!r}",
+        )
+    finally:
+        channel.close()
+    return checks.result()
+
+
+ATTACKS: list[tuple[str, Callable[[Attacker], tuple[bool, str]]]] = [
+    ("no_token", attack_no_token),
+    ("wrong_token_same_length", attack_wrong_token_same_length),
+    ("token_other_lengths", attack_token_other_lengths),
+    ("other_task_identity", attack_other_task_identity),
+    ("unknown_method", attack_unknown_method),
+    ("invalid_enums", attack_invalid_enums),
+    ("file_names", attack_file_names),
+    ("field_limits", attack_field_limits),
+    ("forged_body_size", attack_forged_body_size),
+    ("garbage_protobuf", attack_garbage_protobuf),
+    ("garbage_protobuf_one_connection", attack_garbage_protobuf_one_connection),
+    ("oversized_message", attack_oversized_message),
+    ("huge_metadata", attack_huge_metadata),
+    ("second_heartbeat", attack_second_heartbeat),
+    ("half_open_streams", attack_half_open_streams),
+    ("pending_receives", attack_pending_receives),
+    ("garbage_bytes", attack_garbage_bytes),
+    ("flood", attack_flood),
+    ("rapid_cancel", attack_rapid_cancel),
+    ("connection_flood", attack_connection_flood),
+    ("limiter_slot_leak", attack_limiter_slot_leak),
+]
+
+
+def run(ctx: Any) -> dict[str, dict[str, Any]]:
+    attacker = Attacker(ctx)
+    ctx.progress.step(0, info=MARK_START)
+    results: dict[str, dict[str, Any]] = {}
+    for name, attack in ATTACKS:
+        started = time.monotonic()
+        try:
+            held, detail = attack(attacker)
+        except Exception as exc:  # an attack that breaks is not a held attack
+            held, detail = False, f"the attack itself failed: {exc!r} {traceback.format_exc()[-1500:]}"
+        results[name] = {
+            "held": bool(held),
+            "detail": detail,
+            "seconds": round(time.monotonic() - started, 2),
+        }
+    return results
