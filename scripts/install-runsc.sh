@@ -9,7 +9,9 @@ daemon_json="${DOCKER_DAEMON_JSON:-/etc/docker/daemon.json}"
 
 has_runsc() { docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; }
 
-if has_runsc; then
+# Registered and its binary present: nothing to do. (A registration whose
+# binary was removed survives a SIGHUP, so both are checked.)
+if has_runsc && command -v runsc >/dev/null 2>&1; then
   echo "runsc: registered with the engine"
   exit 0
 fi
