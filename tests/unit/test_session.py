@@ -363,3 +363,32 @@ def test_error_text_lengths_are_capped(make_session):
     assert kit.session.finish is None
     _finish(kit.session, "ERROR", "", "E" * 200, "m" * 4096, "t" * MAX_TRACEBACK_CHARS)
     assert kit.session.finish.error_type == "E" * 200
+
+
+def test_per_task_mailbox_budget_counts_both_ways(tmp_path):
+    from executor.crypto import TaskKeys
+    from executor.mailbox import MailboxBroker, MailboxLimitError
+    from executor.modeller import LocalModeller
+    from executor.transport import InMemoryTransport, Route
+
+    transport = InMemoryTransport()
+    modeller = LocalModeller(transport)
+    keys = TaskKeys.generate()
+    modeller.add_task("t", keys)
+    route = Route("t")
+    broker = MailboxBroker(
+        route, transport.open(route), keys, tmp_path / "spool", max_message_bytes=100, max_task_bytes=250
+    )
+    try:
+        broker.send("TRAINING_UPDATE", 100, iter([b"x" * 100]))
+        modeller.send("t", "MODELLER_RESPONSE", b"y" * 100)
+        assert broker.receive("MODELLER_RESPONSE", 1).body == b"y" * 100
+        with pytest.raises(MailboxLimitError, match="limit of 250"):
+            broker.send("TRAINING_UPDATE", 51, iter([b"x" * 51]))
+        broker.send("TRAINING_UPDATE", 50, iter([b"x" * 50]))
+        with pytest.raises(MailboxLimitError, match="the limit is 100"):
+            broker.send("TRAINING_UPDATE", 101, iter([b"x" * 101]))
+    finally:
+        broker.close()
+        modeller.close()
+        transport.close()
