@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 
+_R = TypeVar("_R")
+
 RPC_TIMEOUT_S = 30.0
+# The parent's public message when a task calls faster than its rate cap.
+RATE_LIMITED = "call rate limit exceeded"
+RATE_RETRIES = 12
+RATE_BACKOFF_S = 0.005
 # Generous: a 256 MiB body at tens of MiB/s still fits.
 BULK_TIMEOUT_S = 600.0
 
@@ -48,6 +55,24 @@ class ParentClient:
         self._lock = threading.Lock()
         self.progress_events = 0
         self.mailbox_ops = 0
+
+    def call(self, rpc: Callable[[], _R]) -> _R:
+        """Run ``rpc``, backing off while the parent says the task calls too fast.
+
+        The parent caps each task's call rate; a protocol that reports
+        progress or exchanges messages very quickly is slowed down, not failed.
+        """
+        delay = RATE_BACKOFF_S
+        for attempt in range(RATE_RETRIES):
+            try:
+                return rpc()
+            except grpc.RpcError as exc:
+                limited = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.details() == RATE_LIMITED
+                if not limited or attempt == RATE_RETRIES - 1:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        raise AssertionError("unreachable")
 
     def count(self, *, progress: int = 0, mailbox: int = 0) -> None:
         """Add to the counters the next beat carries."""
@@ -99,7 +124,11 @@ class Mailbox:
 
         self._client.count(mailbox=1)
         try:
-            self._client.stub.SendMessage(chunks(), metadata=self._client.metadata, timeout=BULK_TIMEOUT_S)
+            self._client.call(
+                lambda: self._client.stub.SendMessage(
+                    chunks(), metadata=self._client.metadata, timeout=BULK_TIMEOUT_S
+                )
+            )
         except grpc.RpcError as exc:
             raise MailboxError(f"send {message_type} failed: {exc.details()}", exc.code().name) from None
 
@@ -113,29 +142,35 @@ class Mailbox:
         kind = _type_value(message_type)
         self._client.count(mailbox=1)
         try:
-            stream = self._client.stub.ReceiveMessage(
-                pb.ReceiveMessageRequest(type=kind, timeout_ms=int(timeout * 1000)),
-                metadata=self._client.metadata,
-                timeout=timeout + BULK_TIMEOUT_S,
-            )
-            buf: bytearray | None = None
-            filled = 0
-            for chunk in stream:
-                if buf is None:
-                    if chunk.total_size > self.max_message_bytes:
-                        raise MailboxError(f"{message_type} body exceeds the limit", "RESOURCE_EXHAUSTED")
-                    buf = bytearray(chunk.total_size)
-                end = filled + len(chunk.data)
-                if end > len(buf):
-                    raise MailboxError(f"{message_type} body is longer than announced", "DATA_LOSS")
-                buf[filled:end] = chunk.data
-                filled = end
+            return self._client.call(lambda: self._receive(kind, message_type, timeout))
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise MailboxTimeout(
                     f"no {message_type} message within {timeout:g} s", "DEADLINE_EXCEEDED"
                 ) from None
             raise MailboxError(f"receive {message_type} failed: {exc.details()}", exc.code().name) from None
+
+    def _receive(self, kind: str, message_type: str, timeout: float) -> bytes:
+        """One ReceiveMessage call, its chunks reassembled; RpcErrors propagate."""
+        stream = self._client.stub.ReceiveMessage(
+            pb.ReceiveMessageRequest(type=kind, timeout_ms=int(timeout * 1000)),
+            metadata=self._client.metadata,
+            timeout=timeout + BULK_TIMEOUT_S,
+        )
+        buf: bytearray | None = None
+        filled = 0
+        for chunk in stream:
+            if buf is None:
+                if chunk.total_size > self.max_message_bytes:
+                    stream.cancel()
+                    raise MailboxError(f"{message_type} body exceeds the limit", "RESOURCE_EXHAUSTED")
+                buf = bytearray(chunk.total_size)
+            end = filled + len(chunk.data)
+            if end > len(buf):
+                stream.cancel()
+                raise MailboxError(f"{message_type} body is longer than announced", "DATA_LOSS")
+            buf[filled:end] = chunk.data
+            filled = end
         if buf is None or filled != len(buf):
             raise MailboxError(f"{message_type} body arrived incomplete", "DATA_LOSS")
         return bytes(buf)
@@ -207,10 +242,12 @@ class Mailbox:
         """Send one share to each named peer pod; the parent seals each with its key."""
         self._client.count(mailbox=1)
         try:
-            self._client.stub.SendSecureShares(
-                pb.SecureShares(shares={k: bytes(v) for k, v in shares.items()}),
-                metadata=self._client.metadata,
-                timeout=RPC_TIMEOUT_S,
+            self._client.call(
+                lambda: self._client.stub.SendSecureShares(
+                    pb.SecureShares(shares={k: bytes(v) for k, v in shares.items()}),
+                    metadata=self._client.metadata,
+                    timeout=RPC_TIMEOUT_S,
+                )
             )
         except grpc.RpcError as exc:
             raise MailboxError(f"send secure shares failed: {exc.details()}", exc.code().name) from None
@@ -247,10 +284,12 @@ class Progress:
 
     def _report(self, kind: str, **fields: Any) -> None:
         self._client.count(progress=1)
-        self._client.stub.ReportProgress(
-            pb.ProgressEvent(kind=kind, **fields),
-            metadata=self._client.metadata,
-            timeout=RPC_TIMEOUT_S,
+        self._client.call(
+            lambda: self._client.stub.ReportProgress(
+                pb.ProgressEvent(kind=kind, **fields),
+                metadata=self._client.metadata,
+                timeout=RPC_TIMEOUT_S,
+            )
         )
 
     def run_start(self) -> None:
@@ -345,10 +384,12 @@ class Context:
         client = self.mailbox._client
         client.count(progress=1)
         try:
-            client.stub.ReportFiles(
-                pb.FileOutcomes(files=[pb.FileOutcome(name=name, kind=kind, reason=reason[:1000])]),
-                metadata=client.metadata,
-                timeout=RPC_TIMEOUT_S,
+            client.call(
+                lambda: client.stub.ReportFiles(
+                    pb.FileOutcomes(files=[pb.FileOutcome(name=name, kind=kind, reason=reason[:1000])]),
+                    metadata=client.metadata,
+                    timeout=RPC_TIMEOUT_S,
+                )
             )
         except grpc.RpcError as exc:
             raise ValueError(f"file outcome for {name!r} refused: {exc.details()}") from None

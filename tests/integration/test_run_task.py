@@ -173,3 +173,16 @@ def test_cli_human_output_shows_error_in_one_line(data_dir, run_dir, docker_clie
     assert "ERROR" in proc.stdout
     assert "CalibrationError: calibration drifted to 42" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_a_protocol_calling_faster_than_the_rate_cap_is_slowed_not_failed(make_executor, data_dir):
+    events = []
+    outcome = make_executor().run(
+        TaskSpec(protocol_dir=PROTOCOLS / "chatty", data_dir=data_dir, parameters={"steps": 5000}),
+        on_progress=events.append,
+    )
+    assert outcome.status is Status.OK, outcome.error
+    # 15000 calls, well past what the cap admits in the time (2000 + 1000/s):
+    # every one still arrived.
+    assert outcome.result == 15000
+    assert len(events) == 15000

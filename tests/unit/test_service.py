@@ -392,3 +392,12 @@ def test_rejection_with_an_uncatalogued_code_becomes_internal(served, monkeypatc
         )
     assert info.value.code() is grpc.StatusCode.INTERNAL
     assert info.value.details() == "internal error"
+
+
+def test_the_runtime_recognises_the_parents_rate_limit_refusal():
+    from executor.sandbox.context import RATE_LIMITED
+    from executor.service import CallLimiter
+
+    limiter = CallLimiter(rate_per_s=0.001, burst=1)
+    assert limiter.admit("/executor.v1.Sandbox/ReportProgress") is None
+    assert limiter.admit("/executor.v1.Sandbox/ReportProgress") == RATE_LIMITED

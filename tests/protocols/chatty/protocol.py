@@ -1,0 +1,18 @@
+"""Test protocol: report progress far faster than the parent's per-task call rate."""
+
+import threading
+
+
+def run(ctx):
+    n = ctx.parameters["steps"]
+
+    def report():
+        for i in range(n):
+            ctx.progress.step(i + 1, n)
+
+    threads = [threading.Thread(target=report) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return 3 * n
