@@ -98,6 +98,9 @@ def reap(
             try:
                 owner = (task_dir / OWNER_NAME).read_text().strip()
             except OSError:
+                # Being made by a live executor this instant: not yet labelled.
+                if not everything and _age_s(task_dir) < UNLABELLED_GRACE_S:
+                    continue
                 owner = ""
             if everything or not instance_alive(owner):
                 remove_tree(task_dir)

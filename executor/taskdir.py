@@ -91,11 +91,12 @@ class TaskDir:
         self.sandbox_uid = sandbox_uid
         self.token = secrets.token_urlsafe(32)
         try:
+            # First, so a concurrent reaper can tell whose directory this is.
+            (self.path / OWNER_NAME).write_text(owner)
             self.path.chmod(0o711)
             self.ipc = self.path / "ipc"
             self.ipc.mkdir(mode=0o700)
             self.protocol = self.path / "protocol"
-            (self.path / OWNER_NAME).write_text(owner)
             fd = os.open(self.ipc / TOKEN_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self.token)

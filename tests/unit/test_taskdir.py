@@ -206,3 +206,33 @@ def test_context_manager_removes_the_directory_on_exception(base):
         raise RuntimeError("task blew up")
     assert not path.exists()
     assert list(base.iterdir()) == []
+
+
+class _NoContainers:
+    def list_managed(self):
+        return []
+
+
+def test_reaper_spares_fresh_unlabelled_dirs_and_live_owners(tmp_path):
+    import os
+
+    from executor.reaper import new_instance_id, reap
+
+    run_dir, spool = tmp_path / "run", tmp_path / "spool"
+    run_dir.mkdir()
+    spool.mkdir()
+    fresh = run_dir / "t-being-made"  # no owner file yet: another executor is making it
+    fresh.mkdir()
+    old = run_dir / "t-old-unlabelled"
+    old.mkdir()
+    os.utime(old, (0, 0))
+    live = TaskDir(run_dir, 10_001, new_instance_id())  # this process: alive
+    dead = TaskDir(run_dir, 10_001, f"{os.uname().nodename}:999999999:1:x")  # no such pid
+    try:
+        report = reap(_NoContainers(), run_dir, spool)
+        assert sorted(report.task_dirs) == sorted([str(old), str(dead.path)])
+        assert fresh.exists() and live.path.exists()
+        assert not old.exists() and not dead.path.exists()
+    finally:
+        live.remove()
+        dead.remove()
