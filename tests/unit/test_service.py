@@ -401,3 +401,16 @@ def test_the_runtime_recognises_the_parents_rate_limit_refusal():
     limiter = CallLimiter(rate_per_s=0.001, burst=1)
     assert limiter.admit("/executor.v1.Sandbox/ReportProgress") is None
     assert limiter.admit("/executor.v1.Sandbox/ReportProgress") == RATE_LIMITED
+
+
+def test_the_rpc_attack_suite_knows_the_real_rate_cap():
+    import importlib.util
+    from pathlib import Path
+
+    from executor.service import RATE_BURST, RATE_PER_S
+
+    path = Path(__file__).parents[1] / "protocols" / "rpc_attacks" / "protocol.py"
+    spec = importlib.util.spec_from_file_location("rpc_attacks_protocol", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (module.RATE_PER_S, module.RATE_BURST) == (RATE_PER_S, RATE_BURST)
