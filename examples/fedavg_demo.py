@@ -209,6 +209,9 @@ class Modeller:
                 message = self.modeller.receive(pod.task_id, POLL_S)
                 if message is not None and message.type == message_type:
                     return message
+                if self.stop.is_set():
+                    # Ctrl-C cancelled the task while we were polling.
+                    raise DemoError("interrupted")
                 status = pod.outcome.status.value if pod.outcome else "no outcome"
                 raise DemoError(
                     f"{pod.name}'s task ended ({status}) while the modeller waited for {message_type}"
