@@ -16,6 +16,7 @@ import platform
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -300,6 +301,25 @@ class Workspace:
         """End ``process`` (a multiprocessing process or Popen) on exit if still running."""
         self._processes.append(process)
         return process
+
+    def run_script(self, script: str, argv: list[str], timeout: float) -> dict[str, Any]:
+        """Run ``script`` in a fresh interpreter with ``argv``; its last stdout line is JSON.
+
+        A fresh interpreter keeps the parent-side memory numbers clean.
+        """
+        proc = self.track_process(
+            subprocess.Popen(
+                [sys.executable, str(Path(script).resolve()), *argv],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=REPO,
+            )
+        )
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{err[-3000:]}")
+        return dict(json.loads(out.strip().splitlines()[-1]))
 
     # -- cleanup ---------------------------------------------------------------
     def __enter__(self) -> Workspace:

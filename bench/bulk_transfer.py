@@ -34,8 +34,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -194,20 +192,7 @@ def sandbox_parent(root: Path, runtime: str, mib: int, repeats: int, verify: boo
 
 
 def _child(ws: c.Workspace, argv: list[str]) -> dict[str, Any]:
-    """Run this script in a fresh interpreter with ``argv``; its last stdout line is JSON."""
-    proc = ws.track_process(
-        subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=c.REPO,
-        )
-    )
-    out, err = proc.communicate(timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    return ws.run_script(__file__, argv, timeout=1800)
 
 
 def render(report: dict[str, Any]) -> str:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -131,19 +129,7 @@ def phase(root: Path, mode: str, args: Any) -> dict[str, Any]:
 
 
 def _child(ws: c.Workspace, argv: list[str]) -> dict[str, Any]:
-    proc = ws.track_process(
-        subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), *argv],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=c.REPO,
-        )
-    )
-    out, err = proc.communicate(timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{err[-3000:]}")
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    return ws.run_script(__file__, argv, timeout=3600)
 
 
 def render(report: dict[str, Any]) -> str:
