@@ -92,8 +92,9 @@ class SandboxServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request_iterator, context):
-        """Liveness. Beats flow up from a child thread; control messages (modeller
-        ready, cancel, shutdown) flow down. One stream per task.
+        """Liveness. Beats flow up from a child thread; control messages (beat seen,
+        modeller ready, cancel, shutdown) flow down. One stream per task. The
+        child starts no protocol code before the parent has seen its first beat.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

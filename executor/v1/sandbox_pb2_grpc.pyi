@@ -41,8 +41,9 @@ class SandboxStub:
     GetTask: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.GetTaskRequest, _sandbox_pb2.TaskConfig]
     """The task's serialised configuration. Called once, first."""
     Heartbeat: _grpc.StreamStreamMultiCallable[_sandbox_pb2.Beat, _sandbox_pb2.Control]
-    """Liveness. Beats flow up from a child thread; control messages (modeller
-    ready, cancel, shutdown) flow down. One stream per task.
+    """Liveness. Beats flow up from a child thread; control messages (beat seen,
+    modeller ready, cancel, shutdown) flow down. One stream per task. The
+    child starts no protocol code before the parent has seen its first beat.
     """
     SendMessage: _grpc.StreamUnaryMultiCallable[_sandbox_pb2.MessageChunk, _sandbox_pb2.SendMessageResponse]
     """Proxy mailbox: the parent owns the real connection and all keys, and
@@ -68,8 +69,9 @@ class SandboxAsyncStub(SandboxStub):
     GetTask: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.GetTaskRequest, _sandbox_pb2.TaskConfig]  # type: ignore[assignment]
     """The task's serialised configuration. Called once, first."""
     Heartbeat: _aio.StreamStreamMultiCallable[_sandbox_pb2.Beat, _sandbox_pb2.Control]  # type: ignore[assignment]
-    """Liveness. Beats flow up from a child thread; control messages (modeller
-    ready, cancel, shutdown) flow down. One stream per task.
+    """Liveness. Beats flow up from a child thread; control messages (beat seen,
+    modeller ready, cancel, shutdown) flow down. One stream per task. The
+    child starts no protocol code before the parent has seen its first beat.
     """
     SendMessage: _aio.StreamUnaryMultiCallable[_sandbox_pb2.MessageChunk, _sandbox_pb2.SendMessageResponse]  # type: ignore[assignment]
     """Proxy mailbox: the parent owns the real connection and all keys, and
@@ -104,8 +106,9 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_sandbox_pb2.Beat],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.Control], _abc.AsyncIterator[_sandbox_pb2.Control]]:
-        """Liveness. Beats flow up from a child thread; control messages (modeller
-        ready, cancel, shutdown) flow down. One stream per task.
+        """Liveness. Beats flow up from a child thread; control messages (beat seen,
+        modeller ready, cancel, shutdown) flow down. One stream per task. The
+        child starts no protocol code before the parent has seen its first beat.
         """
 
     @_abc_1.abstractmethod
