@@ -11,8 +11,29 @@ import pytest
 
 from executor.backends import LABEL_PARENT
 from executor.policy import DEFAULT_IMAGE, IsolationPolicy
+from executor.policy_file import PolicySet
 
 PROTOCOLS = Path(__file__).parent / "protocols"
+# Every task a test starts ends within this wall-clock limit whatever its
+# protocol does, so a hang fails fast as a TIMEOUT outcome that names the task
+# instead of running into pytest's own limit.
+TEST_TIMEOUT_S = 120.0
+
+
+def bounded(policy: IsolationPolicy) -> IsolationPolicy:
+    """``policy`` with its wall-clock limit at most :data:`TEST_TIMEOUT_S`."""
+    if policy.timeout_s <= TEST_TIMEOUT_S:
+        return policy
+    return policy.replace(timeout_s=TEST_TIMEOUT_S)
+
+
+def bounded_set(policies: PolicySet) -> PolicySet:
+    """Every policy of ``policies`` bounded like :func:`bounded`."""
+    return PolicySet(
+        source=policies.source,
+        default=bounded(policies.default),
+        projects={name: bounded(p) for name, p in policies.projects.items()},
+    )
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +60,23 @@ def run_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="se-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path) -> Path:
+    """A policy file for CLI runs: defaults, with the test wall-clock bound."""
+    path = tmp_path / "test-policy.toml"
+    path.write_text(f"[default]\ntimeout_s = {TEST_TIMEOUT_S:g}\n")
+    return path
+
+
+@pytest.fixture
+def cli_env(run_dir: Path, tmp_path: Path) -> dict[str, str]:
+    """Environment for a CLI subprocess: private run and spool directories."""
+    import os
+
+    spool = tmp_path / "spool"
+    return {**os.environ, "SANDBOX_EXECUTOR_RUN_DIR": str(run_dir), "SANDBOX_EXECUTOR_SPOOL_DIR": str(spool)}
 
 
 @pytest.fixture
@@ -77,8 +115,10 @@ def make_executor(docker_client: object, run_dir: Path) -> Iterator[object]:
     made: list[Executor] = []
 
     def factory(**kwargs: object) -> Executor:
-        if "policies" not in kwargs:
-            kwargs.setdefault("policy", IsolationPolicy.hardened())
+        if "policies" in kwargs:
+            kwargs["policies"] = bounded_set(kwargs["policies"])  # type: ignore[arg-type]
+        else:
+            kwargs["policy"] = bounded(kwargs.get("policy") or IsolationPolicy.hardened())  # type: ignore[arg-type]
         ex = Executor(run_dir=run_dir, **kwargs)  # type: ignore[arg-type]
         made.append(ex)
         return ex

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from executor.executor import TaskSpec
 from executor.outcome import Status
 from executor.policy_file import load_policy_file
 
-from ..conftest import PROTOCOLS
+from ..conftest import PROTOCOLS, TEST_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
 
@@ -58,9 +57,9 @@ secrets = { API_TOKEN = "env:SE_TEST_SECRET" }
     assert gvisor.result["kernel"] != plain.result["kernel"]  # gVisor's own kernel answers
 
 
-def test_cli_run_with_policy_file_under_runsc(data_dir, run_dir, tmp_path, runsc_registered):
+def test_cli_run_with_policy_file_under_runsc(data_dir, run_dir, tmp_path, runsc_registered, cli_env):
     policy_file = tmp_path / "policy.toml"
-    policy_file.write_text('[projects.g]\nruntime = "runsc"\n')
+    policy_file.write_text(f'[default]\ntimeout_s = {TEST_TIMEOUT_S:g}\n[projects.g]\nruntime = "runsc"\n')
     proc = subprocess.run(
         [
             sys.executable,
@@ -81,7 +80,7 @@ def test_cli_run_with_policy_file_under_runsc(data_dir, run_dir, tmp_path, runsc
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={**os.environ, "SANDBOX_EXECUTOR_RUN_DIR": str(run_dir)},
+        env=cli_env,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

@@ -128,12 +128,12 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
-def test_cli_json_contract(data_dir, run_dir, docker_client):
-    import os
-
-    env = {**os.environ, "SANDBOX_EXECUTOR_RUN_DIR": str(run_dir)}
+def test_cli_json_contract(data_dir, run_dir, docker_client, cli_env, policy_file):
+    env = cli_env
     proc = _cli(
         "run",
+        "--policy",
+        str(policy_file),
         str(REPO / "examples/protocols/column_stats"),
         "--data",
         str(REPO / "examples/data/hospital_a"),
@@ -153,7 +153,16 @@ def test_cli_json_contract(data_dir, run_dir, docker_client):
     assert set(out) >= {"task_id", "status", "result", "runtime", "timings"}
     assert "error" not in out
 
-    proc = _cli("run", str(PROTOCOLS / "raises"), "--data", str(data_dir), "--json", env=env)
+    proc = _cli(
+        "run",
+        "--policy",
+        str(policy_file),
+        str(PROTOCOLS / "raises"),
+        "--data",
+        str(data_dir),
+        "--json",
+        env=env,
+    )
     assert proc.returncode == 1
     out = json.loads(proc.stdout)
     assert out["status"] == "ERROR"
@@ -164,11 +173,10 @@ def test_cli_json_contract(data_dir, run_dir, docker_client):
     assert list(run_dir.iterdir()) == []
 
 
-def test_cli_human_output_shows_error_in_one_line(data_dir, run_dir, docker_client):
-    import os
-
-    env = {**os.environ, "SANDBOX_EXECUTOR_RUN_DIR": str(run_dir)}
-    proc = _cli("run", str(PROTOCOLS / "raises"), "--data", str(data_dir), env=env)
+def test_cli_human_output_shows_error_in_one_line(data_dir, run_dir, docker_client, cli_env, policy_file):
+    proc = _cli(
+        "run", "--policy", str(policy_file), str(PROTOCOLS / "raises"), "--data", str(data_dir), env=cli_env
+    )
     assert proc.returncode == 1
     assert "ERROR" in proc.stdout
     assert "CalibrationError: calibration drifted to 42" in proc.stdout
