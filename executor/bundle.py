@@ -2,7 +2,7 @@
 
 The parent never imports or runs protocol code (design invariant 2). It only
 copies the files, refusing anything that could reach outside the bundle
-(symlinks, devices, sockets), and parses ``protocol.py`` with :mod:`ast` (which
+(symlinks, hard links, devices, sockets, FIFOs), and parses ``protocol.py`` with :mod:`ast` (which
 executes nothing) so that a missing ``run`` is reported before a container
 starts.
 """
@@ -12,10 +12,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import os
-import shutil
 import stat
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from executor.errors import ProtocolBundleError
 
@@ -24,6 +23,8 @@ ENTRY_MODULE = "protocol"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_BUNDLE_FILES = 10_000
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
+MAX_BUNDLE_DIRS = 1_000
+MAX_BUNDLE_DEPTH = 32
 _SKIP_DIRS = {"__pycache__", ".git", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
 
 
@@ -97,44 +98,122 @@ def _defines_run(tree: ast.Module) -> bool:
 def copy_bundle(source: Path, dest: Path) -> Bundle:
     """Copy the protocol in ``source`` to ``dest`` (which must not exist).
 
-    Files become world-readable and read-only so that the sandbox's
+    The source is read through descriptors only: every entry is opened without
+    following links and checked on the open descriptor, so a file or directory
+    swapped for a symlink, FIFO or device while the copy runs is refused, not
+    followed. Files become world-readable and read-only so that the sandbox's
     unprivileged user can import them; directories become traversable.
 
     Raises:
-        ProtocolBundleError: The protocol is unusable, holds a symlink or special
-            file, or exceeds the size or file-count limits.
+        ProtocolBundleError: The protocol is unusable, holds a symlink, special
+            file or hard-linked file, changed during the copy, or exceeds the size,
+            file-count or depth limits.
     """
     check_protocol_dir(source)
-    digest = hashlib.sha256()
-    total = 0
-    count = 0
     dest.mkdir(mode=0o755)
-    for root, dirs, files in os.walk(source, followlinks=False):
-        rel_root = Path(root).relative_to(source)
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-        for name in dirs:
-            if (Path(root) / name).is_symlink():
-                raise ProtocolBundleError(f"protocol bundle may not contain symlinks: {rel_root / name}")
-            (dest / rel_root / name).mkdir(mode=0o755)
-        for name in sorted(files):
-            src = Path(root) / name
-            rel = rel_root / name
-            st = src.lstat()
-            if not stat.S_ISREG(st.st_mode):
-                raise ProtocolBundleError(f"protocol bundle may contain only regular files, not {rel}")
-            count += 1
-            total += st.st_size
-            if count > MAX_BUNDLE_FILES:
-                raise ProtocolBundleError(f"protocol bundle has more than {MAX_BUNDLE_FILES} files")
-            if total > MAX_BUNDLE_BYTES:
-                raise ProtocolBundleError(f"protocol bundle exceeds {MAX_BUNDLE_BYTES} bytes")
-            target = dest / rel
-            with open(src, "rb") as fin, open(target, "xb") as fout:
-                shutil.copyfileobj(fin, fout)
-            digest.update(rel.as_posix().encode() + b"\0")
-            digest.update(hashlib.sha256(target.read_bytes()).digest())
-            target.chmod(0o444)
+    copier = _Copier(dest)
+    try:
+        # The operator's own directory may be reached through a link; nothing under it may.
+        root_fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ProtocolBundleError(f"cannot open protocol directory {source}: {exc.strerror}") from None
+    try:
+        copier.copy_dir(root_fd, PurePosixPath())
+    finally:
+        os.close(root_fd)
     for d in sorted(p for p in dest.rglob("*") if p.is_dir()):
         d.chmod(0o555)
     dest.chmod(0o555)
-    return Bundle(path=dest, sha256=digest.hexdigest(), size=total, files=count)
+    return Bundle(path=dest, sha256=copier.digest.hexdigest(), size=copier.total, files=copier.count)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in after the check opens at once instead of waiting for a writer.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_CHUNK = 1024 * 1024
+
+
+class _Copier:
+    """Copies one bundle, keeping the totals and digest across directories."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.digest = hashlib.sha256()
+        self.total = 0
+        self.count = 0
+        self.dirs = 0
+
+    def copy_dir(self, dir_fd: int, rel_dir: PurePosixPath) -> None:
+        """Copy the files of ``dir_fd``, then its subdirectories (the digest's order)."""
+        if len(rel_dir.parts) > MAX_BUNDLE_DEPTH:
+            raise ProtocolBundleError(f"protocol bundle nests deeper than {MAX_BUNDLE_DEPTH} directories")
+        subdirs: list[str] = []
+        for name in sorted(os.listdir(dir_fd)):
+            rel = rel_dir / name
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                raise ProtocolBundleError(f"protocol bundle may not contain symlinks: {rel}")
+            if stat.S_ISDIR(st.st_mode):
+                if name not in _SKIP_DIRS:
+                    subdirs.append(name)
+            elif stat.S_ISREG(st.st_mode):
+                self._copy_file(dir_fd, name, rel)
+            else:
+                raise ProtocolBundleError(f"protocol bundle may contain only regular files, not {rel}")
+        for name in subdirs:
+            rel = rel_dir / name
+            self.dirs += 1
+            if self.dirs > MAX_BUNDLE_DIRS:
+                raise ProtocolBundleError(f"protocol bundle has more than {MAX_BUNDLE_DIRS} directories")
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            except OSError:
+                raise ProtocolBundleError(
+                    f"protocol bundle changed during the copy (symlink or not a directory): {rel}"
+                ) from None
+            try:
+                (self.dest / rel).mkdir(mode=0o755)
+                self.copy_dir(fd, rel)
+            finally:
+                os.close(fd)
+
+    def _copy_file(self, dir_fd: int, name: str, rel: PurePosixPath) -> None:
+        self.count += 1
+        if self.count > MAX_BUNDLE_FILES:
+            raise ProtocolBundleError(f"protocol bundle has more than {MAX_BUNDLE_FILES} files")
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+        except OSError:
+            raise ProtocolBundleError(
+                f"protocol bundle changed during the copy (symlink or not a regular file): {rel}"
+            ) from None
+        try:
+            # The descriptor, not the name checked a moment ago, is what gets copied.
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ProtocolBundleError(f"protocol bundle may contain only regular files, not {rel}")
+            if st.st_nlink != 1:
+                # A hard link can name a file the operator never meant to share
+                # (one readable only by root); its copy would be world-readable.
+                raise ProtocolBundleError(f"protocol bundle may not contain hard-linked files: {rel}")
+            self.total += st.st_size
+            if self.total > MAX_BUNDLE_BYTES:
+                raise ProtocolBundleError(f"protocol bundle exceeds {MAX_BUNDLE_BYTES} bytes")
+            content = hashlib.sha256()
+            target = self.dest / rel
+            with open(target, "xb") as fout:
+                left = st.st_size
+                while left > 0:
+                    chunk = os.read(fd, min(_CHUNK, left))
+                    if not chunk:
+                        raise ProtocolBundleError(f"protocol bundle changed during the copy: {rel} shrank")
+                    fout.write(chunk)
+                    content.update(chunk)
+                    left -= len(chunk)
+                if os.read(fd, 1):
+                    raise ProtocolBundleError(f"protocol bundle changed during the copy: {rel} grew")
+            target.chmod(0o444)
+        finally:
+            os.close(fd)
+        self.digest.update(os.fsencode(rel.as_posix()) + b"\0")
+        self.digest.update(content.digest())

@@ -274,3 +274,154 @@ def test_digest_tells_swapped_contents_apart(make_protocol, tmp_path):
     b = _digest(make_protocol, tmp_path, {"a.py": "2", "b.py": "1"})
     c = _digest(make_protocol, tmp_path, {"a.py": "12", "b.py": ""})
     assert len({a, b, c}) == 3
+
+
+# -- links and races: what the copy opens is what was checked -------------------------
+
+
+def _secret(tmp_path):
+    """A file only its owner may read, outside the protocol directory."""
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    secret = outside / "secret"
+    secret.write_bytes(b"root-only secret\n")
+    secret.chmod(0o600)
+    return secret
+
+
+def _copied_bytes(dest):
+    return [p.read_bytes() for p in dest.rglob("*") if p.is_file()]
+
+
+def test_hard_link_to_a_private_file_is_refused(make_protocol, tmp_path):
+    secret = _secret(tmp_path)
+    proto = make_protocol(files={"helpers/__init__.py": ""})
+    os.link(secret, proto / "helpers" / "notes.txt")
+    dest = tmp_path / "bundle"
+    with pytest.raises(ProtocolBundleError, match=r"hard-linked files: helpers/notes\.txt"):
+        copy_bundle(proto, dest)
+    assert b"root-only secret\n" not in _copied_bytes(dest)
+
+
+def _after_check(monkeypatch, target, action, *, on_fstat=False):
+    """Run ``action`` once, just after the copier checks ``target``.
+
+    The check is a stat that does not follow links (by path or relative to a
+    directory descriptor), or with ``on_fstat`` an ``fstat`` of a descriptor open
+    on ``target``: the window an attacker in the protocol directory races for.
+    """
+    real_stat, real_fstat = os.stat, os.fstat
+    fired = False
+
+    def names_target(path, dir_fd):
+        base = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else ""
+        return os.path.abspath(os.path.join(base, os.fspath(path))) == str(target)
+
+    def fire():
+        nonlocal fired
+        if not fired:
+            fired = True
+            action()
+
+    def fake_stat(path, *args, dir_fd=None, follow_symlinks=True):
+        result = real_stat(path, *args, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+        if not on_fstat and not follow_symlinks and not isinstance(path, int) and names_target(path, dir_fd):
+            fire()
+        return result
+
+    def fake_lstat(path, *, dir_fd=None):
+        return fake_stat(path, dir_fd=dir_fd, follow_symlinks=False)
+
+    def fake_fstat(fd):
+        result = real_fstat(fd)
+        if on_fstat and os.readlink(f"/proc/self/fd/{fd}") == str(target):
+            fire()
+        return result
+
+    monkeypatch.setattr(os, "stat", fake_stat)
+    monkeypatch.setattr(os, "lstat", fake_lstat)
+    monkeypatch.setattr(os, "fstat", fake_fstat)
+    return lambda: fired
+
+
+def _replace_with(path, make):
+    """Atomically put what ``make(tmp)`` creates at ``path``, as an attacker would."""
+    tmp = path.parent.parent / f".swap-{path.name}"
+    make(tmp)
+    os.replace(tmp, path)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("swap_to", ["private file", "/dev/zero", "fifo"])
+def test_a_file_swapped_after_its_check_is_refused(make_protocol, tmp_path, monkeypatch, swap_to):
+    secret = _secret(tmp_path)
+    proto = make_protocol(files={"helpers/__init__.py": "", "helpers/model.py": "W = 1\n"})
+    target = proto / "helpers" / "model.py"
+    makers = {
+        "private file": lambda tmp: tmp.symlink_to(secret),
+        "/dev/zero": lambda tmp: tmp.symlink_to("/dev/zero"),
+        "fifo": lambda tmp: os.mkfifo(tmp),
+    }
+    cap = sum(p.stat().st_size for p in proto.rglob("*") if p.is_file()) + 100
+    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_BYTES", cap)
+    fired = _after_check(monkeypatch, target, lambda: _replace_with(target, makers[swap_to]))
+    dest = tmp_path / "bundle"
+    with pytest.raises(ProtocolBundleError, match=r"helpers/model\.py"):
+        copy_bundle(proto, dest)
+    assert fired()
+    copied = _copied_bytes(dest)
+    assert b"root-only secret\n" not in copied
+    assert sum(map(len, copied)) <= cap
+
+
+def test_a_directory_swapped_for_a_symlink_after_its_check_is_refused(make_protocol, tmp_path, monkeypatch):
+    secret = _secret(tmp_path)
+    (secret.parent / "model.py").write_bytes(secret.read_bytes())
+    proto = make_protocol(files={"helpers/__init__.py": ""})
+    helpers = proto / "helpers"
+
+    def swap():
+        helpers.rename(tmp_path / "moved-helpers")
+        helpers.symlink_to(secret.parent)
+
+    fired = _after_check(monkeypatch, helpers, swap)
+    dest = tmp_path / "bundle"
+    with pytest.raises(ProtocolBundleError, match="helpers"):
+        copy_bundle(proto, dest)
+    assert fired()
+    assert b"root-only secret\n" not in _copied_bytes(dest)
+
+
+@pytest.mark.parametrize("on_fstat", [False, True], ids=["after-check", "after-open"])
+def test_a_file_that_grows_during_the_copy_stays_within_the_cap(
+    make_protocol, tmp_path, monkeypatch, on_fstat
+):
+    proto = make_protocol(files={"data.bin": b"x" * 100})
+    target = proto / "data.bin"
+    cap = sum(p.stat().st_size for p in proto.rglob("*") if p.is_file())
+    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_BYTES", cap)
+
+    def grow():
+        with open(target, "ab") as f:
+            f.write(b"y" * (1024 * 1024))
+
+    fired = _after_check(monkeypatch, target, grow, on_fstat=on_fstat)
+    dest = tmp_path / "bundle"
+    with pytest.raises(ProtocolBundleError, match=r"exceeds|data\.bin grew"):
+        copy_bundle(proto, dest)
+    assert fired()
+    assert sum(map(len, _copied_bytes(dest))) <= cap
+
+
+def test_nesting_depth_and_directory_count_are_capped(make_protocol, tmp_path, monkeypatch):
+    proto = make_protocol(files={"a/b/c/x.py": ""})
+    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DEPTH", 3)
+    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DIRS", 3)
+    assert copy_bundle(proto, tmp_path / "at-limit").files == 2
+    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DEPTH", 2)
+    with pytest.raises(ProtocolBundleError, match="deeper than 2"):
+        copy_bundle(proto, tmp_path / "too-deep")
+    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DEPTH", 3)
+    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DIRS", 2)
+    with pytest.raises(ProtocolBundleError, match="more than 2 directories"):
+        copy_bundle(proto, tmp_path / "too-many")
