@@ -196,7 +196,7 @@ class Modeller:
         while True:
             if self.stop.is_set():
                 raise DemoError("interrupted")
-            message = self.modeller.receive(pod.task_id, POLL_S)
+            message = self.modeller.receive(pod.task_id, POLL_S, pod.name)
             if message is not None:
                 if message.type == message_type:
                     return message
@@ -206,7 +206,7 @@ class Modeller:
                 continue
             if not pod.running:
                 # Its last messages may still be in flight; drain before giving up.
-                message = self.modeller.receive(pod.task_id, POLL_S)
+                message = self.modeller.receive(pod.task_id, POLL_S, pod.name)
                 if message is not None and message.type == message_type:
                     return message
                 if self.stop.is_set():
@@ -223,21 +223,21 @@ class Modeller:
         """Start, train for ``rounds`` rounds, finish; return the final global weights."""
         for pod in self.pods:
             self.expect(pod, "TASK_START")
-            self.modeller.ready(pod.task_id)
+            self.modeller.ready(pod.task_id, pod.name)
             self.say(f"{pod.name}: task {pod.task_id} started; modeller ready")
         weights = [0.0] * len(TRUE_WEIGHTS)
         self.say("round  loss of the weights sent   new global weights (w1, w2, b)")
         for r in range(1, rounds + 1):
             for pod in self.pods:
                 self.modeller.send(
-                    pod.task_id, "ALGORITHM_EXCHANGE", encode({"round": r, "weights": weights})
+                    pod.task_id, "ALGORITHM_EXCHANGE", encode({"round": r, "weights": weights}), pod.name
                 )
             updates = [decode_update(pod, self.expect(pod, "TRAINING_UPDATE"), r) for pod in self.pods]
             weights, loss = fedavg(updates)
             shown = ", ".join(fmt(w) for w in weights)
             self.say(f"{r:5d}  {fmt(loss)[1:]:>24}   [{shown}]")
         for pod in self.pods:
-            self.modeller.send(pod.task_id, "TRAINING_COMPLETE", encode({"weights": weights}))
+            self.modeller.send(pod.task_id, "TRAINING_COMPLETE", encode({"weights": weights}), pod.name)
         return weights
 
 
@@ -247,7 +247,7 @@ def make_pods(args: argparse.Namespace, modeller: LocalModeller) -> list[Pod]:
     for name, data_dir in PODS.items():
         task_id = f"fedavg-{name}-{run_id}"
         keys = TaskKeys.generate()
-        modeller.add_task(task_id, keys)
+        modeller.add_task(task_id, keys, name)
         spec = TaskSpec(
             protocol_dir=PROTOCOL_DIR,
             data_dir=data_dir,

@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from executor.executor import Executor, TaskSpec
+    from executor.transport import NoModellerTransport
 
     spec = TaskSpec(
         protocol_dir=args.protocol_dir,
@@ -122,25 +123,36 @@ def _run(args: argparse.Namespace) -> int:
         if not args.json:
             print("cancelling (Ctrl-C again to stop waiting)…", file=sys.stderr)
 
+    # No modeller is attached to a task run from here: what it sends is
+    # discarded and counted, never stored, and its receives fail at once.
+    transport = NoModellerTransport()
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        executor = Executor(policies=policies)
-        if args.json:
-            outcome = executor.run(spec, cancel=cancel)
-        else:
-            from executor.progress import ProgressDisplay
+        with Executor(policies=policies, transport=transport) as executor:
+            if args.json:
+                outcome = executor.run(spec, cancel=cancel)
+            else:
+                from executor.progress import ProgressDisplay
 
-            with ProgressDisplay() as display:
-                outcome = executor.run(spec, on_progress=display.update, cancel=cancel)
+                with ProgressDisplay() as display:
+                    outcome = executor.run(spec, on_progress=display.update, cancel=cancel)
     finally:
+        transport.close()
         signal.signal(signal.SIGINT, previous)
 
+    discarded = transport.discarded(outcome.task_id).messages
     if args.json:
-        print(json.dumps(outcome.to_dict()))
+        print(json.dumps({**outcome.to_dict(), "discarded_messages": discarded}))
     else:
         from executor.progress import print_outcome
 
         print_outcome(outcome)
+        if discarded:
+            print(
+                f"note: no modeller is attached, so the {discarded} mailbox message(s) the task sent "
+                "were discarded",
+                file=sys.stderr,
+            )
     return EXIT_OK if outcome.ok else EXIT_TASK_FAILED
 
 

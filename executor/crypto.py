@@ -8,11 +8,14 @@ through a spool, so a 256 MiB update never needs two copies in memory::
 
 The associated data binds each body to its task and message type, so a sealed
 body cannot be replayed as another. Secure-aggregation shares between pods are
-sealed with the recipient pod's RSA key (OAEP, SHA-256).
+sealed with the recipient pod's RSA key (OAEP, SHA-256), with the task, the
+sending pod and the recipient pod in the OAEP label: a share sealed for one
+task opens for no other task, and for no other pair of pods.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +37,6 @@ HEADER_BYTES = len(MAGIC) + NONCE_BYTES
 OVERHEAD_BYTES = HEADER_BYTES + TAG_BYTES
 AES_KEY_BYTES = 32
 STREAM_CHUNK = 1024 * 1024
-_OAEP = padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 # The largest share RSA-OAEP-SHA256 can seal with a 2048-bit key.
 MAX_SHARE_BYTES = 2048 // 8 - 2 * 32 - 2
 
@@ -46,6 +48,16 @@ class DecryptionError(SandboxExecutorError):
 def associated_data(task_id: str, message_type: str) -> bytes:
     """What each sealed body is bound to."""
     return f"sandbox-executor/v1|{task_id}|{message_type}".encode()
+
+
+def share_label(task_id: str, sender: str, recipient: str) -> bytes:
+    """What each secure share is bound to: its task and the two pods (the OAEP label)."""
+    # JSON, so that no choice of pod names makes two different triples one label.
+    return b"sandbox-executor/v1|SECURE_SHARE|" + json.dumps([task_id, sender, recipient]).encode()
+
+
+def _oaep(label: bytes) -> padding.OAEP:
+    return padding.OAEP(mgf=padding.MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=label)
 
 
 @dataclass(frozen=True)
@@ -146,20 +158,34 @@ def open_stream(key: bytes, sealed_path: Path, out: BinaryIO, aad: bytes) -> int
     return total
 
 
-def seal_share(public_key: rsa.RSAPublicKey, share: bytes) -> bytes:
-    """Encrypt a secure-aggregation share for the pod holding ``public_key``."""
+def seal_share(public_key: rsa.RSAPublicKey, share: bytes, label: bytes) -> bytes:
+    """Encrypt a secure-aggregation share for the pod holding ``public_key``.
+
+    Args:
+        public_key: The recipient pod's key.
+        share: The plaintext share.
+        label: :func:`share_label` of the task, this pod and the recipient.
+    """
     if len(share) > MAX_SHARE_BYTES:
         raise ValueError(f"a secure share may be at most {MAX_SHARE_BYTES} bytes")
-    return public_key.encrypt(share, _OAEP)
+    return public_key.encrypt(share, _oaep(label))
 
 
-def open_share(private_key: rsa.RSAPrivateKey, sealed: bytes) -> bytes:
+def open_share(private_key: rsa.RSAPrivateKey, sealed: bytes, label: bytes) -> bytes:
     """Decrypt a share addressed to this pod.
 
+    Args:
+        private_key: This pod's key.
+        sealed: What :func:`seal_share` made.
+        label: :func:`share_label` of this task, the sending pod and this pod.
+
     Raises:
-        DecryptionError: It was not sealed for this pod's key, or was altered.
+        DecryptionError: It was not sealed for this pod's key, this task and
+            this sender, or was altered.
     """
     try:
-        return private_key.decrypt(sealed, _OAEP)
+        return private_key.decrypt(sealed, _oaep(label))
     except ValueError:
-        raise DecryptionError("secure share failed decryption (not for this pod's key)") from None
+        raise DecryptionError(
+            "secure share failed decryption (not for this pod's key, this task or this sender)"
+        ) from None

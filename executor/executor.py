@@ -43,7 +43,7 @@ from executor.service import CHUNK_BYTES, TaskServer
 from executor.session import ProgressUpdate, TaskSession
 from executor.supervisor import Supervisor, abort_message
 from executor.taskdir import SOCKET_NAME, TOKEN_NAME, TaskDir, default_base_dir, default_spool_dir
-from executor.transport import InMemoryTransport, Route, Transport
+from executor.transport import NoModellerTransport, Route, Transport
 from executor.v1 import sandbox_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,9 @@ class Executor:
         backend: The container engine; by default Docker from the environment.
         policy: One isolation policy for every task.
         policies: Per-project policies (from a policy file); ``policy`` wins if both.
-        transport: Where mailbox traffic goes; by default an in-memory one.
+        transport: Where mailbox traffic goes. By default there is no modeller:
+            a :class:`~executor.transport.NoModellerTransport`, which discards
+            and counts what a task sends and fails its receives at once.
         run_dir: Where task directories go; see :func:`default_base_dir`.
         spool_dir: Where large mailbox bodies are staged (disk, not memory);
             see :func:`default_spool_dir`.
@@ -160,7 +162,8 @@ class Executor:
         self.backend = backend
         self.policies = policies or PolicySet(default=policy or IsolationPolicy.hardened())
         self._single_policy = policy
-        self.transport: Transport = transport if transport is not None else InMemoryTransport()
+        self._owns_transport = transport is None
+        self.transport: Transport = transport if transport is not None else NoModellerTransport()
         self.run_dir = run_dir or default_base_dir()
         self.spool_dir = spool_dir or default_spool_dir()
         self.instance_id = new_instance_id()
@@ -177,6 +180,21 @@ class Executor:
         if self._single_policy is not None:
             return self._single_policy
         return self.policies.for_project(project)
+
+    def close(self) -> None:
+        """Release what this executor made itself (its default transport).
+
+        A transport the caller passed in stays the caller's to close.
+        """
+        close = getattr(self.transport, "close", None)
+        if self._owns_transport and callable(close):
+            close()
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def reap(self, *, everything: bool = False) -> ReapReport:
         """Remove containers, task directories and spools of dead executors.

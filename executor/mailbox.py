@@ -5,6 +5,12 @@ with the task's keys, which never leave the parent, and moves ciphertext over
 the pod's :class:`~executor.transport.Channel`. Bodies above
 :data:`SPOOL_THRESHOLD` stream through a file, one chunk in memory at a time,
 so a 256 MiB training update costs the parent megabytes, not a second copy.
+
+Secure shares are metered like any other body: each counts its sealed size
+against the task's byte quota, and a task may send and receive at most
+:data:`MAX_TASK_SHARES` of them each way, which also bounds the RSA work it
+can make the parent do. Each share is bound to its task and pods (see
+:func:`~executor.crypto.share_label`); one that does not open is dropped.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 
 from executor.crypto import (
     OVERHEAD_BYTES,
+    DecryptionError,
     TaskKeys,
     associated_data,
     open_sealed,
@@ -28,14 +35,18 @@ from executor.crypto import (
     seal,
     seal_share,
     seal_stream,
+    share_label,
 )
 from executor.errors import SandboxExecutorError
-from executor.transport import Channel, Envelope, Route
+from executor.transport import SPOOL_OWNER, Channel, Envelope, Route, TransportError, discard
 
 log = logging.getLogger(__name__)
 
 SPOOL_THRESHOLD = 4 * 1024 * 1024
-SPOOL_OWNER = ".owner"
+# Secure shares one task may send, and receive, in all. A share costs the
+# parent an RSA operation (a private-key one to open), so this bounds the
+# parent's work for one task as well as the task's traffic.
+MAX_TASK_SHARES = 4096
 READY_POLL_S = 0.5
 
 
@@ -104,6 +115,8 @@ class MailboxBroker:
         self.max_task_bytes = max_task_bytes
         self._lock = threading.Lock()
         self._moved = 0
+        self._shares_sent = 0
+        self._shares_received = 0
         self._closed = threading.Event()
 
     def _spool_path(self) -> Path:
@@ -182,10 +195,11 @@ class MailboxBroker:
 
     # -- secure aggregation --------------------------------------------
     def send_shares(self, shares: dict[str, bytes]) -> None:
-        """Seal each share for its recipient pod and send it.
+        """Seal each share for its recipient pod, bound to this task, and send it.
 
         Raises:
-            MailboxLimitError: A recipient is not a peer of this task.
+            MailboxLimitError: A recipient is not a peer of this task, or the
+                shares would pass the task's share cap or byte quota.
         """
         unknown = sorted(set(shares) - set(self.route.peers))
         if unknown:
@@ -193,16 +207,36 @@ class MailboxBroker:
         missing = [p for p in shares if p not in self._keys.peer_public_keys]
         if missing:
             raise MailboxLimitError(f"no public key for peer(s): {', '.join(sorted(missing))}")
+        with self._lock:
+            if self._shares_sent + len(shares) > MAX_TASK_SHARES:
+                raise MailboxLimitError(
+                    f"the task has sent {self._shares_sent} secure shares; {len(shares)} more would pass "
+                    f"its limit of {MAX_TASK_SHARES}"
+                )
+            self._shares_sent += len(shares)
+        # What crosses the transport: one RSA block per share.
+        sealed_bytes = sum(self._keys.peer_public_keys[p].key_size // 8 for p in shares)
+        try:
+            self._reserve(sealed_bytes, "outgoing secure shares")
+        except MailboxLimitError:
+            with self._lock:
+                self._shares_sent -= len(shares)
+            raise
+        me = self.route.pod_identifier
         for pod, share in shares.items():
-            sealed = seal_share(self._keys.peer_public_keys[pod], share)
+            label = share_label(self.route.task_id, me, pod)
+            sealed = seal_share(self._keys.peer_public_keys[pod], share, label)
             self._channel.send(Envelope("SECURE_SHARE", sealed, peer=pod))
 
     def get_shares(self, timeout: float) -> dict[str, bytes] | None:
         """One share from every peer, opened; ``None`` if they did not all come in time.
 
+        A share that is not from an expected peer, is a second from the same
+        peer, or does not open for this task and pod is dropped and logged.
+
         Raises:
-            MailboxLimitError: The pod has no private key.
-            DecryptionError: A share was not sealed for this pod.
+            MailboxLimitError: The pod has no private key, or the task has
+                received as many shares as it may, or its byte quota is spent.
         """
         private_key = self._keys.pod_private_key
         if private_key is None:
@@ -215,10 +249,27 @@ class MailboxBroker:
             envelope = self._channel.receive("SECURE_SHARE", max(0.0, remaining)) if remaining > 0 else None
             if envelope is None:
                 return None
+            with self._lock:
+                if self._shares_received >= MAX_TASK_SHARES:
+                    discard(envelope)
+                    raise MailboxLimitError(
+                        f"the task has received {self._shares_received} secure shares, its limit"
+                    )
+                self._shares_received += 1
             if envelope.peer not in expected or envelope.peer in got or not isinstance(envelope.body, bytes):
+                discard(envelope)
                 log.warning("task %s: dropped a secure share from %r", self.route.task_id, envelope.peer)
                 continue
-            got[envelope.peer] = open_share(private_key, envelope.body)
+            self._reserve(len(envelope.body), "incoming secure share")
+            label = share_label(self.route.task_id, envelope.peer, self.route.pod_identifier)
+            try:
+                got[envelope.peer] = open_share(private_key, envelope.body, label)
+            except DecryptionError:
+                log.warning(
+                    "task %s: dropped a secure share from %r that was not sealed for this task and pod",
+                    self.route.task_id,
+                    envelope.peer,
+                )
         return got
 
     # -- modeller readiness --------------------------------------------
@@ -230,6 +281,9 @@ class MailboxBroker:
             while not self._closed.is_set():
                 try:
                     envelope = self._channel.receive("TASK_START", READY_POLL_S)
+                except TransportError as exc:  # e.g. no modeller attached: it will never be ready
+                    log.info("task %s: the modeller will not say it is ready: %s", self.route.task_id, exc)
+                    return
                 except Exception:
                     log.exception("task %s: waiting for the modeller failed", self.route.task_id)
                     return

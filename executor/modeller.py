@@ -1,13 +1,13 @@
 """A modeller in this process, over an :class:`InMemoryTransport`: for the demo and tests.
 
 It holds each task's AES key, as a real modeller does, and seals and opens
-bodies in the same format as the pod's parent.
+bodies in the same format as the pod's parent. It addresses a task by its id
+and, for a multi-pod task (whose pods share the id), by the pod.
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from executor.crypto import (
     seal,
     seal_stream,
 )
-from executor.transport import Envelope, InMemoryTransport
+from executor.transport import Envelope, InMemoryTransport, owned_spool
 
 
 @dataclass(frozen=True)
@@ -51,48 +51,53 @@ class LocalModeller:
 
     Args:
         transport: The transport the pods' executors use.
-        spool_dir: Where large bodies are staged; a temporary directory by default.
+        spool_dir: Where large bodies are staged; by default a fresh directory
+            under the executor's spool base, which ``reap`` removes if this
+            process dies without :meth:`close`.
     """
 
     def __init__(self, transport: InMemoryTransport, spool_dir: Path | None = None) -> None:
         self.transport = transport
-        self._keys: dict[str, TaskKeys] = {}
+        self._keys: dict[tuple[str, str], TaskKeys] = {}
         self._owns_spool = spool_dir is None
-        self._spool = spool_dir or Path(tempfile.mkdtemp(prefix="se-modeller-"))
+        self._spool = spool_dir or owned_spool("modeller-")
         self._n = 0
 
-    def add_task(self, task_id: str, keys: TaskKeys) -> None:
-        """Share a task's key with this modeller."""
-        self._keys[task_id] = keys
+    def add_task(self, task_id: str, keys: TaskKeys, pod: str = "") -> None:
+        """Share the key of ``task_id`` on ``pod`` with this modeller."""
+        self._keys[(task_id, pod)] = keys
 
     def _spool_file(self) -> Path:
         self._n += 1
         return self._spool / f"m{self._n}"
 
-    def send(self, task_id: str, message_type: str, body: bytes) -> None:
+    def send(self, task_id: str, message_type: str, body: bytes, pod: str = "") -> None:
         """Seal ``body`` and deliver it to the task."""
-        key = self._keys[task_id].aes_key
+        key = self._keys[(task_id, pod)].aes_key
         sealed = seal(key, body, associated_data(task_id, message_type))
-        self.transport.to_pod(task_id, Envelope(message_type, sealed))
+        self.transport.to_pod(task_id, Envelope(message_type, sealed), pod)
 
-    def send_stream(self, task_id: str, message_type: str, chunks: Iterator[bytes]) -> None:
+    def send_stream(self, task_id: str, message_type: str, chunks: Iterator[bytes], pod: str = "") -> None:
         """Seal a large body chunk by chunk into a file and deliver it."""
-        key = self._keys[task_id].aes_key
+        key = self._keys[(task_id, pod)].aes_key
         path = self._spool_file()
-        with path.open("wb") as out:
-            seal_stream(key, chunks, out, associated_data(task_id, message_type))
-        self.transport.to_pod(task_id, Envelope(message_type, path))
+        try:
+            with path.open("wb") as out:
+                seal_stream(key, chunks, out, associated_data(task_id, message_type))
+            self.transport.to_pod(task_id, Envelope(message_type, path), pod)
+        finally:
+            path.unlink(missing_ok=True)
 
-    def ready(self, task_id: str) -> None:
+    def ready(self, task_id: str, pod: str = "") -> None:
         """Tell the task the modeller is ready (the modeller's TASK_START)."""
-        self.send(task_id, "TASK_START", b"")
+        self.send(task_id, "TASK_START", b"", pod)
 
-    def receive(self, task_id: str, timeout: float) -> ModellerMessage | None:
+    def receive(self, task_id: str, timeout: float, pod: str = "") -> ModellerMessage | None:
         """The next message the task sent, opened; ``None`` on timeout."""
-        envelope = self.transport.from_pod(task_id, timeout)
+        envelope = self.transport.from_pod(task_id, timeout, pod)
         if envelope is None:
             return None
-        key = self._keys[task_id].aes_key
+        key = self._keys[(task_id, pod)].aes_key
         aad = associated_data(task_id, envelope.type)
         if isinstance(envelope.body, Path):
             out_path = self._spool_file()

@@ -5,15 +5,20 @@ the modeller and the other pods; the sandbox never sees it. Everything that
 crosses a transport is sealed (see :mod:`executor.crypto`): a transport moves
 ciphertext and never needs a key.
 
-:class:`InMemoryTransport` serves the demo and the tests: its modeller side is
-this process, and pods opened on the same instance reach each other.
+Two transports come with the package:
+
+- :class:`NoModellerTransport`, the default when no modeller is attached (the
+  CLI): what a task sends is discarded and counted, never stored, and a
+  receive fails at once.
+- :class:`InMemoryTransport`, for the demo and the tests: its modeller side
+  is this process, and pods opened on the same instance reach each other. What
+  it holds for a reader that does not read is capped per task.
 """
 
 from __future__ import annotations
 
 import queue
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -27,6 +32,15 @@ from executor.errors import SandboxExecutorError
 CLOSE_POLL_S = 0.25
 # Message types that travel between pods rather than to the modeller.
 PEER_TYPES = frozenset({"SECURE_SHARE"})
+# The file in a spool directory that names the executor instance owning it;
+# the reaper removes spools whose owner is dead.
+SPOOL_OWNER = ".owner"
+# What an InMemoryTransport holds, per task and direction, for a reader that
+# has not read it yet: enough for the demo and the tests, far below the RAM of
+# the machine (a body of up to 4 MiB travels in memory, larger ones in files).
+MAX_QUEUED_MESSAGES = 1000
+MAX_QUEUED_MEMORY_BYTES = 64 * 1024 * 1024
+MAX_QUEUED_BYTES = 1024 * 1024 * 1024
 
 
 class TransportError(SandboxExecutorError):
@@ -38,7 +52,8 @@ class Route:
     """Who a task talks to.
 
     Attributes:
-        task_id: The task on this pod.
+        task_id: The task. The pods of one multi-pod task share its id, as the
+            modeller issues it; secure shares are bound to it.
         pod_identifier: This pod.
         modeller_name: The modeller on the other end.
         peers: The other pods of a multi-pod task, for secure shares.
@@ -91,69 +106,277 @@ class Transport(Protocol):
         ...
 
 
+def body_size(body: bytes | Path) -> int:
+    """The size of a sealed body, in memory or in a file (0 if the file is gone)."""
+    if isinstance(body, bytes):
+        return len(body)
+    try:
+        return body.stat().st_size
+    except OSError:
+        return 0
+
+
+def discard(envelope: Envelope) -> None:
+    """Drop an envelope, deleting its file body if it has one."""
+    if isinstance(envelope.body, Path):
+        envelope.body.unlink(missing_ok=True)
+
+
+def owned_spool(prefix: str) -> Path:
+    """A fresh spool directory under the default spool base, labelled for the reaper.
+
+    It names this process as its owner, so ``sandbox-executor reap`` removes
+    it once the process is gone, whatever way it ended.
+    """
+    # Imported here: the reaper depends on the mailbox, which depends on this module.
+    from executor.reaper import new_instance_id
+    from executor.taskdir import default_spool_dir
+
+    base = default_spool_dir()
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = base / f"{prefix}{uuid.uuid4().hex}"
+    path.mkdir(mode=0o700)
+    (path / SPOOL_OWNER).write_text(new_instance_id())
+    return path
+
+
+# -- no modeller -----------------------------------------------------------
+
+
+@dataclass
+class Discarded:
+    """What a task sent while no modeller was attached."""
+
+    messages: int = 0
+    bytes: int = 0
+
+
+class NoModellerTransport:
+    """The transport of a task with nobody on the other end (the CLI's).
+
+    Nothing is stored: a message a task sends is counted and dropped (a file
+    body is deleted at once), and a receive fails with a :class:`TransportError`
+    that says no modeller is attached.
+    """
+
+    NO_MODELLER = "no modeller or peer pod is attached to this task, so no message will arrive"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._discarded: dict[str, Discarded] = defaultdict(Discarded)
+
+    def open(self, route: Route) -> NoModellerChannel:
+        """The task's channel."""
+        return NoModellerChannel(self, route)
+
+    def discarded(self, task_id: str) -> Discarded:
+        """How many messages (and sealed bytes) ``task_id`` sent that were dropped."""
+        with self._lock:
+            counted = self._discarded.get(task_id, Discarded())
+            return Discarded(counted.messages, counted.bytes)
+
+    def _count(self, task_id: str, envelope: Envelope) -> None:
+        size = body_size(envelope.body)
+        discard(envelope)
+        with self._lock:
+            counted = self._discarded[task_id]
+            counted.messages += 1
+            counted.bytes += size
+
+    def close(self) -> None:
+        """Nothing is held; here for symmetry with other transports."""
+
+
+class NoModellerChannel:
+    """One task's channel on a :class:`NoModellerTransport`."""
+
+    def __init__(self, transport: NoModellerTransport, route: Route) -> None:
+        self._transport = transport
+        self.route = route
+
+    def send(self, envelope: Envelope) -> None:
+        """Count the envelope and drop it."""
+        self._transport._count(self.route.task_id, envelope)
+
+    def receive(self, message_type: str, timeout: float) -> Envelope | None:
+        """Fail at once: nothing can arrive.
+
+        Raises:
+            TransportError: Always.
+        """
+        raise TransportError(NoModellerTransport.NO_MODELLER)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+# -- in memory ---------------------------------------------------------------
+
+
+@dataclass
+class _Held:
+    """Envelopes waiting at one address, by message type, with what they weigh."""
+
+    queues: dict[str, queue.Queue[Envelope]] = field(default_factory=lambda: defaultdict(queue.Queue))
+    messages: int = 0
+    memory_bytes: int = 0
+    total_bytes: int = 0
+
+
+# An address: ("pod", task_id, pod) for what the modeller sends a task,
+# ("modeller", task_id, pod) for what a task sends its modeller, and
+# ("share", task_id, pod) for the secure shares of one task's pod.
+_Address = tuple[str, str, str]
+_ANY_TYPE = ""
+
+
 class InMemoryTransport:
     """A transport whose modeller is this process: for demos, tests and benchmarks.
 
-    Large bodies are moved into a spool directory of its own, as a real
-    transport would take them over.
+    Messages are addressed by task and pod, so a later task of a pod never
+    sees what was sent to an earlier one. Large bodies are moved into a spool
+    directory, as a real transport would take them over; by default a fresh
+    one under the executor's spool base, labelled so that ``reap`` removes it
+    if this process dies without :meth:`close`.
+
+    What waits for a reader is capped per task and direction
+    (``max_queued_messages``, ``max_queued_memory_bytes`` for bodies held in
+    memory, ``max_queued_bytes`` for all): past a cap a send fails with a
+    :class:`TransportError`, so a modeller that never reads cannot make this
+    process hoard.
     """
 
-    def __init__(self, spool_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        spool_dir: Path | None = None,
+        *,
+        max_queued_messages: int = MAX_QUEUED_MESSAGES,
+        max_queued_memory_bytes: int = MAX_QUEUED_MEMORY_BYTES,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+    ) -> None:
         self._lock = threading.Lock()
         self._owns_spool = spool_dir is None
         self._spool_dir = spool_dir
-        self._to_pod: dict[tuple[str, str], queue.Queue[Envelope]] = defaultdict(queue.Queue)
-        self._to_modeller: dict[str, queue.Queue[Envelope]] = defaultdict(queue.Queue)
-
-    def _inbox(self, task_id: str, message_type: str) -> queue.Queue[Envelope]:
-        with self._lock:
-            return self._to_pod[(task_id, message_type)]
-
-    def _outbox(self, task_id: str) -> queue.Queue[Envelope]:
-        with self._lock:
-            return self._to_modeller[task_id]
+        self._held: dict[_Address, _Held] = {}
+        self.max_queued_messages = max_queued_messages
+        self.max_queued_memory_bytes = max_queued_memory_bytes
+        self.max_queued_bytes = max_queued_bytes
+        self._closed = False
 
     @property
     def _spool(self) -> Path:
         """The spool directory, made on first use (most tasks never need it)."""
         with self._lock:
             if self._spool_dir is None:
-                self._spool_dir = Path(tempfile.mkdtemp(prefix="se-transport-"))
+                self._spool_dir = owned_spool("transport-")
             return self._spool_dir
 
-    def _take(self, envelope: Envelope) -> Envelope:
+    def _put(self, address: _Address, envelope: Envelope) -> None:
+        """Queue ``envelope`` at ``address``, taking over its file body.
+
+        Raises:
+            TransportError: The address holds as much as it may.
+        """
+        size = body_size(envelope.body)
+        in_memory = size if isinstance(envelope.body, bytes) else 0
+        with self._lock:
+            if self._closed:
+                raise TransportError("the transport is closed")
+            held = self._held.setdefault(address, _Held())
+            if (
+                held.messages + 1 > self.max_queued_messages
+                or held.memory_bytes + in_memory > self.max_queued_memory_bytes
+                or held.total_bytes + size > self.max_queued_bytes
+            ):
+                raise TransportError(
+                    f"{_describe(address)} already holds {held.messages} unread message(s) of "
+                    f"{held.total_bytes} bytes; the in-memory transport keeps at most "
+                    f"{self.max_queued_messages} messages, {self.max_queued_memory_bytes} bytes in "
+                    f"memory and {self.max_queued_bytes} bytes in all for a reader that does not read"
+                )
+            held.messages += 1
+            held.memory_bytes += in_memory
+            held.total_bytes += size
         if isinstance(envelope.body, Path):
             moved = self._spool / uuid.uuid4().hex
-            shutil.move(envelope.body, moved)
-            return Envelope(envelope.type, moved, envelope.peer)
+            try:
+                shutil.move(envelope.body, moved)
+            except BaseException:
+                self._forget(address, size, in_memory)
+                raise
+            envelope = Envelope(envelope.type, moved, envelope.peer)
+        with self._lock:
+            current = self._held.get(address)
+            if current is held:
+                queue_type = _ANY_TYPE if address[0] == "modeller" else envelope.type
+                held.queues[queue_type].put(envelope)
+                return
+        # Dropped while the body moved (the reader closed, or the transport did).
+        discard(envelope)
+
+    def _forget(self, address: _Address, size: int, in_memory: int) -> None:
+        with self._lock:
+            held = self._held.get(address)
+            if held is not None:
+                held.messages -= 1
+                held.memory_bytes -= in_memory
+                held.total_bytes -= size
+
+    def _get(self, address: _Address, message_type: str, timeout: float) -> Envelope | None:
+        with self._lock:
+            held = self._held.setdefault(address, _Held())
+            inbox = held.queues[message_type]
+        try:
+            envelope = inbox.get(timeout=max(0.0, timeout))
+        except queue.Empty:
+            return None
+        size = body_size(envelope.body)
+        self._forget(address, size, size if isinstance(envelope.body, bytes) else 0)
         return envelope
+
+    def _drop(self, address: _Address) -> None:
+        """Discard everything waiting at ``address``; nobody can read it any more."""
+        with self._lock:
+            held = self._held.pop(address, None)
+        if held is None:
+            return
+        for inbox in held.queues.values():
+            while True:
+                try:
+                    discard(inbox.get_nowait())
+                except queue.Empty:
+                    break
+
+    def held(self, task_id: str, pod: str = "") -> tuple[int, int]:
+        """Messages and bytes waiting for the modeller from one task's pod."""
+        with self._lock:
+            held = self._held.get(("modeller", task_id, pod))
+            return (held.messages, held.total_bytes) if held is not None else (0, 0)
 
     def open(self, route: Route) -> InMemoryChannel:
         """The task's channel."""
         return InMemoryChannel(self, route)
 
-    def _route_to_peer(self, sender: Route, envelope: Envelope) -> None:
-        # Held by pod, not task, so a share may arrive before the peer's task opens.
-        if not sender.pod_identifier:
-            raise TransportError("a task without a pod identifier cannot reach peers")
-        self._inbox(_pod_key(envelope.peer), envelope.type).put(
-            self._take(Envelope(envelope.type, envelope.body, sender.pod_identifier))
-        )
-
     # -- the modeller's side -------------------------------------------
-    def to_pod(self, task_id: str, envelope: Envelope) -> None:
-        """Deliver a sealed envelope from the modeller to a task."""
-        self._inbox(task_id, envelope.type).put(self._take(envelope))
+    def to_pod(self, task_id: str, envelope: Envelope, pod: str = "") -> None:
+        """Deliver a sealed envelope from the modeller to a task on ``pod``.
 
-    def from_pod(self, task_id: str, timeout: float) -> Envelope | None:
-        """The next sealed envelope a task sent to its modeller, or ``None``."""
-        try:
-            return self._outbox(task_id).get(timeout=max(0.0, timeout))
-        except queue.Empty:
-            return None
+        Raises:
+            TransportError: The task already holds as much unread mail as it may.
+        """
+        self._put(("pod", task_id, pod), envelope)
+
+    def from_pod(self, task_id: str, timeout: float, pod: str = "") -> Envelope | None:
+        """The next sealed envelope a task on ``pod`` sent to its modeller, or ``None``."""
+        return self._get(("modeller", task_id, pod), _ANY_TYPE, timeout)
 
     def close(self) -> None:
-        """Drop undelivered messages and the spool."""
+        """Drop undelivered messages and the spool; later sends fail."""
+        with self._lock:
+            self._closed = True
+            addresses = list(self._held)
+        for address in addresses:
+            self._drop(address)
         if self._owns_spool and self._spool_dir is not None:
             shutil.rmtree(self._spool_dir, ignore_errors=True)
 
@@ -167,30 +390,57 @@ class InMemoryChannel:
         self._closed = threading.Event()
 
     def send(self, envelope: Envelope) -> None:
-        """To the modeller, or to the peer pod the envelope names."""
-        if envelope.peer:
-            self._transport._route_to_peer(self.route, envelope)
-        else:
-            self._transport._outbox(self.route.task_id).put(self._transport._take(envelope))
+        """To the modeller, or to the same task on the peer pod the envelope names.
+
+        Raises:
+            TransportError: The recipient holds as much unread mail as it may.
+        """
+        task, pod = self.route.task_id, self.route.pod_identifier
+        if not envelope.peer:
+            self._transport._put(("modeller", task, pod), envelope)
+            return
+        if not pod:
+            discard(envelope)
+            raise TransportError("a task without a pod identifier cannot reach peers")
+        # Addressed by task as well as pod, so a share waits for this task on
+        # the peer (it may arrive before that task opens) and no other.
+        self._transport._put(("share", task, envelope.peer), Envelope(envelope.type, envelope.body, pod))
 
     def receive(self, message_type: str, timeout: float) -> Envelope | None:
         """Wait up to ``timeout`` seconds for the next ``message_type`` envelope."""
-        key = _pod_key(self.route.pod_identifier) if message_type in PEER_TYPES else self.route.task_id
-        inbox = self._transport._inbox(key, message_type)
+        kind = "share" if message_type in PEER_TYPES else "pod"
+        address = (kind, self.route.task_id, self.route.pod_identifier)
         deadline = time.monotonic() + max(0.0, timeout)
         # Wait in slices, so that closing the channel frees a waiting receiver.
         while not self._closed.is_set():
-            try:
-                return inbox.get(timeout=max(0.0, min(CLOSE_POLL_S, deadline - time.monotonic())))
-            except queue.Empty:
-                if time.monotonic() >= deadline:
+            envelope = self._transport._get(
+                address, message_type, min(CLOSE_POLL_S, deadline - time.monotonic())
+            )
+            if envelope is not None:
+                if self._closed.is_set():
+                    discard(envelope)
                     return None
+                return envelope
+            if time.monotonic() >= deadline:
+                return None
         return None
 
     def close(self) -> None:
-        """Release waiting receivers; undelivered messages stay with the transport."""
+        """Release waiting receivers and drop what still waits for this task.
+
+        What the task sent its modeller stays until the modeller reads it.
+        """
         self._closed.set()
+        task, pod = self.route.task_id, self.route.pod_identifier
+        self._transport._drop(("pod", task, pod))
+        self._transport._drop(("share", task, pod))
 
 
-def _pod_key(pod_identifier: str) -> str:
-    return f"pod:{pod_identifier}"
+def _describe(address: _Address) -> str:
+    kind, task, pod = address
+    where = f"task {task}" + (f" on pod {pod}" if pod else "")
+    if kind == "modeller":
+        return f"the modeller's inbox from {where}"
+    if kind == "share":
+        return f"the secure-share inbox of {where}"
+    return f"the inbox of {where}"

@@ -152,6 +152,7 @@ def test_task_keys_are_nowhere_in_the_sandbox(make_executor, modeller, data_dir)
 def test_secure_shares_between_two_pods(make_executor, modeller, data_dir):
     priv = {p: rsa.generate_private_key(public_exponent=65537, key_size=2048) for p in ("pod-a", "pod-b")}
     threads = []
+    # The pods of one multi-pod task share its id; shares are bound to it.
     for me, peer in (("pod-a", "pod-b"), ("pod-b", "pod-a")):
         keys = TaskKeys(
             aes_key=os.urandom(32),
@@ -161,7 +162,7 @@ def test_secure_shares_between_two_pods(make_executor, modeller, data_dir):
         spec = TaskSpec(
             protocol_dir=PROTOCOLS / "shares",
             data_dir=data_dir,
-            task_id=f"share-{me}",
+            task_id="share-ab",
             pod_identifier=me,
             pod_identifiers=("pod-a", "pod-b"),
             keys=keys,

@@ -183,6 +183,7 @@ class FakeExecutor:
 
     outcome: Outcome
     specs: list[object]
+    closed: int = 0
 
     def __init__(self, *args, **kwargs):
         pass
@@ -191,10 +192,20 @@ class FakeExecutor:
         type(self).specs.append(spec)
         return type(self).outcome
 
+    def close(self):
+        type(self).closed += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
 
 @pytest.fixture
 def fake_executor(monkeypatch):
     FakeExecutor.specs = []
+    FakeExecutor.closed = 0
     monkeypatch.setattr(executor.executor, "Executor", FakeExecutor)
     return FakeExecutor
 
@@ -222,6 +233,7 @@ def test_json_output_and_exit_status_for_ok(capsys, fake_executor, make_protocol
         "result": {"mean": 21.0},
         "runtime": "runc",
         "timings": {"run": 0.5},
+        "discarded_messages": 0,
     }
     (spec,) = fake_executor.specs
     assert spec.parameters == {"k": [1, 2]}

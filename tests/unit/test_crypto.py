@@ -18,6 +18,7 @@ from executor.crypto import (
     seal,
     seal_share,
     seal_stream,
+    share_label,
 )
 
 AAD = associated_data("task-1", "TRAINING_UPDATE")
@@ -89,9 +90,29 @@ def test_task_key_must_be_256_bits_and_hidden_from_repr():
 def test_shares_open_only_with_the_recipient_key():
     recipient = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    sealed = seal_share(recipient.public_key(), b"share-17")
-    assert open_share(recipient, sealed) == b"share-17"
+    label = share_label("task-1", "pod-a", "pod-b")
+    sealed = seal_share(recipient.public_key(), b"share-17", label)
+    assert open_share(recipient, sealed, label) == b"share-17"
     with pytest.raises(DecryptionError):
-        open_share(stranger, sealed)
+        open_share(stranger, sealed, label)
     with pytest.raises(ValueError, match="at most"):
-        seal_share(recipient.public_key(), b"x" * 500)
+        seal_share(recipient.public_key(), b"x" * 500, label)
+
+
+def test_a_share_sealed_for_one_task_and_pair_of_pods_opens_for_no_other():
+    recipient = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sealed = seal_share(recipient.public_key(), b"share-x", share_label("task-x", "pod-a", "pod-b"))
+    assert open_share(recipient, sealed, share_label("task-x", "pod-a", "pod-b")) == b"share-x"
+    for task, sender, to in [
+        ("task-y", "pod-a", "pod-b"),  # a later task of the same pods
+        ("task-x", "pod-c", "pod-b"),  # claimed by another sender
+        ("task-x", "pod-a", "pod-c"),  # another recipient with the same key
+        ("task-x", "pod-b", "pod-a"),  # the other direction
+    ]:
+        with pytest.raises(DecryptionError):
+            open_share(recipient, sealed, share_label(task, sender, to))
+
+
+def test_share_labels_cannot_be_confused_by_separators():
+    assert share_label("t", "a|b", "c") != share_label("t", "a", "b|c")
+    assert share_label("t", 'a", "b', "c") != share_label("t", "a", 'b", "c')
