@@ -92,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_doctor()
     except SandboxExecutorError as exc:
-        print(f"sandbox-executor: error: {exc}", file=sys.stderr)
+        from executor.terminal import printable
+
+        # The message may quote file names from the protocol directory.
+        print(f"sandbox-executor: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_USAGE
 

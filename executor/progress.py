@@ -1,4 +1,9 @@
-"""Human output for the CLI: progress bars fed by the protocol's progress events."""
+"""Human output for the CLI: progress bars fed by the protocol's progress events.
+
+Every string here that came from the sandbox passes through
+:func:`executor.terminal.printable` and is printed as plain text, never as rich
+markup.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,16 @@ import sys
 from types import TracebackType
 
 from rich.console import Console
+from rich.highlighter import JSONHighlighter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from executor.outcome import Outcome
 from executor.session import ProgressUpdate
+from executor.terminal import printable
+
+MAX_INFO_SHOWN = 60
+MAX_FAILED_FILES_SHOWN = 5
 
 
 class ProgressDisplay:
@@ -22,7 +33,7 @@ class ProgressDisplay:
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
+            TextColumn("{task.fields[info]}", markup=False),
             TimeElapsedColumn(),
             console=self._console,
             transient=False,
@@ -60,7 +71,9 @@ class ProgressDisplay:
             total = event.total or None
             if self._steps is None:
                 self._steps = p.add_task("steps", total=total, info="")
-            p.update(self._steps, total=total, completed=event.current, info=event.info[:60])
+            p.update(
+                self._steps, total=total, completed=event.current, info=printable(event.info[:MAX_INFO_SHOWN])
+            )
         elif event.kind == "RUN_END" and self._steps is not None:
             task = p.tasks[self._steps]
             if task.total is not None:
@@ -68,14 +81,34 @@ class ProgressDisplay:
 
 
 def print_outcome(outcome: Outcome, console: Console | None = None) -> None:
-    """Print the outcome for a person: status, result or error, timings."""
+    """Print the outcome for a person: status, result or error, files, timings."""
     out = console or Console(file=sys.stdout)
     colour = "green" if outcome.ok else "red"
-    out.print(f"[bold {colour}]{outcome.status.value}[/] task {outcome.task_id} ({outcome.runtime})")
+    out.print(
+        Text.assemble(
+            (outcome.status.value, f"bold {colour}"),
+            f" task {printable(outcome.task_id)} ({printable(outcome.runtime)})",
+        )
+    )
     if outcome.ok:
-        out.print_json(json.dumps(outcome.result))
+        # Our own dump, not rich's print_json: that one re-encodes without
+        # escaping, letting C1 controls and lone surrogates through.
+        text = json.dumps(outcome.result, indent=2, ensure_ascii=False, default=repr)
+        out.print(JSONHighlighter()(Text(printable(text, multiline=True))))
     elif outcome.error is not None:
-        out.print(f"{outcome.error.type}: {outcome.error.message}", markup=False, highlight=False)
+        # One line: the traceback and stderr tail are in --json.
+        out.print(Text(f"{printable(outcome.error.type)}: {printable(outcome.error.message)}"))
+    if outcome.files:
+        _print_files(out, outcome.files)
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in outcome.timings.items())
     if phases:
-        out.print(f"[dim]timings: {phases}[/]")
+        out.print(Text(f"timings: {phases}", style="dim"))
+
+
+def _print_files(out: Console, files: dict[str, tuple[str, str]]) -> None:
+    failed = [(name, reason) for name, (kind, reason) in files.items() if kind == "FAILED"]
+    out.print(Text(f"files: {len(files) - len(failed)} processed, {len(failed)} failed"))
+    for name, reason in failed[:MAX_FAILED_FILES_SHOWN]:
+        out.print(Text(f"  {printable(name)}: {printable(reason)}"))
+    if len(failed) > MAX_FAILED_FILES_SHOWN:
+        out.print(Text(f"  … and {len(failed) - MAX_FAILED_FILES_SHOWN} more failed (see --json)"))

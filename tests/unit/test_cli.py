@@ -251,3 +251,127 @@ def test_json_output_and_exit_status_for_failure(capsys, fake_executor, make_pro
     doc = json.loads(out)
     assert doc["status"] == "ERROR"
     assert doc["error"] == {"type": "ValueError", "message": "bad column"}
+
+
+# -- hostile text from the sandbox never steers the operator's terminal ------------------
+
+# Clear screen, a fake green OK, an OSC 52 clipboard write, 8-bit CSI, a bidi
+# override, rich markup (one that crashed the CLI), a carriage return, a lone surrogate.
+HOSTILE = [
+    "\x1b[2J\x1b[H",
+    "\x1b[1;32mOK\x1b[0m",
+    "\x1b]52;c;Y3VybCBldmlsLnNoIHwgc2g=\x07",
+    "\x9b31m\x9d0;title\x9c",
+    "gpj.\u202eexe",
+    "[/]",
+    "[bold red]x[/]",
+    "fake\rOK",
+    "del\x7f zero\u200bwidth",
+    "lone \ud800 surrogate",
+]
+
+
+def _unsafe(text):
+    """Characters that could steer a terminal: controls (except newline), DEL, C1, format, surrogates."""
+    import unicodedata
+
+    return [ch for ch in text if ch != "\n" and unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Zl", "Zp"}]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_printable_leaves_nothing_that_steers_a_terminal(text):
+    from executor.terminal import printable
+
+    safe = printable(text)
+    assert _unsafe(safe) == []
+    assert "\n" not in safe
+    safe.encode("utf-8")  # no lone surrogate left
+    assert printable(text, multiline=True) == safe  # none of these holds a newline or tab
+
+
+def test_printable_keeps_ordinary_text_and_shows_what_it_replaced():
+    from executor.terminal import printable
+
+    assert printable("loss 0.31 — épreuve 東京 😀 [ok]") == "loss 0.31 — épreuve 東京 😀 [ok]"
+    assert printable("a\x1b[2Jb") == "a\\x1b[2Jb"
+    assert printable("\x9b\u202e\ud800") == "\\x9b\\u202e\\ud800"
+    assert printable("line 1\nline 2\tx") == "line 1\\nline 2\\tx"
+    assert printable("line 1\nline 2\tx", multiline=True) == "line 1\nline 2\tx"
+
+
+def _plain_console():
+    """A console whose output holds only what was printed: no colour, no terminal codes."""
+    import io
+
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), force_terminal=False, color_system=None, width=200)
+
+
+def _hostile_outcome(status):
+    joined = " ".join(HOSTILE)
+    if status is Status.OK:
+        return Outcome(
+            "t-hostile",
+            Status.OK,
+            {joined: [joined, {"k": joined}]},
+            "runc",
+            {"run": 0.5},
+            files={"records.csv": ("FAILED", joined), "a.csv": ("PROCESSED", "")},
+        )
+    return Outcome(
+        "t-hostile",
+        status,
+        runtime="runc",
+        error=ErrorDetail(joined, joined, traceback=joined, stderr_tail=joined),
+        files={joined.replace("\ud800", "?"): ("FAILED", joined)},
+    )
+
+
+@pytest.mark.parametrize("status", [Status.OK, Status.ERROR])
+def test_print_outcome_shows_hostile_text_inert(status):
+    from executor.progress import print_outcome
+
+    console = _plain_console()
+    print_outcome(_hostile_outcome(status), console)
+    out = console.file.getvalue()
+    assert _unsafe(out) == []
+    out.encode("utf-8")
+    # Markup is shown, not interpreted.
+    assert "[/]" in out
+    assert "[bold red]x[/]" in out
+    assert out.splitlines()[0].startswith(f"{status.value} task t-hostile")
+    assert "files: " in out
+
+
+def test_progress_display_shows_hostile_info_inert():
+    from executor.progress import ProgressDisplay
+    from executor.session import ProgressUpdate
+
+    console = _plain_console()
+    with ProgressDisplay(console) as display:
+        display.update(ProgressUpdate("RUN_START"))
+        for n, info in enumerate(HOSTILE, start=1):
+            display.update(ProgressUpdate("STEP", current=n, total=len(HOSTILE), info=info))
+        display.update(ProgressUpdate("STEP", current=len(HOSTILE), total=len(HOSTILE), info="[/] last"))
+        display.update(ProgressUpdate("RUN_END"))
+    out = console.file.getvalue()
+    assert _unsafe(out) == []
+    assert "[/] last" in out
+
+
+@pytest.mark.parametrize(("status", "code"), [(Status.OK, 0), (Status.ERROR, 1)])
+def test_cli_human_output_of_a_hostile_outcome(capsys, fake_executor, make_protocol, data_dir, status, code):
+    fake_executor.outcome = _hostile_outcome(status)
+    assert cli.main(["run", str(make_protocol()), "--data", str(data_dir)]) == code
+    out, err = capsys.readouterr()
+    assert _unsafe(out) == []
+    assert _unsafe(err) == []
+    assert "Traceback" not in err
+
+
+def test_usage_error_quoting_a_hostile_file_name_is_inert(capsys, tmp_path, data_dir, system_tmp):
+    proto = tmp_path / "\x1b[2J\x1b]52;c;eA==\x07\u202eevil"
+    line = _usage_error(capsys, ["run", str(proto), "--data", str(data_dir)])
+    assert "does not exist" in line
+    assert _unsafe(line) == []
