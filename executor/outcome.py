@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from executor.fileoutcomes import MAX_FAILED_FILES_IN_JSON
+
 
 class Status(enum.StrEnum):
     """How a task ended. Only ``OK`` counts as success."""
@@ -90,6 +92,25 @@ class Outcome:
         if self.error is not None:
             out["error"] = self.error.to_dict()
         if self.files:
-            failed = {name: reason for name, (kind, reason) in self.files.items() if kind == "FAILED"}
-            out["files"] = {"processed": len(self.files) - len(failed), "failed": failed}
+            out["files"] = _files_to_dict(self.files)
         return out
+
+
+def _files_to_dict(files: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Counts always; failed files with reasons up to a cap, the rest counted.
+
+    ``failed_total`` and ``failed_truncated`` appear only when the list was cut,
+    so a report within the cap keeps its old shape.
+    """
+    failed: dict[str, str] = {}
+    failed_total = 0
+    for name, (kind, reason) in files.items():
+        if kind == "FAILED":
+            failed_total += 1
+            if failed_total <= MAX_FAILED_FILES_IN_JSON:
+                failed[name] = reason
+    out: dict[str, Any] = {"processed": len(files) - failed_total, "failed": failed}
+    if failed_total > len(failed):
+        out["failed_total"] = failed_total
+        out["failed_truncated"] = failed_total - len(failed)
+    return out

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import queue
+import re
 import stat
 import threading
 import time
@@ -22,6 +23,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from executor.crypto import DecryptionError
+from executor.fileoutcomes import (
+    FILE_KINDS,
+    MAX_FILE_NAME_CHARS,
+    MAX_FILE_REASON_CHARS,
+    MAX_FILES_PER_CALL,
+    FileLedger,
+    FileLimitError,
+)
 from executor.mailbox import Incoming, MailboxBroker, MailboxLimitError
 from executor.transport import TransportError
 
@@ -49,11 +58,6 @@ MAX_PENDING_RECEIVES = 4
 MAX_SHARES = 256
 MAX_SHARE_BYTES = 190
 MAX_POD_ID_CHARS = 256
-MAX_FILES_PER_CALL = 1000
-MAX_FILES_PER_TASK = 1_000_000
-MAX_FILE_NAME_CHARS = 1024
-MAX_FILE_REASON_CHARS = 1000
-FILE_KINDS = frozenset({"PROCESSED", "FAILED"})
 MAX_INFO_CHARS = 1024
 MAX_ERROR_TYPE_CHARS = 200
 MAX_ERROR_MESSAGE_CHARS = 4096
@@ -70,6 +74,53 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{text} is out of range")
     return value
+
+
+# A JSON escape of a UTF-16 surrogate: the only way valid UTF-8 text can carry one.
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _is_valid_text(text: str) -> bool:
+    """Whether ``text`` is valid Unicode (no lone surrogate), so it encodes as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_text(what: str, text: str) -> None:
+    """Refuse text that no strict JSON parser or UTF-8 terminal accepts."""
+    if not _is_valid_text(text):
+        raise RequestRejected("INVALID_ARGUMENT", f"{what} holds a lone surrogate")
+
+
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a string or key with a lone surrogate."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not _is_valid_text(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _not_serialisable(timings: dict[str, float]) -> FinishReport:
+    # Python's json reads "\ud800" as a lone surrogate, which no strict JSON
+    # parser accepts and no UTF-8 terminal can print: the result is not data.
+    return FinishReport(
+        "ERROR",
+        None,
+        "ResultNotSerialisable",
+        "the protocol's result holds a lone surrogate, which is not valid Unicode text",
+        timings=dict(timings),
+    )
 
 
 class RequestRejected(Exception):
@@ -163,7 +214,7 @@ class TaskSession:
         self._on_progress = on_progress
         self._on_finish = on_finish
         self._data_dir = data_dir
-        self._files: dict[str, tuple[str, str]] = {}
+        self._files = FileLedger()
         self._lock = threading.Lock()
         self._pending_receives = 0
         self.config_fetched_at: float | None = None
@@ -273,17 +324,19 @@ class TaskSession:
                 raise RequestRejected(
                     "INVALID_ARGUMENT", f"reason exceeds {MAX_FILE_REASON_CHARS} characters"
                 )
+            _check_text("file outcome reason", reason)
             checked.append((self._check_file_name(name), kind, reason))
         with self._lock:
-            if len(self._files) + len(checked) > MAX_FILES_PER_TASK:
-                raise RequestRejected("RESOURCE_EXHAUSTED", f"at most {MAX_FILES_PER_TASK} file outcomes")
-            for name, kind, reason in checked:
-                self._files[name] = (kind, reason)
+            try:
+                self._files.record(checked)
+            except FileLimitError as exc:
+                raise RequestRejected("RESOURCE_EXHAUSTED", str(exc)) from None
 
     def _check_file_name(self, name: str) -> str:
         """``name`` if it is a plain relative path to a regular file in the datasource."""
         if not name or len(name) > MAX_FILE_NAME_CHARS or "\0" in name:
             raise RequestRejected("INVALID_ARGUMENT", "file name is empty, too long or holds NUL")
+        _check_text("file name", name)
         path = PurePosixPath(name)
         if path.is_absolute() or ".." in path.parts or name != str(path):
             raise RequestRejected(
@@ -306,7 +359,7 @@ class TaskSession:
     def file_outcomes(self) -> dict[str, tuple[str, str]]:
         """A copy of the per-file outcomes reported so far."""
         with self._lock:
-            return dict(self._files)
+            return self._files.snapshot()
 
     # -- progress and result ------------------------------------------
     def report_progress(self, update: ProgressUpdate) -> None:
@@ -315,6 +368,7 @@ class TaskSession:
             raise RequestRejected("INVALID_ARGUMENT", "unknown progress event kind")
         if len(update.info) > MAX_INFO_CHARS:
             raise RequestRejected("INVALID_ARGUMENT", f"progress info exceeds {MAX_INFO_CHARS} characters")
+        _check_text("progress info", update.info)
         if self._on_progress is not None:
             try:
                 self._on_progress(update)
@@ -337,12 +391,23 @@ class TaskSession:
             raise RequestRejected("INVALID_ARGUMENT", "error type or message too long")
         if len(traceback) > MAX_TRACEBACK_CHARS:
             raise RequestRejected("INVALID_ARGUMENT", f"traceback exceeds {MAX_TRACEBACK_CHARS} characters")
+        for what, text in (
+            ("error type", error_type),
+            ("error message", error_message),
+            ("traceback", traceback),
+        ):
+            _check_text(what, text)
         if len(timings) > len(CHILD_TIMINGS) or not set(timings) <= CHILD_TIMINGS:
             raise RequestRejected("INVALID_ARGUMENT", "unknown timing names")
         if not all(math.isfinite(v) and 0 <= v < 1e7 for v in timings.values()):
             raise RequestRejected("INVALID_ARGUMENT", "timings must be finite, non-negative seconds")
-        size = len(result_json.encode("utf-8"))
-        if size > self.max_result_bytes:
+        try:
+            size: int | None = len(result_json.encode("utf-8"))
+        except UnicodeEncodeError:
+            size = None
+        if size is None:
+            report = _not_serialisable(timings)
+        elif size > self.max_result_bytes:
             report = FinishReport(
                 "ERROR",
                 None,
@@ -361,7 +426,10 @@ class TaskSession:
                 )
             except (ValueError, RecursionError):
                 raise RequestRejected("INVALID_ARGUMENT", "result_json is not valid JSON") from None
-            report = FinishReport(status, result, error_type, error_message, traceback, dict(timings))
+            if _LONE_SURROGATE_ESCAPE.search(result_json) and _holds_lone_surrogate(result):
+                report = _not_serialisable(timings)
+            else:
+                report = FinishReport(status, result, error_type, error_message, traceback, dict(timings))
         with self._lock:
             if self.finish is not None:
                 raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")

@@ -392,3 +392,155 @@ def test_per_task_mailbox_budget_counts_both_ways(tmp_path):
         broker.close()
         modeller.close()
         transport.close()
+
+
+# -- text the parent will print or dump: valid Unicode only ------------------------------
+
+
+def test_a_result_with_a_lone_surrogate_becomes_an_error_report(make_session):
+    kit = make_session()
+    _finish(kit.session, "OK", '{"name": "\\ud800 alone"}', timings={"run": 1.0})
+    report = kit.session.finish
+    assert (report.status, report.result, report.error_type) == ("ERROR", None, "ResultNotSerialisable")
+    assert report.timings == {"run": 1.0}
+
+
+@pytest.mark.parametrize("result_json", ['{"\\udc00": 1}', '["ok", ["\\uDBFF"]]', '"\\ud83d"'])
+def test_a_lone_surrogate_anywhere_in_the_result_is_caught(make_session, result_json):
+    kit = make_session()
+    _finish(kit.session, "OK", result_json)
+    assert kit.session.finish.error_type == "ResultNotSerialisable"
+
+
+def test_a_surrogate_pair_is_an_ordinary_character(make_session):
+    kit = make_session()
+    _finish(kit.session, "OK", '{"face": "\\ud83d\\ude00", "path": "C:\\\\ud800"}')
+    assert kit.session.finish.status == "OK"
+    assert kit.session.finish.result == {"face": "\U0001f600", "path": "C:\\ud800"}
+
+
+@pytest.mark.parametrize("field", ["error_type", "message", "tb"])
+def test_error_text_with_a_lone_surrogate_is_refused(make_session, field):
+    kit = make_session()
+    _rejected("INVALID_ARGUMENT", _finish, kit.session, "ERROR", "", **{field: "bad \udfff text"})
+    assert kit.session.finish is None
+
+
+def test_progress_info_with_a_lone_surrogate_is_refused(make_session):
+    kit = make_session()
+    _rejected("INVALID_ARGUMENT", kit.session.report_progress, ProgressUpdate("STEP", info="\ud800"))
+    assert kit.progress == []
+
+
+@pytest.mark.parametrize(("name", "reason"), [("a\ud800.csv", "bad"), ("a.csv", "bad \ud800")])
+def test_file_outcomes_with_a_lone_surrogate_are_refused(make_session, name, reason):
+    kit = make_session()
+    _rejected("INVALID_ARGUMENT", kit.session.report_files, [(name, "FAILED", reason)])
+    assert kit.session.file_outcomes() == {}
+
+
+# -- per-file outcomes: bounded in the parent, counts exact ------------------------------
+
+
+def test_file_outcome_caps_are_pinned():
+    """Changing a cap changes what a task may make the parent hold: do it here, on purpose."""
+    from executor import fileoutcomes as f
+
+    assert f.MAX_FILES_PER_CALL == 1000
+    assert f.MAX_FILE_NAME_CHARS == 1024
+    assert f.MAX_FILE_REASON_CHARS == 1000
+    assert f.MAX_FILES_PER_TASK == 100_000
+    assert f.MAX_FILE_NAME_CHARS_PER_TASK == 16 * 1024 * 1024
+    assert f.MAX_REASON_CHARS_PER_TASK == 256 * 1024
+    assert f.MAX_FAILED_FILES_IN_JSON == 1000
+    # The session enforces the same objects, not copies.
+    import executor.session as s
+
+    assert (s.MAX_FILES_PER_CALL, s.MAX_FILE_NAME_CHARS, s.MAX_FILE_REASON_CHARS) == (
+        f.MAX_FILES_PER_CALL,
+        f.MAX_FILE_NAME_CHARS,
+        f.MAX_FILE_REASON_CHARS,
+    )
+
+
+def test_normal_file_reports_are_kept_as_reported(make_session):
+    from executor.outcome import Outcome, Status
+
+    kit = make_session()
+    kit.session.report_files([("a.csv", "PROCESSED", ""), ("b.csv", "FAILED", "bad header")])
+    kit.session.report_files([("c/d.csv", "FAILED", "empty"), ("a.csv", "FAILED", "re-read: truncated")])
+    files = kit.session.file_outcomes()
+    assert files == {
+        "a.csv": ("FAILED", "re-read: truncated"),
+        "b.csv": ("FAILED", "bad header"),
+        "c/d.csv": ("FAILED", "empty"),
+    }
+    doc = Outcome("t", Status.OK, files=files).to_dict()
+    assert doc["files"] == {
+        "processed": 0,
+        "failed": {"a.csv": "re-read: truncated", "b.csv": "bad header", "c/d.csv": "empty"},
+    }
+
+
+def test_a_flood_of_failed_files_is_bounded(make_session):
+    """The red-team flood: every file failed, every reason at the per-reason cap."""
+    import json
+    import tracemalloc
+
+    from executor.fileoutcomes import (
+        MAX_FAILED_FILES_IN_JSON,
+        MAX_FILE_REASON_CHARS,
+        MAX_FILES_PER_CALL,
+        MAX_FILES_PER_TASK,
+        MAX_REASON_CHARS_PER_TASK,
+        REASON_DROPPED,
+    )
+    from executor.outcome import Outcome, Status
+
+    kit = make_session()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for start in range(0, MAX_FILES_PER_TASK, MAX_FILES_PER_CALL):
+            kit.session.report_files(
+                [
+                    (f"f{n:06d}.csv", "FAILED", f"{n:06d}".ljust(MAX_FILE_REASON_CHARS, "x"))
+                    for n in range(start, start + MAX_FILES_PER_CALL)
+                ]
+            )
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # The reasons held stay within their budget; names and entries cost a few
+    # hundred bytes each (the flood without the budget held over 100 MB here).
+    assert held < MAX_REASON_CHARS_PER_TASK + MAX_FILES_PER_TASK * 400
+    files = kit.session.file_outcomes()
+    assert len(files) == MAX_FILES_PER_TASK
+    kept = [reason for _, reason in files.values() if reason != REASON_DROPPED]
+    assert sum(map(len, kept)) <= MAX_REASON_CHARS_PER_TASK
+    assert len(kept) == MAX_REASON_CHARS_PER_TASK // MAX_FILE_REASON_CHARS
+    # One more distinct file is refused; the ones already counted may be re-reported.
+    _rejected("RESOURCE_EXHAUSTED", kit.session.report_files, [("another.csv", "FAILED", "x")])
+    kit.session.report_files([("f000000.csv", "PROCESSED", "")])
+
+    doc = Outcome("t", Status.OK, files=kit.session.file_outcomes()).to_dict()["files"]
+    assert doc["processed"] == 1
+    assert doc["failed_total"] == MAX_FILES_PER_TASK - 1
+    assert len(doc["failed"]) == MAX_FAILED_FILES_IN_JSON
+    assert doc["failed_truncated"] == MAX_FILES_PER_TASK - 1 - MAX_FAILED_FILES_IN_JSON
+    assert len(json.dumps(doc)) < MAX_FAILED_FILES_IN_JSON * (20 + MAX_FILE_REASON_CHARS) + 200
+
+
+def test_re_reporting_a_file_frees_its_old_reason(make_session):
+    from executor.fileoutcomes import MAX_FILE_REASON_CHARS, MAX_REASON_CHARS_PER_TASK, REASON_DROPPED
+
+    kit = make_session()
+    full = MAX_REASON_CHARS_PER_TASK // MAX_FILE_REASON_CHARS
+    for n in range(full):
+        kit.session.report_files([(f"f{n}.csv", "FAILED", "r" * MAX_FILE_REASON_CHARS)])
+    kit.session.report_files([("late.csv", "FAILED", "r" * MAX_FILE_REASON_CHARS)])
+    assert kit.session.file_outcomes()["late.csv"] == ("FAILED", REASON_DROPPED)
+    # A reason replaced by a shorter one gives its characters back.
+    kit.session.report_files([("f0.csv", "PROCESSED", "")])
+    kit.session.report_files([("late2.csv", "FAILED", "kept")])
+    assert kit.session.file_outcomes()["late2.csv"] == ("FAILED", "kept")
