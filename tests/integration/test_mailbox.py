@@ -277,3 +277,160 @@ def test_256_mib_each_way_with_bounded_parent_memory(docker_client, data_dir, ru
     # Streaming through the spool: far below the 2x-payload (512 MiB) ceiling.
     assert growth < 128, f"parent peak RSS grew by {growth:.0f} MiB moving 256 MiB each way"
     assert list(run_dir.iterdir()) == []
+
+
+CLI_PARENT = r"""
+import json, resource, sys
+from pathlib import Path
+
+import executor.executor, executor.service, executor.transport  # imported before measuring
+from executor.cli import main
+
+def rss_peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+before = rss_peak_mib()
+rc = main(sys.argv[2:])
+Path(sys.argv[1]).write_text(json.dumps({"rc": rc, "before": before, "after": rss_peak_mib()}))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_cli_discards_mail_nobody_reads_and_keeps_nothing(
+    docker_client, data_dir, run_dir, tmp_path, cli_env, policy_file
+):
+    # 200 x 4 MiB once grew the CLI's parent by 913 MiB, and a larger body
+    # stayed in /tmp/se-transport-* after it exited.
+    script = tmp_path / "cli_parent.py"
+    script.write_text(CLI_PARENT)
+    report = tmp_path / "report.json"
+    spool = Path(cli_env["SANDBOX_EXECUTOR_SPOOL_DIR"])
+    tmp_before = set(Path("/tmp").glob("se-transport-*"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(report),
+            "run",
+            str(PROTOCOLS / "unread_mail"),
+            "--data",
+            str(data_dir),
+            "--policy",
+            str(policy_file),
+            "--json",
+            "--param",
+            "count=200",
+            "--param",
+            "mib=4",
+            "--param",
+            "big_mib=6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        cwd=Path(__file__).resolve().parents[2],
+        env=cli_env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc["status"] == "OK", doc.get("error")
+    # The protocol's wait for a reply failed at once, saying why; it did not time out.
+    assert doc["result"] == {"sent": 201, "reply": ["MailboxError", "UNAVAILABLE"]}
+    assert doc["discarded_messages"] == 201
+    rss = json.loads(report.read_text())
+    growth = rss["after"] - rss["before"]
+    assert growth < 200, f"the CLI's peak RSS grew by {growth:.0f} MiB for 806 MiB of unread mail"
+    assert not spool.exists() or list(spool.iterdir()) == []
+    assert set(Path("/tmp").glob("se-transport-*")) <= tmp_before
+    assert list(run_dir.iterdir()) == []
+
+
+def test_cli_says_when_mail_was_discarded(docker_client, data_dir, run_dir, cli_env, policy_file):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "executor.cli",
+            "run",
+            str(PROTOCOLS / "unread_mail"),
+            "--data",
+            str(data_dir),
+            "--policy",
+            str(policy_file),
+            "--param",
+            "count=2",
+            "--param",
+            "mib=1",
+            "--param",
+            "big_mib=5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+        env=cli_env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: no modeller is attached")]
+    assert len(notes) == 1, proc.stderr[-3000:]
+
+
+def _share_spec(data_dir, task_id, me, pods, key, **parameters):
+    keys = TaskKeys(
+        aes_key=os.urandom(32),
+        pod_private_key=key,
+        # One key pair stands for every pod: these tests are about routing and counting.
+        peer_public_keys={p: key.public_key() for p in pods if p != me},
+    )
+    return TaskSpec(
+        protocol_dir=PROTOCOLS / "share_ops",
+        data_dir=data_dir,
+        task_id=task_id,
+        pod_identifier=me,
+        pod_identifiers=tuple(pods),
+        keys=keys,
+        parameters=parameters,
+    )
+
+
+def test_a_share_for_one_task_never_reaches_a_later_task_of_the_pod(make_executor, modeller, data_dir):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pods = ("pod-a", "pod-b")
+
+    def run(task_id, me, **parameters):
+        spec = _share_spec(data_dir, task_id, me, pods, key, **parameters)
+        return make_executor(transport=modeller.transport).run(spec)
+
+    sent = run("task-1", "pod-a", mode="send")
+    assert sent.status is Status.OK, sent.error
+    # Pod B's next task is another task: the share for task 1 is not its to see.
+    later = run("task-2", "pod-b", mode="get", timeout=3)
+    assert later.status is Status.OK, later.error
+    assert later.result == {"error": ["MailboxTimeout", ""]}
+    # It was there all along, for task 1 on pod B.
+    same = run("task-1", "pod-b", mode="get", timeout=30)
+    assert same.status is Status.OK, same.error
+    assert same.result == {"got": {"pod-a": "task-1 pod-a->pod-b"}}
+
+
+def test_shares_count_against_the_task_quota_and_are_capped(make_executor, data_dir):
+    from executor.mailbox import MAX_TASK_SHARES
+    from executor.policy import IsolationPolicy
+    from executor.session import MAX_SHARES
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pods = ("me", *(f"peer-{i}" for i in range(MAX_SHARES)))
+    sealed = key.key_size // 8
+    # Room for three shares after an update that nearly fills a 1 MiB quota.
+    policy = IsolationPolicy.hardened().replace(max_task_mb=1)
+    fill = MiB - 3 * sealed - sealed // 2
+    spec = _share_spec(data_dir, "shares-quota", "me", pods, key, mode="flood", batch=1, fill=fill)
+    outcome = make_executor(policy=policy).run(spec)
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == {"sent": 3, "refused": "RESOURCE_EXHAUSTED"}
+
+    # Without the byte quota in the way, the per-task share cap refuses.
+    spec = _share_spec(data_dir, "shares-cap", "me", pods, key, mode="flood", batch=MAX_SHARES)
+    outcome = make_executor().run(spec)
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == {"sent": MAX_TASK_SHARES, "refused": "RESOURCE_EXHAUSTED"}
