@@ -135,14 +135,40 @@ class MailboxBroker:
                 )
             self._moved += size
 
+    def _refund(self, size: int) -> None:
+        """Give back a reservation for bytes that did not move."""
+        with self._lock:
+            self._moved -= size
+
     # -- to the modeller -----------------------------------------------
-    def send(self, message_type: str, declared_size: int, chunks: Iterator[bytes]) -> None:
+    def send(
+        self, message_type: str, declared_size: int, chunks: Iterator[bytes], *, metered: bool = True
+    ) -> None:
         """Seal the body and hand it to the transport.
+
+        The declared size is reserved from the task's quota first and given
+        back if the body does not reach the transport (it was refused, short,
+        long, or the transport failed), so a refused send costs no quota.
+
+        Args:
+            message_type: The message type.
+            declared_size: The body's size, as the sender declared it.
+            chunks: The body.
+            metered: Count it against the task's quota (not for the parent's own notices).
 
         Raises:
             MailboxLimitError: The body is too large, or not ``declared_size``.
         """
-        self._reserve(declared_size, "outgoing")
+        if metered:
+            self._reserve(declared_size, "outgoing")
+        try:
+            self._send(message_type, declared_size, chunks)
+        except BaseException:
+            if metered:
+                self._refund(declared_size)
+            raise
+
+    def _send(self, message_type: str, declared_size: int, chunks: Iterator[bytes]) -> None:
         checked = _exactly(chunks, declared_size)
         aad = associated_data(self.route.task_id, message_type)
         key = self._keys.aes_key
@@ -159,8 +185,12 @@ class MailboxBroker:
             path.unlink(missing_ok=True)
 
     def send_bytes(self, message_type: str, body: bytes) -> None:
-        """Seal and send a body the parent itself composed (e.g. a TASK_ABORT)."""
-        self.send(message_type, len(body), iter([body]))
+        """Seal and send a body the parent itself composed (e.g. a TASK_ABORT).
+
+        Not counted against the task's quota: what the sandbox used must not
+        silence the parent.
+        """
+        self.send(message_type, len(body), iter([body]), metered=False)
 
     # -- from the modeller ---------------------------------------------
     def receive(self, message_type: str, timeout: float) -> Incoming | None:

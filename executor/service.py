@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import itertools
 import logging
 import queue
 import threading
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import grpc
 
 from executor.mailbox import Incoming
+from executor.sandbox.context import RATE_LIMITED
 from executor.session import ProgressUpdate, RequestRejected, TaskSession
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
@@ -69,8 +71,32 @@ CONCURRENCY: dict[str, int] = {
     f"/{SERVICE_NAME}/ReceiveMessage": 4,
     f"/{SERVICE_NAME}/GetSecureShares": 1,
 }
-# A connection that carries no call for this long is closed (the runtime's
-# heartbeat stream keeps its own connection busy).
+# Work inside a call is charged to the same bucket as calls, so that a
+# stream of messages costs what as many calls would: each chunk of a
+# mailbox body after the first, and each FILES_PER_TOKEN file outcomes.
+FILES_PER_TOKEN = 10
+# Beats have a bucket of their own: the runtime beats at most every 50 ms.
+BEATS_PER_S = 25.0
+BEAT_BURST = 50
+# A task that keeps calling or streaming after its bucket is empty abuses the
+# parent (each refusal still costs it work, outside the sandbox's CPU cap):
+# past this many refusals, forgiven at ABUSE_FORGIVE_PER_S, all its
+# connections are closed and the task ends as an error.
+ABUSE_REFUSALS = 5000
+ABUSE_FORGIVE_PER_S = 500.0
+ABUSE_ERROR_TYPE = "RpcAbuse"
+# A call must send its (first) request message this soon after its headers,
+# and a body's chunks may pause at most STREAM_GAP_S: a call waiting for a
+# message holds a server thread. A request normally arrives with its
+# headers; at most MAX_AWAITING_REQUESTS calls of a task may still be waiting
+# after WATCH_TICK_S, and any more are cancelled then.
+REQUEST_WAIT_S = 5.0
+STREAM_GAP_S = 60.0
+MAX_AWAITING_REQUESTS = 8
+WATCH_TICK_S = 0.25
+# A connection that carries no open call for this long is closed (grpc counts
+# a connection with an open call, such as the runtime's heartbeat stream, as
+# busy, so a call in progress is never cut off by this).
 IDLE_CONNECTION_MS = 60_000
 # Connections one task may hold open: the runtime needs one. Without a cap a
 # protocol could exhaust the parent's file descriptors, which all tasks share.
@@ -80,8 +106,15 @@ HANDSHAKE_TIMEOUT_MS = 5_000
 # single gRPC message is ever large.
 CHUNK_BYTES = 1024 * 1024
 ENVELOPE_HEADROOM = 64 * 1024
-SERVER_THREADS = 8
-MAX_CONCURRENT_RPCS = 12
+# Streams one connection may have open at once.
+MAX_STREAMS_PER_CONNECTION = 12
+# Enough threads for every call the caps let block at once (the concurrency
+# caps above, plus the calls awaiting their request) and a few more. Calls
+# beyond wait for a thread in order rather than being refused, so a burst of
+# stalled calls delays Finish briefly but cannot refuse it; what may wait is
+# bounded by the streams a task's connections may carry.
+SERVER_THREADS = sum(CONCURRENCY.values()) + MAX_AWAITING_REQUESTS + 8
+MAX_CONCURRENT_RPCS = MAX_CONNECTIONS * MAX_STREAMS_PER_CONNECTION
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -89,46 +122,110 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def _abort_handler(
     handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A handler of the same streaming shape as ``handler`` that only aborts."""
+    """A handler that only aborts, without waiting for (or parsing) any request.
 
-    def deny(request: Any, context: grpc.ServicerContext) -> Any:
+    It takes a request stream whatever the method's shape, so grpc calls it at
+    once instead of first waiting for a request message that may never come.
+    """
+
+    def deny(requests: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
-    # No deserializer: a refused call's request is never parsed.
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny)
-    return grpc.unary_unary_rpc_method_handler(deny)
+        return grpc.stream_stream_rpc_method_handler(deny)
+    return grpc.stream_unary_rpc_method_handler(deny)
+
+
+class _Bucket:
+    """A token bucket (not locked: its owner holds a lock)."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate = rate_per_s
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def take(self, cost: float) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self.tokens < cost:
+            return False
+        self.tokens -= cost
+        return True
 
 
 class CallLimiter:
-    """A token bucket for the call rate and counters for open calls, for one task."""
+    """One task's budget: calls and the work inside them, open calls, and abuse.
 
-    def __init__(self, rate_per_s: float = RATE_PER_S, burst: int = RATE_BURST) -> None:
-        self._rate = rate_per_s
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._stamp = time.monotonic()
+    Args:
+        rate_per_s: Calls (and units of work) per second, sustained.
+        burst: How many may come at once.
+        on_abuse: Called once, with a public reason, when the task keeps
+            coming after refusals (see :data:`ABUSE_REFUSALS`).
+    """
+
+    def __init__(
+        self,
+        rate_per_s: float = RATE_PER_S,
+        burst: int = RATE_BURST,
+        on_abuse: Callable[[str], None] | None = None,
+    ) -> None:
+        self._calls = _Bucket(rate_per_s, burst)
+        self._beats = _Bucket(BEATS_PER_S, BEAT_BURST)
         self._open: dict[str, int] = {}
+        self._refusals = 0.0
+        self._refusals_stamp = time.monotonic()
+        self._on_abuse = on_abuse
+        self.abusive = False
         self._lock = threading.Lock()
 
-    def admit(self, method: str) -> str | None:
-        """Take a slot for a call to ``method``; the reason it is refused, or ``None``."""
+    def _refuse(self, reason: str) -> str:
+        """Count a refusal (lock held); return ``reason``."""
+        now = time.monotonic()
+        forgiven = (now - self._refusals_stamp) * ABUSE_FORGIVE_PER_S
+        self._refusals = max(0.0, self._refusals - forgiven) + 1
+        self._refusals_stamp = now
+        if self._refusals > ABUSE_REFUSALS and not self.abusive:
+            self.abusive = True
+            if self._on_abuse is not None:
+                threading.Thread(
+                    target=self._on_abuse,
+                    args=(f"the sandbox kept calling after more than {ABUSE_REFUSALS} refusals",),
+                    name="rpc-abuse",
+                    daemon=True,
+                ).start()
+        return reason
+
+    def take(self) -> str | None:
+        """Charge one call to the bucket; the reason it is refused, or ``None``."""
         with self._lock:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
-            self._stamp = now
-            if self._tokens < 1:
-                return "call rate limit exceeded"
+            return None if self._calls.take(1) else self._refuse(RATE_LIMITED)
+
+    def charge(self, units: float) -> str | None:
+        """Charge ``units`` of work inside a call; the reason it is refused, or ``None``."""
+        if units <= 0:
+            return None
+        with self._lock:
+            return None if self._calls.take(units) else self._refuse(RATE_LIMITED)
+
+    def beat(self) -> str | None:
+        """Charge one heartbeat; the reason it is refused, or ``None``."""
+        with self._lock:
+            return None if self._beats.take(1) else self._refuse("heartbeat rate limit exceeded")
+
+    def open(self, method: str) -> str | None:
+        """Take a slot for an open call to ``method``; the reason it is refused, or ``None``."""
+        with self._lock:
             cap = CONCURRENCY.get(method)
             if cap is not None and self._open.get(method, 0) >= cap:
-                return f"at most {cap} {method.rsplit('/', 1)[-1]} call(s) may be open at once"
-            self._tokens -= 1
+                return self._refuse(f"at most {cap} {method.rsplit('/', 1)[-1]} call(s) may be open at once")
             self._open[method] = self._open.get(method, 0) + 1
             return None
+
+    def admit(self, method: str) -> str | None:
+        """Charge a call to ``method`` and take its slot; the reason it is refused, or ``None``."""
+        return self.take() or self.open(method)
 
     def release(self, method: str) -> None:
         """Give back the slot of a finished call."""
@@ -136,23 +233,101 @@ class CallLimiter:
             self._open[method] -= 1
 
 
-def _guarded(
-    handler: grpc.RpcMethodHandler[Any, Any], limiter: CallLimiter, method: str
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """``handler``, parsing its own requests and holding a limiter slot while it runs.
+class RequestWatch:
+    """Cancels calls whose next request message is overdue (one thread, started lazily).
 
-    Requests reach the handler as raw bytes and are parsed here, so a
-    malformed one is refused with INVALID_ARGUMENT by our own code (grpc's
-    failed-deserialisation path leaves streams behind on the connection), and
-    the slot is taken only once the handler really runs, so a call grpc
-    refuses earlier (too large, over the server's concurrency cap) cannot
-    leak one.
+    A call that sent its headers but never its message would otherwise hold
+    a server thread for as long as its client likes. A first request that
+    has not come by the watch's next tick counts as awaited; past
+    :data:`MAX_AWAITING_REQUESTS` such calls, more are cancelled at once.
+    """
+
+    def __init__(self) -> None:
+        # key -> [deadline, context, may count as awaited, counted]
+        self._due: dict[int, list[Any]] = {}
+        self._keys = itertools.count()
+        self._awaiting = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.cancelled = 0
+
+    def next(
+        self,
+        requests: Iterator[Any],
+        context: grpc.ServicerContext,
+        within_s: float | None,
+        first: bool = False,
+    ) -> Any:
+        """The next item of ``requests``, cancelling the call if it takes longer than ``within_s``.
+
+        Raises:
+            StopIteration: The client sent no more.
+            grpc.RpcError: The call was cancelled (by its client, or here).
+        """
+        if within_s is None:
+            return next(requests)
+        with self._lock:
+            key = next(self._keys)
+            self._due[key] = [time.monotonic() + within_s, context, first, False]
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="rpc-request-watch", daemon=True)
+                self._thread.start()
+        try:
+            return next(requests)
+        finally:
+            with self._lock:
+                entry = self._due.pop(key, None)
+                if entry is not None and entry[3]:
+                    self._awaiting -= 1
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_TICK_S):
+            now = time.monotonic()
+            cancel = []
+            with self._lock:
+                for key, entry in list(self._due.items()):
+                    deadline, context, countable, counted = entry
+                    over_cap = countable and not counted and self._awaiting >= MAX_AWAITING_REQUESTS
+                    if deadline <= now or over_cap:
+                        del self._due[key]
+                        if counted:
+                            self._awaiting -= 1
+                        cancel.append(context)
+                    elif countable and not counted:
+                        entry[3] = True
+                        self._awaiting += 1
+            for context in cancel:
+                self.cancelled += 1
+                context.cancel()
+
+    def stop(self) -> None:
+        """Stop watching."""
+        self._stop.set()
+
+
+def _guarded(
+    handler: grpc.RpcMethodHandler[Any, Any], limiter: CallLimiter, watch: RequestWatch, method: str
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler``, reading and parsing its own requests, within the task's budget.
+
+    Every method is served as a request stream, so this code, not grpc, reads
+    the request: a call whose request does not come within
+    :data:`REQUEST_WAIT_S` is cancelled, which frees its thread and slot.
+    Requests are parsed here, so a malformed one is refused with
+    INVALID_ARGUMENT by our own code (grpc's failed-deserialisation path
+    leaves streams behind on the connection). Each message inside a stream is
+    charged to the task's budget. The concurrency slot is taken only once the
+    handler really runs, so a call grpc refuses earlier (too large, over the
+    server's concurrency cap) cannot leak one.
     """
     parse: Callable[[bytes], Any] = handler.request_deserializer or (lambda raw: raw)
     kwargs: dict[str, Any] = {
         "request_deserializer": None,
         "response_serializer": handler.response_serializer,
     }
+    is_heartbeat = method == f"/{SERVICE_NAME}/Heartbeat"
+    gap = None if is_heartbeat else STREAM_GAP_S
 
     def parsed(raw: bytes) -> Any:
         try:
@@ -160,64 +335,86 @@ def _guarded(
         except Exception:
             raise RequestRejected("INVALID_ARGUMENT", "malformed request") from None
 
-    def parsed_stream(raws: Iterator[bytes]) -> Iterator[Any]:
-        for raw in raws:
+    def first_raw(raws: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
+        try:
+            raw: bytes = watch.next(raws, context, REQUEST_WAIT_S, first=True)
+        except StopIteration:
+            return None
+        return raw
+
+    def stream_of(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+        raw = first_raw(raws, context)
+        index = 0
+        while raw is not None:
+            refused = limiter.beat() if is_heartbeat else limiter.charge(1 if index else 0)
+            if refused is not None:
+                raise RequestRejected("RESOURCE_EXHAUSTED", refused)
             yield parsed(raw)
+            index += 1
+            try:
+                raw = watch.next(raws, context, gap)
+            except StopIteration:
+                return
 
-    def enter(context: grpc.ServicerContext) -> None:
-        refused = limiter.admit(method)
-        if refused is not None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
-
-    def first(raw: Any, context: grpc.ServicerContext, streaming: bool) -> Any:
-        if streaming:
-            return parsed_stream(raw)
+    def request_of(raws: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+        raw = first_raw(raws, context)
+        if raw is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "expected a request message")
         try:
             return parsed(raw)
         except RequestRejected as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.public_message)
 
+    def first(raws: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+        if handler.request_streaming:
+            return stream_of(raws, context)
+        return request_of(raws, context)
+
+    def enter(context: grpc.ServicerContext) -> None:
+        refused = limiter.open(method)
+        if refused is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+
     if not handler.response_streaming:
         behaviour = handler.unary_unary or handler.stream_unary
         assert behaviour is not None
 
-        def once(raw: Any, context: grpc.ServicerContext) -> Any:
+        def once(raws: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            request = first(raws, context)
             enter(context)
             try:
-                return behaviour(first(raw, context, handler.request_streaming), context)
+                return behaviour(request, context)
             finally:
                 limiter.release(method)
 
-        factory = (
-            grpc.stream_unary_rpc_method_handler
-            if handler.request_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        return factory(once, **kwargs)
+        return grpc.stream_unary_rpc_method_handler(once, **kwargs)
     streaming = handler.unary_stream or handler.stream_stream
     assert streaming is not None
 
-    def stream(raw: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def stream(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
+        request = first(raws, context)
         enter(context)
         try:
-            yield from streaming(first(raw, context, handler.request_streaming), context)
+            yield from streaming(request, context)
         finally:
             limiter.release(method)
 
-    factory = (
-        grpc.stream_stream_rpc_method_handler
-        if handler.request_streaming
-        else grpc.unary_stream_rpc_method_handler
-    )
-    return factory(stream, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Admit a call only if its method is mapped, it carries this task's token, and limits allow."""
+    """Admit a call only if its method is mapped, it carries this task's token, and limits allow.
 
-    def __init__(self, token: str, limiter: CallLimiter | None = None) -> None:
+    The call is charged to the task's bucket here, before grpc gives it a
+    thread, so a refused call costs the parent as little as possible.
+    """
+
+    def __init__(
+        self, token: str, limiter: CallLimiter | None = None, watch: RequestWatch | None = None
+    ) -> None:
         self._token = token.encode()
         self._limiter = limiter or CallLimiter()
+        self._watch = watch or RequestWatch()
 
     def intercept_service(
         self,
@@ -237,7 +434,10 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
                 break
         if not hmac.compare_digest(presented, self._token):
             return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid or missing token")
-        return _guarded(handler, self._limiter, handler_call_details.method)
+        refused = self._limiter.take()
+        if refused is not None:
+            return _abort_handler(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        return _guarded(handler, self._limiter, self._watch, handler_call_details.method)
 
 
 def _rpc_errors(method: _F) -> _F:
@@ -252,7 +452,18 @@ def _rpc_errors(method: _F) -> _F:
             context.abort(
                 code, exc.public_message if code is not grpc.StatusCode.INTERNAL else "internal error"
             )
+        except grpc.RpcError:
+            # Reading the request stream failed: the client cancelled, or the
+            # call was cancelled for want of a request. Not an error of ours;
+            # grpc ends the call quietly when its own error is re-raised.
+            log.debug("%s of task %s was cancelled", method.__name__, self._session.task_id)
+            raise
         except Exception:
+            if not context.is_active():
+                log.debug(
+                    "%s of task %s ended while its call was gone", method.__name__, self._session.task_id
+                )
+                context.abort(grpc.StatusCode.CANCELLED, "cancelled")
             log.exception("unexpected error in %s for task %s", method.__name__, self._session.task_id)
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
@@ -270,8 +481,9 @@ def _enum_name(enum: Any, value: int) -> str:
 class SandboxServicer(pb_grpc.SandboxServicer):
     """Thin protobuf-to-session adapter for one task."""
 
-    def __init__(self, session: TaskSession) -> None:
+    def __init__(self, session: TaskSession, limiter: CallLimiter | None = None) -> None:
         self._session = session
+        self._limiter = limiter or CallLimiter()
 
     @_rpc_errors
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.TaskConfig:
@@ -322,6 +534,8 @@ class SandboxServicer(pb_grpc.SandboxServicer):
             for chunk in request_iterator:
                 if len(chunk.data) > CHUNK_BYTES:
                     raise RequestRejected("INVALID_ARGUMENT", f"chunks may be at most {CHUNK_BYTES} bytes")
+                if not chunk.data:  # costs the parent a message and moves nothing
+                    raise RequestRejected("INVALID_ARGUMENT", "only the first chunk may be empty")
                 yield chunk.data
 
         self._session.send_message(message_type, first.total_size, chunks())
@@ -367,6 +581,9 @@ class SandboxServicer(pb_grpc.SandboxServicer):
     @_rpc_errors
     def ReportFiles(self, request: pb.FileOutcomes, context: grpc.ServicerContext) -> pb.Ack:
         """Record per-file outcomes."""
+        refused = self._limiter.charge(len(request.files) // FILES_PER_TOKEN)
+        if refused is not None:
+            raise RequestRejected("RESOURCE_EXHAUSTED", refused)
         self._session.report_files(
             [(f.name, _enum_name(pb.FileOutcome.Kind, f.kind), f.reason) for f in request.files]
         )
@@ -421,16 +638,18 @@ class TaskServer:
         self.socket_path = socket_path
         # Mailbox bodies arrive in chunks; the result is the largest single message.
         cap = max(CHUNK_BYTES, session.max_result_bytes) + ENVELOPE_HEADROOM
+        self._limiter = CallLimiter(on_abuse=self._end_for_abuse)
+        self._watch = RequestWatch()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=SERVER_THREADS, thread_name_prefix=f"rpc-{session.task_id[:8]}"
             ),
-            interceptors=[TokenAuthInterceptor(token)],
+            interceptors=[TokenAuthInterceptor(token, self._limiter, self._watch)],
             options=[
                 ("grpc.max_receive_message_length", cap),
                 ("grpc.max_send_message_length", -1),
                 ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-                ("grpc.max_concurrent_streams", MAX_CONCURRENT_RPCS),
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                 ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
                 ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
                 ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
@@ -438,7 +657,7 @@ class TaskServer:
             ],
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
-        pb_grpc.add_SandboxServicer_to_server(SandboxServicer(session), self._server)
+        pb_grpc.add_SandboxServicer_to_server(SandboxServicer(session, self._limiter), self._server)
         if self._server.add_insecure_port(f"unix:{socket_path}") == 0:
             raise OSError(f"cannot listen on {socket_path}")
 
@@ -446,9 +665,16 @@ class TaskServer:
         """Start serving."""
         self._server.start()
 
+    def _end_for_abuse(self, reason: str) -> None:
+        """End the task and close every connection of it: it abused the parent."""
+        if self.session.end_for_abuse(ABUSE_ERROR_TYPE, reason):
+            log.warning("task %s: %s; closing its connections", self.session.task_id, reason)
+        self._server.stop(0)
+
     def stop(self, grace: float = 1.0) -> None:
         """Stop serving, ending open streams, and remove the socket."""
         self.session.closed.set()
         self.session.controls.put(None)
+        self._watch.stop()
         self._server.stop(grace).wait(grace + 1)
         self.socket_path.unlink(missing_ok=True)

@@ -250,6 +250,21 @@ class TaskSession:
             s.mailbox_ops = mailbox_ops
             s.main_thread_moved = main_thread_moved
 
+    def end_for_abuse(self, error_type: str, reason: str) -> bool:
+        """End the task from the parent's side, as an error; ``False`` if it had already finished.
+
+        The sandbox's own result is refused after this, like any second one.
+        """
+        report = FinishReport("ERROR", None, error_type, reason)
+        with self._lock:
+            if self.finish is not None:
+                return False
+            self.finish = report
+        self.finished.set()
+        if self._on_finish is not None:
+            self._on_finish()
+        return True
+
     def send_control(self, kind: str, reason: str = "") -> None:
         """Queue a control message down the heartbeat stream."""
         self.controls.put((kind, reason))
@@ -259,8 +274,20 @@ class TaskSession:
         """Forward a message from the sandbox to the modeller, sealed by the broker."""
         if message_type not in SENDABLE:
             raise RequestRejected("INVALID_ARGUMENT", f"a sandbox may not send {message_type} messages")
+        self._refuse_after_finish()
+
+        def until_finished() -> Iterator[bytes]:
+            yield from chunks
+            # A body that was still arriving when the result came is not sent either.
+            self._refuse_after_finish()
+
         with _mailbox_errors(self.task_id):
-            self.mailbox.send(message_type, declared_size, chunks)
+            self.mailbox.send(message_type, declared_size, until_finished())
+
+    def _refuse_after_finish(self) -> None:
+        """Mail from a task that has reported its result is refused: the modeller has moved on."""
+        if self.finished.is_set():
+            raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")
 
     def receive_message(self, message_type: str, timeout_s: float) -> Incoming:
         """Wait for the modeller's next message of ``message_type``, opened."""
@@ -281,6 +308,7 @@ class TaskSession:
                 raise RequestRejected("INVALID_ARGUMENT", "invalid pod identifier")
             if len(share) > MAX_SHARE_BYTES:
                 raise RequestRejected("INVALID_ARGUMENT", f"a share may be at most {MAX_SHARE_BYTES} bytes")
+        self._refuse_after_finish()
         with _mailbox_errors(self.task_id):
             self.mailbox.send_shares(shares)
 

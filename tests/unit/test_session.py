@@ -544,3 +544,64 @@ def test_re_reporting_a_file_frees_its_old_reason(make_session):
     kit.session.report_files([("f0.csv", "PROCESSED", "")])
     kit.session.report_files([("late2.csv", "FAILED", "kept")])
     assert kit.session.file_outcomes()["late2.csv"] == ("FAILED", "kept")
+
+
+# -- quota refunds, the parent's own notices, mail after the result (issue 8 item 9) ------
+
+
+def test_refused_sends_give_their_quota_back(make_session):
+    kit = make_session(max_message_bytes=1000, max_task_bytes=1000)
+    # Each declares the whole quota and is then refused for its body: none moved a byte.
+    for _ in range(5):
+        _rejected("RESOURCE_EXHAUSTED", kit.session.send_message, "TRAINING_UPDATE", 1000, iter([b"x" * 9]))
+        _rejected(
+            "RESOURCE_EXHAUSTED", kit.session.send_message, "TRAINING_UPDATE", 1000, iter([b"x" * 1001])
+        )
+    kit.session.send_message("TRAINING_UPDATE", 1000, iter([b"z" * 1000]))
+    got = kit.modeller.receive(kit.task_id, timeout=1)
+    assert got is not None and got.read() == b"z" * 1000
+
+
+def test_the_parents_task_abort_is_sent_when_the_sandbox_spent_its_quota(make_session):
+    kit = make_session(max_message_bytes=1000, max_task_bytes=1000)
+    kit.session.send_message("TRAINING_UPDATE", 1000, iter([b"z" * 1000]))
+    _rejected("RESOURCE_EXHAUSTED", kit.session.send_message, "TASK_ABORT", 10, iter([b"from child"]))
+    kit.broker.send_bytes("TASK_ABORT", b'{"reason": "LimitsExceeded"}')
+    kinds = [kit.modeller.receive(kit.task_id, timeout=1) for _ in range(2)]
+    assert [(m.type, m.read()) for m in kinds if m is not None] == [
+        ("TRAINING_UPDATE", b"z" * 1000),
+        ("TASK_ABORT", b'{"reason": "LimitsExceeded"}'),
+    ]
+
+
+def test_mail_after_the_result_is_refused(make_session):
+    kit = make_session()
+    _finish(kit.session)
+    message = _rejected("FAILED_PRECONDITION", kit.session.send_message, "TRAINING_UPDATE", 3, iter([b"new"]))
+    assert message == "the task has already finished"
+    _rejected("FAILED_PRECONDITION", kit.session.send_secure_shares, {"pod-b": b"share"})
+    assert kit.modeller.receive(kit.task_id, timeout=0.2) is None
+
+
+def test_a_body_still_arriving_when_the_result_comes_is_not_sent(make_session):
+    kit = make_session()
+
+    def chunks():
+        yield b"first half "
+        _finish(kit.session)  # the protocol's result overtakes its own message
+        yield b"second half"
+
+    _rejected("FAILED_PRECONDITION", kit.session.send_message, "TRAINING_UPDATE", 22, chunks())
+    assert kit.modeller.receive(kit.task_id, timeout=0.2) is None
+
+
+def test_the_parent_can_end_a_task_for_abuse_once(make_session):
+    kit = make_session()
+    assert kit.session.end_for_abuse("RpcAbuse", "kept calling") is True
+    assert kit.session.finished.is_set()
+    assert (kit.session.finish.status, kit.session.finish.error_type) == ("ERROR", "RpcAbuse")
+    assert kit.finish_calls == [None]
+    # The sandbox's own result comes too late, and so does a second verdict.
+    _rejected("FAILED_PRECONDITION", _finish, kit.session)
+    assert kit.session.end_for_abuse("RpcAbuse", "again") is False
+    assert kit.session.finish.error_message == "kept calling"
