@@ -7,6 +7,7 @@
     │   ├── PolicyError             an isolation policy value or file is wrong
     │   ├── ProtocolBundleError     the protocol directory is unusable
     │   └── DataSourceError         the data directory is unusable
+    ├── CapacityError               no room for another task now (e.g. every sandbox uid in use)
     └── BackendError                the container engine failed us
         ├── EngineUnavailableError  the engine cannot be reached
         ├── ImageNotFoundError      the sandbox image is not built
@@ -37,6 +38,13 @@ class ProtocolBundleError(ConfigurationError):
 
 class DataSourceError(ConfigurationError):
     """The data directory cannot be mounted into the sandbox."""
+
+
+class CapacityError(SandboxExecutorError):
+    """The task cannot start now because a host-wide resource is all in use.
+
+    Retrying after another task ends may succeed; nothing was started.
+    """
 
 
 class BackendError(SandboxExecutorError):

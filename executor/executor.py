@@ -44,6 +44,7 @@ from executor.session import ProgressUpdate, TaskSession
 from executor.supervisor import Supervisor, abort_message
 from executor.taskdir import SOCKET_NAME, TOKEN_NAME, TaskDir, default_base_dir, default_spool_dir
 from executor.transport import NoModellerTransport, Route, Transport
+from executor.uids import UidPool
 from executor.v1 import sandbox_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 SANDBOX_IPC = "/run/sandbox"
 SANDBOX_PROTOCOL = "/sandbox/protocol"
 SANDBOX_DATA = "/data"
+SANDBOX_RESOLV_CONF = "/etc/resolv.conf"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -102,30 +104,35 @@ class TaskSpec:
             raise ConfigurationError(f"parameters and schema must be JSON-serialisable: {exc}") from None
 
 
-def check_data_dir(path: Path, uid: int) -> Path:
-    """The resolved data directory, if the sandbox user can list and read it.
+def check_data_dir(path: Path, uid: int | None, gid: int) -> Path:
+    """The resolved data directory, if the sandbox (``uid:gid``) can list and read it.
 
     Only the directory's own mode matters: it is bind-mounted, so the sandbox
-    never traverses its host ancestors.
+    never traverses its host ancestors. The kernel's rule applies: the owner's
+    bits if ``uid`` owns it, else the group's if ``gid`` is its group, else
+    the others'. ``uid`` is ``None`` when each task gets a uid of its own from
+    the policy's range: then the shared group, or the others, must grant it.
 
     Raises:
         DataSourceError: It does not exist, is not a directory, or is closed to
-            the sandbox's uid.
+            the sandbox's uid and gid.
     """
     resolved = path.resolve()
     if not resolved.is_dir():
         raise DataSourceError(f"data directory {path} does not exist or is not a directory")
     st = resolved.stat()
-    if st.st_uid == uid:
+    if uid is not None and st.st_uid == uid:
         bits = (st.st_mode >> 6) & 0o7
-    elif st.st_gid == uid:
+    elif st.st_gid == gid:
         bits = (st.st_mode >> 3) & 0o7
     else:
         bits = st.st_mode & 0o7
     if bits & 0o5 != 0o5:
+        who = f"uid {uid}, group {gid}" if uid is not None else f"a uid of each task's own, group {gid}"
         raise DataSourceError(
-            f"data directory {path} (mode {stat.S_IMODE(st.st_mode):o}) is not readable by the sandbox "
-            f"user uid {uid}; grant it read and search (e.g. chmod o+rx), or change the policy's uid"
+            f"data directory {path} (mode {stat.S_IMODE(st.st_mode):o}, owner {st.st_uid}:{st.st_gid}) "
+            f"is not readable by the sandbox user ({who}); grant read and search to the sandbox "
+            f"group (chgrp {gid} and chmod g+rx) or to others (chmod o+rx), or change the policy's gid"
         )
     return resolved
 
@@ -143,6 +150,8 @@ class Executor:
         run_dir: Where task directories go; see :func:`default_base_dir`.
         spool_dir: Where large mailbox bodies are staged (disk, not memory);
             see :func:`default_spool_dir`.
+        uid_dir: Where the host-wide uid leases live; see
+            :func:`~executor.uids.default_uid_dir`.
     """
 
     def __init__(
@@ -154,6 +163,7 @@ class Executor:
         transport: Transport | None = None,
         run_dir: Path | None = None,
         spool_dir: Path | None = None,
+        uid_dir: Path | None = None,
     ) -> None:
         if backend is None:
             from executor.backends.docker import DockerBackend
@@ -166,6 +176,7 @@ class Executor:
         self.transport: Transport = transport if transport is not None else NoModellerTransport()
         self.run_dir = run_dir or default_base_dir()
         self.spool_dir = spool_dir or default_spool_dir()
+        self.uids = UidPool(uid_dir)
         self.instance_id = new_instance_id()
         self._reaped = False
         self._reap_lock = threading.Lock()
@@ -224,19 +235,27 @@ class Executor:
             ConfigurationError: The protocol, data or task is unusable.
             BackendError: The engine is unreachable, the image is missing, or
                 the container could not be created or started.
+            CapacityError: Every sandbox uid of the policy's range is held by
+                a live task; nothing was started.
         """
         started = time.monotonic()
         policy = self.policy_for(spec.project_id)
         secrets = resolve_secrets(policy)
         task_id = spec.task_id or uuid.uuid4().hex
         check_protocol_dir(spec.protocol_dir)
-        data_dir = check_data_dir(spec.data_dir, policy.uid)
+        data_dir = check_data_dir(spec.data_dir, policy.uid, policy.gid)
         self.backend.check_image(policy.image)
         with self._reap_lock:
             if not self._reaped:
                 self.reap()
                 self._reaped = True
-        with TaskDir(self.run_dir, policy.uid, self.instance_id) as task_dir:
+        # A uid no other live task has (kernel per-user pools are then per task),
+        # held until the container is gone and the task directory removed.
+        with (
+            self.uids.lease(policy) as lease,
+            TaskDir(self.run_dir, lease.uid, self.instance_id, sandbox_gid=policy.gid) as task_dir,
+        ):
+            policy = policy.replace(uid=lease.uid)
             bundle = copy_bundle(spec.protocol_dir, task_dir.protocol)
             peers = tuple(p for p in spec.pod_identifiers if p != spec.pod_identifier)
             route = Route(task_id, spec.pod_identifier, spec.modeller_name, peers)
@@ -285,6 +304,7 @@ class Executor:
                         Mount(task_dir.ipc, SANDBOX_IPC),
                         Mount(bundle.path, SANDBOX_PROTOCOL),
                         Mount(data_dir, SANDBOX_DATA),
+                        Mount(task_dir.resolv_conf, SANDBOX_RESOLV_CONF),
                     ],
                     labels={
                         LABEL_MANAGED: "true",

@@ -20,6 +20,14 @@ RUNTIMES = ("runc", "runsc")
 # gVisor's sentry and gofer threads count against the container's pids cap
 # (about 75 here), so a smaller cap kills a runsc sandbox before it starts.
 RUNSC_MIN_PIDS = 128
+# Each live task runs as a uid of its own from [uid_start, uid_start + uid_count):
+# the kernel's per-user pools (inotify, POSIX message queues, pipe pages, epoll
+# watches, pending signals) are then per task, not shared by every sandbox.
+DEFAULT_UID_START = 10_001
+DEFAULT_UID_COUNT = 4096
+# The group every sandbox shares, so one grant opens a datasource to all tasks.
+DEFAULT_GID = 10_001
+MAX_ID = 2**31 - 2
 
 _IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,200}(:[A-Za-z0-9._-]{1,128})?(@sha256:[0-9a-f]{64})?$")
 
@@ -88,8 +96,13 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_message_mb": (1, 4096),
     "max_task_mb": (1, 65_536),
     "max_result_mb": (0.001, 64),
-    "uid": (1, 2**31 - 1),
+    "uid": (1, MAX_ID),
+    "uid_start": (1, MAX_ID),
+    "uid_count": (1, 65_536),
+    "gid": (1, MAX_ID),
 }
+# Numeric fields where None means "not set".
+_OPTIONAL = {"uid"}
 
 
 @dataclass(frozen=True)
@@ -113,7 +126,16 @@ class IsolationPolicy:
         max_message_mb: Largest single mailbox message the sandbox may send or receive.
         max_task_mb: Most mailbox traffic one task may move, both ways together.
         max_result_mb: Largest result (JSON) the protocol may return.
-        uid: The unprivileged user and group id the protocol runs as.
+        uid_start: The first uid of the range sandboxes run as. Each live task
+            gets a uid of its own from the range, exclusive across executors on
+            the host, so that tasks do not share the kernel's per-user pools.
+        uid_count: How many uids the range holds: the most tasks that can run
+            at once under this policy.
+        uid: Pins one uid instead of the range (a range of one): at most one
+            task under this policy runs at a time. ``None`` (the default) uses
+            the range.
+        gid: The group every sandbox runs as: a datasource readable by this
+            group is readable by every task.
         seccomp_profile: A stricter seccomp profile (JSON text, an allow-list:
             its defaultAction refuses); empty means the engine's default profile.
         secrets: Secrets granted to this project's sandboxes, as
@@ -136,7 +158,10 @@ class IsolationPolicy:
     max_message_mb: int = 512
     max_task_mb: int = 4096
     max_result_mb: float = 1.0
-    uid: int = 10_001
+    uid_start: int = DEFAULT_UID_START
+    uid_count: int = DEFAULT_UID_COUNT
+    uid: int | None = None
+    gid: int = DEFAULT_GID
     seccomp_profile: str = field(default="", repr=False)
     secrets: tuple[tuple[str, str], ...] = ()
     gpus: int = 0
@@ -150,8 +175,10 @@ class IsolationPolicy:
             if f.name not in _RANGES:
                 continue
             value = getattr(self, f.name)
+            if value is None and f.name in _OPTIONAL:
+                continue
             lo, hi = _RANGES[f.name]
-            integral = f.type in ("int", int)
+            integral = f.type in ("int", int, "int | None")
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 kind = "an integer" if integral else "a number"
                 raise PolicyError(f"{f.name}: expected {kind}, got {value!r}")
@@ -159,6 +186,11 @@ class IsolationPolicy:
                 raise PolicyError(f"{f.name}: expected an integer, got {value!r}")
             if not lo <= value <= hi:
                 raise PolicyError(f"{f.name}: expected a value from {lo:g} to {hi:g}, got {value!r}")
+        if self.uid_start + self.uid_count - 1 > MAX_ID:
+            raise PolicyError(
+                f"uid_count: the range from uid_start {self.uid_start} may end at uid {MAX_ID}, "
+                f"got {self.uid_count} uids"
+            )
         _check_seccomp(self.seccomp_profile)
         _check_secrets(self.secrets)
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not -1 <= self.gpus <= 64:
@@ -194,6 +226,13 @@ class IsolationPolicy:
         out["seccomp_profile"] = "custom" if self.seccomp_profile else "engine default"
         out["secrets"] = {name: source for name, source in self.secrets}
         return out
+
+    @property
+    def uid_range(self) -> range:
+        """The uids a task under this policy may run as: one if ``uid`` pins it."""
+        if self.uid is not None:
+            return range(self.uid, self.uid + 1)
+        return range(self.uid_start, self.uid_start + self.uid_count)
 
     @property
     def max_message_bytes(self) -> int:

@@ -38,10 +38,11 @@ FLOOR_KEYS = {
     "devices": "no devices are passed through (use gpus for GPUs)",
     "volumes": "the only mounts are the datasource, the protocol and the task's socket directory",
     "mounts": "the only mounts are the datasource, the protocol and the task's socket directory",
-    "user": "the sandbox never runs as root (set uid to another unprivileged id)",
+    "user": "the sandbox never runs as root (set uid_start and uid_count, or uid to pin one, and gid)",
 }
 _FIELDS = {f.name: f for f in fields(IsolationPolicy)}
-_INTEGER_FIELDS = {name for name, f in _FIELDS.items() if f.type in ("int", int)}
+# uid is "int | None": a file either pins it or leaves it out.
+_INTEGER_FIELDS = {name for name, f in _FIELDS.items() if f.type in ("int", int)} | {"uid"}
 _FLOAT_FIELDS = {name for name, f in _FIELDS.items() if f.type in ("float", float)}
 
 

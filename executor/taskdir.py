@@ -8,6 +8,7 @@ who cannot list the base directory cannot find it)::
             sandbox.sock        the task's gRPC server
             token               the bootstrap token, readable by the sandbox user
         protocol/               the bundle, mounted read-only at /sandbox/protocol
+        resolv.conf             empty, mounted read-only over /etc/resolv.conf
 
 The directory is removed whatever happens to the task.
 """
@@ -27,6 +28,9 @@ TOKEN_NAME = "token"  # noqa: S105 (a file name, not a secret)
 ENV_BASE = "SANDBOX_EXECUTOR_RUN_DIR"
 ENV_SPOOL = "SANDBOX_EXECUTOR_SPOOL_DIR"
 OWNER_NAME = "owner"
+# Mounted over the engine's /etc/resolv.conf, which names the host's resolver:
+# a network-less sandbox has no use for DNS configuration.
+RESOLV_NAME = "resolv.conf"
 
 
 def default_base_dir() -> Path:
@@ -83,12 +87,17 @@ class TaskDir:
         sandbox_uid: The uid the sandbox runs as; when the parent is root the
             IPC directory is handed to that uid alone.
         owner: The executor instance that owns it, for the reaper.
+        sandbox_gid: The group the sandbox runs as; by default ``sandbox_uid``.
+            The IPC directory gives the group nothing: other tasks share it.
     """
 
-    def __init__(self, base: Path, sandbox_uid: int, owner: str = "") -> None:
+    def __init__(
+        self, base: Path, sandbox_uid: int, owner: str = "", *, sandbox_gid: int | None = None
+    ) -> None:
         base.mkdir(mode=0o711, parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix="t-", dir=base))
         self.sandbox_uid = sandbox_uid
+        self.sandbox_gid = sandbox_uid if sandbox_gid is None else sandbox_gid
         self.token = secrets.token_urlsafe(32)
         try:
             # First, so a concurrent reaper can tell whose directory this is.
@@ -100,6 +109,10 @@ class TaskDir:
             fd = os.open(self.ipc / TOKEN_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(self.token)
+            self.resolv_conf = self.path / RESOLV_NAME
+            fd = os.open(self.resolv_conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            os.fchmod(fd, 0o444)  # whatever the umask
+            os.close(fd)
         except BaseException:
             self.remove()
             raise
@@ -120,7 +133,7 @@ class TaskDir:
         sock = self.socket_path
         if os.geteuid() == 0:
             for p in (self.ipc, sock, token):
-                os.chown(p, self.sandbox_uid, self.sandbox_uid)
+                os.chown(p, self.sandbox_uid, self.sandbox_gid)
             self.ipc.chmod(0o500)
             sock.chmod(0o600)
             token.chmod(0o400)

@@ -22,6 +22,7 @@ from docker.types import DeviceRequest, LogConfig, Ulimit
 from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
 from executor.errors import (
     BackendError,
+    ConfigurationError,
     ContainerError,
     EngineUnavailableError,
     ImageNotFoundError,
@@ -37,6 +38,10 @@ SANDBOX_TMP = "/tmp"
 RETRIES = 3
 RETRY_BASE_S = 0.2
 STDERR_LOG_MAX = "1m"
+# RLIMIT_MSGQUEUE: the POSIX message-queue bytes one user may hold, pinned at the
+# kernel's default whatever the engine's default ulimits say. Each task has a
+# uid of its own (executor.uids), so this is a per-task cap.
+MSGQUEUE_BYTES = 819_200
 
 
 def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
@@ -44,8 +49,15 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
 
     The hardening here is not configurable: a policy can only change the
     resource numbers, the image and the runtime.
+
+    Raises:
+        ConfigurationError: The policy names no uid: the executor pins the
+            task's leased uid before it gets here, and without one the image's
+            own user (perhaps root) would run the sandbox.
     """
     p: IsolationPolicy = spec.policy
+    if p.uid is None:
+        raise ConfigurationError("the container's policy has no uid: lease one (executor.uids) and pin it")
     security_opt = ["no-new-privileges:true"]
     if p.seccomp_profile:
         # docker-py wants the profile's JSON text here, not a path.
@@ -57,7 +69,7 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "name": spec.name,
         "labels": dict(spec.labels),
         "environment": dict(spec.environment),
-        "user": f"{p.uid}:{p.uid}",
+        "user": f"{p.uid}:{p.gid}",
         "working_dir": SANDBOX_TMP,
         "runtime": p.runtime,
         "network_mode": "none",
@@ -78,6 +90,7 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "ulimits": [
             Ulimit(name="nofile", soft=p.nofile, hard=p.nofile),
             Ulimit(name="core", soft=0, hard=0),
+            Ulimit(name="msgqueue", soft=MSGQUEUE_BYTES, hard=MSGQUEUE_BYTES),
         ],
         "shm_size": "16m",
         "log_config": LogConfig(type="json-file", config={"max-size": STDERR_LOG_MAX, "max-file": "1"}),

@@ -9,9 +9,12 @@ exception must actually be one, so that nothing silently stops being checked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 import pytest
 
 from executor.backends import LABEL_PARENT
+from executor.crypto import TaskKeys
 from executor.executor import Executor, TaskSpec
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
@@ -58,6 +62,7 @@ PROBES = [
     "only_loopback",
     "no_routes",
     "not_root",
+    "own_uid_shared_group",
     "capabilities_empty",
     "no_new_privs",
     "seccomp_filter",
@@ -81,6 +86,7 @@ PROBES = [
     "no_block_devices",
     "release_agent_not_writable",
     "no_engine_socket",
+    "no_host_dns_config",
     "only_expected_mounts",
     "own_pid_namespace",
     "root_read_only",
@@ -157,6 +163,25 @@ def _run_probe(
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def _host_facts() -> dict[str, Any]:
+    """What the sandbox must not learn about the host, and the uids it should run as."""
+    policy = IsolationPolicy.hardened()
+    nameservers = []
+    with contextlib.suppress(OSError), open("/etc/resolv.conf") as f:
+        for line in f:
+            words = line.split()
+            if len(words) >= 2 and words[0] == "nameserver":
+                nameservers.append(words[1])
+    return {
+        "host_nameservers": nameservers,
+        # A hostname the sandbox has anyway is no secret.
+        "host_hostname": "" if socket.gethostname() in ("localhost", "sandbox") else socket.gethostname(),
+        "uid_start": policy.uid_start,
+        "uid_count": policy.uid_count,
+        "gid": policy.gid,
+    }
+
+
 @pytest.fixture(scope="module")
 def probe_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = tmp_path_factory.mktemp("probe-data")
@@ -174,7 +199,9 @@ def probe_run(request: pytest.FixtureRequest, docker_client: Any, probe_data: Pa
     if missing:
         return ProbeRun(runtime, missing=missing)
     caps = CAPS[runtime]
-    outcome = _run_probe(docker_client, probe_data, runtime, caps, {**caps, "parent_is_root": PARENT_IS_ROOT})
+    outcome = _run_probe(
+        docker_client, probe_data, runtime, caps, {**caps, **_host_facts(), "parent_is_root": PARENT_IS_ROOT}
+    )
     assert outcome.status is Status.OK, outcome.error
     return ProbeRun(runtime, result=outcome.result)
 
@@ -239,3 +266,57 @@ def test_memory_hog_is_killed_at_the_memory_cap(runtime: str, docker_client: Any
     outcome = _run_probe(docker_client, probe_data, runtime, caps, {"mode": "memory_hog", **caps})
     assert outcome.status is Status.KILLED, outcome.result or outcome.error
     assert outcome.error is not None and outcome.error.type == "OutOfMemory", outcome.error
+
+
+# -- one task against another: the kernel's per-user pools ----------------------------------
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_task_cannot_drain_the_per_user_kernel_pools_of_another(
+    runtime: str, docker_client: Any, make_executor: Any, modeller: Any, data_dir: Path
+) -> None:
+    """A hog holds all one user may have of inotify, mqueue bytes and pipe pages; a
+    task running beside it still gets its own (each task has a uid of its own)."""
+    missing = _check_runtime(docker_client, runtime)
+    if missing:
+        pytest.fail(missing)
+    policy = IsolationPolicy.hardened().replace(
+        runtime=runtime, timeout_s=120, nofile=1024, pids=CAPS[runtime]["pids"]
+    )
+    keys = TaskKeys.generate()
+    modeller.add_task("pools-hog", keys)
+    hog = make_executor(policy=policy, transport=modeller.transport)
+    hog_spec = TaskSpec(
+        protocol_dir=PROTOCOLS / "kernel_pools",
+        data_dir=data_dir,
+        task_id="pools-hog",
+        keys=keys,
+        parameters={"role": "hog", "hold_s": 90},
+    )
+    box: list[Outcome] = []
+    thread = threading.Thread(target=lambda: box.append(hog.run(hog_spec)), daemon=True)
+    thread.start()
+    try:
+        holding = None
+        for _ in range(90):  # until the hog holds everything, or ends without
+            holding = modeller.receive("pools-hog", timeout=1)
+            if holding is not None or not thread.is_alive():
+                break
+        assert holding is not None and holding.type == "TASK_START", "the hog never said it held the pools"
+        victim_spec = TaskSpec(
+            protocol_dir=PROTOCOLS / "kernel_pools", data_dir=data_dir, parameters={"role": "victim"}
+        )
+        victim = make_executor(policy=policy).run(victim_spec)
+    finally:
+        modeller.send("pools-hog", "MODELLER_RESPONSE", b"release")
+        thread.join(120)
+    assert box and box[0].status is Status.OK, box[0].error if box else "the hog did not end"
+    assert victim.status is Status.OK, victim.error
+    held, got = box[0].result, victim.result
+    if runtime == "runc":
+        # The attack must have worked on its own uid, or this test proves nothing.
+        assert (held["inotify"], held["mqueue"], held["pipe"]) == ("EMFILE", "EMFILE", "EPERM+small"), held
+    assert got["inotify"] == "ok", (held, got)
+    assert got["pipe_bytes"] == 65536, (held, got)
+    assert got["mqueue"] == "ok", (held, got)
+    assert got["uid"] != held["uid"], (held, got)

@@ -11,15 +11,16 @@ import requests
 
 from executor.backends import ContainerSpec, Mount
 from executor.backends.docker import RETRIES, DockerBackend, container_kwargs
-from executor.errors import ContainerError, EngineUnavailableError, ImageNotFoundError
+from executor.errors import ConfigurationError, ContainerError, EngineUnavailableError, ImageNotFoundError
 from executor.policy import IsolationPolicy
 
 
 def _spec(policy: IsolationPolicy | None = None) -> ContainerSpec:
+    # The executor pins the task's leased uid before the backend sees the policy.
     return ContainerSpec(
         name="sandbox-t",
         command=["python3", "-m", "executor.sandbox"],
-        policy=policy or IsolationPolicy.hardened(),
+        policy=policy or IsolationPolicy.hardened().replace(uid=10_001),
         mounts=[Mount(Path("/host/ipc"), "/run/sandbox"), Mount(Path("/host/data"), "/data")],
         labels={"io.sandbox-executor.managed": "true"},
     )
@@ -34,10 +35,11 @@ def test_hardening_is_always_on():
     assert kw["read_only"] is True
     assert kw["init"] is False  # pid 1 is the runtime's own, untraceable init
     assert kw["user"] == "10001:10001"
+    assert kw["volumes"]["/host/ipc"] == {"bind": "/run/sandbox", "mode": "ro"}
     assert "noexec" in kw["tmpfs"]["/tmp"] and "size=64m" in kw["tmpfs"]["/tmp"]
     assert kw["mem_limit"] == kw["memswap_limit"] == "1024m"
     assert kw["pids_limit"] == 128
-    assert {u.name: u.hard for u in kw["ulimits"]} == {"nofile": 1024, "core": 0}
+    assert {u.name: u.hard for u in kw["ulimits"]} == {"nofile": 1024, "core": 0, "msgqueue": 819_200}
     assert all(v["mode"] == "ro" for v in kw["volumes"].values())
     assert "/var/run/docker.sock" not in kw["volumes"]
     assert not kw["environment"]
@@ -45,7 +47,7 @@ def test_hardening_is_always_on():
 
 def test_policy_numbers_reach_the_engine():
     policy = IsolationPolicy.hardened().replace(
-        memory_mb=256, cpus=0.5, pids=256, tmpfs_mb=8, runtime="runsc"
+        memory_mb=256, cpus=0.5, pids=256, tmpfs_mb=8, runtime="runsc", uid=12_345, gid=20_000
     )
     kw = container_kwargs(_spec(policy))
     assert (kw["mem_limit"], kw["nano_cpus"], kw["pids_limit"], kw["runtime"]) == (
@@ -55,6 +57,13 @@ def test_policy_numbers_reach_the_engine():
         "runsc",
     )
     assert "size=8m" in kw["tmpfs"]["/tmp"]
+    assert kw["user"] == "12345:20000"  # the task's own uid, the shared group
+
+
+def test_a_policy_without_a_leased_uid_is_refused():
+    """Without a uid the image's own user (perhaps root) would run the sandbox."""
+    with pytest.raises(ConfigurationError, match="no uid"):
+        container_kwargs(_spec(IsolationPolicy.hardened()))
 
 
 class _Response:

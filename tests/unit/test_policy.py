@@ -15,7 +15,9 @@ def test_defaults_are_the_hardened_values():
     p = IsolationPolicy.hardened()
     assert p == IsolationPolicy()
     assert (p.runtime, p.image) == ("runc", DEFAULT_IMAGE)
-    assert p.uid == 10_001  # never root
+    assert p.uid is None  # each task gets a uid of its own from the range
+    assert p.uid_range == range(10_001, 10_001 + 4096)  # never root
+    assert p.gid == 10_001
     assert (p.memory_mb, p.cpus, p.pids, p.nofile, p.tmpfs_mb) == (1024, 1.0, 128, 1024, 64)
     assert (p.timeout_s, p.heartbeat_interval_s, p.heartbeat_timeout_s) == (3600.0, 1.0, 30.0)
     assert (p.max_message_mb, p.max_task_mb, p.max_result_mb) == (512, 4096, 1.0)
@@ -61,6 +63,10 @@ def test_policy_error_is_a_configuration_error():
         ("uid", 0),
         ("uid", -1),
         ("uid", 2**31),
+        ("uid_start", 0),
+        ("uid_count", 0),
+        ("uid_count", 65_537),
+        ("gid", 0),  # never the root group
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_key(key, value):
@@ -98,6 +104,9 @@ def test_boundary_values_are_accepted(key, value):
         ("memory_mb", 1024.0, "an integer"),
         ("pids", 64.5, "an integer"),
         ("uid", 10001.0, "an integer"),
+        ("uid", "10001", "an integer"),
+        ("uid_start", 10001.0, "an integer"),
+        ("gid", True, "an integer"),
         ("nofile", None, "an integer"),
         ("max_message_mb", [512], "an integer"),
     ],
@@ -195,3 +204,19 @@ def test_heartbeat_timeout_must_exceed_the_interval():
         IsolationPolicy().replace(heartbeat_interval_s=45.0)
     ok = IsolationPolicy(heartbeat_interval_s=5.0, heartbeat_timeout_s=5.5)
     assert ok.heartbeat_timeout_s > ok.heartbeat_interval_s
+
+
+def test_each_task_gets_a_uid_from_the_range_unless_one_is_pinned():
+    ranged = IsolationPolicy(uid_start=20_000, uid_count=10, gid=777)
+    assert ranged.uid_range == range(20_000, 20_010)
+    assert ranged.gid == 777
+    pinned = ranged.replace(uid=12_345)
+    assert pinned.uid_range == range(12_345, 12_346)
+    assert pinned.describe()["uid"] == 12_345
+    assert ranged.describe()["uid"] is None
+
+
+def test_the_uid_range_may_not_run_past_the_largest_id():
+    with pytest.raises(PolicyError, match=r"^uid_count: the range from uid_start"):
+        IsolationPolicy(uid_start=2**31 - 10, uid_count=100)
+    assert IsolationPolicy(uid_start=2**31 - 11, uid_count=10).uid_range[-1] == 2**31 - 2

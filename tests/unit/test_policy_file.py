@@ -70,6 +70,10 @@ secrets = { HF_TOKEN = "env:HF_TOKEN" }
             "cap_add: cannot be set: every sandbox has no capabilities",
         ),
         ("[projects.x]\nuid = 0\n", "[projects.x] uid: expected a value from 1"),
+        ('[projects.x]\nuid = "10001"\n', "[projects.x] uid: expected an integer, got '10001'"),
+        ("[default]\nuid_count = 0\n", "[default] uid_count: expected a value from 1"),
+        ("[default]\ngid = 0\n", "[default] gid: expected a value from 1"),
+        ('[default]\nuser = "0:0"\n', "[default] user: cannot be set: the sandbox never runs as root"),
         ('[default]\nseccomp_profile = "missing.json"\n', "seccomp_profile: cannot read"),
         ('[default]\nsecrets = { K = "plain-value" }\n', 'secrets.K: expected "env:VARIABLE"'),
         ("[default]\ngpus = 100\n", "gpus: expected 0 (none)"),
@@ -95,15 +99,15 @@ def test_seccomp_profile_may_only_be_stricter(tmp_path):
 
 
 def test_seccomp_and_gpus_reach_the_engine_arguments(tmp_path):
-    policy = IsolationPolicy(seccomp_profile=json.dumps(STRICT_PROFILE), gpus=1)
+    policy = IsolationPolicy(seccomp_profile=json.dumps(STRICT_PROFILE), gpus=1, uid=10_001)
     kw = container_kwargs(ContainerSpec(name="n", command=["x"], policy=policy, mounts=[]))
     assert kw["security_opt"][0] == "no-new-privileges:true"
     assert json.loads(kw["security_opt"][1].removeprefix("seccomp=")) == STRICT_PROFILE
     assert kw["device_requests"][0].count == 1
     assert (
-        container_kwargs(ContainerSpec(name="n", command=["x"], policy=IsolationPolicy(), mounts=[]))[
-            "device_requests"
-        ]
+        container_kwargs(
+            ContainerSpec(name="n", command=["x"], policy=IsolationPolicy(uid=10_001), mounts=[])
+        )["device_requests"]
         == []
     )
 
@@ -145,3 +149,17 @@ def test_cli_run_refuses_a_bad_policy_before_docker(tmp_path, capsys, monkeypatc
     code = main(["run", str(tmp_path / "p"), "--data", str(tmp_path), "--policy", str(bad)])
     assert code == 2
     assert "memory_mb: expected a value from 32" in capsys.readouterr().err
+
+
+def test_uid_keys_pin_one_uid_or_set_the_range_and_group(tmp_path):
+    """Files from before per-task uids (``uid = N``) still load: N is pinned."""
+    path = _write(
+        tmp_path,
+        "[default]\nuid_start = 20000\nuid_count = 50\ngid = 4242\n\n[projects.legacy]\nuid = 10001\n",
+    )
+    policies = load_policy_file(path)
+    assert policies.default.uid_range == range(20_000, 20_050)
+    assert policies.default.gid == 4242
+    legacy = policies.for_project("legacy")
+    assert legacy.uid_range == range(10_001, 10_002)
+    assert legacy.gid == 4242  # the group comes from [default]

@@ -236,3 +236,26 @@ def test_reaper_spares_fresh_unlabelled_dirs_and_live_owners(tmp_path):
     finally:
         live.remove()
         dead.remove()
+
+
+def test_an_empty_read_only_resolv_conf_for_the_sandbox(base):
+    """Mounted over /etc/resolv.conf: the host's resolver is none of the sandbox's business."""
+    with TaskDir(base, SANDBOX_UID) as td:
+        assert td.resolv_conf.parent == td.path
+        assert td.resolv_conf.read_bytes() == b""
+        assert _mode(td.resolv_conf) == 0o444
+    assert not td.resolv_conf.exists()
+
+
+def test_grant_gives_the_ipc_files_to_the_task_uid_and_nothing_to_the_shared_group(base):
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    with TaskDir(base, 30_000, sandbox_gid=SANDBOX_UID) as td:
+        sock = _listen(td.socket_path)
+        try:
+            td.grant_to_sandbox()
+        finally:
+            sock.close()
+        for p in (td.ipc, td.socket_path, td.ipc / TOKEN_NAME):
+            assert (p.lstat().st_uid, p.lstat().st_gid) == (30_000, SANDBOX_UID)
+            assert _mode(p) & 0o077 == 0  # other tasks share the group: it gets nothing

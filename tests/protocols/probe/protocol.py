@@ -302,6 +302,14 @@ def probe_not_root(env):
     return held, f"uid={uid} gid={gid} groups={os.getgroups()}"
 
 
+def probe_own_uid_shared_group(env):
+    """A uid from the task range (each task its own), the policy's group, no other groups."""
+    start, count, gid = env.cap("uid_start"), env.cap("uid_count"), env.cap("gid")
+    uid, groups = os.getuid(), set(os.getgroups())
+    held = start <= uid < start + count and os.getgid() == gid and groups <= {gid}
+    return held, f"uid={uid} gid={os.getgid()} groups={sorted(groups)}; range {start}+{count}, group {gid}"
+
+
 def probe_capabilities_empty(env):
     caps = {k: _status_field(k) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
     # gVisor's /proc/self/status has no CapAmb line; every line that is there must be zero.
@@ -359,6 +367,42 @@ def probe_ptrace_pid1_refused(env):
     out = _in_child(attach)
     held = out.get("attach") in ("EPERM", "EACCES", "ENOSYS")
     return held, f"ptrace(PTRACE_ATTACH, 1): {out}"
+
+
+# -- what the sandbox learns about the host ----------------------------------------
+
+# Addresses Docker writes into /etc/hosts for a network-less container: loopback
+# and the fixed IPv6 multicast names. Anything else would name a host network.
+HOSTS_ADDRESSES = re.compile(r"^(127\.[0-9.]+|::1|fe00::0|ff00::0|ff02::[12])$")
+
+
+def _config_lines(path):
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith(("#", ";"))]
+
+
+def probe_no_host_dns_config(env):
+    """No resolver configuration, and nothing of the host's in resolv.conf, hosts or hostname."""
+    problems = []
+    try:
+        resolv = _config_lines("/etc/resolv.conf")
+    except FileNotFoundError:
+        resolv = []
+    if resolv:
+        problems.append(f"/etc/resolv.conf: {resolv[:4]}")
+    hosts = _config_lines("/etc/hosts")
+    odd = [line for line in hosts if not HOSTS_ADDRESSES.match(line.split()[0])]
+    if odd:
+        problems.append(f"/etc/hosts: {odd[:4]}")
+    texts = {}
+    for path in ("/etc/resolv.conf", "/etc/hosts", "/etc/hostname"):
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            texts[path] = f.read()
+    for secret in [*env.params.get("host_nameservers", []), env.params.get("host_hostname", "")]:
+        for path, text in texts.items():
+            if secret and re.search(rf"(^|\s){re.escape(secret)}($|\s)", text):
+                problems.append(f"{path} names the host's {secret!r}")
+    return not problems, f"problems: {problems}; resolv.conf lines: {len(resolv)}, hosts lines: {len(hosts)}"
 
 
 # -- namespaces and mounts -----------------------------------------------------
@@ -925,6 +969,7 @@ PROBES = [
     probe_only_loopback,
     probe_no_routes,
     probe_not_root,
+    probe_own_uid_shared_group,
     probe_capabilities_empty,
     probe_no_new_privs,
     probe_seccomp_filter,
@@ -948,6 +993,7 @@ PROBES = [
     probe_no_block_devices,
     probe_release_agent_not_writable,
     probe_no_engine_socket,
+    probe_no_host_dns_config,
     probe_only_expected_mounts,
     probe_own_pid_namespace,
     probe_root_read_only,
