@@ -34,6 +34,7 @@ from executor.backends import (
 from executor.bundle import ENTRY_MODULE, Bundle, check_protocol_dir, copy_bundle
 from executor.crypto import TaskKeys
 from executor.errors import ConfigurationError, DataSourceError
+from executor.lifeline import Lifeline
 from executor.mailbox import MailboxBroker
 from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
@@ -42,7 +43,14 @@ from executor.reaper import ReapReport, new_instance_id, reap
 from executor.service import CHUNK_BYTES, TaskServer
 from executor.session import ProgressUpdate, TaskSession
 from executor.supervisor import Supervisor, abort_message
-from executor.taskdir import SOCKET_NAME, TOKEN_NAME, TaskDir, default_base_dir, default_spool_dir
+from executor.taskdir import (
+    LIFELINE_NAME,
+    SOCKET_NAME,
+    TOKEN_NAME,
+    TaskDir,
+    default_base_dir,
+    default_spool_dir,
+)
 from executor.transport import NoModellerTransport, Route, Transport
 from executor.uids import UidPool
 from executor.v1 import sandbox_pb2 as pb
@@ -281,15 +289,22 @@ class Executor:
             server = TaskServer(session, task_dir.token, task_dir.socket_path)
             server.start()
             broker.watch_ready(lambda: session.send_control("MODELLER_READY"))
+            lifeline: Lifeline | None = None
             try:
+                # Held for the task's life: when this process goes, so does the sandbox.
+                lifeline = Lifeline(task_dir.lifeline_path)
+                lifeline.start()
                 task_dir.grant_to_sandbox()
                 container = ContainerSpec(
                     name=f"sandbox-{task_id[:40]}-{uuid.uuid4().hex[:6]}",
                     command=[
-                        # Our own init (untraceable pid 1), then the runtime.
+                        # Our own init (untraceable pid 1, tied to this
+                        # process by the lifeline), then the runtime.
                         "python3",
                         "-m",
                         "executor.sandbox.init",
+                        "--lifeline",
+                        f"{SANDBOX_IPC}/{LIFELINE_NAME}",
                         "--",
                         "python3",
                         "-m",
@@ -329,6 +344,8 @@ class Executor:
             finally:
                 broker.close()
                 server.stop()
+                if lifeline is not None:
+                    lifeline.close()
 
 
 def resolve_secrets(policy: IsolationPolicy) -> dict[str, str]:

@@ -31,6 +31,13 @@ class ErrorDetail:
         traceback: A short formatted summary from the sandbox, if any.
         exit_code: The container's exit code, when it exited.
         stderr_tail: The last lines the sandbox wrote to stderr, when useful.
+        measured_s: What the supervisor measured against ``limit_s`` when it
+            ended the task: the silence for ``HeartbeatTimeout``, the time
+            without progress for ``StallTimeout``, the run time for
+            ``TimeoutError``.
+        limit_s: The limit in seconds that ended the task (heartbeat, boot,
+            stall or wall-clock limit; the grace period of a cancel).
+        memory_limit_mb: The memory limit an ``OutOfMemory`` sandbox exceeded.
     """
 
     type: str
@@ -38,6 +45,9 @@ class ErrorDetail:
     traceback: str = ""
     exit_code: int | None = None
     stderr_tail: str = ""
+    measured_s: float | None = None
+    limit_s: float | None = None
+    memory_limit_mb: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form used by the CLI's ``--json`` output."""
@@ -48,6 +58,12 @@ class ErrorDetail:
             out["exit_code"] = self.exit_code
         if self.stderr_tail:
             out["stderr_tail"] = self.stderr_tail
+        if self.measured_s is not None:
+            out["measured_s"] = round(self.measured_s, 6)
+        if self.limit_s is not None:
+            out["limit_s"] = self.limit_s
+        if self.memory_limit_mb is not None:
+            out["memory_limit_mb"] = self.memory_limit_mb
         return out
 
 

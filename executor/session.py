@@ -234,7 +234,12 @@ class TaskSession:
 
     # -- liveness ------------------------------------------------------
     def record_beat(self, progress_events: int, mailbox_ops: int, main_thread_moved: bool) -> None:
-        """Note a heartbeat from the sandbox."""
+        """Note a heartbeat from the sandbox.
+
+        The first one is answered with ``BEAT_SEEN``: the sandbox starts no
+        protocol code before it, so a freeze at any instant of the protocol's
+        life follows a beat the supervisor has seen.
+        """
         with self._lock:
             s = self.beat_stats
             now = time.monotonic()
@@ -249,6 +254,8 @@ class TaskSession:
             s.progress_events = progress_events
             s.mailbox_ops = mailbox_ops
             s.main_thread_moved = main_thread_moved
+            if s.beats == 1:
+                self.controls.put(("BEAT_SEEN", ""))
 
     def end_for_abuse(self, error_type: str, reason: str) -> bool:
         """End the task from the parent's side, as an error; ``False`` if it had already finished.

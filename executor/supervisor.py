@@ -30,8 +30,11 @@ EXIT_GRACE_S = 10.0
 # After a cancel request the protocol has this long to stop before a kill.
 CANCEL_GRACE_S = 5.0
 STDERR_TAIL_LINES = 20
-# Before its first heartbeat a sandbox may be silent this long (or the
-# heartbeat timeout, if longer): booting is not hanging.
+# Before it fetches its configuration a sandbox may be silent this long (or
+# the heartbeat timeout, if longer): booting (interpreter, imports, slower
+# under gVisor) is not hanging. From the fetch on the heartbeat timeout
+# applies, and the runtime starts no protocol code before its first beat has
+# been seen, so no protocol code ever runs under this grace.
 BOOT_GRACE_S = 30.0
 # Exit statuses of a process killed by SIGKILL, as engines report them.
 _SIGKILL_CODES = (137, -9)
@@ -114,7 +117,10 @@ class Supervisor:
                 verdict = _Verdict(
                     Status.TIMEOUT,
                     ErrorDetail(
-                        "TimeoutError", f"the task exceeded its wall-clock limit of {policy.timeout_s:g} s"
+                        "TimeoutError",
+                        f"the task exceeded its wall-clock limit of {policy.timeout_s:g} s",
+                        measured_s=now - running_since,
+                        limit_s=policy.timeout_s,
                     ),
                     abort_modeller=True,
                 )
@@ -143,12 +149,15 @@ class Supervisor:
         """A verdict if the sandbox is frozen or stuck, else ``None``."""
         policy = self.policy
         stats = self.session.beat_stats
-        if stats.last_beat is None:
-            # Booting (interpreter, imports; slower under gVisor) precedes the
-            # first beat, so a hang before it gets a longer allowance.
-            last, limit = running_since, max(policy.heartbeat_timeout_s, BOOT_GRACE_S)
-        else:
+        fetched = self.session.config_fetched_at
+        if stats.last_beat is not None:
             last, limit = stats.last_beat, policy.heartbeat_timeout_s
+        elif fetched is not None:
+            # Configured but no beat yet: the runtime beats before it loads any
+            # protocol code, so this is a hang like any other.
+            last, limit = fetched, policy.heartbeat_timeout_s
+        else:
+            last, limit = running_since, max(policy.heartbeat_timeout_s, BOOT_GRACE_S)
         silence = now - last
         if silence > limit:
             return _Verdict(
@@ -157,6 +166,8 @@ class Supervisor:
                     "HeartbeatTimeout",
                     f"the sandbox sent no heartbeat for {silence:.2f} s (limit "
                     f"{limit:g} s): it is frozen or hung",
+                    measured_s=silence,
+                    limit_s=limit,
                 ),
                 abort_modeller=True,
             )
@@ -170,6 +181,8 @@ class Supervisor:
                         f"the sandbox is alive but made no progress for {idle:.1f} s (limit "
                         f"{policy.stall_timeout_s:g} s): no progress event, mailbox operation or "
                         "movement of its main thread",
+                        measured_s=idle,
+                        limit_s=policy.stall_timeout_s,
                     ),
                     abort_modeller=True,
                 )
@@ -182,7 +195,10 @@ class Supervisor:
         else:
             how = f"it was killed after a {CANCEL_GRACE_S:g} s grace period"
         return _Verdict(
-            Status.CANCELLED, ErrorDetail("Cancelled", f"the task was cancelled by the operator; {how}")
+            Status.CANCELLED,
+            ErrorDetail(
+                "Cancelled", f"the task was cancelled by the operator; {how}", limit_s=CANCEL_GRACE_S
+            ),
         )
 
     def _abort_modeller(self, error: ErrorDetail) -> None:
@@ -224,6 +240,7 @@ class Supervisor:
                 f"the sandbox exceeded its memory limit of {self.policy.memory_mb} MiB and was killed",
                 exit_code=exited.exit_code,
                 stderr_tail=tail,
+                memory_limit_mb=self.policy.memory_mb,
             )
             return self._outcome(Status.KILLED, error=detail)
         if exited.exit_code in _SIGKILL_CODES:

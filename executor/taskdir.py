@@ -6,6 +6,7 @@ who cannot list the base directory cannot find it)::
     <base>/<random>/            0711
         ipc/                    mounted read-only at /run/sandbox
             sandbox.sock        the task's gRPC server
+            lifeline.sock       init's one connection to the parent (gone once made)
             token               the bootstrap token, readable by the sandbox user
         protocol/               the bundle, mounted read-only at /sandbox/protocol
         resolv.conf             empty, mounted read-only over /etc/resolv.conf
@@ -24,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 SOCKET_NAME = "sandbox.sock"
+LIFELINE_NAME = "lifeline.sock"
 TOKEN_NAME = "token"  # noqa: S105 (a file name, not a secret)
 ENV_BASE = "SANDBOX_EXECUTOR_RUN_DIR"
 ENV_SPOOL = "SANDBOX_EXECUTOR_SPOOL_DIR"
@@ -122,24 +124,32 @@ class TaskDir:
         """The path of the task's Unix socket."""
         return self.ipc / SOCKET_NAME
 
+    @property
+    def lifeline_path(self) -> Path:
+        """Where the parent waits for the sandbox init's lifeline connection."""
+        return self.ipc / LIFELINE_NAME
+
     def grant_to_sandbox(self) -> None:
         """Let the sandbox user reach the socket and read the token.
 
-        Call once the server is listening. As root, the IPC directory, socket
-        and token are given to the sandbox uid and closed to everyone else;
-        otherwise they are opened to all, behind the unguessable directory name.
+        Call once the server (and the lifeline, if any) is listening. As root,
+        the IPC directory, sockets and token are given to the sandbox uid and
+        closed to everyone else; otherwise they are opened to all, behind the
+        unguessable directory name.
         """
         token = self.ipc / TOKEN_NAME
-        sock = self.socket_path
+        socks = [p for p in (self.socket_path, self.lifeline_path) if p.exists()]
         if os.geteuid() == 0:
-            for p in (self.ipc, sock, token):
+            for p in (self.ipc, *socks, token):
                 os.chown(p, self.sandbox_uid, self.sandbox_gid)
             self.ipc.chmod(0o500)
-            sock.chmod(0o600)
+            for p in socks:
+                p.chmod(0o600)
             token.chmod(0o400)
         else:
             self.ipc.chmod(0o711)
-            sock.chmod(0o666)
+            for p in socks:
+                p.chmod(0o666)
             token.chmod(0o644)
 
     def remove(self) -> None:

@@ -8,6 +8,7 @@ _T0 = time.monotonic()
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
@@ -23,6 +24,7 @@ from typing import Any  # noqa: E402
 import grpc  # noqa: E402
 
 from executor.sandbox.context import Context, ParentClient, TaskAborted  # noqa: E402
+from executor.sandbox.init import EXIT_PARENT_GONE  # noqa: E402
 from executor.v1 import sandbox_pb2 as pb  # noqa: E402
 from executor.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -31,13 +33,16 @@ SCRATCH_DIR = Path("/tmp/scratch")
 CONNECT_TIMEOUT_S = 30.0
 MAX_TRACEBACK_CHARS = 8000
 MAX_ERROR_MESSAGE_CHARS = 4000
-# Exit status when the parent vanished: no sandbox outlives its parent.
-EXIT_PARENT_GONE = 75
+# How long the runtime waits for the parent to confirm its first beat before
+# it starts protocol code; a parent that never does has gone.
+BEAT_SEEN_WAIT_S = 30.0
 
 
 def _stderr(message: str) -> None:
-    sys.stderr.write(f"sandbox: {message}\n")
-    sys.stderr.flush()
+    """Best effort: protocol code may have closed or replaced stderr."""
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"sandbox: {message}\n")
+        sys.stderr.flush()
 
 
 class Heartbeat:
@@ -50,6 +55,7 @@ class Heartbeat:
         self._done = threading.Event()
         self._ctx_holder = ctx_holder
         self.cancelled = threading.Event()
+        self.seen = threading.Event()
         self._main_ident = threading.main_thread().ident
         self._last_position: tuple[int, int] | None = None
 
@@ -74,10 +80,13 @@ class Heartbeat:
                 return
 
     def _listen(self) -> None:
+        why = "the stream ended"
         try:
             for control in self._client.stub.Heartbeat(self._beats(), metadata=self._client.metadata):
                 kind = pb.Control.Kind.Name(control.kind)
-                if kind == "MODELLER_READY" and self._ctx_holder:
+                if kind == "BEAT_SEEN":
+                    self.seen.set()
+                elif kind == "MODELLER_READY" and self._ctx_holder:
                     self._ctx_holder[0].mailbox.modeller_ready.set()
                 elif kind == "CANCEL":
                     self.cancelled.set()
@@ -85,14 +94,23 @@ class Heartbeat:
                     # call there (sleep, select) is interrupted too.
                     signal.pthread_kill(self._main_ident or 0, signal.SIGINT)
                 elif kind == "SHUTDOWN":
-                    _stderr("parent asked for shutdown")
-                    os._exit(0)
+                    try:
+                        _stderr("parent asked for shutdown")
+                    finally:
+                        os._exit(0)
         except grpc.RpcError as exc:
-            if not self._stop.is_set():
-                _stderr(f"lost the parent ({exc.code().name}); exiting")
-                os._exit(EXIT_PARENT_GONE)
+            why = exc.code().name
+        except BaseException as exc:  # whatever broke the stream, the parent is out of reach
+            why = type(exc).__name__
         finally:
             self._done.set()
+            if not self._stop.is_set():
+                # No sandbox outlives its parent; nothing may stand between
+                # this thread and the exit (init enforces it too, see init.py).
+                try:
+                    _stderr(f"lost the parent ({why}); exiting")
+                finally:
+                    os._exit(EXIT_PARENT_GONE)
 
     def start(self) -> None:
         """Start beating."""
@@ -101,6 +119,10 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop beating; the stream closes."""
         self._stop.set()
+
+    def wait_seen(self, timeout: float) -> bool:
+        """Whether the parent confirmed a beat within ``timeout`` seconds."""
+        return self.seen.wait(timeout)
 
 
 def _load_protocol(config: pb.TaskConfig) -> Any:
@@ -208,6 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     ctx_holder: list[Context] = []
     heartbeat = Heartbeat(client, max(config.heartbeat_interval_ms, 50) / 1000, ctx_holder)
     heartbeat.start()
+    # Not a line of protocol code (not even its import) before the parent has
+    # seen a beat: from then on any freeze is caught by the heartbeat timeout.
+    if not heartbeat.wait_seen(BEAT_SEEN_WAIT_S):
+        _stderr(f"the parent saw no heartbeat within {BEAT_SEEN_WAIT_S:g} s; exiting")
+        return EXIT_PARENT_GONE
     try:
         ctx = Context(config, client, SCRATCH_DIR)
         ctx_holder.append(ctx)

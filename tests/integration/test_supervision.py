@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -15,16 +16,28 @@ import docker.errors
 import pytest
 
 from executor.backends import LABEL_PARENT, LABEL_TASK
+from executor.backends.docker import DockerBackend
 from executor.crypto import TaskKeys
 from executor.executor import Executor, TaskSpec
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
+from executor.sandbox.init import EXIT_PARENT_GONE, OUTPUT_CAP_BYTES, OUTPUT_TAIL_BYTES
+from executor.supervisor import CANCEL_GRACE_S
 
 from ..conftest import PROTOCOLS
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
+RUNTIMES = ("runc", "runsc")
+
+
+@pytest.fixture(params=RUNTIMES)
+def runtime(request, docker_client):
+    """Each runtime in turn; gVisor must be registered with the engine."""
+    if request.param not in docker_client.info().get("Runtimes", {}):
+        pytest.fail(f"the {request.param} runtime is not registered with the engine: run `make runsc`")
+    return request.param
 
 
 def _run_in_thread(executor, spec, **kwargs):
@@ -58,8 +71,8 @@ def test_frozen_sandbox_is_detected_and_the_modeller_told(make_executor, modelle
     # limit, so it did not fire early. How soon after the limit it fires is
     # measured by bench/failure_detection.py, not asserted here (no wall-clock
     # assertions in tests).
-    silence = float(outcome.error.message.split("for ")[1].split(" s")[0])
-    assert silence > 1.5
+    assert outcome.error.limit_s == 1.5
+    assert outcome.error.measured_s is not None and outcome.error.measured_s > 1.5
     abort = modeller.receive("frozen", timeout=5)
     assert abort is not None and abort.type == "TASK_ABORT"
     body = json.loads(abort.read())
@@ -86,7 +99,8 @@ def test_wall_clock_limit_gives_timeout(make_executor, data_dir):
     assert outcome.status is Status.TIMEOUT
     assert outcome.error is not None
     assert outcome.error.type == "TimeoutError"
-    assert "wall-clock limit of 2 s" in outcome.error.message
+    assert outcome.error.limit_s == 2
+    assert outcome.error.measured_s is not None and outcome.error.measured_s >= 2
 
 
 def test_cancel_stops_the_task_gracefully(make_executor, data_dir):
@@ -115,7 +129,8 @@ def test_cancel_kills_a_protocol_that_ignores_it(make_executor, data_dir):
     outcome = box[0]
     assert outcome.status is Status.CANCELLED
     assert outcome.error is not None
-    assert "killed after a 5 s grace period" in outcome.error.message
+    assert "killed after" in outcome.error.message
+    assert outcome.error.limit_s == CANCEL_GRACE_S
 
 
 def test_docker_kill_from_outside_gives_killed(make_executor, data_dir, docker_client):
@@ -144,7 +159,7 @@ def test_memory_hog_is_reported_as_out_of_memory(make_executor, data_dir):
     assert outcome.status is Status.KILLED
     assert outcome.error is not None
     assert outcome.error.type == "OutOfMemory"
-    assert "128 MiB" in outcome.error.message
+    assert outcome.error.memory_limit_mb == 128
 
 
 def test_fork_bomb_stops_at_the_pids_cap_and_the_parent_carries_on(make_executor, data_dir):
@@ -254,3 +269,116 @@ def test_the_sandbox_exits_by_itself_when_its_parent_dies(docker_client, data_di
         for c in docker_client.containers.list(all=True, filters={"label": label}):
             with contextlib.suppress(docker.errors.APIError):  # another reaper got there first
                 c.remove(force=True)
+
+
+# Before the fix these failed only when the freeze beat the first heartbeat out
+# of the sandbox (a race, lost in about half the runs);
+# tests/unit/test_runtime_start.py pins the order that closes it.
+@pytest.mark.parametrize("protocol", ["freezes_on_import", "freezes_at_start"])
+def test_a_freeze_on_the_first_line_is_caught_by_the_heartbeat_timeout(
+    make_executor, data_dir, runtime, protocol
+):
+    # The wall clock is shorter than the boot grace: a freeze that fell under
+    # the grace ends as TimeoutError, not HeartbeatTimeout.
+    policy = IsolationPolicy.hardened().replace(
+        runtime=runtime, heartbeat_interval_s=0.5, heartbeat_timeout_s=3, timeout_s=25
+    )
+    outcome = make_executor(policy=policy).run(TaskSpec(protocol_dir=PROTOCOLS / protocol, data_dir=data_dir))
+    assert outcome.status is Status.TIMEOUT, outcome.error
+    assert outcome.error is not None
+    assert outcome.error.type == "HeartbeatTimeout", outcome.error
+    assert outcome.error.limit_s == 3
+    assert outcome.error.measured_s is not None and outcome.error.measured_s > 3
+
+
+OUTLIVING_PARENT = r"""
+import sys
+from pathlib import Path
+from executor.executor import Executor, TaskSpec
+from executor.policy import IsolationPolicy
+run_dir, spool, protocol, data, runtime, mode = sys.argv[1:]
+policy = IsolationPolicy.hardened().replace(runtime=runtime, timeout_s=120)
+ex = Executor(policy=policy, run_dir=Path(run_dir), spool_dir=Path(spool))
+print(ex.instance_id, flush=True)
+def started(event):
+    if event.kind == "RUN_START":
+        print("running", flush=True)
+spec = TaskSpec(protocol_dir=Path(protocol), data_dir=Path(data), parameters={"mode": mode})
+ex.run(spec, on_progress=started)
+"""
+# How long a sandbox may take to notice its parent died and stop.
+OUTLIVE_WAIT_S = 60
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        pytest.fail(f"the parent printed nothing for {timeout:g} s")
+    return proc.stdout.readline().strip()
+
+
+@pytest.mark.parametrize("mode", ["close_stderr", "defiant"])
+def test_no_protocol_keeps_its_sandbox_alive_without_its_parent(
+    docker_client, data_dir, run_dir, tmp_path, runtime, mode
+):
+    script = tmp_path / "parent.py"
+    script.write_text(OUTLIVING_PARENT)
+    args = [str(run_dir), str(tmp_path / "spool"), str(PROTOCOLS / "outlives_parent"), str(data_dir)]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args, runtime, mode], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
+    label = ""
+    try:
+        label = f"{LABEL_PARENT}={_read_line(proc, 60)}"
+        assert _read_line(proc, 60) == "running", "the protocol never started"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        (container,) = docker_client.containers.list(all=True, filters={"label": label})
+        try:
+            result = container.wait(timeout=OUTLIVE_WAIT_S)
+        except Exception:  # the engine's read timeout: the sandbox is still up
+            pytest.fail(
+                f"the {mode} sandbox under {runtime} still ran {OUTLIVE_WAIT_S} s after its parent died"
+            )
+        assert result["StatusCode"] == EXIT_PARENT_GONE
+        assert b"lost the parent" in container.logs(stdout=False, stderr=True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for c in docker_client.containers.list(all=True, filters={"label": label}) if label else []:
+            with contextlib.suppress(docker.errors.APIError):
+                c.remove(force=True)
+
+
+class LogKeepingBackend(DockerBackend):
+    """The Docker backend, keeping each container's log as it removes the container."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logs: list[bytes] = []
+
+    def remove(self, container_id: str) -> None:
+        with contextlib.suppress(docker.errors.APIError):
+            self.logs.append(bytes(self.client.api.logs(container_id, stdout=True, stderr=True)))
+        super().remove(container_id)
+
+
+def test_a_flood_of_output_is_capped_inside_the_sandbox(make_executor, data_dir, runtime):
+    backend = LogKeepingBackend()
+    policy = IsolationPolicy.hardened().replace(runtime=runtime, timeout_s=90)
+    outcome = make_executor(policy=policy, backend=backend).run(
+        TaskSpec(
+            protocol_dir=PROTOCOLS / "floods_output",
+            data_dir=data_dir,
+            parameters={"stdout_mb": 200, "stderr_mb": 4, "exit_code": 3},
+        )
+    )
+    # Its last words survive the flood before them: the parent still tells why it died.
+    assert outcome.status is Status.ERROR, outcome.error
+    assert outcome.error is not None
+    assert (outcome.error.type, outcome.error.exit_code) == ("ContainerExited", 3)
+    assert "last words" in outcome.error.stderr_tail
+    (log,) = backend.logs
+    assert b"stdout reached its cap" in log and b"stderr reached its cap" in log
+    # Both streams, each capped with its end kept, plus the notes.
+    assert len(log) <= 2 * (OUTPUT_CAP_BYTES + OUTPUT_TAIL_BYTES) + 4096

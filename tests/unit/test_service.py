@@ -336,6 +336,8 @@ def test_heartbeat_records_beats_and_delivers_controls(served):
         assert wait_for(lambda: served.session.beat_stats.beats == 2)
         stats = served.session.beat_stats
         assert (stats.progress_events, stats.mailbox_ops, stats.main_thread_moved) == (4, 6, False)
+        # The first beat is acknowledged, so the sandbox may start protocol code.
+        assert next(responses).kind == pb.Control.BEAT_SEEN
         served.session.send_control("MODELLER_READY", "the modeller is up")
         control = next(responses)
         assert control.kind == pb.Control.MODELLER_READY
@@ -356,6 +358,7 @@ def test_stop_ends_an_open_heartbeat_and_removes_the_socket(served):
     try:
         assert wait_for(lambda: served.session.beat_stats.beats == 1)
         assert served.socket_path.exists()
+        assert next(responses).kind == pb.Control.BEAT_SEEN
         served.server.stop(grace=0.2)
         with pytest.raises((StopIteration, grpc.RpcError)):
             next(responses)

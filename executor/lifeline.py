@@ -1,0 +1,90 @@
+"""The parent's end of a sandbox's lifeline: one held connection whose loss ends the sandbox.
+
+The sandbox's init (pid 1, out of the protocol's reach) connects once, before
+the runtime starts, and blocks reading it. The parent accepts that single
+connection, stops listening and removes the socket file, then holds the
+connection, reading nothing and sending nothing, for the task's life. When the
+parent closes it, or dies and the kernel closes it, init reads end-of-file and
+kills the whole sandbox: no protocol behaviour can keep a sandbox alive
+without its parent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_ACCEPT_POLL_S = 0.25
+
+
+class Lifeline:
+    """Listens on ``path`` for the sandbox init's one connection and holds it.
+
+    Args:
+        path: Where to listen (in the task's IPC directory).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stop = threading.Event()
+        self._held: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._listener.bind(str(path))
+            self._listener.listen(1)
+            self._listener.settimeout(_ACCEPT_POLL_S)
+        except OSError:
+            self._listener.close()
+            raise
+        self._thread = threading.Thread(target=self._accept, name=f"lifeline-{path.parent.name}", daemon=True)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the sandbox's init has connected."""
+        return self._held is not None
+
+    def start(self) -> None:
+        """Start waiting for the one connection."""
+        self._thread.start()
+
+    def _accept(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = self._listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError as exc:
+                    log.warning("lifeline %s: accept failed: %s", self.path, exc)
+                    return
+                with self._lock:
+                    if self._stop.is_set():
+                        conn.close()
+                    else:
+                        self._held = conn
+                return
+        finally:
+            # One connection only: nothing else may take the sandbox's place.
+            self._listener.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def close(self) -> None:
+        """Let go: a sandbox still running stops by itself."""
+        self._stop.set()
+        with self._lock:
+            held, self._held = self._held, None
+        if held is not None:
+            held.close()
+        if self._thread.is_alive():
+            self._thread.join(_ACCEPT_POLL_S * 4)
+        else:
+            self._listener.close()
+            with contextlib.suppress(OSError):
+                self.path.unlink()

@@ -1,0 +1,85 @@
+"""The real runtime on the host against a real task server: no protocol code before a seen beat."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from executor.service import TaskServer
+from executor.session import TaskSession
+from executor.v1 import sandbox_pb2 as pb
+
+from .conftest import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+RUNTIME = (
+    "import sys; from pathlib import Path; import executor.sandbox.runtime as r; "
+    "r.SCRATCH_DIR = Path(sys.argv[1]); sys.exit(r.main(sys.argv[2:]))"
+)
+
+
+def test_the_protocol_is_not_even_imported_before_the_parent_has_seen_a_beat(
+    make_session, make_protocol, tmp_path, monkeypatch
+):
+    marker = tmp_path / "imported"
+    bundle = make_protocol(f"open({str(marker)!r}, 'w').close()\n\n\ndef run(ctx):\n    return 'ran'\n")
+    config = pb.TaskConfig(
+        task_id="t",
+        protocol_path=str(bundle),
+        entry_module="protocol",
+        heartbeat_interval_ms=50,
+        max_result_bytes=1024,
+        max_message_bytes=1024,
+        chunk_bytes=1024,
+        parameters_json="{}",
+        schema_json="{}",
+    )
+    session = make_session(config=config.SerializeToString()).session
+    # A parent that records beats but has not acknowledged one yet.
+    record_beat = TaskSession.record_beat
+    acknowledge = [False]
+
+    def record_without_ack(self: TaskSession, *args: object) -> None:
+        record_beat(self, *args)  # type: ignore[arg-type]
+        if not acknowledge[0]:
+            while not self.controls.empty():
+                self.controls.get_nowait()
+
+    monkeypatch.setattr(TaskSession, "record_beat", record_without_ack)
+    sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
+    token = secrets.token_urlsafe(32)
+    (sock_dir / "token").write_text(token)
+    server = TaskServer(session, token, sock_dir / "sandbox.sock")
+    server.start()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            RUNTIME,
+            str(tmp_path / "scratch"),
+            "--socket",
+            str(sock_dir / "sandbox.sock"),
+            "--token-file",
+            str(sock_dir / "token"),
+        ],
+        cwd=REPO,
+    )
+    try:
+        assert wait_for(lambda: session.beat_stats.beats >= 3 or marker.exists(), 30), (
+            "the runtime never beat"
+        )
+        assert not marker.exists(), "protocol code ran before the parent had seen a beat"
+        acknowledge[0] = True
+        session.send_control("BEAT_SEEN")
+        assert proc.wait(30) == 0
+        assert marker.exists()
+        assert session.finish is not None and session.finish.result == "ran"
+    finally:
+        proc.kill()
+        proc.wait()
+        server.stop(grace=0.2)
+        shutil.rmtree(sock_dir, ignore_errors=True)
