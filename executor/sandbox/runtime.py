@@ -141,9 +141,25 @@ def _load_protocol(config: pb.TaskConfig) -> Any:
     return run
 
 
+def _wire_text(text: object) -> str:
+    """``text`` as a string protobuf accepts: lone surrogates become ``?``."""
+    return str(text).encode("utf-8", "replace").decode("utf-8")
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's message; a hostile ``__str__`` cannot stop the report."""
+    try:
+        return _wire_text(exc)
+    except BaseException:
+        return f"<{type(exc).__name__} whose message could not be read>"
+
+
 def _summarise(exc: BaseException) -> str:
-    text = "".join(traceback.format_exception(exc))
-    return text[-MAX_TRACEBACK_CHARS:]
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except BaseException:
+        return ""
+    return _wire_text(text[-MAX_TRACEBACK_CHARS:])
 
 
 def _execute(config: pb.TaskConfig, ctx: Context, timings: dict[str, float]) -> pb.FinishRequest:
@@ -174,11 +190,14 @@ def _execute(config: pb.TaskConfig, ctx: Context, timings: dict[str, float]) -> 
         timings.setdefault(phase, time.monotonic() - t)
         return pb.FinishRequest(
             status=pb.Status.ABORT,
-            error=pb.ErrorInfo(type=exc.reason or "TaskAborted", message=str(exc)[:MAX_ERROR_MESSAGE_CHARS]),
+            error=pb.ErrorInfo(
+                type=_wire_text(exc.reason or "TaskAborted")[:200],
+                message=_describe(exc)[:MAX_ERROR_MESSAGE_CHARS],
+            ),
         )
     except BaseException as exc:  # the protocol's failure, whatever it is, is the result
         timings.setdefault(phase, time.monotonic() - t)
-        return _error(type(exc).__name__, str(exc), _summarise(exc))
+        return _error(type(exc).__name__, _describe(exc), _summarise(exc))
 
 
 async def _await(awaitable: Any) -> Any:
@@ -188,7 +207,9 @@ async def _await(awaitable: Any) -> Any:
 def _error(kind: str, message: str, tb: str) -> pb.FinishRequest:
     return pb.FinishRequest(
         status=pb.Status.ERROR,
-        error=pb.ErrorInfo(type=kind[:200], message=message[:MAX_ERROR_MESSAGE_CHARS], traceback=tb),
+        error=pb.ErrorInfo(
+            type=_wire_text(kind)[:200], message=_wire_text(message)[:MAX_ERROR_MESSAGE_CHARS], traceback=tb
+        ),
     )
 
 
@@ -240,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx_holder.append(ctx)
         report = _execute(config, ctx, timings)
     except BaseException as exc:  # even a broken configuration must be reported
-        report = _error(type(exc).__name__, str(exc), _summarise(exc))
+        report = _error(type(exc).__name__, _describe(exc), _summarise(exc))
     if heartbeat.cancelled.is_set() and report.status == pb.Status.ERROR:
         report = _error("Cancelled", "the task was cancelled", "")
     report.timings.update(timings)
