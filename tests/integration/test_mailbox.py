@@ -54,6 +54,7 @@ def test_every_mailbox_operation_and_modeller_ready(make_executor, modeller, dat
     modeller.send("mb-all", "MODELLER_RESPONSE", b"ack")
     abort = modeller.receive("mb-all", timeout=30)
     thread.join(60)
+    assert not thread.is_alive(), "the task did not end within 60 s of its test's wait"
     outcome = box[0]
 
     assert outcome.status is Status.OK, outcome.error
@@ -170,6 +171,7 @@ def test_secure_shares_between_two_pods(make_executor, modeller, data_dir):
         threads.append(_start(make_executor, modeller, spec))
     for thread, _ in threads:
         thread.join(120)
+        assert not thread.is_alive(), "the task did not end within 120 s of its test's wait"
     (a,), (b,) = (box for _, box in threads)
     assert a.status is Status.OK, a.error
     assert b.status is Status.OK, b.error
@@ -192,6 +194,7 @@ def test_a_waiting_task_does_not_block_another(make_executor, modeller, data_dir
     assert waiting.is_alive()  # still parked in its receive, unharmed
     modeller.send("mb-waits", "MODELLER_RESPONSE", b"now")
     waiting.join(60)
+    assert not waiting.is_alive(), "the task did not end within 60 s of its test's wait"
     assert box[0].status is Status.OK, box[0].error
     assert box[0].result == "now"
 
@@ -202,12 +205,15 @@ from pathlib import Path
 from executor.crypto import TaskKeys
 from executor.executor import Executor, TaskSpec
 from executor.modeller import LocalModeller
+from executor.policy import IsolationPolicy
 from executor.transport import InMemoryTransport
 
 protocols, data, run_dir, mib = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 transport = InMemoryTransport()
 modeller = LocalModeller(transport)
-executor = Executor(transport=transport, run_dir=run_dir)
+executor = Executor(
+    transport=transport, run_dir=run_dir, policy=IsolationPolicy.hardened().replace(timeout_s=300)
+)
 
 def rss_peak_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -111,6 +111,7 @@ def test_cancel_stops_the_task_gracefully(make_executor, data_dir):
     assert started.wait(60)
     cancel.set()
     thread.join(60)
+    assert not thread.is_alive(), "the task did not end within 60 s of its test's wait"
     outcome = box[0]
     assert outcome.status is Status.CANCELLED
     assert outcome.error is not None
@@ -126,6 +127,7 @@ def test_cancel_kills_a_protocol_that_ignores_it(make_executor, data_dir):
     assert started.wait(60)
     cancel.set()
     thread.join(60)
+    assert not thread.is_alive(), "the task did not end within 60 s of its test's wait"
     outcome = box[0]
     assert outcome.status is Status.CANCELLED
     assert outcome.error is not None
@@ -144,6 +146,7 @@ def test_docker_kill_from_outside_gives_killed(make_executor, data_dir, docker_c
     )
     container.kill()
     thread.join(60)
+    assert not thread.is_alive(), "the task did not end within 60 s of its test's wait"
     outcome = box[0]
     assert outcome.status is Status.KILLED
     assert outcome.error is not None
@@ -196,7 +199,9 @@ ORPHAN_PARENT = r"""
 import sys
 from pathlib import Path
 from executor.executor import Executor, TaskSpec
-ex = Executor(run_dir=Path(sys.argv[1]), spool_dir=Path(sys.argv[2]))
+from executor.policy import IsolationPolicy
+policy = IsolationPolicy.hardened().replace(timeout_s=120)
+ex = Executor(policy=policy, run_dir=Path(sys.argv[1]), spool_dir=Path(sys.argv[2]))
 print(ex.instance_id, flush=True)
 def started(event):
     if event.kind == "RUN_START":
@@ -225,12 +230,15 @@ def test_parent_killed_with_sigkill_leaves_containers_the_next_start_reaps(
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
-    assert docker_client.containers.list(all=True, filters={"label": label})
+    orphans = {c.id for c in docker_client.containers.list(all=True, filters={"label": label})}
+    assert len(orphans) == 1
     assert list(run_dir.iterdir())
 
     executor = Executor(run_dir=run_dir, spool_dir=spool)
     report = executor.reap()
-    assert len(report.containers) == 1
+    # Other dead executors' leftovers on a shared engine may be reaped too:
+    # what matters is that this orphan is among them.
+    assert orphans <= set(report.containers)
     assert len(report.task_dirs) == 1
     assert not docker_client.containers.list(all=True, filters={"label": label})
     assert list(run_dir.iterdir()) == []

@@ -310,6 +310,7 @@ def test_a_task_cannot_drain_the_per_user_kernel_pools_of_another(
     finally:
         modeller.send("pools-hog", "MODELLER_RESPONSE", b"release")
         thread.join(120)
+        assert not thread.is_alive(), "the task did not end within 120 s of its test's wait"
     assert box and box[0].status is Status.OK, box[0].error if box else "the hog did not end"
     assert victim.status is Status.OK, victim.error
     held, got = box[0].result, victim.result
