@@ -89,8 +89,10 @@ ABUSE_ERROR_TYPE = "RpcAbuse"
 # and a body's chunks may pause at most STREAM_GAP_S: a call waiting for a
 # message holds a server thread. A request normally arrives with its
 # headers; at most MAX_AWAITING_REQUESTS calls of a task may still be waiting
-# after WATCH_TICK_S, and any more are cancelled then.
+# after REQUEST_GRACE_S (a busy parent may take that long to read one), and
+# any more are cancelled then.
 REQUEST_WAIT_S = 5.0
+REQUEST_GRACE_S = 1.0
 STREAM_GAP_S = 60.0
 MAX_AWAITING_REQUESTS = 8
 WATCH_TICK_S = 0.25
@@ -238,12 +240,12 @@ class RequestWatch:
 
     A call that sent its headers but never its message would otherwise hold
     a server thread for as long as its client likes. A first request that
-    has not come by the watch's next tick counts as awaited; past
+    has not come after :data:`REQUEST_GRACE_S` counts as awaited; past
     :data:`MAX_AWAITING_REQUESTS` such calls, more are cancelled at once.
     """
 
     def __init__(self) -> None:
-        # key -> [deadline, context, may count as awaited, counted]
+        # key -> [deadline, context, when it counts as awaited (or None), counted]
         self._due: dict[int, list[Any]] = {}
         self._keys = itertools.count()
         self._awaiting = 0
@@ -269,7 +271,8 @@ class RequestWatch:
             return next(requests)
         with self._lock:
             key = next(self._keys)
-            self._due[key] = [time.monotonic() + within_s, context, first, False]
+            now = time.monotonic()
+            self._due[key] = [now + within_s, context, now + REQUEST_GRACE_S if first else None, False]
             if self._thread is None:
                 self._thread = threading.Thread(target=self._watch, name="rpc-request-watch", daemon=True)
                 self._thread.start()
@@ -287,14 +290,14 @@ class RequestWatch:
             cancel = []
             with self._lock:
                 for key, entry in list(self._due.items()):
-                    deadline, context, countable, counted = entry
-                    over_cap = countable and not counted and self._awaiting >= MAX_AWAITING_REQUESTS
-                    if deadline <= now or over_cap:
+                    deadline, context, counts_at, counted = entry
+                    due_to_count = counts_at is not None and not counted and counts_at <= now
+                    if deadline <= now or (due_to_count and self._awaiting >= MAX_AWAITING_REQUESTS):
                         del self._due[key]
                         if counted:
                             self._awaiting -= 1
                         cancel.append(context)
-                    elif countable and not counted:
+                    elif due_to_count:
                         entry[3] = True
                         self._awaiting += 1
             for context in cancel:

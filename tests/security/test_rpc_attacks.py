@@ -30,10 +30,11 @@ from executor.crypto import TaskKeys, associated_data, open_sealed, seal
 from executor.executor import Executor, TaskSpec
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
+from executor.policy_file import PolicySet
 from executor.service import CHUNK_BYTES, CONCURRENCY, SERVICE_NAME
 from executor.transport import Envelope, InMemoryTransport, Route
 
-from ..conftest import PROTOCOLS
+from ..conftest import PROTOCOLS, bounded
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(900)]
 
@@ -59,6 +60,10 @@ ATTACKS = (
     "garbage_bytes",
     "flood",
     "rapid_cancel",
+    "raw_rapid_reset",
+    "empty_chunks",
+    "file_flood",
+    "stalled_requests",
     "connection_flood",
     "limiter_slot_leak",
 )
@@ -69,6 +74,16 @@ VICTIM_BODY = b"for the victim task only"
 MARK_START = "rpc-attacks:start"
 MARK_HELD = "rpc-attacks:connections-held"
 MARK_RELEASED = "rpc-attacks:connections-released"
+MARK_ATTACK = "rpc-attacks:attack "
+MARK_STUCK = "rpc-attacks:stuck "
+MARK_CPU_START = "rpc-attacks:cpu-start"
+MARK_CPU_END = "rpc-attacks:cpu-end"
+ATTACKER_PROJECT = "rpc-attacks"
+# The attacker runs every attack in about a minute (two under gVisor on a busy
+# machine); a hang ends as TIMEOUT well before pytest's limit, and a main
+# thread that stops moving (a blocked wait) is a stall after STALL_S.
+ATTACKER_TIMEOUT_S = 420.0
+ATTACKER_STALL_S = 150.0
 
 
 def _limits() -> dict[str, Any]:
@@ -119,6 +134,7 @@ class AttackRun:
     host_notes: dict[str, list[str]] = field(default_factory=dict)
     innocents: list[Outcome] = field(default_factory=list)
     seconds: float = 0.0
+    parent_cpu: dict[str, float] = field(default_factory=dict)
 
 
 def _host_evidence(
@@ -152,6 +168,14 @@ def _host_evidence(
         fail(("other_task_identity",), "the victim task's queued MODELLER_RESPONSE is gone")
     elif open_sealed(key, envelope.body, associated_data(victim, "MODELLER_RESPONSE")) != VICTIM_BODY:
         fail(("other_task_identity",), "the victim task's queued MODELLER_RESPONSE was altered")
+    cpu_start, cpu_end = run.parent_cpu.get(MARK_CPU_START), run.parent_cpu.get(MARK_CPU_END)
+    sandbox_cpu = run.results.get("raw_rapid_reset", {}).get("cpu")
+    if cpu_start is not None and cpu_end is not None and sandbox_cpu is not None:
+        # The parent's figure includes the innocent tasks running meanwhile;
+        # tests/unit/test_service.py holds the ratio without them.
+        run.host_notes.setdefault("raw_rapid_reset", []).append(
+            f"parent CPU {cpu_end - cpu_start:.2f} s, sandbox CPU {sandbox_cpu:.2f} s"
+        )
     held, released = fds.get(MARK_HELD), fds.get(MARK_RELEASED)
     before = fds.get(MARK_START)
     if held is not None:
@@ -179,11 +203,13 @@ def attack_run(request: pytest.FixtureRequest, docker_client: Any, tmp_path_fact
     # directories it does not know, and the shared default would mix runs.
     spool_dir = Path(tempfile.mkdtemp(prefix="se-spool-", dir="/tmp"))
     transport = InMemoryTransport()
+    innocent_policy = bounded(IsolationPolicy.hardened().replace(runtime=runtime))
+    attacker_policy = innocent_policy.replace(timeout_s=ATTACKER_TIMEOUT_S, stall_timeout_s=ATTACKER_STALL_S)
     executor = Executor(
         run_dir=run_dir,
         spool_dir=spool_dir,
         transport=transport,
-        policy=IsolationPolicy.hardened().replace(runtime=runtime),
+        policies=PolicySet(default=innocent_policy, projects={ATTACKER_PROJECT: attacker_policy}),
     )
     task_id = f"rpc-attacker-{runtime}"
     victim = f"rpc-victim-{runtime}"
@@ -200,10 +226,18 @@ def attack_run(request: pytest.FixtureRequest, docker_client: Any, tmp_path_fact
     done = threading.Event()
     fds: dict[str, int] = {}
     innocent_errors: list[str] = []
+    current: list[str] = []  # the attack in progress
+    stuck: list[str] = []  # where the attacker's main thread was when an attack ran long
 
     def on_progress(update: Any) -> None:
         if update.info in (MARK_START, MARK_HELD, MARK_RELEASED):
             fds[update.info] = _open_files()
+        if update.info in (MARK_CPU_START, MARK_CPU_END):
+            run.parent_cpu[update.info] = time.process_time()
+        if update.info.startswith(MARK_ATTACK):
+            current[:] = [update.info[len(MARK_ATTACK) :]]
+        if update.info.startswith(MARK_STUCK):
+            stuck.append(update.info[len(MARK_STUCK) :])
         if update.info == MARK_START:
             started.set()
 
@@ -225,6 +259,7 @@ def attack_run(request: pytest.FixtureRequest, docker_client: Any, tmp_path_fact
         protocol_dir=PROTOCOLS / "rpc_attacks",
         data_dir=data,
         task_id=task_id,
+        project_id=ATTACKER_PROJECT,
         parameters={
             "limits": _limits(),
             "victim_task_id": victim,
@@ -249,8 +284,12 @@ def attack_run(request: pytest.FixtureRequest, docker_client: Any, tmp_path_fact
             executor.run(TaskSpec(protocol_dir=PROTOCOLS / "async_run", data_dir=data, parameters={"n": 1}))
         )
         outcome = run.outcome
+        during = f" during the {current[0]} attack" if current else " before its first attack"
+        if stuck:
+            during += f" (stuck: {'; '.join(stuck)})"
         assert outcome.status is Status.OK, (
-            f"the attacker task ended {outcome.status.value}: {outcome.error} (result {outcome.result!r})"
+            f"the attacker task ended {outcome.status.value}{during}: {outcome.error} "
+            f"(result {outcome.result!r})"
         )
         assert isinstance(outcome.result, dict), f"forged result: {outcome.result!r}"
         run.results = outcome.result

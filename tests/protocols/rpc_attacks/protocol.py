@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import socket
 import stat
 import subprocess
@@ -46,6 +47,14 @@ EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 MARK_HELD = "rpc-attacks:connections-held"
 MARK_RELEASED = "rpc-attacks:connections-released"
 MARK_START = "rpc-attacks:start"
+# Sent before each attack, with its name after it: a hang then names what hung.
+MARK_ATTACK = "rpc-attacks:attack "
+# When an attack runs longer than STUCK_S, where its main thread is, for the test to show.
+MARK_STUCK = "rpc-attacks:stuck "
+STUCK_S = 90.0
+# Around the raw rapid reset: the test samples the parent's CPU time at each.
+MARK_CPU_START = "rpc-attacks:cpu-start"
+MARK_CPU_END = "rpc-attacks:cpu-end"
 # A task that needs one channel has no business holding more than this many.
 MAX_CONNECTIONS_PER_TASK = 64
 
@@ -99,7 +108,18 @@ def _status(call: Callable[[], Any]) -> Status:
         call()
     except grpc.RpcError as exc:
         return exc.code().name, exc.details() or ""
+    except grpc.FutureTimeoutError:
+        return "HUNG", "the client's future did not complete within its deadline"
     return "OK", ""
+
+
+def _outcome(future: Any) -> Status:
+    """How a call future ends; never waits much past the call's own deadline.
+
+    A wait without a limit here once left the attacker blocked for good
+    (beating all the while), so every wait in this protocol is bounded.
+    """
+    return _status(lambda: future.result(timeout=TIMEOUT_S + 15))
 
 
 def _raw(
@@ -161,6 +181,7 @@ class Attacker:
         self.own = ctx.mailbox._client  # the runtime's own channel: only for "still works"
         self.limits: dict[str, int] = ctx.parameters["limits"]
         self.victim = ctx.parameters["victim_task_id"]
+        self.cpu: dict[str, float] = {}  # the sandbox's CPU seconds, per attack that measures it
         self.host_run_dir = ctx.parameters["host_run_dir"]
 
     def normal_calls_work(self, checks: Checks, label: str, channel: grpc.Channel | None = None) -> None:
@@ -424,6 +445,9 @@ def attack_flood(a: Attacker) -> tuple[bool, str]:
     allowed = {
         ("RESOURCE_EXHAUSTED", "call rate limit exceeded"),
         ("RESOURCE_EXHAUSTED", "Concurrent RPC limit exceeded!"),
+        # Flooded, the parent may not read some requests in time; it cancels
+        # calls that wait past their grace once too many wait.
+        ("CANCELLED", "CANCELLED"),
     }
     counts: dict[Status, int] = {}
     lock = threading.Lock()
@@ -440,7 +464,7 @@ def attack_flood(a: Attacker) -> tuple[bool, str]:
                 futures = [get_task.future(b"", metadata=a.md, timeout=TIMEOUT_S) for _ in range(batch)]
                 sent += batch
                 for fut in futures:
-                    got = _status(fut.result)
+                    got = _outcome(fut)
                     if got[0] == "UNAVAILABLE" and "RST_STREAM" in got[1]:
                         got = ("UNAVAILABLE", "stream refused (max_concurrent_streams)")
                     with lock:
@@ -508,7 +532,7 @@ def attack_rapid_cancel(a: Attacker) -> tuple[bool, str]:
                 if fut.cancelled():
                     code = "CANCELLED"
                 else:
-                    got = _status(fut.result)
+                    got = _outcome(fut)
                     refused_stream = got[0] == "UNAVAILABLE" and "RST_STREAM" in got[1]
                     code = "UNAVAILABLE (stream refused)" if refused_stream else f"{got[0]} {got[1]!r}"
                 counts[code] = counts.get(code, 0) + 1
@@ -606,7 +630,7 @@ def attack_half_open_streams(a: Attacker) -> tuple[bool, str]:
         while sum(f.done() for f in futures) < len(futures) - cap and time.monotonic() < deadline:
             time.sleep(0.05)
         still_open = [f for f in futures if not f.done()]
-        ended = [_status(f.result) for f in futures if f.done()]
+        ended = [_outcome(f) for f in futures if f.done()]
         checks.true(
             f"exactly {cap} half-open streams admitted", len(still_open) == cap, f"{len(still_open)} open"
         )
@@ -1134,6 +1158,130 @@ def attack_field_limits(a: Attacker) -> tuple[bool, str]:
     return checks.result()
 
 
+# -- work inside calls, raw HTTP/2, calls that never send their request -------
+
+
+def attack_raw_rapid_reset(a: Attacker) -> tuple[bool, str]:
+    """HEADERS then RST_STREAM, as fast as a raw socket allows; the parent must keep serving.
+
+    The test compares the parent's CPU time over this attack with the
+    sandbox's own (``cpu``, reported with the result).
+    """
+    import h2raw  # the bundle's directory is on the path inside the sandbox
+
+    checks = Checks()
+    streams = int(a.ctx.parameters.get("rapid_reset_streams", 300_000))
+    cpu_before = time.process_time()
+    a.ctx.progress.step(0, streams, info=MARK_CPU_START)
+    outcome = h2raw.rapid_reset(SOCKET, a.token, streams)
+    a.ctx.progress.step(outcome.streams, streams, info=MARK_CPU_END)
+    a.cpu["raw_rapid_reset"] = time.process_time() - cpu_before
+    checks.true("the attack ran", outcome.streams > 0, f"{outcome}")
+    checks.true(
+        "the parent read every stream or ended the connection",
+        outcome.caught_up or outcome.closed or outcome.goaway,
+        f"{outcome}",
+    )
+    checks.note(f"{outcome.streams} streams in {outcome.seconds:.1f} s")
+    checks.note(f"goaway={outcome.goaway} closed={outcome.closed}")
+    time.sleep(2.5)  # the bucket refills
+    a.normal_calls_work(checks, "after a raw rapid reset")
+    return checks.result()
+
+
+def attack_empty_chunks(a: Attacker) -> tuple[bool, str]:
+    """A body declared large, then empty chunks: each costs the parent a message and moves nothing."""
+    checks = Checks()
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    sent = 0
+
+    def chunks() -> Iterator[pb.MessageChunk]:
+        nonlocal sent
+        yield pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=MiB, data=b"e" * 1024)
+        for _ in range(200_000):
+            sent += 1
+            yield pb.MessageChunk()
+
+    try:
+        got = _status(lambda: stub.SendMessage(chunks(), metadata=a.md, timeout=60))
+        checks.status(
+            "empty chunks after the first", got, "INVALID_ARGUMENT", "only the first chunk may be empty"
+        )
+        checks.note(f"the client had produced {sent} empty chunks when the parent ended the stream")
+        a.normal_calls_work(checks, "after empty chunks", channel)
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_file_flood(a: Attacker) -> tuple[bool, str]:
+    """Calls of 1000 file outcomes each: the parent charges per file, not per call."""
+    checks = Checks()
+    per_call = a.limits["max_files_per_call"]
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    request = pb.FileOutcomes(
+        files=[pb.FileOutcome(name="records.csv", kind=pb.FileOutcome.FAILED, reason="bad")] * per_call
+    )
+    counts: dict[Status, int] = {}
+    try:
+        for _ in range(400):
+            got = _status(lambda: stub.ReportFiles(request, metadata=a.md, timeout=TIMEOUT_S))
+            counts[got] = counts.get(got, 0) + 1
+            if got != ("OK", ""):
+                break
+        accepted = counts.get(("OK", ""), 0)
+        limited = counts.get(("RESOURCE_EXHAUSTED", "call rate limit exceeded"), 0)
+        checks.true(
+            "refused once its files outran the budget",
+            limited == 1,
+            f"{accepted} calls of {per_call} files accepted, then {counts}",
+        )
+        # The call budget alone (2000 calls at once) would have let all 400 through.
+        checks.true("far fewer calls than the call budget", accepted < 400, f"{accepted} accepted")
+        checks.note(f"{accepted} calls of {per_call} files accepted before the first refusal")
+        time.sleep(2.5)
+        a.normal_calls_work(checks, "after a file flood", channel)
+    finally:
+        channel.close()
+    return checks.result()
+
+
+def attack_stalled_requests(a: Attacker) -> tuple[bool, str]:
+    """Calls that send headers and never their request: the parent must end them, and still serve."""
+    checks = Checks()
+    gate = threading.Event()
+    n = 14
+
+    def headers_only() -> Iterator[bytes]:
+        gate.wait(120)
+        return
+        yield b""
+
+    channels = [_channel() for _ in range(2)]
+    methods = ["GetTask", "ReportProgress", "ReportFiles", "SendSecureShares", "Finish"]
+    futures = []
+    try:
+        for i in range(n):
+            call = channels[i % 2].stream_unary(SERVICE + methods[i % len(methods)])
+            futures.append(call.future(headers_only(), metadata=a.md, timeout=90))
+        time.sleep(0.5)
+        a.normal_calls_work(checks, f"while {n} calls withhold their request")
+        ended = [_status(lambda f=f: f.result(timeout=60)) for f in futures]
+        counts = {f"{c} {m!r}": ended.count((c, m)) for c, m in set(ended)}
+        checks.true(
+            f"the parent ended all {n} stalled calls",
+            all(code == "CANCELLED" for code, _ in ended),
+            f"got {counts}",
+        )
+    finally:
+        gate.set()
+        for channel in channels:
+            channel.close()
+    return checks.result()
+
+
 # -- connections and the limiter's bookkeeping --------------------------------
 
 _HOLDER = r"""
@@ -1143,6 +1291,7 @@ socks, error = [], ""
 for _ in range(n):
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10.0)
         s.connect(path)
         s.sendall(preface)
         socks.append(s)
@@ -1185,6 +1334,10 @@ def attack_connection_flood(a: Attacker) -> tuple[bool, str]:
     try:
         for p in procs:
             assert p.stdout is not None
+            # Bounded: a holder stuck in connect() must not hang the attack.
+            if not select.select([p.stdout], [], [], 120.0)[0]:
+                errors.append("a holder said nothing within 120 s")
+                continue
             fields = p.stdout.readline().split()
             if len(fields) != 3:
                 errors.append(f"holder said {fields}")
@@ -1200,7 +1353,11 @@ def attack_connection_flood(a: Attacker) -> tuple[bool, str]:
             if p.stdin is not None:
                 p.stdin.close()
         for p in procs:
-            p.wait(30)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(30)
     time.sleep(1.0)
     a.ctx.progress.step(0, opened, info=MARK_RELEASED)
     checks.note(f"{procs_n} processes opened {opened} connections; {still_open} stayed open")
@@ -1286,16 +1443,49 @@ ATTACKS: list[tuple[str, Callable[[Attacker], tuple[bool, str]]]] = [
     ("garbage_bytes", attack_garbage_bytes),
     ("flood", attack_flood),
     ("rapid_cancel", attack_rapid_cancel),
+    ("raw_rapid_reset", attack_raw_rapid_reset),
+    ("empty_chunks", attack_empty_chunks),
+    ("file_flood", attack_file_flood),
+    ("stalled_requests", attack_stalled_requests),
     ("connection_flood", attack_connection_flood),
     ("limiter_slot_leak", attack_limiter_slot_leak),
 ]
+
+
+def _report_if_stuck(ctx: Any, current: list[Any], done: threading.Event) -> None:
+    """Report the main thread's stack once per attack that runs past STUCK_S."""
+    main = threading.main_thread().ident
+    reported = None
+    while not done.wait(5.0):
+        name, started = current[0], current[1]
+        if name == reported or time.monotonic() - started < STUCK_S:
+            continue
+        reported = name
+        frame = sys._current_frames().get(main or 0)
+        where = (
+            " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in _frames(frame))
+            if frame is not None
+            else "?"
+        )
+        ctx.progress.step(0, info=(MARK_STUCK + f"{name} at {where}")[:1000])
+
+
+def _frames(frame: Any) -> Iterator[Any]:
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
 
 
 def run(ctx: Any) -> dict[str, dict[str, Any]]:
     attacker = Attacker(ctx)
     ctx.progress.step(0, info=MARK_START)
     results: dict[str, dict[str, Any]] = {}
+    current: list[Any] = ["", time.monotonic()]
+    done = threading.Event()
+    threading.Thread(target=_report_if_stuck, args=(ctx, current, done), daemon=True).start()
     for name, attack in ATTACKS:
+        ctx.progress.step(len(results), len(ATTACKS), info=MARK_ATTACK + name)
+        current[:] = [name, time.monotonic()]
         started = time.monotonic()
         try:
             held, detail = attack(attacker)
@@ -1306,4 +1496,7 @@ def run(ctx: Any) -> dict[str, dict[str, Any]]:
             "detail": detail,
             "seconds": round(time.monotonic() - started, 2),
         }
+        if name in attacker.cpu:
+            results[name]["cpu"] = round(attacker.cpu[name], 3)
+    done.set()
     return results
