@@ -113,6 +113,23 @@ def _status(call: Callable[[], Any]) -> Status:
     return "OK", ""
 
 
+# grpc's client Channel.close() can block for good after many cancelled calls
+# (seen after rapid_cancel, under runc and gVisor: the attacker kept beating,
+# and the idle connection drew the server's "connection idle" GOAWAY).
+# That is the sandbox's own client, not the parent, so it is noted, not waited on.
+CLOSE_WAIT_S = 20.0
+STUCK_CLOSES: list[grpc.Channel] = []  # kept referenced, so not collected mid-close
+
+
+def _close(channel: grpc.Channel) -> None:
+    """Close ``channel``, waiting at most CLOSE_WAIT_S for grpc's client to finish."""
+    closer = threading.Thread(target=channel.close, daemon=True)
+    closer.start()
+    closer.join(CLOSE_WAIT_S)
+    if closer.is_alive():
+        STUCK_CLOSES.append(channel)
+
+
 def _outcome(future: Any) -> Status:
     """How a call future ends; never waits much past the call's own deadline.
 
@@ -208,7 +225,7 @@ class Attacker:
                 )
                 checks.status(f"{label}: ReportProgress on the {where}", got, "OK")
         finally:
-            fresh.close()
+            _close(fresh)
 
 
 # -- authentication -----------------------------------------------------------
@@ -221,7 +238,7 @@ def _every_method_refused(a: Attacker, checks: Checks, label: str, metadata: Any
             got = _status(lambda m=method, p=payload: _raw(channel, m, p, metadata))
             checks.status(f"{label} {method}", got, "UNAUTHENTICATED", "invalid or missing token")
     finally:
-        channel.close()
+        _close(channel)
 
 
 def attack_no_token(a: Attacker) -> tuple[bool, str]:
@@ -387,7 +404,7 @@ def attack_other_task_identity(a: Attacker) -> tuple[bool, str]:
             "share to a pod outside the task", got, "RESOURCE_EXHAUSTED", "not peers of this task: victim-pod"
         )
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -430,7 +447,7 @@ def attack_oversized_message(a: Attacker) -> tuple[bool, str]:
         checks.status("32 MiB FinishRequest", got, "RESOURCE_EXHAUSTED", contains=too_big)
         a.normal_calls_work(checks, "after oversize", channel)
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -475,7 +492,7 @@ def attack_flood(a: Attacker) -> tuple[bool, str]:
                 if time.monotonic() - started > deadline_s:
                     stop.set()
         finally:
-            channel.close()
+            _close(channel)
 
     workers = [threading.Thread(target=worker, daemon=True) for _ in range(threads)]
     for w in workers:
@@ -545,7 +562,7 @@ def attack_rapid_cancel(a: Attacker) -> tuple[bool, str]:
         time.sleep(1.5)
         a.normal_calls_work(checks, "after 1000 cancelled calls")
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -659,7 +676,7 @@ def attack_half_open_streams(a: Attacker) -> tuple[bool, str]:
         "INVALID_ARGUMENT",
         "a sandbox may not send <invalid> messages",
     )
-    channel.close()
+    _close(channel)
     return checks.result()
 
 
@@ -702,7 +719,7 @@ def attack_pending_receives(a: Attacker) -> tuple[bool, str]:
             "receive admitted again", got, "DEADLINE_EXCEEDED", "no MODELLER_RESPONSE message within 0.1 s"
         )
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -725,7 +742,7 @@ def attack_second_heartbeat(a: Attacker) -> tuple[bool, str]:
             )
         a.normal_calls_work(checks, "after second heartbeats", channel)
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -747,7 +764,7 @@ def attack_huge_metadata(a: Attacker) -> tuple[bool, str]:
             )
         a.normal_calls_work(checks, "after huge metadata", channel)
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -840,7 +857,7 @@ def attack_invalid_enums(a: Attacker) -> tuple[bool, str]:
                 f"Finish status {status}", got, "INVALID_ARGUMENT", "status must be OK, ABORT or ERROR"
             )
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -888,7 +905,7 @@ def attack_file_names(a: Attacker) -> tuple[bool, str]:
         checks.status("good and bad together", report("sub/inner.csv", "../x"), "INVALID_ARGUMENT", plain)
         checks.status("a correct name", report("records.csv"), "OK")
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -947,7 +964,7 @@ def attack_forged_body_size(a: Attacker) -> tuple[bool, str]:
         checks.status("no chunk at all", send([]), "INVALID_ARGUMENT", "empty message stream")
         a.normal_calls_work(checks, "after forged sizes", channel)
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -971,7 +988,7 @@ def attack_garbage_protobuf(a: Attacker) -> tuple[bool, str]:
             checks.status(f"{method}: {label}", got, *expected)
         a.normal_calls_work(checks, "after garbage protobuf", channel)
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -995,7 +1012,7 @@ def attack_garbage_protobuf_one_connection(a: Attacker) -> tuple[bool, str]:
         checks.status("GetTask on the same connection afterwards", after, "OK")
         a.normal_calls_work(checks, "after unparsable requests")
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -1020,7 +1037,7 @@ def attack_unknown_method(a: Attacker) -> tuple[bool, str]:
                 checks.status(f"{method} {label}", got, "UNIMPLEMENTED", "Method not found!")
         a.normal_calls_work(checks, "after unknown methods", channel)
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -1154,7 +1171,7 @@ def attack_field_limits(a: Attacker) -> tuple[bool, str]:
             checks.status(f"Finish {label}", call(stub.Finish, request), "INVALID_ARGUMENT", message)
         a.normal_calls_work(checks, "after field limits", channel)
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -1211,7 +1228,7 @@ def attack_empty_chunks(a: Attacker) -> tuple[bool, str]:
         checks.note(f"the client had produced {sent} empty chunks when the parent ended the stream")
         a.normal_calls_work(checks, "after empty chunks", channel)
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -1244,7 +1261,7 @@ def attack_file_flood(a: Attacker) -> tuple[bool, str]:
         time.sleep(2.5)
         a.normal_calls_work(checks, "after a file flood", channel)
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -1278,7 +1295,7 @@ def attack_stalled_requests(a: Attacker) -> tuple[bool, str]:
     finally:
         gate.set()
         for channel in channels:
-            channel.close()
+            _close(channel)
     return checks.result()
 
 
@@ -1419,7 +1436,7 @@ def attack_limiter_slot_leak(a: Attacker) -> tuple[bool, str]:
             f"got {got[0]} {got[1]!r}",
         )
     finally:
-        channel.close()
+        _close(channel)
     return checks.result()
 
 
@@ -1498,5 +1515,8 @@ def run(ctx: Any) -> dict[str, dict[str, Any]]:
         }
         if name in attacker.cpu:
             results[name]["cpu"] = round(attacker.cpu[name], 3)
+        if STUCK_CLOSES:
+            results[name]["detail"] += f" (grpc client: channel.close() blocked {len(STUCK_CLOSES)}x)"
+            STUCK_CLOSES.clear()
     done.set()
     return results
