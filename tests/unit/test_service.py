@@ -576,10 +576,11 @@ def test_a_rapid_reset_costs_the_parent_less_cpu_than_the_attacker(served):
     assert outcome["caught_up"] or outcome["closed"], outcome
     # The attacker pays for its own attack. grpc-core answers each reset
     # stream itself (no GOAWAY can be had from Python), so the parent's share
-    # is about the attacker's; it was 1.6 times it when reset calls still
-    # reached the Python layer. The margin absorbs the other threads of this
-    # process.
-    assert parent < 1.25 * attacker, (
+    # is about the attacker's (0.9-1.2 times it in repeated runs here); it was
+    # 1.6-1.9 times it when reset calls still reached the Python layer. The
+    # bound sits between the two, clear of both, since CPU-time ratios vary
+    # with the other threads of this process.
+    assert parent < 1.4 * attacker, (
         f"parent {parent:.2f} s CPU against the attacker's {attacker:.2f} s ({outcome})"
     )
     assert served.stub.GetTask(pb.GetTaskRequest(), metadata=served.auth, timeout=RPC_TIMEOUT).task_id
