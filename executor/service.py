@@ -634,14 +634,24 @@ class TaskServer:
         session: The task's state.
         token: The task's bootstrap token.
         socket_path: Where to listen.
+        rate_per_s: The task's sustained call rate (tests set a low one).
+        burst: How many calls the task may make at once.
     """
 
-    def __init__(self, session: TaskSession, token: str, socket_path: Path) -> None:
+    def __init__(
+        self,
+        session: TaskSession,
+        token: str,
+        socket_path: Path,
+        *,
+        rate_per_s: float = RATE_PER_S,
+        burst: int = RATE_BURST,
+    ) -> None:
         self.session = session
         self.socket_path = socket_path
         # Mailbox bodies arrive in chunks; the result is the largest single message.
         cap = max(CHUNK_BYTES, session.max_result_bytes) + ENVELOPE_HEADROOM
-        self._limiter = CallLimiter(on_abuse=self._end_for_abuse)
+        self._limiter = CallLimiter(rate_per_s, burst, on_abuse=self._end_for_abuse)
         self._watch = RequestWatch()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
