@@ -1,65 +1,60 @@
-"""The supervisor's verdicts against a fake engine: which limit applies when, and the numbers it reports."""
+"""The supervisor's verdicts against a scripted engine: every status, the numbers it reports, and cleanup.
+
+The real :class:`Supervisor` and :class:`TaskSession` run against
+:class:`executor.testing.FakeBackend`; a program plays the sandbox by
+calling the session as the servicer would. No Docker, no test asserts a
+duration.
+"""
 
 from __future__ import annotations
 
+import json
+import queue
 import threading
 from collections.abc import Callable
 
 import pytest
 
 from executor import supervisor as supervisor_module
-from executor.backends import ContainerSpec, ExitInfo
+from executor.backends import ContainerSpec
+from executor.errors import ContainerError, EngineUnavailableError
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.session import TaskSession
-from executor.supervisor import Supervisor
+from executor.supervisor import Supervisor, abort_message
+from executor.testing import (
+    SIGKILL_EXIT,
+    FakeBackend,
+    FakeContainer,
+    exits,
+    hangs,
+    killed_from_outside,
+    lost,
+    out_of_memory,
+    then,
+)
+from tests.unit.conftest import SessionKit
+
+pytestmark = pytest.mark.timeout(60)
 
 # Short limits keep each test well under a second; none asserts a duration.
 FAST = IsolationPolicy.hardened().replace(heartbeat_interval_s=0.05, heartbeat_timeout_s=0.3, timeout_s=5)
+# Liveness limits far beyond any test, for verdicts that must not be timeouts.
+PATIENT = FAST.replace(heartbeat_timeout_s=30, timeout_s=60)
 
 
-class FakeBackend:
-    """A container that runs until killed or told how it exits; ``on_start`` plays the sandbox."""
-
-    def __init__(self, on_start: Callable[[], None] | None = None, exit_info: ExitInfo | None = None) -> None:
-        self.on_start = on_start
-        self.exit_info = exit_info
-        self.killed = threading.Event()
-        self.removed: list[str] = []
-
-    def check_image(self, image: str) -> None:
-        pass
-
-    def create(self, spec: ContainerSpec) -> str:
-        return "c1"
-
-    def start(self, container_id: str) -> None:
-        if self.on_start is not None:
-            self.on_start()
-
-    def wait(self, container_id: str) -> ExitInfo:
-        if self.exit_info is not None:
-            return self.exit_info
-        self.killed.wait(30)
-        return ExitInfo(137)
-
-    def kill(self, container_id: str) -> None:
-        self.killed.set()
-
-    def stderr_tail(self, container_id: str, lines: int) -> str:
-        return "last words\n"
-
-    def remove(self, container_id: str) -> None:
-        self.removed.append(container_id)
-
-    def list_managed(self) -> list[tuple[str, dict[str, str]]]:
-        return []
-
-
-def _supervise(session: TaskSession, backend: FakeBackend, policy: IsolationPolicy = FAST) -> Outcome:
+def _supervise(
+    session: TaskSession,
+    backend: FakeBackend,
+    policy: IsolationPolicy = FAST,
+    *,
+    cancel: threading.Event | None = None,
+    notify_abort: Callable[[str, str], None] | None = None,
+) -> Outcome:
     spec = ContainerSpec(name="sandbox-test", command=["true"], policy=policy, mounts=[])
-    outcome = Supervisor(backend, spec, session, threading.Event()).run()
-    assert backend.removed == ["c1"]
+    outcome = Supervisor(backend, spec, session, threading.Event(), cancel, notify_abort).run()
+    # Whatever the verdict, the container is gone.
+    assert backend.containers and backend.all_removed(), backend.calls
     return outcome
 
 
@@ -69,19 +64,161 @@ def _timeout_error(outcome: Outcome) -> ErrorDetail:
     return outcome.error
 
 
+def _boot(session: TaskSession) -> Callable[[FakeContainer], None]:
+    """A sandbox that fetches its configuration and beats once."""
+
+    def boot(container: FakeContainer) -> None:
+        session.get_config()
+        session.record_beat(0, 0, True)
+
+    return boot
+
+
+def _reports(
+    session: TaskSession,
+    status: str,
+    result_json: str = "",
+    error_type: str = "",
+    message: str = "",
+    tb: str = "",
+) -> Callable[[FakeContainer], None]:
+    def report(container: FakeContainer) -> None:
+        _boot(session)(container)
+        session.report_finish(status, result_json, error_type, message, tb, {"run": 0.01})
+
+    return report
+
+
+# -- the sandbox reports ---------------------------------------------------------------
+
+
+def test_a_result_is_ok_and_the_container_that_exits_by_itself_is_not_killed(make_session):
+    session = make_session().session
+    backend = FakeBackend(then(_reports(session, "OK", '{"mean": 21}'), exits(0)))
+    outcome = _supervise(session, backend, PATIENT)
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == {"mean": 21}
+    assert outcome.error is None
+    assert outcome.timings["run"] == 0.01
+    assert not backend.only().killed
+
+
+def test_an_abort_is_abort_with_the_protocols_reason(make_session):
+    session = make_session().session
+    backend = FakeBackend(then(_reports(session, "ABORT", "", "NoData", "nothing to train on"), exits(0)))
+    outcome = _supervise(session, backend, PATIENT)
+    assert outcome.status is Status.ABORT
+    assert outcome.error is not None
+    assert (outcome.error.type, outcome.error.message) == ("NoData", "nothing to train on")
+
+
+def test_an_exception_in_the_protocol_is_error_with_its_type_and_traceback(make_session):
+    session = make_session().session
+    tb = 'Traceback (most recent call last):\n  File "protocol.py", line 2\nValueError: bad\n'
+    backend = FakeBackend(then(_reports(session, "ERROR", "", "ValueError", "bad", tb), exits(0)))
+    outcome = _supervise(session, backend, PATIENT)
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None
+    assert (outcome.error.type, outcome.error.message, outcome.error.traceback) == ("ValueError", "bad", tb)
+    assert outcome.result is None
+
+
+def test_a_sandbox_that_reports_but_never_exits_is_killed_and_keeps_its_result(make_session, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "EXIT_GRACE_S", 0.2)
+    session = make_session().session
+    backend = FakeBackend(then(_reports(session, "OK", "7"), hangs()))
+    outcome = _supervise(session, backend, PATIENT)
+    assert (outcome.status, outcome.result) == (Status.OK, 7)
+    assert backend.only().killed
+    assert backend.ops(backend.only().id)[-2:] == ["kill", "remove"]
+
+
+def test_a_task_ended_for_rpc_abuse_is_an_error_of_that_type(make_session):
+    session = make_session().session
+
+    def abuse(container: FakeContainer) -> None:
+        _boot(session)(container)
+        session.end_for_abuse("RpcAbuse", "the sandbox kept calling after 5000 refusals")
+
+    # The parent closes its connections; the runtime then leaves (exit 75).
+    outcome = _supervise(session, FakeBackend(then(abuse, exits(75))), PATIENT)
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None and outcome.error.type == "RpcAbuse"
+
+
+# -- the container ends without a result -------------------------------------------------
+
+
+def test_an_exit_without_a_result_is_an_error_with_the_exit_code_and_stderr(make_session):
+    session = make_session().session
+    backend = FakeBackend(then(_boot(session), exits(3, stderr="Traceback\nSegfault in native code\n")))
+    outcome = _supervise(session, backend, PATIENT)
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None
+    assert outcome.error.type == "ContainerExited"
+    assert outcome.error.exit_code == 3
+    assert "Segfault in native code" in outcome.error.stderr_tail
+    assert outcome.error.to_dict()["exit_code"] == 3
+
+
+def test_only_the_last_lines_of_stderr_are_kept(make_session):
+    session = make_session().session
+    noise = "".join(f"line {i}\n" for i in range(500))
+    outcome = _supervise(session, FakeBackend(exits(1, stderr=noise + "last words\n")), PATIENT)
+    assert outcome.error is not None
+    tail = outcome.error.stderr_tail.splitlines()
+    assert tail[-1] == "last words"
+    assert len(tail) == supervisor_module.STDERR_TAIL_LINES
+
+
+def test_out_of_memory_is_killed_and_reports_the_memory_limit_as_a_field(make_session):
+    session = make_session().session
+    policy = PATIENT.replace(memory_mb=192)
+    outcome = _supervise(session, FakeBackend(out_of_memory(stderr="MemoryError?\n")), policy)
+    assert outcome.status is Status.KILLED
+    assert outcome.error is not None
+    assert (outcome.error.type, outcome.error.memory_limit_mb) == ("OutOfMemory", 192)
+    assert outcome.error.exit_code == SIGKILL_EXIT
+    assert outcome.error.to_dict()["memory_limit_mb"] == 192
+
+
+def test_a_kill_from_outside_is_killed_not_out_of_memory(make_session):
+    session = make_session().session
+    outcome = _supervise(session, FakeBackend(then(_boot(session), killed_from_outside())), PATIENT)
+    assert outcome.status is Status.KILLED
+    assert outcome.error is not None
+    assert outcome.error.type == "Killed"
+    assert outcome.error.exit_code == SIGKILL_EXIT
+    assert outcome.error.memory_limit_mb is None
+
+
+def test_a_lost_container_is_an_error_and_is_still_removed(make_session):
+    session = make_session().session
+    backend = FakeBackend(then(_boot(session), lost("no such container")))
+    outcome = _supervise(session, backend, PATIENT)
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None and outcome.error.type == "ContainerLost"
+    assert "remove" in backend.ops(backend.only().id)
+
+
+# -- liveness --------------------------------------------------------------------------
+
+
 def test_a_silence_after_the_config_fetch_gets_the_heartbeat_limit_not_the_boot_grace(make_session):
     session = make_session().session
     # The sandbox fetches its configuration and then freezes before its first beat.
-    error = _timeout_error(_supervise(session, FakeBackend(on_start=session.get_config)))
+    backend = FakeBackend(then(lambda c: session.get_config(), hangs()))
+    error = _timeout_error(_supervise(session, backend))
     assert error.type == "HeartbeatTimeout"
     assert error.limit_s == FAST.heartbeat_timeout_s
     assert error.measured_s is not None and error.measured_s > FAST.heartbeat_timeout_s
+    assert backend.only().killed
 
 
 def test_before_the_config_fetch_the_boot_grace_applies(make_session, monkeypatch):
     monkeypatch.setattr(supervisor_module, "BOOT_GRACE_S", 0.5)
     session = make_session().session
-    error = _timeout_error(_supervise(session, FakeBackend()))
+    error = _timeout_error(_supervise(session, FakeBackend(hangs())))
     assert error.type == "HeartbeatTimeout"
     assert error.limit_s == 0.5
     assert error.measured_s is not None and error.measured_s > 0.5
@@ -89,44 +226,198 @@ def test_before_the_config_fetch_the_boot_grace_applies(make_session, monkeypatc
 
 def test_after_a_beat_the_heartbeat_limit_applies(make_session):
     session = make_session().session
-
-    def boot_and_beat_once() -> None:
-        session.get_config()
-        session.record_beat(0, 0, True)
-
-    error = _timeout_error(_supervise(session, FakeBackend(on_start=boot_and_beat_once)))
+    error = _timeout_error(_supervise(session, FakeBackend(then(_boot(session), hangs()))))
     assert error.type == "HeartbeatTimeout"
     assert error.limit_s == FAST.heartbeat_timeout_s
+
+
+def _beating(session: TaskSession, moved: bool, progress: bool) -> Callable[[FakeContainer], None]:
+    """A sandbox that beats until killed, its main thread and counters moving or not."""
+
+    def beat_on(container: FakeContainer) -> None:
+        session.get_config()
+        n = 0
+        while not container.wait_killed(0.02):
+            n += progress
+            session.record_beat(n, 0, moved)
+
+    return beat_on
+
+
+def test_beats_without_progress_are_a_stall(make_session):
+    session = make_session().session
+    policy = PATIENT.replace(stall_timeout_s=0.3, heartbeat_timeout_s=5)
+    error = _timeout_error(
+        _supervise(session, FakeBackend(_beating(session, moved=False, progress=False)), policy)
+    )
+    assert error.type == "StallTimeout"
+    assert error.limit_s == 0.3
+    assert error.measured_s is not None and error.measured_s > 0.3
+
+
+@pytest.mark.parametrize(
+    ("moved", "progress"), [(True, False), (False, True)], ids=["main-thread", "counters"]
+)
+def test_beats_with_progress_are_not_a_stall(make_session, moved, progress):
+    session = make_session().session
+    policy = FAST.replace(stall_timeout_s=0.3, heartbeat_timeout_s=5, timeout_s=1)
+    error = _timeout_error(_supervise(session, FakeBackend(_beating(session, moved, progress)), policy))
+    assert error.type == "TimeoutError"  # the wall clock, not a stall
 
 
 def test_the_wall_clock_limit_reports_its_limit_and_the_time_measured(make_session):
     session = make_session().session
     policy = FAST.replace(timeout_s=1)
-    stop = threading.Event()
-
-    def beat_on() -> None:
-        session.get_config()
-        while not stop.wait(0.02):
-            session.record_beat(0, 0, True)
-
-    beater = threading.Thread(target=beat_on, daemon=True)
-    try:
-        error = _timeout_error(_supervise(session, FakeBackend(on_start=beater.start), policy))
-    finally:
-        stop.set()
+    error = _timeout_error(
+        _supervise(session, FakeBackend(_beating(session, moved=True, progress=False)), policy)
+    )
     assert error.type == "TimeoutError"
     assert error.limit_s == 1
     assert error.measured_s is not None and error.measured_s >= 1
 
 
-def test_out_of_memory_reports_the_memory_limit_as_a_field(make_session):
+def _modeller_abort(kit: SessionKit) -> dict[str, str]:
+    message = kit.modeller.receive(kit.task_id, 5)
+    assert message is not None, "the modeller was not told"
+    assert message.type == "TASK_ABORT"
+    body: dict[str, str] = json.loads(message.read())
+    return body
+
+
+@pytest.mark.parametrize("limit", ["heartbeat", "stall", "wall-clock"])
+def test_a_timeout_tells_the_modeller_the_task_aborted_for_exceeding_limits(make_session, limit):
+    kit = make_session()
+    session = kit.session
+    if limit == "heartbeat":
+        policy, program, expected = FAST, then(_boot(session), hangs()), "HeartbeatTimeout"
+    elif limit == "stall":
+        policy = PATIENT.replace(stall_timeout_s=0.3, heartbeat_timeout_s=5)
+        program, expected = _beating(session, moved=False, progress=False), "StallTimeout"
+    else:
+        policy = FAST.replace(timeout_s=1)
+        program, expected = _beating(session, moved=True, progress=False), "TimeoutError"
+
+    def notify(kind: str, message: str) -> None:
+        kit.broker.send_bytes("TASK_ABORT", abort_message(kind, message))
+
+    error = _timeout_error(_supervise(session, FakeBackend(program), policy, notify_abort=notify))
+    assert error.type == expected
+    body = _modeller_abort(kit)
+    assert (body["reason"], body["exception_type"]) == ("LimitsExceeded", expected)
+
+
+def test_a_failing_modeller_notice_does_not_change_the_verdict(make_session):
     session = make_session().session
-    policy = FAST.replace(memory_mb=192)
-    outcome = _supervise(session, FakeBackend(exit_info=ExitInfo(137, oom_killed=True)), policy)
-    assert outcome.status is Status.KILLED
+
+    def notify(kind: str, message: str) -> None:
+        raise EngineUnavailableError("the message service is down")
+
+    error = _timeout_error(
+        _supervise(session, FakeBackend(then(_boot(session), hangs())), notify_abort=notify)
+    )
+    assert error.type == "HeartbeatTimeout"
+
+
+@pytest.mark.parametrize(
+    "program", [exits(0), out_of_memory(), killed_from_outside(), lost()], ids=["exit", "oom", "kill", "lost"]
+)
+def test_only_timeouts_send_the_limits_notice(make_session, program):
+    session = make_session().session
+    notices: list[tuple[str, str]] = []
+    outcome = _supervise(
+        session, FakeBackend(program), PATIENT, notify_abort=lambda k, m: notices.append((k, m))
+    )
+    assert outcome.status is not Status.TIMEOUT
+    assert notices == []
+
+
+# -- cancel ----------------------------------------------------------------------------
+
+
+def _controls_until(session: TaskSession, kind: str, container: FakeContainer) -> bool:
+    """Read controls as the heartbeat stream would, until ``kind`` comes (or the container is killed)."""
+    while not container.wait_killed(0):
+        try:
+            item = session.controls.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        if item is not None and item[0] == kind:
+            return True
+    return False
+
+
+def test_a_cancel_the_sandbox_obeys_is_cancelled_without_a_kill(make_session):
+    session = make_session().session
+    cancel = threading.Event()
+
+    def obey(container: FakeContainer) -> None:
+        _boot(session)(container)
+        cancel.set()
+        assert _controls_until(session, "CANCEL", container)
+
+    backend = FakeBackend(then(obey, exits(130)))
+    outcome = _supervise(session, backend, PATIENT, cancel=cancel)
+    assert outcome.status is Status.CANCELLED
+    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    assert not backend.only().killed, "a sandbox that stopped within the grace was killed"
+
+
+def test_a_cancel_the_sandbox_ignores_ends_in_a_kill(make_session, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "CANCEL_GRACE_S", 0.2)
+    session = make_session().session
+    cancel = threading.Event()
+
+    def ignore(container: FakeContainer) -> None:
+        _boot(session)(container)
+        cancel.set()
+        container.wait_killed()
+
+    backend = FakeBackend(ignore)
+    outcome = _supervise(session, backend, PATIENT, cancel=cancel)
+    assert outcome.status is Status.CANCELLED
     assert outcome.error is not None
-    assert (outcome.error.type, outcome.error.memory_limit_mb) == ("OutOfMemory", 192)
-    assert outcome.error.to_dict()["memory_limit_mb"] == 192
+    assert (outcome.error.type, outcome.error.limit_s) == ("Cancelled", 0.2)
+    assert backend.only().killed
+
+
+def test_a_sandbox_that_reports_after_a_cancel_is_cancelled_not_error(make_session):
+    session = make_session().session
+    cancel = threading.Event()
+
+    def stop_and_report(container: FakeContainer) -> None:
+        _boot(session)(container)
+        cancel.set()
+        session.report_finish("ERROR", "", "Cancelled", "the task was cancelled", "", {})
+
+    outcome = _supervise(session, FakeBackend(then(stop_and_report, exits(0))), PATIENT, cancel=cancel)
+    assert outcome.status is Status.CANCELLED
+    assert outcome.error is not None and outcome.error.type == "Cancelled"
+
+
+# -- the engine ------------------------------------------------------------------------
+
+
+def test_an_engine_refusing_the_create_raises_and_leaves_nothing_to_remove(make_session):
+    session = make_session().session
+    backend = FakeBackend(create_errors=[ContainerError("container create failed: 500 Server Error")])
+    spec = ContainerSpec(name="sandbox-test", command=["true"], policy=PATIENT, mounts=[])
+    with pytest.raises(ContainerError):
+        Supervisor(backend, spec, session, threading.Event()).run()
+    assert backend.containers == {}
+    assert [op for op, _ in backend.calls] == ["create"]
+
+
+def test_an_engine_refusing_the_start_raises_and_the_created_container_is_removed(make_session):
+    session = make_session().session
+    backend = FakeBackend(start_errors=[ContainerError("container start failed: 500 Server Error")])
+    spec = ContainerSpec(name="sandbox-test", command=["true"], policy=PATIENT, mounts=[])
+    with pytest.raises(ContainerError):
+        Supervisor(backend, spec, session, threading.Event()).run()
+    assert backend.all_removed()
+    assert backend.ops(backend.only().id) == ["start", "remove"]
+
+
+# -- plumbing --------------------------------------------------------------------------
 
 
 def test_the_first_beat_is_acknowledged_once(make_session):
@@ -137,6 +428,12 @@ def test_the_first_beat_is_acknowledged_once(make_session):
     while not session.controls.empty():
         controls.append(session.controls.get_nowait())
     assert controls == [("BEAT_SEEN", "")]
+
+
+def test_the_boot_phase_is_timed_once_the_config_is_fetched(make_session):
+    session = make_session().session
+    outcome = _supervise(session, FakeBackend(then(_reports(session, "OK", "1"), exits(0))), PATIENT)
+    assert {"create", "start", "boot", "run"} <= set(outcome.timings)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,400 @@
+"""Test doubles for the parent side: a scripted container engine (never imported by the executor itself).
+
+:class:`FakeBackend` implements :class:`~executor.backends.ContainerBackend`
+without an engine. Each container runs a *program* in a thread of its own
+from :meth:`~FakeBackend.start` on: a callable that plays the sandbox and
+returns how the container ends. Ready-made programs script the ends the
+supervisor must tell apart::
+
+    exits(3, stderr="boom")   exits by itself with status 3
+    out_of_memory()           killed by the kernel's OOM killer (137, OOMKilled)
+    killed_from_outside()     SIGKILLed by someone other than the executor (137)
+    hangs()                   never exits until killed
+    lost()                    the engine loses track of it (``wait`` raises)
+    host_runtime(scratch)     runs the real init and child runtime as host processes
+
+Engine errors are scripted per call (``create_errors``, ``start_errors``: one
+entry per call, ``None`` for a call that succeeds), and every call is recorded
+in :attr:`FakeBackend.calls` so a test can assert that each container was
+removed. Like any fake engine it proves supervision logic only, never
+isolation: :func:`host_runtime` runs protocol code on the host, unconfined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
+from executor.errors import ContainerError, ImageNotFoundError
+
+# What an engine reports for a container ended by SIGKILL (128 + 9).
+SIGKILL_EXIT = 137
+
+Program = Callable[["FakeContainer"], "ExitInfo | None"]
+
+
+class FakeContainer:
+    """One fake container: its spec, its program's thread and how it ended.
+
+    Attributes:
+        id: The container id.
+        spec: What it was created from.
+        stderr: What ``stderr_tail`` returns; a program may set it.
+        killed: Whether a kill (or a forced remove) ended it while it ran.
+        removed: Whether it was removed.
+    """
+
+    def __init__(self, container_id: str, spec: ContainerSpec) -> None:
+        self.id = container_id
+        self.spec = spec
+        self.stderr = ""
+        self.killed = False
+        self.removed = False
+        self.started = threading.Event()
+        self._ended = threading.Event()
+        self._kill_requested = threading.Event()
+        self._exit: ExitInfo | None = None
+        self._lost: BaseException | None = None
+        self._lock = threading.Lock()
+        self._on_kill: list[Callable[[], None]] = []
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet ended."""
+        return self.started.is_set() and not self._ended.is_set()
+
+    @property
+    def exit_info(self) -> ExitInfo | None:
+        """How it ended, once it has."""
+        return self._exit
+
+    def on_kill(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the container is killed (e.g. to kill host processes)."""
+        self._on_kill.append(callback)
+
+    def wait_killed(self, timeout: float | None = None) -> bool:
+        """Block until the container is killed; for programs that hang."""
+        return self._kill_requested.wait(timeout)
+
+    def end(self, info: ExitInfo) -> None:
+        """End the container with ``info``, unless it has already ended."""
+        with self._lock:
+            if self._ended.is_set():
+                return
+            self._exit = info
+            self._ended.set()
+
+    def lose(self, error: BaseException) -> None:
+        """The engine loses the container: ``wait`` raises ``error``."""
+        with self._lock:
+            if self._ended.is_set():
+                return
+            self._lost = error
+            self._ended.set()
+
+    def kill(self) -> None:
+        """SIGKILL it: a running container ends with status 137."""
+        with self._lock:
+            running = self.started.is_set() and not self._ended.is_set()
+            if running:
+                self.killed = True
+            self._kill_requested.set()
+        for callback in self._on_kill:
+            with contextlib.suppress(Exception):
+                callback()
+        if running:
+            self.end(ExitInfo(SIGKILL_EXIT))
+
+    def wait(self) -> ExitInfo:
+        """Block until it ends, as the engine's ``wait`` does."""
+        self._ended.wait()
+        if self._lost is not None:
+            raise self._lost
+        assert self._exit is not None
+        return self._exit
+
+    def run(self, program: Program) -> None:
+        """Start ``program`` in a thread; its return value ends the container."""
+
+        def body() -> None:
+            try:
+                info = program(self)
+            except BaseException as exc:  # a broken program is a crash, like a sandbox's
+                self.stderr += f"fake program failed: {exc!r}\n"
+                info = ExitInfo(1)
+            self.end(info if info is not None else ExitInfo(0))
+
+        self.started.set()
+        threading.Thread(target=body, name=f"fake-{self.id}", daemon=True).start()
+
+
+@dataclass
+class FakeBackend:
+    """A scripted container engine.
+
+    Args:
+        program: What every container runs (see the module docstring); by
+            default it hangs until killed.
+        create_errors: One entry per ``create`` call: an exception to raise,
+            or ``None`` for a call that succeeds. Calls past the list succeed.
+        start_errors: The same for ``start``.
+        images: The images that exist; ``None`` for every image.
+        managed: Containers ``list_managed`` reports besides the fake's own
+            (e.g. orphans for the reaper).
+    """
+
+    program: Program | None = None
+    create_errors: list[BaseException | None] = field(default_factory=list)
+    start_errors: list[BaseException | None] = field(default_factory=list)
+    images: Iterable[str] | None = None
+    managed: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    containers: dict[str, FakeContainer] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def _record(self, op: str, subject: str) -> None:
+        with self._lock:
+            self.calls.append((op, subject))
+
+    def ops(self, container_id: str) -> list[str]:
+        """The operations made on ``container_id``, in order."""
+        with self._lock:
+            return [op for op, subject in self.calls if subject == container_id]
+
+    def only(self) -> FakeContainer:
+        """The one container made so far (fails if there is not exactly one)."""
+        (container,) = self.containers.values()
+        return container
+
+    def all_removed(self) -> bool:
+        """Whether every container created was removed."""
+        return all(c.removed for c in self.containers.values())
+
+    # -- ContainerBackend ------------------------------------------------
+    def check_image(self, image: str) -> None:
+        """Raise ``ImageNotFoundError`` unless ``image`` is one of :attr:`images`."""
+        self._record("check_image", image)
+        if self.images is not None and image not in set(self.images):
+            raise ImageNotFoundError(f"sandbox image {image} is not built; run `make images`")
+
+    def create(self, spec: ContainerSpec) -> str:
+        """A new container, or the scripted error of this call."""
+        self._record("create", spec.name)
+        if self.create_errors:
+            error = self.create_errors.pop(0)
+            if error is not None:
+                raise error
+        container_id = f"fake-{next(self._ids)}"
+        self.containers[container_id] = FakeContainer(container_id, spec)
+        return container_id
+
+    def start(self, container_id: str) -> None:
+        """Start the container's program, or raise the scripted error of this call."""
+        self._record("start", container_id)
+        if self.start_errors:
+            error = self.start_errors.pop(0)
+            if error is not None:
+                raise error
+        self._get(container_id).run(self.program or hangs())
+
+    def wait(self, container_id: str) -> ExitInfo:
+        """Block until the container ends; raise if the engine lost it."""
+        self._record("wait", container_id)
+        return self._get(container_id).wait()
+
+    def kill(self, container_id: str) -> None:
+        """Kill it; no error if it already stopped."""
+        self._record("kill", container_id)
+        self._get(container_id).kill()
+
+    def stderr_tail(self, container_id: str, lines: int) -> str:
+        """The last ``lines`` lines the program left in ``stderr``."""
+        text = self._get(container_id).stderr
+        return "".join(text.splitlines(keepends=True)[-lines:])
+
+    def remove(self, container_id: str) -> None:
+        """Force-remove it (a running container is killed first)."""
+        self._record("remove", container_id)
+        container = self._get(container_id)
+        container.kill()
+        container.removed = True
+
+    def list_managed(self) -> list[tuple[str, dict[str, str]]]:
+        """The fake's containers not yet removed, plus :attr:`managed`."""
+        own = [
+            (c.id, dict(c.spec.labels))
+            for c in self.containers.values()
+            if not c.removed and c.spec.labels.get(LABEL_MANAGED) == "true"
+        ]
+        return own + list(self.managed)
+
+    def _get(self, container_id: str) -> FakeContainer:
+        try:
+            return self.containers[container_id]
+        except KeyError:
+            raise ContainerError(f"no such container: {container_id}", container_id=container_id) from None
+
+
+# -- scripted programs ------------------------------------------------------
+
+
+def exits(code: int = 0, stderr: str = "") -> Program:
+    """The container exits by itself with ``code`` at once, having written ``stderr``."""
+
+    def program(container: FakeContainer) -> ExitInfo:
+        container.stderr += stderr
+        return ExitInfo(code)
+
+    return program
+
+
+def out_of_memory(stderr: str = "") -> Program:
+    """The kernel's OOM killer ends the container."""
+
+    def program(container: FakeContainer) -> ExitInfo:
+        container.stderr += stderr
+        return ExitInfo(SIGKILL_EXIT, oom_killed=True)
+
+    return program
+
+
+def killed_from_outside(stderr: str = "") -> Program:
+    """Someone other than the executor SIGKILLs the container (e.g. ``docker kill``)."""
+
+    def program(container: FakeContainer) -> ExitInfo:
+        container.stderr += stderr
+        return ExitInfo(SIGKILL_EXIT)
+
+    return program
+
+
+def hangs() -> Program:
+    """The container never exits by itself."""
+
+    def program(container: FakeContainer) -> None:
+        container.wait_killed()
+
+    return program
+
+
+def lost(message: str = "no such container") -> Program:
+    """The engine loses the container: ``wait`` raises a ``ContainerError``."""
+
+    def program(container: FakeContainer) -> None:
+        container.lose(ContainerError(f"container wait failed: {message}", container_id=container.id))
+
+    return program
+
+
+def then(first: Callable[[FakeContainer], object], after: Program) -> Program:
+    """Run ``first`` (e.g. a scripted sandbox talking to the session), then end as ``after``."""
+
+    def program(container: FakeContainer) -> ExitInfo | None:
+        first(container)
+        return after(container)
+
+    return program
+
+
+# The child runtime on the host: the container's paths (protocol bundle,
+# datasource, IPC directory) are mapped back to their host sources.
+_HOST_RUNTIME = """\
+import json, sys
+from pathlib import Path
+import executor.sandbox.runtime as runtime
+
+mounts = json.loads(sys.argv[1])
+runtime.SCRATCH_DIR = Path(sys.argv[2])
+
+
+def host_path(path):
+    for target, source in mounts.items():
+        if path == target or path.startswith(target + "/"):
+            return source + path[len(target):]
+    return path
+
+
+class HostContext(runtime.Context):
+    def __init__(self, config, client, scratch_dir):
+        config.protocol_path = host_path(config.protocol_path)
+        config.data_path = host_path(config.data_path)
+        super().__init__(config, client, scratch_dir)
+
+
+runtime.Context = HostContext
+sys.exit(runtime.main(sys.argv[3:]))
+"""
+
+
+def host_command(spec: ContainerSpec, scratch_dir: Path) -> list[str]:
+    """``spec.command`` as host processes: the real init and runtime, container paths mapped."""
+    mounts = {m.target: str(m.source) for m in spec.mounts}
+
+    def host_path(arg: str) -> str:
+        for target, source in mounts.items():
+            if arg == target or arg.startswith(target + "/"):
+                return source + arg[len(target) :]
+        return arg
+
+    argv: list[str] = []
+    args = iter(spec.command)
+    for arg in args:
+        if arg == "python3":
+            argv.append(sys.executable)
+        elif arg == "-m" and argv and argv[-1] == sys.executable:
+            module = next(args)
+            if module == "executor.sandbox":
+                argv += ["-c", _HOST_RUNTIME, json.dumps(mounts), str(scratch_dir)]
+            else:
+                argv += ["-m", module]
+        else:
+            argv.append(host_path(arg))
+    return argv
+
+
+def host_runtime(scratch_dir: Path, *, stderr_bytes: int = 16 * 1024) -> Program:
+    """Run the container's command (our init, then the child runtime) as host processes.
+
+    The server, session, lifeline and supervisor are then driven for real
+    without Docker. A kill SIGKILLs the whole process group, as an engine
+    kills a container; an exit by a signal is reported as ``128 + signal``.
+    Nothing here confines the protocol: use it only with trusted test code.
+    """
+
+    def program(container: FakeContainer) -> ExitInfo:
+        proc = subprocess.Popen(
+            host_command(container.spec, scratch_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+        def kill_group() -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        container.on_kill(kill_group)
+        if container.wait_killed(0):  # killed before the process existed
+            kill_group()
+        _, err = proc.communicate()
+        # The group may outlive its leader (a runtime init left behind).
+        kill_group()
+        container.stderr += err[-stderr_bytes:].decode("utf-8", "replace")
+        code = proc.returncode
+        return ExitInfo(128 - code if code < 0 else code)
+
+    return program
