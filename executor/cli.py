@@ -1,7 +1,8 @@
 """The operator's command line: ``sandbox-executor run PROTOCOL_DIR --data DATA_DIR``.
 
 Exit status: 0 when the task ended OK, 1 when it ended otherwise, 2 when it
-could not be run at all (bad input, no engine, no image). Errors are one line
+could not be run at all (bad input, no engine, no image), 130 when a second
+Ctrl-C stopped the wait for a cancelled task. Errors are one line
 on stderr; with ``--json`` stdout holds exactly one JSON object.
 """
 
@@ -24,6 +25,8 @@ from executor.errors import SandboxExecutorError
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
+# The shell's status for a process ended by SIGINT.
+EXIT_INTERRUPTED = 130
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,127}$")
 
@@ -97,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The message may quote file names from the protocol directory.
         print(f"sandbox-executor: error: {printable(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        # The second Ctrl-C: the executor's cleanup ran as the interrupt
+        # unwound it (container, socket and task directory are gone).
+        print("sandbox-executor: interrupted; stopped waiting for the task", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_USAGE
 
 

@@ -93,11 +93,6 @@ class Heartbeat:
                     # A real signal, aimed at the main thread, so that a blocking
                     # call there (sleep, select) is interrupted too.
                     signal.pthread_kill(self._main_ident or 0, signal.SIGINT)
-                elif kind == "SHUTDOWN":
-                    try:
-                        _stderr("parent asked for shutdown")
-                    finally:
-                        os._exit(0)
         except grpc.RpcError as exc:
             why = exc.code().name
         except BaseException as exc:  # whatever broke the stream, the parent is out of reach

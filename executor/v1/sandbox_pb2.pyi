@@ -154,12 +154,10 @@ class Control(_message.Message):
         KIND_UNSPECIFIED: _ClassVar[Control.Kind]
         MODELLER_READY: _ClassVar[Control.Kind]
         CANCEL: _ClassVar[Control.Kind]
-        SHUTDOWN: _ClassVar[Control.Kind]
         BEAT_SEEN: _ClassVar[Control.Kind]
     KIND_UNSPECIFIED: Control.Kind
     MODELLER_READY: Control.Kind
     CANCEL: Control.Kind
-    SHUTDOWN: Control.Kind
     BEAT_SEEN: Control.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]

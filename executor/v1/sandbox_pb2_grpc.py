@@ -93,7 +93,7 @@ class SandboxServicer:
 
     def Heartbeat(self, request_iterator, context):
         """Liveness. Beats flow up from a child thread; control messages (beat seen,
-        modeller ready, cancel, shutdown) flow down. One stream per task. The
+        modeller ready, cancel) flow down. One stream per task. The
         child starts no protocol code before the parent has seen its first beat.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -42,7 +42,7 @@ class SandboxStub:
     """The task's serialised configuration. Called once, first."""
     Heartbeat: _grpc.StreamStreamMultiCallable[_sandbox_pb2.Beat, _sandbox_pb2.Control]
     """Liveness. Beats flow up from a child thread; control messages (beat seen,
-    modeller ready, cancel, shutdown) flow down. One stream per task. The
+    modeller ready, cancel) flow down. One stream per task. The
     child starts no protocol code before the parent has seen its first beat.
     """
     SendMessage: _grpc.StreamUnaryMultiCallable[_sandbox_pb2.MessageChunk, _sandbox_pb2.SendMessageResponse]
@@ -70,7 +70,7 @@ class SandboxAsyncStub(SandboxStub):
     """The task's serialised configuration. Called once, first."""
     Heartbeat: _aio.StreamStreamMultiCallable[_sandbox_pb2.Beat, _sandbox_pb2.Control]  # type: ignore[assignment]
     """Liveness. Beats flow up from a child thread; control messages (beat seen,
-    modeller ready, cancel, shutdown) flow down. One stream per task. The
+    modeller ready, cancel) flow down. One stream per task. The
     child starts no protocol code before the parent has seen its first beat.
     """
     SendMessage: _aio.StreamUnaryMultiCallable[_sandbox_pb2.MessageChunk, _sandbox_pb2.SendMessageResponse]  # type: ignore[assignment]
@@ -107,7 +107,7 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.Control], _abc.AsyncIterator[_sandbox_pb2.Control]]:
         """Liveness. Beats flow up from a child thread; control messages (beat seen,
-        modeller ready, cancel, shutdown) flow down. One stream per task. The
+        modeller ready, cancel) flow down. One stream per task. The
         child starts no protocol code before the parent has seen its first beat.
         """
 
