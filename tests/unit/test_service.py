@@ -16,6 +16,8 @@ from executor.service import METHOD_POLICY, TOKEN_METADATA_KEY, TaskServer, Toke
 from executor.session import RequestRejected, TaskSession
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
+from tests import rpc_caps
+from tests.procfs import connections_of
 from tests.unit.conftest import SessionKit, wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -151,10 +153,9 @@ def test_every_rpc_refuses_a_call_without_the_token(served):
         for method in service.methods:
             with pytest.raises(grpc.RpcError) as info:
                 _raw_call(served.channel, method, metadata)
-            assert info.value.code() in (
-                grpc.StatusCode.UNAUTHENTICATED,
-                grpc.StatusCode.PERMISSION_DENIED,
-            ), method.name
+            # UNAUTHENTICATED exactly: PERMISSION_DENIED is for methods no token opens.
+            got = (info.value.code(), info.value.details())
+            assert got == (grpc.StatusCode.UNAUTHENTICATED, "invalid or missing token"), method.name
     assert served.session.config_fetched_at is None
     assert served.session.finish is None
     assert served.session.beat_stats.beats == 0
@@ -406,17 +407,19 @@ def test_the_runtime_recognises_the_parents_rate_limit_refusal():
     assert limiter.admit("/executor.v1.Sandbox/ReportProgress") == RATE_LIMITED
 
 
-def test_the_rpc_attack_suite_knows_the_real_rate_cap():
-    import importlib.util
-    from pathlib import Path
+def test_every_rpc_edge_cap_is_its_pinned_value():
+    # The RPC attack suite expects these numbers (tests/rpc_caps.py), not the
+    # code's: a cap raised here in the code must fail, not move the expectation.
+    import executor.service as service
+    import executor.session as session
 
-    from executor.service import RATE_BURST, RATE_PER_S
-
-    path = Path(__file__).parents[1] / "protocols" / "rpc_attacks" / "protocol.py"
-    spec = importlib.util.spec_from_file_location("rpc_attacks_protocol", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert (module.RATE_PER_S, module.RATE_BURST) == (RATE_PER_S, RATE_BURST)
+    differ = {
+        f"{module.__name__}.{name}": (getattr(module, name, "<missing>"), pinned)
+        for module, caps in ((service, rpc_caps.SERVICE_CAPS), (session, rpc_caps.SESSION_CAPS))
+        for name, pinned in caps.items()
+        if getattr(module, name, None) != pinned
+    }
+    assert not differ, f"caps that are not their pinned values (code, pinned): {differ}"
 
 
 # -- budgets inside calls, stalled requests, cancels, abuse (issue 8 items 7 and 9) -------
@@ -583,4 +586,95 @@ def test_a_rapid_reset_costs_the_parent_less_cpu_than_the_attacker(served):
     assert parent < 1.4 * attacker, (
         f"parent {parent:.2f} s CPU against the attacker's {attacker:.2f} s ({outcome})"
     )
+    assert served.stub.GetTask(pb.GetTaskRequest(), metadata=served.auth, timeout=RPC_TIMEOUT).task_id
+
+
+# -- the rate and connection caps, proved against a real server (issue 9) -----------------
+
+
+def test_a_flood_is_held_to_a_low_rate_cap(make_session, request):
+    """A cap (20/s, burst 10) any client outruns: admitted calls stay within it, refusals say so."""
+    import time
+    from collections import Counter
+
+    from executor.sandbox.context import RATE_LIMITED
+
+    rate_per_s, burst = 20.0, 10
+    kit = make_session(config=CONFIG.SerializeToString(), max_result_bytes=64 * 1024)
+    sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
+    token = secrets.token_urlsafe(32)
+    server = TaskServer(kit.session, token, sock_dir / "sandbox.sock", rate_per_s=rate_per_s, burst=burst)
+    request.addfinalizer(lambda: server.stop(grace=0.2))
+    server.start()
+    channel = grpc.insecure_channel(f"unix:{sock_dir / 'sandbox.sock'}", options=[("grpc.enable_retries", 0)])
+    request.addfinalizer(channel.close)
+    get_task = channel.unary_unary(SERVICE_PATH + "GetTask")
+    auth = ((TOKEN_METADATA_KEY, token),)
+
+    ok = (grpc.StatusCode.OK, "")
+    refused = (grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED)
+    counts: Counter[tuple[grpc.StatusCode, str]] = Counter()
+    # The bucket holds at most ``burst`` now, so what it can admit from here on
+    # is bounded by burst + rate x the time until the last answer.
+    started = time.monotonic()
+    while counts[refused] < 100 and counts.total() < 2000:
+        # Fewer at once than a connection's stream cap, which would refuse the rest itself.
+        calls = [get_task.future(b"", metadata=auth, timeout=RPC_TIMEOUT) for _ in range(10)]
+        for call in calls:
+            error = call.exception()
+            counts[ok if error is None else (error.code(), error.details())] += 1
+    elapsed = time.monotonic() - started
+
+    admitted = counts[ok]
+    assert 0 < admitted <= burst + rate_per_s * elapsed, (counts, elapsed)
+    # Every refusal carries the signal the runtime backs off on (code and exact text).
+    assert counts[refused] >= 100, counts
+    assert set(counts) == {ok, refused}, counts
+    assert not kit.session.finished.is_set()  # refused, not yet ended for abuse
+
+
+def test_connections_beyond_the_cap_are_closed_and_the_parent_keeps_none(served):
+    """Four times the cap of raw HTTP/2 connections: the cap is served, the rest closed at once."""
+    import contextlib
+    import socket
+
+    cap = rpc_caps.MAX_CONNECTIONS
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(4 * cap):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.settimeout(RPC_TIMEOUT)
+            sock.connect(str(served.socket_path))
+            with contextlib.suppress(OSError):  # closed by the parent already
+                sock.sendall(preface)
+            sock.setblocking(False)
+        state: dict[int, str] = {}
+
+        def settled() -> bool:
+            for i, sock in enumerate(socks):
+                if state.get(i, "silent") != "silent":
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                # A first frame of type 4 is the parent's SETTINGS: it serves this connection.
+                state[i] = "served" if len(data) >= 9 and data[3] == 4 else "closed"
+            return len(state) == len(socks) and "silent" not in state.values()
+
+        assert wait_for(settled), state
+        served_now = sum(v == "served" for v in state.values())
+        assert served_now == cap, state
+        # The parent's own side, counted in this process: the cap and no more.
+        assert connections_of(served.socket_path) == cap
+    finally:
+        for sock in socks:
+            sock.close()
+    # Closed by the client, gone from the parent too.
+    assert wait_for(lambda: connections_of(served.socket_path) == 0)
     assert served.stub.GetTask(pb.GetTaskRequest(), metadata=served.auth, timeout=RPC_TIMEOUT).task_id
