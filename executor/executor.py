@@ -286,7 +286,11 @@ class Executor:
                 on_finish=wake.set,
                 data_dir=data_dir,
             )
-            server = TaskServer(session, task_dir.token, task_dir.socket_path)
+            try:
+                server = TaskServer(session, task_dir.token, task_dir.socket_path)
+            except BaseException:
+                broker.close()  # its spool and channel, before the error goes up
+                raise
             server.start()
             broker.watch_ready(lambda: session.send_control("MODELLER_READY"))
             lifeline: Lifeline | None = None

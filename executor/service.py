@@ -671,7 +671,11 @@ class TaskServer:
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         pb_grpc.add_SandboxServicer_to_server(SandboxServicer(session, self._limiter), self._server)
-        if self._server.add_insecure_port(f"unix:{socket_path}") == 0:
+        try:
+            port = self._server.add_insecure_port(f"unix:{socket_path}")
+        except RuntimeError:  # how grpc says the bind failed (e.g. a path too long for a socket)
+            port = 0
+        if port == 0:
             raise OSError(f"cannot listen on {socket_path}")
 
     def start(self) -> None:

@@ -1,0 +1,318 @@
+"""Executor.run on a scripted engine: the real server, session, lifeline, init and runtime; no Docker.
+
+:func:`executor.testing.host_runtime` runs the container's command (our init,
+then the child runtime) as host processes, so everything but the isolation
+is real. Every test's executor has private run, spool and uid directories,
+and afterwards nothing may remain in them: no task directory, no spool, no
+uid lease, no running server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from executor import executor as executor_module
+from executor import supervisor as supervisor_module
+from executor.crypto import TaskKeys
+from executor.errors import ContainerError, ImageNotFoundError, ProtocolBundleError, SandboxExecutorError
+from executor.executor import Executor, TaskSpec
+from executor.modeller import LocalModeller
+from executor.outcome import Status
+from executor.policy import IsolationPolicy
+from executor.service import TaskServer
+from executor.session import ProgressUpdate
+from executor.testing import FakeBackend, Program, exits, host_runtime
+from executor.transport import InMemoryTransport, Transport
+
+pytestmark = pytest.mark.timeout(120)
+
+# One uid only: a lease that is not given back makes the next lease fail.
+POLICY = IsolationPolicy.hardened().replace(
+    heartbeat_interval_s=0.05, heartbeat_timeout_s=10, timeout_s=60, uid_start=30001, uid_count=1
+)
+
+
+@dataclass
+class Kit:
+    """What a test's executors were built with, to check afterwards."""
+
+    run_dir: Path
+    spool_dir: Path
+    uid_dir: Path
+    scratch: Path
+    servers: list[TaskServer] = field(default_factory=list)
+    executors: list[Executor] = field(default_factory=list)
+
+    def executor(
+        self, backend: FakeBackend, *, policy: IsolationPolicy = POLICY, transport: Transport | None = None
+    ) -> Executor:
+        ex = Executor(
+            backend,
+            policy=policy,
+            transport=transport,
+            run_dir=self.run_dir,
+            spool_dir=self.spool_dir,
+            uid_dir=self.uid_dir,
+        )
+        self.executors.append(ex)
+        return ex
+
+    def runtime(self) -> Program:
+        return host_runtime(self.scratch)
+
+
+@pytest.fixture
+def kit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Kit]:
+    # Short: the task's socket path must fit a sockaddr_un.
+    run_dir = Path(tempfile.mkdtemp(prefix="se-", dir="/tmp"))
+    kit = Kit(run_dir, tmp_path / "spool", tmp_path / "uids", tmp_path / "scratch")
+    real_init = TaskServer.__init__
+
+    def recording_init(self: TaskServer, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        kit.servers.append(self)
+
+    monkeypatch.setattr(TaskServer, "__init__", recording_init)
+    try:
+        yield kit
+        for ex in kit.executors:
+            ex.close()
+        leftovers = sorted(str(p) for p in run_dir.iterdir())
+        spools = sorted(str(p) for p in kit.spool_dir.iterdir()) if kit.spool_dir.exists() else []
+        assert not leftovers, f"task directories left behind: {leftovers}"
+        assert not spools, f"spools left behind: {spools}"
+        assert all(s.session.closed.is_set() for s in kit.servers), "a task server was never stopped"
+        with executor_module.UidPool(kit.uid_dir).lease(POLICY):
+            pass  # the task's uid was given back
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    (d / "scans").mkdir(parents=True)
+    (d / "a.csv").write_text("x\n1\n")
+    (d / "scans" / "b.csv").write_text("x\n2\n")
+    for p in (d, d / "scans"):
+        p.chmod(0o755)
+    return d
+
+
+def _spec(make_protocol: Callable[..., Path], data: Path, source: str, **kwargs: Any) -> TaskSpec:
+    return TaskSpec(protocol_dir=make_protocol(source), data_dir=data, **kwargs)
+
+
+# -- the real runtime on the host --------------------------------------------------------
+
+OK_PROTOCOL = """
+def run(ctx):
+    ctx.progress.run_start()
+    for i, name in enumerate(["a.csv", "scans/b.csv"], 1):
+        (ctx.data_dir / name).read_text()
+        ctx.file_processed(name)
+        ctx.progress.step(i, 2, info=name)
+    ctx.file_failed("a.csv", "re-read and found wanting")
+    ctx.mailbox.send_training_update(b"weights" * 1000)
+    ctx.progress.run_end()
+    return {"epochs": ctx.parameters["epochs"], "task": ctx.task_id}
+"""
+
+
+def test_a_task_runs_through_the_real_server_init_and_runtime(kit, make_protocol, data, tmp_path):
+    transport = InMemoryTransport(spool_dir=tmp_path / "transport")
+    modeller = LocalModeller(transport, spool_dir=tmp_path / "modeller")
+    keys = TaskKeys.generate()
+    modeller.add_task("t-ok", keys)
+    seen: list[ProgressUpdate] = []
+    try:
+        ex = kit.executor(FakeBackend(kit.runtime()), transport=transport)
+        spec = _spec(make_protocol, data, OK_PROTOCOL, task_id="t-ok", parameters={"epochs": 3}, keys=keys)
+        outcome = ex.run(spec, on_progress=seen.append)
+        assert outcome.status is Status.OK, outcome.error
+        assert outcome.result == {"epochs": 3, "task": "t-ok"}
+        assert [u.kind for u in seen] == ["RUN_START", "STEP", "STEP", "RUN_END"]
+        assert [u.info for u in seen if u.kind == "STEP"] == ["a.csv", "scans/b.csv"]
+        assert outcome.to_dict()["files"] == {
+            "processed": 1,
+            "failed": {"a.csv": "re-read and found wanting"},
+        }
+        message = modeller.receive("t-ok", 5)
+        assert message is not None and (message.type, message.read()) == (
+            "TRAINING_UPDATE",
+            b"weights" * 1000,
+        )
+        assert {"create", "start", "boot", "import", "config", "load", "run", "total"} <= set(outcome.timings)
+        assert not ex.backend.only().killed  # type: ignore[attr-defined]
+    finally:
+        modeller.close()
+        transport.close()
+
+
+def test_an_exception_in_the_protocol_is_an_error_with_its_traceback(kit, make_protocol, data):
+    ex = kit.executor(FakeBackend(kit.runtime()))
+    outcome = ex.run(_spec(make_protocol, data, "def run(ctx):\n    raise KeyError('no label')\n"))
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None
+    assert outcome.error.type == "KeyError"
+    assert "raise KeyError" in outcome.error.traceback
+
+
+def test_an_abort_is_abort_with_its_reason(kit, make_protocol, data):
+    ex = kit.executor(FakeBackend(kit.runtime()))
+    outcome = ex.run(_spec(make_protocol, data, "def run(ctx):\n    ctx.abort('no data', reason='NoData')\n"))
+    assert outcome.status is Status.ABORT
+    assert outcome.error is not None and (outcome.error.type, outcome.error.message) == ("NoData", "no data")
+
+
+def test_a_sandbox_that_dies_without_a_result_reports_its_exit_code_and_last_words(kit, make_protocol, data):
+    source = (
+        "import os, sys\n\ndef run(ctx):\n    sys.stderr.write('fatal: out of luck\\n')\n"
+        "    sys.stderr.flush()\n    os._exit(3)\n"
+    )
+    ex = kit.executor(FakeBackend(kit.runtime()))
+    outcome = ex.run(_spec(make_protocol, data, source))
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None
+    assert (outcome.error.type, outcome.error.exit_code) == ("ContainerExited", 3)
+    assert "fatal: out of luck" in outcome.error.stderr_tail
+
+
+def test_a_frozen_sandbox_times_out_and_the_modeller_is_told(kit, make_protocol, data, tmp_path):
+    transport = InMemoryTransport(spool_dir=tmp_path / "transport")
+    modeller = LocalModeller(transport, spool_dir=tmp_path / "modeller")
+    keys = TaskKeys.generate()
+    modeller.add_task("t-frozen", keys)
+    # SIGSTOP freezes every thread, the heartbeat's too.
+    source = "import os, signal\n\ndef run(ctx):\n    os.kill(os.getpid(), signal.SIGSTOP)\n"
+    try:
+        ex = kit.executor(
+            FakeBackend(kit.runtime()), transport=transport, policy=POLICY.replace(heartbeat_timeout_s=1)
+        )
+        outcome = ex.run(_spec(make_protocol, data, source, task_id="t-frozen", keys=keys))
+        assert outcome.status is Status.TIMEOUT
+        assert outcome.error is not None and outcome.error.type == "HeartbeatTimeout"
+        assert ex.backend.only().killed  # type: ignore[attr-defined]
+        message = modeller.receive("t-frozen", 5)
+        assert message is not None and message.type == "TASK_ABORT"
+        assert json.loads(message.read())["reason"] == "LimitsExceeded"
+    finally:
+        modeller.close()
+        transport.close()
+
+
+def _cancel_on_run_start(cancel: threading.Event) -> Callable[[ProgressUpdate], None]:
+    def on_progress(update: ProgressUpdate) -> None:
+        if update.kind == "RUN_START":
+            cancel.set()
+
+    return on_progress
+
+
+def test_a_cancelled_protocol_stops_gracefully_and_is_not_killed(kit, make_protocol, data):
+    source = "import time\n\ndef run(ctx):\n    ctx.progress.run_start()\n    time.sleep(60)\n"
+    cancel = threading.Event()
+    ex = kit.executor(FakeBackend(kit.runtime()))
+    outcome = ex.run(
+        _spec(make_protocol, data, source), cancel=cancel, on_progress=_cancel_on_run_start(cancel)
+    )
+    assert outcome.status is Status.CANCELLED
+    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    # The protocol was interrupted and the runtime reported it: no kill was needed to stop it.
+    (server,) = kit.servers
+    assert server.session.finish is not None and server.session.finish.error_type == "Cancelled"
+
+
+def test_a_protocol_that_ignores_the_cancel_is_killed(kit, make_protocol, data, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "CANCEL_GRACE_S", 0.5)
+    source = (
+        "import signal, time\n\ndef run(ctx):\n    signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "    ctx.progress.run_start()\n    while True:\n        time.sleep(0.05)\n"
+    )
+    cancel = threading.Event()
+    ex = kit.executor(FakeBackend(kit.runtime()))
+    outcome = ex.run(
+        _spec(make_protocol, data, source), cancel=cancel, on_progress=_cancel_on_run_start(cancel)
+    )
+    assert outcome.status is Status.CANCELLED
+    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    (server,) = kit.servers
+    assert server.session.finish is None, "the protocol ignored the cancel, yet a result came"
+    assert ex.backend.only().killed  # type: ignore[attr-defined]
+
+
+# -- failure paths: nothing left behind ----------------------------------------------------
+
+
+def test_an_engine_refusing_the_create_leaves_nothing_behind(kit, make_protocol, data):
+    backend = FakeBackend(exits(0), create_errors=[ContainerError("container create failed: 409 Conflict")])
+    with pytest.raises(ContainerError):
+        kit.executor(backend).run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
+    assert backend.containers == {}
+    assert kit.servers, "the failure came before the server: this test no longer tests its cleanup"
+
+
+def test_an_engine_refusing_the_start_removes_the_container_and_leaves_nothing_behind(
+    kit, make_protocol, data
+):
+    backend = FakeBackend(exits(0), start_errors=[ContainerError("container start failed: 500 Server Error")])
+    with pytest.raises(ContainerError):
+        kit.executor(backend).run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
+    assert backend.all_removed() and backend.containers
+
+
+def test_a_missing_image_is_refused_before_anything_is_made(kit, make_protocol, data):
+    backend = FakeBackend(exits(0), images=[])
+    with pytest.raises(ImageNotFoundError):
+        kit.executor(backend).run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
+    assert [op for op, _ in backend.calls] == ["check_image"]
+
+
+def test_a_bundle_refused_during_the_copy_leaves_nothing_behind(kit, make_protocol, data, tmp_path):
+    protocol = make_protocol("def run(ctx):\n    return 1\n")
+    # A hard link passes the pre-check but not the copy (it could name a file the operator never shared).
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root only")
+    os.link(secret, protocol / "helper.txt")
+    backend = FakeBackend(exits(0))
+    with pytest.raises(ProtocolBundleError):
+        kit.executor(backend).run(TaskSpec(protocol_dir=protocol, data_dir=data))
+    assert backend.containers == {}
+
+
+def test_a_socket_that_cannot_be_bound_leaves_nothing_behind(kit, make_protocol, data):
+    # A run directory so deep that the task's socket path cannot fit a sockaddr_un.
+    deep = kit.run_dir / ("d" * 100)
+    deep.mkdir()
+    ex = Executor(
+        FakeBackend(exits(0)), policy=POLICY, run_dir=deep, spool_dir=kit.spool_dir, uid_dir=kit.uid_dir
+    )
+    kit.executors.append(ex)
+    with pytest.raises((OSError, SandboxExecutorError)):
+        ex.run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
+    assert not ex.backend.containers  # type: ignore[attr-defined]
+    leftovers = list(deep.iterdir())
+    shutil.rmtree(deep)
+    assert leftovers == []
+
+
+def test_a_task_after_a_failed_one_gets_the_uid_back(kit, make_protocol, data):
+    backend = FakeBackend(exits(0), start_errors=[ContainerError("container start failed: 500 Server Error")])
+    ex = kit.executor(backend)
+    spec = _spec(make_protocol, data, "def run(ctx):\n    return 1\n")
+    with pytest.raises(ContainerError):
+        ex.run(spec)
+    # The policy's range holds one uid: this run needs the failed task's.
+    outcome = ex.run(spec)
+    assert outcome.status is Status.ERROR  # exits(0) reports nothing
+    assert outcome.error is not None and outcome.error.type == "ContainerExited"
