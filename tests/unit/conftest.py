@@ -78,6 +78,7 @@ def make_session(tmp_path: Path) -> Iterator[Callable[..., SessionKit]]:
         max_result_bytes: int = 1024,
         on_progress: Callable[[ProgressUpdate], None] | None = None,
         channel: Channel | None = None,
+        data_dir: Path | None = None,
     ) -> SessionKit:
         n = next(counter)
         spool = tmp_path / f"transport-{n}"
@@ -112,6 +113,7 @@ def make_session(tmp_path: Path) -> Iterator[Callable[..., SessionKit]]:
             max_result_bytes=max_result_bytes,
             on_progress=record,
             on_finish=lambda: finish_calls.append(None),
+            data_dir=data_dir,
         )
         cleanups.append(broker.close)
         cleanups.append(modeller.close)

@@ -1,0 +1,410 @@
+"""What a protocol's ctx does against a real task server in this process: mailbox, shares, progress, files.
+
+The sandbox's :class:`Context` talks over a real Unix socket to a real
+:class:`TaskServer`, whose session forwards to a real
+:class:`MailboxBroker` and an in-memory modeller. No container: what is
+tested is the contract between the two sides, not the isolation.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from executor import mailbox as mailbox_module
+from executor.crypto import TaskKeys
+from executor.mailbox import MailboxBroker
+from executor.modeller import chunked
+from executor.sandbox import runtime
+from executor.sandbox.context import (
+    Context,
+    MailboxError,
+    MailboxTimeout,
+    ParentClient,
+    TaskAborted,
+)
+from executor.service import TOKEN_METADATA_KEY, TaskServer
+from executor.session import TaskSession
+from executor.transport import InMemoryTransport, Route
+from executor.v1 import sandbox_pb2 as pb
+from executor.v1 import sandbox_pb2_grpc as pb_grpc
+from tests.unit.conftest import SessionKit, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+MIB = 1024 * 1024
+
+
+def _config(**kwargs: Any) -> pb.TaskConfig:
+    fields: dict[str, Any] = {
+        "task_id": "task-1",
+        "project_id": "proj",
+        "parameters_json": '{"epochs": 2}',
+        "schema_json": "{}",
+        "data_path": "/data",
+        "chunk_bytes": 1024,
+        "max_message_bytes": 8 * MIB,
+        "max_result_bytes": 1024,
+        "heartbeat_interval_ms": 50,
+    }
+    fields.update(kwargs)
+    return pb.TaskConfig(**fields)
+
+
+@dataclass
+class Connected:
+    """A served session and a protocol's context on it."""
+
+    session: TaskSession
+    server: TaskServer
+    ctx: Context
+    client: ParentClient
+
+
+@pytest.fixture
+def connect(tmp_path: Path) -> Iterator[Callable[..., Connected]]:
+    """Serve a session on a fresh socket and build a ``Context`` connected to it; all closed after."""
+    cleanups: list[Callable[[], None]] = []
+
+    def make(session: TaskSession, config: pb.TaskConfig | None = None, **server_kwargs: Any) -> Connected:
+        sock_dir = Path(tempfile.mkdtemp(prefix="se-ctx-", dir="/tmp"))
+        cleanups.append(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
+        token = secrets.token_urlsafe(32)
+        server = TaskServer(session, token, sock_dir / "s.sock", **server_kwargs)
+        server.start()
+        cleanups.append(lambda: server.stop(grace=0.2))
+        channel = grpc.insecure_channel(f"unix:{sock_dir / 's.sock'}", options=[("grpc.enable_retries", 0)])
+        cleanups.append(channel.close)
+        client = ParentClient(pb_grpc.SandboxStub(channel), ((TOKEN_METADATA_KEY, token),))
+        ctx = Context(config or _config(), client, tmp_path / "scratch")
+        return Connected(session, server, ctx, client)
+
+    yield make
+    for cleanup in reversed(cleanups):
+        cleanup()
+
+
+@pytest.fixture
+def kit(make_session: Callable[..., SessionKit]) -> SessionKit:
+    return make_session(max_message_bytes=8 * MIB, max_task_bytes=64 * MIB)
+
+
+# -- the task ------------------------------------------------------------------------------
+
+
+def test_the_context_carries_the_configuration(kit, connect, tmp_path):
+    config = _config(
+        modeller_name="modeller-1", pod_identifier="pod-a", flags=pb.Flags(test_run=True), secrets={"K": "v"}
+    )
+    ctx = connect(kit.session, config).ctx
+    assert (ctx.task_id, ctx.project_id, ctx.modeller_name, ctx.pod_identifier) == (
+        "task-1",
+        "proj",
+        "modeller-1",
+        "pod-a",
+    )
+    assert ctx.parameters == {"epochs": 2}
+    assert ctx.flags.test_run and not ctx.flags.batched_execution
+    assert ctx.secrets == {"K": "v"}
+    assert ctx.scratch_dir == tmp_path / "scratch"
+
+
+# -- mailbox -------------------------------------------------------------------------------
+
+
+def test_a_body_larger_than_a_chunk_reaches_the_modeller_whole(kit, connect):
+    c = connect(kit.session)
+    body = os.urandom(5000)  # five chunks of the configured 1 KiB
+    c.ctx.mailbox.send_training_update(body)
+    message = kit.modeller.receive(kit.task_id, 5)
+    assert message is not None and (message.type, message.read()) == ("TRAINING_UPDATE", body)
+    assert c.client.mailbox_ops == 1
+
+
+def test_a_body_above_the_spool_threshold_travels_through_files_both_ways(kit, connect):
+    c = connect(kit.session, _config(chunk_bytes=MIB))
+    size = mailbox_module.SPOOL_THRESHOLD + 12345
+    up = os.urandom(size)
+    c.ctx.mailbox.send_training_update(up)
+    message = kit.modeller.receive(kit.task_id, 10)
+    assert message is not None and message.path is not None, (
+        "a large body should reach the modeller as a file"
+    )
+    assert message.read() == up
+    down = os.urandom(size)
+    kit.modeller.send_stream(kit.task_id, "ALGORITHM_EXCHANGE", chunked(down))
+    assert c.ctx.mailbox.await_algorithm_exchange(timeout=10) == down
+    # The opened copy was spooled, and is gone once streamed.
+    spool = kit.broker._spool
+    assert wait_for(lambda: [p.name for p in spool.iterdir()] == [mailbox_module.SPOOL_OWNER]), list(
+        spool.iterdir()
+    )
+
+
+def test_the_seed_mailbox_helpers_send_what_the_modeller_expects(kit, connect):
+    mailbox = connect(kit.session).ctx.mailbox
+    mailbox.send_task_start()
+    mailbox.send_number_of_batches(3)
+    mailbox.send_current_batch_id(2)
+    mailbox.send_batches_complete("done")
+    mailbox.send_task_abort("stopping", reason="NoData", exception_type="ValueError")
+    got = [kit.modeller.receive(kit.task_id, 5) for _ in range(5)]
+    assert [m.type for m in got if m is not None] == [
+        "TASK_START",
+        "NUMBER_OF_BATCHES",
+        "CURRENT_BATCH_ID",
+        "BATCHES_COMPLETE",
+        "TASK_ABORT",
+    ]
+    assert got[1] is not None and got[1].read() == b'{"number_of_batches": 3}'
+    assert got[4] is not None and b'"reason": "NoData"' in got[4].read()
+
+
+def test_every_await_helper_receives_its_own_type(kit, connect):
+    mailbox = connect(kit.session).ctx.mailbox
+    for kind, wait in [
+        ("MODELLER_RESPONSE", mailbox.await_modeller_response),
+        ("TASK_COMPLETE", mailbox.await_task_complete),
+        ("TRAINING_COMPLETE", mailbox.await_training_complete),
+    ]:
+        kit.modeller.send(kit.task_id, kind, kind.encode())
+        assert wait(timeout=5) == kind.encode()
+
+
+def test_a_receive_with_nothing_sent_is_a_mailbox_timeout(kit, connect):
+    with pytest.raises(MailboxTimeout) as info:
+        connect(kit.session).ctx.mailbox.await_modeller_response(timeout=0.2)
+    assert isinstance(info.value, TimeoutError)
+    assert info.value.code == "DEADLINE_EXCEEDED"
+
+
+def test_types_the_sandbox_may_not_use_are_refused(kit, connect):
+    mailbox = connect(kit.session).ctx.mailbox
+    with pytest.raises(MailboxError) as info:
+        mailbox.receive("TASK_START", timeout=1)  # only the parent watches for the modeller's TASK_START
+    assert info.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(MailboxError) as info:
+        mailbox.send("MODELLER_RESPONSE", b"forged")
+    assert info.value.code == "INVALID_ARGUMENT"
+    with pytest.raises(ValueError):
+        mailbox.send("NOT_A_TYPE", b"")
+    assert kit.modeller.receive(kit.task_id, 0.1) is None
+
+
+def test_a_body_over_the_limit_is_refused_before_any_call(kit, connect):
+    c = connect(kit.session, _config(max_message_bytes=100))
+    calls: list[object] = []
+    c.session.send_message = lambda *a: calls.append(a)  # type: ignore[method-assign]
+    with pytest.raises(MailboxError) as info:
+        c.ctx.mailbox.send_training_update(b"x" * 101)
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    assert calls == []
+
+
+def test_wait_for_modeller_returns_once_the_modeller_is_ready(kit, connect, monkeypatch):
+    exits: list[int] = []
+    monkeypatch.setattr(runtime.os, "_exit", exits.append)
+    c = connect(kit.session)
+    kit.broker.watch_ready(lambda: kit.session.send_control("MODELLER_READY"))
+    heartbeat = runtime.Heartbeat(c.client, 0.05, [c.ctx])
+    heartbeat.start()
+    try:
+        assert heartbeat.wait_seen(5)
+        assert not c.ctx.mailbox.wait_for_modeller(0.2)
+        kit.modeller.ready(kit.task_id)
+        assert c.ctx.mailbox.wait_for_modeller(5)
+    finally:
+        heartbeat.stop()
+    assert exits == []
+
+
+# -- secure shares -------------------------------------------------------------------------
+
+
+def test_shares_go_from_one_pods_sandbox_to_its_peers(connect, tmp_path):
+    transport = InMemoryTransport(spool_dir=tmp_path / "transport")
+    pods = ("pod-a", "pod-b")
+    private = {p: rsa.generate_private_key(public_exponent=65537, key_size=2048) for p in pods}
+    aes = os.urandom(32)
+    contexts: dict[str, Context] = {}
+    brokers: list[MailboxBroker] = []
+    try:
+        for pod in pods:
+            peers = tuple(p for p in pods if p != pod)
+            route = Route("task-s", pod, peers=peers)
+            keys = TaskKeys(aes, private[pod], {p: private[p].public_key() for p in peers})
+            broker = MailboxBroker(
+                route,
+                transport.open(route),
+                keys,
+                tmp_path / f"spool-{pod}",
+                max_message_bytes=MIB,
+                max_task_bytes=MIB,
+            )
+            brokers.append(broker)
+            session = TaskSession("task-s", b"", broker, max_result_bytes=1024)
+            contexts[pod] = connect(session, _config(task_id="task-s", pod_identifier=pod)).ctx
+        contexts["pod-a"].mailbox.send_secure_shares({"pod-b": b"share for b"})
+        contexts["pod-b"].mailbox.send_secure_shares({"pod-a": b"share for a"})
+        assert contexts["pod-b"].mailbox.get_secure_shares(timeout=5) == {"pod-a": b"share for b"}
+        assert contexts["pod-a"].mailbox.get_secure_shares(timeout=5) == {"pod-b": b"share for a"}
+        with pytest.raises(MailboxTimeout):
+            contexts["pod-a"].mailbox.get_secure_shares(timeout=0.2)
+        with pytest.raises(MailboxError) as info:
+            contexts["pod-a"].mailbox.send_secure_shares({"pod-z": b"not a peer"})
+        assert info.value.code == "RESOURCE_EXHAUSTED"
+    finally:
+        for broker in brokers:
+            broker.close()
+        transport.close()
+
+
+# -- progress, files, abort ----------------------------------------------------------------
+
+
+def test_progress_events_reach_the_parent_with_their_fields(kit, connect):
+    c = connect(kit.session)
+    progress = c.ctx.progress
+    progress.run_start()
+    progress.epoch_start(1, 3)
+    progress.step(2, 10, info="batch 2", epoch=1, max_epochs=3)
+    progress.epoch_end(1, 3)
+    progress.run_end()
+    assert [u.kind for u in kit.progress] == ["RUN_START", "EPOCH_START", "STEP", "EPOCH_END", "RUN_END"]
+    step = kit.progress[2]
+    assert (step.current, step.total, step.info, step.current_epoch, step.max_epochs) == (
+        2,
+        10,
+        "batch 2",
+        1,
+        3,
+    )
+    assert (kit.progress[1].current_epoch, kit.progress[1].max_epochs) == (1, 3)
+    assert c.client.progress_events == 5
+
+
+@pytest.fixture
+def datasource(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    (data / "scans").mkdir(parents=True)
+    (data / "a.csv").write_text("1\n")
+    (data / "scans" / "b.csv").write_text("2\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.csv").write_text("s\n")
+    (data / "link.csv").symlink_to(outside / "secret.csv")
+    (data / "linked").symlink_to(outside)
+    (data / "inner-link.csv").symlink_to(data / "a.csv")
+    return data
+
+
+def test_file_outcomes_with_good_names_are_recorded(make_session, connect, datasource):
+    kit = make_session(data_dir=datasource)
+    ctx = connect(kit.session).ctx
+    ctx.file_processed("a.csv")
+    ctx.file_failed("scans/b.csv", "unreadable")
+    assert kit.session.file_outcomes() == {
+        "a.csv": ("PROCESSED", ""),
+        "scans/b.csv": ("FAILED", "unreadable"),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc/passwd",
+        "../outside/secret.csv",
+        "scans/../a.csv",
+        "./a.csv",
+        "scans//b.csv",
+        "a.csv\0.png",
+        "",
+        "link.csv",
+        "linked/secret.csv",
+        "inner-link.csv",
+        "scans",
+        "missing.csv",
+        "scans/missing.csv",
+    ],
+    ids=[
+        "absolute",
+        "dotdot",
+        "inner-dotdot",
+        "dot",
+        "double-slash",
+        "nul",
+        "empty",
+        "symlink-out",
+        "symlinked-dir",
+        "symlink-in",
+        "directory",
+        "missing",
+        "missing-nested",
+    ],
+)
+def test_file_names_outside_a_plain_regular_file_of_the_datasource_are_refused(
+    make_session, connect, datasource, name
+):
+    kit = make_session(data_dir=datasource)
+    ctx = connect(kit.session).ctx
+    with pytest.raises(ValueError, match="refused"):
+        ctx.file_processed(name)
+    with pytest.raises(ValueError, match="refused"):
+        ctx.file_failed(name, "why")
+    assert kit.session.file_outcomes() == {}
+
+
+def test_abort_ends_the_protocol_with_its_reason(kit, connect):
+    ctx = connect(kit.session).ctx
+    with pytest.raises(TaskAborted) as info:
+        ctx.abort("no usable data", reason="NoData")
+    assert (str(info.value), info.value.reason) == ("no usable data", "NoData")
+
+
+# -- the parent's rate cap -----------------------------------------------------------------
+
+
+def test_a_protocol_over_the_rate_cap_is_slowed_not_failed(kit, connect):
+    c = connect(kit.session, rate_per_s=50.0, burst=5)
+    refused = []
+    limiter = c.server._limiter
+    real_take = limiter.take
+
+    def counting_take() -> str | None:
+        reason = real_take()
+        if reason is not None:
+            refused.append(reason)
+        return reason
+
+    limiter.take = counting_take  # type: ignore[method-assign]
+    for i in range(30):
+        c.ctx.progress.step(i, 30)
+    assert len(kit.progress) == 30, "every event arrives"
+    assert refused, "the cap was never reached: this test shows nothing"
+
+
+def test_other_resource_exhausted_refusals_are_not_retried(make_session, connect):
+    kit = make_session(max_message_bytes=MIB, max_task_bytes=100)
+    c = connect(kit.session)
+    calls = []
+    real_send = kit.session.send_message
+
+    def counting_send(*args: Any) -> None:
+        calls.append(args[0])
+        real_send(*args)
+
+    kit.session.send_message = counting_send  # type: ignore[method-assign]
+    with pytest.raises(MailboxError) as info:
+        c.ctx.mailbox.send_training_update(b"x" * 200)  # past the task's quota, not its rate
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    assert calls == ["TRAINING_UPDATE"]
