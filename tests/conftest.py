@@ -104,11 +104,13 @@ def modeller() -> Iterator[object]:
 
 
 @pytest.fixture
-def make_executor(docker_client: object, run_dir: Path) -> Iterator[object]:
+def make_executor(docker_client: object, run_dir: Path, tmp_path: Path) -> Iterator[object]:
     """Build executors on the real engine; afterwards nothing they made may remain.
 
-    The check runs even when the test failed, and whatever leaked is removed
-    before the assertion reports it.
+    Each executor gets a private spool directory (unless the test names one),
+    so that a spool it leaks is seen here and not mistaken for another's. The
+    check runs even when the test failed, and whatever leaked (containers,
+    task directories, spools) is removed before the assertion reports it.
     """
     from executor.executor import Executor
 
@@ -119,6 +121,7 @@ def make_executor(docker_client: object, run_dir: Path) -> Iterator[object]:
             kwargs["policies"] = bounded_set(kwargs["policies"])  # type: ignore[arg-type]
         else:
             kwargs["policy"] = bounded(kwargs.get("policy") or IsolationPolicy.hardened())  # type: ignore[arg-type]
+        kwargs.setdefault("spool_dir", tmp_path / f"executor-spool-{len(made)}")
         ex = Executor(run_dir=run_dir, **kwargs)  # type: ignore[arg-type]
         made.append(ex)
         return ex
@@ -132,5 +135,14 @@ def make_executor(docker_client: object, run_dir: Path) -> Iterator[object]:
             leaked_containers.append(c.name)
             c.remove(force=True)
     leaked_paths = sorted(str(p) for p in run_dir.iterdir())
+    leaked_spools = []
+    for ex in made:
+        for p in sorted(ex.spool_dir.iterdir()) if ex.spool_dir.is_dir() else []:
+            leaked_spools.append(str(p))
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink()
     assert not leaked_containers, f"containers left behind: {leaked_containers}"
     assert not leaked_paths, f"task directories left behind: {leaked_paths}"
+    assert not leaked_spools, f"mailbox spools left behind: {leaked_spools}"
