@@ -145,3 +145,50 @@ def test_a_lifeline_never_connected_leaves_nothing_behind(tmp_path):
     lifeline.start()
     lifeline.close()
     assert not lifeline.path.exists()
+
+
+def _run_init(*command: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "executor.sandbox.init", "--", *command],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("code", [0, 3, 75])
+def test_init_exits_with_the_runtimes_status_and_passes_its_output_on(code):
+    proc = _run_init(
+        sys.executable, "-c", f"import sys; print('out'); print('err', file=sys.stderr); sys.exit({code})"
+    )
+    assert proc.returncode == code
+    assert (proc.stdout, proc.stderr) == ("out\n", "err\n")
+
+
+def test_a_runtime_killed_by_a_signal_is_reported_as_a_shell_would():
+    proc = _run_init(sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    assert proc.returncode == 128 + 9
+
+
+def test_init_forwards_a_termination_signal_to_the_runtime():
+    child = "import signal, sys, time\nprint('ready', flush=True)\ntime.sleep(30)\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "executor.sandbox.init", "--", sys.executable, "-c", child],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc.send_signal(15)
+        # The runtime died of the forwarded SIGTERM; init itself survived to report it.
+        assert proc.wait(10) == 128 + 15
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("command", [(), ("/nonexistent/python3",)], ids=["none", "missing"])
+def test_init_fails_closed_without_a_runnable_command(command):
+    assert _run_init(*command).returncode == EXIT_INIT_FAILED
