@@ -56,6 +56,9 @@ class Heartbeat:
         self._ctx_holder = ctx_holder
         self.cancelled = threading.Event()
         self.seen = threading.Event()
+        # The modeller may be ready before the protocol's context exists (its
+        # TASK_START came before the sandbox booted): remembered here.
+        self.modeller_ready = threading.Event()
         self._main_ident = threading.main_thread().ident
         self._last_position: tuple[int, int] | None = None
 
@@ -86,8 +89,10 @@ class Heartbeat:
                 kind = pb.Control.Kind.Name(control.kind)
                 if kind == "BEAT_SEEN":
                     self.seen.set()
-                elif kind == "MODELLER_READY" and self._ctx_holder:
-                    self._ctx_holder[0].mailbox.modeller_ready.set()
+                elif kind == "MODELLER_READY":
+                    self.modeller_ready.set()
+                    if self._ctx_holder:
+                        self._ctx_holder[0].mailbox.modeller_ready.set()
                 elif kind == "CANCEL":
                     self.cancelled.set()
                     # A real signal, aimed at the main thread, so that a blocking
@@ -254,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ctx = Context(config, client, SCRATCH_DIR)
         ctx_holder.append(ctx)
+        if heartbeat.modeller_ready.is_set():
+            ctx.mailbox.modeller_ready.set()
         report = _execute(config, ctx, timings)
     except BaseException as exc:  # even a broken configuration must be reported
         report = _error(type(exc).__name__, _describe(exc), _summarise(exc))
