@@ -5,6 +5,10 @@ hardened policy with small caps, and reports for each probe whether the
 sandbox held. Every probe must hold under every runtime; a probe may say it
 does not apply only where :data:`MAY_NOT_APPLY` allows it, and every allowed
 exception must actually be one, so that nothing silently stops being checked.
+
+Which runtime ran is never taken from the outcome (that echoes the policy):
+the engine's record of the container (``HostConfig.Runtime``, read while it
+exists) and the kernel the sandbox sees must both say so.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from executor.crypto import TaskKeys
 from executor.executor import Executor, TaskSpec
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
+from executor.session import ProgressUpdate
 
 from ..conftest import PROTOCOLS
+from ..engine import RecordingBackend
 
 pytestmark = pytest.mark.security
 
@@ -112,6 +118,10 @@ PROBES = [
 KNOWN_HOLES: dict[str, dict[str, str]] = {}
 
 
+# /proc/version here: a runc sandbox shares this kernel, a gVisor one has its own.
+HOST_KERNEL = Path("/proc/version").read_text().strip()
+
+
 @dataclass
 class ProbeRun:
     """One runtime's probe run, or why there is none."""
@@ -119,6 +129,7 @@ class ProbeRun:
     runtime: str
     result: dict[str, Any] | None = None
     missing: str = ""
+    engine_runtime: str = ""  # what the engine recorded for the container
 
     def probes(self) -> dict[str, dict[str, Any]]:
         if self.result is None:
@@ -139,28 +150,35 @@ def _check_runtime(docker_client: Any, runtime: str) -> str:
 
 def _run_probe(
     docker_client: Any, data: Path, runtime: str, caps: dict[str, int], parameters: dict[str, Any]
-) -> Outcome:
-    """Run the probe protocol once; nothing may remain afterwards."""
-    policy = IsolationPolicy.hardened().replace(runtime=runtime, timeout_s=180, **caps)
+) -> tuple[Outcome, str]:
+    """Run the probe protocol once; the outcome and the runtime the engine recorded.
+
+    Nothing may remain afterwards: no container, task directory or spool.
+    """
+    policy = IsolationPolicy.hardened().replace(runtime=runtime, timeout_s=120, **caps)
     run_dir = Path(tempfile.mkdtemp(prefix="se-", dir="/tmp"))
+    spool_dir = Path(tempfile.mkdtemp(prefix="se-spool-", dir="/tmp"))
+    backend = RecordingBackend()
     try:
-        executor = Executor(run_dir=run_dir, policy=policy)
-        outcome = executor.run(
-            TaskSpec(protocol_dir=PROTOCOLS / "probe", data_dir=data, parameters=parameters)
-        )
-        leaked = []
-        for c in docker_client.containers.list(
-            all=True, filters={"label": f"{LABEL_PARENT}={executor.instance_id}"}
-        ):
-            leaked.append(c.name)
-            c.remove(force=True)
-        left = sorted(str(p) for p in run_dir.iterdir())
+        executor = Executor(backend, run_dir=run_dir, spool_dir=spool_dir, policy=policy)
+        try:
+            outcome = executor.run(
+                TaskSpec(protocol_dir=PROTOCOLS / "probe", data_dir=data, parameters=parameters)
+            )
+        finally:
+            leaked = []
+            for c in docker_client.containers.list(
+                all=True, filters={"label": f"{LABEL_PARENT}={executor.instance_id}"}
+            ):
+                leaked.append(c.name)
+                c.remove(force=True)
+            left = sorted(str(p) for p in [*run_dir.iterdir(), *spool_dir.iterdir()])
         assert not leaked, f"containers left behind: {leaked}"
-        assert not left, f"task directories left behind: {left}"
-        assert outcome.runtime == runtime
-        return outcome
+        assert not left, f"task directories or spools left behind: {left}"
+        return outcome, backend.last().runtime
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(spool_dir, ignore_errors=True)
 
 
 def _host_facts() -> dict[str, Any]:
@@ -199,17 +217,23 @@ def probe_run(request: pytest.FixtureRequest, docker_client: Any, probe_data: Pa
     if missing:
         return ProbeRun(runtime, missing=missing)
     caps = CAPS[runtime]
-    outcome = _run_probe(
+    outcome, engine_runtime = _run_probe(
         docker_client, probe_data, runtime, caps, {**caps, **_host_facts(), "parent_is_root": PARENT_IS_ROOT}
     )
     assert outcome.status is Status.OK, outcome.error
-    return ProbeRun(runtime, result=outcome.result)
+    return ProbeRun(runtime, result=outcome.result, engine_runtime=engine_runtime)
 
 
 def test_probe_ran_in_the_runtime_asked_for(probe_run: ProbeRun) -> None:
+    """The engine ran the container with the runtime asked for, and the kernel inside agrees."""
     probe_run.probes()
     assert probe_run.result is not None
+    assert probe_run.engine_runtime == probe_run.runtime, "the engine's HostConfig.Runtime"
     assert probe_run.result["runtime"] == probe_run.runtime, probe_run.result["evidence"]
+    if probe_run.runtime == "runc":
+        assert probe_run.result["kernel"] == HOST_KERNEL, "a runc sandbox runs on the host's kernel"
+    else:
+        assert probe_run.result["kernel"] != HOST_KERNEL, "a gVisor sandbox has a kernel of its own"
 
 
 def test_every_probe_ran(probe_run: ProbeRun) -> None:
@@ -241,20 +265,87 @@ def test_probe_held(probe_run: ProbeRun, probe: str, request: pytest.FixtureRequ
 # -- caps pushed past their limit, judged from outside --------------------------------
 
 
+@dataclass
+class BombRun:
+    """A fork bomb's outcome, and the container's pids cgroup at each count it reported."""
+
+    outcome: Outcome
+    engine_runtime: str
+    steps: list[tuple[int, str, dict[str, int]]]  # (children, "forked" | "refused", pids sample)
+
+    @property
+    def forked(self) -> int:
+        """How many children the bomb had when it last reported."""
+        return max((n for n, _, _ in self.steps), default=0)
+
+
+def _bomb(executor: Executor, backend: RecordingBackend, data: Path, limit: int) -> BombRun:
+    """Run the fork bomb up to ``limit`` children; the engine's pids cgroup is read at each child."""
+    steps: list[tuple[int, str, dict[str, int]]] = []
+
+    def sample(update: ProgressUpdate) -> None:
+        # Runs before the sandbox's progress call returns, so the bomb waits for it.
+        steps.append((update.current, update.info, backend.sample_pids()))
+
+    outcome = executor.run(
+        TaskSpec(
+            protocol_dir=PROTOCOLS / "fork_bomb", data_dir=data, parameters={"report": True, "limit": limit}
+        ),
+        on_progress=sample,
+    )
+    return BombRun(outcome, backend.last().runtime, steps)
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_fork_bomb_is_stopped_at_the_pids_cap(runtime: str, docker_client: Any, probe_data: Path) -> None:
-    """fork() is refused below the cap; under gVisor the sandbox may end instead (DESIGN)."""
+def test_fork_bomb_is_stopped_by_the_pids_cap_and_the_next_task_runs(
+    runtime: str, docker_client: Any, make_executor: Any, data_dir: Path
+) -> None:
+    """The engine's pids cap, and nothing else, stops a fork bomb; the executor carries on.
+
+    Runc refuses fork() at the cap: the engine counts the refusal. gVisor may
+    end the whole sandbox instead (DESIGN): then the same bomb, one child
+    further, must get through under a cap four times higher.
+    """
     missing = _check_runtime(docker_client, runtime)
     if missing:
         pytest.fail(missing)
-    caps = {"pids": CAPS[runtime]["pids"]}
-    outcome = _run_probe(docker_client, probe_data, runtime, caps, {"mode": "fork_bomb", **caps})
-    if runtime == "runsc" and outcome.status is not Status.OK:
-        assert outcome.status is Status.ERROR, outcome
-        assert outcome.error is not None and outcome.error.type == "ContainerExited", outcome.error
-        return
-    assert outcome.status is Status.OK, outcome.error
-    assert outcome.result["held"], outcome.result["detail"]
+    cap = CAPS[runtime]["pids"]
+    policy = IsolationPolicy.hardened().replace(runtime=runtime, timeout_s=120, pids=cap)
+    backend = RecordingBackend()
+    executor = make_executor(policy=policy, backend=backend)
+    bomb = _bomb(executor, backend, data_dir, limit=4 * cap)
+
+    assert bomb.engine_runtime == runtime
+    assert bomb.steps, f"the bomb never reported a child: {bomb.outcome.error}"
+    assert {s["max"] for _, _, s in bomb.steps} == {cap}, "the engine's pids.max is the policy's cap"
+    assert 0 < bomb.forked < cap, bomb.steps[-1]
+    if bomb.outcome.status is Status.OK:
+        assert bomb.outcome.result == {"children": bomb.forked, "refused": "BlockingIOError"}
+        _, what, pids = bomb.steps[-1]
+        assert what == "refused", bomb.steps[-3:]
+        assert pids["refused"] > 0, f"the engine counted no fork refused at its cap: {pids}"
+    else:
+        assert runtime == "runsc", bomb.outcome.error
+        error = bomb.outcome.error
+        assert bomb.outcome.status is Status.ERROR and error is not None, error
+        assert error.type == "ContainerExited", error
+    # The same executor runs its next task as if nothing had happened.
+    after = executor.run(
+        TaskSpec(protocol_dir=PROTOCOLS / "async_run", data_dir=data_dir, parameters={"n": 2})
+    )
+    assert after.status is Status.OK, after.error
+    if bomb.outcome.status is not Status.OK:
+        # The sandbox ended at child forked + 1: with a higher cap, that child is no problem.
+        roomy = RecordingBackend()
+        control = _bomb(
+            make_executor(policy=policy.replace(pids=4 * cap), backend=roomy),
+            roomy,
+            data_dir,
+            bomb.forked + 1,
+        )
+        assert {s["max"] for _, _, s in control.steps} == {4 * cap}
+        assert control.outcome.status is Status.OK, control.outcome.error
+        assert control.outcome.result == {"children": bomb.forked + 1, "refused": ""}
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
@@ -263,7 +354,10 @@ def test_memory_hog_is_killed_at_the_memory_cap(runtime: str, docker_client: Any
     if missing:
         pytest.fail(missing)
     caps = {"memory_mb": CAPS[runtime]["memory_mb"], "pids": CAPS[runtime]["pids"]}
-    outcome = _run_probe(docker_client, probe_data, runtime, caps, {"mode": "memory_hog", **caps})
+    outcome, engine_runtime = _run_probe(
+        docker_client, probe_data, runtime, caps, {"mode": "memory_hog", **caps}
+    )
+    assert engine_runtime == runtime
     assert outcome.status is Status.KILLED, outcome.result or outcome.error
     assert outcome.error is not None and outcome.error.type == "OutOfMemory", outcome.error
 

@@ -9,26 +9,32 @@ of which probes may not apply under which runtime.
 
 ``run`` returns::
 
-    {"runtime": "runc" | "runsc", "evidence": str, "machine": str,
+    {"runtime": "runc" | "runsc", "evidence": str, "kernel": str, "machine": str,
      "probes": {name: {"held": bool | None, "detail": str, "applies": bool}}}
+
+``runtime`` is judged from inside (gVisor's kernel log names it); ``kernel`` is
+``/proc/version``, for the test to compare with the host's.
 
 Parameters tell the probes the policy's caps: ``pids``, ``memory_mb``,
 ``nofile``, ``tmpfs_mb``; ``parent_is_root`` says whether the parent handed the
 token to the sandbox uid alone; ``only`` (a list of names) runs just those
-probes, for debugging. With ``{"mode": "fork_bomb"}`` or
-``{"mode": "memory_hog"}`` it instead pushes one cap past its limit, for the
-test to check the outcome from outside.
+probes, for debugging. With ``{"mode": "memory_hog"}`` it instead pushes the
+memory cap past its limit, for the test to check the outcome from outside (the
+fork bomb is its own protocol, ``tests/protocols/fork_bomb``).
 
 Probes read local state or act on the container's own namespaces only; none
 sends traffic anywhere. Anything that could change the sandbox's own process
 (namespaces, mounts, ptrace) runs in a forked child.
 """
 
+import array
 import contextlib
 import ctypes
 import errno
+import fcntl
 import fnmatch
 import glob
+import ipaddress
 import json
 import os
 import platform
@@ -36,6 +42,7 @@ import re
 import resource
 import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -254,18 +261,30 @@ def detect_runtime():
     return "runc", f"kernel log: {err or f'{ret} bytes'}; /proc/version: {version[:80]!r}"
 
 
-def _write_refused(path):
+def _write_refused(env, path):
+    """Held if creating ``path`` fails because its mount is read-only.
+
+    Linux says EROFS. gVisor checks the directory's permissions before the
+    mount's flags and says EACCES (only_expected_mounts checks the flags there).
+    """
+    expected = {"EROFS", "EACCES"} if env.gvisor else {"EROFS"}
     try:
         with open(path, "x") as f:
             f.write("x")
     except OSError as exc:
-        return True, f"{path}: {_ename(exc.errno)}"
+        code = _ename(exc.errno)
+        return code in expected, f"{path}: {code} (a refusal is one of {sorted(expected)})"
     os.unlink(path)
     return False, f"{path}: written"
 
 
+# How opening a kernel interface for writing may fail: denied, read-only, or
+# not there at all. Anything else (EINVAL, EIO, ...) is not a refusal.
+WRITE_OPEN_REFUSED = {"EACCES", "EPERM", "EROFS", "ENOENT"}
+
+
 def _open_for_write_refused(paths):
-    """Try to open each path for writing (never write); held if none opens."""
+    """Try to open each path for writing (never write); held if each is refused."""
     results = {}
     for path in paths:
         try:
@@ -275,22 +294,110 @@ def _open_for_write_refused(paths):
         else:
             os.close(fd)
             results[path] = "OPENED"
-    held = all(v != "OPENED" for v in results.values())
+    held = all(v in WRITE_OPEN_REFUSED for v in results.values())
     return held, ", ".join(f"{p}: {v}" for p, v in results.items())
 
 
 # -- network -------------------------------------------------------------------
 
 
+SIOCGIFCONF = 0x8912
+IFREQ_SIZE = 40  # struct ifreq on 64-bit Linux
+RTF_REJECT = 0x0200
+IPV6_LOOPBACK = ipaddress.IPv6Address("::1")
+# Socket tables of the container's network namespace. gVisor has no raw ones.
+SOCKET_TABLES = ("tcp", "udp", "tcp6", "udp6", "raw", "raw6")
+
+
+def _proc_net_rows(name):
+    with open(f"/proc/net/{name}") as f:
+        return [line.split() for line in f.read().splitlines() if line.strip()]
+
+
+def _ifconf(length, address):
+    """A ``struct ifconf`` (int length, then a pointer, 8-aligned) for SIOCGIFCONF."""
+    return length.to_bytes(4, sys.byteorder) + bytes(4) + address.to_bytes(8, sys.byteorder)
+
+
+def _ipv4_addresses():
+    """``[(interface, address)]`` of every IPv4 address, as SIOCGIFCONF lists them."""
+    buf = array.array("B", bytes(IFREQ_SIZE * 64))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # made, never used to send
+        packed = fcntl.ioctl(s.fileno(), SIOCGIFCONF, _ifconf(len(buf), buf.buffer_info()[0]))
+    size = int.from_bytes(packed[:4], sys.byteorder, signed=True)
+    raw = buf.tobytes()[:size]
+    return [
+        (raw[i : i + 16].split(b"\0", 1)[0].decode(), socket.inet_ntoa(raw[i + 20 : i + 24]))
+        for i in range(0, size, IFREQ_SIZE)
+    ]
+
+
+def _socket_address(text):
+    """An address as /proc/net/{tcp,udp,raw}[6] print it: 32-bit words in host order."""
+    raw = bytes.fromhex(text)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return ipaddress.ip_address(raw)
+
+
+def _ipv6(text):
+    """An address as /proc/net/if_inet6 and ipv6_route print it: 32 hex digits, network order."""
+    return ipaddress.IPv6Address(bytes.fromhex(text))
+
+
+def _local_only(address):
+    mapped = getattr(address, "ipv4_mapped", None)
+    address = mapped or address
+    return address.is_loopback or address.is_unspecified
+
+
 def probe_only_loopback(env):
-    names = sorted(os.listdir("/sys/class/net"))
-    return names == ["lo"], f"interfaces: {names}"
+    """One interface, lo, in every view; addresses only 127/8 and ::1; no socket off loopback."""
+    problems = []
+    with open("/proc/net/dev") as f:
+        dev = sorted(line.split(":", 1)[0].strip() for line in f.read().splitlines()[2:] if ":" in line)
+    views = {
+        "/sys/class/net": sorted(os.listdir("/sys/class/net")),
+        "/proc/net/dev": dev,
+        "if_nameindex": sorted(name for _, name in socket.if_nameindex()),
+    }
+    problems += [f"{where}: {names}" for where, names in views.items() if names != ["lo"]]
+    ipv4 = _ipv4_addresses()
+    problems += [f"IPv4 {a} on {i}" for i, a in ipv4 if i != "lo" or not ipaddress.ip_address(a).is_loopback]
+    ipv6 = [(row[5], row[0]) for row in _proc_net_rows("if_inet6")]
+    problems += [f"IPv6 {_ipv6(a)} on {i}" for i, a in ipv6 if i != "lo" or _ipv6(a) != IPV6_LOOPBACK]
+    sockets = 0
+    for table in SOCKET_TABLES:
+        try:
+            rows = _proc_net_rows(table)[1:]
+        except FileNotFoundError:
+            if env.gvisor and table.startswith("raw"):
+                continue
+            raise
+        sockets += len(rows)
+        for row in rows:
+            local, remote = (_socket_address(end.split(":")[0]) for end in row[1:3])
+            if not (_local_only(local) and _local_only(remote)):
+                problems.append(f"{table} socket {local} -> {remote}")
+    return not problems, (
+        f"problems: {problems}; interfaces: {views['/sys/class/net']}, IPv4: {ipv4}, "
+        f"IPv6: {[(i, str(_ipv6(a))) for i, a in ipv6]}, sockets: {sockets}"
+    )
 
 
 def probe_no_routes(env):
-    with open("/proc/net/route") as f:
-        routes = f.read().splitlines()[1:]
-    return not routes, f"{len(routes)} IPv4 routes"
+    """No IPv4 or IPv6 route leads anywhere but loopback (or nowhere: a reject route)."""
+    problems = []
+    ipv4 = _proc_net_rows("route")[1:]
+    problems += [f"IPv4 {row[1]} via {row[2]} dev {row[0]}" for row in ipv4]
+    ipv6 = _proc_net_rows("ipv6_route")
+    for dest, plen, _src, _splen, hop, _metric, _ref, _use, flags, dev in (row[:10] for row in ipv6):
+        net = f"{_ipv6(dest)}/{int(plen, 16)}"
+        reject = int(flags, 16) & RTF_REJECT
+        loopback = net in ("::1/128", "ff00::/8")
+        if dev != "lo" or int(hop, 16) or not (reject or loopback):
+            problems.append(f"IPv6 {net} via {_ipv6(hop)} dev {dev} flags {flags}")
+    return not problems, f"problems: {problems}; {len(ipv4)} IPv4 and {len(ipv6)} IPv6 routes"
 
 
 # -- identity and privileges ---------------------------------------------------
@@ -409,18 +516,32 @@ def probe_no_host_dns_config(env):
 
 
 def probe_pid1_memory_not_readable(env):
-    """Reading init's memory needs the same ptrace access as attaching to it."""
+    """Reading init's memory needs the same ptrace access as attaching to it.
+
+    Held only on an exact refusal: opening /proc/1/mem denied (EACCES/EPERM),
+    or, if it opens, reading a page pid 1 has mapped refused (EACCES/EPERM/EIO).
+    An open /proc/1/mem with no mapped address to try is not held: nothing was
+    shown.
+    """
     try:
-        with open("/proc/1/maps") as f:
-            first = f.readline()
-        start = int(first.split("-", 1)[0], 16)
-        with open("/proc/1/mem", "rb") as f:
-            f.seek(start)
-            data = f.read(4)
+        fd = os.open("/proc/1/mem", os.O_RDONLY)
     except OSError as exc:
-        return True, f"/proc/1/mem: {_ename(exc.errno)}"
-    except ValueError as exc:
-        return True, f"/proc/1/maps unusable: {exc}"
+        code = _ename(exc.errno)
+        return code in ("EACCES", "EPERM"), f"open /proc/1/mem: {code}"
+    try:
+        try:
+            with open("/proc/1/maps") as f:
+                first = f.readline()
+            start = int(first.split("-", 1)[0], 16)
+        except (OSError, ValueError) as exc:
+            return False, f"/proc/1/mem opened, but no address to try: /proc/1/maps: {exc!r}"
+        try:
+            data = os.pread(fd, 4, start)
+        except OSError as exc:
+            code = _ename(exc.errno)
+            return code in ("EACCES", "EPERM", "EIO"), f"/proc/1/mem opened; read at {start:#x}: {code}"
+    finally:
+        os.close(fd)
     return False, f"read {data!r} from pid 1's memory at {start:#x} ({first.split()[-1]})"
 
 
@@ -445,25 +566,57 @@ def probe_unshare_refused(env):
     return held, detail
 
 
+NAMESPACES = ("mnt", "net", "pid", "user", "uts", "ipc", "cgroup")
+# gVisor (2022-12) has only these under /proc/PID/ns, and no setns at all.
+GVISOR_NAMESPACES = ("net", "pid", "user")
+
+
 def probe_setns_refused(env):
+    """setns() on a namespace file the sandbox could open is refused, with exactly the right errno.
+
+    Runc: the seccomp filter (and no CAP_SYS_ADMIN) answers EPERM, even for
+    the sandbox's own namespaces, which an unfiltered process with the
+    capability could join. gVisor does not implement setns: EOPNOTSUPP.
+    Pid 1's namespace files may instead be closed to us (init is not
+    dumpable): EACCES/EPERM on open. A namespace file that will not open for
+    another reason proves nothing, and does not count as a refusal.
+    """
+    want = _ename(errno.EOPNOTSUPP) if env.gvisor else "EPERM"
+    present = GVISOR_NAMESPACES if env.gvisor else NAMESPACES
+
     def join():
         out = {}
-        for ns in ("mnt", "net", "pid", "user", "uts", "ipc", "cgroup"):
-            try:
-                fd = os.open(f"/proc/1/ns/{ns}", os.O_RDONLY)
-            except OSError as exc:
-                out[ns] = f"open {_ename(exc.errno)}"
-                continue
-            try:
-                ret, err = _syscall("setns", fd, 0)
-                out[ns] = err or f"JOINED({ret})"
-            finally:
-                os.close(fd)
+        for who in ("self", "1"):
+            for ns in NAMESPACES:
+                try:
+                    fd = os.open(f"/proc/{who}/ns/{ns}", os.O_RDONLY)
+                except OSError as exc:
+                    out[f"{who}/{ns}"] = f"open {_ename(exc.errno)}"
+                    continue
+                try:
+                    ret, err = _syscall("setns", fd, 0)
+                    out[f"{who}/{ns}"] = err or f"JOINED({ret})"
+                finally:
+                    os.close(fd)
         return out
 
     out = _in_child(join)
-    held = "crash" not in out and not any("JOINED" in v for v in out.values())
-    return held, f"setns(/proc/1/ns/*): {out}"
+    if "crash" in out:
+        return False, f"setns: {out}"
+    problems = []
+    for key, got in out.items():
+        who, ns = key.split("/")
+        if ns not in present:
+            ok = got == "open ENOENT"  # a namespace this runtime does not have
+        elif who == "self":
+            ok = got == want  # our own files always open: only setns may refuse
+        else:
+            ok = got in (want, "open EACCES", "open EPERM")
+        if not ok:
+            problems.append(f"{key}: {got}")
+    refused = sum(1 for got in out.values() if got == want)
+    held = not problems and refused >= len(present)
+    return held, f"problems: {problems}; want {want}; setns(/proc/{{self,1}}/ns/*): {out}"
 
 
 def probe_mount_refused(env):
@@ -589,7 +742,7 @@ def probe_kcore_not_readable(env):
             results[path] = _ename(exc.errno)
         else:
             results[path] = f"read {len(data)} bytes"
-    held = all(not v.startswith("read") or v == "read 0 bytes" for v in results.values())
+    held = all(v in ("EACCES", "EPERM", "ENOENT", "read 0 bytes") for v in results.values())
     return held, str(results)
 
 
@@ -680,22 +833,16 @@ def probe_no_engine_socket(env):
 # systems (whose files the sandbox uid cannot write) and /dev.
 WRITABLE_MOUNTS = {"/tmp", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/proc", "/sys/fs/cgroup"}
 VIRTUAL_FS = {"proc", "sysfs", "tmpfs", "devpts", "mqueue", "cgroup", "cgroup2"}
-# The only host paths the container sees besides its root: the task's three
-# mounts, and what the engine itself adds.
-HOST_MOUNTS = {
-    "/data",
-    "/sandbox/protocol",
-    IPC_DIR,
-    "/etc/hosts",
-    "/etc/hostname",
-    "/etc/resolv.conf",
-    "/usr/sbin/docker-init",
-}
+# The only host paths the container sees besides its root: the task's four
+# mounts (the datasource, the bundle, the IPC directory with the task's socket
+# and token, and an empty resolv.conf), and the two files the engine adds.
+TASK_MOUNTS = ("/data", "/sandbox/protocol", IPC_DIR, "/etc/resolv.conf")
+HOST_MOUNTS = {*TASK_MOUNTS, "/etc/hosts", "/etc/hostname"}
 
 
 def probe_only_expected_mounts(env):
     """The root and every host mount read-only; no host mount beyond the task's own."""
-    problems, host = [], []
+    problems, host, roots = [], [], {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
             before, _, after = line.partition(" - ")
@@ -709,42 +856,60 @@ def probe_only_expected_mounts(env):
                 continue
             if point != "/":
                 host.append(point)
+                roots[point] = root
                 if point not in HOST_MOUNTS:
                     problems.append(f"unexpected host mount {point} ({fstype} {root})")
             if writable:
                 problems.append(f"{point} ({fstype}) writable")
-    for needed in ("/data", "/sandbox/protocol", IPC_DIR):
-        if needed not in host:
-            problems.append(f"{needed} not mounted")
+    for needed in TASK_MOUNTS:
+        if host.count(needed) != 1:
+            problems.append(f"{needed} mounted {host.count(needed)} times")
+    # Under runc the sources show: the bundle, the IPC directory and resolv.conf
+    # all come from the task's own directory (gVisor shows every root as "/").
+    if not env.gvisor:
+        parents = {
+            os.path.dirname(roots.get(p, "")) for p in ("/sandbox/protocol", IPC_DIR, "/etc/resolv.conf")
+        }
+        if len(parents) != 1:
+            problems.append(f"task mounts from different directories: {sorted(parents)}")
     return not problems, f"problems: {problems}; host mounts: {sorted(host)}"
 
 
+# pid 1 is the runtime's own init, which runs the runtime (this process).
+INIT_ARGV = ["python3", "-m", "executor.sandbox.init", "--lifeline", f"{IPC_DIR}/lifeline.sock", "--"]
+RUNTIME_ARGV = ["python3", "-m", "executor.sandbox", "--socket", SOCKET_PATH, "--token-file", TOKEN_PATH]
+
+
+def _cmdline(pid):
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [arg.decode(errors="replace") for arg in f.read().split(b"\0")[:-1]]
+
+
 def probe_own_pid_namespace(env):
+    """A pid namespace of our own: pid 1 is exactly our init running exactly this runtime."""
     pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-    with open("/proc/1/cmdline", "rb") as f:
-        argv = f.read().split(b"\0")
-    init = os.path.basename(argv[0].decode(errors="replace"))
-    held = len(pids) < 10 and (init in ("docker-init", "tini", "tini-static") or init.startswith("python"))
-    return held, f"pid 1={init}, pids={pids}"
+    init, me = _cmdline(1), _cmdline("self")
+    held = init == INIT_ARGV + RUNTIME_ARGV and me == RUNTIME_ARGV and os.getppid() == 1 and len(pids) < 10
+    return held, f"pid 1: {init}; this process: {me} (parent {os.getppid()}); pids: {pids}"
 
 
 # -- filesystem ----------------------------------------------------------------
 
 
 def probe_root_read_only(env):
-    return _write_refused("/probe-root")
+    return _write_refused(env, "/probe-root")
 
 
 def probe_etc_read_only(env):
-    return _write_refused("/etc/probe")
+    return _write_refused(env, "/etc/probe")
 
 
 def probe_usr_read_only(env):
-    return _write_refused("/usr/probe")
+    return _write_refused(env, "/usr/probe")
 
 
 def probe_data_read_only(env):
-    return _write_refused(str(env.ctx.data_dir / "probe"))
+    return _write_refused(env, str(env.ctx.data_dir / "probe"))
 
 
 def probe_data_readable(env):
@@ -753,11 +918,11 @@ def probe_data_readable(env):
 
 
 def probe_protocol_read_only(env):
-    return _write_refused(os.path.join(os.path.dirname(__file__), "probe"))
+    return _write_refused(env, os.path.join(os.path.dirname(__file__), "probe"))
 
 
 def probe_ipc_dir_read_only(env):
-    return _write_refused(f"{IPC_DIR}/probe")
+    return _write_refused(env, f"{IPC_DIR}/probe")
 
 
 def probe_token_private(env):
@@ -1017,10 +1182,6 @@ PROBES = [
 
 def _push_cap(mode, params):
     """Go past one cap on purpose; the test judges the outcome from outside."""
-    if mode == "fork_bomb":
-        cap = int(params["pids"])
-        held, detail = _fork_until_refused(cap)
-        return {"held": held, "detail": detail}
     if mode == "memory_hog":
         hoard = []
         for _ in range(4 * int(params["memory_mb"])):
@@ -1050,4 +1211,12 @@ def run(ctx):
             "detail": str(detail)[:600],
             "applies": held is not None,
         }
-    return {"runtime": runtime, "evidence": evidence, "machine": platform.machine(), "probes": results}
+    with open("/proc/version") as f:
+        kernel = f.read().strip()
+    return {
+        "runtime": runtime,
+        "evidence": evidence,
+        "kernel": kernel,
+        "machine": platform.machine(),
+        "probes": results,
+    }
