@@ -760,7 +760,8 @@ def probe_sys_firmware_not_readable(env):
                     pass
         listing = os.listdir("/sys/firmware")
     except OSError as exc:
-        return True, f"/sys/firmware: {_ename(exc.errno)}"
+        code = _ename(exc.errno)
+        return code in ("ENOENT", "EACCES", "EPERM"), f"/sys/firmware: {code}"
     return not readable, f"entries: {listing[:10]}, readable files: {readable[:5]}"
 
 
