@@ -246,7 +246,7 @@ def _beating(session: TaskSession, moved: bool, progress: bool) -> Callable[[Fak
 
 def test_beats_without_progress_are_a_stall(make_session):
     session = make_session().session
-    policy = PATIENT.replace(stall_timeout_s=0.3, heartbeat_timeout_s=5)
+    policy = FAST.replace(stall_timeout_s=0.3, heartbeat_timeout_s=5, timeout_s=5)
     error = _timeout_error(
         _supervise(session, FakeBackend(_beating(session, moved=False, progress=False)), policy)
     )
@@ -291,7 +291,7 @@ def test_a_timeout_tells_the_modeller_the_task_aborted_for_exceeding_limits(make
     if limit == "heartbeat":
         policy, program, expected = FAST, then(_boot(session), hangs()), "HeartbeatTimeout"
     elif limit == "stall":
-        policy = PATIENT.replace(stall_timeout_s=0.3, heartbeat_timeout_s=5)
+        policy = FAST.replace(stall_timeout_s=0.3, heartbeat_timeout_s=5, timeout_s=5)
         program, expected = _beating(session, moved=False, progress=False), "StallTimeout"
     else:
         policy = FAST.replace(timeout_s=1)
