@@ -476,16 +476,49 @@ def test_a_cancelled_stream_is_not_logged_as_an_error(served, caplog):
     try:
         assert wait_for(lambda: served.kit.broker._moved == 100)  # the body is being read
         call.cancel()
-        assert wait_for(lambda: "SendMessage of task task-1 was cancelled" in caplog.text)
+        # The handler has ended once the reservation is given back. Depending
+        # on when grpc marks the call cancelled, its request stream either
+        # raises or just ends short; neither is an error of the parent's.
+        assert wait_for(lambda: served.kit.broker._moved == 0)
     finally:
         gate.set()
-    # Nothing is left reserved, and nothing was logged as an error or with a traceback.
-    assert wait_for(lambda: served.kit.broker._moved == 0)
     loud = [
         r
         for r in caplog.records
         if r.exc_info or (r.name == "executor.service" and r.levelno >= logging.WARNING)
     ]
+    assert not loud, [(r.name, r.getMessage()) for r in loud]
+
+
+class _CancelledCall(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+
+class _GoneContext:
+    def is_active(self) -> bool:
+        return False
+
+    def abort(self, code, details):
+        raise AssertionError(f"a cancelled call was answered: {code} {details}")
+
+
+def test_a_request_stream_broken_by_its_client_is_logged_quietly(make_session, caplog):
+    import logging
+
+    from executor.service import SandboxServicer
+
+    caplog.set_level(logging.DEBUG)
+
+    def cancelled_stream():
+        raise _CancelledCall()
+        yield  # pragma: no cover - a generator that fails on its first read
+
+    servicer = SandboxServicer(make_session().session)
+    with pytest.raises(grpc.RpcError):
+        servicer.SendMessage(cancelled_stream(), _GoneContext())
+    assert "was cancelled" in caplog.text
+    loud = [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
     assert not loud, [(r.name, r.getMessage()) for r in loud]
 
 
