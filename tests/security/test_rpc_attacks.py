@@ -13,7 +13,6 @@ Each (runtime, attack) pair is one test.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import threading
@@ -24,17 +23,18 @@ from typing import Any
 
 import pytest
 
-from executor import session as session_limits
-from executor.backends import LABEL_PARENT
+from executor.backends import LABEL_PARENT, LABEL_TASK
 from executor.crypto import TaskKeys, associated_data, open_sealed, seal
 from executor.executor import Executor, TaskSpec
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.policy_file import PolicySet
-from executor.service import CHUNK_BYTES, CONCURRENCY, SERVICE_NAME
+from executor.taskdir import SOCKET_NAME
 from executor.transport import Envelope, InMemoryTransport, Route
 
+from .. import rpc_caps
 from ..conftest import PROTOCOLS, bounded
+from ..procfs import cgroup_pids, connections_of, open_files
 
 pytestmark = [pytest.mark.security, pytest.mark.timeout(900)]
 
@@ -72,6 +72,7 @@ KNOWN_HOLES: dict[str, str] = {}
 INNOCENT_RESULT = {"async": True, "n": 2}
 VICTIM_BODY = b"for the victim task only"
 MARK_START = "rpc-attacks:start"
+MARK_BEFORE = "rpc-attacks:connections-before"
 MARK_HELD = "rpc-attacks:connections-held"
 MARK_RELEASED = "rpc-attacks:connections-released"
 MARK_ATTACK = "rpc-attacks:attack "
@@ -87,23 +88,8 @@ ATTACKER_STALL_S = 150.0
 
 
 def _limits() -> dict[str, Any]:
-    """The parent's caps, so that the protocol's expected messages follow the code."""
-    return {
-        "send_message_open": CONCURRENCY[f"/{SERVICE_NAME}/SendMessage"],
-        "receive_message_open": CONCURRENCY[f"/{SERVICE_NAME}/ReceiveMessage"],
-        "heartbeat_open": CONCURRENCY[f"/{SERVICE_NAME}/Heartbeat"],
-        "chunk_bytes": CHUNK_BYTES,
-        "max_receive_timeout_s": session_limits.MAX_RECEIVE_TIMEOUT_S,
-        "max_shares": session_limits.MAX_SHARES,
-        "max_share_bytes": session_limits.MAX_SHARE_BYTES,
-        "max_info_chars": session_limits.MAX_INFO_CHARS,
-        "max_files_per_call": session_limits.MAX_FILES_PER_CALL,
-        "max_file_reason_chars": session_limits.MAX_FILE_REASON_CHARS,
-    }
-
-
-def _open_files() -> int:
-    return len(os.listdir("/proc/self/fd"))
+    """The caps the attacks expect: the pinned table, never the code under test."""
+    return rpc_caps.attack_limits()
 
 
 def _make_datasource(base: Path) -> Path:
@@ -138,7 +124,12 @@ class AttackRun:
 
 
 def _host_evidence(
-    run: AttackRun, transport: InMemoryTransport, task_id: str, victim: str, key: bytes, fds: dict
+    run: AttackRun,
+    transport: InMemoryTransport,
+    task_id: str,
+    victim: str,
+    key: bytes,
+    fds: dict[str, tuple[int, int]],
 ) -> None:
     """Fold what the parent recorded into the attacks it belongs to."""
     assert run.outcome is not None
@@ -176,12 +167,37 @@ def _host_evidence(
         run.host_notes.setdefault("raw_rapid_reset", []).append(
             f"parent CPU {cpu_end - cpu_start:.2f} s, sandbox CPU {sandbox_cpu:.2f} s"
         )
-    held, released = fds.get(MARK_HELD), fds.get(MARK_RELEASED)
-    before = fds.get(MARK_START)
-    if held is not None:
+    # The parent's own count of the attacker's connections, sampled in this
+    # process just before the flood, while it was held, and after release.
+    marks = (MARK_BEFORE, MARK_HELD, MARK_RELEASED)
+    if not all(m in fds for m in marks):
+        missing = [m for m in marks if m not in fds]
+        fail(("connection_flood",), f"the parent's connections were not sampled at {missing}")
+    else:
+        (files_before, before), (files_held, held), (files_after, after) = (fds[m] for m in marks)
+        if before < 1 or held <= before:
+            # The runtime's own channel is open throughout, and the flood got some served.
+            fail(
+                ("connection_flood",),
+                f"the parent's count saw {before} connections of the attacker before the flood and "
+                f"{held} while held: it does not see this task's connections",
+            )
+        if held > rpc_caps.MAX_CONNECTIONS:
+            fail(
+                ("connection_flood",),
+                f"the parent held {held} connections of the attacker's socket, "
+                f"more than the cap of {rpc_caps.MAX_CONNECTIONS}",
+            )
+        if after != before:
+            fail(
+                ("connection_flood",),
+                f"the parent held {after} connections of the attacker's socket after release, "
+                f"{before} before the flood",
+            )
+        # Other tasks run meanwhile, so the process's total is context only.
         run.host_notes.setdefault("connection_flood", []).append(
-            f"parent open files: {before} at start, {held} while the connections were held, "
-            f"{released} after release"
+            f"parent: {before}/{held}/{after} connections of this task and {files_before}/{files_held}/"
+            f"{files_after} open files before/while held/after release"
         )
 
 
@@ -224,14 +240,41 @@ def attack_run(request: pytest.FixtureRequest, docker_client: Any, tmp_path_fact
     run = AttackRun(runtime)
     started = threading.Event()
     done = threading.Event()
-    fds: dict[str, int] = {}
+    fds: dict[str, tuple[int, int]] = {}  # mark -> (the parent's open files, its connections of the attacker)
+    attacker_socket: list[Path] = []
+    attacker_pid: list[int] = []  # the attacker container's first process, on the host
     innocent_errors: list[str] = []
     current: list[str] = []  # the attack in progress
     stuck: list[str] = []  # where the attacker's main thread was when an attack ran long
 
+    def attacker_connections() -> int:
+        # The parent's ends of the attacker's connections live in the network
+        # namespace of the container's processes (the gofer's, under runsc).
+        return connections_of(attacker_socket[0], cgroup_pids(attacker_pid[0]) or attacker_pid)
+
     def on_progress(update: Any) -> None:
-        if update.info in (MARK_START, MARK_HELD, MARK_RELEASED):
-            fds[update.info] = _open_files()
+        if update.info == MARK_START:
+            # The innocent tasks start after this mark: the only socket is the attacker's.
+            attacker_socket[:] = list(run_dir.rglob(SOCKET_NAME))
+            containers = docker_client.containers.list(filters={"label": f"{LABEL_TASK}={task_id}"})
+            attacker_pid[:] = [c.attrs["State"]["Pid"] for c in containers]
+            if len(attacker_socket) != 1 or len(attacker_pid) != 1:
+                run.host_failures.setdefault("connection_flood", []).append(
+                    f"expected the attacker's socket and container alone at its start, found "
+                    f"{attacker_socket} and {len(attacker_pid)} containers"
+                )
+        if (
+            update.info in (MARK_BEFORE, MARK_HELD, MARK_RELEASED)
+            and len(attacker_socket) == len(attacker_pid) == 1
+        ):
+            connections = attacker_connections()
+            if update.info == MARK_RELEASED and MARK_BEFORE in fds:
+                # The parent closes its side once it reads each close: give it a moment.
+                deadline = time.monotonic() + 10.0
+                while connections != fds[MARK_BEFORE][1] and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    connections = attacker_connections()
+            fds[update.info] = (open_files(), connections)
         if update.info in (MARK_CPU_START, MARK_CPU_END):
             run.parent_cpu[update.info] = time.process_time()
         if update.info.startswith(MARK_ATTACK):
@@ -332,8 +375,11 @@ def test_attack_held(attack_run: AttackRun, attack: str, request: pytest.Fixture
     notes = attack_run.host_notes.get(attack, [])
     if notes:
         detail += " | " + "; ".join(notes)
-    assert result["held"], f"{attack_run.runtime}/{attack} did not hold: {detail}"
-    assert not problems, f"{attack_run.runtime}/{attack}: host-side evidence: {'; '.join(problems)}"
+    # Both at once, so that a failure shows everything that went wrong.
+    failures = [] if result["held"] else [f"did not hold: {detail}"]
+    if problems:
+        failures.append(f"host-side evidence: {'; '.join(problems)}")
+    assert not failures, f"{attack_run.runtime}/{attack} " + " | ".join(failures)
 
 
 @pytest.mark.parametrize("attack_run", RUNTIMES, indirect=True)

@@ -7,8 +7,8 @@ channel is used only to check that normal calls still work). An attack returns
 parent gives one, its public message) is exactly the safe one. ``run``
 returns ``{name: {"held": bool, "detail": str}}``.
 
-Parameters (from the test): ``limits`` (the parent's caps, so that expected
-messages follow the code), ``victim_task_id`` (another task of the same
+Parameters (from the test): ``limits`` (the parent's caps as the tests pin
+them, tests/rpc_caps.py, not as the code under test has them), ``victim_task_id`` (another task of the same
 parent), ``host_run_dir`` (the parent's task directory base on the host) and
 ``connections`` (processes and connections per process for the connection
 flood).
@@ -43,7 +43,8 @@ MiB = 1024 * 1024
 TIMEOUT_S = 15.0
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-# Progress markers the test listens for (it samples the parent's open files).
+# Progress markers the test listens for (it samples the parent's open files and connections).
+MARK_BEFORE = "rpc-attacks:connections-before"
 MARK_HELD = "rpc-attacks:connections-held"
 MARK_RELEASED = "rpc-attacks:connections-released"
 MARK_START = "rpc-attacks:start"
@@ -55,8 +56,6 @@ STUCK_S = 90.0
 # Around the raw rapid reset: the test samples the parent's CPU time at each.
 MARK_CPU_START = "rpc-attacks:cpu-start"
 MARK_CPU_END = "rpc-attacks:cpu-end"
-# A task that needs one channel has no business holding more than this many.
-MAX_CONNECTIONS_PER_TASK = 64
 
 # Every RPC of the service, its streaming shape and a plausible request.
 METHODS: dict[str, tuple[str, bytes]] = {
@@ -196,7 +195,7 @@ class Attacker:
             self.token = f.read().strip()
         self.md = ((TOKEN_KEY, self.token),)
         self.own = ctx.mailbox._client  # the runtime's own channel: only for "still works"
-        self.limits: dict[str, int] = ctx.parameters["limits"]
+        self.limits: dict[str, Any] = ctx.parameters["limits"]
         self.victim = ctx.parameters["victim_task_id"]
         self.cpu: dict[str, float] = {}  # the sandbox's CPU seconds, per attack that measures it
         self.host_run_dir = ctx.parameters["host_run_dir"]
@@ -451,13 +450,15 @@ def attack_oversized_message(a: Attacker) -> tuple[bool, str]:
     return checks.result()
 
 
-# The parent's per-task call rate (executor/service.py RATE_PER_S, RATE_BURST);
-# the runtime cannot import the parent's module.
-RATE_PER_S, RATE_BURST = 1000.0, 2000
-
-
 def attack_flood(a: Attacker) -> tuple[bool, str]:
+    """Calls as fast as four threads manage; admitted ones must stay within the task's rate cap.
+
+    A runtime may be too slow to reach the cap at all (gVisor, a busy
+    machine), so refusals are demanded only near it; tests/unit/test_service.py
+    proves the limiter against a server with a cap low enough for any client.
+    """
     checks = Checks()
+    rate_per_s, rate_burst = float(a.limits["rate_per_s"]), int(a.limits["rate_burst"])
     threads, per_thread, batch, deadline_s = 4, 8000, 200, 30.0
     allowed = {
         ("RESOURCE_EXHAUSTED", "call rate limit exceeded"),
@@ -509,7 +510,7 @@ def attack_flood(a: Attacker) -> tuple[bool, str]:
     # rate x time). Whether refusals show up depends on how fast this runtime
     # can call at all: under gVisor a flood may not reach the cap.
     admitted = sum(v for k, v in counts.items() if k[0] == "OK")
-    cap = RATE_BURST + RATE_PER_S * elapsed
+    cap = rate_burst + rate_per_s * elapsed
     checks.true(
         "admitted calls within the rate cap",
         admitted <= cap,
@@ -1301,42 +1302,73 @@ def attack_stalled_requests(a: Attacker) -> tuple[bool, str]:
 
 # -- connections and the limiter's bookkeeping --------------------------------
 
+# One holder process: connect N times, send the HTTP/2 preface on each and keep
+# every socket. After a pause it sorts them by what the parent did: answered
+# with its SETTINGS and kept open (served), closed, or neither (silent: still
+# in the listen backlog). It prints one JSON line, then holds all until stdin closes.
 _HOLDER = r"""
-import socket, sys, time
+import json, socket, sys, time
 path, n, preface = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
-socks, error = [], ""
+socks, errors = [], []
 for _ in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10.0)
     try:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10.0)
         s.connect(path)
-        s.sendall(preface)
-        socks.append(s)
     except OSError as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        break
+        s.close()
+        errors.append(f"{type(exc).__name__}: {exc}")
+        if len(errors) >= 5:
+            break
+        continue
+    try:
+        s.sendall(preface)
+    except OSError:
+        pass  # the parent closed it at once: connected, not served
+    socks.append(s)
 time.sleep(2.0)
-open_now = 0
+counts = {"served": 0, "closed": 0, "silent": 0, "not_http2": 0}
 for s in socks:
     s.setblocking(False)
+    got, ended = b"", False
     try:
         while True:
-            if not s.recv(65536):
+            data = s.recv(65536)
+            if not data:
+                ended = True
                 break
+            got += data
     except BlockingIOError:
-        open_now += 1
-    except OSError:
         pass
-print(len(socks), open_now, error.replace(" ", "_") or "-", flush=True)
+    except OSError:
+        ended = True
+    if ended:
+        counts["closed"] += 1
+    elif not got:
+        counts["silent"] += 1
+    elif len(got) >= 9 and got[3] == 4:  # the first frame the parent sent is its SETTINGS
+        counts["served"] += 1
+    else:
+        counts["not_http2"] += 1
+print(json.dumps({"connected": len(socks), "errors": sorted(set(errors)), **counts}), flush=True)
 sys.stdin.read()
 """
 
 
 def attack_connection_flood(a: Attacker) -> tuple[bool, str]:
-    """Many idle HTTP/2 connections from several processes: the parent must cap them per task."""
+    """Many idle HTTP/2 connections from several processes: the parent serves at most its cap.
+
+    The test also counts the parent's own connections of this task, in its
+    process, before, while held and after: at most the cap, and back to the
+    start after release.
+    """
+    import json
+
     checks = Checks()
+    cap = int(a.limits["max_connections"])
     procs_n = int(a.ctx.parameters["connections"]["processes"])
     per_proc = int(a.ctx.parameters["connections"]["per_process"])
+    a.ctx.progress.step(0, procs_n * per_proc, info=MARK_BEFORE)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _HOLDER, SOCKET, str(per_proc), (PREFACE + EMPTY_SETTINGS).hex()],
@@ -1346,8 +1378,8 @@ def attack_connection_flood(a: Attacker) -> tuple[bool, str]:
         )
         for _ in range(procs_n)
     ]
-    opened = still_open = 0
-    errors = []
+    totals = {"connected": 0, "served": 0, "closed": 0, "silent": 0, "not_http2": 0}
+    errors: list[str] = []
     try:
         for p in procs:
             assert p.stdout is not None
@@ -1355,16 +1387,17 @@ def attack_connection_flood(a: Attacker) -> tuple[bool, str]:
             if not select.select([p.stdout], [], [], 120.0)[0]:
                 errors.append("a holder said nothing within 120 s")
                 continue
-            fields = p.stdout.readline().split()
-            if len(fields) != 3:
-                errors.append(f"holder said {fields}")
+            line = p.stdout.readline()
+            try:
+                report = json.loads(line)
+            except ValueError:
+                errors.append(f"a holder said {line[:200]!r}")
                 continue
-            opened += int(fields[0])
-            still_open += int(fields[1])
-            if fields[2] != "-":
-                errors.append(fields[2])
-        # The test samples the parent's open files while every connection is held.
-        a.ctx.progress.step(still_open, opened, info=MARK_HELD)
+            for key in totals:
+                totals[key] += int(report[key])
+            errors.extend(report["errors"])
+        # The test samples the parent's connections while every connection is held.
+        a.ctx.progress.step(totals["served"], totals["connected"], info=MARK_HELD)
     finally:
         for p in procs:
             if p.stdin is not None:
@@ -1376,15 +1409,23 @@ def attack_connection_flood(a: Attacker) -> tuple[bool, str]:
                 p.kill()
                 p.wait(30)
     time.sleep(1.0)
-    a.ctx.progress.step(0, opened, info=MARK_RELEASED)
-    checks.note(f"{procs_n} processes opened {opened} connections; {still_open} stayed open")
+    a.ctx.progress.step(0, totals["connected"], info=MARK_RELEASED)
+    attempted = procs_n * per_proc
+    checks.note(f"{procs_n} processes tried {attempted} connections: " + json.dumps(totals))
     if errors:
         checks.note("connect errors: " + ", ".join(sorted(set(errors)))[:300])
     checks.true(
-        f"at most {MAX_CONNECTIONS_PER_TASK} connections per task stay open",
-        still_open <= MAX_CONNECTIONS_PER_TASK,
-        f"the parent kept {still_open} of {opened} idle connections from {procs_n} processes open",
+        f"a real attempt: at least {4 * cap} connects succeeded",
+        totals["connected"] >= 4 * cap,
+        f"only {totals['connected']} of {attempted} connects succeeded: {sorted(set(errors))}"[:400],
     )
+    checks.true(
+        f"at most {cap} connections served at once",
+        totals["served"] <= cap,
+        f"the parent served {totals['served']} of {totals['connected']} connections from {procs_n} processes",
+    )
+    checks.true("the parent served the flood at all", totals["served"] >= 1, json.dumps(totals))
+    checks.true("nothing but HTTP/2 came back", totals["not_http2"] == 0, json.dumps(totals))
     a.normal_calls_work(checks, "after the connection flood")
     return checks.result()
 
@@ -1430,10 +1471,13 @@ def attack_limiter_slot_leak(a: Attacker) -> tuple[bool, str]:
                 pb.GetSecureSharesRequest(timeout_ms=100), metadata=a.md, timeout=TIMEOUT_S
             )
         )
-        checks.true(
+        # Admitted past the slot check into the session, which refuses: this
+        # task's pod has no key for shares (the test gives it none).
+        checks.status(
             "a normal GetSecureShares afterwards is admitted",
-            "may be open at once" not in got[1],
-            f"got {got[0]} {got[1]!r}",
+            got,
+            "RESOURCE_EXHAUSTED",
+            "this pod has no private key for secure shares",
         )
     finally:
         _close(channel)
