@@ -55,6 +55,8 @@ class ParentClient:
         self._lock = threading.Lock()
         self.progress_events = 0
         self.mailbox_ops = 0
+        # How many calls the parent's rate cap refused (each then retried).
+        self.rate_limited = 0
 
     def call(self, rpc: Callable[[], _R]) -> _R:
         """Run ``rpc``, backing off while the parent says the task calls too fast.
@@ -70,6 +72,8 @@ class ParentClient:
                 limited = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.details() == RATE_LIMITED
                 if not limited or attempt == RATE_RETRIES - 1:
                     raise
+            with self._lock:
+                self.rate_limited += 1
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
         raise AssertionError("unreachable")

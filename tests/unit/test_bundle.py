@@ -245,10 +245,15 @@ def test_digest_is_stable_for_the_same_content(make_protocol, tmp_path):
     files = {"helpers/model.py": "W = 1\n", "data.bin": b"\1\2\3"}
     first = _digest(make_protocol, tmp_path, files)
     # Another directory, other mtimes, and a bytecode cache: same digest.
+    def age(proto):
+        for path in [proto, *proto.rglob("*")]:
+            os.utime(path, (1_000_000, 1_000_000), follow_symlinks=False)
+
     second = _digest(
         make_protocol,
         tmp_path,
         {**files, "__pycache__/protocol.cpython-311.pyc": b"cache"},
+        extra=age,
     )
     assert first == second
     assert len(first) == 64

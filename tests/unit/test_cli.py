@@ -123,6 +123,32 @@ def test_a_refused_run_leaves_nothing_in_the_temp_dir(capsys, tmp_path, data_dir
     assert sorted(p.name for p in system_tmp.iterdir()) == []
 
 
+def test_a_run_refused_by_the_engine_leaves_nothing_behind(
+    capsys, tmp_path, data_dir, system_tmp, monkeypatch
+):
+    # Refused after the task directory, token, socket, lifeline and spool were
+    # made (the engine will not create the container): all of it must go.
+    import executor.backends.docker as docker_backend
+    from executor.errors import ContainerError
+    from executor.testing import FakeBackend
+
+    engine = FakeBackend(create_errors=[ContainerError("container create failed: no space left")])
+    monkeypatch.setattr(docker_backend, "DockerBackend", lambda: engine)
+    run_dir, spool = tmp_path / "run", tmp_path / "spool"
+    monkeypatch.setenv("SANDBOX_EXECUTOR_RUN_DIR", str(run_dir))
+    monkeypatch.setenv("SANDBOX_EXECUTOR_SPOOL_DIR", str(spool))
+    monkeypatch.setenv("SANDBOX_EXECUTOR_UID_DIR", str(tmp_path / "uids"))
+    proto = tmp_path / "proto"
+    proto.mkdir()
+    (proto / "protocol.py").write_text("def run(ctx):\n    return 1\n")
+    err = _usage_error(capsys, ["run", str(proto), "--data", str(data_dir)])
+    assert "no space left" in err
+    assert [op for op, _ in engine.calls].count("create") == 1  # it got as far as the engine
+    assert list(run_dir.iterdir()) == []
+    assert not spool.exists() or list(spool.iterdir()) == []
+    assert sorted(p.name for p in system_tmp.iterdir()) == []
+
+
 # -- --param ------------------------------------------------------------------------
 
 

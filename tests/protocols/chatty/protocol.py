@@ -1,4 +1,8 @@
-"""Test protocol: report progress far faster than the parent's per-task call rate."""
+"""Test protocol: report progress far faster than the parent's per-task call rate.
+
+Returns how many progress calls it made and how many times the parent's rate
+cap refused one (each refusal is retried after a back-off).
+"""
 
 import threading
 
@@ -15,4 +19,4 @@ def run(ctx):
         t.start()
     for t in threads:
         t.join()
-    return 3 * n
+    return {"calls": 3 * n, "refused": ctx.progress._client.rate_limited}
