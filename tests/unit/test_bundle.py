@@ -244,6 +244,7 @@ def _digest(make_protocol, tmp_path, files, source="def run(ctx):\n    return 1\
 def test_digest_is_stable_for_the_same_content(make_protocol, tmp_path):
     files = {"helpers/model.py": "W = 1\n", "data.bin": b"\1\2\3"}
     first = _digest(make_protocol, tmp_path, files)
+
     # Another directory, other mtimes, and a bytecode cache: same digest.
     def age(proto):
         for path in [proto, *proto.rglob("*")]:
