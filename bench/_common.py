@@ -267,7 +267,7 @@ class Workspace:
 
     def transport(self) -> Any:
         """An in-memory transport spooling under ``root``; closed on exit."""
-        from executor.transport import InMemoryTransport
+        from executor.testing import InMemoryTransport
 
         spool = self.root / "transport"
         spool.mkdir(mode=0o700, exist_ok=True)
@@ -277,7 +277,7 @@ class Workspace:
 
     def modeller(self, transport: Any) -> Any:
         """A local modeller on ``transport`` spooling under ``root``; closed on exit."""
-        from executor.modeller import LocalModeller
+        from executor.testing import LocalModeller
 
         spool = self.root / "modeller"
         spool.mkdir(mode=0o700, exist_ok=True)

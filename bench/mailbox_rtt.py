@@ -15,7 +15,7 @@ without a container, gRPC or encryption.
     .venv/bin/python bench/mailbox_rtt.py [--rounds 500] [--size 1024] [--runtimes runc,runsc] [--json]
 
 The parent admits at most 1000 calls/s per task after a burst of 2000 (see
-executor/service.py); a round trip is two calls, so long runs of fast round
+executor/rpc/limits.py); a round trip is two calls, so long runs of fast round
 trips are throttled. The protocol retries throttled calls and the count is
 reported.
 """
@@ -59,8 +59,8 @@ def queue_baseline(ws: c.Workspace, rounds: int, warmup: int, size: int) -> dict
 
 def sandbox_rtt(ws: c.Workspace, runtime: str, rounds: int, warmup: int, size: int) -> dict[str, Any]:
     """Round trips of ``size`` bytes through a sandbox on ``runtime``."""
-    from executor.crypto import TaskKeys
     from executor.executor import TaskSpec
+    from executor.mailbox.crypto import TaskKeys
 
     transport = ws.transport()
     modeller = ws.modeller(transport)

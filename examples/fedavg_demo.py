@@ -35,14 +35,13 @@ from traceback import format_exc
 from types import FrameType
 from typing import Any
 
-from executor.crypto import TaskKeys
 from executor.errors import SandboxExecutorError
 from executor.executor import Executor, TaskSpec
-from executor.modeller import LocalModeller, ModellerMessage
+from executor.mailbox.crypto import TaskKeys
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.session import ProgressUpdate
-from executor.transport import InMemoryTransport
+from executor.rpc.session import ProgressUpdate
+from executor.testing import InMemoryTransport, LocalModeller, ModellerMessage
 
 EXAMPLES = Path(__file__).resolve().parent
 PROTOCOL_DIR = EXAMPLES / "protocols" / "fedavg"

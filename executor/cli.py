@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from executor.executor import Executor, TaskSpec
-    from executor.transport import NoModellerTransport
+    from executor.mailbox.transport import NoModellerTransport
 
     spec = TaskSpec(
         protocol_dir=args.protocol_dir,

@@ -32,16 +32,18 @@ from executor.backends import (
     Mount,
 )
 from executor.bundle import ENTRY_MODULE, Bundle, check_protocol_dir, copy_bundle
-from executor.crypto import TaskKeys
 from executor.errors import ConfigurationError, DataSourceError
 from executor.lifeline import Lifeline
-from executor.mailbox import MailboxBroker
+from executor.mailbox.broker import MailboxBroker
+from executor.mailbox.crypto import TaskKeys
+from executor.mailbox.transport import NoModellerTransport, Route, Transport
 from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
 from executor.policy_file import PolicySet
 from executor.reaper import ReapReport, new_instance_id, reap
-from executor.service import CHUNK_BYTES, TaskServer
-from executor.session import ProgressUpdate, TaskSession
+from executor.rpc.limits import CHUNK_BYTES
+from executor.rpc.server import TaskServer
+from executor.rpc.session import ProgressUpdate, TaskSession
 from executor.supervisor import Supervisor, abort_message
 from executor.taskdir import (
     LIFELINE_NAME,
@@ -51,7 +53,6 @@ from executor.taskdir import (
     default_base_dir,
     default_spool_dir,
 )
-from executor.transport import NoModellerTransport, Route, Transport
 from executor.uids import UidPool
 from executor.v1 import sandbox_pb2 as pb
 
@@ -153,7 +154,7 @@ class Executor:
         policy: One isolation policy for every task.
         policies: Per-project policies (from a policy file); ``policy`` wins if both.
         transport: Where mailbox traffic goes. By default there is no modeller:
-            a :class:`~executor.transport.NoModellerTransport`, which discards
+            a :class:`~executor.mailbox.transport.NoModellerTransport`, which discards
             and counts what a task sends and fails its receives at once.
         run_dir: Where task directories go; see :func:`default_base_dir`.
         spool_dir: Where large mailbox bodies are staged (disk, not memory);

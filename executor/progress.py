@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.text import Text
 
 from executor.outcome import Outcome
-from executor.session import ProgressUpdate
+from executor.rpc.session import ProgressUpdate
 from executor.terminal import printable
 
 MAX_INFO_SHOWN = 60

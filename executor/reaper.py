@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from executor.backends import LABEL_PARENT, ContainerBackend
+from executor.mailbox.transport import SPOOL_OWNER
 from executor.taskdir import OWNER_NAME, remove_tree
-from executor.transport import SPOOL_OWNER
 
 log = logging.getLogger(__name__)
 

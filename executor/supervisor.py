@@ -21,7 +21,7 @@ from executor.backends import ContainerBackend, ContainerSpec, ExitInfo
 from executor.errors import BackendError, SandboxExecutorError
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.session import FinishReport, TaskSession
+from executor.rpc.session import FinishReport, TaskSession
 
 log = logging.getLogger(__name__)
 

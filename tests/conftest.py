@@ -93,8 +93,7 @@ def data_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def modeller() -> Iterator[object]:
     """A modeller in this process over a fresh in-memory transport; cleaned up after."""
-    from executor.modeller import LocalModeller
-    from executor.transport import InMemoryTransport
+    from executor.testing import InMemoryTransport, LocalModeller
 
     transport = InMemoryTransport()
     m = LocalModeller(transport)

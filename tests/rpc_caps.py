@@ -1,7 +1,7 @@
 """The parent's RPC-edge caps as literal numbers: what the tests expect, not what the code says.
 
 A unit test (tests/unit/test_service.py) asserts that every constant in
-``executor.service`` and ``executor.session`` equals its value here, and the
+``executor.rpc.limits`` and ``executor.rpc.session`` equals its value here, and the
 RPC attack suite takes its expected numbers from this table, never from the
 code under test: a cap raised in the code fails both, instead of moving the
 expectation along with it. Change a value here only on purpose.
@@ -12,7 +12,7 @@ from __future__ import annotations
 MiB = 1024 * 1024
 SERVICE = "/executor.v1.Sandbox/"
 
-# executor/service.py
+# executor/rpc/limits.py
 MAX_CONNECTIONS = 8
 MAX_STREAMS_PER_CONNECTION = 12
 MAX_CONCURRENT_RPCS = 96
@@ -40,7 +40,7 @@ IDLE_CONNECTION_MS = 60_000
 HANDSHAKE_TIMEOUT_MS = 5_000
 SERVER_THREADS = 24
 
-# executor/session.py (and executor/fileoutcomes.py, which it re-exports)
+# executor/rpc/session.py (and executor/fileoutcomes.py, which it re-exports)
 MAX_RECEIVE_TIMEOUT_S = 600.0
 MAX_PENDING_RECEIVES = 4
 MAX_SHARES = 256

@@ -17,11 +17,11 @@ import docker.errors
 import pytest
 
 from executor.backends import LABEL_MANAGED, LABEL_PARENT, LABEL_TASK
+from executor.mailbox.transport import SPOOL_OWNER
 from executor.policy import DEFAULT_IMAGE
 from executor.reaper import new_instance_id
 from executor.supervisor import CANCEL_GRACE_S
 from executor.taskdir import OWNER_NAME
-from executor.transport import SPOOL_OWNER
 
 from ..conftest import PROTOCOLS
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from executor.crypto import TaskKeys
 from executor.executor import TaskSpec
+from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Status
 
 from ..conftest import PROTOCOLS
@@ -202,11 +202,11 @@ def test_a_waiting_task_does_not_block_another(make_executor, modeller, data_dir
 BULK_PARENT = r"""
 import hashlib, json, os, resource, sys, tempfile, threading
 from pathlib import Path
-from executor.crypto import TaskKeys
+from executor.mailbox.crypto import TaskKeys
 from executor.executor import Executor, TaskSpec
-from executor.modeller import LocalModeller
+from executor.testing import LocalModeller
 from executor.policy import IsolationPolicy
-from executor.transport import InMemoryTransport
+from executor.testing import InMemoryTransport
 
 protocols, data, run_dir, mib = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 transport = InMemoryTransport()
@@ -289,7 +289,7 @@ CLI_PARENT = r"""
 import json, resource, sys
 from pathlib import Path
 
-import executor.executor, executor.service, executor.transport  # imported before measuring
+import executor.executor, executor.rpc.server, executor.mailbox.transport  # imported before measuring
 from executor.cli import main
 
 def rss_peak_mib():
@@ -420,9 +420,9 @@ def test_a_share_for_one_task_never_reaches_a_later_task_of_the_pod(make_executo
 
 
 def test_shares_count_against_the_task_quota_and_are_capped(make_executor, data_dir):
-    from executor.mailbox import MAX_TASK_SHARES
+    from executor.mailbox.broker import MAX_TASK_SHARES
     from executor.policy import IsolationPolicy
-    from executor.session import MAX_SHARES
+    from executor.rpc.session import MAX_SHARES
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pods = ("me", *(f"peer-{i}" for i in range(MAX_SHARES)))

@@ -24,15 +24,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from executor.backends import LABEL_MANAGED, LABEL_PARENT, LABEL_TASK
 from executor.backends.docker import DockerBackend
-from executor.crypto import TaskKeys, seal_share, share_label
 from executor.executor import TaskSpec
+from executor.mailbox.crypto import TaskKeys, seal_share, share_label
+from executor.mailbox.transport import Envelope, Route
 from executor.outcome import Status
 from executor.policy import DEFAULT_IMAGE, IsolationPolicy
 from executor.policy_file import load_policy_file
 from executor.reaper import new_instance_id
-from executor.session import ProgressUpdate
+from executor.rpc.session import ProgressUpdate
 from executor.taskdir import OWNER_NAME, TOKEN_NAME
-from executor.transport import Envelope, Route
 
 from ..conftest import PROTOCOLS
 
@@ -337,7 +337,7 @@ def test_a_share_from_a_non_peer_or_a_second_from_one_peer_is_dropped(
     share_from("pod-b", "b, first")
     share_from("pod-b", "b, second")
     share_from("pod-c", "c")
-    caplog.set_level(logging.WARNING, logger="executor.mailbox")
+    caplog.set_level(logging.WARNING, logger="executor.mailbox.broker")
     spec = TaskSpec(
         protocol_dir=PROMISES,
         data_dir=data_dir,
@@ -355,7 +355,7 @@ def test_a_share_from_a_non_peer_or_a_second_from_one_peer_is_dropped(
 
 
 def test_a_forged_task_start_does_not_make_the_modeller_ready(make_executor, modeller, data_dir, caplog):
-    caplog.set_level(logging.ERROR, logger="executor.mailbox")
+    caplog.set_level(logging.ERROR, logger="executor.mailbox.broker")
     ready = {}
     for sealed_with in ("another key", "the task key"):
         task_id = f"ready-{uuid.uuid4().hex[:8]}"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from executor.crypto import TaskKeys
 from executor.errors import ImageNotFoundError
 from executor.executor import TaskSpec
+from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
 

@@ -17,8 +17,8 @@ import pytest
 
 from executor.backends import LABEL_PARENT, LABEL_TASK
 from executor.backends.docker import DockerBackend
-from executor.crypto import TaskKeys
 from executor.executor import Executor, TaskSpec
+from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.sandbox.init import EXIT_PARENT_GONE, OUTPUT_CAP_BYTES, OUTPUT_TAIL_BYTES

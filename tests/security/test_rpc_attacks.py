@@ -24,13 +24,14 @@ from typing import Any
 import pytest
 
 from executor.backends import LABEL_PARENT, LABEL_TASK
-from executor.crypto import TaskKeys, associated_data, open_sealed, seal
 from executor.executor import Executor, TaskSpec
+from executor.mailbox.crypto import TaskKeys, associated_data, open_sealed, seal
+from executor.mailbox.transport import Envelope, Route
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.policy_file import PolicySet
 from executor.taskdir import SOCKET_NAME
-from executor.transport import Envelope, InMemoryTransport, Route
+from executor.testing import InMemoryTransport
 
 from .. import rpc_caps
 from ..conftest import PROTOCOLS, bounded

@@ -26,11 +26,11 @@ from typing import Any
 import pytest
 
 from executor.backends import LABEL_PARENT
-from executor.crypto import TaskKeys
 from executor.executor import Executor, TaskSpec
+from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.session import ProgressUpdate
+from executor.rpc.session import ProgressUpdate
 
 from ..conftest import PROTOCOLS
 from ..engine import RecordingBackend

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from executor.crypto import TaskKeys
-from executor.mailbox import MailboxBroker
-from executor.modeller import LocalModeller
-from executor.session import ProgressUpdate, TaskSession
-from executor.transport import Channel, InMemoryTransport, Route
+from executor.mailbox.broker import MailboxBroker
+from executor.mailbox.crypto import TaskKeys
+from executor.mailbox.transport import Channel, Route
+from executor.rpc.session import ProgressUpdate, TaskSession
+from executor.testing import InMemoryTransport, LocalModeller
 
 MINIMAL_PROTOCOL = "def run(ctx):\n    return {'ok': True}\n"
 

@@ -372,7 +372,7 @@ def test_print_outcome_shows_hostile_text_inert(status):
 
 def test_progress_display_shows_hostile_info_inert():
     from executor.progress import ProgressDisplay
-    from executor.session import ProgressUpdate
+    from executor.rpc.session import ProgressUpdate
 
     console = _plain_console()
     with ProgressDisplay(console) as display:

@@ -7,10 +7,10 @@ import json
 import pytest
 
 import executor.executor
-import executor.transport
+import executor.mailbox.transport
 from executor import cli
+from executor.mailbox.transport import Envelope, NoModellerTransport, Route
 from executor.outcome import Outcome, Status
-from executor.transport import Envelope, NoModellerTransport, Route
 
 
 class RecordingTransport(NoModellerTransport):
@@ -55,7 +55,7 @@ def mailing(monkeypatch, make_protocol, tmp_path):
     MailingExecutor.closed = 0
     RecordingTransport.closed = 0
     monkeypatch.setattr(executor.executor, "Executor", MailingExecutor)
-    monkeypatch.setattr(executor.transport, "NoModellerTransport", RecordingTransport)
+    monkeypatch.setattr(executor.mailbox.transport, "NoModellerTransport", RecordingTransport)
     data = tmp_path / "data"
     data.mkdir()
     data.chmod(0o755)

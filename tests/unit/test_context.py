@@ -21,10 +21,13 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from executor import mailbox as mailbox_module
-from executor.crypto import TaskKeys
-from executor.mailbox import MailboxBroker
-from executor.modeller import chunked
+from executor.mailbox import broker as mailbox_module
+from executor.mailbox.broker import MailboxBroker
+from executor.mailbox.crypto import TaskKeys
+from executor.mailbox.transport import Route
+from executor.rpc.auth import TOKEN_METADATA_KEY
+from executor.rpc.server import TaskServer
+from executor.rpc.session import TaskSession
 from executor.sandbox import runtime
 from executor.sandbox.context import (
     Context,
@@ -33,9 +36,7 @@ from executor.sandbox.context import (
     ParentClient,
     TaskAborted,
 )
-from executor.service import TOKEN_METADATA_KEY, TaskServer
-from executor.session import TaskSession
-from executor.transport import InMemoryTransport, Route
+from executor.testing import InMemoryTransport, chunked
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 from tests.unit.conftest import SessionKit, wait_for

@@ -13,7 +13,7 @@ from executor.v1 import sandbox_pb2 as pb
 REPO = Path(__file__).resolve().parents[2]
 # Where the parent sends each kind.
 SENDERS = {
-    "BEAT_SEEN": "executor/session.py",
+    "BEAT_SEEN": "executor/rpc/session.py",
     "MODELLER_READY": "executor/executor.py",
     "CANCEL": "executor/supervisor.py",
 }

@@ -8,7 +8,7 @@ import os
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from executor.crypto import (
+from executor.mailbox.crypto import (
     DecryptionError,
     TaskKeys,
     associated_data,

@@ -23,16 +23,15 @@ import pytest
 
 from executor import executor as executor_module
 from executor import supervisor as supervisor_module
-from executor.crypto import TaskKeys
 from executor.errors import ContainerError, ImageNotFoundError, ProtocolBundleError, SandboxExecutorError
 from executor.executor import Executor, TaskSpec
-from executor.modeller import LocalModeller
+from executor.mailbox.crypto import TaskKeys
+from executor.mailbox.transport import Transport
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
-from executor.service import TaskServer
-from executor.session import ProgressUpdate
-from executor.testing import FakeBackend, Program, exits, host_runtime
-from executor.transport import InMemoryTransport, Transport
+from executor.rpc.server import TaskServer
+from executor.rpc.session import ProgressUpdate
+from executor.testing import FakeBackend, InMemoryTransport, LocalModeller, Program, exits, host_runtime
 
 pytestmark = pytest.mark.timeout(120)
 

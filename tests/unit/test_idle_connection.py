@@ -18,8 +18,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from executor import service
-from executor.service import TOKEN_METADATA_KEY, TaskServer
+from executor.rpc import server as rpc_server
+from executor.rpc.auth import TOKEN_METADATA_KEY
+from executor.rpc.server import TaskServer
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 
@@ -41,7 +42,7 @@ class Served:
         kit = make_session(config=CONFIG.SerializeToString())
         self.session = kit.session
         patch = pytest.MonkeyPatch()
-        patch.setattr(service, "IDLE_CONNECTION_MS", idle_ms)
+        patch.setattr(rpc_server, "IDLE_CONNECTION_MS", idle_ms)
         try:
             self.server = TaskServer(kit.session, self.token, self.dir / "sandbox.sock")
         finally:
@@ -98,8 +99,8 @@ def test_a_connection_without_a_call_is_closed_by_the_parent(serve):
 def test_the_default_limit_leaves_a_briefly_idle_connection_open(serve):
     # The same steps under the real limit (60 s): what closed the connection
     # above was the idle limit, not the call's end.
-    assert service.IDLE_CONNECTION_MS >= 10_000
-    s = serve(service.IDLE_CONNECTION_MS)
+    assert rpc_server.IDLE_CONNECTION_MS >= 10_000
+    s = serve(rpc_server.IDLE_CONNECTION_MS)
     s.stub.GetTask(pb.GetTaskRequest(), metadata=s.auth, timeout=10)
     assert not s.dropped_within(10 * LOW_IDLE_MS / 1000)
 

@@ -27,17 +27,25 @@ ALLOWED_INTERNAL = ("executor.sandbox", "executor.v1")
 FORBIDDEN_TOP_LEVEL = ("docker", "requests", "urllib3", "cryptography", "rich")
 FORBIDDEN_PARENT_MODULES = (
     "executor.executor",
-    "executor.service",
-    "executor.session",
+    "executor.rpc",
+    "executor.rpc.auth",
+    "executor.rpc.limits",
+    "executor.rpc.server",
+    "executor.rpc.servicer",
+    "executor.rpc.session",
     "executor.backends",
     "executor.backends.docker",
     "executor.mailbox",
-    "executor.crypto",
+    "executor.mailbox.broker",
+    "executor.mailbox.crypto",
     "executor.policy",
     "executor.bundle",
     "executor.taskdir",
-    "executor.transport",
-    "executor.modeller",
+    "executor.mailbox.transport",
+    "executor.testing",
+    "executor.testing.engine",
+    "executor.testing.modeller",
+    "executor.testing.transport",
     "executor.cli",
     "executor.progress",
     "executor.outcome",
@@ -185,7 +193,7 @@ if TYPE_CHECKING:
 import requests
 from executor import policy
 from executor.executor import Executor
-from .. import service
+from .. import rpc
 import google.auth
 def lazy():
     import cryptography
@@ -195,7 +203,7 @@ def lazy():
         "cryptography",
         "executor.executor",
         "executor.policy",
-        "executor.service",
+        "executor.rpc",
         "google.auth",
         "requests",
     ]

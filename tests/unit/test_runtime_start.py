@@ -9,8 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from executor.service import TaskServer
-from executor.session import TaskSession
+from executor.rpc.server import TaskServer
+from executor.rpc.session import TaskSession
 from executor.v1 import sandbox_pb2 as pb
 
 from .conftest import wait_for

@@ -12,8 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from executor.service import METHOD_POLICY, TOKEN_METADATA_KEY, TaskServer, TokenAuthInterceptor
-from executor.session import RequestRejected, TaskSession
+from executor.rpc.auth import METHOD_POLICY, TOKEN_METADATA_KEY, TokenAuthInterceptor
+from executor.rpc.server import TaskServer
+from executor.rpc.session import RequestRejected, TaskSession
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 from tests import rpc_caps
@@ -399,8 +400,8 @@ def test_rejection_with_an_uncatalogued_code_becomes_internal(served, monkeypatc
 
 
 def test_the_runtime_recognises_the_parents_rate_limit_refusal():
+    from executor.rpc.limits import CallLimiter
     from executor.sandbox.context import RATE_LIMITED
-    from executor.service import CallLimiter
 
     limiter = CallLimiter(rate_per_s=0.001, burst=1)
     assert limiter.admit("/executor.v1.Sandbox/ReportProgress") is None
@@ -410,12 +411,12 @@ def test_the_runtime_recognises_the_parents_rate_limit_refusal():
 def test_every_rpc_edge_cap_is_its_pinned_value():
     # The RPC attack suite expects these numbers (tests/rpc_caps.py), not the
     # code's: a cap raised here in the code must fail, not move the expectation.
-    import executor.service as service
-    import executor.session as session
+    import executor.rpc.limits as limits
+    import executor.rpc.session as session
 
     differ = {
         f"{module.__name__}.{name}": (getattr(module, name, "<missing>"), pinned)
-        for module, caps in ((service, rpc_caps.SERVICE_CAPS), (session, rpc_caps.SESSION_CAPS))
+        for module, caps in ((limits, rpc_caps.SERVICE_CAPS), (session, rpc_caps.SESSION_CAPS))
         for name, pinned in caps.items()
         if getattr(module, name, None) != pinned
     }
@@ -428,9 +429,9 @@ SERVICE_PATH = "/executor.v1.Sandbox/"
 
 
 def test_calls_whose_request_never_arrives_cannot_keep_the_task_from_finishing(served, monkeypatch):
-    import executor.service as service
+    import executor.rpc.limits as limits
 
-    monkeypatch.setattr(service, "REQUEST_WAIT_S", 0.5, raising=False)
+    monkeypatch.setattr(limits, "REQUEST_WAIT_S", 0.5, raising=False)
     gate = threading.Event()
 
     def headers_only():
@@ -485,7 +486,8 @@ def test_a_cancelled_stream_is_not_logged_as_an_error(served, caplog):
     loud = [
         r
         for r in caplog.records
-        if r.exc_info or (r.name == "executor.service" and r.levelno >= logging.WARNING)
+        if r.exc_info
+        or (r.name in ("executor.rpc.servicer", "executor.rpc.server") and r.levelno >= logging.WARNING)
     ]
     assert not loud, [(r.name, r.getMessage()) for r in loud]
 
@@ -506,7 +508,7 @@ class _GoneContext:
 def test_a_request_stream_broken_by_its_client_is_logged_quietly(make_session, caplog):
     import logging
 
-    from executor.service import SandboxServicer
+    from executor.rpc.servicer import SandboxServicer
 
     caplog.set_level(logging.DEBUG)
 
@@ -534,8 +536,8 @@ def test_only_the_first_chunk_of_a_body_may_be_empty(served):
 
 
 def test_work_inside_calls_is_charged_to_the_task():
+    from executor.rpc.limits import BEAT_BURST, FILES_PER_TOKEN, CallLimiter
     from executor.sandbox.context import RATE_LIMITED
-    from executor.service import BEAT_BURST, FILES_PER_TOKEN, CallLimiter
 
     limiter = CallLimiter(rate_per_s=0.001, burst=10)
     assert limiter.charge(10) is None
@@ -547,7 +549,8 @@ def test_work_inside_calls_is_charged_to_the_task():
 
 
 def test_file_outcomes_are_charged_per_file(make_session):
-    from executor.service import FILES_PER_TOKEN, CallLimiter, SandboxServicer
+    from executor.rpc.limits import FILES_PER_TOKEN, CallLimiter
+    from executor.rpc.servicer import SandboxServicer
 
     kit = make_session()
     servicer = SandboxServicer(kit.session, CallLimiter(rate_per_s=0.001, burst=150))
@@ -573,9 +576,9 @@ def test_a_beat_flood_ends_the_heartbeat_stream(served):
 
 
 def test_a_task_that_keeps_coming_after_refusals_is_ended(served, monkeypatch):
-    import executor.service as service
+    import executor.rpc.limits as limits
 
-    monkeypatch.setattr(service, "ABUSE_REFUSALS", 50)
+    monkeypatch.setattr(limits, "ABUSE_REFUSALS", 50)
     limiter = served.server._limiter
     for _ in range(60):
         limiter._refuse("test")

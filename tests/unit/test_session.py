@@ -7,14 +7,14 @@ import threading
 
 import pytest
 
-from executor.session import (
+from executor.mailbox.transport import Envelope
+from executor.rpc.session import (
     MAX_INFO_CHARS,
     MAX_PENDING_RECEIVES,
     MAX_TRACEBACK_CHARS,
     ProgressUpdate,
     RequestRejected,
 )
-from executor.transport import Envelope
 
 
 def _rejected(code, fn, *args, **kwargs):
@@ -366,10 +366,10 @@ def test_error_text_lengths_are_capped(make_session):
 
 
 def test_per_task_mailbox_budget_counts_both_ways(tmp_path):
-    from executor.crypto import TaskKeys
-    from executor.mailbox import MailboxBroker, MailboxLimitError
-    from executor.modeller import LocalModeller
-    from executor.transport import InMemoryTransport, Route
+    from executor.mailbox.broker import MailboxBroker, MailboxLimitError
+    from executor.mailbox.crypto import TaskKeys
+    from executor.mailbox.transport import Route
+    from executor.testing import InMemoryTransport, LocalModeller
 
     transport = InMemoryTransport()
     modeller = LocalModeller(transport)
@@ -454,7 +454,7 @@ def test_file_outcome_caps_are_pinned():
     assert f.MAX_REASON_CHARS_PER_TASK == 256 * 1024
     assert f.MAX_FAILED_FILES_IN_JSON == 1000
     # The session enforces the same objects, not copies.
-    import executor.session as s
+    import executor.rpc.session as s
 
     assert (s.MAX_FILES_PER_CALL, s.MAX_FILE_NAME_CHARS, s.MAX_FILE_REASON_CHARS) == (
         f.MAX_FILES_PER_CALL,

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from executor.crypto import TaskKeys, seal_share, share_label
-from executor.mailbox import MAX_TASK_SHARES, MailboxBroker, MailboxLimitError
-from executor.session import MAX_SHARES, RequestRejected, TaskSession
-from executor.transport import Envelope, InMemoryTransport, Route
+from executor.mailbox.broker import MAX_TASK_SHARES, MailboxBroker, MailboxLimitError
+from executor.mailbox.crypto import TaskKeys, seal_share, share_label
+from executor.mailbox.transport import Envelope, Route
+from executor.rpc.session import MAX_SHARES, RequestRejected, TaskSession
+from executor.testing import InMemoryTransport
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 SEALED_BYTES = KEY.key_size // 8
@@ -100,7 +101,7 @@ def test_a_share_sealed_for_another_task_or_pod_is_dropped_not_opened(transport,
     try:
         for label in (share_label("t-1", "pod-a", "pod-b"), share_label("t-2", "pod-a", "pod-c")):
             sender.send(Envelope("SECURE_SHARE", seal_share(KEY.public_key(), b"stale", label), peer="pod-b"))
-        with caplog.at_level(logging.WARNING, logger="executor.mailbox"):
+        with caplog.at_level(logging.WARNING, logger="executor.mailbox.broker"):
             assert broker.get_shares(0.5) is None
         assert caplog.text.count("not sealed for this task and pod") == 2
         good = seal_share(KEY.public_key(), b"fresh", share_label("t-2", "pod-a", "pod-b"))

@@ -20,7 +20,7 @@ from executor.backends import ContainerSpec
 from executor.errors import ContainerError, EngineUnavailableError
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.session import TaskSession
+from executor.rpc.session import TaskSession
 from executor.supervisor import Supervisor, abort_message
 from executor.testing import (
     SIGKILL_EXIT,

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from executor.reaper import new_instance_id, reap
-from executor.transport import (
+from executor.mailbox.transport import (
     SPOOL_OWNER,
     Envelope,
-    InMemoryTransport,
     NoModellerTransport,
     Route,
     TransportError,
 )
+from executor.reaper import new_instance_id, reap
+from executor.testing import InMemoryTransport
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -184,7 +184,7 @@ def test_the_modeller_addresses_each_pod_of_a_task_that_shares_one_id():
 
 
 def test_the_default_spool_lives_under_the_spool_base_and_close_removes_it(spool_base, tmp_path):
-    from executor.modeller import LocalModeller
+    from executor.testing import LocalModeller
 
     transport = InMemoryTransport()
     modeller = LocalModeller(transport)
@@ -205,8 +205,9 @@ def test_the_default_spool_lives_under_the_spool_base_and_close_removes_it(spool
 LEAVER = r"""
 import json, os, sys
 from pathlib import Path
-from executor.modeller import LocalModeller
-from executor.transport import Envelope, InMemoryTransport, Route
+from executor.testing import LocalModeller
+from executor.mailbox.transport import Envelope, Route
+from executor.testing import InMemoryTransport
 
 transport = InMemoryTransport()
 modeller = LocalModeller(transport)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from executor.crypto import (
+from executor.mailbox.crypto import (
     STREAM_CHUNK,
     TaskKeys,
     associated_data,
@@ -21,7 +21,8 @@ from executor.crypto import (
     seal,
     seal_stream,
 )
-from executor.transport import Envelope, InMemoryTransport, owned_spool
+from executor.mailbox.transport import Envelope
+from executor.testing.transport import InMemoryTransport, owned_spool
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The sandbox hands over and receives plaintext; this broker seals and opens it
 with the task's keys, which never leave the parent, and moves ciphertext over
-the pod's :class:`~executor.transport.Channel`. Bodies above
+the pod's :class:`~executor.mailbox.transport.Channel`. Bodies above
 :data:`SPOOL_THRESHOLD` stream through a file, one chunk in memory at a time,
 so a 256 MiB training update costs the parent megabytes, not a second copy.
 
@@ -10,7 +10,7 @@ Secure shares are metered like any other body: each counts its sealed size
 against the task's byte quota, and a task may send and receive at most
 :data:`MAX_TASK_SHARES` of them each way, which also bounds the RSA work it
 can make the parent do. Each share is bound to its task and pods (see
-:func:`~executor.crypto.share_label`); one that does not open is dropped.
+:func:`~executor.mailbox.crypto.share_label`); one that does not open is dropped.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from executor.crypto import (
+from executor.errors import SandboxExecutorError
+from executor.mailbox.crypto import (
     OVERHEAD_BYTES,
     DecryptionError,
     TaskKeys,
@@ -37,8 +38,7 @@ from executor.crypto import (
     seal_stream,
     share_label,
 )
-from executor.errors import SandboxExecutorError
-from executor.transport import SPOOL_OWNER, Channel, Envelope, Route, TransportError, discard
+from executor.mailbox.transport import SPOOL_OWNER, Channel, Envelope, Route, TransportError, discard
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from executor.crypto import DecryptionError
 from executor.fileoutcomes import (
     FILE_KINDS,
     MAX_FILE_NAME_CHARS,
@@ -31,8 +30,9 @@ from executor.fileoutcomes import (
     FileLedger,
     FileLimitError,
 )
-from executor.mailbox import Incoming, MailboxBroker, MailboxLimitError
-from executor.transport import TransportError
+from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
+from executor.mailbox.crypto import DecryptionError
+from executor.mailbox.transport import TransportError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Test doubles for the parent side: a scripted container engine (never imported by the executor itself).
+"""A scripted container engine for unit tests (never imported by the executor itself).
 
 :class:`FakeBackend` implements :class:`~executor.backends.ContainerBackend`
 without an engine. Each container runs a *program* in a thread of its own

@@ -1,0 +1,102 @@
+"""A task's gRPC server on its own Unix socket, with the interceptor, the servicer and the caps."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from executor.rpc.auth import TokenAuthInterceptor
+from executor.rpc.limits import (
+    ABUSE_ERROR_TYPE,
+    CHUNK_BYTES,
+    ENVELOPE_HEADROOM,
+    HANDSHAKE_TIMEOUT_MS,
+    IDLE_CONNECTION_MS,
+    MAX_CONCURRENT_RPCS,
+    MAX_CONNECTIONS,
+    MAX_METADATA_BYTES,
+    MAX_STREAMS_PER_CONNECTION,
+    RATE_BURST,
+    RATE_PER_S,
+    SERVER_THREADS,
+    CallLimiter,
+    RequestWatch,
+)
+from executor.rpc.servicer import SandboxServicer
+from executor.rpc.session import TaskSession
+from executor.v1 import sandbox_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class TaskServer:
+    """A gRPC server for one task, listening on that task's Unix socket.
+
+    Args:
+        session: The task's state.
+        token: The task's bootstrap token.
+        socket_path: Where to listen.
+        rate_per_s: The task's sustained call rate (tests set a low one).
+        burst: How many calls the task may make at once.
+    """
+
+    def __init__(
+        self,
+        session: TaskSession,
+        token: str,
+        socket_path: Path,
+        *,
+        rate_per_s: float = RATE_PER_S,
+        burst: int = RATE_BURST,
+    ) -> None:
+        self.session = session
+        self.socket_path = socket_path
+        # Mailbox bodies arrive in chunks; the result is the largest single message.
+        cap = max(CHUNK_BYTES, session.max_result_bytes) + ENVELOPE_HEADROOM
+        self._limiter = CallLimiter(rate_per_s, burst, on_abuse=self._end_for_abuse)
+        self._watch = RequestWatch()
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=SERVER_THREADS, thread_name_prefix=f"rpc-{session.task_id[:8]}"
+            ),
+            interceptors=[TokenAuthInterceptor(token, self._limiter, self._watch)],
+            options=[
+                ("grpc.max_receive_message_length", cap),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+                ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
+                ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
+                ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+        )
+        pb_grpc.add_SandboxServicer_to_server(SandboxServicer(session, self._limiter), self._server)
+        try:
+            port = self._server.add_insecure_port(f"unix:{socket_path}")
+        except RuntimeError:  # how grpc says the bind failed (e.g. a path too long for a socket)
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {socket_path}")
+
+    def start(self) -> None:
+        """Start serving."""
+        self._server.start()
+
+    def _end_for_abuse(self, reason: str) -> None:
+        """End the task and close every connection of it: it abused the parent."""
+        if self.session.end_for_abuse(ABUSE_ERROR_TYPE, reason):
+            log.warning("task %s: %s; closing its connections", self.session.task_id, reason)
+        self._server.stop(0)
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Stop serving, ending open streams, and remove the socket."""
+        self.session.closed.set()
+        self.session.controls.put(None)
+        self._watch.stop()
+        self._server.stop(grace).wait(grace + 1)
+        self.socket_path.unlink(missing_ok=True)

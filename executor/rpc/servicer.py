@@ -1,0 +1,220 @@
+"""The servicer: protobuf in, plain values to the task's session, protobuf out.
+
+Errors map to a status and a public message in one catalog; anything unexpected
+becomes INTERNAL with no detail.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from executor.mailbox.broker import Incoming
+from executor.rpc.limits import CHUNK_BYTES, FILES_PER_TOKEN, CallLimiter
+from executor.rpc.session import ProgressUpdate, RequestRejected, TaskSession
+from executor.v1 import sandbox_pb2 as pb
+from executor.v1 import sandbox_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# RequestRejected codes a handler may return, and nothing else.
+_STATUS_CATALOG: dict[str, grpc.StatusCode] = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "DATA_LOSS": grpc.StatusCode.DATA_LOSS,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _rpc_errors(method: _F) -> _F:
+    """Map session errors to gRPC statuses; hide anything unexpected."""
+
+    @functools.wraps(method)
+    def wrapper(self: SandboxServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except RequestRejected as exc:
+            code = _STATUS_CATALOG.get(exc.code, grpc.StatusCode.INTERNAL)
+            context.abort(
+                code, exc.public_message if code is not grpc.StatusCode.INTERNAL else "internal error"
+            )
+        except grpc.RpcError:
+            # Reading the request stream failed: the client cancelled, or the
+            # call was cancelled for want of a request. Not an error of ours;
+            # grpc ends the call quietly when its own error is re-raised.
+            log.debug("%s of task %s was cancelled", method.__name__, self._session.task_id)
+            raise
+        except Exception:
+            if not context.is_active():
+                log.debug(
+                    "%s of task %s ended while its call was gone", method.__name__, self._session.task_id
+                )
+                context.abort(grpc.StatusCode.CANCELLED, "cancelled")
+            log.exception("unexpected error in %s for task %s", method.__name__, self._session.task_id)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    """The name of ``value`` in a protobuf enum, or ``"<invalid>"``."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return "<invalid>"
+
+
+class SandboxServicer(pb_grpc.SandboxServicer):
+    """Thin protobuf-to-session adapter for one task."""
+
+    def __init__(self, session: TaskSession, limiter: CallLimiter | None = None) -> None:
+        self._session = session
+        self._limiter = limiter or CallLimiter()
+
+    @_rpc_errors
+    def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.TaskConfig:
+        """The task's configuration."""
+        config = pb.TaskConfig()
+        config.ParseFromString(self._session.get_config())
+        return config
+
+    def Heartbeat(
+        self, request_iterator: Iterator[pb.Beat], context: grpc.ServicerContext
+    ) -> Iterator[pb.Control]:
+        """Record beats; stream control messages down."""
+        session = self._session
+
+        def read_beats() -> None:
+            try:
+                for beat in request_iterator:
+                    session.record_beat(beat.progress_events, beat.mailbox_ops, beat.main_thread_moved)
+            except Exception:  # the stream broke; the supervisor sees the silence
+                log.debug("heartbeat stream of task %s ended abruptly", session.task_id)
+            finally:
+                session.controls.put(None)
+
+        reader = threading.Thread(target=read_beats, name=f"beats-{session.task_id}", daemon=True)
+        reader.start()
+        while context.is_active():
+            try:
+                item = session.controls.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                break
+            kind, reason = item
+            yield pb.Control(kind=kind, reason=reason)
+
+    @_rpc_errors
+    def SendMessage(
+        self, request_iterator: Iterator[pb.MessageChunk], context: grpc.ServicerContext
+    ) -> pb.SendMessageResponse:
+        """Forward a (chunked) message to the modeller."""
+        first = next(request_iterator, None)
+        if first is None:
+            raise RequestRejected("INVALID_ARGUMENT", "empty message stream")
+        message_type = _enum_name(pb.MessageType, first.type)
+
+        def chunks() -> Iterator[bytes]:
+            yield first.data
+            for chunk in request_iterator:
+                if len(chunk.data) > CHUNK_BYTES:
+                    raise RequestRejected("INVALID_ARGUMENT", f"chunks may be at most {CHUNK_BYTES} bytes")
+                if not chunk.data:  # costs the parent a message and moves nothing
+                    raise RequestRejected("INVALID_ARGUMENT", "only the first chunk may be empty")
+                yield chunk.data
+
+        self._session.send_message(message_type, first.total_size, chunks())
+        return pb.SendMessageResponse()
+
+    @_rpc_errors
+    def ReceiveMessage(
+        self, request: pb.ReceiveMessageRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.MessageChunk]:
+        """Wait for a message from the modeller; stream it down in chunks."""
+        name = _enum_name(pb.MessageType, request.type)
+        incoming = self._session.receive_message(name, request.timeout_ms / 1000)
+        return _stream_incoming(incoming, request.type, context, self._session.task_id)
+
+    @_rpc_errors
+    def SendSecureShares(self, request: pb.SecureShares, context: grpc.ServicerContext) -> pb.Ack:
+        """Send secure-aggregation shares to peer pods."""
+        self._session.send_secure_shares(dict(request.shares))
+        return pb.Ack()
+
+    @_rpc_errors
+    def GetSecureShares(
+        self, request: pb.GetSecureSharesRequest, context: grpc.ServicerContext
+    ) -> pb.SecureShares:
+        """Wait for a share from every peer pod."""
+        return pb.SecureShares(shares=self._session.get_secure_shares(request.timeout_ms / 1000))
+
+    @_rpc_errors
+    def ReportProgress(self, request: pb.ProgressEvent, context: grpc.ServicerContext) -> pb.Ack:
+        """Pass a progress event on."""
+        self._session.report_progress(
+            ProgressUpdate(
+                kind=_enum_name(pb.ProgressEvent.Kind, request.kind),
+                current_epoch=request.current_epoch,
+                max_epochs=request.max_epochs,
+                current=request.current,
+                total=request.total,
+                info=request.info,
+            )
+        )
+        return pb.Ack()
+
+    @_rpc_errors
+    def ReportFiles(self, request: pb.FileOutcomes, context: grpc.ServicerContext) -> pb.Ack:
+        """Record per-file outcomes."""
+        refused = self._limiter.charge(len(request.files) // FILES_PER_TOKEN)
+        if refused is not None:
+            raise RequestRejected("RESOURCE_EXHAUSTED", refused)
+        self._session.report_files(
+            [(f.name, _enum_name(pb.FileOutcome.Kind, f.kind), f.reason) for f in request.files]
+        )
+        return pb.Ack()
+
+    @_rpc_errors
+    def Finish(self, request: pb.FinishRequest, context: grpc.ServicerContext) -> pb.Ack:
+        """Record the terminal result."""
+        self._session.report_finish(
+            status=_enum_name(pb.Status, request.status),
+            result_json=request.result_json,
+            error_type=request.error.type,
+            error_message=request.error.message,
+            traceback=request.error.traceback,
+            timings=dict(request.timings),
+        )
+        return pb.Ack()
+
+
+def _stream_incoming(
+    incoming: Incoming, type_value: int, context: grpc.ServicerContext, task_id: str
+) -> Iterator[pb.MessageChunk]:
+    """Chunks of a received body; the first names type and size. Cleans up after."""
+    try:
+        first = True
+        for data in incoming.chunks(CHUNK_BYTES):
+            if first:
+                yield pb.MessageChunk(type=type_value, total_size=incoming.size, data=data)  # type: ignore[arg-type]
+                first = False
+            else:
+                yield pb.MessageChunk(data=data)
+        if first:
+            yield pb.MessageChunk(type=type_value, total_size=0)  # type: ignore[arg-type]
+    except Exception:
+        log.exception("streaming a message to task %s failed", task_id)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error")
+    finally:
+        incoming.discard()
