@@ -248,7 +248,7 @@ class Workspace:
 
     def executor(self, policy: Any, transport: Any = None, backend: Any = None) -> Any:
         """An executor with this workspace's run and spool directories."""
-        from executor.executor import Executor
+        from executor.runner import Executor
 
         ex = Executor(
             backend or self.backend(),

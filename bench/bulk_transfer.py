@@ -108,8 +108,8 @@ def pipe_parent(mib: int, repeats: int) -> dict[str, Any]:
 
 # -- the executor ----------------------------------------------------------------
 def _transfer(ws: c.Workspace, executor: Any, modeller: Any, mib: int, verify: bool) -> dict[str, Any]:
-    from executor.executor import TaskSpec
     from executor.mailbox.crypto import TaskKeys
+    from executor.spec import TaskSpec
 
     task_id = c.new_task_id("bulk")
     keys = TaskKeys.generate()

@@ -50,7 +50,7 @@ def spawn_baseline(ws: c.Workspace, runs: int, warmup: int) -> dict[str, Any]:
 
 def executor_runs(ws: c.Workspace, runtime: str, runs: int, warmup: int) -> dict[str, Any]:
     """Submit-to-first-line latency through the executor on ``runtime``, ``runs`` times."""
-    from executor.executor import TaskSpec
+    from executor.spec import TaskSpec
 
     executor = ws.executor(c.policy(runtime))
     data = ws.data_dir()

@@ -41,8 +41,8 @@ class _Task:
     """One task and its modeller-side responder."""
 
     def __init__(self, ws: c.Workspace, executor: Any, modeller: Any, args: Any) -> None:
-        from executor.executor import TaskSpec
         from executor.mailbox.crypto import TaskKeys
+        from executor.spec import TaskSpec
 
         self.task_id = c.new_task_id("conc")
         keys = TaskKeys.generate()

@@ -78,7 +78,7 @@ def _last_stamp(text: str) -> float:
 
 def _one(ws: c.Workspace, executor: Any, backend: StampingBackend, scenario: str) -> dict[str, Any]:
     """Run one task of ``scenario``; return its failure moment, stamps and outcome."""
-    from executor.executor import TaskSpec
+    from executor.spec import TaskSpec
 
     protocol = "first_line" if scenario == "returns" else scenario
     progress: list[str] = []

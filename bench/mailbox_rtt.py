@@ -59,8 +59,8 @@ def queue_baseline(ws: c.Workspace, rounds: int, warmup: int, size: int) -> dict
 
 def sandbox_rtt(ws: c.Workspace, runtime: str, rounds: int, warmup: int, size: int) -> dict[str, Any]:
     """Round trips of ``size`` bytes through a sandbox on ``runtime``."""
-    from executor.executor import TaskSpec
     from executor.mailbox.crypto import TaskKeys
+    from executor.spec import TaskSpec
 
     transport = ws.transport()
     modeller = ws.modeller(transport)

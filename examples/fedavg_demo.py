@@ -36,11 +36,12 @@ from types import FrameType
 from typing import Any
 
 from executor.errors import SandboxExecutorError
-from executor.executor import Executor, TaskSpec
+from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.rpc.session import ProgressUpdate
+from executor.runner import Executor
+from executor.spec import TaskSpec
 from executor.testing import InMemoryTransport, LocalModeller, ModellerMessage
 
 EXAMPLES = Path(__file__).resolve().parent

@@ -13,15 +13,16 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from executor.executor import Executor, TaskSpec
     from executor.outcome import Outcome, Status
     from executor.policy import IsolationPolicy
+    from executor.runner import Executor
+    from executor.spec import TaskSpec
 
 __all__ = ["Executor", "IsolationPolicy", "Outcome", "Status", "TaskSpec", "__version__"]
 
 _LAZY = {
-    "Executor": "executor.executor",
-    "TaskSpec": "executor.executor",
+    "Executor": "executor.runner",
+    "TaskSpec": "executor.spec",
     "Outcome": "executor.outcome",
     "Status": "executor.outcome",
     "IsolationPolicy": "executor.policy",

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 from executor.backends import ContainerBackend, ContainerSpec, ExitInfo
 from executor.errors import BackendError, SandboxExecutorError
+from executor.events import FinishReport
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.rpc.session import FinishReport, TaskSession
+from executor.rpc.session import TaskSession
 
 log = logging.getLogger(__name__)
 

@@ -111,7 +111,7 @@ def make_executor(docker_client: object, run_dir: Path, tmp_path: Path) -> Itera
     check runs even when the test failed, and whatever leaked (containers,
     task directories, spools) is removed before the assertion reports it.
     """
-    from executor.executor import Executor
+    from executor.runner import Executor
 
     made: list[Executor] = []
 

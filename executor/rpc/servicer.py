@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 
 import grpc
 
+from executor.events import ProgressUpdate
 from executor.mailbox.broker import Incoming
 from executor.rpc.limits import CHUNK_BYTES, FILES_PER_TOKEN, CallLimiter
-from executor.rpc.session import ProgressUpdate, RequestRejected, TaskSession
+from executor.rpc.session import RequestRejected, TaskSession
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 

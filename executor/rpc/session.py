@@ -18,10 +18,11 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from executor.events import FinishReport, ProgressUpdate
 from executor.fileoutcomes import (
     FILE_KINDS,
     MAX_FILE_NAME_CHARS,
@@ -145,30 +146,6 @@ def _mailbox_errors(task_id: str) -> Iterator[None]:
     except TransportError as exc:
         log.warning("task %s: %s", task_id, exc)
         raise RequestRejected("UNAVAILABLE", str(exc)) from None
-
-
-@dataclass(frozen=True)
-class ProgressUpdate:
-    """A progress event from the protocol, for progress bars and hooks."""
-
-    kind: str
-    current_epoch: int = 0
-    max_epochs: int = 0
-    current: int = 0
-    total: int = 0
-    info: str = ""
-
-
-@dataclass(frozen=True)
-class FinishReport:
-    """The terminal report a sandbox sent."""
-
-    status: str
-    result: Any
-    error_type: str = ""
-    error_message: str = ""
-    traceback: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from executor.executor import TaskSpec
 from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Status
+from executor.spec import TaskSpec
 
 from ..conftest import PROTOCOLS
 
@@ -203,7 +203,8 @@ BULK_PARENT = r"""
 import hashlib, json, os, resource, sys, tempfile, threading
 from pathlib import Path
 from executor.mailbox.crypto import TaskKeys
-from executor.executor import Executor, TaskSpec
+from executor.runner import Executor
+from executor.spec import TaskSpec
 from executor.testing import LocalModeller
 from executor.policy import IsolationPolicy
 from executor.testing import InMemoryTransport
@@ -289,7 +290,7 @@ CLI_PARENT = r"""
 import json, resource, sys
 from pathlib import Path
 
-import executor.executor, executor.rpc.server, executor.mailbox.transport  # imported before measuring
+import executor.runner, executor.rpc.server, executor.mailbox.transport  # imported before measuring
 from executor.cli import main
 
 def rss_peak_mib():

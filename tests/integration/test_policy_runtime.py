@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from executor.executor import TaskSpec
 from executor.outcome import Status
 from executor.policy_file import load_policy_file
+from executor.spec import TaskSpec
 
 from ..conftest import PROTOCOLS, TEST_TIMEOUT_S
 from ..engine import RecordingBackend

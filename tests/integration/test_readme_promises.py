@@ -24,14 +24,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from executor.backends import LABEL_MANAGED, LABEL_PARENT, LABEL_TASK
 from executor.backends.docker import DockerBackend
-from executor.executor import TaskSpec
+from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys, seal_share, share_label
 from executor.mailbox.transport import Envelope, Route
 from executor.outcome import Status
 from executor.policy import DEFAULT_IMAGE, IsolationPolicy
 from executor.policy_file import load_policy_file
 from executor.reaper import new_instance_id
-from executor.rpc.session import ProgressUpdate
+from executor.spec import TaskSpec
 from executor.taskdir import OWNER_NAME, TOKEN_NAME
 
 from ..conftest import PROTOCOLS

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from executor.errors import ImageNotFoundError
-from executor.executor import TaskSpec
 from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
+from executor.spec import TaskSpec
 
 from ..conftest import PROTOCOLS
 

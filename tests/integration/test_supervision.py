@@ -17,11 +17,12 @@ import pytest
 
 from executor.backends import LABEL_PARENT, LABEL_TASK
 from executor.backends.docker import DockerBackend
-from executor.executor import Executor, TaskSpec
 from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
+from executor.runner import Executor
 from executor.sandbox.init import EXIT_PARENT_GONE, OUTPUT_CAP_BYTES, OUTPUT_TAIL_BYTES
+from executor.spec import TaskSpec
 from executor.supervisor import CANCEL_GRACE_S
 
 from ..conftest import PROTOCOLS
@@ -198,7 +199,8 @@ def test_timings_cover_every_startup_phase(make_executor, data_dir):
 ORPHAN_PARENT = r"""
 import sys
 from pathlib import Path
-from executor.executor import Executor, TaskSpec
+from executor.runner import Executor
+from executor.spec import TaskSpec
 from executor.policy import IsolationPolicy
 policy = IsolationPolicy.hardened().replace(timeout_s=120)
 ex = Executor(policy=policy, run_dir=Path(sys.argv[1]), spool_dir=Path(sys.argv[2]))
@@ -302,7 +304,8 @@ def test_a_freeze_on_the_first_line_is_caught_by_the_heartbeat_timeout(
 OUTLIVING_PARENT = r"""
 import sys
 from pathlib import Path
-from executor.executor import Executor, TaskSpec
+from executor.runner import Executor
+from executor.spec import TaskSpec
 from executor.policy import IsolationPolicy
 run_dir, spool, protocol, data, runtime, mode = sys.argv[1:]
 policy = IsolationPolicy.hardened().replace(runtime=runtime, timeout_s=120)

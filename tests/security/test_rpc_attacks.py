@@ -24,12 +24,13 @@ from typing import Any
 import pytest
 
 from executor.backends import LABEL_PARENT, LABEL_TASK
-from executor.executor import Executor, TaskSpec
 from executor.mailbox.crypto import TaskKeys, associated_data, open_sealed, seal
 from executor.mailbox.transport import Envelope, Route
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.policy_file import PolicySet
+from executor.runner import Executor
+from executor.spec import TaskSpec
 from executor.taskdir import SOCKET_NAME
 from executor.testing import InMemoryTransport
 

@@ -26,11 +26,12 @@ from typing import Any
 import pytest
 
 from executor.backends import LABEL_PARENT
-from executor.executor import Executor, TaskSpec
+from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.rpc.session import ProgressUpdate
+from executor.runner import Executor
+from executor.spec import TaskSpec
 
 from ..conftest import PROTOCOLS
 from ..engine import RecordingBackend

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from executor.events import ProgressUpdate
 from executor.mailbox.broker import MailboxBroker
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Channel, Route
-from executor.rpc.session import ProgressUpdate, TaskSession
+from executor.rpc.session import TaskSession
 from executor.testing import InMemoryTransport, LocalModeller
 
 MINIMAL_PROTOCOL = "def run(ctx):\n    return {'ok': True}\n"

@@ -8,8 +8,8 @@ import tempfile
 import docker
 import pytest
 
-import executor.executor
-from executor import cli
+import executor.runner
+from executor.cli import commands as cli
 from executor.outcome import ErrorDetail, Outcome, Status
 
 
@@ -232,7 +232,7 @@ class FakeExecutor:
 def fake_executor(monkeypatch):
     FakeExecutor.specs = []
     FakeExecutor.closed = 0
-    monkeypatch.setattr(executor.executor, "Executor", FakeExecutor)
+    monkeypatch.setattr(executor.runner, "Executor", FakeExecutor)
     return FakeExecutor
 
 
@@ -306,7 +306,7 @@ def _unsafe(text):
 
 @pytest.mark.parametrize("text", HOSTILE)
 def test_printable_leaves_nothing_that_steers_a_terminal(text):
-    from executor.terminal import printable
+    from executor.cli.terminal import printable
 
     safe = printable(text)
     assert _unsafe(safe) == []
@@ -316,7 +316,7 @@ def test_printable_leaves_nothing_that_steers_a_terminal(text):
 
 
 def test_printable_keeps_ordinary_text_and_shows_what_it_replaced():
-    from executor.terminal import printable
+    from executor.cli.terminal import printable
 
     assert printable("loss 0.31 — épreuve 東京 😀 [ok]") == "loss 0.31 — épreuve 東京 😀 [ok]"
     assert printable("a\x1b[2Jb") == "a\\x1b[2Jb"
@@ -356,7 +356,7 @@ def _hostile_outcome(status):
 
 @pytest.mark.parametrize("status", [Status.OK, Status.ERROR])
 def test_print_outcome_shows_hostile_text_inert(status):
-    from executor.progress import print_outcome
+    from executor.cli.display import print_outcome
 
     console = _plain_console()
     print_outcome(_hostile_outcome(status), console)
@@ -371,8 +371,8 @@ def test_print_outcome_shows_hostile_text_inert(status):
 
 
 def test_progress_display_shows_hostile_info_inert():
-    from executor.progress import ProgressDisplay
-    from executor.rpc.session import ProgressUpdate
+    from executor.cli.display import ProgressDisplay
+    from executor.events import ProgressUpdate
 
     console = _plain_console()
     with ProgressDisplay(console) as display:

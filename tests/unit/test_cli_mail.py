@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-import executor.executor
 import executor.mailbox.transport
-from executor import cli
+import executor.runner
+from executor.cli import commands as cli
 from executor.mailbox.transport import Envelope, NoModellerTransport, Route
 from executor.outcome import Outcome, Status
 
@@ -54,7 +54,7 @@ def mailing(monkeypatch, make_protocol, tmp_path):
     MailingExecutor.interrupt = False
     MailingExecutor.closed = 0
     RecordingTransport.closed = 0
-    monkeypatch.setattr(executor.executor, "Executor", MailingExecutor)
+    monkeypatch.setattr(executor.runner, "Executor", MailingExecutor)
     monkeypatch.setattr(executor.mailbox.transport, "NoModellerTransport", RecordingTransport)
     data = tmp_path / "data"
     data.mkdir()

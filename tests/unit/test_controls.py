@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Where the parent sends each kind.
 SENDERS = {
     "BEAT_SEEN": "executor/rpc/session.py",
-    "MODELLER_READY": "executor/executor.py",
+    "MODELLER_READY": "executor/runner.py",
     "CANCEL": "executor/supervisor.py",
 }
 

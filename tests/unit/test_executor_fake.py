@@ -21,16 +21,17 @@ from typing import Any
 
 import pytest
 
-from executor import executor as executor_module
+from executor import runner as executor_module
 from executor import supervisor as supervisor_module
 from executor.errors import ContainerError, ImageNotFoundError, ProtocolBundleError, SandboxExecutorError
-from executor.executor import Executor, TaskSpec
+from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Transport
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.rpc.server import TaskServer
-from executor.rpc.session import ProgressUpdate
+from executor.runner import Executor
+from executor.spec import TaskSpec
 from executor.testing import FakeBackend, InMemoryTransport, LocalModeller, Program, exits, host_runtime
 
 pytestmark = pytest.mark.timeout(120)

@@ -26,7 +26,7 @@ ALLOWED_INTERNAL = ("executor.sandbox", "executor.v1")
 # Modules that must never be loaded by the child runtime.
 FORBIDDEN_TOP_LEVEL = ("docker", "requests", "urllib3", "cryptography", "rich")
 FORBIDDEN_PARENT_MODULES = (
-    "executor.executor",
+    "executor.runner",
     "executor.rpc",
     "executor.rpc.auth",
     "executor.rpc.limits",
@@ -47,7 +47,7 @@ FORBIDDEN_PARENT_MODULES = (
     "executor.testing.modeller",
     "executor.testing.transport",
     "executor.cli",
-    "executor.progress",
+    "executor.cli.display",
     "executor.outcome",
     "executor.errors",
 )
@@ -192,7 +192,7 @@ if TYPE_CHECKING:
     import docker
 import requests
 from executor import policy
-from executor.executor import Executor
+from executor.runner import Executor
 from .. import rpc
 import google.auth
 def lazy():
@@ -201,9 +201,9 @@ def lazy():
     found = _violations(source, "executor.sandbox.fake")
     assert sorted(v.split(": imports ")[1] for v in found) == [
         "cryptography",
-        "executor.executor",
         "executor.policy",
         "executor.rpc",
+        "executor.runner",
         "google.auth",
         "requests",
     ]

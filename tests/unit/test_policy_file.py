@@ -11,9 +11,9 @@ from executor.backends import ContainerSpec
 from executor.backends.docker import container_kwargs
 from executor.cli import main
 from executor.errors import PolicyError
-from executor.executor import resolve_secrets
 from executor.policy import IsolationPolicy
 from executor.policy_file import load_policy_file
+from executor.runner import resolve_secrets
 
 STRICT_PROFILE = {
     "defaultAction": "SCMP_ACT_ERRNO",

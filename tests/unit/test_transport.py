@@ -65,7 +65,7 @@ def test_without_a_modeller_sends_are_counted_and_dropped_and_receives_fail(tmp_
 
 
 def test_an_executor_without_a_transport_has_no_modeller_and_closes_what_it_made():
-    from executor.executor import Executor
+    from executor.runner import Executor
 
     made = Executor(backend=NoContainers())  # type: ignore[arg-type]
     assert isinstance(made.transport, NoModellerTransport)

@@ -17,9 +17,10 @@ import pytest
 import executor
 from executor.backends import ContainerSpec, ExitInfo
 from executor.errors import CapacityError, ContainerError, DataSourceError
-from executor.executor import Executor, TaskSpec, check_data_dir
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
+from executor.runner import Executor, check_data_dir
+from executor.spec import TaskSpec
 from executor.uids import ENV_UID_DIR, UidPool, default_uid_dir
 
 RANGE = IsolationPolicy(uid_start=30_000, uid_count=3)

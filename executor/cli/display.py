@@ -1,7 +1,7 @@
 """Human output for the CLI: progress bars fed by the protocol's progress events.
 
 Every string here that came from the sandbox passes through
-:func:`executor.terminal.printable` and is printed as plain text, never as rich
+:func:`executor.cli.terminal.printable` and is printed as plain text, never as rich
 markup.
 """
 
@@ -16,9 +16,9 @@ from rich.highlighter import JSONHighlighter
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
+from executor.cli.terminal import printable
+from executor.events import ProgressUpdate
 from executor.outcome import Outcome
-from executor.rpc.session import ProgressUpdate
-from executor.terminal import printable
 
 MAX_INFO_SHOWN = 60
 MAX_FAILED_FILES_SHOWN = 5

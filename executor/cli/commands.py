@@ -91,11 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "policy":
             return _policy(args)
         if args.command == "doctor":
-            from executor.doctor import run_doctor
+            from executor.cli.doctor import run_doctor
 
             return run_doctor()
     except SandboxExecutorError as exc:
-        from executor.terminal import printable
+        from executor.cli.terminal import printable
 
         # The message may quote file names from the protocol directory.
         print(f"sandbox-executor: error: {printable(str(exc))}", file=sys.stderr)
@@ -109,8 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from executor.executor import Executor, TaskSpec
     from executor.mailbox.transport import NoModellerTransport
+    from executor.runner import Executor
+    from executor.spec import TaskSpec
 
     spec = TaskSpec(
         protocol_dir=args.protocol_dir,
@@ -143,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
             if args.json:
                 outcome = executor.run(spec, cancel=cancel)
             else:
-                from executor.progress import ProgressDisplay
+                from executor.cli.display import ProgressDisplay
 
                 with ProgressDisplay() as display:
                     outcome = executor.run(spec, on_progress=display.update, cancel=cancel)
@@ -155,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**outcome.to_dict(), "discarded_messages": discarded}))
     else:
-        from executor.progress import print_outcome
+        from executor.cli.display import print_outcome
 
         print_outcome(outcome)
         if discarded:
@@ -180,7 +181,7 @@ def _policy(args: argparse.Namespace) -> int:
 
 
 def _reap(args: argparse.Namespace) -> int:
-    from executor.executor import Executor
+    from executor.runner import Executor
 
     report = Executor().reap(everything=args.all)
     if args.json:
@@ -195,7 +196,3 @@ def _reap(args: argparse.Namespace) -> int:
             f"director{'y' if len(report.task_dirs) == 1 else 'ies'}, {len(report.spools)} spool(s)"
         )
     return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())
