@@ -1,9 +1,11 @@
 """sandbox-executor: run untrusted federated-learning protocols, one container per task.
 
-The trusted parent side lives in this package's top-level modules; the untrusted
-child runtime lives in :mod:`executor.sandbox`, which is copied into the sandbox
-image. Importing this package must stay cheap and dependency-free, because the
-child runtime imports it too: the public names below load lazily.
+The trusted parent side lives in this package's modules and subpackages
+(:mod:`executor.rpc`, :mod:`executor.mailbox`, :mod:`executor.cli`, ...); the
+untrusted child runtime lives in :mod:`executor.sandbox`, which is copied into
+the sandbox image. Importing this package must stay cheap and dependency-free,
+because the child runtime imports it too: the public names below load lazily
+(PEP 562), each from its own module on first use.
 """
 
 from __future__ import annotations
@@ -13,20 +15,85 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from executor.outcome import Outcome, Status
+    from executor.errors import (
+        BackendError,
+        CapacityError,
+        ConfigurationError,
+        ContainerError,
+        DataSourceError,
+        EngineUnavailableError,
+        ImageNotFoundError,
+        PolicyError,
+        ProtocolBundleError,
+        SandboxExecutorError,
+    )
+    from executor.mailbox.crypto import TaskKeys
+    from executor.mailbox.transport import Channel, Envelope, NoModellerTransport, Route, Transport
+    from executor.outcome import ErrorDetail, Outcome, Status
     from executor.policy import IsolationPolicy
+    from executor.policy_file import PolicySet, load_policy_file
     from executor.runner import Executor
     from executor.spec import TaskSpec
+    from executor.testing import InMemoryTransport, LocalModeller
 
-__all__ = ["Executor", "IsolationPolicy", "Outcome", "Status", "TaskSpec", "__version__"]
-
-_LAZY = {
+_LAZY: dict[str, str] = {
     "Executor": "executor.runner",
     "TaskSpec": "executor.spec",
     "Outcome": "executor.outcome",
     "Status": "executor.outcome",
+    "ErrorDetail": "executor.outcome",
     "IsolationPolicy": "executor.policy",
+    "PolicySet": "executor.policy_file",
+    "load_policy_file": "executor.policy_file",
+    "TaskKeys": "executor.mailbox.crypto",
+    "Transport": "executor.mailbox.transport",
+    "Channel": "executor.mailbox.transport",
+    "Envelope": "executor.mailbox.transport",
+    "Route": "executor.mailbox.transport",
+    "NoModellerTransport": "executor.mailbox.transport",
+    "InMemoryTransport": "executor.testing",
+    "LocalModeller": "executor.testing",
+    "SandboxExecutorError": "executor.errors",
+    "ConfigurationError": "executor.errors",
+    "PolicyError": "executor.errors",
+    "ProtocolBundleError": "executor.errors",
+    "DataSourceError": "executor.errors",
+    "CapacityError": "executor.errors",
+    "BackendError": "executor.errors",
+    "EngineUnavailableError": "executor.errors",
+    "ImageNotFoundError": "executor.errors",
+    "ContainerError": "executor.errors",
 }
+
+__all__ = [
+    "BackendError",
+    "CapacityError",
+    "Channel",
+    "ConfigurationError",
+    "ContainerError",
+    "DataSourceError",
+    "EngineUnavailableError",
+    "Envelope",
+    "ErrorDetail",
+    "Executor",
+    "ImageNotFoundError",
+    "InMemoryTransport",
+    "IsolationPolicy",
+    "LocalModeller",
+    "NoModellerTransport",
+    "Outcome",
+    "PolicyError",
+    "PolicySet",
+    "ProtocolBundleError",
+    "Route",
+    "SandboxExecutorError",
+    "Status",
+    "TaskKeys",
+    "TaskSpec",
+    "Transport",
+    "__version__",
+    "load_policy_file",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -36,3 +103,7 @@ def __getattr__(name: str) -> Any:
     import importlib
 
     return getattr(importlib.import_module(module_name), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
