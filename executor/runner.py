@@ -289,8 +289,8 @@ class Executor:
                     session,
                     wake,
                     cancel,
-                    notify_abort=lambda kind, message: broker.send_bytes(
-                        "TASK_ABORT", abort_message(kind, message)
+                    notify_abort=lambda reason, kind, message: broker.send_abort(
+                        abort_message(reason, kind, message)
                     ),
                 )
                 outcome = supervisor.run()

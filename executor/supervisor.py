@@ -6,6 +6,27 @@ checks the wall-clock limit, the heartbeat's age (a frozen sandbox stops
 beating) and, when the project asks for it, progress (a sandbox that beats but
 does nothing is stuck). Whatever ends the task, the container is killed if
 still running and removed.
+
+Every task that ends without OK tells the modeller so with a TASK_ABORT, whose
+``reason`` says how it ended and whose ``exception_type`` is the outcome's
+error type:
+
+==============================  ==========  ==============================
+how the task ended              status      reason
+==============================  ==========  ==============================
+wall clock, heartbeat, stall    TIMEOUT     ``LimitsExceeded``
+the protocol raised             ERROR       ``ProtocolError``
+the protocol aborted            ABORT       ``Aborted``
+the operator cancelled it       CANCELLED   ``Cancelled``
+out of memory                   KILLED      ``OutOfMemory``
+killed from outside             KILLED      ``Killed``
+exited without a result         ERROR       ``ContainerExited``
+the engine lost the container   ERROR       ``ContainerLost``
+==============================  ==========  ==============================
+
+A protocol that has already sent its own TASK_ABORT (``ctx.mailbox.
+send_task_abort``) is not contradicted: the notice is sent at most once per
+task (:meth:`~executor.mailbox.broker.MailboxBroker.send_abort`).
 """
 
 from __future__ import annotations
@@ -41,11 +62,18 @@ BOOT_GRACE_S = 30.0
 _SIGKILL_CODES = (137, -9)
 
 
+# The TASK_ABORT reasons the parent sends (see the module docstring).
+REASON_LIMITS = "LimitsExceeded"
+REASON_PROTOCOL_ERROR = "ProtocolError"
+REASON_ABORTED = "Aborted"
+REASON_CANCELLED = "Cancelled"
+
+
 @dataclass
 class _Verdict:
     status: Status
     error: ErrorDetail
-    abort_modeller: bool = False
+    reason: str
 
 
 @dataclass
@@ -58,7 +86,8 @@ class Supervisor:
         session: The task's RPC-side state.
         wake: Set by anything the supervisor should react to at once.
         cancel: Set by the caller to cancel the task.
-        notify_abort: Sends a TASK_ABORT to the modeller when limits end a task.
+        notify_abort: Sends the modeller a TASK_ABORT (reason, error type,
+            message) when a task ends without OK.
     """
 
     backend: ContainerBackend
@@ -66,7 +95,7 @@ class Supervisor:
     session: TaskSession
     wake: threading.Event
     cancel: threading.Event | None = None
-    notify_abort: Callable[[str, str], None] | None = None
+    notify_abort: Callable[[str, str, str], object] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -86,7 +115,10 @@ class Supervisor:
             self.backend.start(container_id)
             running_since = time.monotonic()
             self.timings["start"] = running_since - t
-            return self._watch(container_id, running_since)
+            outcome, reason = self._watch(container_id, running_since)
+            if outcome.status is not Status.OK and outcome.error is not None:
+                self._abort_modeller(reason, outcome.error)
+            return outcome
         finally:
             if container_id is not None:
                 try:
@@ -94,7 +126,8 @@ class Supervisor:
                 except BackendError as exc:
                     log.warning("could not remove container %s of task %s: %s", container_id, task_id, exc)
 
-    def _watch(self, cid: str, running_since: float) -> Outcome:
+    def _watch(self, cid: str, running_since: float) -> tuple[Outcome, str]:
+        """The task's outcome, and the reason to give the modeller if it is not OK."""
         policy = self.policy
         session = self.session
         exit_box: list[ExitInfo | BaseException] = []
@@ -123,7 +156,7 @@ class Supervisor:
                         measured_s=now - running_since,
                         limit_s=policy.timeout_s,
                     ),
-                    abort_modeller=True,
+                    REASON_LIMITS,
                 )
             else:
                 verdict = self._liveness(now, running_since)
@@ -136,9 +169,7 @@ class Supervisor:
             self.timings["boot"] = session.config_fetched_at - running_since
         if verdict is not None:
             self.backend.kill(cid)
-            if verdict.abort_modeller:
-                self._abort_modeller(verdict.error)
-            return self._outcome(verdict.status, error=verdict.error)
+            return self._outcome(verdict.status, error=verdict.error), verdict.reason
         if session.finish is not None:
             # The runtime exits by itself after reporting; give it a moment.
             if not _wait_for(lambda: bool(exit_box), EXIT_GRACE_S):
@@ -170,7 +201,7 @@ class Supervisor:
                     measured_s=silence,
                     limit_s=limit,
                 ),
-                abort_modeller=True,
+                REASON_LIMITS,
             )
         if policy.stall_timeout_s and stats.last_progress is not None:
             idle = now - stats.last_progress
@@ -185,7 +216,7 @@ class Supervisor:
                         measured_s=idle,
                         limit_s=policy.stall_timeout_s,
                     ),
-                    abort_modeller=True,
+                    REASON_LIMITS,
                 )
         return None
 
@@ -200,36 +231,43 @@ class Supervisor:
             ErrorDetail(
                 "Cancelled", f"the task was cancelled by the operator; {how}", limit_s=CANCEL_GRACE_S
             ),
+            REASON_CANCELLED,
         )
 
-    def _abort_modeller(self, error: ErrorDetail) -> None:
+    def _abort_modeller(self, reason: str, error: ErrorDetail) -> None:
         if self.notify_abort is None:
             return
         try:
-            self.notify_abort(error.type, error.message)
+            self.notify_abort(reason, error.type, error.message)
         except SandboxExecutorError as exc:
             log.warning("task %s: could not tell the modeller it aborted: %s", self.session.task_id, exc)
 
     def _outcome(self, status: Status, result: object = None, error: ErrorDetail | None = None) -> Outcome:
         return Outcome(self.session.task_id, status, result, self.policy.runtime, self.timings, error)
 
-    def _from_report(self, report: FinishReport) -> Outcome:
+    def _from_report(self, report: FinishReport) -> tuple[Outcome, str]:
         self.timings.update(report.timings)
         if report.status == "OK":
-            return self._outcome(Status.OK, report.result)
+            return self._outcome(Status.OK, report.result), ""
         if self.cancel is not None and self.cancel.is_set():
             return self._outcome(
                 Status.CANCELLED,
                 error=ErrorDetail(
                     "Cancelled", "the task was cancelled by the operator; it stopped gracefully"
                 ),
-            )
-        status = Status.ABORT if report.status == "ABORT" else Status.ERROR
-        return self._outcome(
-            status, error=ErrorDetail(report.error_type or "Error", report.error_message, report.traceback)
-        )
+            ), REASON_CANCELLED
+        error = ErrorDetail(report.error_type or "Error", report.error_message, report.traceback)
+        if report.status == "ABORT":
+            return self._outcome(Status.ABORT, error=error), REASON_ABORTED
+        return self._outcome(Status.ERROR, error=error), REASON_PROTOCOL_ERROR
 
-    def _from_exit(self, exited: ExitInfo | BaseException, cid: str) -> Outcome:
+    def _from_exit(self, exited: ExitInfo | BaseException, cid: str) -> tuple[Outcome, str]:
+        """How a container that ended without a result ended; the reason is the error type."""
+        outcome = self._exit_outcome(exited, cid)
+        assert outcome.error is not None
+        return outcome, outcome.error.type
+
+    def _exit_outcome(self, exited: ExitInfo | BaseException, cid: str) -> Outcome:
         if isinstance(exited, BaseException):
             return self._outcome(
                 Status.ERROR, error=ErrorDetail("ContainerLost", f"lost track of the container: {exited}")
@@ -261,10 +299,10 @@ class Supervisor:
         return self._outcome(Status.ERROR, error=detail)
 
 
-def abort_message(error_type: str, message: str) -> bytes:
-    """The TASK_ABORT body the parent sends when limits end a task."""
+def abort_message(reason: str, error_type: str, message: str) -> bytes:
+    """The TASK_ABORT body the parent sends when a task ends without OK."""
     return json.dumps(
-        {"message": message, "reason": "LimitsExceeded", "exception_type": error_type, "traceback": ""}
+        {"message": message, "reason": reason, "exception_type": error_type, "traceback": ""}
     ).encode()
 
 

@@ -118,6 +118,8 @@ class MailboxBroker:
         self._shares_sent = 0
         self._shares_received = 0
         self._closed = threading.Event()
+        # Set once a TASK_ABORT, the protocol's or the parent's, reached the transport.
+        self._abort_sent = threading.Event()
 
     def _spool_path(self) -> Path:
         return self._spool / uuid.uuid4().hex
@@ -167,6 +169,8 @@ class MailboxBroker:
             if metered:
                 self._refund(declared_size)
             raise
+        if message_type == "TASK_ABORT":
+            self._abort_sent.set()
 
     def _send(self, message_type: str, declared_size: int, chunks: Iterator[bytes]) -> None:
         checked = _exactly(chunks, declared_size)
@@ -191,6 +195,26 @@ class MailboxBroker:
         silence the parent.
         """
         self.send(message_type, len(body), iter([body]), metered=False)
+
+    @property
+    def abort_sent(self) -> bool:
+        """Whether the modeller has been sent a TASK_ABORT for this task (by anyone)."""
+        return self._abort_sent.is_set()
+
+    def send_abort(self, body: bytes) -> bool:
+        """Send the parent's TASK_ABORT, unless the modeller has already been sent one.
+
+        A protocol that said why it aborts (``ctx.mailbox.send_task_abort``) has
+        told the modeller more than the parent can; a second notice would only
+        contradict it.
+
+        Returns:
+            Whether this notice was sent.
+        """
+        if self.abort_sent:
+            return False
+        self.send_bytes("TASK_ABORT", body)
+        return True
 
     # -- from the modeller ---------------------------------------------
     def receive(self, message_type: str, timeout: float) -> Incoming | None:

@@ -49,7 +49,7 @@ def _supervise(
     policy: IsolationPolicy = FAST,
     *,
     cancel: threading.Event | None = None,
-    notify_abort: Callable[[str, str], None] | None = None,
+    notify_abort: Callable[[str, str, str], None] | None = None,
 ) -> Outcome:
     spec = ContainerSpec(name="sandbox-test", command=["true"], policy=policy, mounts=[])
     outcome = Supervisor(backend, spec, session, threading.Event(), cancel, notify_abort).run()
@@ -276,6 +276,15 @@ def test_the_wall_clock_limit_reports_its_limit_and_the_time_measured(make_sessi
     assert error.measured_s is not None and error.measured_s >= 1
 
 
+def _notifier(kit: SessionKit) -> Callable[[str, str, str], None]:
+    """The notice as :class:`~executor.runner.Executor` wires it: through the task's broker, once."""
+
+    def notify(reason: str, kind: str, message: str) -> None:
+        kit.broker.send_abort(abort_message(reason, kind, message))
+
+    return notify
+
+
 def _modeller_abort(kit: SessionKit) -> dict[str, str]:
     message = kit.modeller.receive(kit.task_id, 5)
     assert message is not None, "the modeller was not told"
@@ -297,10 +306,7 @@ def test_a_timeout_tells_the_modeller_the_task_aborted_for_exceeding_limits(make
         policy = FAST.replace(timeout_s=1)
         program, expected = _beating(session, moved=True, progress=False), "TimeoutError"
 
-    def notify(kind: str, message: str) -> None:
-        kit.broker.send_bytes("TASK_ABORT", abort_message(kind, message))
-
-    error = _timeout_error(_supervise(session, FakeBackend(program), policy, notify_abort=notify))
+    error = _timeout_error(_supervise(session, FakeBackend(program), policy, notify_abort=_notifier(kit)))
     assert error.type == expected
     body = _modeller_abort(kit)
     assert (body["reason"], body["exception_type"]) == ("LimitsExceeded", expected)
@@ -309,7 +315,7 @@ def test_a_timeout_tells_the_modeller_the_task_aborted_for_exceeding_limits(make
 def test_a_failing_modeller_notice_does_not_change_the_verdict(make_session):
     session = make_session().session
 
-    def notify(kind: str, message: str) -> None:
+    def notify(reason: str, kind: str, message: str) -> None:
         raise EngineUnavailableError("the message service is down")
 
     error = _timeout_error(
@@ -318,17 +324,73 @@ def test_a_failing_modeller_notice_does_not_change_the_verdict(make_session):
     assert error.type == "HeartbeatTimeout"
 
 
+def _cancelled(session: TaskSession, cancel: threading.Event) -> Callable[[FakeContainer], None]:
+    def obey(container: FakeContainer) -> None:
+        _boot(session)(container)
+        cancel.set()
+        assert _controls_until(session, "CANCEL", container)
+
+    return then(obey, exits(130))
+
+
 @pytest.mark.parametrize(
-    "program", [exits(0), out_of_memory(), killed_from_outside(), lost()], ids=["exit", "oom", "kill", "lost"]
+    ("ending", "status", "reason", "exception_type"),
+    [
+        ("error", Status.ERROR, "ProtocolError", "ValueError"),
+        ("abort", Status.ABORT, "Aborted", "NoData"),
+        ("cancel", Status.CANCELLED, "Cancelled", "Cancelled"),
+        ("oom", Status.KILLED, "OutOfMemory", "OutOfMemory"),
+        ("kill", Status.KILLED, "Killed", "Killed"),
+        ("exit", Status.ERROR, "ContainerExited", "ContainerExited"),
+        ("lost", Status.ERROR, "ContainerLost", "ContainerLost"),
+    ],
 )
-def test_only_timeouts_send_the_limits_notice(make_session, program):
-    session = make_session().session
-    notices: list[tuple[str, str]] = []
+def test_every_ending_without_ok_tells_the_modeller_why(make_session, ending, status, reason, exception_type):
+    kit = make_session()
+    session = kit.session
+    cancel = threading.Event()
+    program = {
+        "error": lambda: then(_reports(session, "ERROR", "", "ValueError", "bad"), exits(0)),
+        "abort": lambda: then(_reports(session, "ABORT", "", "NoData", "nothing to train on"), exits(0)),
+        "cancel": lambda: _cancelled(session, cancel),
+        "oom": lambda: then(_boot(session), out_of_memory()),
+        "kill": lambda: then(_boot(session), killed_from_outside()),
+        "exit": lambda: then(_boot(session), exits(3)),
+        "lost": lambda: then(_boot(session), lost("no such container")),
+    }[ending]()
+    outcome = _supervise(session, FakeBackend(program), PATIENT, cancel=cancel, notify_abort=_notifier(kit))
+    assert outcome.status is status, outcome.error
+    assert outcome.error is not None
+    body = _modeller_abort(kit)
+    assert (body["reason"], body["exception_type"]) == (reason, exception_type)
+    assert body["message"] == outcome.error.message
+    assert kit.modeller.receive(kit.task_id, 0.2) is None, "the modeller was told twice"
+
+
+def test_an_ok_task_sends_no_abort(make_session):
+    kit = make_session()
+    backend = FakeBackend(then(_reports(kit.session, "OK", "1"), exits(0)))
+    outcome = _supervise(kit.session, backend, PATIENT, notify_abort=_notifier(kit))
+    assert outcome.status is Status.OK
+    assert kit.modeller.receive(kit.task_id, 0.2) is None
+
+
+def test_a_protocol_that_sent_its_own_abort_is_not_contradicted(make_session):
+    kit = make_session()
+    session = kit.session
+    own = json.dumps({"message": "the cohort is too small", "reason": "TooFewRows"}).encode()
+
+    def abort_politely(container: FakeContainer) -> None:
+        _boot(session)(container)
+        session.send_message("TASK_ABORT", len(own), iter([own]))
+        session.report_finish("ABORT", "", "TooFewRows", "the cohort is too small", "", {})
+
     outcome = _supervise(
-        session, FakeBackend(program), PATIENT, notify_abort=lambda k, m: notices.append((k, m))
+        session, FakeBackend(then(abort_politely, exits(0))), PATIENT, notify_abort=_notifier(kit)
     )
-    assert outcome.status is not Status.TIMEOUT
-    assert notices == []
+    assert outcome.status is Status.ABORT
+    assert _modeller_abort(kit)["reason"] == "TooFewRows"
+    assert kit.modeller.receive(kit.task_id, 0.2) is None, "the parent sent a second TASK_ABORT"
 
 
 # -- cancel ----------------------------------------------------------------------------
