@@ -19,7 +19,7 @@ LINT_DIRS := executor tests examples $(wildcard bench)
 
 .PHONY: help
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ check-protos: $(STAMP) ## Fail if the generated code is stale
 lint: $(STAMP) ## ruff and mypy (strict on the package)
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)
+	$(VENV)/bin/mypy
+
+.PHONY: typecheck
+typecheck: $(STAMP) ## mypy only (strict on the package)
 	$(VENV)/bin/mypy
 
 .PHONY: check
@@ -108,8 +112,16 @@ test: check images runsc ## Build everything and run the whole test suite (runc 
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: test-unit
-test-unit: $(STAMP) ## Only the tests that need no Docker
+test-unit: $(STAMP) ## Only the tests that need no Docker (seconds)
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: test-integration
+test-integration: images runsc ## The tests against a real Docker engine and the real images
+	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
+
+.PHONY: test-security
+test-security: images runsc ## The probes run inside a real sandbox (runc and gVisor)
+	$(VENV)/bin/pytest tests/security $(PYTEST_ARGS)
 
 .PHONY: clean
 clean: ## Remove build output (not the images)
