@@ -83,3 +83,55 @@ def test_the_protocol_is_not_even_imported_before_the_parent_has_seen_a_beat(
         proc.wait()
         server.stop(grace=0.2)
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_a_modeller_ready_before_the_sandbox_boots_reaches_the_protocol(
+    make_session, make_protocol, tmp_path
+):
+    # The protocol looks without waiting: the ready signal must already be on its context.
+    bundle = make_protocol("def run(ctx):\n    return ctx.mailbox.modeller_ready.is_set()\n")
+    config = pb.TaskConfig(
+        task_id="task-1",
+        protocol_path=str(bundle),
+        entry_module="protocol",
+        heartbeat_interval_ms=50,
+        max_result_bytes=1024,
+        max_message_bytes=1024,
+        chunk_bytes=1024,
+        parameters_json="{}",
+        schema_json="{}",
+    )
+    kit = make_session(config=config.SerializeToString())
+    session = kit.session
+    kit.broker.watch_ready(lambda: session.send_control("MODELLER_READY"))
+    kit.modeller.ready(kit.task_id)
+    # The control is queued before the runtime exists, so it comes down the
+    # heartbeat stream before the protocol's context is made.
+    assert wait_for(lambda: not session.controls.empty(), 10), "the modeller's TASK_START was not seen"
+    sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
+    token = secrets.token_urlsafe(32)
+    (sock_dir / "token").write_text(token)
+    server = TaskServer(session, token, sock_dir / "sandbox.sock")
+    server.start()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            RUNTIME,
+            str(tmp_path / "scratch"),
+            "--socket",
+            str(sock_dir / "sandbox.sock"),
+            "--token-file",
+            str(sock_dir / "token"),
+        ],
+        cwd=REPO,
+    )
+    try:
+        assert proc.wait(30) == 0
+        assert session.finish is not None
+        assert session.finish.result is True, "the MODELLER_READY that came before the context was dropped"
+    finally:
+        proc.kill()
+        proc.wait()
+        server.stop(grace=0.2)
+        shutil.rmtree(sock_dir, ignore_errors=True)
