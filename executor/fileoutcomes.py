@@ -9,14 +9,16 @@ many failures the JSON lists one by one. Counts always stay exact.
 
 from __future__ import annotations
 
+from executor.errors import FileLimitError as FileLimitError
+
+# Per call (the wire contract, which the sandbox truncates to): file outcomes
+# in one report, characters in one file name and in one reason.
+from executor.sandbox.contract import MAX_FILE_NAME_CHARS as MAX_FILE_NAME_CHARS
+from executor.sandbox.contract import MAX_FILE_REASON_CHARS as MAX_FILE_REASON_CHARS
+from executor.sandbox.contract import MAX_FILES_PER_CALL as MAX_FILES_PER_CALL
+
 FILE_KINDS = frozenset({"PROCESSED", "FAILED"})
 
-MAX_FILES_PER_CALL = 1000
-"""File outcomes in one report."""
-MAX_FILE_NAME_CHARS = 1024
-"""Characters in one file name."""
-MAX_FILE_REASON_CHARS = 1000
-"""Characters in one reason; a longer one is refused."""
 MAX_FILES_PER_TASK = 100_000
 """Distinct files one task may report; reports beyond are refused."""
 MAX_FILE_NAME_CHARS_PER_TASK = 16 * 1024 * 1024
@@ -28,10 +30,6 @@ MAX_FAILED_FILES_IN_JSON = 1000
 """Failed files the JSON outcome lists with their reasons; the rest are counted."""
 
 REASON_DROPPED = "(reason not kept: the task's budget for failure reasons is spent)"
-
-
-class FileLimitError(Exception):
-    """A report would take the task past one of the caps above."""
 
 
 class FileLedger:

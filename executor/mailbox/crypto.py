@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from executor.errors import SandboxExecutorError
+from executor.sandbox.contract import MAX_SHARE_BYTES
 
 MAGIC = b"SE1"
 NONCE_BYTES = 12
@@ -37,8 +38,6 @@ HEADER_BYTES = len(MAGIC) + NONCE_BYTES
 OVERHEAD_BYTES = HEADER_BYTES + TAG_BYTES
 AES_KEY_BYTES = 32
 STREAM_CHUNK = 1024 * 1024
-# The largest share RSA-OAEP-SHA256 can seal with a 2048-bit key.
-MAX_SHARE_BYTES = 2048 // 8 - 2 * 32 - 2
 
 
 class DecryptionError(SandboxExecutorError):

@@ -9,9 +9,8 @@ from typing import Any
 import grpc
 
 from executor.rpc import SERVICE_NAME
-from executor.rpc.limits import CallLimiter, RequestWatch, guarded
-
-TOKEN_METADATA_KEY = "x-sandbox-token"  # noqa: S105 (a header name, not a secret)
+from executor.rpc.limits import CallLimiter, RequestWatch, guarded, rate_limit_trailers
+from executor.sandbox.contract import TOKEN_METADATA_KEY
 
 # Every RPC and who may call it. A method missing here is refused, so a new
 # RPC stays closed until someone decides its policy (a unit test checks that
@@ -30,7 +29,10 @@ METHOD_POLICY: dict[str, str] = {
 
 
 def _abort_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
+    handler: grpc.RpcMethodHandler[Any, Any],
+    code: grpc.StatusCode,
+    message: str,
+    trailers: tuple[tuple[str, str], ...] = (),
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler that only aborts, without waiting for (or parsing) any request.
 
@@ -39,6 +41,8 @@ def _abort_handler(
     """
 
     def deny(requests: Any, context: grpc.ServicerContext) -> Any:
+        if trailers:
+            context.set_trailing_metadata(trailers)
         context.abort(code, message)
 
     if handler.response_streaming:
@@ -80,5 +84,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "invalid or missing token")
         refused = self._limiter.take()
         if refused is not None:
-            return _abort_handler(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+            return _abort_handler(
+                handler, grpc.StatusCode.RESOURCE_EXHAUSTED, refused, rate_limit_trailers(refused)
+            )
         return guarded(handler, self._limiter, self._watch, handler_call_details.method)

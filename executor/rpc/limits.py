@@ -15,7 +15,12 @@ import grpc
 
 from executor.rpc import SERVICE_NAME
 from executor.rpc.session import RequestRejected
-from executor.sandbox.context import RATE_LIMITED
+from executor.sandbox.contract import CHUNK_BYTES as CHUNK_BYTES  # pinned with the caps below
+from executor.sandbox.contract import RATE_LIMITED_TRAILER
+
+# The public message of a refusal for calling too fast; the child recognises
+# such a refusal by the contract's trailer, never by this text.
+RATE_LIMITED = "call rate limit exceeded"
 
 MAX_METADATA_BYTES = 8 * 1024
 # Per task: calls per second (sustained) and burst, and how many calls of a
@@ -62,9 +67,6 @@ IDLE_CONNECTION_MS = 60_000
 # protocol could exhaust the parent's file descriptors, which all tasks share.
 MAX_CONNECTIONS = 8
 HANDSHAKE_TIMEOUT_MS = 5_000
-# Mailbox bodies of any size travel in chunks of at most this many bytes, so no
-# single gRPC message is ever large.
-CHUNK_BYTES = 1024 * 1024
 ENVELOPE_HEADROOM = 64 * 1024
 # Streams one connection may have open at once.
 MAX_STREAMS_PER_CONNECTION = 12
@@ -75,6 +77,16 @@ MAX_STREAMS_PER_CONNECTION = 12
 # bounded by the streams a task's connections may carry.
 SERVER_THREADS = sum(CONCURRENCY.values()) + MAX_AWAITING_REQUESTS + 8
 MAX_CONCURRENT_RPCS = MAX_CONNECTIONS * MAX_STREAMS_PER_CONNECTION
+
+
+def rate_limit_trailers(refused: str) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a refusal: the contract's rate-limit signal if it is only the rate."""
+    return ((RATE_LIMITED_TRAILER, "1"),) if refused == RATE_LIMITED else ()
+
+
+def refusal(refused: str) -> RequestRejected:
+    """A RESOURCE_EXHAUSTED rejection for a budget refusal, with its trailers."""
+    return RequestRejected("RESOURCE_EXHAUSTED", refused, trailers=rate_limit_trailers(refused))
 
 
 class _Bucket:
@@ -290,7 +302,7 @@ def guarded(
         while raw is not None:
             refused = limiter.beat() if is_heartbeat else limiter.charge(1 if index else 0)
             if refused is not None:
-                raise RequestRejected("RESOURCE_EXHAUSTED", refused)
+                raise refusal(refused)
             yield parsed(raw)
             index += 1
             try:

@@ -11,7 +11,6 @@ import grpc
 from executor.rpc.auth import TokenAuthInterceptor
 from executor.rpc.limits import (
     ABUSE_ERROR_TYPE,
-    CHUNK_BYTES,
     ENVELOPE_HEADROOM,
     HANDSHAKE_TIMEOUT_MS,
     IDLE_CONNECTION_MS,
@@ -27,6 +26,7 @@ from executor.rpc.limits import (
 )
 from executor.rpc.servicer import SandboxServicer
 from executor.rpc.session import TaskSession
+from executor.sandbox.contract import CHUNK_BYTES
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)

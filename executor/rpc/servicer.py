@@ -17,8 +17,9 @@ import grpc
 
 from executor.events import ProgressUpdate
 from executor.mailbox.broker import Incoming
-from executor.rpc.limits import CHUNK_BYTES, FILES_PER_TOKEN, CallLimiter
+from executor.rpc.limits import FILES_PER_TOKEN, CallLimiter, refusal
 from executor.rpc.session import RequestRejected, TaskSession
+from executor.sandbox.contract import CHUNK_BYTES
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 
@@ -46,6 +47,8 @@ def _rpc_errors(method: _F) -> _F:
             return method(self, request, context)
         except RequestRejected as exc:
             code = _STATUS_CATALOG.get(exc.code, grpc.StatusCode.INTERNAL)
+            if exc.trailers and code is not grpc.StatusCode.INTERNAL:
+                context.set_trailing_metadata(exc.trailers)
             context.abort(
                 code, exc.public_message if code is not grpc.StatusCode.INTERNAL else "internal error"
             )
@@ -180,7 +183,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         """Record per-file outcomes."""
         refused = self._limiter.charge(len(request.files) // FILES_PER_TOKEN)
         if refused is not None:
-            raise RequestRejected("RESOURCE_EXHAUSTED", refused)
+            raise refusal(refused)
         self._session.report_files(
             [(f.name, _enum_name(pb.FileOutcome.Kind, f.kind), f.reason) for f in request.files]
         )

@@ -23,46 +23,33 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from executor.events import FinishReport, ProgressUpdate
-from executor.fileoutcomes import (
-    FILE_KINDS,
-    MAX_FILE_NAME_CHARS,
-    MAX_FILE_REASON_CHARS,
-    MAX_FILES_PER_CALL,
-    FileLedger,
-    FileLimitError,
-)
+from executor.fileoutcomes import FILE_KINDS, FileLedger, FileLimitError
 from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
 from executor.mailbox.crypto import DecryptionError
 from executor.mailbox.transport import TransportError
+from executor.sandbox.contract import (
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_ERROR_TYPE_CHARS,
+    MAX_FILE_NAME_CHARS,
+    MAX_FILE_REASON_CHARS,
+    MAX_FILES_PER_CALL,
+    MAX_INFO_CHARS,
+    MAX_POD_ID_CHARS,
+    MAX_SHARE_BYTES,
+    MAX_SHARES,
+    MAX_TRACEBACK_CHARS,
+    RECEIVABLE,
+    SENDABLE,
+)
 
 log = logging.getLogger(__name__)
 
-# The message types a sandbox may send, and those it may wait for.
-SENDABLE = frozenset(
-    {
-        "TASK_START",
-        "PREPARING_DATA_BATCHES",
-        "TASK_ABORT",
-        "NUMBER_OF_BATCHES",
-        "BATCHES_COMPLETE",
-        "CURRENT_BATCH_ID",
-        "TRAINING_UPDATE",
-    }
-)
-RECEIVABLE = frozenset({"ALGORITHM_EXCHANGE", "TRAINING_COMPLETE", "TASK_COMPLETE", "MODELLER_RESPONSE"})
 PROGRESS_KINDS = frozenset({"RUN_START", "RUN_END", "EPOCH_START", "EPOCH_END", "STEP"})
 FINISH_STATUSES = frozenset({"OK", "ABORT", "ERROR"})
 CHILD_TIMINGS = frozenset({"import", "config", "load", "run"})
 
 MAX_RECEIVE_TIMEOUT_S = 600.0
 MAX_PENDING_RECEIVES = 4
-MAX_SHARES = 256
-MAX_SHARE_BYTES = 190
-MAX_POD_ID_CHARS = 256
-MAX_INFO_CHARS = 1024
-MAX_ERROR_TYPE_CHARS = 200
-MAX_ERROR_MESSAGE_CHARS = 4096
-MAX_TRACEBACK_CHARS = 16_384
 
 
 def _reject_constant(name: str) -> float:
@@ -127,10 +114,12 @@ def _not_serialisable(timings: dict[str, float]) -> FinishReport:
 class RequestRejected(Exception):
     """A request from the sandbox is invalid; ``code`` names the gRPC status."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, trailers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(message)
         self.code = code
         self.public_message = message
+        # Trailing metadata the refusal carries (the wire contract's signals).
+        self.trailers = trailers
 
 
 @contextlib.contextmanager

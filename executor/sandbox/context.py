@@ -12,14 +12,20 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from executor.sandbox.contract import (
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_ERROR_TYPE_CHARS,
+    MAX_FILE_REASON_CHARS,
+    MAX_INFO_CHARS,
+    MAX_TRACEBACK_CHARS,
+    RATE_LIMITED_TRAILER,
+)
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 
 _R = TypeVar("_R")
 
 RPC_TIMEOUT_S = 30.0
-# The parent's public message when a task calls faster than its rate cap.
-RATE_LIMITED = "call rate limit exceeded"
 RATE_RETRIES = 12
 RATE_BACKOFF_S = 0.005
 # Generous: a 256 MiB body at tens of MiB/s still fits.
@@ -69,8 +75,7 @@ class ParentClient:
             try:
                 return rpc()
             except grpc.RpcError as exc:
-                limited = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and exc.details() == RATE_LIMITED
-                if not limited or attempt == RATE_RETRIES - 1:
+                if not _rate_limited(exc) or attempt == RATE_RETRIES - 1:
                     raise
             with self._lock:
                 self.rate_limited += 1
@@ -83,6 +88,14 @@ class ParentClient:
         with self._lock:
             self.progress_events += progress
             self.mailbox_ops += mailbox
+
+
+def _rate_limited(exc: grpc.RpcError) -> bool:
+    """Whether the parent refused a call only for its rate (the contract's trailer says so)."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    trailers = getattr(exc, "trailing_metadata", lambda: ())() or ()
+    return any(key == RATE_LIMITED_TRAILER for key, _ in trailers)
 
 
 def _type_value(message_type: str) -> str:
@@ -200,10 +213,10 @@ class Mailbox:
             "TASK_ABORT",
             _json(
                 {
-                    "message": message[:4000],
-                    "reason": reason[:200],
-                    "exception_type": exception_type[:200],
-                    "traceback": traceback[-8000:],
+                    "message": message[:MAX_ERROR_MESSAGE_CHARS],
+                    "reason": reason[:MAX_ERROR_TYPE_CHARS],
+                    "exception_type": exception_type[:MAX_ERROR_TYPE_CHARS],
+                    "traceback": traceback[-MAX_TRACEBACK_CHARS:],
                 }
             ),
         )
@@ -317,7 +330,12 @@ class Progress:
     ) -> None:
         """``current`` of ``total`` units done, with an optional short note."""
         self._report(
-            "STEP", current=current, total=total, info=info[:1024], current_epoch=epoch, max_epochs=max_epochs
+            "STEP",
+            current=current,
+            total=total,
+            info=info[:MAX_INFO_CHARS],
+            current_epoch=epoch,
+            max_epochs=max_epochs,
         )
 
 
@@ -390,7 +408,9 @@ class Context:
         try:
             client.call(
                 lambda: client.stub.ReportFiles(
-                    pb.FileOutcomes(files=[pb.FileOutcome(name=name, kind=kind, reason=reason[:1000])]),
+                    pb.FileOutcomes(
+                        files=[pb.FileOutcome(name=name, kind=kind, reason=reason[:MAX_FILE_REASON_CHARS])]
+                    ),
                     metadata=client.metadata,
                     timeout=RPC_TIMEOUT_S,
                 )

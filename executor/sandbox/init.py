@@ -30,12 +30,10 @@ import socket
 import sys
 import threading
 
+from executor.sandbox.contract import EXIT_INIT_FAILED, EXIT_PARENT_GONE
+
 PR_SET_DUMPABLE = 4
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-EXIT_INIT_FAILED = 70
-# Exit status when the parent vanished (from init or the runtime): no sandbox
-# outlives its parent.
-EXIT_PARENT_GONE = 75
 # What reaches the container's log of each of stdout and stderr at most, plus
 # the last bytes of what was dropped and one note.
 # Small enough that both streams' kept output fits the engine's 1 MiB log

@@ -24,15 +24,19 @@ from typing import Any  # noqa: E402
 import grpc  # noqa: E402
 
 from executor.sandbox.context import Context, ParentClient, TaskAborted  # noqa: E402
-from executor.sandbox.init import EXIT_PARENT_GONE  # noqa: E402
+from executor.sandbox.contract import (  # noqa: E402
+    EXIT_PARENT_GONE,
+    MAX_ERROR_MESSAGE_CHARS,
+    MAX_ERROR_TYPE_CHARS,
+    MAX_TRACEBACK_CHARS,
+    MIN_HEARTBEAT_INTERVAL_MS,
+    TOKEN_METADATA_KEY,
+)
 from executor.v1 import sandbox_pb2 as pb  # noqa: E402
 from executor.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
 
-TOKEN_METADATA_KEY = "x-sandbox-token"  # noqa: S105 (a header name, not a secret)
 SCRATCH_DIR = Path("/tmp/scratch")
 CONNECT_TIMEOUT_S = 30.0
-MAX_TRACEBACK_CHARS = 8000
-MAX_ERROR_MESSAGE_CHARS = 4000
 # How long the runtime waits for the parent to confirm its first beat before
 # it starts protocol code; a parent that never does has gone.
 BEAT_SEEN_WAIT_S = 30.0
@@ -191,7 +195,7 @@ def _execute(config: pb.TaskConfig, ctx: Context, timings: dict[str, float]) -> 
         return pb.FinishRequest(
             status=pb.Status.ABORT,
             error=pb.ErrorInfo(
-                type=_wire_text(exc.reason or "TaskAborted")[:200],
+                type=_wire_text(exc.reason or "TaskAborted")[:MAX_ERROR_TYPE_CHARS],
                 message=_describe(exc)[:MAX_ERROR_MESSAGE_CHARS],
             ),
         )
@@ -208,7 +212,9 @@ def _error(kind: str, message: str, tb: str) -> pb.FinishRequest:
     return pb.FinishRequest(
         status=pb.Status.ERROR,
         error=pb.ErrorInfo(
-            type=_wire_text(kind)[:200], message=_wire_text(message)[:MAX_ERROR_MESSAGE_CHARS], traceback=tb
+            type=_wire_text(kind)[:MAX_ERROR_TYPE_CHARS],
+            message=_wire_text(message)[:MAX_ERROR_MESSAGE_CHARS],
+            traceback=tb,
         ),
     )
 
@@ -249,7 +255,9 @@ def main(argv: list[str] | None = None) -> int:
 
     SCRATCH_DIR.mkdir(mode=0o700, exist_ok=True)
     ctx_holder: list[Context] = []
-    heartbeat = Heartbeat(client, max(config.heartbeat_interval_ms, 50) / 1000, ctx_holder)
+    heartbeat = Heartbeat(
+        client, max(config.heartbeat_interval_ms, MIN_HEARTBEAT_INTERVAL_MS) / 1000, ctx_holder
+    )
     heartbeat.start()
     # Not a line of protocol code (not even its import) before the parent has
     # seen a beat: from then on any freeze is caught by the heartbeat timeout.

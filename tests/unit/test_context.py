@@ -25,7 +25,6 @@ from executor.mailbox import broker as mailbox_module
 from executor.mailbox.broker import MailboxBroker
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Route
-from executor.rpc.auth import TOKEN_METADATA_KEY
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.sandbox import runtime
@@ -36,6 +35,7 @@ from executor.sandbox.context import (
     ParentClient,
     TaskAborted,
 )
+from executor.sandbox.contract import TOKEN_METADATA_KEY
 from executor.testing import InMemoryTransport, chunked
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc

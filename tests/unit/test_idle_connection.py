@@ -19,8 +19,8 @@ import grpc
 import pytest
 
 from executor.rpc import server as rpc_server
-from executor.rpc.auth import TOKEN_METADATA_KEY
 from executor.rpc.server import TaskServer
+from executor.sandbox.contract import TOKEN_METADATA_KEY
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from executor.rpc.auth import METHOD_POLICY, TOKEN_METADATA_KEY, TokenAuthInterceptor
+from executor.rpc.auth import METHOD_POLICY, TokenAuthInterceptor
 from executor.rpc.server import TaskServer
 from executor.rpc.session import RequestRejected, TaskSession
+from executor.sandbox.contract import RATE_LIMITED_TRAILER, TOKEN_METADATA_KEY
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 from tests import rpc_caps
@@ -185,6 +186,10 @@ class _Aborted(Exception):
 
 class _RecordingContext:
     code: grpc.StatusCode | None = None
+    trailers: tuple[tuple[str, str], ...] = ()
+
+    def set_trailing_metadata(self, trailers):
+        self.trailers = tuple(trailers)
 
     def abort(self, code, details):
         self.code, self.details = code, details
@@ -399,13 +404,41 @@ def test_rejection_with_an_uncatalogued_code_becomes_internal(served, monkeypatc
     assert info.value.details() == "internal error"
 
 
-def test_the_runtime_recognises_the_parents_rate_limit_refusal():
-    from executor.rpc.limits import CallLimiter
-    from executor.sandbox.context import RATE_LIMITED
+def test_the_runtime_backs_off_on_the_rate_limit_trailer_and_not_on_text():
+    from executor.rpc.limits import RATE_LIMITED, rate_limit_trailers
+    from executor.sandbox.context import ParentClient
 
-    limiter = CallLimiter(rate_per_s=0.001, burst=1)
-    assert limiter.admit("/executor.v1.Sandbox/ReportProgress") is None
-    assert limiter.admit("/executor.v1.Sandbox/ReportProgress") == RATE_LIMITED
+    class Refused(grpc.RpcError):
+        def __init__(self, details, trailers):
+            self._details, self._trailers = details, trailers
+
+        def code(self):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self):
+            return self._details
+
+        def trailing_metadata(self):
+            return self._trailers
+
+    def flaky(error):
+        calls = []
+
+        def rpc():
+            calls.append(1)
+            if len(calls) == 1:
+                raise error
+            return "done"
+
+        return rpc
+
+    client = ParentClient(None, ())  # type: ignore[arg-type]
+    assert client.call(flaky(Refused("anything", rate_limit_trailers(RATE_LIMITED)))) == "done"
+    assert client.rate_limited == 1
+    # The same words without the trailer are another refusal: not retried.
+    with pytest.raises(Refused):
+        client.call(flaky(Refused(RATE_LIMITED, ())))
+    assert rate_limit_trailers("at most 2 calls may be open at once") == ()
 
 
 def test_every_rpc_edge_cap_is_its_pinned_value():
@@ -536,8 +569,7 @@ def test_only_the_first_chunk_of_a_body_may_be_empty(served):
 
 
 def test_work_inside_calls_is_charged_to_the_task():
-    from executor.rpc.limits import BEAT_BURST, FILES_PER_TOKEN, CallLimiter
-    from executor.sandbox.context import RATE_LIMITED
+    from executor.rpc.limits import BEAT_BURST, FILES_PER_TOKEN, RATE_LIMITED, CallLimiter
 
     limiter = CallLimiter(rate_per_s=0.001, burst=10)
     assert limiter.charge(10) is None
@@ -563,6 +595,7 @@ def test_file_outcomes_are_charged_per_file(make_session):
     with pytest.raises(_Aborted):
         servicer.ReportFiles(files, context)
     assert (context.code, context.details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "call rate limit exceeded")
+    assert context.trailers == ((RATE_LIMITED_TRAILER, "1"),)
 
 
 def test_a_beat_flood_ends_the_heartbeat_stream(served):
@@ -633,7 +666,7 @@ def test_a_flood_is_held_to_a_low_rate_cap(make_session, request):
     import time
     from collections import Counter
 
-    from executor.sandbox.context import RATE_LIMITED
+    from executor.rpc.limits import RATE_LIMITED
 
     rate_per_s, burst = 20.0, 10
     kit = make_session(config=CONFIG.SerializeToString(), max_result_bytes=64 * 1024)
@@ -648,9 +681,9 @@ def test_a_flood_is_held_to_a_low_rate_cap(make_session, request):
     get_task = channel.unary_unary(SERVICE_PATH + "GetTask")
     auth = ((TOKEN_METADATA_KEY, token),)
 
-    ok = (grpc.StatusCode.OK, "")
-    refused = (grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED)
-    counts: Counter[tuple[grpc.StatusCode, str]] = Counter()
+    ok = (grpc.StatusCode.OK, "", False)
+    refused = (grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED, True)
+    counts: Counter[tuple[grpc.StatusCode, str, bool]] = Counter()
     # The bucket holds at most ``burst`` now, so what it can admit from here on
     # is bounded by burst + rate x the time until the last answer.
     started = time.monotonic()
@@ -659,12 +692,16 @@ def test_a_flood_is_held_to_a_low_rate_cap(make_session, request):
         calls = [get_task.future(b"", metadata=auth, timeout=RPC_TIMEOUT) for _ in range(10)]
         for call in calls:
             error = call.exception()
-            counts[ok if error is None else (error.code(), error.details())] += 1
+            if error is None:
+                counts[ok] += 1
+            else:
+                signalled = any(k == RATE_LIMITED_TRAILER for k, _ in error.trailing_metadata() or ())
+                counts[(error.code(), error.details(), signalled)] += 1
     elapsed = time.monotonic() - started
 
     admitted = counts[ok]
     assert 0 < admitted <= burst + rate_per_s * elapsed, (counts, elapsed)
-    # Every refusal carries the signal the runtime backs off on (code and exact text).
+    # Every refusal carries the signal the runtime backs off on (the contract's trailer).
     assert counts[refused] >= 100, counts
     assert set(counts) == {ok, refused}, counts
     assert not kit.session.finished.is_set()  # refused, not yet ended for abuse

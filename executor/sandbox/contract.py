@@ -1,0 +1,64 @@
+"""The wire contract: every fact the parent and the sandbox both rely on, in one place.
+
+Standard library only, and shipped into the image with the child runtime, so
+both sides import the same numbers: the parent enforces them at its RPC edge,
+the child truncates to them before it sends. A fact written on each side
+drifts (it did: 16,384 vs 8,000 traceback characters).
+"""
+
+from __future__ import annotations
+
+# -- authentication and signals ------------------------------------------------
+# Every call carries the task's bootstrap token in this metadata entry.
+TOKEN_METADATA_KEY = "x-sandbox-token"  # noqa: S105 (a header name, not a secret)
+# Set in the trailing metadata of a RESOURCE_EXHAUSTED refusal that only means
+# "too fast": the child backs off and retries such calls, and no others.
+RATE_LIMITED_TRAILER = "x-sandbox-rate-limited"
+
+# -- the child's exit statuses (besides its own 0 and 1) ------------------------
+# Init could not start the runtime (bad arguments, no lifeline, exec failed).
+EXIT_INIT_FAILED = 70
+# The parent vanished (seen by init or the runtime): no sandbox outlives its parent.
+EXIT_PARENT_GONE = 75
+
+# -- liveness ------------------------------------------------------------------
+# The runtime beats at most this often, whatever the configuration asks; the
+# parent's heartbeat budget is sized for it.
+MIN_HEARTBEAT_INTERVAL_MS = 50
+
+# -- mailbox -------------------------------------------------------------------
+# Message types (names of ``executor.v1.MessageType``) a sandbox may send to the
+# modeller, and those it may wait for.
+SENDABLE = frozenset(
+    {
+        "TASK_START",
+        "PREPARING_DATA_BATCHES",
+        "TASK_ABORT",
+        "NUMBER_OF_BATCHES",
+        "BATCHES_COMPLETE",
+        "CURRENT_BATCH_ID",
+        "TRAINING_UPDATE",
+    }
+)
+RECEIVABLE = frozenset({"ALGORITHM_EXCHANGE", "TRAINING_COMPLETE", "TASK_COMPLETE", "MODELLER_RESPONSE"})
+# Mailbox bodies of any size travel in chunks of at most this many bytes, so no
+# single gRPC message is ever large.
+CHUNK_BYTES = 1024 * 1024
+
+# -- secure aggregation --------------------------------------------------------
+# Shares per SendSecureShares call, and a share's size: what RSA-2048 with
+# OAEP-SHA256 can seal in one block (2048 // 8 - 2 * 32 - 2 bytes).
+MAX_SHARES = 256
+MAX_SHARE_BYTES = 190
+MAX_POD_ID_CHARS = 256
+
+# -- progress and per-file outcomes --------------------------------------------
+MAX_INFO_CHARS = 1024
+MAX_FILES_PER_CALL = 1000
+MAX_FILE_NAME_CHARS = 1024
+MAX_FILE_REASON_CHARS = 1000
+
+# -- the terminal report (and the TASK_ABORT body the child sends) -------------
+MAX_ERROR_TYPE_CHARS = 200
+MAX_ERROR_MESSAGE_CHARS = 4096
+MAX_TRACEBACK_CHARS = 16_384
