@@ -21,11 +21,17 @@ if TYPE_CHECKING:
         ConfigurationError,
         ContainerError,
         DataSourceError,
+        DecryptionError,
         EngineUnavailableError,
+        FileLimitError,
+        HostError,
         ImageNotFoundError,
+        LimitError,
+        MailboxLimitError,
         PolicyError,
         ProtocolBundleError,
         SandboxExecutorError,
+        TransportError,
     )
     from executor.mailbox.crypto import TaskKeys
     from executor.mailbox.transport import Channel, Envelope, NoModellerTransport, Route, Transport
@@ -63,6 +69,12 @@ _LAZY: dict[str, str] = {
     "EngineUnavailableError": "executor.errors",
     "ImageNotFoundError": "executor.errors",
     "ContainerError": "executor.errors",
+    "HostError": "executor.errors",
+    "TransportError": "executor.errors",
+    "DecryptionError": "executor.errors",
+    "LimitError": "executor.errors",
+    "MailboxLimitError": "executor.errors",
+    "FileLimitError": "executor.errors",
 }
 
 __all__ = [
@@ -72,14 +84,19 @@ __all__ = [
     "ConfigurationError",
     "ContainerError",
     "DataSourceError",
+    "DecryptionError",
     "EngineUnavailableError",
     "Envelope",
     "ErrorDetail",
     "Executor",
+    "FileLimitError",
+    "HostError",
     "ImageNotFoundError",
     "InMemoryTransport",
     "IsolationPolicy",
+    "LimitError",
     "LocalModeller",
+    "MailboxLimitError",
     "NoModellerTransport",
     "Outcome",
     "PolicyError",
@@ -91,6 +108,7 @@ __all__ = [
     "TaskKeys",
     "TaskSpec",
     "Transport",
+    "TransportError",
     "__version__",
     "load_policy_file",
 ]

@@ -8,13 +8,27 @@
     │   ├── ProtocolBundleError     the protocol directory is unusable
     │   └── DataSourceError         the data directory is unusable
     ├── CapacityError               no room for another task now (e.g. every sandbox uid in use)
-    └── BackendError                the container engine failed us
-        ├── EngineUnavailableError  the engine cannot be reached
-        ├── ImageNotFoundError      the sandbox image is not built
-        └── ContainerError          a container could not be created or started
+    ├── HostError                   the host refused a directory, file or socket the task needs
+    ├── BackendError                the container engine failed us
+    │   ├── EngineUnavailableError  the engine cannot be reached
+    │   ├── ImageNotFoundError      the sandbox image is not built
+    │   └── ContainerError          a container could not be created or started
+    ├── TransportError              the message service between pod and modeller failed
+    ├── DecryptionError             a sealed body or share fails authentication
+    └── LimitError                  what a sandbox sent passes one of its task's limits
+        ├── MailboxLimitError       a mailbox body or share breaks a size, quota or peer rule
+        └── FileLimitError          a per-file outcome report breaks a cap
+
+:meth:`Executor.run <executor.runner.Executor.run>` raises the first four
+branches. The last three meet a caller of the mailbox API (a
+:class:`~executor.mailbox.transport.Transport`, a modeller); inside a task the
+parent turns them into refusals the sandbox sees, never into exceptions out
+of ``run``.
 
 A protocol that fails is not an exception on the parent side: it is an
-:class:`~executor.outcome.Outcome` with a non-OK status.
+:class:`~executor.outcome.Outcome` with a non-OK status. What protocol code
+itself may catch is a separate tree, rooted at
+:class:`executor.sandbox.context.SandboxError`.
 """
 
 from __future__ import annotations
@@ -47,6 +61,27 @@ class CapacityError(SandboxExecutorError):
     """
 
 
+class HostError(SandboxExecutorError):
+    """The host refused something the task needs: a directory, a file, a socket.
+
+    The message names the path and the reason in one line; nothing was started,
+    or what was started has been cleaned up.
+
+    Attributes:
+        path: The path concerned.
+    """
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+    @classmethod
+    def from_os_error(cls, what: str, path: object, exc: OSError) -> HostError:
+        """``cannot <what> <path>: <reason>`` for an :class:`OSError` met at ``path``."""
+        reason = exc.strerror or type(exc).__name__
+        return cls(f"cannot {what} {path}: {reason}", path=str(path))
+
+
 class BackendError(SandboxExecutorError):
     """The container engine failed.
 
@@ -71,3 +106,23 @@ class ImageNotFoundError(BackendError):
 
 class ContainerError(BackendError):
     """A container could not be created, started or inspected."""
+
+
+class TransportError(SandboxExecutorError):
+    """The message service between pod and modeller failed (or there is none)."""
+
+
+class DecryptionError(SandboxExecutorError):
+    """A sealed body or share fails authentication: wrong key, task, type or tampered."""
+
+
+class LimitError(SandboxExecutorError):
+    """What a sandbox sent passes one of its task's limits; the sandbox is refused."""
+
+
+class MailboxLimitError(LimitError):
+    """A body breaks the per-message or per-task limit, or its declared size."""
+
+
+class FileLimitError(LimitError):
+    """A per-file outcome report breaks a per-call or per-task cap."""

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from executor.errors import MailboxLimitError as MailboxLimitError
 from executor.errors import SandboxExecutorError
 from executor.mailbox.crypto import (
     OVERHEAD_BYTES,
@@ -48,10 +49,6 @@ SPOOL_THRESHOLD = 4 * 1024 * 1024
 # parent's work for one task as well as the task's traffic.
 MAX_TASK_SHARES = 4096
 READY_POLL_S = 0.5
-
-
-class MailboxLimitError(SandboxExecutorError):
-    """A body breaks the per-message or per-task limit, or its declared size."""
 
 
 @dataclass

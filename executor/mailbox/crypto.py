@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from executor.errors import SandboxExecutorError
+from executor.errors import DecryptionError as DecryptionError
 from executor.sandbox.contract import MAX_SHARE_BYTES
 
 MAGIC = b"SE1"
@@ -38,10 +38,6 @@ HEADER_BYTES = len(MAGIC) + NONCE_BYTES
 OVERHEAD_BYTES = HEADER_BYTES + TAG_BYTES
 AES_KEY_BYTES = 32
 STREAM_CHUNK = 1024 * 1024
-
-
-class DecryptionError(SandboxExecutorError):
-    """A sealed body failed authentication: wrong key, wrong task or type, or tampering."""
 
 
 def associated_data(task_id: str, message_type: str) -> bytes:

@@ -19,15 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from executor.errors import SandboxExecutorError
+from executor.errors import TransportError as TransportError
 
 # The file in a spool directory that names the executor instance owning it;
 # the reaper removes spools whose owner is dead.
 SPOOL_OWNER = ".owner"
-
-
-class TransportError(SandboxExecutorError):
-    """The message service could not deliver or fetch a message."""
 
 
 @dataclass(frozen=True)

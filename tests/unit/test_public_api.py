@@ -39,6 +39,12 @@ PUBLIC = {
     "EngineUnavailableError": "executor.errors",
     "ImageNotFoundError": "executor.errors",
     "ContainerError": "executor.errors",
+    "HostError": "executor.errors",
+    "TransportError": "executor.errors",
+    "DecryptionError": "executor.errors",
+    "LimitError": "executor.errors",
+    "MailboxLimitError": "executor.errors",
+    "FileLimitError": "executor.errors",
 }
 
 
