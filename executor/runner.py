@@ -8,6 +8,7 @@ container, the socket and the directory are removed whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,7 +17,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from executor.backends import (
@@ -29,7 +30,7 @@ from executor.backends import (
     Mount,
 )
 from executor.bundle import ENTRY_MODULE, Bundle, check_protocol_dir, copy_bundle
-from executor.errors import ConfigurationError, DataSourceError
+from executor.errors import ConfigurationError, DataSourceError, HostError
 from executor.events import ProgressUpdate
 from executor.lifeline import Lifeline
 from executor.mailbox.broker import MailboxBroker
@@ -166,6 +167,15 @@ class Executor:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _task_dir(self, uid: int, gid: int) -> TaskDir:
+        """A fresh task directory under :attr:`run_dir`.
+
+        Raises:
+            HostError: The host refused to make it (e.g. the run directory is not writable).
+        """
+        with _on_host("make a task directory in", self.run_dir):
+            return TaskDir(self.run_dir, uid, self.instance_id, sandbox_gid=gid)
+
     def reap(self, *, everything: bool = False) -> ReapReport:
         """Remove containers, task directories and spools of dead executors.
 
@@ -196,6 +206,8 @@ class Executor:
                 the container could not be created or started.
             CapacityError: Every sandbox uid of the policy's range is held by
                 a live task; nothing was started.
+            HostError: The host refused the task directory, the mailbox
+                spool or a socket; what was made is removed.
         """
         started = time.monotonic()
         policy = self.policy_for(spec.project_id)
@@ -212,21 +224,28 @@ class Executor:
         # held until the container is gone and the task directory removed.
         with (
             self.uids.lease(policy) as lease,
-            TaskDir(self.run_dir, lease.uid, self.instance_id, sandbox_gid=policy.gid) as task_dir,
+            self._task_dir(lease.uid, policy.gid) as task_dir,
         ):
             policy = policy.replace(uid=lease.uid)
             bundle = copy_bundle(spec.protocol_dir, task_dir.protocol)
             peers = tuple(p for p in spec.pod_identifiers if p != spec.pod_identifier)
             route = Route(task_id, spec.pod_identifier, spec.modeller_name, peers)
-            broker = MailboxBroker(
-                route,
-                self.transport.open(route),
-                spec.keys or TaskKeys.generate(),
-                self.spool_dir / task_dir.path.name,
-                max_message_bytes=policy.max_message_bytes,
-                max_task_bytes=policy.max_task_bytes,
-                owner=self.instance_id,
-            )
+            spool = self.spool_dir / task_dir.path.name
+            channel = self.transport.open(route)
+            try:
+                with _on_host("make the mailbox spool", spool):
+                    broker = MailboxBroker(
+                        route,
+                        channel,
+                        spec.keys or TaskKeys.generate(),
+                        spool,
+                        max_message_bytes=policy.max_message_bytes,
+                        max_task_bytes=policy.max_task_bytes,
+                        owner=self.instance_id,
+                    )
+            except BaseException:
+                channel.close()
+                raise
             wake = threading.Event()
             session = TaskSession(
                 task_id,
@@ -238,7 +257,8 @@ class Executor:
                 data_dir=data_dir,
             )
             try:
-                server = TaskServer(session, task_dir.token, task_dir.socket_path)
+                with _on_host("listen on", task_dir.socket_path):
+                    server = TaskServer(session, task_dir.token, task_dir.socket_path)
             except BaseException:
                 broker.close()  # its spool and channel, before the error goes up
                 raise
@@ -247,9 +267,11 @@ class Executor:
             lifeline: Lifeline | None = None
             try:
                 # Held for the task's life: when this process goes, so does the sandbox.
-                lifeline = Lifeline(task_dir.lifeline_path)
+                with _on_host("listen on", task_dir.lifeline_path):
+                    lifeline = Lifeline(task_dir.lifeline_path)
                 lifeline.start()
-                task_dir.grant_to_sandbox()
+                with _on_host("hand to the sandbox user", task_dir.ipc):
+                    task_dir.grant_to_sandbox()
                 container = ContainerSpec(
                     name=f"sandbox-{task_id[:40]}-{uuid.uuid4().hex[:6]}",
                     command=[
@@ -301,6 +323,15 @@ class Executor:
                 server.stop()
                 if lifeline is not None:
                     lifeline.close()
+
+
+@contextlib.contextmanager
+def _on_host(what: str, path: Path) -> Iterator[None]:
+    """Turn an :class:`OSError` met doing ``what`` at ``path`` into a one-line :class:`HostError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise HostError.from_os_error(what, path, exc) from exc
 
 
 def resolve_secrets(policy: IsolationPolicy) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from concurrent import futures
 from pathlib import Path
@@ -81,7 +82,8 @@ class TaskServer:
         except RuntimeError:  # how grpc says the bind failed (e.g. a path too long for a socket)
             port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {socket_path}")
+            # strerror says why; the caller names the path (see runner._on_host).
+            raise OSError(errno.EINVAL, "gRPC could not bind it (a path too long for a socket?)")
 
     def start(self) -> None:
         """Start serving."""

@@ -23,7 +23,7 @@ import pytest
 
 from executor import runner as executor_module
 from executor import supervisor as supervisor_module
-from executor.errors import ContainerError, ImageNotFoundError, ProtocolBundleError, SandboxExecutorError
+from executor.errors import ContainerError, HostError, ImageNotFoundError, ProtocolBundleError
 from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Transport
@@ -298,12 +298,64 @@ def test_a_socket_that_cannot_be_bound_leaves_nothing_behind(kit, make_protocol,
         FakeBackend(exits(0)), policy=POLICY, run_dir=deep, spool_dir=kit.spool_dir, uid_dir=kit.uid_dir
     )
     kit.executors.append(ex)
-    with pytest.raises((OSError, SandboxExecutorError)):
+    with pytest.raises(HostError) as info:
         ex.run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
+    assert str(info.value).startswith(f"cannot listen on {deep}/t-")
+    assert info.value.path.endswith("/ipc/sandbox.sock")
+    assert "\n" not in str(info.value)
     assert not ex.backend.containers  # type: ignore[attr-defined]
     leftovers = list(deep.iterdir())
     shutil.rmtree(deep)
     assert leftovers == []
+
+
+def _blocked(tmp_path: Path) -> Path:
+    """A directory path no one can make, root included: its parent is a regular file."""
+    (tmp_path / "a-file").write_text("")
+    return tmp_path / "a-file" / "dir"
+
+
+def test_a_run_directory_the_host_refuses_is_a_host_error_naming_it(kit, make_protocol, data, tmp_path):
+    run_dir = _blocked(tmp_path)
+    backend = FakeBackend(exits(0))
+    ex = Executor(backend, policy=POLICY, run_dir=run_dir, spool_dir=kit.spool_dir, uid_dir=kit.uid_dir)
+    kit.executors.append(ex)
+    with pytest.raises(HostError) as info:
+        ex.run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
+    assert str(info.value) == f"cannot make a task directory in {run_dir}: Not a directory"
+    assert info.value.path == str(run_dir)
+    assert isinstance(info.value.__cause__, OSError)
+    assert backend.containers == {}
+
+
+def test_a_spool_directory_the_host_refuses_is_a_host_error_and_leaves_nothing_behind(
+    kit, make_protocol, data, tmp_path
+):
+    spool_dir = _blocked(tmp_path)
+    backend = FakeBackend(exits(0))
+    ex = Executor(backend, policy=POLICY, run_dir=kit.run_dir, spool_dir=spool_dir, uid_dir=kit.uid_dir)
+    kit.executors.append(ex)
+    with pytest.raises(HostError) as info:
+        ex.run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
+    assert str(info.value).startswith(f"cannot make the mailbox spool {spool_dir}/t-")
+    assert str(info.value).endswith(": Not a directory")
+    assert backend.containers == {}
+
+
+def test_a_lifeline_that_cannot_be_bound_is_a_host_error_and_leaves_nothing_behind(
+    kit, make_protocol, data, monkeypatch
+):
+    def refuse(path: Path) -> None:
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(executor_module, "Lifeline", refuse)
+    backend = FakeBackend(exits(0))
+    with pytest.raises(HostError) as info:
+        kit.executor(backend).run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
+    assert str(info.value).startswith("cannot listen on ")
+    assert str(info.value).endswith("/ipc/lifeline.sock: Address already in use")
+    assert kit.servers, "the failure came before the server: this test no longer tests its cleanup"
+    assert backend.containers == {}
 
 
 def test_a_task_after_a_failed_one_gets_the_uid_back(kit, make_protocol, data):
