@@ -1,4 +1,17 @@
-"""What a protocol's ``run(ctx)`` receives: the task, the data, the mailbox, progress."""
+"""What a protocol's ``run(ctx)`` receives: the task, the data, the mailbox, progress.
+
+What protocol code may catch from ``ctx`` is one tree; no ``grpc`` exception
+ever reaches it::
+
+    SandboxError            anything ctx reports as failed
+    ├── TaskAborted         raised by ctx.abort(): the task ends with status ABORT
+    ├── MailboxError        the parent refused or failed a mailbox or share operation
+    │   └── MailboxTimeout  nothing arrived in time (also a TimeoutError)
+    └── ReportRefused       the parent refused a progress or file report (also a ValueError)
+
+Each carries ``code``, the gRPC status name the parent answered with (empty
+when the refusal was local), so a protocol can tell a limit from a lost parent.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +45,19 @@ RATE_BACKOFF_S = 0.005
 BULK_TIMEOUT_S = 600.0
 
 
-class TaskAborted(Exception):
+class SandboxError(Exception):
+    """Root of every exception ``ctx`` raises to protocol code.
+
+    Attributes:
+        code: The gRPC status name the parent answered with, or ``""``.
+    """
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class TaskAborted(SandboxError):
     """Raised by :meth:`Context.abort`: the task ends with status ABORT."""
 
     def __init__(self, message: str, reason: str = "") -> None:
@@ -40,16 +65,23 @@ class TaskAborted(Exception):
         self.reason = reason
 
 
-class MailboxError(Exception):
+class MailboxError(SandboxError):
     """The parent refused or failed a mailbox operation."""
-
-    def __init__(self, message: str, code: str = "") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class MailboxTimeout(MailboxError, TimeoutError):
     """No message of the requested type arrived in time."""
+
+
+class ReportRefused(SandboxError, ValueError):
+    """The parent refused a progress event or a per-file outcome (bad value, cap reached, gone)."""
+
+
+def _status(exc: grpc.RpcError) -> tuple[str, str]:
+    """The status name and public message of a failed call (any RpcError, even one without them)."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    details = exc.details() if callable(getattr(exc, "details", None)) else None
+    return (code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"), str(details or "no detail")
 
 
 class ParentClient:
@@ -147,7 +179,8 @@ class Mailbox:
                 )
             )
         except grpc.RpcError as exc:
-            raise MailboxError(f"send {message_type} failed: {exc.details()}", exc.code().name) from None
+            code, details = _status(exc)
+            raise MailboxError(f"send {message_type} failed: {details}", code) from None
 
     def receive(self, message_type: str, timeout: float = 60.0) -> bytes:
         """Wait up to ``timeout`` seconds for the modeller's next ``message_type`` message.
@@ -161,11 +194,10 @@ class Mailbox:
         try:
             return self._client.call(lambda: self._receive(kind, message_type, timeout))
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise MailboxTimeout(
-                    f"no {message_type} message within {timeout:g} s", "DEADLINE_EXCEEDED"
-                ) from None
-            raise MailboxError(f"receive {message_type} failed: {exc.details()}", exc.code().name) from None
+            code, details = _status(exc)
+            if code == "DEADLINE_EXCEEDED":
+                raise MailboxTimeout(f"no {message_type} message within {timeout:g} s", code) from None
+            raise MailboxError(f"receive {message_type} failed: {details}", code) from None
 
     def _receive(self, kind: str, message_type: str, timeout: float) -> bytes:
         """One ReceiveMessage call, its chunks reassembled; RpcErrors propagate."""
@@ -267,7 +299,8 @@ class Mailbox:
                 )
             )
         except grpc.RpcError as exc:
-            raise MailboxError(f"send secure shares failed: {exc.details()}", exc.code().name) from None
+            code, details = _status(exc)
+            raise MailboxError(f"send secure shares failed: {details}", code) from None
 
     def get_secure_shares(self, timeout: float = 60.0) -> dict[str, bytes]:
         """One share from every peer pod, by pod identifier.
@@ -283,9 +316,10 @@ class Mailbox:
                 timeout=timeout + RPC_TIMEOUT_S,
             )
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise MailboxTimeout(f"secure shares did not all arrive within {timeout:g} s") from None
-            raise MailboxError(f"get secure shares failed: {exc.details()}", exc.code().name) from None
+            code, details = _status(exc)
+            if code == "DEADLINE_EXCEEDED":
+                raise MailboxTimeout(f"secure shares did not all arrive within {timeout:g} s", code) from None
+            raise MailboxError(f"get secure shares failed: {details}", code) from None
         return {k: bytes(v) for k, v in reply.shares.items()}
 
 
@@ -300,14 +334,23 @@ class Progress:
         self._client = client
 
     def _report(self, kind: str, **fields: Any) -> None:
+        """Send one progress event.
+
+        Raises:
+            ReportRefused: The parent refused it or could not be reached.
+        """
         self._client.count(progress=1)
-        self._client.call(
-            lambda: self._client.stub.ReportProgress(
-                pb.ProgressEvent(kind=kind, **fields),
-                metadata=self._client.metadata,
-                timeout=RPC_TIMEOUT_S,
+        try:
+            self._client.call(
+                lambda: self._client.stub.ReportProgress(
+                    pb.ProgressEvent(kind=kind, **fields),
+                    metadata=self._client.metadata,
+                    timeout=RPC_TIMEOUT_S,
+                )
             )
-        )
+        except grpc.RpcError as exc:
+            code, details = _status(exc)
+            raise ReportRefused(f"progress event {kind} refused: {details}", code) from None
 
     def run_start(self) -> None:
         """The protocol's main work begins."""
@@ -395,11 +438,20 @@ class Context:
         self.progress = Progress(client)
 
     def file_processed(self, name: str) -> None:
-        """Record that datasource file ``name`` (relative to ``data_dir``) was processed."""
+        """Record that datasource file ``name`` (relative to ``data_dir``) was processed.
+
+        Raises:
+            ReportRefused: The name is not a plain regular file of the datasource,
+                a cap is reached, or the parent is gone.
+        """
         self._report_file(name, "PROCESSED", "")
 
     def file_failed(self, name: str, reason: str) -> None:
-        """Record that datasource file ``name`` failed, and why."""
+        """Record that datasource file ``name`` failed, and why.
+
+        Raises:
+            ReportRefused: As for :meth:`file_processed`.
+        """
         self._report_file(name, "FAILED", reason)
 
     def _report_file(self, name: str, kind: str, reason: str) -> None:
@@ -416,7 +468,8 @@ class Context:
                 )
             )
         except grpc.RpcError as exc:
-            raise ValueError(f"file outcome for {name!r} refused: {exc.details()}") from None
+            code, details = _status(exc)
+            raise ReportRefused(f"file outcome for {name!r} refused: {details}", code) from None
 
     def abort(self, message: str, reason: str = "") -> NoReturn:
         """End the task now with status ABORT and a message for the modeller."""

@@ -33,6 +33,8 @@ from executor.sandbox.context import (
     MailboxError,
     MailboxTimeout,
     ParentClient,
+    ReportRefused,
+    SandboxError,
     TaskAborted,
 )
 from executor.sandbox.contract import TOKEN_METADATA_KEY
@@ -370,6 +372,46 @@ def test_abort_ends_the_protocol_with_its_reason(kit, connect):
     with pytest.raises(TaskAborted) as info:
         ctx.abort("no usable data", reason="NoData")
     assert (str(info.value), info.value.reason) == ("no usable data", "NoData")
+
+
+# -- what protocol code may catch ----------------------------------------------------------
+
+
+def test_a_refused_file_outcome_is_a_report_refused_with_the_parents_code(make_session, connect, datasource):
+    kit = make_session(data_dir=datasource)
+    ctx = connect(kit.session).ctx
+    with pytest.raises(ReportRefused) as info:
+        ctx.file_processed("../outside/secret.csv")
+    assert info.value.code == "INVALID_ARGUMENT"
+    assert "secret.csv" in str(info.value)
+    # One root for protocol code, and still the ValueError it used to be.
+    assert isinstance(info.value, SandboxError) and isinstance(info.value, ValueError)
+
+
+CTX_CALLS: dict[str, tuple[Callable[[Context], object], type[SandboxError]]] = {
+    "progress": (lambda ctx: ctx.progress.step(1, 2, "half"), ReportRefused),
+    "run_start": (lambda ctx: ctx.progress.run_start(), ReportRefused),
+    "file_processed": (lambda ctx: ctx.file_processed("a.csv"), ReportRefused),
+    "file_failed": (lambda ctx: ctx.file_failed("a.csv", "bad"), ReportRefused),
+    "send": (lambda ctx: ctx.mailbox.send_training_update(b"w" * 3000), MailboxError),
+    "send_task_abort": (lambda ctx: ctx.mailbox.send_task_abort("stop"), MailboxError),
+    "receive": (lambda ctx: ctx.mailbox.await_algorithm_exchange(timeout=2), MailboxError),
+    "send_shares": (lambda ctx: ctx.mailbox.send_secure_shares({"pod-b": b"s"}), MailboxError),
+    "get_shares": (lambda ctx: ctx.mailbox.get_secure_shares(timeout=2), MailboxError),
+}
+
+
+@pytest.mark.parametrize("call", sorted(CTX_CALLS))
+def test_no_grpc_error_reaches_protocol_code_when_the_parent_is_gone(kit, connect, call):
+    c = connect(kit.session)
+    c.server.stop(grace=0)
+    action, expected = CTX_CALLS[call]
+    with pytest.raises(SandboxError) as info:
+        action(c.ctx)
+    assert type(info.value) is expected, info.value
+    assert not isinstance(info.value, grpc.RpcError)
+    assert info.value.code == "UNAVAILABLE"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 # -- the parent's rate cap -----------------------------------------------------------------
