@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import stat
@@ -20,18 +19,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from executor.backends import (
-    LABEL_MANAGED,
-    LABEL_PARENT,
-    LABEL_PROJECT,
-    LABEL_TASK,
-    ContainerBackend,
-    ContainerSpec,
-    Mount,
-)
-from executor.bundle import ENTRY_MODULE, Bundle, check_protocol_dir, copy_bundle
+from executor import serde
+from executor.backends import ContainerBackend
+from executor.bundle import check_protocol_dir, copy_bundle
 from executor.errors import ConfigurationError, DataSourceError, HostError
 from executor.events import ProgressUpdate
+from executor.launch import container_spec
 from executor.lifeline import Lifeline
 from executor.mailbox.broker import MailboxBroker
 from executor.mailbox.crypto import TaskKeys
@@ -40,28 +33,14 @@ from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
 from executor.policy_file import PolicySet
 from executor.reaper import ReapReport, new_instance_id, reap
-from executor.rpc.limits import CHUNK_BYTES
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.spec import TaskSpec
 from executor.supervisor import Supervisor, abort_message
-from executor.taskdir import (
-    LIFELINE_NAME,
-    SOCKET_NAME,
-    TOKEN_NAME,
-    TaskDir,
-    default_base_dir,
-    default_spool_dir,
-)
+from executor.taskdir import TaskDir, default_base_dir, default_spool_dir
 from executor.uids import UidPool
-from executor.v1 import sandbox_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-SANDBOX_IPC = "/run/sandbox"
-SANDBOX_PROTOCOL = "/sandbox/protocol"
-SANDBOX_DATA = "/data"
-SANDBOX_RESOLV_CONF = "/etc/resolv.conf"
 
 
 def check_data_dir(path: Path, uid: int | None, gid: int) -> Path:
@@ -249,7 +228,7 @@ class Executor:
             wake = threading.Event()
             session = TaskSession(
                 task_id,
-                _task_config(spec, task_id, bundle, policy, secrets).SerializeToString(),
+                serde.task_config(spec, task_id, bundle, policy, secrets),
                 broker,
                 max_result_bytes=policy.max_result_bytes,
                 on_progress=on_progress,
@@ -272,38 +251,14 @@ class Executor:
                 lifeline.start()
                 with _on_host("hand to the sandbox user", task_dir.ipc):
                     task_dir.grant_to_sandbox()
-                container = ContainerSpec(
-                    name=f"sandbox-{task_id[:40]}-{uuid.uuid4().hex[:6]}",
-                    command=[
-                        # Our own init (untraceable pid 1, tied to this
-                        # process by the lifeline), then the runtime.
-                        "python3",
-                        "-m",
-                        "executor.sandbox.init",
-                        "--lifeline",
-                        f"{SANDBOX_IPC}/{LIFELINE_NAME}",
-                        "--",
-                        "python3",
-                        "-m",
-                        "executor.sandbox",
-                        "--socket",
-                        f"{SANDBOX_IPC}/{SOCKET_NAME}",
-                        "--token-file",
-                        f"{SANDBOX_IPC}/{TOKEN_NAME}",
-                    ],
+                container = container_spec(
+                    task_id=task_id,
+                    project_id=spec.project_id,
+                    instance_id=self.instance_id,
                     policy=policy,
-                    mounts=[
-                        Mount(task_dir.ipc, SANDBOX_IPC),
-                        Mount(bundle.path, SANDBOX_PROTOCOL),
-                        Mount(data_dir, SANDBOX_DATA),
-                        Mount(task_dir.resolv_conf, SANDBOX_RESOLV_CONF),
-                    ],
-                    labels={
-                        LABEL_MANAGED: "true",
-                        LABEL_TASK: task_id,
-                        LABEL_PROJECT: spec.project_id,
-                        LABEL_PARENT: self.instance_id,
-                    },
+                    task_dir=task_dir,
+                    bundle_path=bundle.path,
+                    data_dir=data_dir,
                 )
                 supervisor = Supervisor(
                     self.backend,
@@ -353,41 +308,3 @@ def resolve_secrets(policy: IsolationPolicy) -> dict[str, str]:
             except OSError as exc:
                 raise ConfigurationError(f"secret {name}: cannot read {ref} ({exc.strerror})") from None
     return values
-
-
-def _task_config(
-    spec: TaskSpec, task_id: str, bundle: Bundle, policy: IsolationPolicy, secrets: dict[str, str]
-) -> pb.TaskConfig:
-    """The configuration the sandbox fetches: no keys, no secrets, no host paths."""
-    return pb.TaskConfig(
-        task_id=task_id,
-        project_id=spec.project_id,
-        modeller_name=spec.modeller_name,
-        pod_identifier=spec.pod_identifier,
-        pod_identifiers=list(spec.pod_identifiers),
-        datasource_name=spec.datasource_name,
-        data_path=SANDBOX_DATA,
-        schema_json=json.dumps(spec.schema),
-        serialized_protocol=spec.serialized_protocol,
-        parameters_json=json.dumps(spec.parameters),
-        flags=pb.Flags(
-            batched_execution=spec.batched_execution,
-            test_run=spec.test_run,
-            run_on_new_data_only=spec.run_on_new_data_only,
-            force_rerun_failed_files=spec.force_rerun_failed_files,
-        ),
-        inference_limits=pb.InferenceLimits(
-            max_files=spec.max_inference_files, max_batches=spec.max_inference_batches
-        ),
-        model_urls=dict(spec.model_urls),
-        task_hash=spec.task_hash,
-        username=spec.username,
-        protocol_path=SANDBOX_PROTOCOL,
-        entry_module=ENTRY_MODULE,
-        bundle_sha256=bundle.sha256,
-        heartbeat_interval_ms=int(policy.heartbeat_interval_s * 1000),
-        max_message_bytes=policy.max_message_bytes,
-        max_result_bytes=policy.max_result_bytes,
-        chunk_bytes=CHUNK_BYTES,
-        secrets=secrets,
-    )

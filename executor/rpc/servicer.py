@@ -1,4 +1,4 @@
-"""The servicer: protobuf in, plain values to the task's session, protobuf out.
+"""The servicer: protobuf in, through :mod:`executor.serde` to the task's session, protobuf out.
 
 Errors map to a status and a public message in one catalog; anything unexpected
 becomes INTERNAL with no detail.
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from executor.events import ProgressUpdate
+from executor import serde
 from executor.mailbox.broker import Incoming
 from executor.rpc.limits import FILES_PER_TOKEN, CallLimiter, refusal
 from executor.rpc.session import RequestRejected, TaskSession
@@ -70,14 +70,6 @@ def _rpc_errors(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-def _enum_name(enum: Any, value: int) -> str:
-    """The name of ``value`` in a protobuf enum, or ``"<invalid>"``."""
-    try:
-        return str(enum.Name(value))
-    except ValueError:
-        return "<invalid>"
-
-
 class SandboxServicer(pb_grpc.SandboxServicer):
     """Thin protobuf-to-session adapter for one task."""
 
@@ -88,9 +80,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
     @_rpc_errors
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.TaskConfig:
         """The task's configuration."""
-        config = pb.TaskConfig()
-        config.ParseFromString(self._session.get_config())
-        return config
+        return self._session.get_config()
 
     def Heartbeat(
         self, request_iterator: Iterator[pb.Beat], context: grpc.ServicerContext
@@ -127,7 +117,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         first = next(request_iterator, None)
         if first is None:
             raise RequestRejected("INVALID_ARGUMENT", "empty message stream")
-        message_type = _enum_name(pb.MessageType, first.type)
+        message_type = serde.message_type(first.type)
 
         def chunks() -> Iterator[bytes]:
             yield first.data
@@ -146,7 +136,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         self, request: pb.ReceiveMessageRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.MessageChunk]:
         """Wait for a message from the modeller; stream it down in chunks."""
-        name = _enum_name(pb.MessageType, request.type)
+        name = serde.message_type(request.type)
         incoming = self._session.receive_message(name, request.timeout_ms / 1000)
         return _stream_incoming(incoming, request.type, context, self._session.task_id)
 
@@ -166,16 +156,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
     @_rpc_errors
     def ReportProgress(self, request: pb.ProgressEvent, context: grpc.ServicerContext) -> pb.Ack:
         """Pass a progress event on."""
-        self._session.report_progress(
-            ProgressUpdate(
-                kind=_enum_name(pb.ProgressEvent.Kind, request.kind),
-                current_epoch=request.current_epoch,
-                max_epochs=request.max_epochs,
-                current=request.current,
-                total=request.total,
-                info=request.info,
-            )
-        )
+        self._session.report_progress(serde.progress_update(request))
         return pb.Ack()
 
     @_rpc_errors
@@ -184,22 +165,13 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         refused = self._limiter.charge(len(request.files) // FILES_PER_TOKEN)
         if refused is not None:
             raise refusal(refused)
-        self._session.report_files(
-            [(f.name, _enum_name(pb.FileOutcome.Kind, f.kind), f.reason) for f in request.files]
-        )
+        self._session.report_files(serde.file_outcomes(request))
         return pb.Ack()
 
     @_rpc_errors
     def Finish(self, request: pb.FinishRequest, context: grpc.ServicerContext) -> pb.Ack:
         """Record the terminal result."""
-        self._session.report_finish(
-            status=_enum_name(pb.Status, request.status),
-            result_json=request.result_json,
-            error_type=request.error.type,
-            error_message=request.error.message,
-            traceback=request.error.traceback,
-            timings=dict(request.timings),
-        )
+        self._session.report_finish(**serde.finish_fields(request))
         return pb.Ack()
 
 

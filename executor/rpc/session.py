@@ -1,6 +1,7 @@
 """The parent's view of one running task: plain Python, no gRPC.
 
-The servicer converts protobuf to the values below and calls these methods;
+The servicer converts protobuf to the values below (through
+:mod:`executor.serde`) and calls these methods;
 the executor reads what they record. Every method validates its input, since
 it all comes from untrusted code, and raises :class:`RequestRejected` with a
 public message when it is wrong.
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from executor.events import FinishReport, ProgressUpdate
+from executor.events import FinishReport, ProgressKind, ProgressUpdate
 from executor.fileoutcomes import FILE_KINDS, FileLedger, FileLimitError
 from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
 from executor.mailbox.crypto import DecryptionError
 from executor.mailbox.transport import TransportError
+from executor.outcome import Status
 from executor.sandbox.contract import (
     MAX_ERROR_MESSAGE_CHARS,
     MAX_ERROR_TYPE_CHARS,
@@ -41,11 +43,13 @@ from executor.sandbox.contract import (
     RECEIVABLE,
     SENDABLE,
 )
+from executor.v1 import sandbox_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-PROGRESS_KINDS = frozenset({"RUN_START", "RUN_END", "EPOCH_START", "EPOCH_END", "STEP"})
-FINISH_STATUSES = frozenset({"OK", "ABORT", "ERROR"})
+PROGRESS_KINDS = frozenset(ProgressKind)
+# The statuses a sandbox may report; the parent sets every other one itself.
+FINISH_STATUSES = frozenset({Status.OK, Status.ABORT, Status.ERROR})
 CHILD_TIMINGS = frozenset({"import", "config", "load", "run"})
 
 MAX_RECEIVE_TIMEOUT_S = 600.0
@@ -103,7 +107,7 @@ def _not_serialisable(timings: dict[str, float]) -> FinishReport:
     # Python's json reads "\ud800" as a lone surrogate, which no strict JSON
     # parser accepts and no UTF-8 terminal can print: the result is not data.
     return FinishReport(
-        "ERROR",
+        Status.ERROR,
         None,
         "ResultNotSerialisable",
         "the protocol's result holds a lone surrogate, which is not valid Unicode text",
@@ -154,7 +158,7 @@ class TaskSession:
 
     Args:
         task_id: The task's identifier.
-        config: The serialised ``TaskConfig`` the sandbox fetches.
+        config: The ``TaskConfig`` the sandbox fetches (built by :func:`executor.serde.task_config`).
         mailbox: The task's mailbox broker (limits, crypto, transport).
         max_result_bytes: Largest result JSON accepted.
         on_progress: Called, from a server thread, for each progress event.
@@ -165,7 +169,7 @@ class TaskSession:
     def __init__(
         self,
         task_id: str,
-        config: bytes,
+        config: pb.TaskConfig,
         mailbox: MailboxBroker,
         *,
         max_result_bytes: int,
@@ -191,8 +195,8 @@ class TaskSession:
         self.closed = threading.Event()
 
     # -- configuration -------------------------------------------------
-    def get_config(self) -> bytes:
-        """The serialised task configuration; records when it was first fetched."""
+    def get_config(self) -> pb.TaskConfig:
+        """The task configuration; records when it was first fetched."""
         with self._lock:
             if self.config_fetched_at is None:
                 self.config_fetched_at = time.monotonic()
@@ -228,7 +232,7 @@ class TaskSession:
 
         The sandbox's own result is refused after this, like any second one.
         """
-        report = FinishReport("ERROR", None, error_type, reason)
+        report = FinishReport(Status.ERROR, None, error_type, reason)
         with self._lock:
             if self.finish is not None:
                 return False
@@ -378,7 +382,7 @@ class TaskSession:
 
     def report_finish(
         self,
-        status: str,
+        status: Status,
         result_json: str,
         error_type: str,
         error_message: str,
@@ -410,7 +414,7 @@ class TaskSession:
             report = _not_serialisable(timings)
         elif size > self.max_result_bytes:
             report = FinishReport(
-                "ERROR",
+                Status.ERROR,
                 None,
                 "ResultTooLarge",
                 f"the protocol's result is {size} bytes; the limit is {self.max_result_bytes}",
@@ -430,7 +434,9 @@ class TaskSession:
             if _LONE_SURROGATE_ESCAPE.search(result_json) and _holds_lone_surrogate(result):
                 report = _not_serialisable(timings)
             else:
-                report = FinishReport(status, result, error_type, error_message, traceback, dict(timings))
+                report = FinishReport(
+                    Status(status), result, error_type, error_message, traceback, dict(timings)
+                )
         with self._lock:
             if self.finish is not None:
                 raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")

@@ -16,6 +16,7 @@ from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Channel, Route
 from executor.rpc.session import TaskSession
 from executor.testing import InMemoryTransport, LocalModeller
+from executor.v1 import sandbox_pb2 as pb
 
 MINIMAL_PROTOCOL = "def run(ctx):\n    return {'ok': True}\n"
 
@@ -73,7 +74,7 @@ def make_session(tmp_path: Path) -> Iterator[Callable[..., SessionKit]]:
     def make(
         *,
         task_id: str = "task-1",
-        config: bytes = b"",
+        config: pb.TaskConfig | None = None,
         max_message_bytes: int = 1024 * 1024,
         max_task_bytes: int = 8 * 1024 * 1024,
         max_result_bytes: int = 1024,
@@ -109,7 +110,7 @@ def make_session(tmp_path: Path) -> Iterator[Callable[..., SessionKit]]:
 
         session = TaskSession(
             task_id,
-            config,
+            config if config is not None else pb.TaskConfig(task_id=task_id),
             broker,
             max_result_bytes=max_result_bytes,
             on_progress=record,

@@ -39,7 +39,7 @@ class Served:
     def __init__(self, make_session, idle_ms: int) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="se-idle-", dir="/tmp"))
         self.token = secrets.token_urlsafe(32)
-        kit = make_session(config=CONFIG.SerializeToString())
+        kit = make_session(config=CONFIG)
         self.session = kit.session
         patch = pytest.MonkeyPatch()
         patch.setattr(rpc_server, "IDLE_CONNECTION_MS", idle_ms)

@@ -38,7 +38,7 @@ def test_the_protocol_is_not_even_imported_before_the_parent_has_seen_a_beat(
         parameters_json="{}",
         schema_json="{}",
     )
-    session = make_session(config=config.SerializeToString()).session
+    session = make_session(config=config).session
     # A parent that records beats but has not acknowledged one yet.
     record_beat = TaskSession.record_beat
     acknowledge = [False]
@@ -101,7 +101,7 @@ def test_a_modeller_ready_before_the_sandbox_boots_reaches_the_protocol(
         parameters_json="{}",
         schema_json="{}",
     )
-    kit = make_session(config=config.SerializeToString())
+    kit = make_session(config=config)
     session = kit.session
     kit.broker.watch_ready(lambda: session.send_control("MODELLER_READY"))
     kit.modeller.ready(kit.task_id)

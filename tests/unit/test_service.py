@@ -57,9 +57,7 @@ class Served:
 @pytest.fixture
 def served(make_session, request):
     """A TaskServer on a socket in a short private directory; torn down even on failure."""
-    kit = make_session(
-        config=CONFIG.SerializeToString(), max_result_bytes=64 * 1024, max_message_bytes=4 * 1024 * 1024
-    )
+    kit = make_session(config=CONFIG, max_result_bytes=64 * 1024, max_message_bytes=4 * 1024 * 1024)
     sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
     request.addfinalizer(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
     token = secrets.token_urlsafe(32)
@@ -669,7 +667,7 @@ def test_a_flood_is_held_to_a_low_rate_cap(make_session, request):
     from executor.rpc.limits import RATE_LIMITED
 
     rate_per_s, burst = 20.0, 10
-    kit = make_session(config=CONFIG.SerializeToString(), max_result_bytes=64 * 1024)
+    kit = make_session(config=CONFIG, max_result_bytes=64 * 1024)
     sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
     request.addfinalizer(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
     token = secrets.token_urlsafe(32)

@@ -15,6 +15,7 @@ from executor.rpc.session import (
     ProgressUpdate,
     RequestRejected,
 )
+from executor.v1 import sandbox_pb2 as pb
 
 
 def _rejected(code, fn, *args, **kwargs):
@@ -32,9 +33,9 @@ def _finish(session, status="OK", result_json="null", error_type="", message="",
 
 
 def test_config_is_served_and_first_fetch_recorded(make_session):
-    kit = make_session(config=b"\x0a\x03abc")
+    kit = make_session(config=pb.TaskConfig(task_id="abc"))
     assert kit.session.config_fetched_at is None
-    assert kit.session.get_config() == b"\x0a\x03abc"
+    assert kit.session.get_config().task_id == "abc"
     first = kit.session.config_fetched_at
     assert first is not None
     kit.session.get_config()

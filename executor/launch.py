@@ -1,0 +1,79 @@
+"""What one task's container is: the sandbox's argv, its mounts and its labels.
+
+The paths inside the sandbox are named here once; the task configuration
+(:func:`executor.serde.task_config`) tells the runtime the same ones.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from executor.backends import (
+    LABEL_MANAGED,
+    LABEL_PARENT,
+    LABEL_PROJECT,
+    LABEL_TASK,
+    ContainerSpec,
+    Mount,
+)
+from executor.taskdir import LIFELINE_NAME, SOCKET_NAME, TOKEN_NAME
+
+if TYPE_CHECKING:
+    from executor.policy import IsolationPolicy
+    from executor.taskdir import TaskDir
+
+SANDBOX_IPC = "/run/sandbox"
+SANDBOX_PROTOCOL = "/sandbox/protocol"
+SANDBOX_DATA = "/data"
+SANDBOX_RESOLV_CONF = "/etc/resolv.conf"
+
+
+def sandbox_command() -> list[str]:
+    """Our own init (untraceable pid 1, tied to the parent by the lifeline), then the runtime."""
+    return [
+        "python3",
+        "-m",
+        "executor.sandbox.init",
+        "--lifeline",
+        f"{SANDBOX_IPC}/{LIFELINE_NAME}",
+        "--",
+        "python3",
+        "-m",
+        "executor.sandbox",
+        "--socket",
+        f"{SANDBOX_IPC}/{SOCKET_NAME}",
+        "--token-file",
+        f"{SANDBOX_IPC}/{TOKEN_NAME}",
+    ]
+
+
+def container_spec(
+    *,
+    task_id: str,
+    project_id: str,
+    instance_id: str,
+    policy: IsolationPolicy,
+    task_dir: TaskDir,
+    bundle_path: Path,
+    data_dir: Path,
+) -> ContainerSpec:
+    """The one container of a task: the only host paths it sees, labelled for the reaper."""
+    return ContainerSpec(
+        name=f"sandbox-{task_id[:40]}-{uuid.uuid4().hex[:6]}",
+        command=sandbox_command(),
+        policy=policy,
+        mounts=[
+            Mount(task_dir.ipc, SANDBOX_IPC),
+            Mount(bundle_path, SANDBOX_PROTOCOL),
+            Mount(data_dir, SANDBOX_DATA),
+            Mount(task_dir.resolv_conf, SANDBOX_RESOLV_CONF),
+        ],
+        labels={
+            LABEL_MANAGED: "true",
+            LABEL_TASK: task_id,
+            LABEL_PROJECT: project_id,
+            LABEL_PARENT: instance_id,
+        },
+    )

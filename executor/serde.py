@@ -1,0 +1,133 @@
+"""Domain <-> protobuf, once per boundary: the task's configuration and every RPC's payload.
+
+The servicer calls these and the session; nothing else on the parent side
+reads or builds a sandbox message. Enums become :class:`~executor.outcome.Status`
+and :class:`~executor.events.ProgressKind` here and stay enums until printed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from executor.bundle import ENTRY_MODULE
+from executor.events import ProgressKind, ProgressUpdate
+from executor.launch import SANDBOX_DATA, SANDBOX_PROTOCOL
+from executor.outcome import Status
+from executor.rpc.session import RequestRejected
+from executor.sandbox.contract import CHUNK_BYTES
+from executor.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from executor.bundle import Bundle
+    from executor.policy import IsolationPolicy
+    from executor.spec import TaskSpec
+
+# The statuses a sandbox may report; the parent sets every other one itself.
+_SANDBOX_STATUSES = {pb.Status.OK: Status.OK, pb.Status.ABORT: Status.ABORT, pb.Status.ERROR: Status.ERROR}
+
+
+def task_config(
+    spec: TaskSpec, task_id: str, bundle: Bundle, policy: IsolationPolicy, secrets: dict[str, str]
+) -> pb.TaskConfig:
+    """The configuration the sandbox fetches: no keys, no host paths, only the secrets granted."""
+    return pb.TaskConfig(
+        task_id=task_id,
+        project_id=spec.project_id,
+        modeller_name=spec.modeller_name,
+        pod_identifier=spec.pod_identifier,
+        pod_identifiers=list(spec.pod_identifiers),
+        datasource_name=spec.datasource_name,
+        data_path=SANDBOX_DATA,
+        schema_json=json.dumps(spec.schema),
+        serialized_protocol=spec.serialized_protocol,
+        parameters_json=json.dumps(spec.parameters),
+        flags=pb.Flags(
+            batched_execution=spec.batched_execution,
+            test_run=spec.test_run,
+            run_on_new_data_only=spec.run_on_new_data_only,
+            force_rerun_failed_files=spec.force_rerun_failed_files,
+        ),
+        inference_limits=pb.InferenceLimits(
+            max_files=spec.max_inference_files, max_batches=spec.max_inference_batches
+        ),
+        model_urls=dict(spec.model_urls),
+        task_hash=spec.task_hash,
+        username=spec.username,
+        protocol_path=SANDBOX_PROTOCOL,
+        entry_module=ENTRY_MODULE,
+        bundle_sha256=bundle.sha256,
+        heartbeat_interval_ms=int(policy.heartbeat_interval_s * 1000),
+        max_message_bytes=policy.max_message_bytes,
+        max_result_bytes=policy.max_result_bytes,
+        chunk_bytes=CHUNK_BYTES,
+        secrets=secrets,
+    )
+
+
+def message_type(value: int) -> str:
+    """The name of a ``MessageType`` (the mailbox's wire name), or ``"<invalid>"``."""
+    return _enum_name(pb.MessageType, value)
+
+
+def progress_update(event: pb.ProgressEvent) -> ProgressUpdate:
+    """A progress event as the typed update listeners get.
+
+    Raises:
+        RequestRejected: The kind is not one a protocol may report.
+    """
+    try:
+        kind = ProgressKind(_enum_name(pb.ProgressEvent.Kind, event.kind))
+    except ValueError:
+        raise RequestRejected("INVALID_ARGUMENT", "unknown progress event kind") from None
+    return ProgressUpdate(
+        kind=kind,
+        current_epoch=event.current_epoch,
+        max_epochs=event.max_epochs,
+        current=event.current,
+        total=event.total,
+        info=event.info,
+    )
+
+
+def file_outcomes(request: pb.FileOutcomes) -> list[tuple[str, str, str]]:
+    """(name, kind, reason) per reported file; the session checks each."""
+    return [(f.name, _enum_name(pb.FileOutcome.Kind, f.kind), f.reason) for f in request.files]
+
+
+class FinishFields(TypedDict):
+    """What :meth:`~executor.rpc.session.TaskSession.report_finish` takes."""
+
+    status: Status
+    result_json: str
+    error_type: str
+    error_message: str
+    traceback: str
+    timings: dict[str, float]
+
+
+def finish_fields(request: pb.FinishRequest) -> FinishFields:
+    """The sandbox's terminal report as plain values.
+
+    Raises:
+        RequestRejected: The status is not OK, ABORT or ERROR.
+    """
+    status = _SANDBOX_STATUSES.get(request.status)
+    if status is None:
+        raise RequestRejected("INVALID_ARGUMENT", "status must be OK, ABORT or ERROR")
+    return FinishFields(
+        status=status,
+        result_json=request.result_json,
+        error_type=request.error.type,
+        error_message=request.error.message,
+        traceback=request.error.traceback,
+        timings=dict(request.timings),
+    )
+
+
+def _enum_name(enum: Any, value: int) -> str:
+    """The name of ``value`` in a protobuf enum, or ``"<invalid>"``."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return "<invalid>"
