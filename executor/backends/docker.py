@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import docker
@@ -42,6 +43,15 @@ STDERR_LOG_MAX = "1m"
 # kernel's default whatever the engine's default ulimits say. Each task has a
 # uid of its own (executor.uids), so this is a per-task cap.
 MSGQUEUE_BYTES = 819_200
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """The engine facts ``doctor`` reports."""
+
+    version: str
+    cgroup_version: str
+    runtimes: tuple[str, ...]
 
 
 def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
@@ -175,10 +185,23 @@ class DockerBackend:
                 f"sandbox image {image} is not built; run `make images` in the sandbox-executor checkout"
             ) from None
 
+    def engine_info(self) -> EngineInfo:
+        """What the engine says about itself.
+
+        Raises:
+            EngineUnavailableError: The engine cannot be reached.
+            BackendError: It answered with an error.
+        """
+        info = self._call("engine info", lambda: self.client.info())
+        return EngineInfo(
+            str(info.get("ServerVersion", "?")),
+            str(info.get("CgroupVersion", "?")),
+            tuple(sorted(info.get("Runtimes", {}))),
+        )
+
     def runtimes(self) -> list[str]:
         """The OCI runtimes the engine knows."""
-        info = self._call("engine info", self.client.info)
-        return sorted(info.get("Runtimes", {}))
+        return list(self.engine_info().runtimes)
 
     def create(self, spec: ContainerSpec) -> str:
         """Create the task's container; nothing runs yet."""

@@ -34,17 +34,11 @@ def checks() -> list[Check]:
     out: list[Check] = []
     backend = DockerBackend()
     try:
-        info = backend.client.info()
+        info = backend.engine_info()
     except SandboxExecutorError as exc:
         return [Check("engine", False, str(exc), "start dockerd, or point DOCKER_HOST at it")]
-    out.append(
-        Check(
-            "engine",
-            True,
-            f"Docker {info.get('ServerVersion', '?')}, cgroup v{info.get('CgroupVersion', '?')}",
-        )
-    )
-    runtimes = sorted(info.get("Runtimes", {}))
+    out.append(Check("engine", True, f"Docker {info.version}, cgroup v{info.cgroup_version}"))
+    runtimes = info.runtimes
     out.append(Check("runtime runc", "runc" in runtimes, "hardened namespaces", "install Docker's runc"))
     out.append(
         Check(
