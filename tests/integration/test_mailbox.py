@@ -413,7 +413,7 @@ def test_a_share_for_one_task_never_reaches_a_later_task_of_the_pod(make_executo
     # Pod B's next task is another task: the share for task 1 is not its to see.
     later = run("task-2", "pod-b", mode="get", timeout=3)
     assert later.status is Status.OK, later.error
-    assert later.result == {"error": ["MailboxTimeout", ""]}
+    assert later.result == {"error": ["MailboxTimeout", "DEADLINE_EXCEEDED"]}
     # It was there all along, for task 1 on pod B.
     same = run("task-1", "pod-b", mode="get", timeout=30)
     assert same.status is Status.OK, same.error
