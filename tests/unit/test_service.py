@@ -681,17 +681,24 @@ def test_a_flood_is_held_to_a_low_rate_cap(make_session, request):
 
     ok = (grpc.StatusCode.OK, "", False)
     refused = (grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED, True)
+    transport_refused = (grpc.StatusCode.UNAVAILABLE, "REFUSED_STREAM", False)
     counts: Counter[tuple[grpc.StatusCode, str, bool]] = Counter()
     # The bucket holds at most ``burst`` now, so what it can admit from here on
     # is bounded by burst + rate x the time until the last answer.
     started = time.monotonic()
     while counts[refused] < 100 and counts.total() < 2000:
-        # Fewer at once than a connection's stream cap, which would refuse the rest itself.
-        calls = [get_task.future(b"", metadata=auth, timeout=RPC_TIMEOUT) for _ in range(10)]
+        # Well under a connection's stream cap (12), even with the last batch's
+        # streams not yet released on the server side.
+        calls = [get_task.future(b"", metadata=auth, timeout=RPC_TIMEOUT) for _ in range(5)]
         for call in calls:
             error = call.exception()
             if error is None:
                 counts[ok] += 1
+            elif "error code 7" in (error.details() or ""):
+                # REFUSED_STREAM: the connection's stream cap turned the call
+                # away before any handler saw it (a busy parent releases
+                # finished streams late). Neither admitted nor rate-limited.
+                counts[transport_refused] += 1
             else:
                 signalled = any(k == RATE_LIMITED_TRAILER for k, _ in error.trailing_metadata() or ())
                 counts[(error.code(), error.details(), signalled)] += 1
@@ -701,7 +708,8 @@ def test_a_flood_is_held_to_a_low_rate_cap(make_session, request):
     assert 0 < admitted <= burst + rate_per_s * elapsed, (counts, elapsed)
     # Every refusal carries the signal the runtime backs off on (the contract's trailer).
     assert counts[refused] >= 100, counts
-    assert set(counts) == {ok, refused}, counts
+    assert set(counts) <= {ok, refused, transport_refused}, counts
+    assert counts[transport_refused] < counts[refused], counts
     assert not kit.session.finished.is_set()  # refused, not yet ended for abuse
 
 
