@@ -1,4 +1,4 @@
-"""Typed events of a task, for the CLI's display, the caller's callbacks and hooks."""
+"""Typed events of a task: progress and finish for display and hooks, controls for the sandbox."""
 
 from __future__ import annotations
 
@@ -17,6 +17,22 @@ class ProgressKind(enum.StrEnum):
     EPOCH_START = "EPOCH_START"
     EPOCH_END = "EPOCH_END"
     STEP = "STEP"
+
+
+class ControlKind(enum.StrEnum):
+    """What the parent tells the sandbox down the heartbeat stream (``executor.v1.Control.Kind``)."""
+
+    MODELLER_READY = "MODELLER_READY"
+    CANCEL = "CANCEL"
+    BEAT_SEEN = "BEAT_SEEN"
+
+
+@dataclass(frozen=True)
+class Control:
+    """A control message queued for the sandbox; :mod:`executor.serde` makes the protobuf."""
+
+    kind: ControlKind
+    reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from executor import serde
 from executor.backends import ContainerBackend
 from executor.bundle import check_protocol_dir, copy_bundle
 from executor.errors import ConfigurationError, DataSourceError, HostError
-from executor.events import ProgressUpdate
+from executor.events import ControlKind, ProgressUpdate
 from executor.launch import container_spec
 from executor.lifeline import Lifeline
 from executor.mailbox.broker import MailboxBroker
@@ -242,7 +242,7 @@ class Executor:
                 broker.close()  # its spool and channel, before the error goes up
                 raise
             server.start()
-            broker.watch_ready(lambda: session.send_control("MODELLER_READY"))
+            broker.watch_ready(lambda: session.send_control(ControlKind.MODELLER_READY))
             lifeline: Lifeline | None = None
             try:
                 # Held for the task's life: when this process goes, so does the sandbox.

@@ -1,8 +1,9 @@
 """Domain <-> protobuf, once per boundary: the task's configuration and every RPC's payload.
 
 The servicer calls these and the session; nothing else on the parent side
-reads or builds a sandbox message. Enums become :class:`~executor.outcome.Status`
-and :class:`~executor.events.ProgressKind` here and stay enums until printed.
+reads or builds a sandbox message. Enums become :class:`~executor.outcome.Status`,
+:class:`~executor.events.ProgressKind` and :class:`~executor.events.ControlKind`
+here and stay enums until printed.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from executor.bundle import ENTRY_MODULE
-from executor.events import ProgressKind, ProgressUpdate
+from executor.events import Control, ProgressKind, ProgressUpdate
 from executor.launch import SANDBOX_DATA, SANDBOX_PROTOCOL
 from executor.outcome import Status
 from executor.rpc.session import RequestRejected
@@ -63,6 +64,11 @@ def task_config(
         chunk_bytes=CHUNK_BYTES,
         secrets=secrets,
     )
+
+
+def control_message(control: Control) -> pb.Control:
+    """A queued control as the message the heartbeat stream sends."""
+    return pb.Control(kind=control.kind.value, reason=control.reason)
 
 
 def message_type(value: int) -> str:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from executor.backends import ContainerBackend, ContainerSpec, ExitInfo
 from executor.errors import BackendError, SandboxExecutorError
-from executor.events import FinishReport
+from executor.events import ControlKind, FinishReport
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.rpc.session import TaskSession
@@ -221,7 +221,7 @@ class Supervisor:
         return None
 
     def _cancel(self, cid: str, exit_box: list[ExitInfo | BaseException]) -> _Verdict:
-        self.session.send_control("CANCEL", "cancelled by the operator")
+        self.session.send_control(ControlKind.CANCEL, "cancelled by the operator")
         if _wait_for(lambda: bool(exit_box) or self.session.finished.is_set(), CANCEL_GRACE_S):
             how = "it stopped within the grace period"
         else:
@@ -247,7 +247,7 @@ class Supervisor:
 
     def _from_report(self, report: FinishReport) -> tuple[Outcome, str]:
         self.timings.update(report.timings)
-        if report.status == "OK":
+        if report.status is Status.OK:
             return self._outcome(Status.OK, report.result), ""
         if self.cancel is not None and self.cancel.is_set():
             return self._outcome(
@@ -257,7 +257,7 @@ class Supervisor:
                 ),
             ), REASON_CANCELLED
         error = ErrorDetail(report.error_type or "Error", report.error_message, report.traceback)
-        if report.status == "ABORT":
+        if report.status is Status.ABORT:
             return self._outcome(Status.ABORT, error=error), REASON_ABORTED
         return self._outcome(Status.ERROR, error=error), REASON_PROTOCOL_ERROR
 

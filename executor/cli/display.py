@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.text import Text
 
 from executor.cli.terminal import printable
-from executor.events import ProgressUpdate
+from executor.events import ProgressKind, ProgressUpdate
 from executor.outcome import Outcome
 
 MAX_INFO_SHOWN = 60
@@ -62,19 +62,23 @@ class ProgressDisplay:
         if not self._started:
             self._started = True
             p.start()
-        if event.kind in ("EPOCH_START", "EPOCH_END") and event.max_epochs:
+        if event.kind in (ProgressKind.EPOCH_START, ProgressKind.EPOCH_END) and event.max_epochs:
             if self._epochs is None:
                 self._epochs = p.add_task("epochs", total=event.max_epochs, info="")
-            done = event.current_epoch if event.kind == "EPOCH_END" else max(0, event.current_epoch - 1)
+            done = (
+                event.current_epoch
+                if event.kind is ProgressKind.EPOCH_END
+                else max(0, event.current_epoch - 1)
+            )
             p.update(self._epochs, total=event.max_epochs, completed=done)
-        elif event.kind == "STEP":
+        elif event.kind is ProgressKind.STEP:
             total = event.total or None
             if self._steps is None:
                 self._steps = p.add_task("steps", total=total, info="")
             p.update(
                 self._steps, total=total, completed=event.current, info=printable(event.info[:MAX_INFO_SHOWN])
             )
-        elif event.kind == "RUN_END" and self._steps is not None:
+        elif event.kind is ProgressKind.RUN_END and self._steps is not None:
             task = p.tasks[self._steps]
             if task.total is not None:
                 p.update(self._steps, completed=task.total)

@@ -106,8 +106,7 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                 continue
             if item is None:
                 break
-            kind, reason = item
-            yield pb.Control(kind=kind, reason=reason)
+            yield serde.control_message(item)
 
     @_rpc_errors
     def SendMessage(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from executor.events import FinishReport, ProgressKind, ProgressUpdate
+from executor.events import Control, ControlKind, FinishReport, ProgressKind, ProgressUpdate
 from executor.fileoutcomes import FILE_KINDS, FileLedger, FileLimitError
 from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
 from executor.mailbox.crypto import DecryptionError
@@ -191,7 +191,7 @@ class TaskSession:
         self.finish: FinishReport | None = None
         self.finished = threading.Event()
         self.beat_stats = BeatStats()
-        self.controls: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self.controls: queue.Queue[Control | None] = queue.Queue()
         self.closed = threading.Event()
 
     # -- configuration -------------------------------------------------
@@ -225,7 +225,7 @@ class TaskSession:
             s.mailbox_ops = mailbox_ops
             s.main_thread_moved = main_thread_moved
             if s.beats == 1:
-                self.controls.put(("BEAT_SEEN", ""))
+                self.controls.put(Control(ControlKind.BEAT_SEEN))
 
     def end_for_abuse(self, error_type: str, reason: str) -> bool:
         """End the task from the parent's side, as an error; ``False`` if it had already finished.
@@ -242,9 +242,9 @@ class TaskSession:
             self._on_finish()
         return True
 
-    def send_control(self, kind: str, reason: str = "") -> None:
+    def send_control(self, kind: ControlKind, reason: str = "") -> None:
         """Queue a control message down the heartbeat stream."""
-        self.controls.put((kind, reason))
+        self.controls.put(Control(kind, reason))
 
     # -- mailbox -------------------------------------------------------
     def send_message(self, message_type: str, declared_size: int, chunks: Iterator[bytes]) -> None:

@@ -372,15 +372,17 @@ def test_print_outcome_shows_hostile_text_inert(status):
 
 def test_progress_display_shows_hostile_info_inert():
     from executor.cli.display import ProgressDisplay
-    from executor.events import ProgressUpdate
+    from executor.events import ProgressKind, ProgressUpdate
 
     console = _plain_console()
     with ProgressDisplay(console) as display:
-        display.update(ProgressUpdate("RUN_START"))
+        display.update(ProgressUpdate(ProgressKind.RUN_START))
         for n, info in enumerate(HOSTILE, start=1):
-            display.update(ProgressUpdate("STEP", current=n, total=len(HOSTILE), info=info))
-        display.update(ProgressUpdate("STEP", current=len(HOSTILE), total=len(HOSTILE), info="[/] last"))
-        display.update(ProgressUpdate("RUN_END"))
+            display.update(ProgressUpdate(ProgressKind.STEP, current=n, total=len(HOSTILE), info=info))
+        display.update(
+            ProgressUpdate(ProgressKind.STEP, current=len(HOSTILE), total=len(HOSTILE), info="[/] last")
+        )
+        display.update(ProgressUpdate(ProgressKind.RUN_END))
     out = console.file.getvalue()
     assert _unsafe(out) == []
     assert "[/] last" in out

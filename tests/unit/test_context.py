@@ -21,6 +21,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from executor.events import ControlKind
 from executor.mailbox import broker as mailbox_module
 from executor.mailbox.broker import MailboxBroker
 from executor.mailbox.crypto import TaskKeys
@@ -218,7 +219,7 @@ def test_wait_for_modeller_returns_once_the_modeller_is_ready(kit, connect, monk
     exits: list[int] = []
     monkeypatch.setattr(runtime.os, "_exit", exits.append)
     c = connect(kit.session)
-    kit.broker.watch_ready(lambda: kit.session.send_control("MODELLER_READY"))
+    kit.broker.watch_ready(lambda: kit.session.send_control(ControlKind.MODELLER_READY))
     heartbeat = runtime.Heartbeat(c.client, 0.05, [c.ctx])
     heartbeat.start()
     try:

@@ -8,22 +8,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from executor import serde
+from executor.events import Control, ControlKind
 from executor.v1 import sandbox_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
 # Where the parent sends each kind.
 SENDERS = {
-    "BEAT_SEEN": "executor/rpc/session.py",
-    "MODELLER_READY": "executor/runner.py",
-    "CANCEL": "executor/supervisor.py",
+    ControlKind.BEAT_SEEN: "executor/rpc/session.py",
+    ControlKind.MODELLER_READY: "executor/runner.py",
+    ControlKind.CANCEL: "executor/supervisor.py",
 }
 
 
+def test_the_parent_knows_every_control_kind_of_the_proto():
+    assert {k.value for k in ControlKind} == set(pb.Control.Kind.keys()) - {"KIND_UNSPECIFIED"}
+
+
 def test_every_control_kind_has_a_sender_in_the_parent():
-    kinds = set(pb.Control.Kind.keys()) - {"KIND_UNSPECIFIED"}
-    assert kinds == set(SENDERS)
+    assert set(SENDERS) == set(ControlKind)
     for kind, module in SENDERS.items():
-        assert f'"{kind}"' in (REPO / module).read_text(), f"{module} no longer sends {kind}"
+        assert f"ControlKind.{kind.name}" in (REPO / module).read_text(), f"{module} no longer sends {kind}"
+
+
+@pytest.mark.parametrize("kind", list(ControlKind))
+def test_each_control_becomes_its_proto_kind_with_its_reason(kind):
+    message = serde.control_message(Control(kind, "why"))
+    assert pb.Control.Kind.Name(message.kind) == kind.value
+    assert message.reason == "why"
 
 
 def test_shutdown_is_reserved_so_its_number_is_never_reused():

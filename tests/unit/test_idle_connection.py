@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from executor.events import ControlKind
 from executor.rpc import server as rpc_server
 from executor.rpc.server import TaskServer
 from executor.sandbox.contract import TOKEN_METADATA_KEY
@@ -118,7 +119,7 @@ def test_an_open_heartbeat_stream_keeps_its_connection(serve):
         assert next(controls).kind == pb.Control.BEAT_SEEN
         # Many idle limits pass; the stream and its connection stay up.
         assert not s.dropped_within(10 * LOW_IDLE_MS / 1000)
-        s.session.send_control("CANCEL", "still connected?")
+        s.session.send_control(ControlKind.CANCEL, "still connected?")
         assert next(controls).kind == pb.Control.CANCEL
     finally:
         stop.set()

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from executor.events import ControlKind
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.v1 import sandbox_pb2 as pb
@@ -74,7 +75,7 @@ def test_the_protocol_is_not_even_imported_before_the_parent_has_seen_a_beat(
         )
         assert not marker.exists(), "protocol code ran before the parent had seen a beat"
         acknowledge[0] = True
-        session.send_control("BEAT_SEEN")
+        session.send_control(ControlKind.BEAT_SEEN)
         assert proc.wait(30) == 0
         assert marker.exists()
         assert session.finish is not None and session.finish.result == "ran"
@@ -103,7 +104,7 @@ def test_a_modeller_ready_before_the_sandbox_boots_reaches_the_protocol(
     )
     kit = make_session(config=config)
     session = kit.session
-    kit.broker.watch_ready(lambda: session.send_control("MODELLER_READY"))
+    kit.broker.watch_ready(lambda: session.send_control(ControlKind.MODELLER_READY))
     kit.modeller.ready(kit.task_id)
     # The control is queued before the runtime exists, so it comes down the
     # heartbeat stream before the protocol's context is made.

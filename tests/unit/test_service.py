@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from executor.events import ControlKind
 from executor.rpc.auth import METHOD_POLICY, TokenAuthInterceptor
 from executor.rpc.server import TaskServer
 from executor.rpc.session import RequestRejected, TaskSession
@@ -343,7 +344,7 @@ def test_heartbeat_records_beats_and_delivers_controls(served):
         assert (stats.progress_events, stats.mailbox_ops, stats.main_thread_moved) == (4, 6, False)
         # The first beat is acknowledged, so the sandbox may start protocol code.
         assert next(responses).kind == pb.Control.BEAT_SEEN
-        served.session.send_control("MODELLER_READY", "the modeller is up")
+        served.session.send_control(ControlKind.MODELLER_READY, "the modeller is up")
         control = next(responses)
         assert control.kind == pb.Control.MODELLER_READY
         assert control.reason == "the modeller is up"

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from executor.events import ProgressKind
 from executor.mailbox.transport import Envelope
 from executor.rpc.session import (
     MAX_INFO_CHARS,
@@ -211,7 +212,7 @@ def test_too_many_concurrent_receives(make_session):
 # -- progress ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["RUN_START", "RUN_END", "EPOCH_START", "EPOCH_END", "STEP"])
+@pytest.mark.parametrize("kind", list(ProgressKind))
 def test_progress_kinds_reach_the_listener(make_session, kind):
     kit = make_session()
     update = ProgressUpdate(kind, current_epoch=1, max_epochs=3, current=5, total=10, info="loss 0.3")
@@ -228,11 +229,11 @@ def test_unknown_progress_kinds_are_refused(make_session, kind):
 
 def test_progress_info_is_capped(make_session):
     kit = make_session()
-    kit.session.report_progress(ProgressUpdate("STEP", info="i" * MAX_INFO_CHARS))
+    kit.session.report_progress(ProgressUpdate(ProgressKind.STEP, info="i" * MAX_INFO_CHARS))
     _rejected(
         "INVALID_ARGUMENT",
         kit.session.report_progress,
-        ProgressUpdate("STEP", info="i" * (MAX_INFO_CHARS + 1)),
+        ProgressUpdate(ProgressKind.STEP, info="i" * (MAX_INFO_CHARS + 1)),
     )
     assert len(kit.progress) == 1
 
@@ -242,9 +243,9 @@ def test_a_failing_progress_listener_does_not_fail_the_call(make_session, caplog
         raise RuntimeError("display crashed")
 
     kit = make_session(on_progress=broken)
-    kit.session.report_progress(ProgressUpdate("RUN_START"))
-    kit.session.report_progress(ProgressUpdate("RUN_END"))
-    assert [u.kind for u in kit.progress] == ["RUN_START", "RUN_END"]
+    kit.session.report_progress(ProgressUpdate(ProgressKind.RUN_START))
+    kit.session.report_progress(ProgressUpdate(ProgressKind.RUN_END))
+    assert [u.kind for u in kit.progress] == [ProgressKind.RUN_START, ProgressKind.RUN_END]
     assert "progress listener failed" in caplog.text
 
 
@@ -429,7 +430,9 @@ def test_error_text_with_a_lone_surrogate_is_refused(make_session, field):
 
 def test_progress_info_with_a_lone_surrogate_is_refused(make_session):
     kit = make_session()
-    _rejected("INVALID_ARGUMENT", kit.session.report_progress, ProgressUpdate("STEP", info="\ud800"))
+    _rejected(
+        "INVALID_ARGUMENT", kit.session.report_progress, ProgressUpdate(ProgressKind.STEP, info="\ud800")
+    )
     assert kit.progress == []
 
 

@@ -18,6 +18,7 @@ import pytest
 from executor import supervisor as supervisor_module
 from executor.backends import ContainerSpec
 from executor.errors import ContainerError, EngineUnavailableError
+from executor.events import Control, ControlKind
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.rpc.session import TaskSession
@@ -328,7 +329,7 @@ def _cancelled(session: TaskSession, cancel: threading.Event) -> Callable[[FakeC
     def obey(container: FakeContainer) -> None:
         _boot(session)(container)
         cancel.set()
-        assert _controls_until(session, "CANCEL", container)
+        assert _controls_until(session, ControlKind.CANCEL, container)
 
     return then(obey, exits(130))
 
@@ -396,14 +397,14 @@ def test_a_protocol_that_sent_its_own_abort_is_not_contradicted(make_session):
 # -- cancel ----------------------------------------------------------------------------
 
 
-def _controls_until(session: TaskSession, kind: str, container: FakeContainer) -> bool:
+def _controls_until(session: TaskSession, kind: ControlKind, container: FakeContainer) -> bool:
     """Read controls as the heartbeat stream would, until ``kind`` comes (or the container is killed)."""
     while not container.wait_killed(0):
         try:
             item = session.controls.get(timeout=0.05)
         except queue.Empty:
             continue
-        if item is not None and item[0] == kind:
+        if item is not None and item.kind is kind:
             return True
     return False
 
@@ -415,7 +416,7 @@ def test_a_cancel_the_sandbox_obeys_is_cancelled_without_a_kill(make_session):
     def obey(container: FakeContainer) -> None:
         _boot(session)(container)
         cancel.set()
-        assert _controls_until(session, "CANCEL", container)
+        assert _controls_until(session, ControlKind.CANCEL, container)
 
     backend = FakeBackend(then(obey, exits(130)))
     outcome = _supervise(session, backend, PATIENT, cancel=cancel)
@@ -489,7 +490,7 @@ def test_the_first_beat_is_acknowledged_once(make_session):
     controls = []
     while not session.controls.empty():
         controls.append(session.controls.get_nowait())
-    assert controls == [("BEAT_SEEN", "")]
+    assert controls == [Control(ControlKind.BEAT_SEEN)]
 
 
 def test_the_boot_phase_is_timed_once_the_config_is_fetched(make_session):
