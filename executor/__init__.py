@@ -39,12 +39,14 @@ if TYPE_CHECKING:
     from executor.policy import IsolationPolicy
     from executor.policy_file import PolicySet, load_policy_file
     from executor.runner import Executor
-    from executor.spec import TaskSpec
+    from executor.spec import InferenceLimits, TaskFlags, TaskSpec
     from executor.testing import InMemoryTransport, LocalModeller
 
 _LAZY: dict[str, str] = {
     "Executor": "executor.runner",
     "TaskSpec": "executor.spec",
+    "TaskFlags": "executor.spec",
+    "InferenceLimits": "executor.spec",
     "Outcome": "executor.outcome",
     "Status": "executor.outcome",
     "ErrorDetail": "executor.outcome",
@@ -93,6 +95,7 @@ __all__ = [
     "HostError",
     "ImageNotFoundError",
     "InMemoryTransport",
+    "InferenceLimits",
     "IsolationPolicy",
     "LimitError",
     "LocalModeller",
@@ -105,6 +108,7 @@ __all__ = [
     "Route",
     "SandboxExecutorError",
     "Status",
+    "TaskFlags",
     "TaskKeys",
     "TaskSpec",
     "Transport",

@@ -44,13 +44,13 @@ def task_config(
         serialized_protocol=spec.serialized_protocol,
         parameters_json=json.dumps(spec.parameters),
         flags=pb.Flags(
-            batched_execution=spec.batched_execution,
-            test_run=spec.test_run,
-            run_on_new_data_only=spec.run_on_new_data_only,
-            force_rerun_failed_files=spec.force_rerun_failed_files,
+            batched_execution=spec.flags.batched_execution,
+            test_run=spec.flags.test_run,
+            run_on_new_data_only=spec.flags.run_on_new_data_only,
+            force_rerun_failed_files=spec.flags.force_rerun_failed_files,
         ),
         inference_limits=pb.InferenceLimits(
-            max_files=spec.max_inference_files, max_batches=spec.max_inference_batches
+            max_files=spec.inference_limits.max_files, max_batches=spec.inference_limits.max_batches
         ),
         model_urls=dict(spec.model_urls),
         task_hash=spec.task_hash,

@@ -1,4 +1,4 @@
-"""What a task is, as the pod orchestrator describes it: :class:`TaskSpec`."""
+"""What a task is, as the pod orchestrator describes it: :class:`TaskSpec` and its groups."""
 
 from __future__ import annotations
 
@@ -12,6 +12,37 @@ from executor.errors import ConfigurationError
 from executor.mailbox.crypto import TaskKeys
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_UINT64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class TaskFlags:
+    """How the protocol should run over the data (``executor.v1.Flags``)."""
+
+    batched_execution: bool = False
+    test_run: bool = False
+    run_on_new_data_only: bool = False
+    force_rerun_failed_files: bool = False
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"flags.{name}: expected true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class InferenceLimits:
+    """Caps on what an inference run reads (``executor.v1.InferenceLimits``); 0 means no limit."""
+
+    max_files: int = 0
+    max_batches: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _UINT64_MAX:
+                raise ConfigurationError(
+                    f"inference_limits.{name}: expected a whole number from 0 (no limit), got {value!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -36,18 +67,20 @@ class TaskSpec:
     datasource_name: str = ""
     schema: dict[str, Any] = field(default_factory=dict)
     serialized_protocol: bytes = b""
-    batched_execution: bool = False
-    test_run: bool = False
-    run_on_new_data_only: bool = False
-    force_rerun_failed_files: bool = False
-    max_inference_files: int = 0
-    max_inference_batches: int = 0
+    flags: TaskFlags = TaskFlags()
+    inference_limits: InferenceLimits = InferenceLimits()
     model_urls: dict[str, str] = field(default_factory=dict)
     task_hash: str = ""
     username: str = ""
     keys: TaskKeys | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.flags, TaskFlags):
+            raise ConfigurationError(f"flags: expected a TaskFlags, got {type(self.flags).__name__}")
+        if not isinstance(self.inference_limits, InferenceLimits):
+            raise ConfigurationError(
+                f"inference_limits: expected an InferenceLimits, got {type(self.inference_limits).__name__}"
+            )
         for name in ("project_id", "task_id"):
             value = getattr(self, name)
             if value is not None and not _ID_RE.fullmatch(value):

@@ -13,7 +13,7 @@ from executor.errors import ImageNotFoundError
 from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
-from executor.spec import TaskSpec
+from executor.spec import TaskFlags, TaskSpec
 
 from ..conftest import PROTOCOLS
 
@@ -33,7 +33,7 @@ def test_protocol_result_mailbox_and_progress_travel_over_grpc(make_executor, mo
         task_id="task-echo-1",
         parameters={"lr": 0.1, "rounds": 3},
         schema={"fields": ["id", "value"]},
-        test_run=True,
+        flags=TaskFlags(test_run=True),
         keys=keys,
     )
     modeller.send("task-echo-1", "MODELLER_RESPONSE", b"hello from the modeller")

@@ -15,6 +15,8 @@ import executor.errors
 PUBLIC = {
     "Executor": "executor.runner",
     "TaskSpec": "executor.spec",
+    "TaskFlags": "executor.spec",
+    "InferenceLimits": "executor.spec",
     "Outcome": "executor.outcome",
     "Status": "executor.outcome",
     "ErrorDetail": "executor.outcome",

@@ -15,7 +15,7 @@ from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.rpc.session import RequestRejected
 from executor.sandbox.contract import CHUNK_BYTES
-from executor.spec import TaskSpec
+from executor.spec import InferenceLimits, TaskFlags, TaskSpec
 from executor.v1 import sandbox_pb2 as pb
 
 
@@ -25,16 +25,16 @@ def test_the_task_config_carries_sandbox_paths_and_no_keys(tmp_path):
         data_dir=tmp_path / "data",
         project_id="p",
         parameters={"a": 1},
-        test_run=True,
-        max_inference_batches=3,
+        flags=TaskFlags(test_run=True, force_rerun_failed_files=True),
+        inference_limits=InferenceLimits(max_files=7, max_batches=3),
         keys=TaskKeys.generate(),
     )
     bundle = Bundle(path=tmp_path / "bundle", sha256="ab" * 32, size=1, files=1)
     config = serde.task_config(spec, "t-1", bundle, IsolationPolicy.hardened(), {"s": "v"})
     assert (config.task_id, config.project_id, config.parameters_json) == ("t-1", "p", '{"a": 1}')
     assert (config.data_path, config.protocol_path) == (SANDBOX_DATA, SANDBOX_PROTOCOL)
-    assert config.flags.test_run and not config.flags.batched_execution
-    assert config.inference_limits.max_batches == 3
+    assert config.flags == pb.Flags(test_run=True, force_rerun_failed_files=True)
+    assert config.inference_limits == pb.InferenceLimits(max_files=7, max_batches=3)
     assert config.chunk_bytes == CHUNK_BYTES
     assert dict(config.secrets) == {"s": "v"}
     assert str(tmp_path) not in str(config)
