@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from executor.backends import LABEL_PARENT, ContainerBackend
+from executor.errors import HostError
 from executor.mailbox.transport import SPOOL_OWNER
 from executor.taskdir import OWNER_NAME, remove_tree
 
@@ -86,6 +87,10 @@ def reap(
         spool_dir: The base of mailbox spools.
         everything: Remove every managed container and task directory, even of
             live instances. For an operator who knows no executor is running.
+
+    Raises:
+        BackendError: The engine could not list or remove containers.
+        HostError: The host refused to list the run or spool directory.
     """
     report = ReapReport()
     for container_id, labels in backend.list_managed():
@@ -93,32 +98,30 @@ def reap(
         if everything or not instance_alive(owner):
             backend.remove(container_id)
             report.containers.append(container_id)
-    if run_dir.is_dir():
-        for task_dir in run_dir.iterdir():
-            try:
-                owner = (task_dir / OWNER_NAME).read_text().strip()
-            except OSError:
-                # Being made by a live executor this instant: not yet labelled.
-                if not everything and _age_s(task_dir) < UNLABELLED_GRACE_S:
-                    continue
-                owner = ""
-            if everything or not instance_alive(owner):
-                remove_tree(task_dir)
-                report.task_dirs.append(str(task_dir))
-    if spool_dir.is_dir():
-        # Spools name their owner themselves: executors with other run
-        # directories may share the spool directory.
-        for spool in spool_dir.iterdir():
-            try:
-                owner = (spool / SPOOL_OWNER).read_text().strip()
-            except OSError:
-                # Made a moment ago and not yet labelled: leave it to a later reap.
-                if not everything and _age_s(spool) < UNLABELLED_GRACE_S:
-                    continue
-                owner = ""
-            if everything or not instance_alive(owner):
-                shutil.rmtree(spool, ignore_errors=True)
-                report.spools.append(str(spool))
+    for task_dir in _entries(run_dir, "task directories"):
+        try:
+            owner = (task_dir / OWNER_NAME).read_text().strip()
+        except OSError:
+            # Being made by a live executor this instant: not yet labelled.
+            if not everything and _age_s(task_dir) < UNLABELLED_GRACE_S:
+                continue
+            owner = ""
+        if everything or not instance_alive(owner):
+            remove_tree(task_dir)
+            report.task_dirs.append(str(task_dir))
+    # Spools name their owner themselves: executors with other run
+    # directories may share the spool directory.
+    for spool in _entries(spool_dir, "mailbox spools"):
+        try:
+            owner = (spool / SPOOL_OWNER).read_text().strip()
+        except OSError:
+            # Made a moment ago and not yet labelled: leave it to a later reap.
+            if not everything and _age_s(spool) < UNLABELLED_GRACE_S:
+                continue
+            owner = ""
+        if everything or not instance_alive(owner):
+            shutil.rmtree(spool, ignore_errors=True)
+            report.spools.append(str(spool))
     if report.total:
         log.info(
             "reaped %d container(s), %d task dir(s), %d spool(s) left by dead executors",
@@ -127,3 +130,17 @@ def reap(
             len(report.spools),
         )
     return report
+
+
+def _entries(base: Path, what: str) -> list[Path]:
+    """What ``base`` holds; nothing if it is not a directory (yet).
+
+    Raises:
+        HostError: The host refused to list it.
+    """
+    if not base.is_dir():
+        return []
+    try:
+        return list(base.iterdir())
+    except OSError as exc:
+        raise HostError.from_os_error(f"list {what} in", base, exc) from exc

@@ -159,6 +159,10 @@ class Executor:
         """Remove containers, task directories and spools of dead executors.
 
         Runs once by itself before this executor's first task.
+
+        Raises:
+            BackendError: The engine could not list or remove containers.
+            HostError: The host refused to list the run or spool directory.
         """
         return reap(self.backend, self.run_dir, self.spool_dir, everything=everything)
 
@@ -186,7 +190,8 @@ class Executor:
             CapacityError: Every sandbox uid of the policy's range is held by
                 a live task; nothing was started.
             HostError: The host refused the task directory, the mailbox
-                spool or a socket; what was made is removed.
+                spool, a socket, the uid lock directory, or listing the run
+                or spool directory for leftovers; what was made is removed.
         """
         started = time.monotonic()
         policy = self.policy_for(spec.project_id)

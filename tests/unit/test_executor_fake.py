@@ -368,3 +368,44 @@ def test_a_task_after_a_failed_one_gets_the_uid_back(kit, make_protocol, data):
     outcome = ex.run(spec)
     assert outcome.status is Status.ERROR  # exits(0) reports nothing
     assert outcome.error is not None and outcome.error.type == "ContainerExited"
+
+
+# -- the host refusing what the executor needs before a task --------------------------------
+
+
+def test_a_uid_lock_directory_the_host_refuses_is_a_host_error_naming_it(kit, make_protocol, data, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the uid locks should go")
+    backend = FakeBackend(exits(0))
+    ex = Executor(
+        backend, policy=POLICY, run_dir=kit.run_dir, spool_dir=kit.spool_dir, uid_dir=blocker / "uids"
+    )
+    kit.executors.append(ex)
+    with pytest.raises(HostError) as info:
+        ex.run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
+    message = str(info.value)
+    assert message.startswith(f"cannot make the uid lock directory {blocker / 'uids'}: ")
+    assert "\n" not in message and info.value.path == str(blocker / "uids")
+    assert backend.containers == {}
+
+
+def test_a_run_directory_the_host_will_not_list_is_a_host_error_naming_it(
+    kit, make_protocol, data, monkeypatch
+):
+    # As root (where these tests run) a mode cannot refuse the listing, so the
+    # refusal a non-root parent meets on a 0o300 run directory is scripted.
+    real_iterdir = Path.iterdir
+
+    def refusing_iterdir(self: Path) -> Iterator[Path]:
+        if self == kit.run_dir:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refusing_iterdir)
+    backend = FakeBackend(exits(0))
+    ex = kit.executor(backend)
+    with pytest.raises(HostError) as info:
+        ex.run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
+    assert str(info.value) == f"cannot list task directories in {kit.run_dir}: Permission denied"
+    assert backend.containers == {}
+    monkeypatch.undo()  # the fixture's own checks list the run directory
