@@ -72,16 +72,23 @@ def rapid_reset(
     Reads what the server sends (acknowledging its SETTINGS), stops early if
     the server ends the connection, and at the end waits for a PING's answer
     so that the server has read everything sent.
+
+    Only this thread writes. The reader never waits on a write: if it did,
+    it would stop reading while a large batch is being written, the server
+    (whose replies then pile up unread) would stop reading in turn, and both
+    ends would wait on each other for ever.
     """
     out = ResetOutcome()
-    lock = threading.Lock()
+    acks_due: list[int] = []  # SETTINGS frames the reader saw, for this thread to acknowledge
     pong = threading.Event()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(socket_path)
 
     def send(data: bytes) -> None:
-        with lock:
-            s.sendall(data)
+        while acks_due:
+            acks_due.pop()
+            data = frame(SETTINGS, ACK, 0) + data
+        s.sendall(data)
 
     def read() -> None:
         buf = b""
@@ -99,7 +106,7 @@ def rapid_reset(
                     if kind == GOAWAY:
                         out.goaway = True
                     elif kind == SETTINGS and not flags & ACK:
-                        send(frame(SETTINGS, ACK, 0))
+                        acks_due.append(1)
                     elif kind == PING and flags & ACK:
                         pong.set()
                     buf = buf[9 + length :]
