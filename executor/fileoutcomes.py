@@ -9,6 +9,8 @@ many failures the JSON lists one by one. Counts always stay exact.
 
 from __future__ import annotations
 
+import enum
+
 from executor.errors import FileLimitError as FileLimitError
 
 # Per call (the wire contract, which the sandbox truncates to): file outcomes
@@ -17,8 +19,15 @@ from executor.sandbox.contract import MAX_FILE_NAME_CHARS as MAX_FILE_NAME_CHARS
 from executor.sandbox.contract import MAX_FILE_REASON_CHARS as MAX_FILE_REASON_CHARS
 from executor.sandbox.contract import MAX_FILES_PER_CALL as MAX_FILES_PER_CALL
 
-FILE_KINDS = frozenset({"PROCESSED", "FAILED"})
 
+class FileKind(enum.StrEnum):
+    """How a protocol says one datasource file went (``executor.v1.FileOutcome.Kind``)."""
+
+    PROCESSED = "PROCESSED"
+    FAILED = "FAILED"
+
+
+FILE_KINDS = frozenset(FileKind)
 MAX_FILES_PER_TASK = 100_000
 """Distinct files one task may report; reports beyond are refused."""
 MAX_FILE_NAME_CHARS_PER_TASK = 16 * 1024 * 1024
@@ -39,12 +48,12 @@ class FileLedger:
     """
 
     def __init__(self) -> None:
-        self._files: dict[str, tuple[str, str]] = {}
+        self._files: dict[str, tuple[FileKind, str]] = {}
         self._name_chars = 0
         self.reason_chars = 0
         self.reasons_dropped = 0
 
-    def record(self, outcomes: list[tuple[str, str, str]]) -> None:
+    def record(self, outcomes: list[tuple[str, FileKind, str]]) -> None:
         """Record checked ``(name, kind, reason)`` triples; a later report of a name wins.
 
         Raises:
@@ -71,7 +80,7 @@ class FileLedger:
                 self.reason_chars += len(reason)
             self._files[name] = (kind, reason)
 
-    def snapshot(self) -> dict[str, tuple[str, str]]:
+    def snapshot(self) -> dict[str, tuple[FileKind, str]]:
         """A copy of what is recorded: name -> (kind, reason)."""
         return dict(self._files)
 

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from executor.fileoutcomes import MAX_FAILED_FILES_IN_JSON
+from executor.fileoutcomes import MAX_FAILED_FILES_IN_JSON, FileKind
 
 
 class Status(enum.StrEnum):
@@ -80,7 +80,7 @@ class Outcome:
             ``config``, ``load``, ``run``, ``total``); phases not reached are absent.
         error: Why it did not end OK.
         files: Per-file outcomes the protocol reported: datasource-relative
-            name -> ``("PROCESSED" | "FAILED", reason)``.
+            name -> ``(FileKind, reason)``.
     """
 
     task_id: str
@@ -89,7 +89,7 @@ class Outcome:
     runtime: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     error: ErrorDetail | None = None
-    files: dict[str, tuple[str, str]] = field(default_factory=dict)
+    files: dict[str, tuple[FileKind, str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -112,7 +112,7 @@ class Outcome:
         return out
 
 
-def _files_to_dict(files: dict[str, tuple[str, str]]) -> dict[str, Any]:
+def _files_to_dict(files: dict[str, tuple[FileKind, str]]) -> dict[str, Any]:
     """Counts always; failed files with reasons up to a cap, the rest counted.
 
     ``failed_total`` and ``failed_truncated`` appear only when the list was cut,
@@ -121,7 +121,7 @@ def _files_to_dict(files: dict[str, tuple[str, str]]) -> dict[str, Any]:
     failed: dict[str, str] = {}
     failed_total = 0
     for name, (kind, reason) in files.items():
-        if kind == "FAILED":
+        if kind == FileKind.FAILED:
             failed_total += 1
             if failed_total <= MAX_FAILED_FILES_IN_JSON:
                 failed[name] = reason

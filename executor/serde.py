@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from executor.bundle import ENTRY_MODULE
 from executor.events import Control, ProgressKind, ProgressUpdate
+from executor.fileoutcomes import FileKind
 from executor.launch import SANDBOX_DATA, SANDBOX_PROTOCOL
 from executor.outcome import Status
 from executor.rpc.session import RequestRejected
@@ -96,9 +97,16 @@ def progress_update(event: pb.ProgressEvent) -> ProgressUpdate:
     )
 
 
-def file_outcomes(request: pb.FileOutcomes) -> list[tuple[str, str, str]]:
-    """(name, kind, reason) per reported file; the session checks each."""
-    return [(f.name, _enum_name(pb.FileOutcome.Kind, f.kind), f.reason) for f in request.files]
+def file_outcomes(request: pb.FileOutcomes) -> list[tuple[str, FileKind, str]]:
+    """(name, kind, reason) per reported file; the session checks names and reasons.
+
+    Raises:
+        RequestRejected: A kind is not PROCESSED or FAILED.
+    """
+    try:
+        return [(f.name, FileKind(_enum_name(pb.FileOutcome.Kind, f.kind)), f.reason) for f in request.files]
+    except ValueError:
+        raise RequestRejected("INVALID_ARGUMENT", "file outcome must be PROCESSED or FAILED") from None
 
 
 class FinishFields(TypedDict):

@@ -18,6 +18,7 @@ from rich.text import Text
 
 from executor.cli.terminal import printable
 from executor.events import ProgressKind, ProgressUpdate
+from executor.fileoutcomes import FileKind
 from executor.outcome import Outcome
 
 MAX_INFO_SHOWN = 60
@@ -109,8 +110,8 @@ def print_outcome(outcome: Outcome, console: Console | None = None) -> None:
         out.print(Text(f"timings: {phases}", style="dim"))
 
 
-def _print_files(out: Console, files: dict[str, tuple[str, str]]) -> None:
-    failed = [(name, reason) for name, (kind, reason) in files.items() if kind == "FAILED"]
+def _print_files(out: Console, files: dict[str, tuple[FileKind, str]]) -> None:
+    failed = [(name, reason) for name, (kind, reason) in files.items() if kind == FileKind.FAILED]
     out.print(Text(f"files: {len(files) - len(failed)} processed, {len(failed)} failed"))
     for name, reason in failed[:MAX_FAILED_FILES_SHOWN]:
         out.print(Text(f"  {printable(name)}: {printable(reason)}"))

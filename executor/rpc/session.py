@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from executor.events import Control, ControlKind, FinishReport, ProgressKind, ProgressUpdate
-from executor.fileoutcomes import FILE_KINDS, FileLedger, FileLimitError
+from executor.fileoutcomes import FILE_KINDS, FileKind, FileLedger, FileLimitError
 from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
 from executor.mailbox.crypto import DecryptionError
 from executor.mailbox.transport import TransportError
@@ -317,14 +317,15 @@ class TaskSession:
                 self._pending_receives -= 1
 
     # -- per-file outcomes ----------------------------------------------
-    def report_files(self, outcomes: list[tuple[str, str, str]]) -> None:
+    def report_files(self, outcomes: list[tuple[str, FileKind, str]] | list[tuple[str, str, str]]) -> None:
         """Record (name, kind, reason) per datasource file; names are checked strictly."""
         if not 0 < len(outcomes) <= MAX_FILES_PER_CALL:
             raise RequestRejected("INVALID_ARGUMENT", f"expected 1 to {MAX_FILES_PER_CALL} file outcomes")
         checked = []
-        for name, kind, reason in outcomes:
-            if kind not in FILE_KINDS:
+        for name, given, reason in outcomes:
+            if given not in FILE_KINDS:
                 raise RequestRejected("INVALID_ARGUMENT", "file outcome must be PROCESSED or FAILED")
+            kind = FileKind(given)
             if len(reason) > MAX_FILE_REASON_CHARS:
                 raise RequestRejected(
                     "INVALID_ARGUMENT", f"reason exceeds {MAX_FILE_REASON_CHARS} characters"
@@ -361,7 +362,7 @@ class TaskSession:
                 raise RequestRejected("INVALID_ARGUMENT", "file name must name a regular file")
         return name
 
-    def file_outcomes(self) -> dict[str, tuple[str, str]]:
+    def file_outcomes(self) -> dict[str, tuple[FileKind, str]]:
         """A copy of the per-file outcomes reported so far."""
         with self._lock:
             return self._files.snapshot()

@@ -77,3 +77,21 @@ def test_the_container_sees_only_its_mounts_and_is_labelled(tmp_path):
     assert all(m.read_only for m in spec.mounts)
     assert spec.labels["io.sandbox-executor.task-id"] == "t-1"
     assert spec.command[:3] == ["python3", "-m", "executor.sandbox.init"]
+
+
+def test_file_outcome_kinds_become_the_enum_and_unknown_kinds_are_refused():
+    from executor.fileoutcomes import FileKind
+    from executor.rpc.session import RequestRejected
+    from executor.serde import file_outcomes
+
+    request = pb.FileOutcomes(
+        files=[
+            pb.FileOutcome(name="a.csv", kind=pb.FileOutcome.PROCESSED),
+            pb.FileOutcome(name="b.csv", kind=pb.FileOutcome.FAILED, reason="bad row"),
+        ]
+    )
+    converted = file_outcomes(request)
+    assert converted == [("a.csv", FileKind.PROCESSED, ""), ("b.csv", FileKind.FAILED, "bad row")]
+    assert all(type(kind) is FileKind for _, kind, _ in converted)
+    with pytest.raises(RequestRejected, match="PROCESSED or FAILED"):
+        file_outcomes(pb.FileOutcomes(files=[pb.FileOutcome(name="c.csv", kind=999)]))  # type: ignore[arg-type]
