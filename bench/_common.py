@@ -201,7 +201,7 @@ class Workspace:
                     spools of live executors with another run_dir (executor/reaper.py:98)
         transport/  the in-memory transport's spool
         modeller/   the local modeller's spool
-        data/       a tiny datasource, 755 with 644 files (the sandbox is uid 10001)
+        data/       a tiny datasource, 755 with 644 files (readable by every sandbox uid)
 
     On exit, even after Ctrl-C or SIGTERM, every running task is cancelled,
     every container carrying the label of an executor made here is removed,
