@@ -133,6 +133,16 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_C
 _CHUNK = 1024 * 1024
 
 
+def _open_at(dir_fd: int, name: str, flags: int, rel: PurePosixPath, kind: str) -> int:
+    """``name`` in ``dir_fd``, opened without following a link swapped in since it was checked."""
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        raise ProtocolBundleError(
+            f"protocol bundle changed during the copy (symlink or not {kind}): {rel}"
+        ) from None
+
+
 class _Copier:
     """Copies one bundle, keeping the totals and digest across directories."""
 
@@ -165,12 +175,7 @@ class _Copier:
             self.dirs += 1
             if self.dirs > MAX_BUNDLE_DIRS:
                 raise ProtocolBundleError(f"protocol bundle has more than {MAX_BUNDLE_DIRS} directories")
-            try:
-                fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-            except OSError:
-                raise ProtocolBundleError(
-                    f"protocol bundle changed during the copy (symlink or not a directory): {rel}"
-                ) from None
+            fd = _open_at(dir_fd, name, _DIR_FLAGS, rel, "a directory")
             try:
                 (self.dest / rel).mkdir(mode=0o755)
                 self.copy_dir(fd, rel)
@@ -181,12 +186,7 @@ class _Copier:
         self.count += 1
         if self.count > MAX_BUNDLE_FILES:
             raise ProtocolBundleError(f"protocol bundle has more than {MAX_BUNDLE_FILES} files")
-        try:
-            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
-        except OSError:
-            raise ProtocolBundleError(
-                f"protocol bundle changed during the copy (symlink or not a regular file): {rel}"
-            ) from None
+        fd = _open_at(dir_fd, name, _FILE_FLAGS, rel, "a regular file")
         try:
             # The descriptor, not the name checked a moment ago, is what gets copied.
             st = os.fstat(fd)

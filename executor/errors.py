@@ -33,6 +33,9 @@ itself may catch is a separate tree, rooted at
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class SandboxExecutorError(Exception):
     """Base of every error this package raises on purpose."""
@@ -80,6 +83,15 @@ class HostError(SandboxExecutorError):
         """``cannot <what> <path>: <reason>`` for an :class:`OSError` met at ``path``."""
         reason = exc.strerror or type(exc).__name__
         return cls(f"cannot {what} {path}: {reason}", path=str(path))
+
+
+@contextlib.contextmanager
+def host_errors(what: str, path: object) -> Iterator[None]:
+    """Turn an :class:`OSError` met doing ``what`` at ``path`` into a one-line :class:`HostError`."""
+    try:
+        yield
+    except OSError as exc:
+        raise HostError.from_os_error(what, path, exc) from exc
 
 
 class BackendError(SandboxExecutorError):

@@ -27,7 +27,6 @@ class FileKind(enum.StrEnum):
     FAILED = "FAILED"
 
 
-FILE_KINDS = frozenset(FileKind)
 MAX_FILES_PER_TASK = 100_000
 """Distinct files one task may report; reports beyond are refused."""
 MAX_FILE_NAME_CHARS_PER_TASK = 16 * 1024 * 1024
@@ -51,7 +50,6 @@ class FileLedger:
         self._files: dict[str, tuple[FileKind, str]] = {}
         self._name_chars = 0
         self.reason_chars = 0
-        self.reasons_dropped = 0
 
     def record(self, outcomes: list[tuple[str, FileKind, str]]) -> None:
         """Record checked ``(name, kind, reason)`` triples; a later report of a name wins.
@@ -75,7 +73,6 @@ class FileLedger:
                 self.reason_chars -= len(old[1])
             if self.reason_chars + len(reason) > MAX_REASON_CHARS_PER_TASK:
                 reason = REASON_DROPPED
-                self.reasons_dropped += 1
             elif reason is not REASON_DROPPED:
                 self.reason_chars += len(reason)
             self._files[name] = (kind, reason)

@@ -71,9 +71,12 @@ class Lifeline:
                 return
         finally:
             # One connection only: nothing else may take the sandbox's place.
-            self._listener.close()
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        self._listener.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
 
     def close(self) -> None:
         """Let go: a sandbox still running stops by itself."""
@@ -85,6 +88,4 @@ class Lifeline:
         if self._thread.is_alive():
             self._thread.join(_ACCEPT_POLL_S * 4)
         else:
-            self._listener.close()
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            self._stop_listening()

@@ -15,11 +15,12 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from executor.backends import LABEL_PARENT, ContainerBackend
-from executor.errors import HostError
+from executor.errors import host_errors
 from executor.mailbox.transport import SPOOL_OWNER
 from executor.taskdir import OWNER_NAME, remove_tree
 
@@ -98,30 +99,12 @@ def reap(
         if everything or not instance_alive(owner):
             backend.remove(container_id)
             report.containers.append(container_id)
-    for task_dir in _entries(run_dir, "task directories"):
-        try:
-            owner = (task_dir / OWNER_NAME).read_text().strip()
-        except OSError:
-            # Being made by a live executor this instant: not yet labelled.
-            if not everything and _age_s(task_dir) < UNLABELLED_GRACE_S:
-                continue
-            owner = ""
-        if everything or not instance_alive(owner):
-            remove_tree(task_dir)
-            report.task_dirs.append(str(task_dir))
+    report.task_dirs = _reap_owned(run_dir, OWNER_NAME, "task directories", remove_tree, everything)
     # Spools name their owner themselves: executors with other run
     # directories may share the spool directory.
-    for spool in _entries(spool_dir, "mailbox spools"):
-        try:
-            owner = (spool / SPOOL_OWNER).read_text().strip()
-        except OSError:
-            # Made a moment ago and not yet labelled: leave it to a later reap.
-            if not everything and _age_s(spool) < UNLABELLED_GRACE_S:
-                continue
-            owner = ""
-        if everything or not instance_alive(owner):
-            shutil.rmtree(spool, ignore_errors=True)
-            report.spools.append(str(spool))
+    report.spools = _reap_owned(
+        spool_dir, SPOOL_OWNER, "mailbox spools", lambda p: shutil.rmtree(p, ignore_errors=True), everything
+    )
     if report.total:
         log.info(
             "reaped %d container(s), %d task dir(s), %d spool(s) left by dead executors",
@@ -132,6 +115,28 @@ def reap(
     return report
 
 
+def _reap_owned(
+    base: Path, owner_file: str, what: str, remove: Callable[[Path], None], everything: bool
+) -> list[str]:
+    """Remove the entries of ``base`` whose ``owner_file`` names a dead executor; their paths.
+
+    An entry without an owner file yet is being made by a live executor this
+    instant: it is left to a later reap until it is :data:`UNLABELLED_GRACE_S` old.
+    """
+    removed = []
+    for entry in _entries(base, what):
+        try:
+            owner = (entry / owner_file).read_text().strip()
+        except OSError:
+            if not everything and _age_s(entry) < UNLABELLED_GRACE_S:
+                continue
+            owner = ""
+        if everything or not instance_alive(owner):
+            remove(entry)
+            removed.append(str(entry))
+    return removed
+
+
 def _entries(base: Path, what: str) -> list[Path]:
     """What ``base`` holds; nothing if it is not a directory (yet).
 
@@ -140,7 +145,5 @@ def _entries(base: Path, what: str) -> list[Path]:
     """
     if not base.is_dir():
         return []
-    try:
+    with host_errors(f"list {what} in", base):
         return list(base.iterdir())
-    except OSError as exc:
-        raise HostError.from_os_error(f"list {what} in", base, exc) from exc

@@ -8,7 +8,6 @@ container, the socket and the directory are removed whatever happened.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -16,13 +15,13 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from executor import serde
 from executor.backends import ContainerBackend
 from executor.bundle import check_protocol_dir, copy_bundle
-from executor.errors import ConfigurationError, DataSourceError, HostError
+from executor.errors import ConfigurationError, DataSourceError, host_errors
 from executor.events import ControlKind, ProgressUpdate
 from executor.launch import container_spec
 from executor.lifeline import Lifeline
@@ -152,7 +151,7 @@ class Executor:
         Raises:
             HostError: The host refused to make it (e.g. the run directory is not writable).
         """
-        with _on_host("make a task directory in", self.run_dir):
+        with host_errors("make a task directory in", self.run_dir):
             return TaskDir(self.run_dir, uid, self.instance_id, sandbox_gid=gid)
 
     def reap(self, *, everything: bool = False) -> ReapReport:
@@ -217,7 +216,7 @@ class Executor:
             spool = self.spool_dir / task_dir.path.name
             channel = self.transport.open(route)
             try:
-                with _on_host("make the mailbox spool", spool):
+                with host_errors("make the mailbox spool", spool):
                     broker = MailboxBroker(
                         route,
                         channel,
@@ -241,7 +240,7 @@ class Executor:
                 data_dir=data_dir,
             )
             try:
-                with _on_host("listen on", task_dir.socket_path):
+                with host_errors("listen on", task_dir.socket_path):
                     server = TaskServer(session, task_dir.token, task_dir.socket_path)
             except BaseException:
                 broker.close()  # its spool and channel, before the error goes up
@@ -251,10 +250,10 @@ class Executor:
             lifeline: Lifeline | None = None
             try:
                 # Held for the task's life: when this process goes, so does the sandbox.
-                with _on_host("listen on", task_dir.lifeline_path):
+                with host_errors("listen on", task_dir.lifeline_path):
                     lifeline = Lifeline(task_dir.lifeline_path)
                 lifeline.start()
-                with _on_host("hand to the sandbox user", task_dir.ipc):
+                with host_errors("hand to the sandbox user", task_dir.ipc):
                     task_dir.grant_to_sandbox()
                 container = container_spec(
                     task_id=task_id,
@@ -283,15 +282,6 @@ class Executor:
                 server.stop()
                 if lifeline is not None:
                     lifeline.close()
-
-
-@contextlib.contextmanager
-def _on_host(what: str, path: Path) -> Iterator[None]:
-    """Turn an :class:`OSError` met doing ``what`` at ``path`` into a one-line :class:`HostError`."""
-    try:
-        yield
-    except OSError as exc:
-        raise HostError.from_os_error(what, path, exc) from exc
 
 
 def resolve_secrets(policy: IsolationPolicy) -> dict[str, str]:

@@ -16,7 +16,7 @@ from executor.events import Control, ProgressKind, ProgressUpdate
 from executor.fileoutcomes import FileKind
 from executor.launch import SANDBOX_DATA, SANDBOX_PROTOCOL
 from executor.outcome import Status
-from executor.rpc.session import RequestRejected
+from executor.rpc.session import FINISH_STATUSES, RequestRejected
 from executor.sandbox.contract import CHUNK_BYTES
 from executor.v1 import sandbox_pb2 as pb
 
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from executor.policy import IsolationPolicy
     from executor.spec import TaskSpec
 
-# The statuses a sandbox may report; the parent sets every other one itself.
-_SANDBOX_STATUSES = {pb.Status.OK: Status.OK, pb.Status.ABORT: Status.ABORT, pb.Status.ERROR: Status.ERROR}
+# The statuses a sandbox may report (the session's list), by their wire value.
+_SANDBOX_STATUSES = {pb.Status.Value(status.value): status for status in FINISH_STATUSES}
 
 
 def task_config(

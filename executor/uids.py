@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
-from executor.errors import CapacityError, HostError
+from executor.errors import CapacityError, host_errors
 from executor.policy import IsolationPolicy
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,8 @@ class UidPool:
             HostError: The host refused the lock directory (a file in the way, no permission).
         """
         uids = policy.uid_range
-        try:
+        with host_errors("make the uid lock directory", self.lock_dir):
             self.lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise HostError.from_os_error("make the uid lock directory", self.lock_dir, exc) from exc
         with self._cursor_lock:
             # Start after the uid handed out last, so a uid just given back is
             # the last to be reused.

@@ -152,8 +152,7 @@ class CallLimiter:
 
     def take(self) -> str | None:
         """Charge one call to the bucket; the reason it is refused, or ``None``."""
-        with self._lock:
-            return None if self._calls.take(1) else self._refuse(RATE_LIMITED)
+        return self.charge(1)
 
     def charge(self, units: float) -> str | None:
         """Charge ``units`` of work inside a call; the reason it is refused, or ``None``."""
@@ -175,10 +174,6 @@ class CallLimiter:
                 return self._refuse(f"at most {cap} {method.rsplit('/', 1)[-1]} call(s) may be open at once")
             self._open[method] = self._open.get(method, 0) + 1
             return None
-
-    def admit(self, method: str) -> str | None:
-        """Charge a call to ``method`` and take its slot; the reason it is refused, or ``None``."""
-        return self.take() or self.open(method)
 
     def release(self, method: str) -> None:
         """Give back the slot of a finished call."""
@@ -203,7 +198,6 @@ class RequestWatch:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.cancelled = 0
 
     def next(
         self,
@@ -252,7 +246,6 @@ class RequestWatch:
                         entry[3] = True
                         self._awaiting += 1
             for context in cancel:
-                self.cancelled += 1
                 context.cancel()
 
     def stop(self) -> None:

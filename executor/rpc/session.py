@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from executor.events import Control, ControlKind, FinishReport, ProgressKind, ProgressUpdate
-from executor.fileoutcomes import FILE_KINDS, FileKind, FileLedger, FileLimitError
+from executor.fileoutcomes import FileKind, FileLedger, FileLimitError
 from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
 from executor.mailbox.crypto import DecryptionError
 from executor.mailbox.transport import TransportError
@@ -232,7 +232,10 @@ class TaskSession:
 
         The sandbox's own result is refused after this, like any second one.
         """
-        report = FinishReport(Status.ERROR, None, error_type, reason)
+        return self._finish_with(FinishReport(Status.ERROR, None, error_type, reason))
+
+    def _finish_with(self, report: FinishReport) -> bool:
+        """Record ``report`` as the task's end and wake the listener; ``False`` if it already ended."""
         with self._lock:
             if self.finish is not None:
                 return False
@@ -323,9 +326,12 @@ class TaskSession:
             raise RequestRejected("INVALID_ARGUMENT", f"expected 1 to {MAX_FILES_PER_CALL} file outcomes")
         checked = []
         for name, given, reason in outcomes:
-            if given not in FILE_KINDS:
-                raise RequestRejected("INVALID_ARGUMENT", "file outcome must be PROCESSED or FAILED")
-            kind = FileKind(given)
+            try:
+                kind = FileKind(given)
+            except ValueError:
+                raise RequestRejected(
+                    "INVALID_ARGUMENT", "file outcome must be PROCESSED or FAILED"
+                ) from None
             if len(reason) > MAX_FILE_REASON_CHARS:
                 raise RequestRejected(
                     "INVALID_ARGUMENT", f"reason exceeds {MAX_FILE_REASON_CHARS} characters"
@@ -438,10 +444,5 @@ class TaskSession:
                 report = FinishReport(
                     Status(status), result, error_type, error_message, traceback, dict(timings)
                 )
-        with self._lock:
-            if self.finish is not None:
-                raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")
-            self.finish = report
-        self.finished.set()
-        if self._on_finish is not None:
-            self._on_finish()
+        if not self._finish_with(report):
+            raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")

@@ -192,13 +192,7 @@ def _execute(config: pb.TaskConfig, ctx: Context, timings: dict[str, float]) -> 
         return pb.FinishRequest(status=pb.Status.OK, result_json=result_json)
     except TaskAborted as exc:
         timings.setdefault(phase, time.monotonic() - t)
-        return pb.FinishRequest(
-            status=pb.Status.ABORT,
-            error=pb.ErrorInfo(
-                type=_wire_text(exc.reason or "TaskAborted")[:MAX_ERROR_TYPE_CHARS],
-                message=_describe(exc)[:MAX_ERROR_MESSAGE_CHARS],
-            ),
-        )
+        return _error(exc.reason or "TaskAborted", _describe(exc), "", status=pb.Status.ABORT)
     except BaseException as exc:  # the protocol's failure, whatever it is, is the result
         timings.setdefault(phase, time.monotonic() - t)
         return _error(type(exc).__name__, _describe(exc), _summarise(exc))
@@ -208,9 +202,9 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _error(kind: str, message: str, tb: str) -> pb.FinishRequest:
+def _error(kind: str, message: str, tb: str, status: pb.Status = pb.Status.ERROR) -> pb.FinishRequest:
     return pb.FinishRequest(
-        status=pb.Status.ERROR,
+        status=status,
         error=pb.ErrorInfo(
             type=_wire_text(kind)[:MAX_ERROR_TYPE_CHARS],
             message=_wire_text(message)[:MAX_ERROR_MESSAGE_CHARS],
