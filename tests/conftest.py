@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from executor.backends import LABEL_PARENT
 from executor.policy import DEFAULT_IMAGE, IsolationPolicy
 from executor.policy_file import PolicySet
+from executor.reaper import new_instance_id
 
+REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = Path(__file__).parent / "protocols"
 # Every task a test starts ends within this wall-clock limit whatever its
 # protocol does, so a hang fails fast as a TIMEOUT outcome that names the task
@@ -34,6 +39,27 @@ def bounded_set(policies: PolicySet) -> PolicySet:
         default=bounded(policies.default),
         projects={name: bounded(p) for name, p in policies.projects.items()},
     )
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120.0, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI (``python -m executor.cli``) from the repository root, capturing its text output."""
+    return subprocess.run(
+        [sys.executable, "-m", "executor.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def reused_pid_owner() -> str:
+    """An owner id naming this live process's pid but a start time it never had."""
+    host, pid, started, nonce = new_instance_id().split(":")
+    return f"{host}:{pid}:{int(started) + 1}:{nonce}"
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +103,18 @@ def cli_env(run_dir: Path, tmp_path: Path) -> dict[str, str]:
 
     spool = tmp_path / "spool"
     return {**os.environ, "SANDBOX_EXECUTOR_RUN_DIR": str(run_dir), "SANDBOX_EXECUTOR_SPOOL_DIR": str(spool)}
+
+
+@pytest.fixture
+def two_files(tmp_path: Path) -> Path:
+    """A datasource with the two files the ``promises`` protocol reports on."""
+    data = tmp_path / "files"
+    data.mkdir()
+    for name in ("good.csv", "bad.csv"):
+        (data / name).write_text("id,value\n1,2\n")
+        (data / name).chmod(0o644)
+    data.chmod(0o755)
+    return data
 
 
 @pytest.fixture

@@ -23,45 +23,24 @@ from executor.reaper import new_instance_id
 from executor.supervisor import CANCEL_GRACE_S
 from executor.taskdir import OWNER_NAME
 
-from ..conftest import PROTOCOLS
+from ..conftest import PROTOCOLS, REPO, reused_pid_owner, run_cli
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "executor.cli"]
 # How long a test waits for the CLI to reach a point it signals at.
 WAIT_S = 60.0
-
-
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=180)
-
-
-def _reused_pid_owner() -> str:
-    host, pid, started, nonce = new_instance_id().split(":")
-    return f"{host}:{pid}:{int(started) + 1}:{nonce}"
-
-
-@pytest.fixture
-def two_files(tmp_path: Path) -> Path:
-    data = tmp_path / "files"
-    data.mkdir()
-    for name in ("good.csv", "bad.csv"):
-        (data / name).write_text("id,value\n1,2\n")
-        (data / name).chmod(0o644)
-    data.chmod(0o755)
-    return data
 
 
 def test_files_in_the_json_and_progress_bars_in_human_output(
     two_files, run_dir, docker_client, cli_env, policy_file
 ):
     args = ("run", "--policy", str(policy_file), str(PROTOCOLS / "promises"), "--data", str(two_files))
-    proc = _cli(*args, "--json", env=cli_env)
+    proc = run_cli(*args, "--json", env=cli_env, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["files"] == {"processed": 1, "failed": {"bad.csv": "unparsable row 3"}}
 
-    proc = _cli(*args, env=cli_env)
+    proc = run_cli(*args, env=cli_env, timeout=180)
     assert proc.returncode == 0, proc.stderr
     # Not a terminal: rich draws the bars once, as they ended.
     bars = {line.split()[0]: line for line in proc.stderr.splitlines() if line.strip()}
@@ -158,7 +137,7 @@ def test_a_second_ctrl_c_stops_waiting_and_leaves_nothing(
 
 def test_no_engine_is_exit_2_with_one_line(data_dir, run_dir, cli_env, policy_file):
     env = {**cli_env, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-    proc = _cli(
+    proc = run_cli(
         "run",
         "--policy",
         str(policy_file),
@@ -167,6 +146,7 @@ def test_no_engine_is_exit_2_with_one_line(data_dir, run_dir, cli_env, policy_fi
         str(data_dir),
         "--json",
         env=env,
+        timeout=180,
     )
     assert proc.returncode == 2
     assert proc.stdout == ""
@@ -178,7 +158,16 @@ def test_no_engine_is_exit_2_with_one_line(data_dir, run_dir, cli_env, policy_fi
 def test_a_missing_image_is_exit_2_with_one_line(data_dir, run_dir, docker_client, cli_env, tmp_path):
     policy = tmp_path / "policy.toml"
     policy.write_text('[default]\ntimeout_s = 60\nimage = "sandbox-executor/not-built:latest"\n')
-    proc = _cli("run", "--policy", str(policy), str(PROTOCOLS / "echo"), "--data", str(data_dir), env=cli_env)
+    proc = run_cli(
+        "run",
+        "--policy",
+        str(policy),
+        str(PROTOCOLS / "echo"),
+        "--data",
+        str(data_dir),
+        env=cli_env,
+        timeout=180,
+    )
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("sandbox-executor: error: ")
@@ -188,12 +177,12 @@ def test_a_missing_image_is_exit_2_with_one_line(data_dir, run_dir, docker_clien
 
 def test_reap_says_what_it_removed(run_dir, docker_client, cli_env, tmp_path):
     spool = Path(cli_env["SANDBOX_EXECUTOR_SPOOL_DIR"])
-    dead = _reused_pid_owner()
+    dead = reused_pid_owner()
     (run_dir / "t-dead").mkdir()
     (run_dir / "t-dead" / OWNER_NAME).write_text(dead)
     (spool / "s-dead").mkdir(parents=True)
     (spool / "s-dead" / SPOOL_OWNER).write_text(dead)
-    proc = _cli("reap", env=cli_env)
+    proc = run_cli("reap", env=cli_env, timeout=180)
     assert proc.returncode == 0, proc.stderr
     # Containers of other dead executors on a shared engine may be counted too.
     assert re.fullmatch(r"removed \d+ container\(s\), 1 task directory, 1 spool\(s\)\n", proc.stdout)

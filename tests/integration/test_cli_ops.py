@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from ..conftest import run_cli
+
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "executor.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=120,
-    )
 
 
 def test_doctor_reports_engine_runtimes_and_images(docker_client):
-    proc = _cli("doctor")
+    proc = run_cli("doctor")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert any(line.startswith("ok") and "engine: Docker" in line for line in lines)
@@ -36,14 +22,13 @@ def test_doctor_reports_engine_runtimes_and_images(docker_client):
 
 
 def test_doctor_says_how_to_fix_a_dead_engine():
-    proc = _cli("doctor", env={**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"})
+    proc = run_cli("doctor", env={**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"})
     assert proc.returncode == 1
     assert "MISSING engine" in proc.stdout
     assert "start dockerd" in proc.stdout
 
 
-def test_reap_removes_leftovers_of_dead_executors_only(docker_client, run_dir, tmp_path):
-    spool = tmp_path / "spool"
+def test_reap_removes_leftovers_of_dead_executors_only(docker_client, run_dir, cli_env):
     dead = run_dir / "t-dead"
     dead.mkdir()
     (dead / "owner").write_text("thishost-not-a-real-id")
@@ -52,8 +37,7 @@ def test_reap_removes_leftovers_of_dead_executors_only(docker_client, run_dir, t
     from executor.reaper import new_instance_id
 
     (live / "owner").write_text(new_instance_id())  # this very process: alive
-    env = {**os.environ, "SANDBOX_EXECUTOR_RUN_DIR": str(run_dir), "SANDBOX_EXECUTOR_SPOOL_DIR": str(spool)}
-    proc = _cli("reap", "--json", env=env)
+    proc = run_cli("reap", "--json", env=cli_env)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     assert report["task_dirs"] == [str(dead)]

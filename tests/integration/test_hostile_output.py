@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import unicodedata
-from pathlib import Path
 
 import pytest
 
+from ..conftest import REPO, run_cli
+
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 PROTOCOL = REPO / "tests" / "protocols" / "hostile_text"
-
-
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "executor.cli", *args],
-        capture_output=True,
-        text=True,
-        errors="surrogateescape",
-        cwd=REPO,
-        env=env,
-        timeout=150,
-    )
 
 
 def _unsafe(text: str) -> list[str]:
@@ -76,7 +62,7 @@ def test_hostile_text_from_the_sandbox_is_shown_inert(
     )
     code = 0 if status == "OK" else 1
 
-    human = _cli(*args, env=cli_env)
+    human = run_cli(*args, env=cli_env, timeout=150, errors="surrogateescape")
     assert human.returncode == code, human.stdout + human.stderr
     assert _unsafe(human.stdout) == []
     assert _unsafe(human.stderr) == []
@@ -87,7 +73,7 @@ def test_hostile_text_from_the_sandbox_is_shown_inert(
     if error_type is not None:
         assert human.stdout.splitlines()[1].startswith(error_type.encode("unicode_escape").decode())
 
-    machine = _cli(*args, "--json", env=cli_env)
+    machine = run_cli(*args, "--json", env=cli_env, timeout=150, errors="surrogateescape")
     assert machine.returncode == code, machine.stderr
     doc = _strict_json(machine.stdout)
     assert doc["status"] == status

@@ -17,7 +17,7 @@ from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Status
 from executor.spec import TaskSpec
 
-from ..conftest import PROTOCOLS
+from ..conftest import PROTOCOLS, REPO, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -205,9 +205,8 @@ from pathlib import Path
 from executor.mailbox.crypto import TaskKeys
 from executor.runner import Executor
 from executor.spec import TaskSpec
-from executor.testing import LocalModeller
+from executor.testing import InMemoryTransport, LocalModeller
 from executor.policy import IsolationPolicy
-from executor.testing import InMemoryTransport
 
 protocols, data, run_dir, mib = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 transport = InMemoryTransport()
@@ -302,6 +301,24 @@ Path(sys.argv[1]).write_text(json.dumps({"rc": rc, "before": before, "after": rs
 """
 
 
+def _unread_mail_args(data_dir: Path, policy_file: Path, *, count: int, mib: int, big_mib: int) -> list[str]:
+    """``run`` arguments for the ``unread_mail`` protocol with the given parameters."""
+    return [
+        "run",
+        str(PROTOCOLS / "unread_mail"),
+        "--data",
+        str(data_dir),
+        "--policy",
+        str(policy_file),
+        "--param",
+        f"count={count}",
+        "--param",
+        f"mib={mib}",
+        "--param",
+        f"big_mib={big_mib}",
+    ]
+
+
 @pytest.mark.timeout(600)
 def test_cli_discards_mail_nobody_reads_and_keeps_nothing(
     docker_client, data_dir, run_dir, tmp_path, cli_env, policy_file
@@ -318,24 +335,13 @@ def test_cli_discards_mail_nobody_reads_and_keeps_nothing(
             sys.executable,
             str(script),
             str(report),
-            "run",
-            str(PROTOCOLS / "unread_mail"),
-            "--data",
-            str(data_dir),
-            "--policy",
-            str(policy_file),
+            *_unread_mail_args(data_dir, policy_file, count=200, mib=4, big_mib=6),
             "--json",
-            "--param",
-            "count=200",
-            "--param",
-            "mib=4",
-            "--param",
-            "big_mib=6",
         ],
         capture_output=True,
         text=True,
         timeout=500,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=REPO,
         env=cli_env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -353,29 +359,8 @@ def test_cli_discards_mail_nobody_reads_and_keeps_nothing(
 
 
 def test_cli_says_when_mail_was_discarded(docker_client, data_dir, run_dir, cli_env, policy_file):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "executor.cli",
-            "run",
-            str(PROTOCOLS / "unread_mail"),
-            "--data",
-            str(data_dir),
-            "--policy",
-            str(policy_file),
-            "--param",
-            "count=2",
-            "--param",
-            "mib=1",
-            "--param",
-            "big_mib=5",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=Path(__file__).resolve().parents[2],
-        env=cli_env,
+    proc = run_cli(
+        *_unread_mail_args(data_dir, policy_file, count=2, mib=1, big_mib=5), env=cli_env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     notes = [line for line in proc.stderr.splitlines() if line.startswith("note: no modeller is attached")]

@@ -30,11 +30,10 @@ from executor.mailbox.transport import Envelope, Route
 from executor.outcome import Status
 from executor.policy import DEFAULT_IMAGE, IsolationPolicy
 from executor.policy_file import load_policy_file
-from executor.reaper import new_instance_id
 from executor.spec import TaskSpec
 from executor.taskdir import OWNER_NAME, TOKEN_NAME
 
-from ..conftest import PROTOCOLS
+from ..conftest import PROTOCOLS, reused_pid_owner
 
 pytestmark = pytest.mark.integration
 
@@ -42,26 +41,6 @@ PROMISES = PROTOCOLS / "promises"
 MiB = 1024 * 1024
 KiB = 1024
 UNISTD = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
-
-
-@pytest.fixture
-def two_files(tmp_path: Path) -> Path:
-    """A datasource with the two files the ``promises`` protocol reports on."""
-    data = tmp_path / "files"
-    data.mkdir()
-    for name in ("good.csv", "bad.csv"):
-        (data / name).write_text("id,value\n1,2\n")
-        (data / name).chmod(0o644)
-    data.chmod(0o755)
-    return data
-
-
-def _reused_pid_owner() -> str:
-    """An owner id naming this live process's pid but a start time it never had."""
-    host, pid, started, nonce = new_instance_id().split(":")
-    # Other hosts' ids count as alive: this one must name this host.
-    assert host == socket.gethostname()
-    return f"{host}:{pid}:{int(started) + 1}:{nonce}"
 
 
 # -- policy keys and the sandbox's view, in one running container --------------------
@@ -288,7 +267,9 @@ def test_a_start_that_fails_with_a_server_error_is_retried(make_executor, data_d
 def test_an_executors_first_task_reaps_what_dead_executors_left(
     make_executor, docker_client, data_dir, run_dir
 ):
-    dead = _reused_pid_owner()
+    dead = reused_pid_owner()
+    # Other hosts' ids count as alive: this one must name this host.
+    assert dead.split(":")[0] == socket.gethostname()
     orphan = docker_client.containers.create(
         DEFAULT_IMAGE,
         ["true"],

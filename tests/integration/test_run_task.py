@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,11 +12,9 @@ from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.spec import TaskFlags, TaskSpec
 
-from ..conftest import PROTOCOLS
+from ..conftest import PROTOCOLS, REPO, run_cli
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_protocol_result_mailbox_and_progress_travel_over_grpc(make_executor, modeller, data_dir):
@@ -117,20 +112,9 @@ def test_missing_image_fails_before_anything_is_made(make_executor, data_dir, ru
     assert list(run_dir.iterdir()) == []
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "executor.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=120,
-    )
-
-
 def test_cli_json_contract(data_dir, run_dir, docker_client, cli_env, policy_file):
     env = cli_env
-    proc = _cli(
+    proc = run_cli(
         "run",
         "--policy",
         str(policy_file),
@@ -153,7 +137,7 @@ def test_cli_json_contract(data_dir, run_dir, docker_client, cli_env, policy_fil
     assert set(out) >= {"task_id", "status", "result", "runtime", "timings"}
     assert "error" not in out
 
-    proc = _cli(
+    proc = run_cli(
         "run",
         "--policy",
         str(policy_file),
@@ -174,7 +158,7 @@ def test_cli_json_contract(data_dir, run_dir, docker_client, cli_env, policy_fil
 
 
 def test_cli_human_output_shows_error_in_one_line(data_dir, run_dir, docker_client, cli_env, policy_file):
-    proc = _cli(
+    proc = run_cli(
         "run", "--policy", str(policy_file), str(PROTOCOLS / "raises"), "--data", str(data_dir), env=cli_env
     )
     assert proc.returncode == 1

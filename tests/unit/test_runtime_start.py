@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from executor.events import ControlKind
@@ -23,13 +25,10 @@ RUNTIME = (
 )
 
 
-def test_the_protocol_is_not_even_imported_before_the_parent_has_seen_a_beat(
-    make_session, make_protocol, tmp_path, monkeypatch
-):
-    marker = tmp_path / "imported"
-    bundle = make_protocol(f"open({str(marker)!r}, 'w').close()\n\n\ndef run(ctx):\n    return 'ran'\n")
-    config = pb.TaskConfig(
-        task_id="t",
+def _config(task_id: str, bundle: Path) -> pb.TaskConfig:
+    """The task config both tests run the runtime with."""
+    return pb.TaskConfig(
+        task_id=task_id,
         protocol_path=str(bundle),
         entry_module="protocol",
         heartbeat_interval_ms=50,
@@ -39,7 +38,52 @@ def test_the_protocol_is_not_even_imported_before_the_parent_has_seen_a_beat(
         parameters_json="{}",
         schema_json="{}",
     )
-    session = make_session(config=config).session
+
+
+@contextlib.contextmanager
+def _runtime(session: TaskSession, scratch: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The real runtime in a subprocess against a task server for ``session``.
+
+    The process, the server and the socket directory are cleaned up on every
+    path, including a server start or a Popen that fails.
+    """
+    sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
+    server = None
+    proc = None
+    try:
+        token = secrets.token_urlsafe(32)
+        (sock_dir / "token").write_text(token)
+        server = TaskServer(session, token, sock_dir / "sandbox.sock")
+        server.start()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                RUNTIME,
+                str(scratch),
+                "--socket",
+                str(sock_dir / "sandbox.sock"),
+                "--token-file",
+                str(sock_dir / "token"),
+            ],
+            cwd=REPO,
+        )
+        yield proc
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+        if server is not None:
+            server.stop(grace=0.2)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_the_protocol_is_not_even_imported_before_the_parent_has_seen_a_beat(
+    make_session, make_protocol, tmp_path, monkeypatch
+):
+    marker = tmp_path / "imported"
+    bundle = make_protocol(f"open({str(marker)!r}, 'w').close()\n\n\ndef run(ctx):\n    return 'ran'\n")
+    session = make_session(config=_config("t", bundle)).session
     # A parent that records beats but has not acknowledged one yet.
     record_beat = TaskSession.record_beat
     acknowledge = [False]
@@ -51,25 +95,7 @@ def test_the_protocol_is_not_even_imported_before_the_parent_has_seen_a_beat(
                 self.controls.get_nowait()
 
     monkeypatch.setattr(TaskSession, "record_beat", record_without_ack)
-    sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
-    token = secrets.token_urlsafe(32)
-    (sock_dir / "token").write_text(token)
-    server = TaskServer(session, token, sock_dir / "sandbox.sock")
-    server.start()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            RUNTIME,
-            str(tmp_path / "scratch"),
-            "--socket",
-            str(sock_dir / "sandbox.sock"),
-            "--token-file",
-            str(sock_dir / "token"),
-        ],
-        cwd=REPO,
-    )
-    try:
+    with _runtime(session, tmp_path / "scratch") as proc:
         assert wait_for(lambda: session.beat_stats.beats >= 3 or marker.exists(), 30), (
             "the runtime never beat"
         )
@@ -79,11 +105,6 @@ def test_the_protocol_is_not_even_imported_before_the_parent_has_seen_a_beat(
         assert proc.wait(30) == 0
         assert marker.exists()
         assert session.finish is not None and session.finish.result == "ran"
-    finally:
-        proc.kill()
-        proc.wait()
-        server.stop(grace=0.2)
-        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def test_a_modeller_ready_before_the_sandbox_boots_reaches_the_protocol(
@@ -91,48 +112,14 @@ def test_a_modeller_ready_before_the_sandbox_boots_reaches_the_protocol(
 ):
     # The protocol looks without waiting: the ready signal must already be on its context.
     bundle = make_protocol("def run(ctx):\n    return ctx.mailbox.modeller_ready.is_set()\n")
-    config = pb.TaskConfig(
-        task_id="task-1",
-        protocol_path=str(bundle),
-        entry_module="protocol",
-        heartbeat_interval_ms=50,
-        max_result_bytes=1024,
-        max_message_bytes=1024,
-        chunk_bytes=1024,
-        parameters_json="{}",
-        schema_json="{}",
-    )
-    kit = make_session(config=config)
+    kit = make_session(config=_config("task-1", bundle))
     session = kit.session
     kit.broker.watch_ready(lambda: session.send_control(ControlKind.MODELLER_READY))
     kit.modeller.ready(kit.task_id)
     # The control is queued before the runtime exists, so it comes down the
     # heartbeat stream before the protocol's context is made.
     assert wait_for(lambda: not session.controls.empty(), 10), "the modeller's TASK_START was not seen"
-    sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
-    token = secrets.token_urlsafe(32)
-    (sock_dir / "token").write_text(token)
-    server = TaskServer(session, token, sock_dir / "sandbox.sock")
-    server.start()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            RUNTIME,
-            str(tmp_path / "scratch"),
-            "--socket",
-            str(sock_dir / "sandbox.sock"),
-            "--token-file",
-            str(sock_dir / "token"),
-        ],
-        cwd=REPO,
-    )
-    try:
+    with _runtime(session, tmp_path / "scratch") as proc:
         assert proc.wait(30) == 0
         assert session.finish is not None
         assert session.finish.result is True, "the MODELLER_READY that came before the context was dropped"
-    finally:
-        proc.kill()
-        proc.wait()
-        server.stop(grace=0.2)
-        shutil.rmtree(sock_dir, ignore_errors=True)
