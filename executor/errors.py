@@ -9,6 +9,7 @@
     │   └── DataSourceError         the data directory is unusable
     ├── CapacityError               no room for another task now (e.g. every sandbox uid in use)
     ├── HostError                   the host refused a directory, file or socket the task needs
+    ├── ProjectDatabaseError        the project database is corrupt, locked too long, or too new
     ├── BackendError                the container engine failed us
     │   ├── EngineUnavailableError  the engine cannot be reached
     │   ├── ImageNotFoundError      the sandbox image is not built
@@ -17,9 +18,10 @@
     ├── DecryptionError             a sealed body or share fails authentication
     └── LimitError                  what a sandbox sent passes one of its task's limits
         ├── MailboxLimitError       a mailbox body or share breaks a size, quota or peer rule
-        └── FileLimitError          a per-file outcome report breaks a cap
+        ├── FileLimitError          a per-file outcome report breaks a cap
+        └── ResultLimitError        result rows a protocol saves break a cap
 
-:meth:`Executor.run <executor.runner.Executor.run>` raises the first four
+:meth:`Executor.run <executor.runner.Executor.run>` raises the first five
 branches. The last three meet a caller of the mailbox API (a
 :class:`~executor.mailbox.transport.Transport`, a modeller); inside a task the
 parent turns them into refusals the sandbox sees, never into exceptions out
@@ -94,6 +96,14 @@ def host_errors(what: str, path: object) -> Iterator[None]:
         raise HostError.from_os_error(what, path, exc) from exc
 
 
+class ProjectDatabaseError(SandboxExecutorError):
+    """The project database cannot be used: corrupt, locked too long, of a newer schema, unwritable.
+
+    Raised before anything is changed: a database that fails its checks is
+    left exactly as it was.
+    """
+
+
 class BackendError(SandboxExecutorError):
     """The container engine failed.
 
@@ -138,3 +148,7 @@ class MailboxLimitError(LimitError):
 
 class FileLimitError(LimitError):
     """A per-file outcome report breaks a per-call or per-task cap."""
+
+
+class ResultLimitError(LimitError):
+    """Result rows a protocol saves break a per-call or per-task cap, or are not flat JSON."""
