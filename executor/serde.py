@@ -109,6 +109,11 @@ def file_outcomes(request: pb.FileOutcomes) -> list[tuple[str, FileKind, str]]:
         raise RequestRejected("INVALID_ARGUMENT", "file outcome must be PROCESSED or FAILED") from None
 
 
+def result_rows(request: pb.ResultRows) -> list[str]:
+    """The JSON text of each result row; the session parses and checks them."""
+    return list(request.rows_json)
+
+
 class FinishFields(TypedDict):
     """What :meth:`~executor.rpc.session.TaskSession.report_finish` takes."""
 

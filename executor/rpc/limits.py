@@ -36,8 +36,11 @@ CONCURRENCY: dict[str, int] = {
 }
 # Work inside a call is charged to the same bucket as calls, so that a
 # stream of messages costs what as many calls would: each chunk of a
-# mailbox body after the first, and each FILES_PER_TOKEN file outcomes.
+# mailbox body after the first, each FILES_PER_TOKEN file outcomes and each
+# ROWS_PER_TOKEN result rows. A full call of rows (1000) costs 101 of the
+# burst, and the task's whole row cap (100,000) ten seconds of its rate.
 FILES_PER_TOKEN = 10
+ROWS_PER_TOKEN = 10
 # Beats have a bucket of their own: the runtime beats at most every 50 ms.
 BEATS_PER_S = 25.0
 BEAT_BURST = 50

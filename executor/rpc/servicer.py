@@ -17,7 +17,7 @@ import grpc
 
 from executor import serde
 from executor.mailbox.broker import Incoming
-from executor.rpc.limits import FILES_PER_TOKEN, CallLimiter, refusal
+from executor.rpc.limits import FILES_PER_TOKEN, ROWS_PER_TOKEN, CallLimiter, refusal
 from executor.rpc.session import RequestRejected, TaskSession
 from executor.sandbox.contract import CHUNK_BYTES
 from executor.v1 import sandbox_pb2 as pb
@@ -165,6 +165,15 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         if refused is not None:
             raise refusal(refused)
         self._session.report_files(serde.file_outcomes(request))
+        return pb.Ack()
+
+    @_rpc_errors
+    def SaveResults(self, request: pb.ResultRows, context: grpc.ServicerContext) -> pb.Ack:
+        """Keep result rows (validated by the session, all of a call or none)."""
+        refused = self._limiter.charge(len(request.rows_json) // ROWS_PER_TOKEN)
+        if refused is not None:
+            raise refusal(refused)
+        self._session.save_results(serde.result_rows(request))
         return pb.Ack()
 
     @_rpc_errors

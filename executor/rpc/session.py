@@ -29,6 +29,7 @@ from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
 from executor.mailbox.crypto import DecryptionError
 from executor.mailbox.transport import TransportError
 from executor.outcome import Status
+from executor.resultrows import ResultLedger, ResultLimitError, RowError, check_row, parse_rows
 from executor.sandbox.contract import (
     MAX_ERROR_MESSAGE_CHARS,
     MAX_ERROR_TYPE_CHARS,
@@ -37,6 +38,9 @@ from executor.sandbox.contract import (
     MAX_FILES_PER_CALL,
     MAX_INFO_CHARS,
     MAX_POD_ID_CHARS,
+    MAX_ROW_BYTES,
+    MAX_ROWS_BYTES_PER_CALL,
+    MAX_ROWS_PER_CALL,
     MAX_SHARE_BYTES,
     MAX_SHARES,
     MAX_TRACEBACK_CHARS,
@@ -141,6 +145,15 @@ def _mailbox_errors(task_id: str) -> Iterator[None]:
         raise RequestRejected("UNAVAILABLE", str(exc)) from None
 
 
+@contextlib.contextmanager
+def _result_limits() -> Iterator[None]:
+    """A per-task result cap is a RESOURCE_EXHAUSTED refusal."""
+    try:
+        yield
+    except ResultLimitError as exc:
+        raise RequestRejected("RESOURCE_EXHAUSTED", str(exc)) from None
+
+
 @dataclass
 class BeatStats:
     """What the parent knows of the sandbox's liveness."""
@@ -185,6 +198,7 @@ class TaskSession:
         self._on_finish = on_finish
         self._data_dir = data_dir
         self._files = FileLedger()
+        self._results = ResultLedger()
         self._lock = threading.Lock()
         self._pending_receives = 0
         self.config_fetched_at: float | None = None
@@ -372,6 +386,65 @@ class TaskSession:
         """A copy of the per-file outcomes reported so far."""
         with self._lock:
             return self._files.snapshot()
+
+    # -- result rows ---------------------------------------------------
+    def save_results(self, rows_json: list[str]) -> None:
+        """Keep result rows, each the JSON text of one flat object; the whole call or nothing.
+
+        Each row must be a JSON object of 1 to MAX_COLUMNS columns, each named
+        as :func:`~executor.sandbox.contract.is_column_name` says and holding
+        a string, an integer within signed 64 bits, a finite number, a
+        boolean or null. Duplicate column names, NaN and Infinity are refused.
+
+        Raises:
+            RequestRejected: INVALID_ARGUMENT for a malformed call or row,
+                RESOURCE_EXHAUSTED past a per-task cap, FAILED_PRECONDITION
+                once the task has finished.
+        """
+        if not 0 < len(rows_json) <= MAX_ROWS_PER_CALL:
+            raise RequestRejected("INVALID_ARGUMENT", f"expected 1 to {MAX_ROWS_PER_CALL} result rows")
+        self._refuse_after_finish()
+        size = 0
+        for index, text in enumerate(rows_json):
+            try:
+                row_bytes = len(text.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise RequestRejected(
+                    "INVALID_ARGUMENT", f"result row {index} holds a lone surrogate"
+                ) from None
+            if row_bytes > MAX_ROW_BYTES:
+                raise RequestRejected(
+                    "INVALID_ARGUMENT",
+                    f"result row {index} is {row_bytes} bytes; the limit is {MAX_ROW_BYTES}",
+                )
+            size += row_bytes
+        if size > MAX_ROWS_BYTES_PER_CALL:
+            raise RequestRejected(
+                "INVALID_ARGUMENT",
+                f"result rows of one call may hold at most {MAX_ROWS_BYTES_PER_CALL} bytes",
+            )
+        # Refused before any row is parsed when the task's budget is already spent.
+        with self._lock, _result_limits():
+            self._results.room_for(len(rows_json), size)
+        for index, text in enumerate(rows_json):
+            try:
+                check_row(text)
+            except RowError as exc:
+                raise RequestRejected("INVALID_ARGUMENT", f"result row {index} {exc}") from None
+        with self._lock, _result_limits():
+            # A result recorded meanwhile ends the task: rows after it are refused like mail.
+            if self.finish is not None:
+                raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")
+            self._results.record(list(rows_json), size)
+
+    def saved_results(self) -> list[dict[str, Any]]:
+        """The result rows saved so far, in order, as new dicts (a caller may change them).
+
+        Parsed on each call from the validated text the session keeps.
+        """
+        with self._lock:
+            texts = self._results.texts()
+        return parse_rows(texts)
 
     # -- progress and result ------------------------------------------
     def report_progress(self, update: ProgressUpdate) -> None:

@@ -58,6 +58,37 @@ MAX_FILES_PER_CALL = 1000
 MAX_FILE_NAME_CHARS = 1024
 MAX_FILE_REASON_CHARS = 1000
 
+# -- result rows (SaveResults) ---------------------------------------------------
+# A row is one flat JSON object: column name -> JSON scalar. Per call the
+# parent accepts at most MAX_ROWS_PER_CALL rows and MAX_ROWS_BYTES_PER_CALL
+# bytes of row text (one chunk's worth, so a call always fits the parent's
+# message cap); the child splits what a protocol saves into such calls.
+MAX_ROWS_PER_CALL = 1000
+MAX_ROWS_BYTES_PER_CALL = CHUNK_BYTES
+# One row's JSON text in UTF-8 bytes, its columns, and a column name's characters.
+MAX_ROW_BYTES = 64 * 1024
+MAX_COLUMNS = 256
+MAX_COLUMN_NAME_CHARS = 128
+# Integer values fit a signed 64-bit column (SQLite's INTEGER) exactly.
+MIN_ROW_INT = -(2**63)
+MAX_ROW_INT = 2**63 - 1
+
+
+def is_column_name(name: object) -> bool:
+    """Whether ``name`` may name a result column.
+
+    1 to :data:`MAX_COLUMN_NAME_CHARS` characters, none of them a control
+    character or a lone surrogate: a column name ends up in databases, CSV
+    headers and terminals, where a NUL, a newline or an escape sequence is
+    never data.
+    """
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= MAX_COLUMN_NAME_CHARS
+        and not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in name)
+    )
+
+
 # -- the terminal report (and the TASK_ABORT body the child sends) -------------
 MAX_ERROR_TYPE_CHARS = 200
 MAX_ERROR_MESSAGE_CHARS = 4096

@@ -260,6 +260,12 @@ class FileOutcomes(_message.Message):
     files: _containers.RepeatedCompositeFieldContainer[FileOutcome]
     def __init__(self, files: _Optional[_Iterable[_Union[FileOutcome, _Mapping]]] = ...) -> None: ...
 
+class ResultRows(_message.Message):
+    __slots__ = ("rows_json",)
+    ROWS_JSON_FIELD_NUMBER: _ClassVar[int]
+    rows_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, rows_json: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Ack(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -74,6 +74,11 @@ class SandboxStub:
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.FileOutcomes.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
                 _registered_method=True)
+        self.SaveResults = channel.unary_unary(
+                '/executor.v1.Sandbox/SaveResults',
+                request_serializer=executor_dot_v1_dot_sandbox__pb2.ResultRows.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
+                _registered_method=True)
         self.Finish = channel.unary_unary(
                 '/executor.v1.Sandbox/Finish',
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.FinishRequest.SerializeToString,
@@ -143,6 +148,15 @@ class SandboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveResults(self, request, context):
+        """Result rows the protocol hands to the parent, which validates them and
+        stores them (e.g. in the project database). Many calls per task; each is
+        accepted or refused whole.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Finish(self, request, context):
         """The terminal result. Called at most once.
         """
@@ -191,6 +205,11 @@ def add_SandboxServicer_to_server(servicer, server):
             'ReportFiles': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportFiles,
                     request_deserializer=executor_dot_v1_dot_sandbox__pb2.FileOutcomes.FromString,
+                    response_serializer=executor_dot_v1_dot_sandbox__pb2.Ack.SerializeToString,
+            ),
+            'SaveResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveResults,
+                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.ResultRows.FromString,
                     response_serializer=executor_dot_v1_dot_sandbox__pb2.Ack.SerializeToString,
             ),
             'Finish': grpc.unary_unary_rpc_method_handler(
@@ -414,6 +433,33 @@ class Sandbox:
             target,
             '/executor.v1.Sandbox/ReportFiles',
             executor_dot_v1_dot_sandbox__pb2.FileOutcomes.SerializeToString,
+            executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/executor.v1.Sandbox/SaveResults',
+            executor_dot_v1_dot_sandbox__pb2.ResultRows.SerializeToString,
             executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -60,6 +60,11 @@ class SandboxStub:
     """Progress events for the operator (progress bars) and the hooks."""
     ReportFiles: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.FileOutcomes, _sandbox_pb2.Ack]
     """Per-file outcomes: which datasource files were processed or failed."""
+    SaveResults: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ResultRows, _sandbox_pb2.Ack]
+    """Result rows the protocol hands to the parent, which validates them and
+    stores them (e.g. in the project database). Many calls per task; each is
+    accepted or refused whole.
+    """
     Finish: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.FinishRequest, _sandbox_pb2.Ack]
     """The terminal result. Called at most once."""
 
@@ -88,6 +93,11 @@ class SandboxAsyncStub(SandboxStub):
     """Progress events for the operator (progress bars) and the hooks."""
     ReportFiles: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.FileOutcomes, _sandbox_pb2.Ack]  # type: ignore[assignment]
     """Per-file outcomes: which datasource files were processed or failed."""
+    SaveResults: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ResultRows, _sandbox_pb2.Ack]  # type: ignore[assignment]
+    """Result rows the protocol hands to the parent, which validates them and
+    stores them (e.g. in the project database). Many calls per task; each is
+    accepted or refused whole.
+    """
     Finish: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.FinishRequest, _sandbox_pb2.Ack]  # type: ignore[assignment]
     """The terminal result. Called at most once."""
 
@@ -161,6 +171,17 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_sandbox_pb2.Ack, _abc.Awaitable[_sandbox_pb2.Ack]]:
         """Per-file outcomes: which datasource files were processed or failed."""
+
+    @_abc_1.abstractmethod
+    def SaveResults(
+        self,
+        request: _sandbox_pb2.ResultRows,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.Ack, _abc.Awaitable[_sandbox_pb2.Ack]]:
+        """Result rows the protocol hands to the parent, which validates them and
+        stores them (e.g. in the project database). Many calls per task; each is
+        accepted or refused whole.
+        """
 
     @_abc_1.abstractmethod
     def Finish(

@@ -81,6 +81,7 @@ METHODS: dict[str, tuple[str, bytes]] = {
             files=[pb.FileOutcome(name="sub/inner.csv", kind=pb.FileOutcome.FAILED, reason="forged")]
         ).SerializeToString(),
     ),
+    "SaveResults": ("unary_unary", pb.ResultRows(rows_json=['{"forged": true}']).SerializeToString()),
     # If this were ever accepted the task would end with a forged result: loud, not silent.
     "Finish": ("unary_unary", pb.FinishRequest(status=pb.OK, result_json='"forged"').SerializeToString()),
 }
