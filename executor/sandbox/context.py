@@ -7,7 +7,7 @@ ever reaches it::
     ├── TaskAborted         raised by ctx.abort(): the task ends with status ABORT
     ├── MailboxError        the parent refused or failed a mailbox or share operation
     │   └── MailboxTimeout  nothing arrived in time (also a TimeoutError)
-    └── ReportRefused       the parent refused a progress or file report (also a ValueError)
+    └── ReportRefused       a progress, file or result-rows report was refused (also a ValueError)
 
 Each carries ``code``, the gRPC status name the parent answered with (empty
 when the refusal was local), so a protocol can tell a limit from a lost parent.
@@ -16,9 +16,10 @@ when the refusal was local), so a protocol can tell a limit from a lost parent.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -26,12 +27,20 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from executor.sandbox.contract import (
+    MAX_COLUMN_NAME_CHARS,
+    MAX_COLUMNS,
     MAX_ERROR_MESSAGE_CHARS,
     MAX_ERROR_TYPE_CHARS,
     MAX_FILE_REASON_CHARS,
     MAX_INFO_CHARS,
+    MAX_ROW_BYTES,
+    MAX_ROW_INT,
+    MAX_ROWS_BYTES_PER_CALL,
+    MAX_ROWS_PER_CALL,
     MAX_TRACEBACK_CHARS,
+    MIN_ROW_INT,
     RATE_LIMITED_TRAILER,
+    is_column_name,
 )
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
@@ -74,7 +83,10 @@ class MailboxTimeout(MailboxError, TimeoutError):
 
 
 class ReportRefused(SandboxError, ValueError):
-    """The parent refused a progress event or a per-file outcome (bad value, cap reached, gone)."""
+    """A progress event, a per-file outcome or result rows were refused (bad value, cap reached, gone).
+
+    ``code`` is empty when the sandbox refused them itself, before any call.
+    """
 
 
 def _status(exc: grpc.RpcError) -> tuple[str, str]:
@@ -408,6 +420,13 @@ class Context:
         scratch_dir: A small writable directory (memory-backed, not executable).
         mailbox: The proxy mailbox.
         progress: Progress reporting.
+
+    Besides these: :meth:`save_results` hands result rows to the parent (which
+    stores them, e.g. in the pod's project database), :meth:`file_processed`
+    and :meth:`file_failed` report per-file outcomes, and :meth:`abort` ends
+    the task with status ABORT. What the protocol logs with :mod:`logging`
+    (INFO and above, unless it configures logging itself) or prints reaches
+    the parent's log of the task.
     """
 
     def __init__(self, config: pb.TaskConfig, client: ParentClient, scratch_dir: Path) -> None:
@@ -434,8 +453,53 @@ class Context:
         self.secrets = dict(config.secrets)
         self.data_dir = Path(config.data_path)
         self.scratch_dir = scratch_dir
+        self._client = client
         self.mailbox = Mailbox(client, config.chunk_bytes, config.max_message_bytes)
         self.progress = Progress(client)
+
+    def save_results(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Hand result rows to the parent, which validates and keeps them.
+
+        Each row maps column names to JSON scalars: ``str``, ``int`` (within
+        signed 64 bits), finite ``float``, ``bool`` or ``None``. No nested
+        lists or dicts, 1 to 256 columns, names of 1 to 128 characters with
+        no control characters, at most 64 KiB of JSON per row. Rows travel in
+        calls of up to 1000 rows (and 1 MiB); a task may save 100,000 rows
+        and 32 MiB in all. For example::
+
+            ctx.save_results([{"file": "a.csv", "rows": 120, "mean": 4.2}])
+
+        Every row is checked here before anything is sent, so a bad row sends
+        nothing. The parent accepts or refuses each call whole: if it refuses
+        one (a per-task cap, or the task has finished), the rows of the calls
+        before it are kept, and the message says how many.
+
+        Raises:
+            ReportRefused: A row is not such a mapping (``code`` empty), or the
+                parent refused a call (``code`` says why) or is gone.
+        """
+        if isinstance(rows, (Mapping, str, bytes)):
+            raise ReportRefused("save_results takes an iterable of rows (dicts); wrap a single row in a list")
+        texts = [_row_text(index, row) for index, row in enumerate(rows)]
+        saved = 0
+        for batch in _row_calls(texts):
+            try:
+                self._send_rows(batch)
+            except grpc.RpcError as exc:
+                code, details = _status(exc)
+                raise ReportRefused(
+                    f"result rows {saved} to {saved + len(batch) - 1} refused: {details} "
+                    f"({saved} row(s) of this call saved before them)",
+                    code,
+                ) from None
+            saved += len(batch)
+
+    def _send_rows(self, rows_json: list[str]) -> None:
+        """One SaveResults call; RpcErrors propagate."""
+        client = self._client
+        client.count(progress=1)
+        request = pb.ResultRows(rows_json=rows_json)
+        client.call(lambda: client.stub.SaveResults(request, metadata=client.metadata, timeout=RPC_TIMEOUT_S))
 
     def file_processed(self, name: str) -> None:
         """Record that datasource file ``name`` (relative to ``data_dir``) was processed.
@@ -474,3 +538,63 @@ class Context:
     def abort(self, message: str, reason: str = "") -> NoReturn:
         """End the task now with status ABORT and a message for the modeller."""
         raise TaskAborted(message, reason)
+
+
+def _row_text(index: int, row: object) -> str:
+    """One result row as compact JSON text, after the checks the parent makes.
+
+    Raises:
+        ReportRefused: The row breaks one (with no code: nothing was sent).
+    """
+    if not isinstance(row, Mapping):
+        raise ReportRefused(f"result row {index} is a {type(row).__name__}, not a dict of column -> value")
+    if not 0 < len(row) <= MAX_COLUMNS:
+        raise ReportRefused(f"result row {index} has {len(row)} columns; 1 to {MAX_COLUMNS} are allowed")
+    for name, value in row.items():
+        if not is_column_name(name):
+            raise ReportRefused(
+                f"result row {index}: column name {_short(name)} is not a string of 1 to "
+                f"{MAX_COLUMN_NAME_CHARS} characters free of control characters and lone surrogates"
+            )
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        if isinstance(value, int):
+            if not MIN_ROW_INT <= value <= MAX_ROW_INT:
+                raise ReportRefused(f"result row {index}, column {name!r}: integer outside signed 64 bits")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ReportRefused(f"result row {index}, column {name!r}: {value} is not a JSON number")
+        else:
+            raise ReportRefused(
+                f"result row {index}, column {name!r}: a {type(value).__name__} is not a JSON scalar "
+                "(str, int, float, bool or None)"
+            )
+    text = json.dumps(dict(row), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ReportRefused(f"result row {index} holds a lone surrogate, which is not text") from None
+    if size > MAX_ROW_BYTES:
+        raise ReportRefused(f"result row {index} is {size} bytes of JSON; the limit is {MAX_ROW_BYTES}")
+    return text
+
+
+def _row_calls(texts: list[str]) -> Iterator[list[str]]:
+    """``texts`` in runs that fit one SaveResults call (rows and bytes)."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        row_bytes = len(text.encode("utf-8"))
+        if batch and (len(batch) == MAX_ROWS_PER_CALL or size + row_bytes > MAX_ROWS_BYTES_PER_CALL):
+            yield batch
+            batch, size = [], 0
+        batch.append(text)
+        size += row_bytes
+    if batch:
+        yield batch
+
+
+def _short(value: object) -> str:
+    """A bounded repr for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
