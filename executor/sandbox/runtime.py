@@ -12,6 +12,7 @@ import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
+import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -129,6 +130,39 @@ class Heartbeat:
         return self.seen.wait(timeout)
 
 
+# How a protocol's log records read on stderr unless it configures logging itself.
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+_basic_config = logging.basicConfig
+
+
+def _basic_config_with_our_format(**kwargs: Any) -> None:
+    """``logging.basicConfig`` with :data:`LOG_FORMAT` as its default format."""
+    if "format" not in kwargs and kwargs.get("style", "%") == "%":
+        kwargs["format"] = LOG_FORMAT
+    _basic_config(**kwargs)
+
+
+def _configure_logging() -> None:
+    """Let what a protocol logs at INFO and above reach stderr, which the parent follows.
+
+    Ours is the handler :mod:`logging` falls back on when a record finds no
+    handler at all (``logging.lastResort``, by default WARNING and the bare
+    message), so a protocol that configures logging itself (``basicConfig``,
+    its own handlers) gets exactly what it configured: nothing doubled,
+    nothing overridden. ``logging.info()`` and its siblings configure the
+    root logger on first use (a bare ``basicConfig()``); that default takes
+    our format too, so one task's lines read alike. Called before any
+    protocol code is loaded, so what it logs on import is kept too.
+    """
+    # The stderr of now, which the parent follows, even if protocol code replaces sys.stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.lastResort = handler
+    logging.basicConfig = _basic_config_with_our_format
+    logging.getLogger().setLevel(logging.INFO)
+
+
 def _load_protocol(config: pb.TaskConfig) -> Any:
     bundle = Path(config.protocol_path)
     entry = bundle / f"{config.entry_module}.py"
@@ -220,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", required=True, help="file holding this task's token")
     args = parser.parse_args(argv)
     timings: dict[str, float] = {"import": time.monotonic() - _T0}
+    _configure_logging()
 
     token = Path(args.token_file).read_text().strip()
     metadata = ((TOKEN_METADATA_KEY, token),)
