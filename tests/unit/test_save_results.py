@@ -1,0 +1,734 @@
+"""Result rows from protocol code to the parent: ctx.save_results -> SaveResults -> TaskSession.
+
+Every row is untrusted: the session keeps a call's rows only if each is one
+flat JSON object of scalars within the caps, and keeps none of them otherwise.
+Tested on the session itself, through a real task server on a Unix socket,
+from a protocol's ``ctx`` and from the real runtime in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from executor import resultrows
+from executor.rpc import session as session_module
+from executor.rpc.limits import RATE_BURST, RATE_LIMITED, RATE_PER_S, ROWS_PER_TOKEN, CallLimiter
+from executor.rpc.server import TaskServer
+from executor.rpc.servicer import SandboxServicer
+from executor.rpc.session import RequestRejected, TaskSession
+from executor.sandbox import context as context_module
+from executor.sandbox.context import Context, ParentClient, ReportRefused, SandboxError
+from executor.sandbox.contract import (
+    MAX_COLUMN_NAME_CHARS,
+    MAX_COLUMNS,
+    MAX_ROW_BYTES,
+    MAX_ROWS_BYTES_PER_CALL,
+    MAX_ROWS_PER_CALL,
+    RATE_LIMITED_TRAILER,
+    TOKEN_METADATA_KEY,
+)
+from executor.v1 import sandbox_pb2 as pb
+from executor.v1 import sandbox_pb2_grpc as pb_grpc
+from tests.unit.conftest import SessionKit
+from tests.unit.test_runtime_start import REPO, RUNTIME
+from tests.unit.test_runtime_start import _config as runtime_config
+
+pytestmark = pytest.mark.timeout(60)
+
+RPC_TIMEOUT = 10
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+
+def _rejected(code: str, fn: Callable[..., object], *args: object) -> str:
+    with pytest.raises(RequestRejected) as info:
+        fn(*args)
+    assert info.value.code == code, info.value.public_message
+    return info.value.public_message
+
+
+def _finish(session: TaskSession) -> None:
+    session.report_finish("OK", "null", "", "", "", {})
+
+
+def _row_of_bytes(size: int, **extra: Any) -> str:
+    """Compact row text of exactly ``size`` UTF-8 bytes (one padded string column)."""
+    base = json.dumps({**extra, "pad": ""}, separators=(",", ":"))
+    text = base[:-2] + "x" * (size - len(base.encode())) + '"}'
+    assert len(text.encode()) == size
+    return text
+
+
+# -- the session: what it keeps ------------------------------------------------------------
+
+
+def test_rows_are_kept_in_order_across_calls_with_their_types(make_session):
+    session = make_session().session
+    session.save_results(['{"file": "a.csv", "n": 3, "mean": 1.5, "ok": true, "note": null}'])
+    session.save_results(['{"file": "b.csv", "n": -7}', '{"file": "c.csv", "mean": 1E2}'])
+    rows = session.saved_results()
+    assert rows == [
+        {"file": "a.csv", "n": 3, "mean": 1.5, "ok": True, "note": None},
+        {"file": "b.csv", "n": -7},
+        {"file": "c.csv", "mean": 100.0},
+    ]
+    assert [type(v) for v in rows[0].values()] == [str, int, float, bool, type(None)]
+    assert list(rows[0]) == ["file", "n", "mean", "ok", "note"], "column order is kept"
+
+
+def test_saved_results_is_a_copy_the_caller_may_change(make_session):
+    session = make_session().session
+    session.save_results(['{"a": 1}'])
+    first = session.saved_results()
+    first[0]["a"] = 99
+    first.append({"forged": True})
+    assert session.saved_results() == [{"a": 1}]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f'{{"max": {INT64_MAX}, "min": {INT64_MIN}}}', {"max": INT64_MAX, "min": INT64_MIN}),
+        ('{"big": 1.7976931348623157e308, "tiny": 5e-324, "neg0": -0.0}', None),
+        ('{"emoji": "\\ud83d\\ude00", "raw": "\U0001f600", "accent": "caf\\u00e9"}', None),
+        ('{"nul in a value": "a\\u0000b", "newline": "x\\ny"}', None),
+        ('  {"spaced" :  1 }  ', {"spaced": 1}),
+        ('{"\\u00e9t\\u00e9": 1, "col with spaces": "", "sp\\u00e4ter": false}', None),
+        ('{"k": "' + "a" * 1000 + '"}', None),
+    ],
+    ids=[
+        "int64-bounds",
+        "float-extremes",
+        "unicode",
+        "control-in-values",
+        "whitespace",
+        "names",
+        "long-value",
+    ],
+)
+def test_every_json_scalar_is_accepted(make_session, text, expected):
+    session = make_session().session
+    session.save_results([text])
+    assert session.saved_results() == [expected if expected is not None else json.loads(text)]
+
+
+# -- the session: every refusal class --------------------------------------------------------
+
+BAD_ROWS = {
+    "not-json": ("{not json", "is not valid JSON"),
+    "single-quotes": ("{'a': 1}", "is not valid JSON"),
+    "trailing-garbage": ('{"a": 1} x', "is not valid JSON"),
+    "truncated": ('{"a": 1', "is not valid JSON"),
+    "empty-text": ("", "is not valid JSON"),
+    "deep-nesting": ('{"a": ' + "[" * 30_000 + "]" * 30_000 + "}", "is not valid JSON"),
+    "array": ("[1, 2]", "is not a JSON object"),
+    "string": ('"row"', "is not a JSON object"),
+    "number": ("1", "is not a JSON object"),
+    "null": ("null", "is not a JSON object"),
+    "empty-object": ("{}", "must have 1 to 256 columns"),
+    "nested-list": ('{"a": [1, 2]}', "not a JSON scalar"),
+    "nested-dict": ('{"a": {"b": 1}}', "not a JSON scalar"),
+    "empty-list": ('{"a": []}', "not a JSON scalar"),
+    "nan": ('{"a": NaN}', "holds NaN, which is not JSON"),
+    "infinity": ('{"a": Infinity}', "holds Infinity, which is not JSON"),
+    "minus-infinity": ('{"a": -Infinity}', "holds -Infinity, which is not JSON"),
+    "float-overflow": ('{"a": 1e400}', "outside the float range"),
+    "int-above-int64": (f'{{"a": {INT64_MAX + 1}}}', "outside the signed 64-bit range"),
+    "int-below-int64": (f'{{"a": {INT64_MIN - 1}}}', "outside the signed 64-bit range"),
+    "int-of-5000-digits": ('{"a": ' + "9" * 5000 + "}", "outside the signed 64-bit range"),
+    "duplicate-column": ('{"a": 1, "a": 2}', "repeats a column name"),
+    "empty-name": ('{"": 1}', "column name"),
+    "name-too-long": (json.dumps({"n" * (MAX_COLUMN_NAME_CHARS + 1): 1}), "column name"),
+    "nul-in-name": ('{"a\\u0000b": 1}', "column name"),
+    "newline-in-name": ('{"a\\nb": 1}', "column name"),
+    "escape-in-name": ('{"\\u001b[31mred": 1}', "column name"),
+    "c1-control-in-name": ('{"a\\u009bb": 1}', "column name"),
+    "lone-surrogate-in-name": ('{"\\ud800": 1}', "column name"),
+    "lone-surrogate-in-value": ('{"a": "x\\udfffy"}', "lone surrogate"),
+    "reversed-pair-in-value": ('{"a": "\\ude00\\ud83d"}', "lone surrogate"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_a_row_that_is_not_one_flat_object_of_scalars_is_refused(make_session, case):
+    text, why = BAD_ROWS[case]
+    session = make_session().session
+    message = _rejected("INVALID_ARGUMENT", session.save_results, [text])
+    assert message.startswith("result row 0 "), message
+    assert why in message
+    assert len(message) < 200, "the public message never echoes the row"
+    assert session.saved_results() == []
+
+
+def test_a_call_is_kept_whole_or_not_at_all(make_session):
+    session = make_session().session
+    session.save_results(['{"kept": 1}'])
+    good = [json.dumps({"i": i}) for i in range(MAX_ROWS_PER_CALL - 1)]
+    message = _rejected("INVALID_ARGUMENT", session.save_results, [*good, '{"i": [999]}'])
+    assert message.startswith(f"result row {MAX_ROWS_PER_CALL - 1} "), "the message names the bad row"
+    assert session.saved_results() == [{"kept": 1}]
+
+
+def test_a_lone_surrogate_from_a_direct_caller_is_refused(make_session):
+    # protobuf refuses such a string on the wire; a caller in the parent might not.
+    session = make_session().session
+    message = _rejected("INVALID_ARGUMENT", session.save_results, ['{"a": 1}', '{"a": "\ud800"}'])
+    assert message == "result row 1 holds a lone surrogate"
+    assert session.saved_results() == []
+
+
+def test_rows_after_the_finish_are_refused(make_session):
+    session = make_session().session
+    session.save_results(['{"before": 1}'])
+    _finish(session)
+    message = _rejected("FAILED_PRECONDITION", session.save_results, ['{"after": 1}'])
+    assert message == "the task has already finished"
+    # What came before the finish is still there for the parent to commit.
+    assert session.saved_results() == [{"before": 1}]
+
+
+def test_rows_after_the_parent_ended_the_task_are_refused(make_session):
+    session = make_session().session
+    assert session.end_for_abuse("RpcAbuse", "kept calling")
+    _rejected("FAILED_PRECONDITION", session.save_results, ['{"a": 1}'])
+    assert session.saved_results() == []
+
+
+def test_a_finish_that_lands_while_rows_are_checked_refuses_them(make_session, monkeypatch):
+    session = make_session().session
+    check = session_module.check_row
+
+    def finish_midway(text: str) -> None:
+        if session.finish is None:
+            _finish(session)  # the result arrives on another thread while this call parses
+        check(text)
+
+    monkeypatch.setattr(session_module, "check_row", finish_midway)
+    _rejected("FAILED_PRECONDITION", session.save_results, ['{"a": 1}', '{"a": 2}'])
+    assert session.saved_results() == []
+
+
+# -- the session: caps exactly at and just beyond ---------------------------------------------
+
+
+def test_result_row_caps_are_pinned():
+    """Changing a cap changes what a task may make the parent hold: do it here, on purpose."""
+    assert MAX_ROWS_PER_CALL == 1000
+    assert MAX_ROWS_BYTES_PER_CALL == 1024 * 1024
+    assert MAX_ROW_BYTES == 64 * 1024
+    assert MAX_COLUMNS == 256
+    assert MAX_COLUMN_NAME_CHARS == 128
+    assert resultrows.MAX_ROWS_PER_TASK == 100_000
+    assert resultrows.MAX_RESULT_ROWS_BYTES_PER_TASK == 32 * 1024 * 1024
+    # Parent and child enforce the same objects, not copies.
+    assert (
+        resultrows.MAX_ROWS_PER_CALL is session_module.MAX_ROWS_PER_CALL is context_module.MAX_ROWS_PER_CALL
+    )
+    assert resultrows.MAX_ROW_BYTES is session_module.MAX_ROW_BYTES is context_module.MAX_ROW_BYTES
+
+
+def test_rows_per_call(make_session):
+    session = make_session().session
+    _rejected("INVALID_ARGUMENT", session.save_results, [])
+    rows = ['{"a": 1}'] * MAX_ROWS_PER_CALL
+    message = _rejected("INVALID_ARGUMENT", session.save_results, [*rows, '{"a": 1}'])
+    assert message == f"expected 1 to {MAX_ROWS_PER_CALL} result rows"
+    session.save_results(rows)
+    assert len(session.saved_results()) == MAX_ROWS_PER_CALL
+
+
+def test_bytes_per_row_count_utf8_bytes_not_characters(make_session):
+    session = make_session().session
+    session.save_results([_row_of_bytes(MAX_ROW_BYTES)])
+    message = _rejected("INVALID_ARGUMENT", session.save_results, [_row_of_bytes(MAX_ROW_BYTES + 1)])
+    assert message == f"result row 0 is {MAX_ROW_BYTES + 1} bytes; the limit is {MAX_ROW_BYTES}"
+    # Fewer characters than the cap, more bytes: "é" is two bytes.
+    wide = '{"a": "' + "é" * (MAX_ROW_BYTES // 2) + '"}'
+    assert len(wide) < MAX_ROW_BYTES < len(wide.encode())
+    _rejected("INVALID_ARGUMENT", session.save_results, [wide])
+    assert len(session.saved_results()) == 1
+
+
+def test_bytes_per_call(make_session):
+    session = make_session().session
+    per_call = MAX_ROWS_BYTES_PER_CALL // MAX_ROW_BYTES
+    full = [_row_of_bytes(MAX_ROW_BYTES)] * per_call
+    session.save_results(full)
+    message = _rejected("INVALID_ARGUMENT", session.save_results, [*full, '{"a": 1}'])
+    assert message == f"result rows of one call may hold at most {MAX_ROWS_BYTES_PER_CALL} bytes"
+    assert len(session.saved_results()) == per_call
+
+
+def test_columns_per_row(make_session):
+    session = make_session().session
+    session.save_results([json.dumps({f"c{i}": i for i in range(MAX_COLUMNS)})])
+    message = _rejected(
+        "INVALID_ARGUMENT", session.save_results, [json.dumps({f"c{i}": i for i in range(MAX_COLUMNS + 1)})]
+    )
+    assert message == f"result row 0 must have 1 to {MAX_COLUMNS} columns"
+    assert len(session.saved_results()[0]) == MAX_COLUMNS
+
+
+def test_column_name_characters(make_session):
+    session = make_session().session
+    longest = "é" * MAX_COLUMN_NAME_CHARS  # characters, not bytes
+    session.save_results([json.dumps({longest: 1})])
+    _rejected("INVALID_ARGUMENT", session.save_results, [json.dumps({longest + "é": 1})])
+    assert session.saved_results() == [{longest: 1}]
+
+
+def test_rows_per_task(make_session):
+    session = make_session().session
+    call = ['{"a": 1}'] * MAX_ROWS_PER_CALL
+    for _ in range(resultrows.MAX_ROWS_PER_TASK // MAX_ROWS_PER_CALL - 1):
+        session.save_results(call)
+    session.save_results(call[:-1])
+    # One short of the cap: a call of two is refused whole, a call of one fits it exactly.
+    message = _rejected("RESOURCE_EXHAUSTED", session.save_results, ['{"a": 2}', '{"a": 3}'])
+    assert message == f"at most {resultrows.MAX_ROWS_PER_TASK} result rows per task (99999 saved already)"
+    session.save_results(['{"last": true}'])
+    _rejected("RESOURCE_EXHAUSTED", session.save_results, ['{"a": 4}'])
+    rows = session.saved_results()
+    assert len(rows) == resultrows.MAX_ROWS_PER_TASK
+    assert rows[-1] == {"last": True}
+
+
+def test_bytes_per_task(make_session):
+    session = make_session().session
+    full = [_row_of_bytes(MAX_ROW_BYTES)] * (MAX_ROWS_BYTES_PER_CALL // MAX_ROW_BYTES)
+    for _ in range(resultrows.MAX_RESULT_ROWS_BYTES_PER_TASK // MAX_ROWS_BYTES_PER_CALL - 1):
+        session.save_results(full)
+    session.save_results([*full[:-1], _row_of_bytes(MAX_ROW_BYTES - 9)])
+    # 9 bytes left: a 10-byte row is refused, a 9-byte row fills the budget exactly.
+    message = _rejected("RESOURCE_EXHAUSTED", session.save_results, ['{"ab": 12}'])
+    assert message.startswith(f"at most {resultrows.MAX_RESULT_ROWS_BYTES_PER_TASK} bytes of result rows")
+    session.save_results(['{"a": 12}'])
+    _rejected("RESOURCE_EXHAUSTED", session.save_results, ["{}"])  # refused before it is parsed
+    assert session._results.bytes == resultrows.MAX_RESULT_ROWS_BYTES_PER_TASK
+    assert session.saved_results()[-1] == {"a": 12}
+
+
+def test_concurrent_calls_never_pass_the_task_cap(make_session, monkeypatch):
+    monkeypatch.setattr(resultrows, "MAX_ROWS_PER_TASK", 2500)
+    session = make_session().session
+    session.save_results(['{"a": 0}'] * 1000)
+    outcomes: list[str] = []
+    start = threading.Barrier(4)
+
+    def save(n: int) -> None:
+        start.wait()
+        try:
+            session.save_results([json.dumps({"thread": n})] * 1000)
+            outcomes.append("kept")
+        except RequestRejected as exc:
+            outcomes.append(exc.code)
+
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(RPC_TIMEOUT)
+    assert sorted(outcomes) == ["RESOURCE_EXHAUSTED"] * 3 + ["kept"]
+    assert len(session.saved_results()) == 2000
+
+
+# -- the servicer through a real server on a Unix socket ---------------------------------------
+
+
+@dataclass
+class Served:
+    """A task server for a session, a raw stub and a protocol's ctx on it."""
+
+    session: TaskSession
+    server: TaskServer
+    stub: pb_grpc.SandboxStub
+    auth: tuple[tuple[str, str], ...]
+    ctx: Context
+    client: ParentClient
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    """Serve a session on a fresh socket, with a stub and a ``Context`` on it; all closed after."""
+    cleanups: list[Callable[[], None]] = []
+
+    def make(kit: SessionKit, **server_kwargs: Any) -> Served:
+        sock_dir = Path(tempfile.mkdtemp(prefix="se-rows-", dir="/tmp"))
+        cleanups.append(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
+        token = secrets.token_urlsafe(32)
+        server = TaskServer(kit.session, token, sock_dir / "s.sock", **server_kwargs)
+        server.start()
+        cleanups.append(lambda: server.stop(grace=0.2))
+        channel = grpc.insecure_channel(f"unix:{sock_dir / 's.sock'}", options=[("grpc.enable_retries", 0)])
+        cleanups.append(channel.close)
+        stub = pb_grpc.SandboxStub(channel)
+        auth = ((TOKEN_METADATA_KEY, token),)
+        client = ParentClient(stub, auth)
+        ctx = Context(pb.TaskConfig(task_id=kit.task_id, chunk_bytes=1024), client, tmp_path / "scratch")
+        return Served(kit.session, server, stub, auth, ctx, client)
+
+    yield make
+    for cleanup in reversed(cleanups):
+        cleanup()
+
+
+def _status(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()
+
+
+def test_save_results_over_the_wire(make_session, serve):
+    s = serve(make_session())
+    rows = pb.ResultRows(rows_json=['{"file": "a.csv", "n": 1}', '{"file": "b.csv", "n": 2}'])
+    assert s.stub.SaveResults(rows, metadata=s.auth, timeout=RPC_TIMEOUT) == pb.Ack()
+    assert s.session.saved_results() == [{"file": "a.csv", "n": 1}, {"file": "b.csv", "n": 2}]
+
+
+def test_refusals_over_the_wire_carry_their_code_and_reason(make_session, serve):
+    s = serve(make_session())
+
+    def save(*texts: str) -> tuple[grpc.StatusCode, str]:
+        request = pb.ResultRows(rows_json=list(texts))
+        return _status(lambda: s.stub.SaveResults(request, metadata=s.auth, timeout=RPC_TIMEOUT))
+
+    assert save('{"a": 1}', '{"a": {"nested": 1}}') == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "result row 1 has a value that is not a JSON scalar (string, number, boolean or null)",
+    )
+    assert save() == (grpc.StatusCode.INVALID_ARGUMENT, f"expected 1 to {MAX_ROWS_PER_CALL} result rows")
+    unsigned = ((TOKEN_METADATA_KEY, "forged"),)
+    code, _ = _status(
+        lambda: s.stub.SaveResults(
+            pb.ResultRows(rows_json=['{"a": 1}']), metadata=unsigned, timeout=RPC_TIMEOUT
+        )
+    )
+    assert code is grpc.StatusCode.UNAUTHENTICATED
+    _finish(s.session)
+    assert save('{"a": 1}') == (grpc.StatusCode.FAILED_PRECONDITION, "the task has already finished")
+    assert s.session.saved_results() == []
+
+
+def test_a_call_larger_than_the_message_cap_is_refused_and_the_server_still_answers(make_session, serve):
+    s = serve(make_session())
+    huge = pb.ResultRows(rows_json=[_row_of_bytes(MAX_ROW_BYTES)] * 40)  # 2.5 MiB: past any cap
+    code, _ = _status(lambda: s.stub.SaveResults(huge, metadata=s.auth, timeout=RPC_TIMEOUT))
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The largest call the contract allows fits the server's message cap.
+    full = pb.ResultRows(
+        rows_json=[_row_of_bytes(MAX_ROW_BYTES)] * (MAX_ROWS_BYTES_PER_CALL // MAX_ROW_BYTES)
+    )
+    s.stub.SaveResults(full, metadata=s.auth, timeout=RPC_TIMEOUT)
+    many = pb.ResultRows(
+        rows_json=[_row_of_bytes(MAX_ROWS_BYTES_PER_CALL // MAX_ROWS_PER_CALL)] * MAX_ROWS_PER_CALL
+    )
+    s.stub.SaveResults(many, metadata=s.auth, timeout=RPC_TIMEOUT)
+    assert len(s.session.saved_results()) == len(full.rows_json) + MAX_ROWS_PER_CALL
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _RecordingContext:
+    code: grpc.StatusCode | None = None
+    details = ""
+    trailers: tuple[tuple[str, str], ...] = ()
+
+    def set_trailing_metadata(self, trailers: tuple[tuple[str, str], ...]) -> None:
+        self.trailers = tuple(trailers)
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+        raise _Aborted
+
+
+def test_rows_are_charged_to_the_task_per_ten(make_session):
+    session = make_session().session
+    servicer = SandboxServicer(session, CallLimiter(rate_per_s=0.001, burst=150))
+    rows = pb.ResultRows(rows_json=['{"a": 1}'] * MAX_ROWS_PER_CALL)
+    assert MAX_ROWS_PER_CALL // ROWS_PER_TOKEN <= 150 < 2 * (MAX_ROWS_PER_CALL // ROWS_PER_TOKEN)
+    servicer.SaveResults(rows, _RecordingContext())  # type: ignore[arg-type]
+    context = _RecordingContext()
+    with pytest.raises(_Aborted):
+        servicer.SaveResults(rows, context)  # type: ignore[arg-type]
+    assert (context.code, context.details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED)
+    assert context.trailers == ((RATE_LIMITED_TRAILER, "1"),)
+    assert len(session.saved_results()) == MAX_ROWS_PER_CALL, "the refused call kept nothing"
+
+
+def test_a_task_saving_its_whole_row_cap_is_slowed_at_most_never_refused():
+    # A full call must fit the burst (a call costing more is never admitted),
+    # and the time the budget takes to refill for one must be shorter than the
+    # child's backoff waits before it gives up.
+    call_cost = 1 + MAX_ROWS_PER_CALL // ROWS_PER_TOKEN
+    assert call_cost <= RATE_BURST
+    backoff, delay = 0.0, context_module.RATE_BACKOFF_S
+    for _ in range(context_module.RATE_RETRIES - 1):
+        backoff += delay
+        delay = min(delay * 2, 0.5)
+    assert call_cost / RATE_PER_S < backoff / 4
+    # The whole task cap in full calls: seconds of budget, not a rate kill.
+    whole = resultrows.MAX_ROWS_PER_TASK // MAX_ROWS_PER_CALL * call_cost
+    assert (whole - RATE_BURST) / RATE_PER_S < 10
+
+
+# -- the protocol's ctx ------------------------------------------------------------------------
+
+
+def test_ctx_rows_reach_the_session_with_their_types(make_session, serve):
+    s = serve(make_session())
+    rows = [
+        {"file": "a.csv", "n": 3, "mean": 0.1, "ok": True, "note": None, "name": "café ☕"},
+        {"file": "b.csv", "n": INT64_MIN, "mean": -0.0, "ok": False},
+    ]
+    s.ctx.save_results(rows)
+    s.ctx.save_results(iter([{"generated": i} for i in range(3)]))
+    assert s.session.saved_results() == [*rows, {"generated": 0}, {"generated": 1}, {"generated": 2}]
+
+
+def test_ctx_splits_rows_into_calls_by_count_and_by_bytes(make_session, serve, monkeypatch):
+    s = serve(make_session())
+    calls: list[tuple[int, int]] = []
+    real = s.session.save_results
+
+    def counting(rows_json: list[str]) -> None:
+        calls.append((len(rows_json), sum(len(text.encode()) for text in rows_json)))
+        real(rows_json)
+
+    monkeypatch.setattr(s.session, "save_results", counting)
+    s.ctx.save_results({"i": i} for i in range(2 * MAX_ROWS_PER_CALL + 500))
+    assert [rows for rows, _ in calls] == [MAX_ROWS_PER_CALL, MAX_ROWS_PER_CALL, 500]
+    calls.clear()
+    row_bytes = MAX_ROW_BYTES - 100
+    pad = "x" * (row_bytes - len(json.dumps({"i": 10, "pad": ""}, separators=(",", ":"))))
+    s.ctx.save_results([{"i": i, "pad": pad} for i in range(10, 50)])
+    per_call = MAX_ROWS_BYTES_PER_CALL // row_bytes  # 16 rows of 65,436 bytes fit 1 MiB, 17 do not
+    assert calls == [(per_call, per_call * row_bytes)] * 2 + [
+        (40 - 2 * per_call, (40 - 2 * per_call) * row_bytes)
+    ]
+    saved = s.session.saved_results()
+    assert [row["i"] for row in saved] == [*range(2 * MAX_ROWS_PER_CALL + 500), *range(10, 50)]
+
+
+class _Opaque:
+    pass
+
+
+LOCAL_REFUSALS: dict[str, tuple[object, str]] = {
+    "a-single-dict": ({"a": 1}, "wrap a single row in a list"),
+    "a-string": ("rows", "wrap a single row in a list"),
+    "row-not-a-mapping": (
+        [{"a": 1}, [("a", 1)]],
+        f"result row {MAX_ROWS_PER_CALL + 2} is a list, not a dict",
+    ),
+    "empty-row": ([{}], f"result row {MAX_ROWS_PER_CALL + 1} has 0 columns"),
+    "too-many-columns": ([{f"c{i}": 1 for i in range(MAX_COLUMNS + 1)}], "257 columns"),
+    "int-key": ([{1: "a"}], "column name 1 is not a string"),
+    "empty-key": ([{"": 1}], "column name '' is not"),
+    "long-key": ([{"k" * (MAX_COLUMN_NAME_CHARS + 1): 1}], "characters free of control characters"),
+    "nul-in-key": ([{"a\0": 1}], "column name 'a\\x00'"),
+    "nested-list": ([{"a": [1]}], "column 'a': a list is not a JSON scalar"),
+    "nested-dict": ([{"a": {"b": 1}}], "column 'a': a dict is not a JSON scalar"),
+    "tuple": ([{"a": (1, 2)}], "a tuple is not a JSON scalar"),
+    "decimal": ([{"a": Decimal("1.5")}], "a Decimal is not a JSON scalar"),
+    "object": ([{"a": _Opaque()}], "a _Opaque is not a JSON scalar"),
+    "bytes": ([{"a": b"x"}], "a bytes is not a JSON scalar"),
+    "nan": ([{"a": math.nan}], "nan is not a JSON number"),
+    "infinity": ([{"a": -math.inf}], "-inf is not a JSON number"),
+    "int-too-large": ([{"a": INT64_MAX + 1}], "integer outside signed 64 bits"),
+    "lone-surrogate": ([{"a": "\udc00"}], "lone surrogate"),
+    "row-too-large": ([{"a": "x" * MAX_ROW_BYTES}], f"the limit is {MAX_ROW_BYTES}"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOCAL_REFUSALS))
+def test_ctx_refuses_a_bad_row_before_sending_anything(make_session, serve, case):
+    rows, why = LOCAL_REFUSALS[case]
+    s = serve(make_session())
+    good = [{"fine": i} for i in range(MAX_ROWS_PER_CALL + 1)]  # a full call's worth before the bad row
+    with pytest.raises(ReportRefused) as info:
+        s.ctx.save_results(rows if not isinstance(rows, list) else [*good, *rows])  # type: ignore[arg-type]
+    assert why in str(info.value)
+    assert info.value.code == "", "refused locally, not by the parent"
+    assert isinstance(info.value, ValueError) and isinstance(info.value, SandboxError)
+    assert s.session.saved_results() == []
+
+
+def test_ctx_largest_row_is_accepted_by_the_parent(make_session, serve):
+    s = serve(make_session())
+    pad = MAX_ROW_BYTES - len('{"a":""}')
+    s.ctx.save_results([{"a": "x" * pad}])
+    with pytest.raises(ReportRefused):
+        s.ctx.save_results([{"a": "x" * (pad + 1)}])
+    assert s.session.saved_results() == [{"a": "x" * pad}]
+
+
+def test_a_parent_refusal_is_a_report_refused_with_its_code_and_what_was_saved(
+    make_session, serve, monkeypatch
+):
+    monkeypatch.setattr(resultrows, "MAX_ROWS_PER_TASK", 1500)
+    s = serve(make_session())
+    with pytest.raises(ReportRefused) as info:
+        s.ctx.save_results({"i": i} for i in range(2500))
+    assert info.value.code == "RESOURCE_EXHAUSTED"
+    assert "result rows 1000 to 1999 refused: at most 1500 result rows per task" in str(info.value)
+    assert "(1000 row(s) of this call saved before them)" in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert len(s.session.saved_results()) == 1000
+    _finish(s.session)
+    with pytest.raises(ReportRefused) as info:
+        s.ctx.save_results([{"late": True}])
+    assert info.value.code == "FAILED_PRECONDITION"
+
+
+def test_ctx_with_the_parent_gone_raises_report_refused_not_a_grpc_error(make_session, serve):
+    s = serve(make_session())
+    s.server.stop(grace=0)
+    with pytest.raises(SandboxError) as info:
+        s.ctx.save_results([{"a": 1}])
+    assert type(info.value) is ReportRefused
+    assert not isinstance(info.value, grpc.RpcError)
+    assert info.value.code == "UNAVAILABLE"
+
+
+def test_ctx_over_the_rate_cap_is_slowed_not_failed(make_session, serve):
+    # A low cap, so that full calls of rows must wait for the budget to refill.
+    s = serve(make_session(), rate_per_s=200.0, burst=1 + MAX_ROWS_PER_CALL // ROWS_PER_TOKEN + 20)
+    s.ctx.save_results({"i": i} for i in range(5 * MAX_ROWS_PER_CALL))
+    assert len(s.session.saved_results()) == 5 * MAX_ROWS_PER_CALL
+    assert s.client.rate_limited > 0, "the cap was never reached: this test shows nothing"
+    assert not s.session.finished.is_set(), "refused for rate, never ended for abuse"
+
+
+# -- the real runtime: a protocol's rows and its logging ---------------------------------------
+
+
+def _run_runtime(session: TaskSession, scratch: Path, stderr_path: Path) -> int:
+    """Run the real runtime in a subprocess against a server for ``session``; its exit status."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="se-rows-", dir="/tmp"))
+    server = None
+    try:
+        token = secrets.token_urlsafe(32)
+        (sock_dir / "token").write_text(token)
+        server = TaskServer(session, token, sock_dir / "sandbox.sock")
+        server.start()
+        args = ["--socket", str(sock_dir / "sandbox.sock"), "--token-file", str(sock_dir / "token")]
+        with stderr_path.open("wb") as stderr:
+            done = subprocess.run(
+                [sys.executable, "-c", RUNTIME, str(scratch), *args],
+                cwd=REPO,
+                stderr=stderr,
+                stdout=subprocess.DEVNULL,
+                timeout=45,
+                check=False,
+            )
+        return done.returncode
+    finally:
+        if server is not None:
+            server.stop(grace=0.2)
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+PROTOCOL_ROWS_AND_LOGS = """\
+import logging
+
+log = logging.getLogger("proto.stats")
+log.info("imported")
+
+
+def run(ctx):
+    log.debug("not shown at INFO")
+    ctx.save_results([{"file": "a.csv", "n": 2}, {"file": "b.csv", "n": 5}])
+    logging.info("saved %d rows", 2)
+    return "done"
+"""
+
+
+def test_a_protocols_rows_and_log_lines_reach_the_parent(make_session, make_protocol, tmp_path):
+    bundle = make_protocol(PROTOCOL_ROWS_AND_LOGS)
+    session = make_session(config=runtime_config("task-1", bundle)).session
+    assert _run_runtime(session, tmp_path / "scratch", tmp_path / "stderr") == 0
+    assert session.finish is not None and session.finish.result == "done", session.finish
+    assert session.saved_results() == [{"file": "a.csv", "n": 2}, {"file": "b.csv", "n": 5}]
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    # Logged at import too: logging is set up before protocol code is loaded.
+    assert lines == ["INFO proto.stats: imported", "INFO root: saved 2 rows"], lines
+
+
+PROTOCOL_OWN_LOGGING = """\
+import logging
+
+logging.basicConfig(level=logging.DEBUG, format="MINE %(levelname)s %(message)s")
+
+
+def run(ctx):
+    logging.getLogger("proto").debug("detail")
+    logging.getLogger("proto").warning("careful")
+    return "done"
+"""
+
+
+def test_a_protocol_that_configures_logging_gets_exactly_its_own(make_session, make_protocol, tmp_path):
+    bundle = make_protocol(PROTOCOL_OWN_LOGGING)
+    session = make_session(config=runtime_config("task-1", bundle)).session
+    assert _run_runtime(session, tmp_path / "scratch", tmp_path / "stderr") == 0
+    assert session.finish is not None and session.finish.result == "done", session.finish
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert lines == ["MINE DEBUG detail", "MINE WARNING careful"], lines
+
+
+PROTOCOL_OWN_HANDLER = """\
+import logging
+import sys
+
+log = logging.getLogger("proto")
+handler = logging.StreamHandler(sys.stderr)
+handler.setFormatter(logging.Formatter("OWN %(name)s %(message)s"))
+log.addHandler(handler)
+
+
+def run(ctx):
+    log.info("once")
+    logging.getLogger("other").info("by the sandbox's handler")
+    return "done"
+"""
+
+
+def test_a_protocols_own_handler_is_not_doubled_by_the_sandboxs(make_session, make_protocol, tmp_path):
+    bundle = make_protocol(PROTOCOL_OWN_HANDLER)
+    session = make_session(config=runtime_config("task-1", bundle)).session
+    assert _run_runtime(session, tmp_path / "scratch", tmp_path / "stderr") == 0
+    assert session.finish is not None and session.finish.result == "done", session.finish
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert lines == ["OWN proto once", "INFO other: by the sandbox's handler"], lines
+
+
+def test_the_protocol_authors_docs_state_the_caps_in_force():
+    doc = Context.save_results.__doc__ or ""
+    mib = 1024 * 1024
+    facts = [
+        f"1 to {MAX_COLUMNS} columns",
+        f"names of 1 to {MAX_COLUMN_NAME_CHARS} characters",
+        f"at most {MAX_ROW_BYTES // 1024} KiB of JSON per row",
+        f"calls of up to {MAX_ROWS_PER_CALL} rows (and {MAX_ROWS_BYTES_PER_CALL // mib} MiB)",
+        f"{resultrows.MAX_ROWS_PER_TASK:,} rows",
+        f"and {resultrows.MAX_RESULT_ROWS_BYTES_PER_TASK // mib} MiB in all",
+    ]
+    missing = [fact for fact in facts if fact not in " ".join(doc.split())]
+    assert not missing, f"Context.save_results's docstring disagrees with the caps: {missing}"
