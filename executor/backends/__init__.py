@@ -7,6 +7,7 @@ that claim isolation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -83,6 +84,18 @@ class ContainerBackend(Protocol):
 
     def stderr_tail(self, container_id: str, lines: int) -> str:
         """The last ``lines`` lines the container wrote to stderr."""
+        ...
+
+    def follow_output(self, container_id: str) -> Iterator[tuple[str, bytes]]:
+        """The started container's output as it is written, from its start until it stops.
+
+        Yields ``(stream, chunk)`` pairs, ``stream`` being ``"stdout"`` or
+        ``"stderr"``; chunks of one stream come in order, the two streams'
+        relative order is not kept. The iterator ends when the container
+        stops or is removed, and never raises: an engine error ends it
+        (logged at debug). Following never keeps the container alive nor
+        delays its removal; closing the iterator stops following.
+        """
         ...
 
     def remove(self, container_id: str) -> None:

@@ -6,12 +6,17 @@ from :meth:`~FakeBackend.start` on: a callable that plays the sandbox and
 returns how the container ends. Ready-made programs script the ends the
 supervisor must tell apart::
 
-    exits(3, stderr="boom")   exits by itself with status 3
-    out_of_memory()           killed by the kernel's OOM killer (137, OOMKilled)
-    killed_from_outside()     SIGKILLed by someone other than the executor (137)
-    hangs()                   never exits until killed
-    lost()                    the engine loses track of it (``wait`` raises)
-    host_runtime(scratch)     runs the real init and child runtime as host processes
+    exits(3, stderr="boom")     exits by itself with status 3
+    prints(("stdout", "hi"))    writes output (``follow_output`` yields it), then exits 0
+    out_of_memory()             killed by the kernel's OOM killer (137, OOMKilled)
+    killed_from_outside()       SIGKILLed by someone other than the executor (137)
+    hangs()                     never exits until killed
+    lost()                      the engine loses track of it (``wait`` raises)
+    host_runtime(scratch)       runs the real init and child runtime as host processes
+
+What a program writes (:meth:`FakeContainer.write`) is what
+:meth:`FakeBackend.follow_output` yields, from the container's start until it
+ends, as an engine's log follow does.
 
 Engine errors are scripted per call (``create_errors``, ``start_errors``: one
 entry per call, ``None`` for a call that succeeds), and every call is recorded
@@ -30,7 +35,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +44,12 @@ from executor.errors import ContainerError, ImageNotFoundError
 
 # What an engine reports for a container ended by SIGKILL (128 + 9).
 SIGKILL_EXIT = 137
+# Output one fake container keeps for its followers (the engine's log is
+# capped too); writes beyond it are counted in FakeContainer.output_dropped.
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+# Characters of stderr kept for stderr_tail.
+MAX_STDERR_CHARS = 64 * 1024
+OUTPUT_STREAMS = ("stdout", "stderr")
 
 Program = Callable[["FakeContainer"], "ExitInfo | None"]
 
@@ -49,7 +60,9 @@ class FakeContainer:
     Attributes:
         id: The container id.
         spec: What it was created from.
-        stderr: What ``stderr_tail`` returns; a program may set it.
+        stderr: What ``stderr_tail`` returns; a program may set it, or
+            :meth:`write` to it.
+        output_dropped: Bytes written past :data:`MAX_OUTPUT_BYTES`, not kept.
         killed: Whether a kill (or a forced remove) ended it while it ran.
         removed: Whether it was removed.
     """
@@ -67,6 +80,10 @@ class FakeContainer:
         self._lost: BaseException | None = None
         self._lock = threading.Lock()
         self._on_kill: list[Callable[[], None]] = []
+        self._output: list[tuple[str, bytes]] = []
+        self._output_bytes = 0
+        self.output_dropped = 0
+        self._output_changed = threading.Condition()
 
     @property
     def running(self) -> bool:
@@ -93,6 +110,7 @@ class FakeContainer:
                 return
             self._exit = info
             self._ended.set()
+        self._wake_followers()
 
     def lose(self, error: BaseException) -> None:
         """The engine loses the container: ``wait`` raises ``error``."""
@@ -101,6 +119,46 @@ class FakeContainer:
                 return
             self._lost = error
             self._ended.set()
+        self._wake_followers()
+
+    def write(self, stream: str, data: bytes | str) -> None:
+        """Write ``data`` to the container's ``stream`` (``stdout`` or ``stderr``), as its process would."""
+        if stream not in OUTPUT_STREAMS:
+            raise ValueError(f"stream must be one of {OUTPUT_STREAMS}, got {stream!r}")
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        if not raw:
+            return
+        if stream == "stderr":
+            self.stderr = (self.stderr + raw.decode("utf-8", "replace"))[-MAX_STDERR_CHARS:]
+        with self._output_changed:
+            room = MAX_OUTPUT_BYTES - self._output_bytes
+            if len(raw) > room:
+                self.output_dropped += len(raw) - max(room, 0)
+                raw = raw[: max(room, 0)]
+            if raw:
+                self._output.append((stream, raw))
+                self._output_bytes += len(raw)
+            self._output_changed.notify_all()
+
+    def follow(self) -> Iterator[tuple[str, bytes]]:
+        """Everything written, then what is written, until the container ends or is removed."""
+        if not self.started.is_set():
+            return  # like an engine's follow of a container that never ran
+        seen = 0
+        while True:
+            with self._output_changed:
+                while seen == len(self._output) and not (self._ended.is_set() or self.removed):
+                    self._output_changed.wait()
+                fresh = self._output[seen:]
+                seen += len(fresh)
+                done = self._ended.is_set() or self.removed
+            yield from fresh
+            if done and not fresh:
+                return
+
+    def _wake_followers(self) -> None:
+        with self._output_changed:
+            self._output_changed.notify_all()
 
     def kill(self) -> None:
         """SIGKILL it: a running container ends with status 137."""
@@ -130,7 +188,7 @@ class FakeContainer:
             try:
                 info = program(self)
             except BaseException as exc:  # a broken program is a crash, like a sandbox's
-                self.stderr += f"fake program failed: {exc!r}\n"
+                self.write("stderr", f"fake program failed: {exc!r}\n")
                 info = ExitInfo(1)
             self.end(info if info is not None else ExitInfo(0))
 
@@ -225,12 +283,22 @@ class FakeBackend:
         text = self._get(container_id).stderr
         return "".join(text.splitlines(keepends=True)[-lines:])
 
+    def follow_output(self, container_id: str) -> Iterator[tuple[str, bytes]]:
+        """What the container's program writes (:meth:`FakeContainer.write`), until it ends or is removed."""
+        self._record("follow_output", container_id)
+        try:
+            container = self._get(container_id)
+        except ContainerError:
+            return iter(())
+        return container.follow()
+
     def remove(self, container_id: str) -> None:
         """Force-remove it (a running container is killed first)."""
         self._record("remove", container_id)
         container = self._get(container_id)
         container.kill()
         container.removed = True
+        container._wake_followers()
 
     def list_managed(self) -> list[tuple[str, dict[str, str]]]:
         """The fake's containers not yet removed, plus :attr:`managed`."""
@@ -251,12 +319,24 @@ class FakeBackend:
 # -- scripted programs ------------------------------------------------------
 
 
-def exits(code: int = 0, stderr: str = "") -> Program:
-    """The container exits by itself with ``code`` at once, having written ``stderr``."""
+def exits(code: int = 0, stderr: str = "", stdout: str = "") -> Program:
+    """The container exits by itself with ``code`` at once, having written ``stdout`` and ``stderr``."""
 
     def program(container: FakeContainer) -> ExitInfo:
-        container.stderr += stderr
+        container.write("stdout", stdout)
+        container.write("stderr", stderr)
         return ExitInfo(code)
+
+    return program
+
+
+def prints(*chunks: tuple[str, bytes | str], then: Program | None = None) -> Program:
+    """The container writes ``(stream, data)`` chunks in order, then ends as ``then`` (exit 0 by default)."""
+
+    def program(container: FakeContainer) -> ExitInfo | None:
+        for stream, data in chunks:
+            container.write(stream, data)
+        return (then or exits(0))(container)
 
     return program
 
@@ -265,7 +345,7 @@ def out_of_memory(stderr: str = "") -> Program:
     """The kernel's OOM killer ends the container."""
 
     def program(container: FakeContainer) -> ExitInfo:
-        container.stderr += stderr
+        container.write("stderr", stderr)
         return ExitInfo(SIGKILL_EXIT, oom_killed=True)
 
     return program
@@ -275,7 +355,7 @@ def killed_from_outside(stderr: str = "") -> Program:
     """Someone other than the executor SIGKILLs the container (e.g. ``docker kill``)."""
 
     def program(container: FakeContainer) -> ExitInfo:
-        container.stderr += stderr
+        container.write("stderr", stderr)
         return ExitInfo(SIGKILL_EXIT)
 
     return program
@@ -371,14 +451,17 @@ def host_runtime(scratch_dir: Path, *, stderr_bytes: int = 16 * 1024) -> Program
     The server, session, lifeline and supervisor are then driven for real
     without Docker. A kill SIGKILLs the whole process group, as an engine
     kills a container; an exit by a signal is reported as ``128 + signal``.
-    Nothing here confines the protocol: use it only with trusted test code.
+    The processes' stdout and stderr are the container's output, written as
+    they come (``follow_output`` yields them); ``stderr_tail`` keeps the last
+    ``stderr_bytes`` characters. Nothing here confines the protocol: use it
+    only with trusted test code.
     """
 
     def program(container: FakeContainer) -> ExitInfo:
         proc = subprocess.Popen(
             host_command(container.spec, scratch_dir),
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
@@ -387,14 +470,28 @@ def host_runtime(scratch_dir: Path, *, stderr_bytes: int = 16 * 1024) -> Program
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
 
+        def pump(stream: str, fd: int) -> None:
+            while chunk := os.read(fd, 64 * 1024):
+                container.write(stream, chunk)
+
+        assert proc.stdout is not None and proc.stderr is not None
+        readers = [
+            threading.Thread(target=pump, args=(name, pipe.fileno()), daemon=True)
+            for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))
+        ]
+        for reader in readers:
+            reader.start()
         container.on_kill(kill_group)
         if container.wait_killed(0):  # killed before the process existed
             kill_group()
-        _, err = proc.communicate()
+        for reader in readers:  # until end-of-file, as communicate() would
+            reader.join()
+        proc.stdout.close()
+        proc.stderr.close()
+        code = proc.wait()
         # The group may outlive its leader (a runtime init left behind).
         kill_group()
-        container.stderr += err[-stderr_bytes:].decode("utf-8", "replace")
-        code = proc.returncode
+        container.stderr = container.stderr[-stderr_bytes:]
         return ExitInfo(128 - code if code < 0 else code)
 
     return program
