@@ -29,15 +29,30 @@ if TYPE_CHECKING:
         LimitError,
         MailboxLimitError,
         PolicyError,
+        ProjectDatabaseError,
         ProtocolBundleError,
+        ResultLimitError,
         SandboxExecutorError,
         TransportError,
+    )
+    from executor.hooks import (
+        AlgorithmProgress,
+        BatchRun,
+        Event,
+        EventsFile,
+        FailedFilesSaved,
+        LogLine,
+        ResultsSaved,
+        TaskContext,
+        TaskEnded,
+        TaskStarted,
     )
     from executor.mailbox.crypto import TaskKeys
     from executor.mailbox.transport import Channel, Envelope, NoModellerTransport, Route, Transport
     from executor.outcome import ErrorDetail, Outcome, Status
     from executor.policy import IsolationPolicy
     from executor.policy_file import PolicySet, load_policy_file
+    from executor.projectdb import ProjectDatabase
     from executor.runner import Executor
     from executor.spec import InferenceLimits, TaskFlags, TaskSpec
     from executor.testing import InMemoryTransport, LocalModeller
@@ -77,10 +92,25 @@ _LAZY: dict[str, str] = {
     "LimitError": "executor.errors",
     "MailboxLimitError": "executor.errors",
     "FileLimitError": "executor.errors",
+    "ResultLimitError": "executor.errors",
+    "ProjectDatabaseError": "executor.errors",
+    "ProjectDatabase": "executor.projectdb",
+    "Event": "executor.hooks",
+    "TaskContext": "executor.hooks",
+    "TaskStarted": "executor.hooks",
+    "AlgorithmProgress": "executor.hooks",
+    "BatchRun": "executor.hooks",
+    "ResultsSaved": "executor.hooks",
+    "FailedFilesSaved": "executor.hooks",
+    "LogLine": "executor.hooks",
+    "TaskEnded": "executor.hooks",
+    "EventsFile": "executor.hooks",
 }
 
 __all__ = [
+    "AlgorithmProgress",
     "BackendError",
+    "BatchRun",
     "CapacityError",
     "Channel",
     "ConfigurationError",
@@ -90,7 +120,10 @@ __all__ = [
     "EngineUnavailableError",
     "Envelope",
     "ErrorDetail",
+    "Event",
+    "EventsFile",
     "Executor",
+    "FailedFilesSaved",
     "FileLimitError",
     "HostError",
     "ImageNotFoundError",
@@ -99,18 +132,26 @@ __all__ = [
     "IsolationPolicy",
     "LimitError",
     "LocalModeller",
+    "LogLine",
     "MailboxLimitError",
     "NoModellerTransport",
     "Outcome",
     "PolicyError",
     "PolicySet",
+    "ProjectDatabase",
+    "ProjectDatabaseError",
     "ProtocolBundleError",
+    "ResultLimitError",
+    "ResultsSaved",
     "Route",
     "SandboxExecutorError",
     "Status",
+    "TaskContext",
+    "TaskEnded",
     "TaskFlags",
     "TaskKeys",
     "TaskSpec",
+    "TaskStarted",
     "Transport",
     "TransportError",
     "__version__",

@@ -57,9 +57,14 @@ def container_spec(
     policy: IsolationPolicy,
     task_dir: TaskDir,
     bundle_path: Path,
-    data_dir: Path,
+    data_mounts: list[Mount],
 ) -> ContainerSpec:
-    """The one container of a task: the only host paths it sees, labelled for the reaper."""
+    """The one container of a task: the only host paths it sees, labelled for the reaper.
+
+    ``data_mounts`` put the task's data view at :data:`SANDBOX_DATA` (see
+    :class:`executor.dataview.DataView`): the directory, plus one read-only
+    bind mount per file when the view could not be made of hard links.
+    """
     return ContainerSpec(
         name=f"sandbox-{task_id[:40]}-{uuid.uuid4().hex[:6]}",
         command=sandbox_command(),
@@ -67,7 +72,7 @@ def container_spec(
         mounts=[
             Mount(task_dir.ipc, SANDBOX_IPC),
             Mount(bundle_path, SANDBOX_PROTOCOL),
-            Mount(data_dir, SANDBOX_DATA),
+            *data_mounts,
             Mount(task_dir.resolv_conf, SANDBOX_RESOLV_CONF),
         ],
         labels={

@@ -81,6 +81,15 @@ class Outcome:
         error: Why it did not end OK.
         files: Per-file outcomes the protocol reported: datasource-relative
             name -> ``(FileKind, reason)``.
+        selection: Which datasource files the parent let the task see, as
+            counts: ``total``, ``selected``, ``skipped_processed``,
+            ``skipped_failed``, ``over_limit`` (see :mod:`executor.dataview`).
+        batches: For a batched run: ``total`` planned, ``completed`` (ended
+            OK and committed) and ``size`` (files per batch).
+        saved_rows: Result rows the protocol saved that the parent committed
+            to the project database.
+        task_hash: The hash the project database keeps the task's files and
+            results under.
     """
 
     task_id: str
@@ -90,6 +99,10 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)
     error: ErrorDetail | None = None
     files: dict[str, tuple[FileKind, str]] = field(default_factory=dict)
+    selection: dict[str, int] | None = None
+    batches: dict[str, int] | None = None
+    saved_rows: int = 0
+    task_hash: str = ""
 
     @property
     def ok(self) -> bool:
@@ -109,6 +122,14 @@ class Outcome:
             out["error"] = self.error.to_dict()
         if self.files:
             out["files"] = _files_to_dict(self.files)
+        if self.task_hash:
+            out["task_hash"] = self.task_hash
+        if self.selection is not None:
+            out["selection"] = dict(self.selection)
+        if self.batches is not None:
+            out["batches"] = dict(self.batches)
+        if self.saved_rows:
+            out["saved_rows"] = self.saved_rows
         return out
 
 

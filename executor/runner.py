@@ -1,42 +1,40 @@
-"""Run one task in one container: the parent side's entry point.
+"""Run tasks, one hardened container per batch: the parent side's entry point.
 
-:meth:`Executor.run` validates the task, makes its directory, token and gRPC
-server, creates one hardened container, waits for the sandbox's result or the
-container's end, and returns an :class:`~executor.outcome.Outcome`. The
-container, the socket and the directory are removed whatever happened.
+:meth:`Executor.run` validates the task, decides which datasource files it may
+see (:mod:`executor.dataview`, against the project database), and hands the
+plan to a :class:`~executor.taskrun.TaskRun`: per batch a fresh directory,
+token, gRPC server, data view and container, supervised to its end. It returns
+an :class:`~executor.outcome.Outcome`. Containers, sockets and directories are
+removed whatever happened.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
-from executor import serde
 from executor.backends import ContainerBackend
 from executor.bundle import check_protocol_dir, copy_bundle
+from executor.dataview import FileStamp, effective_max_files, plan_batches, scan, select
 from executor.errors import ConfigurationError, DataSourceError, host_errors
-from executor.events import ControlKind, ProgressUpdate
-from executor.launch import container_spec
-from executor.lifeline import Lifeline
-from executor.mailbox.broker import MailboxBroker
-from executor.mailbox.crypto import TaskKeys
-from executor.mailbox.transport import NoModellerTransport, Route, Transport
+from executor.events import ProgressUpdate
+from executor.hooks import Hook
+from executor.mailbox.transport import NoModellerTransport, Transport
 from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
 from executor.policy_file import PolicySet
+from executor.projectdb import ProjectDatabase
 from executor.reaper import ReapReport, new_instance_id, reap
-from executor.rpc.server import TaskServer
-from executor.rpc.session import TaskSession
 from executor.spec import TaskSpec
-from executor.supervisor import Supervisor, abort_message
 from executor.taskdir import TaskDir, default_base_dir, default_spool_dir
+from executor.taskrun import Plan, TaskRun, default_task_hash
 from executor.uids import UidPool
 
 log = logging.getLogger(__name__)
@@ -90,6 +88,13 @@ class Executor:
             see :func:`default_spool_dir`.
         uid_dir: Where the host-wide uid leases live; see
             :func:`~executor.uids.default_uid_dir`.
+        db: The project database (a path or an open one): the task ledger,
+            processed and failed files, result rows. Without it nothing is
+            recorded, and ``run_on_new_data_only`` is refused.
+        hooks: Called with every typed event of every task (:mod:`executor.hooks`),
+            each from a thread of its own: one that raises or blocks never
+            fails or stalls a task. Tasks run at once may call a hook from
+            several threads.
     """
 
     def __init__(
@@ -102,6 +107,8 @@ class Executor:
         run_dir: Path | None = None,
         spool_dir: Path | None = None,
         uid_dir: Path | None = None,
+        db: ProjectDatabase | Path | None = None,
+        hooks: Sequence[Hook] = (),
     ) -> None:
         if backend is None:
             from executor.backends.docker import DockerBackend
@@ -115,6 +122,8 @@ class Executor:
         self.run_dir = run_dir or default_base_dir()
         self.spool_dir = spool_dir or default_spool_dir()
         self.uids = UidPool(uid_dir)
+        self.db = ProjectDatabase(db) if isinstance(db, Path) else db
+        self.hooks: tuple[Hook, ...] = tuple(hooks)
         self.instance_id = new_instance_id()
         self._reaped = False
         self._reap_lock = threading.Lock()
@@ -172,7 +181,7 @@ class Executor:
         on_progress: Callable[[ProgressUpdate], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> Outcome:
-        """Run one task to its end.
+        """Run one task to its end: every batch of its selection, one container each.
 
         Args:
             spec: The task.
@@ -181,6 +190,8 @@ class Executor:
 
         Returns:
             The outcome. A protocol that fails is an outcome, not an exception.
+            When it returns, every hook has been handed every event of the task
+            (or was given up on after :data:`HOOK_DRAIN_S`).
 
         Raises:
             ConfigurationError: The protocol, data or task is unusable.
@@ -191,97 +202,71 @@ class Executor:
             HostError: The host refused the task directory, the mailbox
                 spool, a socket, the uid lock directory, or listing the run
                 or spool directory for leftovers; what was made is removed.
+            ProjectDatabaseError: The project database is unusable or stayed
+                locked too long.
         """
         started = time.monotonic()
+        started_at = datetime.now(UTC)
         policy = self.policy_for(spec.project_id)
         secrets = resolve_secrets(policy)
         task_id = spec.task_id or uuid.uuid4().hex
         check_protocol_dir(spec.protocol_dir)
         data_dir = check_data_dir(spec.data_dir, policy.uid, policy.gid)
+        if spec.flags.run_on_new_data_only and self.db is None:
+            raise ConfigurationError(
+                "run_on_new_data_only needs a project database to know what was processed: pass db="
+            )
         self.backend.check_image(policy.image)
         with self._reap_lock:
             if not self._reaped:
                 self.reap()
                 self._reaped = True
+        files = scan(data_dir)
         # A uid no other live task has (kernel per-user pools are then per task),
-        # held until the container is gone and the task directory removed.
+        # held until the last container is gone and every task directory removed.
+        # The workspace holds the bundle, which every batch's container mounts.
         with (
             self.uids.lease(policy) as lease,
-            self._task_dir(lease.uid, policy.gid) as task_dir,
+            self._task_dir(lease.uid, policy.gid) as workspace,
         ):
             policy = policy.replace(uid=lease.uid)
-            bundle = copy_bundle(spec.protocol_dir, task_dir.protocol)
-            peers = tuple(p for p in spec.pod_identifiers if p != spec.pod_identifier)
-            route = Route(task_id, spec.pod_identifier, spec.modeller_name, peers)
-            spool = self.spool_dir / task_dir.path.name
-            channel = self.transport.open(route)
-            try:
-                with host_errors("make the mailbox spool", spool):
-                    broker = MailboxBroker(
-                        route,
-                        channel,
-                        spec.keys or TaskKeys.generate(),
-                        spool,
-                        max_message_bytes=policy.max_message_bytes,
-                        max_task_bytes=policy.max_task_bytes,
-                        owner=self.instance_id,
-                    )
-            except BaseException:
-                channel.close()
-                raise
-            wake = threading.Event()
-            session = TaskSession(
-                task_id,
-                serde.task_config(spec, task_id, bundle, policy, secrets),
-                broker,
-                max_result_bytes=policy.max_result_bytes,
-                on_progress=on_progress,
-                on_finish=wake.set,
+            bundle = copy_bundle(spec.protocol_dir, workspace.protocol)
+            task_hash = spec.task_hash or default_task_hash(bundle.sha256, spec.parameters)
+            plan = self._plan(spec, task_hash, files)
+            task = TaskRun(
+                executor=self,
+                spec=spec,
+                task_id=task_id,
+                task_hash=task_hash,
+                policy=policy,
+                secrets=secrets,
+                bundle=bundle,
                 data_dir=data_dir,
+                plan=plan,
+                workspace=workspace,
+                cancel=cancel,
+                on_progress=on_progress,
+                started_at=started_at,
             )
-            try:
-                with host_errors("listen on", task_dir.socket_path):
-                    server = TaskServer(session, task_dir.token, task_dir.socket_path)
-            except BaseException:
-                broker.close()  # its spool and channel, before the error goes up
-                raise
-            server.start()
-            broker.watch_ready(lambda: session.send_control(ControlKind.MODELLER_READY))
-            lifeline: Lifeline | None = None
-            try:
-                # Held for the task's life: when this process goes, so does the sandbox.
-                with host_errors("listen on", task_dir.lifeline_path):
-                    lifeline = Lifeline(task_dir.lifeline_path)
-                lifeline.start()
-                with host_errors("hand to the sandbox user", task_dir.ipc):
-                    task_dir.grant_to_sandbox()
-                container = container_spec(
-                    task_id=task_id,
-                    project_id=spec.project_id,
-                    instance_id=self.instance_id,
-                    policy=policy,
-                    task_dir=task_dir,
-                    bundle_path=bundle.path,
-                    data_dir=data_dir,
-                )
-                supervisor = Supervisor(
-                    self.backend,
-                    container,
-                    session,
-                    wake,
-                    cancel,
-                    notify_abort=lambda reason, kind, message: broker.send_abort(
-                        abort_message(reason, kind, message)
-                    ),
-                )
-                outcome = supervisor.run()
-                outcome.timings["total"] = time.monotonic() - started
-                return dataclasses.replace(outcome, files=session.file_outcomes())
-            finally:
-                broker.close()
-                server.stop()
-                if lifeline is not None:
-                    lifeline.close()
+            outcome = task.run()
+        outcome.timings["total"] = time.monotonic() - started
+        return outcome
+
+    def _plan(self, spec: TaskSpec, task_hash: str, files: list[FileStamp]) -> Plan:
+        """Which files the task may see, and in which batches: decided here, never by the sandbox."""
+        flags = spec.flags
+        states = self.db.file_states(spec.project_id, task_hash) if self.db is not None else None
+        selection = select(
+            files,
+            processed=states.processed if states is not None and flags.run_on_new_data_only else {},
+            failed=states.failed if states is not None and flags.run_on_new_data_only else {},
+            new_data_only=flags.run_on_new_data_only,
+            force_rerun_failed=flags.force_rerun_failed_files,
+            max_files=effective_max_files(flags.test_run, spec.inference_limits.max_files),
+        )
+        batch_size = spec.effective_batch_size
+        batches, selection = plan_batches(selection, batch_size, spec.inference_limits.max_batches)
+        return Plan(selection, batches, batch_size)
 
 
 def resolve_secrets(policy: IsolationPolicy) -> dict[str, str]:

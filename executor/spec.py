@@ -12,7 +12,11 @@ from executor.errors import ConfigurationError
 from executor.mailbox.crypto import TaskKeys
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HASH_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _UINT64_MAX = 2**64 - 1
+DEFAULT_BATCH_SIZE = 16
+"""Files per batch when a task asks for batched execution without a size (the seed's default)."""
+MAX_BATCH_SIZE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,12 @@ class TaskSpec:
     public keys) stay in the parent, which does all mailbox crypto; they are
     never part of what the sandbox fetches. Without keys a fresh task key is
     made, which suits a task with no real modeller.
+
+    ``task_hash`` names the task's definition in the project database: files
+    processed, failed and results are kept per task hash. Empty means a hash of
+    the protocol bundle and its parameters. ``batch_size`` (files per batch)
+    runs the task in batches, one fresh container each; 0 means one batch, or
+    :data:`DEFAULT_BATCH_SIZE` when ``flags.batched_execution`` is set.
     """
 
     protocol_dir: Path
@@ -71,8 +81,16 @@ class TaskSpec:
     inference_limits: InferenceLimits = InferenceLimits()
     model_urls: dict[str, str] = field(default_factory=dict)
     task_hash: str = ""
+    batch_size: int = 0
     username: str = ""
     keys: TaskKeys | None = field(default=None, repr=False)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Files per batch; 0 means the whole selection in one batch."""
+        if self.batch_size:
+            return self.batch_size
+        return DEFAULT_BATCH_SIZE if self.flags.batched_execution else 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.flags, TaskFlags):
@@ -87,6 +105,18 @@ class TaskSpec:
                 raise ConfigurationError(
                     f"{name}: expected 1-64 letters, digits, '.', '_' or '-', got {value!r}"
                 )
+        if not isinstance(self.task_hash, str) or not _HASH_RE.fullmatch(self.task_hash or "x"):
+            raise ConfigurationError(
+                f"task_hash: expected 1-128 letters, digits, '.', '_', ':' or '-', got {self.task_hash!r}"
+            )
+        if (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or not 0 <= self.batch_size <= MAX_BATCH_SIZE
+        ):
+            raise ConfigurationError(
+                f"batch_size: expected a whole number from 0 to {MAX_BATCH_SIZE}, got {self.batch_size!r}"
+            )
         try:
             json.dumps(self.parameters, allow_nan=False)
             json.dumps(self.schema, allow_nan=False)

@@ -88,6 +88,8 @@ class Supervisor:
         cancel: Set by the caller to cancel the task.
         notify_abort: Sends the modeller a TASK_ABORT (reason, error type,
             message) when a task ends without OK.
+        on_start: Called with the container's id once it has started (e.g. to
+            follow its output); an exception from it is logged, never raised.
     """
 
     backend: ContainerBackend
@@ -96,6 +98,7 @@ class Supervisor:
     wake: threading.Event
     cancel: threading.Event | None = None
     notify_abort: Callable[[str, str, str], object] | None = None
+    on_start: Callable[[str], object] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -115,6 +118,11 @@ class Supervisor:
             self.backend.start(container_id)
             running_since = time.monotonic()
             self.timings["start"] = running_since - t
+            if self.on_start is not None:
+                try:
+                    self.on_start(container_id)
+                except Exception:
+                    log.exception("task %s: the start listener failed", task_id)
             outcome, reason = self._watch(container_id, running_since)
             if outcome.status is not Status.OK and outcome.error is not None:
                 self._abort_modeller(reason, outcome.error)

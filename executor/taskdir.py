@@ -9,9 +9,12 @@ who cannot list the base directory cannot find it)::
             lifeline.sock       init's one connection to the parent (gone once made)
             token               the bootstrap token, readable by the sandbox user
         protocol/               the bundle, mounted read-only at /sandbox/protocol
+        data/                   the batch's data view, mounted read-only at /data
         resolv.conf             empty, mounted read-only over /etc/resolv.conf
 
-The directory is removed whatever happens to the task.
+A batched task keeps its directory and bundle from batch to batch; each batch
+gets a fresh ``ipc/`` (:meth:`TaskDir.renew`) and ``data/`` view. The
+directory is removed whatever happens to the task.
 """
 
 from __future__ import annotations
@@ -106,11 +109,9 @@ class TaskDir:
             (self.path / OWNER_NAME).write_text(owner)
             self.path.chmod(0o711)
             self.ipc = self.path / "ipc"
-            self.ipc.mkdir(mode=0o700)
             self.protocol = self.path / "protocol"
-            fd = os.open(self.ipc / TOKEN_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(self.token)
+            self.data = self.path / "data"
+            self._make_ipc()
             self.resolv_conf = self.path / RESOLV_NAME
             fd = os.open(self.resolv_conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
             os.fchmod(fd, 0o444)  # whatever the umask
@@ -118,6 +119,23 @@ class TaskDir:
         except BaseException:
             self.remove()
             raise
+
+    def _make_ipc(self) -> None:
+        self.ipc.mkdir(mode=0o700)
+        fd = os.open(self.ipc / TOKEN_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.token)
+
+    def renew(self) -> None:
+        """A fresh IPC directory and token, for the task's next container (its next batch).
+
+        Call once the previous container is gone and its server stopped: the
+        old socket, lifeline and token go with the old directory, so nothing
+        of one batch's sandbox can reach the next one's.
+        """
+        remove_tree(self.ipc)
+        self.token = secrets.token_urlsafe(32)
+        self._make_ipc()
 
     @property
     def socket_path(self) -> Path:

@@ -98,11 +98,15 @@ def policy_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cli_env(run_dir: Path, tmp_path: Path) -> dict[str, str]:
-    """Environment for a CLI subprocess: private run and spool directories."""
+    """Environment for a CLI subprocess: private run, spool and state (database) directories."""
     import os
 
-    spool = tmp_path / "spool"
-    return {**os.environ, "SANDBOX_EXECUTOR_RUN_DIR": str(run_dir), "SANDBOX_EXECUTOR_SPOOL_DIR": str(spool)}
+    return {
+        **os.environ,
+        "SANDBOX_EXECUTOR_RUN_DIR": str(run_dir),
+        "SANDBOX_EXECUTOR_SPOOL_DIR": str(tmp_path / "spool"),
+        "SANDBOX_EXECUTOR_STATE_DIR": str(tmp_path / "state"),
+    }
 
 
 @pytest.fixture

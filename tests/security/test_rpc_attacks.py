@@ -140,7 +140,7 @@ def _host_evidence(
         for a in attacks:
             run.host_failures.setdefault(a, []).append(text)
 
-    expected_files = {"records.csv": ("FAILED", "bad")}
+    expected_files = {"records.csv": ("FAILED", "bad"), "sub/inner.csv": ("FAILED", "bad")}
     files = dict(run.outcome.files)
     if files != expected_files:
         fail(("file_names", "field_limits", "invalid_enums"), f"recorded file outcomes {files}")

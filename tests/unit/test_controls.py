@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Where the parent sends each kind.
 SENDERS = {
     ControlKind.BEAT_SEEN: "executor/rpc/session.py",
-    ControlKind.MODELLER_READY: "executor/runner.py",
+    ControlKind.MODELLER_READY: "executor/taskrun.py",
     ControlKind.CANCEL: "executor/supervisor.py",
 }
 

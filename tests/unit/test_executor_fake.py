@@ -23,6 +23,7 @@ import pytest
 
 from executor import runner as executor_module
 from executor import supervisor as supervisor_module
+from executor import taskrun
 from executor.errors import ContainerError, HostError, ImageNotFoundError, ProtocolBundleError
 from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys
@@ -348,7 +349,7 @@ def test_a_lifeline_that_cannot_be_bound_is_a_host_error_and_leaves_nothing_behi
     def refuse(path: Path) -> None:
         raise OSError(98, "Address already in use")
 
-    monkeypatch.setattr(executor_module, "Lifeline", refuse)
+    monkeypatch.setattr(taskrun, "Lifeline", refuse)
     backend = FakeBackend(exits(0))
     with pytest.raises(HostError) as info:
         kit.executor(backend).run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))

@@ -47,6 +47,19 @@ PUBLIC = {
     "LimitError": "executor.errors",
     "MailboxLimitError": "executor.errors",
     "FileLimitError": "executor.errors",
+    "ResultLimitError": "executor.errors",
+    "ProjectDatabaseError": "executor.errors",
+    "ProjectDatabase": "executor.projectdb",
+    "Event": "executor.hooks",
+    "TaskContext": "executor.hooks",
+    "TaskStarted": "executor.hooks",
+    "AlgorithmProgress": "executor.hooks",
+    "BatchRun": "executor.hooks",
+    "ResultsSaved": "executor.hooks",
+    "FailedFilesSaved": "executor.hooks",
+    "LogLine": "executor.hooks",
+    "TaskEnded": "executor.hooks",
+    "EventsFile": "executor.hooks",
 }
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from executor import serde
+from executor.backends import Mount
 from executor.bundle import Bundle
 from executor.events import ProgressKind
 from executor.launch import SANDBOX_DATA, SANDBOX_PROTOCOL, container_spec
@@ -66,7 +67,7 @@ def test_the_container_sees_only_its_mounts_and_is_labelled(tmp_path):
         policy=IsolationPolicy.hardened(),
         task_dir=Dir(),  # type: ignore[arg-type]
         bundle_path=tmp_path / "bundle",
-        data_dir=Path("/srv/data"),
+        data_mounts=[Mount(Path("/srv/data"), SANDBOX_DATA)],
     )
     assert [m.target for m in spec.mounts] == [
         "/run/sandbox",

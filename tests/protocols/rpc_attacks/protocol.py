@@ -881,9 +881,10 @@ def attack_file_names(a: Attacker) -> tuple[bool, str]:
         "\0": "file name is empty, too long or holds NUL",
         "": "file name is empty, too long or holds NUL",
         "n" * 1025: "file name is empty, too long or holds NUL",
-        "link.csv": "file name may not pass through a symlink",
-        "escape.csv": "file name may not pass through a symlink",
-        "linkdir/inner.csv": "file name may not pass through a symlink",
+        # The datasource's symlinks are never part of the task's view.
+        "link.csv": "no such file in the datasource",
+        "escape.csv": "no such file in the datasource",
+        "linkdir/inner.csv": "no such file in the datasource",
         "missing.csv": "no such file in the datasource",
         "sub/missing.csv": "no such file in the datasource",
         "sub": "file name must name a regular file",
@@ -906,6 +907,12 @@ def attack_file_names(a: Attacker) -> tuple[bool, str]:
         # One bad name refuses the whole call: the good one in it is not recorded either.
         checks.status("good and bad together", report("sub/inner.csv", "../x"), "INVALID_ARGUMENT", plain)
         checks.status("a correct name", report("records.csv"), "OK")
+        checks.status("a name in a subdirectory of the view", report("sub/inner.csv"), "OK")
+        checks.true(
+            "symlinks are not in the view",
+            not any(os.path.lexists(f"/data/{n}") for n in ("link.csv", "escape.csv", "linkdir")),
+            f"/data holds {sorted(os.listdir('/data'))}",
+        )
     finally:
         _close(channel)
     return checks.result()

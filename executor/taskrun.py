@@ -1,0 +1,503 @@
+"""One task from its selection to its ledger row: batches, containers, commits, events.
+
+:meth:`executor.runner.Executor.run` checks the task and decides its data
+selection; a :class:`TaskRun` then carries it out. The task's mailbox (channel,
+keys, quota) and its directory (with the bundle) live as long as the task; each
+batch gets a fresh container, token, socket and data view holding only that
+batch's files. When a
+batch ends OK, its result rows, processed files and failed files commit to the
+project database in one transaction; a batch that does not end OK commits
+only the failures it reported, and the task stops there, so the next run with
+``run_on_new_data_only`` starts at the first uncommitted batch.
+
+Typed events (:mod:`executor.hooks`) go to the executor's hooks as they
+happen; the ledger row is written at the start and completed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from executor import serde
+from executor.bundle import Bundle
+from executor.dataview import DataView, FileStamp, Selection
+from executor.errors import host_errors
+from executor.events import ControlKind, ProgressUpdate
+from executor.fileoutcomes import FileKind
+from executor.hooks import (
+    AlgorithmProgress,
+    BatchRun,
+    FailedFilesSaved,
+    HookDispatcher,
+    LogLine,
+    ResultsSaved,
+    TaskContext,
+    TaskEnded,
+    TaskStarted,
+)
+from executor.launch import SANDBOX_DATA, container_spec
+from executor.lifeline import Lifeline
+from executor.mailbox.broker import MailboxBroker
+from executor.mailbox.crypto import TaskKeys
+from executor.mailbox.transport import Route
+from executor.outcome import ErrorDetail, Outcome, Status
+from executor.policy import IsolationPolicy
+from executor.projectdb import MAX_LOG_TAIL_CHARS, BatchCommit, TaskEnd, TaskStart
+from executor.rpc.server import TaskServer
+from executor.rpc.session import TaskSession
+from executor.spec import TaskSpec
+from executor.supervisor import Supervisor, abort_message
+from executor.taskdir import TaskDir
+from executor.tasklog import OutputCollector
+
+if TYPE_CHECKING:
+    from executor.runner import Executor
+
+log = logging.getLogger(__name__)
+
+HOOK_DRAIN_S = 5.0
+"""How long, at a task's end, hooks get to take the events still queued for them."""
+OUTPUT_DRAIN_S = 2.0
+"""How long, after its container is gone, a batch's output may take to arrive."""
+
+
+def default_task_hash(bundle_sha256: str, parameters: dict[str, Any]) -> str:
+    """The task hash when the orchestrator gives none: the bundle's digest and the parameters."""
+    digest = hashlib.sha256(b"sandbox-executor task hash v1\0")
+    digest.update(bundle_sha256.encode())
+    digest.update(b"\0")
+    digest.update(json.dumps(parameters, sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the parent decided the task may see: the selection and its batches."""
+
+    selection: Selection
+    batches: list[tuple[FileStamp, ...]]
+    batch_size: int
+
+    @property
+    def batched(self) -> bool:
+        """Whether the task runs in batches (and the modeller hears of them)."""
+        return self.batch_size > 0
+
+
+class _ReadyRelay:
+    """Passes the modeller's readiness to whichever batch's sandbox is current."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready = False
+        self._session: TaskSession | None = None
+
+    def modeller_ready(self) -> None:
+        with self._lock:
+            self._ready = True
+            session = self._session
+        if session is not None:
+            session.send_control(ControlKind.MODELLER_READY)
+
+    def attach(self, session: TaskSession | None) -> None:
+        with self._lock:
+            self._session = session
+            ready = self._ready
+        if ready and session is not None:
+            session.send_control(ControlKind.MODELLER_READY)
+
+
+@dataclass
+class _BatchResult:
+    outcome: Outcome
+    rows: list[dict[str, Any]]
+    files: dict[str, tuple[FileKind, str]]
+    missing: frozenset[str]
+    log_tail: str
+    started_at: datetime
+    ended_at: datetime
+
+
+@dataclass
+class TaskRun:
+    """Carries out one planned task; made and run by :meth:`Executor.run`."""
+
+    executor: Executor
+    spec: TaskSpec
+    task_id: str
+    task_hash: str
+    policy: IsolationPolicy
+    secrets: dict[str, str]
+    bundle: Bundle
+    data_dir: Path
+    plan: Plan
+    workspace: TaskDir
+    started_at: datetime
+    cancel: threading.Event | None = None
+    on_progress: Callable[[ProgressUpdate], None] | None = None
+    _batch: int = 0
+    _log_tail: str = ""
+    _events: HookDispatcher | None = field(default=None, repr=False)
+
+    @property
+    def context(self) -> TaskContext:
+        """Who the task's events are about."""
+        return TaskContext(
+            task_id=self.task_id,
+            task_hash=self.task_hash,
+            project=self.spec.project_id,
+            modeller=self.spec.modeller_name,
+            datasource=self.spec.datasource_name,
+        )
+
+    def _emit(self, event: Any) -> None:
+        if self._events is not None:
+            self._events.emit(event)
+
+    def run(self) -> Outcome:
+        """Every batch in turn, until one does not end OK; the ledger and hooks hear of all."""
+        db = self.executor.db
+        self._events = HookDispatcher(self.executor.hooks)
+        ended = False
+        try:
+            if db is not None:
+                db.start_task(
+                    TaskStart(
+                        task_id=self.task_id,
+                        task_hash=self.task_hash,
+                        project=self.spec.project_id,
+                        modeller=self.spec.modeller_name,
+                        datasource=self.spec.datasource_name,
+                        bundle_sha256=self.bundle.sha256,
+                        policy=self.policy.describe(),
+                        runtime=self.policy.runtime,
+                        started_at=self.started_at,
+                        selection=self.plan.selection.counts(),
+                        total_batches=len(self.plan.batches),
+                        test_run=self.spec.flags.test_run,
+                    )
+                )
+            self._emit(
+                TaskStarted(
+                    task=self.context,
+                    selection=self.plan.selection.counts(),
+                    total_batches=len(self.plan.batches),
+                    runtime=self.policy.runtime,
+                )
+            )
+            outcome = self._run_batches()
+            self._end(outcome)
+            ended = True
+            self._emit(TaskEnded(task=self.context, outcome=outcome))
+            return outcome
+        except BaseException as exc:
+            if not ended and db is not None:
+                # The ledger never keeps a task RUNNING that this process gave up on.
+                try:
+                    self._end_ledger(Status.ERROR, type(exc).__name__, str(exc)[:1000], {}, 0)
+                except Exception:
+                    log.exception("task %s: could not close its ledger row", self.task_id)
+            raise
+        finally:
+            stats = self._events.close(HOOK_DRAIN_S)
+            log.debug("task %s: hooks: %s", self.task_id, stats)
+
+    # -- batches ---------------------------------------------------------------
+    def _run_batches(self) -> Outcome:
+        spec = self.spec
+        ex = self.executor
+        route = Route(
+            self.task_id,
+            spec.pod_identifier,
+            spec.modeller_name,
+            tuple(p for p in spec.pod_identifiers if p != spec.pod_identifier),
+        )
+        spool = ex.spool_dir / self.workspace.path.name
+        channel = ex.transport.open(route)
+        try:
+            with host_errors("make the mailbox spool", spool):
+                broker = MailboxBroker(
+                    route,
+                    channel,
+                    spec.keys or TaskKeys.generate(),
+                    spool,
+                    max_message_bytes=self.policy.max_message_bytes,
+                    max_task_bytes=self.policy.max_task_bytes,
+                    owner=ex.instance_id,
+                )
+        except BaseException:
+            channel.close()
+            raise
+        relay = _ReadyRelay()
+        try:
+            broker.watch_ready(relay.modeller_ready)
+            return self._each_batch(broker, relay)
+        finally:
+            broker.close()
+
+    def _each_batch(self, broker: MailboxBroker, relay: _ReadyRelay) -> Outcome:
+        plan = self.plan
+        total = len(plan.batches)
+        if plan.batched:
+            self._tell_modeller(broker, "NUMBER_OF_BATCHES", {"number_of_batches": total})
+        results: list[Any] = []
+        files: dict[str, tuple[FileKind, str]] = {}
+        failed_all: dict[str, str] = {}
+        timings: dict[str, float] = {}
+        saved_rows = 0
+        completed = 0
+        last: Outcome | None = None
+        for number, batch in enumerate(plan.batches, start=1):
+            if self.cancel is not None and self.cancel.is_set():
+                last = Outcome(
+                    self.task_id,
+                    Status.CANCELLED,
+                    runtime=self.policy.runtime,
+                    error=ErrorDetail(
+                        "Cancelled",
+                        f"the task was cancelled by the operator before batch {number} of {total}",
+                    ),
+                )
+                break
+            self._batch = number
+            if plan.batched:
+                self._tell_modeller(broker, "CURRENT_BATCH_ID", {"batch_id": number})
+            done = self._run_one(number, batch, broker, relay)
+            last = done.outcome
+            for phase, seconds in done.outcome.timings.items():
+                timings[phase] = timings.get(phase, 0.0) + seconds
+            files.update(done.files)
+            failed = {n: r for n, (k, r) in done.files.items() if k is FileKind.FAILED}
+            failed_all.update(failed)
+            saved_rows += self._commit(number, batch, done, failed)
+            self._emit(
+                BatchRun(
+                    task=self.context,
+                    datasource_name=self.spec.datasource_name,
+                    statistics=_batch_statistics(batch, done, failed),
+                    batch_number=number,
+                    total_batches=total,
+                )
+            )
+            results.append(done.outcome.result)
+            if not done.outcome.ok:
+                break
+            completed += 1
+        if plan.batched:
+            state = "SUCCESS" if completed == total else "FAILED"
+            self._tell_modeller(broker, "BATCHES_COMPLETE", {"state": state})
+        if failed_all:
+            self._emit(FailedFilesSaved(task=self.context, files=failed_all))
+        assert last is not None  # plan_batches always gives at least one batch
+        return dataclasses.replace(
+            last,
+            result=(results if plan.batched else last.result) if last.ok else None,
+            timings=timings,
+            files=files,
+            selection=plan.selection.counts(),
+            batches=(
+                {"total": total, "completed": completed, "size": plan.batch_size} if plan.batched else None
+            ),
+            saved_rows=saved_rows,
+            task_hash=self.task_hash,
+        )
+
+    def _tell_modeller(self, broker: MailboxBroker, message_type: str, body: dict[str, Any]) -> None:
+        """Send the seed's batch messages; a modeller that cannot be reached does not stop the task."""
+        try:
+            broker.send_bytes(message_type, json.dumps(body).encode())
+        except Exception as exc:  # the transport's failure is the modeller's loss, not the task's
+            log.info("task %s: could not send %s to the modeller: %s", self.task_id, message_type, exc)
+
+    def _commit(
+        self, number: int, batch: tuple[FileStamp, ...], done: _BatchResult, failed: dict[str, str]
+    ) -> int:
+        """Commit the batch (all of it if OK, else its failures only); the rows committed."""
+        db = self.executor.db
+        ok = done.outcome.ok
+        stamps = {f.name: f for f in batch}
+        rows = done.rows if ok else []
+        processed = (
+            [f for f in batch if f.name not in failed and f.name not in done.missing]
+            if ok and not self.spec.flags.test_run
+            else []
+        )
+        if db is not None:
+            db.commit_batch(
+                BatchCommit(
+                    task_id=self.task_id,
+                    project=self.spec.project_id,
+                    task_hash=self.task_hash,
+                    batch=number,
+                    total_batches=len(self.plan.batches),
+                    rows=rows,
+                    processed=processed,
+                    failed=[(stamps[name], reason) for name, reason in failed.items() if name in stamps],
+                    record_processed=ok and not self.spec.flags.test_run,
+                    ok=ok,
+                    started_at=done.started_at,
+                    ended_at=done.ended_at,
+                    stats=_batch_statistics(batch, done, failed),
+                )
+            )
+        if rows:
+            self._emit(ResultsSaved(task=self.context, batch=number, rows=len(rows)))
+        return len(rows) if db is not None else 0
+
+    def _run_one(
+        self, number: int, batch: tuple[FileStamp, ...], broker: MailboxBroker, relay: _ReadyRelay
+    ) -> _BatchResult:
+        """One batch in one fresh container, whose /data holds only ``batch``."""
+        started_at = datetime.now(UTC)
+        task_dir = self.workspace
+        if number > 1:
+            with host_errors("renew the IPC directory in", task_dir.path):
+                task_dir.renew()
+        with host_errors("make the data view in", task_dir.path):
+            view = DataView(task_dir.data, self.data_dir, batch, gid=self.policy.gid)
+        try:
+            return self._serve(number, view, broker, relay, started_at)
+        finally:
+            view.remove()
+
+    def _serve(
+        self, number: int, view: DataView, broker: MailboxBroker, relay: _ReadyRelay, started_at: datetime
+    ) -> _BatchResult:
+        """Serve one batch's sandbox from the task directory until its container is gone."""
+        ex = self.executor
+        task_dir = self.workspace
+        wake = threading.Event()
+        session = TaskSession(
+            self.task_id,
+            serde.task_config(self.spec, self.task_id, self.bundle, self.policy, self.secrets),
+            broker,
+            max_result_bytes=self.policy.max_result_bytes,
+            on_progress=self._progress,
+            on_finish=wake.set,
+            data_dir=view.path,
+        )
+        with host_errors("listen on", task_dir.socket_path):
+            server = TaskServer(session, task_dir.token, task_dir.socket_path)
+        server.start()
+        relay.attach(session)
+        lifeline: Lifeline | None = None
+        collector = OutputCollector(
+            ex.backend, self.task_id, on_line=lambda stream, line: self._line(number, stream, line)
+        )
+        try:
+            # Held for the batch's life: when this process goes, so does the sandbox.
+            with host_errors("listen on", task_dir.lifeline_path):
+                lifeline = Lifeline(task_dir.lifeline_path)
+            lifeline.start()
+            with host_errors("hand to the sandbox user", task_dir.ipc):
+                task_dir.grant_to_sandbox()
+            container = container_spec(
+                task_id=self.task_id,
+                project_id=self.spec.project_id,
+                instance_id=ex.instance_id,
+                policy=self.policy,
+                task_dir=task_dir,
+                bundle_path=self.bundle.path,
+                data_mounts=view.mounts(SANDBOX_DATA),
+            )
+            supervisor = Supervisor(
+                ex.backend,
+                container,
+                session,
+                wake,
+                self.cancel,
+                notify_abort=lambda reason, kind, message: broker.send_abort(
+                    abort_message(reason, kind, message)
+                ),
+                on_start=collector.start,
+            )
+            outcome = supervisor.run()
+        finally:
+            relay.attach(None)
+            server.stop()
+            if lifeline is not None:
+                lifeline.close()
+            collector.stop(OUTPUT_DRAIN_S)
+        self._keep_tail(number, collector.tail())
+        return _BatchResult(
+            outcome=outcome,
+            rows=session.saved_results(),
+            files=session.file_outcomes(),
+            missing=frozenset(view.missing),
+            log_tail=collector.tail(),
+            started_at=started_at,
+            ended_at=datetime.now(UTC),
+        )
+
+    # -- events ----------------------------------------------------------------
+    def _progress(self, update: ProgressUpdate) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(update)
+            except Exception:  # the caller's listener must not fail the sandbox's call
+                log.exception("task %s: the progress listener failed", self.task_id)
+        self._emit(AlgorithmProgress(task=self.context, update=update, batch=self._batch))
+
+    def _line(self, batch: int, stream: str, line: str) -> None:
+        self._emit(LogLine(task=self.context, stream=stream, line=line, batch=batch))
+
+    def _keep_tail(self, batch: int, tail: str) -> None:
+        if not tail:
+            return
+        marker = f"--- batch {batch} ---\n" if self.plan.batched else ""
+        self._log_tail = (self._log_tail + marker + tail)[-MAX_LOG_TAIL_CHARS:]
+
+    # -- the ledger --------------------------------------------------------------
+    def _end(self, outcome: Outcome) -> None:
+        error = outcome.error
+        self._end_ledger(
+            outcome.status,
+            error.type if error is not None else "",
+            error.message if error is not None else "",
+            outcome.timings,
+            (outcome.batches or {}).get("completed", 1 if outcome.ok else 0),
+        )
+
+    def _end_ledger(
+        self, status: Status, error_type: str, message: str, timings: dict[str, float], done: int
+    ) -> None:
+        db = self.executor.db
+        if db is None:
+            return
+        db.end_task(
+            TaskEnd(
+                task_id=self.task_id,
+                status=status.value,
+                error_type=error_type,
+                error_message=message,
+                timings=dict(timings),
+                ended_at=datetime.now(UTC),
+                log_tail=self._log_tail,
+                batches_done=done,
+                selection=self.plan.selection.counts(),
+            )
+        )
+
+
+def _batch_statistics(
+    batch: tuple[FileStamp, ...], done: _BatchResult, failed: dict[str, str]
+) -> dict[str, Any]:
+    """What a batch did, for its BatchRun event and its database row."""
+    return {
+        "status": done.outcome.status.value,
+        "files": len(batch),
+        "failed": len(failed),
+        "processed": len(batch) - len(failed) - len(done.missing) if done.outcome.ok else 0,
+        "missing": len(done.missing),
+        "rows": len(done.rows),
+        "duration_s": (done.ended_at - done.started_at).total_seconds(),
+    }
