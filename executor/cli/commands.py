@@ -1,4 +1,8 @@
-"""The operator's command line: ``sandbox-executor run PROTOCOL_DIR --data DATA_DIR``.
+"""The operator's command line: ``sandbox-executor run PROTOCOL_DIR --data DATA_DIR`` and friends.
+
+``run`` records what ran in a project database (``--db``, by default one under
+the executor's state directory); ``results``, ``failed-files`` and ``tasks``
+read it back.
 
 Exit status: 0 when the task ended OK, 1 when it ended otherwise, 2 when it
 could not be run at all (bad input, no engine, no image), 130 when a second
@@ -42,6 +46,33 @@ def _parse_param(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _count(text: str) -> int:
+    """A whole number from 0, for the counting options."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0, got {value}")
+    return value
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="project database (default: projects.sqlite under the executor's state directory)",
+    )
+
+
+def _db_path(args: argparse.Namespace) -> Path:
+    from executor.projectdb import default_db_path
+
+    return args.db if args.db is not None else default_db_path()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
     parser = argparse.ArgumentParser(
@@ -63,6 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="protocol parameter; VALUE is JSON if it parses, else a string",
     )
     run.add_argument("--policy", type=Path, metavar="FILE", help="isolation policy file (TOML)")
+    _add_db(run)
+    run.add_argument(
+        "--task-hash",
+        default="",
+        metavar="H",
+        help="name of the task's definition in the database (default: hash of the bundle and parameters)",
+    )
+    run.add_argument(
+        "--new-data-only",
+        action="store_true",
+        help="show the task only files new or changed since this task hash last processed them",
+    )
+    run.add_argument(
+        "--force-rerun-failed",
+        action="store_true",
+        help="with --new-data-only, also retry files that failed before",
+    )
+    run.add_argument(
+        "--test-run", action="store_true", help="a trial on a few files; none is marked processed"
+    )
+    run.add_argument("--max-files", type=_count, default=0, metavar="N", help="show the task at most N files")
+    run.add_argument(
+        "--batch-size",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="run in batches of N files, a container each",
+    )
+    run.add_argument("--max-batches", type=_count, default=0, metavar="N", help="run at most N batches")
+    run.add_argument("--events", type=Path, metavar="FILE", help="append every event as a JSON line to FILE")
     run.add_argument("--json", action="store_true", help="print one JSON object with the outcome")
     policy = sub.add_parser("policy", help="check or show isolation policy files")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -71,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     show = policy_sub.add_parser("show", help="print a project's effective policy as JSON")
     show.add_argument("file", type=Path, metavar="FILE")
     show.add_argument("--project", default="default", metavar="NAME")
+    results = sub.add_parser("results", help="show the result rows tasks saved in the project database")
+    _add_db(results)
+    results.add_argument("--project", default="default", metavar="NAME")
+    results.add_argument("--task-hash", default=None, metavar="H")
+    results.add_argument("--json", action="store_true", help="print one JSON object")
+    failed = sub.add_parser("failed-files", help="show the files that failed, with reasons and attempts")
+    _add_db(failed)
+    failed.add_argument("--project", default="default", metavar="NAME")
+    failed.add_argument("--task-hash", default=None, metavar="H")
+    failed.add_argument("--json", action="store_true", help="print one JSON object")
+    tasks = sub.add_parser("tasks", help="show the task ledger: what ran, on what, and how it ended")
+    _add_db(tasks)
+    tasks.add_argument("--project", default=None, metavar="NAME")
+    tasks.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_parser("doctor", help="check the engine, runtimes and images, and say how to fix what is missing")
     reap = sub.add_parser("reap", help="remove containers and directories left by dead executors")
     reap.add_argument(
@@ -88,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "reap":
             return _reap(args)
+        if args.command in ("results", "failed-files", "tasks"):
+            return _records(args)
         if args.command == "policy":
             return _policy(args)
         if args.command == "doctor":
@@ -110,8 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from executor.mailbox.transport import NoModellerTransport
+    from executor.projectdb import ProjectDatabase
     from executor.runner import Executor
-    from executor.spec import TaskSpec
+    from executor.spec import InferenceLimits, TaskFlags, TaskSpec
 
     spec = TaskSpec(
         protocol_dir=args.protocol_dir,
@@ -120,12 +198,29 @@ def _run(args: argparse.Namespace) -> int:
         task_id=args.task_id,
         parameters=dict(args.param),
         datasource_name=args.data.name,
+        task_hash=args.task_hash,
+        batch_size=args.batch_size,
+        flags=TaskFlags(
+            batched_execution=args.batch_size > 0,
+            test_run=args.test_run,
+            run_on_new_data_only=args.new_data_only,
+            force_rerun_failed_files=args.force_rerun_failed,
+        ),
+        inference_limits=InferenceLimits(max_files=args.max_files, max_batches=args.max_batches),
     )
     policies = None
     if args.policy is not None:
         from executor.policy_file import load_policy_file
 
         policies = load_policy_file(args.policy)
+    db = ProjectDatabase(_db_path(args))
+    hooks: list[Any] = []
+    events_file = None
+    if args.events is not None:
+        from executor.hooks import EventsFile
+
+        events_file = EventsFile(args.events)
+        hooks.append(events_file)
     cancel = threading.Event()
 
     def on_sigint(signum: int, frame: FrameType | None) -> None:
@@ -140,16 +235,20 @@ def _run(args: argparse.Namespace) -> int:
     transport = NoModellerTransport()
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        with Executor(policies=policies, transport=transport) as executor:
-            if args.json:
+        if args.json:
+            with Executor(policies=policies, transport=transport, db=db, hooks=hooks) as executor:
                 outcome = executor.run(spec, cancel=cancel)
-            else:
-                from executor.cli.display import ProgressDisplay
+        else:
+            from executor.cli.display import ProgressDisplay
 
-                with ProgressDisplay() as display:
-                    outcome = executor.run(spec, on_progress=display.update, cancel=cancel)
+            with ProgressDisplay() as display:
+                hooks.append(display.on_event)
+                with Executor(policies=policies, transport=transport, db=db, hooks=hooks) as executor:
+                    outcome = executor.run(spec, cancel=cancel)
     finally:
         transport.close()
+        if events_file is not None:
+            events_file.close()
         signal.signal(signal.SIGINT, previous)
 
     discarded = transport.discarded(outcome.task_id).messages
@@ -166,6 +265,17 @@ def _run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     return EXIT_OK if outcome.ok else EXIT_TASK_FAILED
+
+
+def _records(args: argparse.Namespace) -> int:
+    from executor.cli import records
+
+    path = _db_path(args)
+    if args.command == "results":
+        return records.results_command(path, args.project, args.task_hash, args.json)
+    if args.command == "failed-files":
+        return records.failed_files_command(path, args.project, args.task_hash, args.json)
+    return records.tasks_command(path, args.project, args.json)
 
 
 def _policy(args: argparse.Namespace) -> int:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from executor.dataview import view_method
 from executor.errors import SandboxExecutorError
 from executor.policy import DEFAULT_IMAGE
+from executor.projectdb import default_db_path
 from executor.taskdir import default_base_dir, default_spool_dir
 
 IMAGES = {
@@ -61,11 +64,27 @@ def checks() -> list[Check]:
                     f"image {image}", False, "missing", fix, required=image != "sandbox-executor/numpy:latest"
                 )
             )
-    for name, path in (("task directories", default_base_dir()), ("spool", default_spool_dir())):
-        parent = path if path.exists() else path.parent
-        ok = os.access(parent, os.W_OK | os.X_OK)
-        out.append(Check(name, ok, str(path), f"make {parent} writable, or set SANDBOX_EXECUTOR_*_DIR"))
+    for name, path in (
+        ("task directories", default_base_dir()),
+        ("spool", default_spool_dir()),
+        ("project database", default_db_path()),
+    ):
+        out.append(
+            Check(name, _writable(path), str(path), f"make {path} writable, or set SANDBOX_EXECUTOR_*_DIR")
+        )
+    # How a task's data view is made: never a copy of the data.
+    out.append(Check("data views", True, view_method(default_base_dir())))
     return out
+
+
+def _writable(path: Path) -> bool:
+    """Whether this process can write ``path``, or make it in its nearest existing directory."""
+    if path.is_file():
+        return os.access(path, os.W_OK)
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return os.access(parent, os.W_OK | os.X_OK)
 
 
 def run_doctor() -> int:
