@@ -533,12 +533,6 @@ class DataView:
         if len(self._binds) >= MAX_BIND_FILES:
             raise DataSourceError(_too_many_binds(None))
         source = real_root / stamp.name
-        if ":" in str(source):
-            # The engine takes binds as "source:target:mode"; a colon would break the spec.
-            raise DataSourceError(
-                f"data file {str(source)!r} cannot be bind-mounted (its path holds ':'); "
-                f"put the run directory ({ENV_BASE}) on the data's filesystem so hard links work"
-            )
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
         try:
             os.fchmod(fd, 0o444)  # whatever the umask

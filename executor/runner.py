@@ -22,7 +22,7 @@ from pathlib import Path
 
 from executor.backends import ContainerBackend
 from executor.bundle import check_protocol_dir, copy_bundle
-from executor.dataview import FileStamp, effective_max_files, plan_batches, scan, select
+from executor.dataview import METHODS, FileStamp, effective_max_files, plan_batches, scan, select
 from executor.errors import ConfigurationError, DataSourceError, host_errors
 from executor.events import ProgressUpdate
 from executor.hooks import Hook
@@ -91,6 +91,10 @@ class Executor:
         db: The project database (a path or an open one): the task ledger,
             processed and failed files, result rows. Without it nothing is
             recorded, and ``run_on_new_data_only`` is refused.
+        view_method: How data views are made (:class:`~executor.dataview.DataView`):
+            ``"auto"`` (hard links where the data shares the run directory's
+            filesystem, else read-only bind mounts per file), ``"hardlink"``
+            or ``"bind"``.
         hooks: Called with every typed event of every task (:mod:`executor.hooks`),
             each from a thread of its own: one that raises or blocks never
             fails or stalls a task. Tasks run at once may call a hook from
@@ -109,6 +113,7 @@ class Executor:
         uid_dir: Path | None = None,
         db: ProjectDatabase | Path | None = None,
         hooks: Sequence[Hook] = (),
+        view_method: str = "auto",
     ) -> None:
         if backend is None:
             from executor.backends.docker import DockerBackend
@@ -124,6 +129,11 @@ class Executor:
         self.uids = UidPool(uid_dir)
         self.db = ProjectDatabase(db) if isinstance(db, Path) else db
         self.hooks: tuple[Hook, ...] = tuple(hooks)
+        if view_method not in METHODS:
+            raise ConfigurationError(
+                f"view_method: expected one of {', '.join(METHODS)}, got {view_method!r}"
+            )
+        self.view_method = view_method
         self.instance_id = new_instance_id()
         self._reaped = False
         self._reap_lock = threading.Lock()

@@ -363,7 +363,9 @@ class TaskRun:
             with host_errors("renew the IPC directory in", task_dir.path):
                 task_dir.renew()
         with host_errors("make the data view in", task_dir.path):
-            view = DataView(task_dir.data, self.data_dir, batch, gid=self.policy.gid)
+            view = DataView(
+                task_dir.data, self.data_dir, batch, gid=self.policy.gid, method=self.executor.view_method
+            )
         try:
             return self._serve(number, view, broker, relay, started_at)
         finally:

@@ -23,7 +23,7 @@ LABEL_PARENT = f"{LABEL_PREFIX}.parent"
 
 @dataclass(frozen=True)
 class Mount:
-    """A host directory bind-mounted into the sandbox."""
+    """A host directory or file bind-mounted into the sandbox (read-only unless said otherwise)."""
 
     source: Path
     target: str

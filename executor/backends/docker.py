@@ -22,6 +22,7 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
+from docker.types import Mount as DockerMount
 
 from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
 from executor.errors import (
@@ -116,9 +117,12 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         ],
         "shm_size": "16m",
         "log_config": LogConfig(type="json-file", config={"max-size": STDERR_LOG_MAX, "max-file": "1"}),
-        "volumes": {
-            str(m.source): {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in spec.mounts
-        },
+        # Mount objects, not "src:dst:mode" strings: a host path may hold ':'
+        # (a datasource file's name), and one source may be mounted twice.
+        "mounts": [
+            DockerMount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only)
+            for m in spec.mounts
+        ],
         "hostname": "sandbox",
         "stdin_open": False,
         "detach": True,

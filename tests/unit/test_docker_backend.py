@@ -35,13 +35,20 @@ def test_hardening_is_always_on():
     assert kw["read_only"] is True
     assert kw["init"] is False  # pid 1 is the runtime's own, untraceable init
     assert kw["user"] == "10001:10001"
-    assert kw["volumes"]["/host/ipc"] == {"bind": "/run/sandbox", "mode": "ro"}
+    mounts = {m["Target"]: m for m in kw["mounts"]}
+    assert mounts["/run/sandbox"] == {
+        "Target": "/run/sandbox",
+        "Source": "/host/ipc",
+        "Type": "bind",
+        "ReadOnly": True,
+    }
     assert "noexec" in kw["tmpfs"]["/tmp"] and "size=64m" in kw["tmpfs"]["/tmp"]
     assert kw["mem_limit"] == kw["memswap_limit"] == "1024m"
     assert kw["pids_limit"] == 128
     assert {u.name: u.hard for u in kw["ulimits"]} == {"nofile": 1024, "core": 0, "msgqueue": 819_200}
-    assert all(v["mode"] == "ro" for v in kw["volumes"].values())
-    assert "/var/run/docker.sock" not in kw["volumes"]
+    assert "volumes" not in kw
+    assert all(m["ReadOnly"] and m["Type"] == "bind" for m in kw["mounts"])
+    assert "/var/run/docker.sock" not in {m["Source"] for m in kw["mounts"]}
     assert not kw["environment"]
 
 
