@@ -104,7 +104,8 @@ runsc: ## Install gVisor (Debian's runsc) and register it with the engine (root)
 .PHONY: demo
 demo: images ## Build everything, then run the examples: one task, then FedAvg across two pods
 	$(VENV)/bin/sandbox-executor run examples/protocols/column_stats --data examples/data/hospital_a \
-	  --project demo --param columns='["age","systolic_bp"]'
+	  --project demo --task-hash column-stats-demo --param columns='["age","systolic_bp"]'
+	$(VENV)/bin/sandbox-executor tasks --project demo --limit 1
 	$(VPY) examples/fedavg_demo.py --rounds 10
 
 .PHONY: test

@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="show the task ledger: what ran, on what, and how it ended")
     _add_db(tasks)
     tasks.add_argument("--project", default=None, metavar="NAME")
+    tasks.add_argument("--limit", type=_count, default=0, metavar="N", help="the newest N tasks only")
     tasks.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_parser("doctor", help="check the engine, runtimes and images, and say how to fix what is missing")
     reap = sub.add_parser("reap", help="remove containers and directories left by dead executors")
@@ -275,7 +276,7 @@ def _records(args: argparse.Namespace) -> int:
         return records.results_command(path, args.project, args.task_hash, args.json)
     if args.command == "failed-files":
         return records.failed_files_command(path, args.project, args.task_hash, args.json)
-    return records.tasks_command(path, args.project, args.json)
+    return records.tasks_command(path, args.project, args.json, args.limit or None)
 
 
 def _policy(args: argparse.Namespace) -> int:

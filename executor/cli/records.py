@@ -95,13 +95,13 @@ def failed_files_command(db_path: Path, project: str, task_hash: str | None, as_
     return 0
 
 
-def tasks_command(db_path: Path, project: str | None, as_json: bool) -> int:
-    """Print the task ledger (of one project if given), newest first.
+def tasks_command(db_path: Path, project: str | None, as_json: bool, limit: int | None = None) -> int:
+    """Print the task ledger (of one project if given), newest first; at most ``limit`` tasks.
 
     Raises:
         ProjectDatabaseError: There is no database at ``db_path``, or it is unusable.
     """
-    records = _open(db_path).tasks(project)
+    records = _open(db_path).tasks(project, limit=limit)
     if as_json:
         _print_json({"project": project, "tasks": [_task(r) for r in records]})
         return 0

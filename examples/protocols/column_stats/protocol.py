@@ -1,8 +1,10 @@
 """Example protocol: summary statistics of numeric columns across a pod's CSV files.
 
-It reads the datasource read-only, reports one progress step per file, sends
-its summary to the modeller as a TRAINING_UPDATE through the proxy mailbox, and
-returns the same summary as the task's result. Only aggregates leave the pod.
+It reads the files the pod let it see (read-only), reports one progress step
+and one processed file per file, saves one result row per column in the pod's
+project database (``ctx.save_results``), sends its summary to the modeller as
+a TRAINING_UPDATE through the proxy mailbox, and returns the same summary as
+the task's result. Only aggregates leave the pod.
 """
 
 import csv
@@ -35,6 +37,7 @@ def run(ctx):
                     s["min"] = min(s["min"], x)
                     s["max"] = max(s["max"], x)
         ctx.progress.step(i, len(files), info=path.name)
+        ctx.file_processed(path.name)
     ctx.progress.run_end()
 
     summary = {"files": len(files), "rows": rows, "columns": {}}
@@ -49,5 +52,7 @@ def run(ctx):
             "min": s["min"] if n else None,
             "max": s["max"] if n else None,
         }
+    if summary["columns"]:
+        ctx.save_results([{"column": column, **values} for column, values in summary["columns"].items()])
     ctx.mailbox.send("TRAINING_UPDATE", json.dumps(summary).encode())
     return summary
