@@ -245,7 +245,7 @@ def select(
     files: Iterable[FileStamp],
     *,
     processed: Mapping[str, tuple[int, int]],
-    failed: Mapping[str, object],
+    failed: Mapping[str, tuple[int, int]],
     new_data_only: bool,
     force_rerun_failed: bool,
     max_files: int | None,
@@ -254,8 +254,10 @@ def select(
 
     In name order, a file is:
 
-    - skipped as failed if its name is in ``failed``, unless ``force_rerun_failed``
-      (a forced rerun selects it even when it is also unchanged);
+    - skipped as failed if ``failed`` holds its exact ``(size, mtime_ns)`` (it
+      failed and has not changed since), unless ``force_rerun_failed`` (a forced
+      rerun selects it even when it is also unchanged); a failed file that
+      changed is new data;
     - else, with ``new_data_only``, skipped as processed if ``processed`` holds its
       exact ``(size, mtime_ns)``: a changed or new file is selected;
     - else selected, until ``max_files`` (``None`` or 0: no limit) are; the rest
@@ -267,7 +269,7 @@ def select(
     total = skipped_processed = skipped_failed = over_limit = 0
     for f in sorted(files, key=lambda f: f.name):
         total += 1
-        if f.name in failed:
+        if failed.get(f.name) == (f.size, f.mtime_ns):
             if not force_rerun_failed:
                 skipped_failed += 1
                 continue
@@ -607,6 +609,23 @@ def _protected_hardlinks() -> bool:
         return Path("/proc/sys/fs/protected_hardlinks").read_text().strip() == "1"
     except OSError:
         return False
+
+
+def check_view_budget(run_dir: Path, data_dir: Path, method: str, largest_batch: int) -> None:
+    """Refuse, before anything starts, a plan whose views would need too many bind mounts.
+
+    Views need bind mounts when asked to (``method="bind"``) or, with
+    ``"auto"``, when the run directory and the data are on different
+    filesystems, so that hard links cannot be made.
+
+    Raises:
+        DataSourceError: A batch of ``largest_batch`` files would need more
+            than :data:`MAX_BIND_FILES` bind mounts.
+    """
+    if largest_batch <= MAX_BIND_FILES or method == "hardlink":
+        return
+    if method == "bind" or os.stat(data_dir).st_dev != _device(run_dir):
+        raise DataSourceError(_too_many_binds(largest_batch))
 
 
 def view_method(run_dir: Path, data_dir: Path | None = None) -> str:

@@ -236,10 +236,13 @@ class FileStates:
     Attributes:
         processed: name -> (size, mtime_ns) of each file processed OK.
         failed: name -> (reason, attempts) of each file that failed.
+        failed_stamps: name -> (size, mtime_ns) of each failed file as it
+            was when it last failed (a file changed since is new data).
     """
 
     processed: dict[str, tuple[int, int]] = field(default_factory=dict)
     failed: dict[str, tuple[str, int]] = field(default_factory=dict)
+    failed_stamps: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -691,14 +694,16 @@ class ProjectDatabase:
                     (project, task_hash),
                 )
             }
-            failed = {
-                str(name): (str(reason), int(attempts))
-                for name, reason, attempts in conn.execute(
-                    "SELECT name, reason, attempts FROM failed_files WHERE project = ? AND task_hash = ?",
-                    (project, task_hash),
-                )
-            }
-        return FileStates(processed=processed, failed=failed)
+            failed: dict[str, tuple[str, int]] = {}
+            failed_stamps: dict[str, tuple[int, int]] = {}
+            for name, reason, attempts, size, mtime_ns in conn.execute(
+                "SELECT name, reason, attempts, size, mtime_ns FROM failed_files"
+                " WHERE project = ? AND task_hash = ?",
+                (project, task_hash),
+            ):
+                failed[str(name)] = (str(reason), int(attempts))
+                failed_stamps[str(name)] = (int(size), int(mtime_ns))
+        return FileStates(processed=processed, failed=failed, failed_stamps=failed_stamps)
 
     def commit_batch(self, commit: BatchCommit) -> None:
         """Store a batch's results, processed and failed files, batch row and progress, all or nothing.

@@ -22,7 +22,15 @@ from pathlib import Path
 
 from executor.backends import ContainerBackend
 from executor.bundle import check_protocol_dir, copy_bundle
-from executor.dataview import METHODS, FileStamp, effective_max_files, plan_batches, scan, select
+from executor.dataview import (
+    METHODS,
+    FileStamp,
+    check_view_budget,
+    effective_max_files,
+    plan_batches,
+    scan,
+    select,
+)
 from executor.errors import ConfigurationError, DataSourceError, host_errors
 from executor.events import ProgressUpdate
 from executor.hooks import Hook
@@ -242,7 +250,7 @@ class Executor:
             policy = policy.replace(uid=lease.uid)
             bundle = copy_bundle(spec.protocol_dir, workspace.protocol)
             task_hash = spec.task_hash or default_task_hash(bundle.sha256, spec.parameters)
-            plan = self._plan(spec, task_hash, files)
+            plan = self._plan(spec, task_hash, data_dir, files)
             task = TaskRun(
                 executor=self,
                 spec=spec,
@@ -262,20 +270,21 @@ class Executor:
         outcome.timings["total"] = time.monotonic() - started
         return outcome
 
-    def _plan(self, spec: TaskSpec, task_hash: str, files: list[FileStamp]) -> Plan:
+    def _plan(self, spec: TaskSpec, task_hash: str, data_dir: Path, files: list[FileStamp]) -> Plan:
         """Which files the task may see, and in which batches: decided here, never by the sandbox."""
         flags = spec.flags
         states = self.db.file_states(spec.project_id, task_hash) if self.db is not None else None
         selection = select(
             files,
             processed=states.processed if states is not None and flags.run_on_new_data_only else {},
-            failed=states.failed if states is not None and flags.run_on_new_data_only else {},
+            failed=states.failed_stamps if states is not None and flags.run_on_new_data_only else {},
             new_data_only=flags.run_on_new_data_only,
             force_rerun_failed=flags.force_rerun_failed_files,
             max_files=effective_max_files(flags.test_run, spec.inference_limits.max_files),
         )
         batch_size = spec.effective_batch_size
         batches, selection = plan_batches(selection, batch_size, spec.inference_limits.max_batches)
+        check_view_budget(self.run_dir, data_dir, self.view_method, max(map(len, batches)))
         return Plan(selection, batches, batch_size)
 
 

@@ -22,6 +22,7 @@ out of memory                   KILLED      ``OutOfMemory``
 killed from outside             KILLED      ``Killed``
 exited without a result         ERROR       ``ContainerExited``
 the engine lost the container   ERROR       ``ContainerLost``
+a batch could not be recorded   ERROR       ``NotRecorded``
 ==============================  ==========  ==============================
 
 A protocol that has already sent its own TASK_ABORT (``ctx.mailbox.

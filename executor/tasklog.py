@@ -10,7 +10,8 @@ later line is dropped and counted. Memory stays bounded whatever arrives (a
 100 MB line without a newline costs one line's worth).
 
 Each kept line goes to the logger ``executor.task.<task_id>`` (stdout at
-INFO, stderr at WARNING, with ``task_id`` and ``stream`` in the record), to an
+INFO, stderr at WARNING unless the line is a log record the protocol wrote at
+INFO or DEBUG through the runtime's logging set-up, with ``task_id`` and ``stream`` in the record), to an
 ``on_line`` callback, and to a tail of the last :data:`MAX_TAIL_CHARS` for
 the ledger. The parent's own notes about dropped lines come as lines of the
 stream :data:`NOTE_STREAM`. Lines are sandbox text: control characters are
@@ -47,6 +48,21 @@ NOTE_STREAM = "executor"
 # any UTF-8 text (at most 4 bytes a character).
 _MAX_LINE_BYTES = MAX_LINE_CHARS * 4
 _LEVELS = {"stdout": logging.INFO, "stderr": logging.WARNING, NOTE_STREAM: logging.WARNING}
+# A stderr line the runtime's logging set-up wrote ("INFO name: message", see
+# executor.sandbox.runtime.LOG_FORMAT) keeps its level; the level is all the
+# sandbox can choose, never above WARNING, so it cannot fake an error.
+_RECORD_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO}
+
+
+def line_level(stream: str, text: str) -> int:
+    """The level a sandbox's output line is logged at in the parent."""
+    if stream == "stderr":
+        level = _RECORD_LEVELS.get(text.partition(" ")[0])
+        if level is not None:
+            return level
+    return _LEVELS.get(stream, logging.INFO)
+
+
 # Failures of on_line logged with a traceback; later ones are only counted.
 _MAX_LOGGED_CALLBACK_FAILURES = 3
 
@@ -331,7 +347,7 @@ class OutputCollector:
     def _pass(self, stream: str, text: str) -> None:
         """Log ``text``, keep it in the tail, hand it to ``on_line``."""
         self.logger.log(
-            _LEVELS.get(stream, logging.INFO), "%s", text, extra={"task_id": self.task_id, "stream": stream}
+            line_level(stream, text), "%s", text, extra={"task_id": self.task_id, "stream": stream}
         )
         entry = text + "\n"
         self._tail.append(entry)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from executor import serde
 from executor.bundle import Bundle
 from executor.dataview import DataView, FileStamp, Selection
-from executor.errors import host_errors
+from executor.errors import ProjectDatabaseError, SandboxExecutorError, host_errors
 from executor.events import ControlKind, ProgressUpdate
 from executor.fileoutcomes import FileKind
 from executor.hooks import (
@@ -55,7 +55,7 @@ from executor.projectdb import MAX_LOG_TAIL_CHARS, BatchCommit, TaskEnd, TaskSta
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.spec import TaskSpec
-from executor.supervisor import Supervisor, abort_message
+from executor.supervisor import REASON_CANCELLED, Supervisor, abort_message
 from executor.taskdir import TaskDir
 from executor.tasklog import OutputCollector
 
@@ -146,6 +146,7 @@ class TaskRun:
     on_progress: Callable[[ProgressUpdate], None] | None = None
     _batch: int = 0
     _log_tail: str = ""
+    _failed_saved: dict[str, str] = field(default_factory=dict, repr=False)
     _events: HookDispatcher | None = field(default=None, repr=False)
 
     @property
@@ -195,15 +196,21 @@ class TaskRun:
                 )
             )
             outcome = self._run_batches()
-            self._end(outcome)
             ended = True
+            try:
+                self._end(outcome)
+            except ProjectDatabaseError as exc:
+                # The task ran and its outcome stands; only its ledger row is lost.
+                log.error("task %s: could not close its ledger row: %s", self.task_id, exc)
             self._emit(TaskEnded(task=self.context, outcome=outcome))
             return outcome
         except BaseException as exc:
             if not ended and db is not None:
-                # The ledger never keeps a task RUNNING that this process gave up on.
+                # The ledger never keeps a task RUNNING that this process gave up on
+                # (an interrupt is the operator's second Ctrl-C).
+                status = Status.CANCELLED if isinstance(exc, KeyboardInterrupt) else Status.ERROR
                 try:
-                    self._end_ledger(Status.ERROR, type(exc).__name__, str(exc)[:1000], {}, 0)
+                    self._end_ledger(status, type(exc).__name__, str(exc)[:1000], {}, 0)
                 except Exception:
                     log.exception("task %s: could not close its ledger row", self.task_id)
             raise
@@ -251,7 +258,6 @@ class TaskRun:
             self._tell_modeller(broker, "NUMBER_OF_BATCHES", {"number_of_batches": total})
         results: list[Any] = []
         files: dict[str, tuple[FileKind, str]] = {}
-        failed_all: dict[str, str] = {}
         timings: dict[str, float] = {}
         saved_rows = 0
         completed = 0
@@ -267,6 +273,7 @@ class TaskRun:
                         f"the task was cancelled by the operator before batch {number} of {total}",
                     ),
                 )
+                self._abort_modeller(broker, REASON_CANCELLED, last.error)
                 break
             self._batch = number
             if plan.batched:
@@ -277,8 +284,13 @@ class TaskRun:
                 timings[phase] = timings.get(phase, 0.0) + seconds
             files.update(done.files)
             failed = {n: r for n, (k, r) in done.files.items() if k is FileKind.FAILED}
-            failed_all.update(failed)
-            saved_rows += self._commit(number, batch, done, failed)
+            try:
+                saved_rows += self._commit(number, batch, done, failed)
+            except ProjectDatabaseError as exc:
+                # What ran can no longer be recorded: stop here, and say so.
+                log.error("task %s: batch %d could not be committed: %s", self.task_id, number, exc)
+                done.outcome = last = _unrecorded(done.outcome, number, exc)
+                self._abort_modeller(broker, REASON_UNRECORDED, last.error)
             self._emit(
                 BatchRun(
                     task=self.context,
@@ -295,8 +307,8 @@ class TaskRun:
         if plan.batched:
             state = "SUCCESS" if completed == total else "FAILED"
             self._tell_modeller(broker, "BATCHES_COMPLETE", {"state": state})
-        if failed_all:
-            self._emit(FailedFilesSaved(task=self.context, files=failed_all))
+        if self._failed_saved:
+            self._emit(FailedFilesSaved(task=self.context, files=dict(self._failed_saved)))
         assert last is not None  # plan_batches always gives at least one batch
         return dataclasses.replace(
             last,
@@ -311,6 +323,15 @@ class TaskRun:
             task_hash=self.task_hash,
         )
 
+    def _abort_modeller(self, broker: MailboxBroker, reason: str, error: ErrorDetail | None) -> None:
+        """Tell the modeller the task ends here (once per task, see :meth:`MailboxBroker.send_abort`)."""
+        if error is None:
+            return
+        try:
+            broker.send_abort(abort_message(reason, error.type, error.message))
+        except SandboxExecutorError as exc:
+            log.warning("task %s: could not tell the modeller it aborted: %s", self.task_id, exc)
+
     def _tell_modeller(self, broker: MailboxBroker, message_type: str, body: dict[str, Any]) -> None:
         """Send the seed's batch messages; a modeller that cannot be reached does not stop the task."""
         try:
@@ -321,37 +342,41 @@ class TaskRun:
     def _commit(
         self, number: int, batch: tuple[FileStamp, ...], done: _BatchResult, failed: dict[str, str]
     ) -> int:
-        """Commit the batch (all of it if OK, else its failures only); the rows committed."""
+        """Commit the batch (all of it if OK, else its failures only); the rows committed.
+
+        A test run touches no file state (neither processed nor failed), so a
+        later real run sees every file as it would have without the trial.
+        """
         db = self.executor.db
+        if db is None:
+            return 0
         ok = done.outcome.ok
+        trial = self.spec.flags.test_run
         stamps = {f.name: f for f in batch}
         rows = done.rows if ok else []
-        processed = (
-            [f for f in batch if f.name not in failed and f.name not in done.missing]
-            if ok and not self.spec.flags.test_run
-            else []
-        )
-        if db is not None:
-            db.commit_batch(
-                BatchCommit(
-                    task_id=self.task_id,
-                    project=self.spec.project_id,
-                    task_hash=self.task_hash,
-                    batch=number,
-                    total_batches=len(self.plan.batches),
-                    rows=rows,
-                    processed=processed,
-                    failed=[(stamps[name], reason) for name, reason in failed.items() if name in stamps],
-                    record_processed=ok and not self.spec.flags.test_run,
-                    ok=ok,
-                    started_at=done.started_at,
-                    ended_at=done.ended_at,
-                    stats=_batch_statistics(batch, done, failed),
-                )
+        processed = [f for f in batch if f.name not in failed and f.name not in done.missing]
+        db.commit_batch(
+            BatchCommit(
+                task_id=self.task_id,
+                project=self.spec.project_id,
+                task_hash=self.task_hash,
+                batch=number,
+                total_batches=len(self.plan.batches),
+                rows=rows,
+                processed=processed if ok and not trial else [],
+                failed=[] if trial else [(stamps[n], reason) for n, reason in failed.items() if n in stamps],
+                record_processed=ok and not trial,
+                ok=ok,
+                started_at=done.started_at,
+                ended_at=done.ended_at,
+                stats=_batch_statistics(batch, done, failed),
             )
+        )
+        if not trial:
+            self._failed_saved.update(failed)
         if rows:
-            self._emit(ResultsSaved(task=self.context, batch=number, rows=len(rows)))
-        return len(rows) if db is not None else 0
+            self._emit(ResultsSaved(task=self.context, batch=number, rows=len(rows), results=tuple(rows)))
+        return len(rows)
 
     def _run_one(
         self, number: int, batch: tuple[FileStamp, ...], broker: MailboxBroker, relay: _ReadyRelay
@@ -488,6 +513,23 @@ class TaskRun:
                 selection=self.plan.selection.counts(),
             )
         )
+
+
+REASON_UNRECORDED = "NotRecorded"
+"""The TASK_ABORT reason when the parent could not commit what a batch did."""
+
+
+def _unrecorded(outcome: Outcome, number: int, exc: ProjectDatabaseError) -> Outcome:
+    """The batch's outcome when its commit failed: an error, since what ran is not on record."""
+    return dataclasses.replace(
+        outcome,
+        status=Status.ERROR,
+        result=None,
+        error=ErrorDetail(
+            "ProjectDatabaseError",
+            f"batch {number} ran but could not be recorded in the project database: {exc}",
+        ),
+    )
 
 
 def _batch_statistics(

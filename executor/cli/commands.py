@@ -261,8 +261,8 @@ def _run(args: argparse.Namespace) -> int:
         print_outcome(outcome)
         if discarded:
             print(
-                f"note: no modeller is attached, so the {discarded} mailbox message(s) the task sent "
-                "were discarded",
+                f"note: no modeller is attached, so the {discarded} mailbox message(s) for it "
+                "(the task's, and the parent's notices of batches and aborts) were discarded",
                 file=sys.stderr,
             )
     return EXIT_OK if outcome.ok else EXIT_TASK_FAILED

@@ -464,8 +464,9 @@ class Context:
         signed 64 bits), finite ``float``, ``bool`` or ``None``. No nested
         lists or dicts, 1 to 256 columns, names of 1 to 128 characters with
         no control characters, at most 64 KiB of JSON per row. Rows travel in
-        calls of up to 1000 rows (and 1 MiB); a task may save 100,000 rows
-        and 32 MiB in all. For example::
+        calls of up to 1000 rows (and 1 MiB); one sandbox (a task, or one
+        batch of a batched task) may save 100,000 rows and 32 MiB in all.
+        For example::
 
             ctx.save_results([{"file": "a.csv", "rows": 120, "mean": 4.2}])
 

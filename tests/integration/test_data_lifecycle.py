@@ -125,18 +125,22 @@ def test_results_and_failures_land_in_the_database_and_new_data_only_sees_only_n
     assert second["selection"]["skipped_failed"] == 1
     assert second["selection"]["selected"] == 2
 
-    # A changed file counts as new; the failed ones come back only when asked for.
+    # A failed file that was fixed since is new data; one left as it was comes
+    # back only when asked for.
     _write(data / "broken.csv", GOOD)
-    third = _run(
+    third = _run(cli_env, policy_file, data, db, "--task-hash", "stats-v1", "--new-data-only")
+    assert third["result"]["seen"] == ["broken.csv"], third
+    assert third["selection"]["skipped_failed"] == 1
+    fourth = _run(
         cli_env, policy_file, data, db, "--task-hash", "stats-v1", "--new-data-only", "--force-rerun-failed"
     )
-    assert third["result"]["seen"] == ["broken.csv", "d.csv"], third
-    assert third["files"]["failed"] == {"d.csv": "row 2: 'x' is not a whole number"}
+    assert fourth["result"]["seen"] == ["d.csv"], fourth
+    assert fourth["files"]["failed"] == {"d.csv": "row 2: 'x' is not a whole number"}
     failed = {f["name"]: f for f in _records(cli_env, "failed-files", db)["failed_files"]}
     assert set(failed) == {"d.csv"} and failed["d.csv"]["attempts"] == 2
 
     tasks = _records(cli_env, "tasks", db)["tasks"]
-    assert len(tasks) == 3
+    assert len(tasks) == 4
     assert {t["status"] for t in tasks} == {"OK"}
     assert {t["task_hash"] for t in tasks} == {"stats-v1"}
 

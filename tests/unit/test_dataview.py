@@ -250,7 +250,7 @@ FILES = [
     FileStamp("f", 6, 600),
 ]
 PROCESSED = {"a": (1, 100), "b": (2, 200), "c": (3, 300), "e": (5, 500)}
-FAILED = {"e": ("bad header", 1), "f": ("empty", 2)}
+FAILED = {"e": (5, 500), "f": (6, 600)}  # as they were when they failed: unchanged since
 
 
 @pytest.mark.parametrize(
@@ -288,6 +288,23 @@ def test_select_for_every_flag_combination(
         "skipped_failed": skipped_failed,
         "over_limit": len(selected) - len(kept),
     }
+
+
+def test_a_failed_file_that_changed_since_is_new_data() -> None:
+    def chosen(stamp: FileStamp) -> bool:
+        sel = select(
+            [stamp],
+            processed={},
+            failed={"x": (10, 1000)},
+            new_data_only=True,
+            force_rerun_failed=False,
+            max_files=None,
+        )
+        return bool(sel.files)
+
+    assert not chosen(FileStamp("x", 10, 1000))
+    assert chosen(FileStamp("x", 10, 1001))
+    assert chosen(FileStamp("x", 11, 1000))
 
 
 def test_select_reselects_a_file_whose_size_or_mtime_changed() -> None:
@@ -770,3 +787,21 @@ def test_a_file_swapped_between_its_check_and_its_link_is_not_in_the_view(
         assert view.names == {"ok.csv"}
         assert view.missing == {"raced.csv"}
         assert _tree(view.path) == {"ok.csv"}
+
+
+def test_a_plan_needing_too_many_bind_mounts_is_refused_before_anything_starts(
+    data: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from executor import dataview
+    from executor.dataview import check_view_budget
+
+    big = MAX_BIND_FILES + 1
+    check_view_budget(run_dir, data, "auto", big)  # one filesystem: hard links, no limit
+    check_view_budget(run_dir, data, "bind", MAX_BIND_FILES)
+    with pytest.raises(DataSourceError, match=f"each of {big} files, over the limit of {MAX_BIND_FILES}"):
+        check_view_budget(run_dir, data, "bind", big)
+    # The run directory on another filesystem: auto means bind mounts.
+    monkeypatch.setattr(dataview, "_device", lambda path: os.stat(data).st_dev + 1)
+    with pytest.raises(DataSourceError, match="put the run directory"):
+        check_view_budget(run_dir, data, "auto", big)
+    check_view_budget(run_dir, data, "hardlink", big)

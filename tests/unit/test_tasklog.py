@@ -491,3 +491,17 @@ def test_closing_the_docker_follow_closes_both_engine_streams():
     chunks.close()  # type: ignore[attr-defined]
     assert out.closed.is_set()
     assert err.closed.wait(30)  # closed here, or by its follow thread if it opened after
+
+
+def test_a_protocols_info_and_debug_records_keep_their_level_and_nothing_rises_above_warning():
+    import logging
+
+    from executor.tasklog import line_level
+
+    assert line_level("stderr", "INFO csv_stats: 3 files") == logging.INFO
+    assert line_level("stderr", "DEBUG x: y") == logging.DEBUG
+    assert line_level("stderr", "Traceback (most recent call last):") == logging.WARNING
+    assert line_level("stderr", "ERROR x: y") == logging.WARNING
+    assert line_level("stderr", "CRITICAL x: y") == logging.WARNING
+    assert line_level("stdout", "INFO not a record") == logging.INFO
+    assert line_level("stdout", "ERROR printed") == logging.INFO
