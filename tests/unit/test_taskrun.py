@@ -1,0 +1,601 @@
+"""The parent's data lifecycle (executor/taskrun.py) on a scripted engine and a real SQLite database.
+
+Containers are :class:`~executor.testing.FakeBackend` programs; where a
+protocol must really run, :func:`~executor.testing.host_runtime` runs our init
+and child runtime as host processes against the real server and session. The
+project database is a real file in ``tmp_path``. Every test's executor has
+private run, spool and uid directories, and afterwards none may hold anything.
+
+Each test names the bug it catches and how it was shown to fail (a temporary
+edit of the code, since reverted).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from executor import taskrun
+from executor.backends import ExitInfo
+from executor.errors import ConfigurationError, ContainerError
+from executor.hooks import Event, ResultsSaved, TaskEnded, TaskStarted
+from executor.launch import SANDBOX_DATA
+from executor.mailbox.crypto import TaskKeys
+from executor.mailbox.transport import Transport
+from executor.outcome import Status
+from executor.policy import IsolationPolicy
+from executor.projectdb import BatchCommit, ProjectDatabase
+from executor.runner import Executor
+from executor.spec import TaskFlags, TaskSpec
+from executor.taskrun import default_task_hash
+from executor.testing import (
+    FakeBackend,
+    FakeContainer,
+    InMemoryTransport,
+    LocalModeller,
+    Program,
+    exits,
+    host_runtime,
+    then,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+# One uid only: a lease that is not given back makes the next lease fail.
+POLICY = IsolationPolicy.hardened().replace(
+    heartbeat_interval_s=0.05, heartbeat_timeout_s=10, timeout_s=60, uid_start=30001, uid_count=1
+)
+PROJECT = "oncology"
+
+# Per file of its view, in name order: "bad..." is reported failed; any other
+# file gets a result row and, unless it says "die...", is reported processed;
+# "die..." ends the sandbox with exit code 3 right after its row is saved.
+PER_FILE = """
+import os
+
+
+def run(ctx):
+    names = sorted(p.relative_to(ctx.data_dir).as_posix() for p in ctx.data_dir.rglob("*") if p.is_file())
+    for name in names:
+        text = (ctx.data_dir / name).read_text()
+        if text.startswith("bad"):
+            ctx.file_failed(name, "malformed")
+            continue
+        ctx.save_results([{"file": name}])
+        if text.startswith("die"):
+            os._exit(3)
+        ctx.file_processed(name)
+    return {"files": names}
+"""
+
+
+@dataclass
+class Rig:
+    """Private directories, a project database, and the executors a test made."""
+
+    run_dir: Path
+    spool_dir: Path
+    uid_dir: Path
+    scratch: Path
+    db_path: Path
+    executors: list[Executor] = field(default_factory=list)
+
+    def db(self) -> ProjectDatabase:
+        """The test's project database (one file; each call opens it again)."""
+        return ProjectDatabase(self.db_path)
+
+    def executor(
+        self,
+        backend: FakeBackend,
+        *,
+        db: ProjectDatabase | None = None,
+        transport: Transport | None = None,
+        hooks: tuple[Callable[[Event], object], ...] = (),
+    ) -> Executor:
+        ex = Executor(
+            backend,
+            policy=POLICY,
+            transport=transport,
+            run_dir=self.run_dir,
+            spool_dir=self.spool_dir,
+            uid_dir=self.uid_dir,
+            db=db,
+            hooks=hooks,
+        )
+        self.executors.append(ex)
+        return ex
+
+    def runtime(self) -> Program:
+        return host_runtime(self.scratch)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    # Short: the task's socket path must fit a sockaddr_un.
+    run_dir = Path(tempfile.mkdtemp(prefix="se-", dir="/tmp"))
+    rig = Rig(run_dir, tmp_path / "spool", tmp_path / "uids", tmp_path / "scratch", tmp_path / "pod.db")
+    try:
+        yield rig
+        for ex in rig.executors:
+            ex.close()
+        leftovers = sorted(str(p) for p in run_dir.iterdir())
+        spools = sorted(str(p) for p in rig.spool_dir.iterdir()) if rig.spool_dir.exists() else []
+        assert not leftovers, f"task directories left behind: {leftovers}"
+        assert not spools, f"spools left behind: {spools}"
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def make_data(tmp_path: Path) -> Callable[[dict[str, str]], Path]:
+    """A datasource the sandbox user can read, holding ``files`` (name -> text)."""
+    counter = itertools.count()
+
+    def make(files: dict[str, str]) -> Path:
+        root = tmp_path / f"data-{next(counter)}"
+        root.mkdir()
+        for name, text in files.items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            path.chmod(0o644)
+        for d in (root, *(p for p in root.rglob("*") if p.is_dir())):
+            d.chmod(0o755)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def modeller(tmp_path: Path) -> Iterator[LocalModeller]:
+    transport = InMemoryTransport(spool_dir=tmp_path / "transport")
+    m = LocalModeller(transport, spool_dir=tmp_path / "modeller")
+    try:
+        yield m
+    finally:
+        m.close()
+        transport.close()
+
+
+def in_turn(*programs: Program) -> Program:
+    """The n-th container runs the n-th program (batches run one after the other)."""
+    made = itertools.count()
+
+    def program(container: FakeContainer) -> ExitInfo | None:
+        return programs[next(made)](container)
+
+    return program
+
+
+def creates(backend: FakeBackend) -> int:
+    return sum(op == "create" for op, _ in backend.calls)
+
+
+def modeller_heard(modeller: LocalModeller, task_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every message the task sent its modeller, in order, bodies decoded."""
+    heard = []
+    while (message := modeller.receive(task_id, 0.2)) is not None:
+        heard.append((message.type, json.loads(message.read())))
+    return heard
+
+
+def files_in(view: Path) -> list[str]:
+    return sorted(p.relative_to(view).as_posix() for p in view.rglob("*") if p.is_file())
+
+
+# -- the modeller hears of batches -------------------------------------------------------
+
+
+def test_the_modeller_of_a_batched_task_hears_the_count_each_batch_and_success(
+    rig, make_protocol, make_data, modeller
+):
+    # Fails if the batch messages go: made to fail by numbering batches from 0
+    # (enumerate(..., start=0) in _each_batch) and by sending BATCHES_COMPLETE
+    # only when a batch failed.
+    keys = TaskKeys.generate()
+    modeller.add_task("t-batched", keys)
+    data = make_data({"a.csv": "1", "b.csv": "2", "c.csv": "3"})
+    ex = rig.executor(FakeBackend(rig.runtime()), transport=modeller.transport)
+    spec = TaskSpec(
+        protocol_dir=make_protocol(PER_FILE), data_dir=data, task_id="t-batched", keys=keys, batch_size=2
+    )
+    outcome = ex.run(spec)
+    assert outcome.status is Status.OK, outcome.error
+    assert modeller_heard(modeller, "t-batched") == [
+        ("NUMBER_OF_BATCHES", {"number_of_batches": 2}),
+        ("CURRENT_BATCH_ID", {"batch_id": 1}),
+        ("CURRENT_BATCH_ID", {"batch_id": 2}),
+        ("BATCHES_COMPLETE", {"state": "SUCCESS"}),
+    ]
+    assert outcome.result == [{"files": ["a.csv", "b.csv"]}, {"files": ["c.csv"]}]
+
+
+def test_the_modeller_of_a_batched_task_whose_second_batch_fails_hears_failed_and_one_abort(
+    rig, make_protocol, make_data, modeller
+):
+    # Fails if a failed batch is reported as SUCCESS or the task goes on:
+    # made to fail by computing the state as "SUCCESS" whatever completed was,
+    # and by removing the `if not done.outcome.ok: break`.
+    keys = TaskKeys.generate()
+    modeller.add_task("t-fails", keys)
+    data = make_data({"a.csv": "1", "b.csv": "2", "c.csv": "3"})
+    backend = FakeBackend(in_turn(rig.runtime(), exits(3, stderr="batch two died\n"), rig.runtime()))
+    ex = rig.executor(backend, transport=modeller.transport)
+    spec = TaskSpec(
+        protocol_dir=make_protocol(PER_FILE), data_dir=data, task_id="t-fails", keys=keys, batch_size=1
+    )
+    outcome = ex.run(spec)
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None and outcome.error.exit_code == 3
+    heard = modeller_heard(modeller, "t-fails")
+    assert [kind for kind, _ in heard] == [
+        "NUMBER_OF_BATCHES",
+        "CURRENT_BATCH_ID",
+        "CURRENT_BATCH_ID",
+        "TASK_ABORT",
+        "BATCHES_COMPLETE",
+    ]
+    assert heard[0][1] == {"number_of_batches": 3}
+    assert [body["batch_id"] for kind, body in heard if kind == "CURRENT_BATCH_ID"] == [1, 2]
+    assert heard[3][1]["exception_type"] == "ContainerExited"
+    assert heard[-1] == ("BATCHES_COMPLETE", {"state": "FAILED"})
+    assert creates(backend) == 2
+
+
+def test_the_modeller_of_an_unbatched_task_hears_no_batch_messages(rig, make_protocol, make_data, modeller):
+    # Fails if an unbatched task is told of batches: made to fail by dropping
+    # the `if plan.batched` before NUMBER_OF_BATCHES and CURRENT_BATCH_ID.
+    keys = TaskKeys.generate()
+    modeller.add_task("t-whole", keys)
+    data = make_data({"a.csv": "1", "b.csv": "2"})
+    ex = rig.executor(FakeBackend(rig.runtime()), transport=modeller.transport)
+    outcome = ex.run(
+        TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=data, task_id="t-whole", keys=keys)
+    )
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == {"files": ["a.csv", "b.csv"]}
+    assert outcome.batches is None
+    assert modeller_heard(modeller, "t-whole") == []
+
+
+# -- what a batch commits ------------------------------------------------------------------
+
+
+def test_a_batch_that_does_not_end_ok_commits_only_its_failures_and_no_later_batch_runs(
+    rig, make_protocol, make_data
+):
+    # Fails if a failed batch commits rows or processed files, drops the
+    # failures it reported, or is followed by another batch: made to fail by
+    # committing `done.rows` whatever the status (commit_batch then refuses
+    # the batch), by committing `failed=[]` when not ok, and by removing the
+    # break after a batch that did not end OK.
+    data = make_data({"a.csv": "1", "b.csv": "2", "c.csv": "bad", "d.csv": "die", "e.csv": "5"})
+    db = rig.db()
+    backend = FakeBackend(rig.runtime())
+    ex = rig.executor(backend, db=db)
+    spec = TaskSpec(
+        protocol_dir=make_protocol(PER_FILE),
+        data_dir=data,
+        project_id=PROJECT,
+        task_id="t-partial",
+        task_hash="h-partial",
+        batch_size=2,
+    )
+    outcome = ex.run(spec)
+    # Batch 2 ([c.csv, d.csv]) reported c failed, saved a row for d, then exited 3.
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None
+    assert (outcome.error.type, outcome.error.exit_code) == ("ContainerExited", 3)
+    assert outcome.batches == {"total": 3, "completed": 1, "size": 2}
+    assert outcome.saved_rows == 2
+    assert creates(backend) == 2, "a batch ran after one that did not end OK"
+
+    assert [(r.batch, r.row) for r in db.results(PROJECT, "h-partial")] == [
+        (1, {"file": "a.csv"}),
+        (1, {"file": "b.csv"}),
+    ]
+    states = db.file_states(PROJECT, "h-partial")
+    assert sorted(states.processed) == ["a.csv", "b.csv"]
+    assert states.failed == {"c.csv": ("malformed", 1)}
+    (task,) = db.tasks(PROJECT)
+    assert (task.status, task.error_type, task.batches_done, task.total_batches) == (
+        "ERROR",
+        "ContainerExited",
+        1,
+        3,
+    )
+
+    # The next new-data-only run resumes at the first uncommitted files: d and e.
+    (data / "d.csv").write_text("4")
+    again = ex.run(
+        TaskSpec(
+            protocol_dir=spec.protocol_dir,
+            data_dir=data,
+            project_id=PROJECT,
+            task_hash="h-partial",
+            batch_size=2,
+            flags=TaskFlags(run_on_new_data_only=True),
+        )
+    )
+    assert again.status is Status.OK, again.error
+    assert again.selection == {
+        "total": 5,
+        "selected": 2,
+        "skipped_processed": 2,
+        "skipped_failed": 1,
+        "over_limit": 0,
+    }
+    assert again.result == [{"files": ["d.csv", "e.csv"]}]
+
+
+# -- cancel ------------------------------------------------------------------------------
+
+
+def test_a_task_cancelled_before_it_runs_starts_no_container(rig, make_protocol, make_data):
+    # Fails if the cancel is only noticed by the supervisor: made to fail by
+    # removing the cancel check at the top of the batch loop (a container is
+    # then created, and cancelled while it runs).
+    data = make_data({"a.csv": "1"})
+    db = rig.db()
+    backend = FakeBackend(rig.runtime())
+    cancel = threading.Event()
+    cancel.set()
+    outcome = rig.executor(backend, db=db).run(
+        TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=data, project_id=PROJECT, task_id="t-cancel"),
+        cancel=cancel,
+    )
+    assert outcome.status is Status.CANCELLED
+    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    assert creates(backend) == 0
+    (task,) = db.tasks(PROJECT)
+    assert (task.status, task.batches_done) == ("CANCELLED", 0)
+    assert db.results(PROJECT) == []
+
+
+class _CancelAfterFirstBatch(ProjectDatabase):
+    """Sets ``cancel`` as batch 1 commits: exactly between batch 1 and batch 2, no race."""
+
+    def __init__(self, path: Path, cancel: threading.Event) -> None:
+        super().__init__(path)
+        self.cancel = cancel
+
+    def commit_batch(self, commit: BatchCommit) -> None:
+        super().commit_batch(commit)
+        if commit.batch == 1:
+            self.cancel.set()
+
+
+def test_a_task_cancelled_between_batches_keeps_the_first_and_starts_no_second(rig, make_protocol, make_data):
+    # Fails if a cancel between batches still starts the next container:
+    # made to fail by removing the cancel check at the top of the batch loop
+    # (batch 2's container is then created and cancelled while it runs).
+    data = make_data({"a.csv": "1", "b.csv": "2"})
+    cancel = threading.Event()
+    db = _CancelAfterFirstBatch(rig.db_path, cancel)
+    backend = FakeBackend(rig.runtime())
+    outcome = rig.executor(backend, db=db).run(
+        TaskSpec(
+            protocol_dir=make_protocol(PER_FILE),
+            data_dir=data,
+            project_id=PROJECT,
+            task_id="t-between",
+            task_hash="h-between",
+            batch_size=1,
+        ),
+        cancel=cancel,
+    )
+    assert outcome.status is Status.CANCELLED
+    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    assert "before batch 2 of 2" in outcome.error.message
+    assert outcome.batches == {"total": 2, "completed": 1, "size": 1}
+    assert creates(backend) == 1
+    assert [r.row for r in db.results(PROJECT, "h-between")] == [{"file": "a.csv"}]
+    assert sorted(db.file_states(PROJECT, "h-between").processed) == ["a.csv"]
+    (task,) = db.tasks(PROJECT)
+    assert (task.status, task.batches_done) == ("CANCELLED", 1)
+
+
+# -- the ledger ----------------------------------------------------------------------------
+
+
+def test_an_engine_refusing_the_create_closes_the_ledger_row_and_still_raises(rig, make_protocol, make_data):
+    # Fails if the ledger row stays RUNNING: made to fail by removing the
+    # _end_ledger call in TaskRun.run's `except BaseException` (the row then
+    # keeps status RUNNING and no end time).
+    data = make_data({"a.csv": "1"})
+    db = rig.db()
+    backend = FakeBackend(
+        rig.runtime(), create_errors=[ContainerError("container create failed: 409 Conflict")]
+    )
+    with pytest.raises(ContainerError, match="409 Conflict"):
+        rig.executor(backend, db=db).run(
+            TaskSpec(
+                protocol_dir=make_protocol(PER_FILE), data_dir=data, project_id=PROJECT, task_id="t-refused"
+            )
+        )
+    (task,) = db.tasks(PROJECT)
+    assert task.status == "ERROR"
+    assert task.error_type == "ContainerError"
+    assert task.error_message is not None and "409 Conflict" in task.error_message
+    assert task.ended_at is not None
+    assert backend.containers == {}
+    assert list(rig.run_dir.iterdir()) == []
+
+
+# -- hooks ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)  # a stalled task fails here rather than hang; no time is asserted
+def test_hooks_that_raise_or_block_neither_fail_nor_stall_the_task(
+    rig, make_protocol, make_data, monkeypatch
+):
+    # Fails if a hook can fail or stall the task: made to fail by calling
+    # hooks inline from TaskRun._emit and by joining hook threads without the
+    # drain bound in HookDispatcher._close (the blocking hook then never lets
+    # run() return: the timeout fails it), and by letting _Worker._run end on
+    # a hook's exception (the raising hook then never sees TaskEnded).
+    monkeypatch.setattr(taskrun, "HOOK_DRAIN_S", 1.0)
+    release = threading.Event()
+    good: list[Event] = []
+    raised_on: list[Event] = []
+
+    def records(event: Event) -> None:
+        good.append(event)
+
+    def raises(event: Event) -> None:
+        raised_on.append(event)
+        raise RuntimeError("an orchestrator's hook is broken")
+
+    def blocks(event: Event) -> None:
+        release.wait()  # never set while the task runs
+
+    data = make_data({"a.csv": "1", "b.csv": "2"})
+    ex = rig.executor(FakeBackend(rig.runtime()), db=rig.db(), hooks=(records, raises, blocks))
+    try:
+        outcome = ex.run(TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=data, project_id=PROJECT))
+    finally:
+        release.set()
+    assert outcome.status is Status.OK, outcome.error
+    kinds = [type(e) for e in good]
+    assert kinds[0] is TaskStarted and kinds[-1] is TaskEnded
+    assert kinds.count(TaskStarted) == kinds.count(TaskEnded) == 1
+    ended = good[-1]
+    assert isinstance(ended, TaskEnded) and ended.outcome is outcome
+    assert any(isinstance(e, ResultsSaved) and e.rows == 2 for e in good)
+    assert isinstance(raised_on[-1], TaskEnded), "a hook that raised stopped receiving events"
+
+
+# -- test runs and the flags -----------------------------------------------------------------
+
+
+def test_a_test_run_records_rows_but_no_processed_files(rig, make_protocol, make_data):
+    # Fails if a test run marks files processed: made to fail by committing
+    # processed files and record_processed=ok regardless of flags.test_run
+    # (the later new-data-only run then skips a.csv).
+    data = make_data({"a.csv": "1", "b.csv": "2"})
+    db = rig.db()
+    ex = rig.executor(FakeBackend(rig.runtime()), db=db)
+    protocol = make_protocol(PER_FILE)
+    trial = ex.run(
+        TaskSpec(
+            protocol_dir=protocol,
+            data_dir=data,
+            project_id=PROJECT,
+            task_hash="h-trial",
+            flags=TaskFlags(test_run=True),
+        )
+    )
+    assert trial.status is Status.OK, trial.error
+    assert trial.result == {"files": ["a.csv"]}  # a test run sees one file
+    assert [r.row for r in db.results(PROJECT, "h-trial")] == [{"file": "a.csv"}]
+    assert db.file_states(PROJECT, "h-trial").processed == {}
+
+    real = ex.run(
+        TaskSpec(
+            protocol_dir=protocol,
+            data_dir=data,
+            project_id=PROJECT,
+            task_hash="h-trial",
+            flags=TaskFlags(run_on_new_data_only=True),
+        )
+    )
+    assert real.status is Status.OK, real.error
+    assert real.selection is not None
+    assert (real.selection["selected"], real.selection["skipped_processed"]) == (2, 0)
+    assert real.result == {"files": ["a.csv", "b.csv"]}
+    assert sorted(db.file_states(PROJECT, "h-trial").processed) == ["a.csv", "b.csv"]
+
+
+def test_new_data_only_without_a_database_is_refused_before_anything_starts(rig, make_protocol, make_data):
+    # Fails if the flag is accepted without a database (every file would be
+    # "new" each run): made to fail by removing the check in Executor.run.
+    backend = FakeBackend(rig.runtime())
+    with pytest.raises(ConfigurationError, match="run_on_new_data_only needs a project database"):
+        rig.executor(backend).run(
+            TaskSpec(
+                protocol_dir=make_protocol(PER_FILE),
+                data_dir=make_data({"a.csv": "1"}),
+                flags=TaskFlags(run_on_new_data_only=True),
+            )
+        )
+    assert backend.calls == []
+    assert list(rig.run_dir.iterdir()) == []
+
+
+# -- the task hash -------------------------------------------------------------------------
+
+
+def test_the_default_task_hash_follows_the_parameters_and_the_bundle_only():
+    # Fails if either input is left out of the digest, or key order matters:
+    # made to fail by dropping the parameters' update from default_task_hash,
+    # and by removing sort_keys=True.
+    bundle, other_bundle = "a" * 64, "b" * 64
+    base = default_task_hash(bundle, {"epochs": 3, "lr": 0.1})
+    assert base == default_task_hash(bundle, {"lr": 0.1, "epochs": 3})
+    assert base != default_task_hash(bundle, {"epochs": 4, "lr": 0.1})
+    assert base != default_task_hash(bundle, {"epochs": 3})
+    assert base != default_task_hash(other_bundle, {"epochs": 3, "lr": 0.1})
+    assert len(base) == 64 and int(base, 16) >= 0
+
+
+def test_a_task_without_a_hash_gets_one_from_its_bundle_and_parameters(rig, make_protocol, make_data):
+    # Fails if the executor hashes something else (e.g. the protocol's path or
+    # the task id): made to fail by passing spec.protocol_dir's name instead
+    # of bundle.sha256 to default_task_hash in Executor.run.
+    data = make_data({"a.csv": "1"})
+    ex = rig.executor(FakeBackend(exits(0)))
+    source = "def run(ctx):\n    return 1\n"
+    first, twin, changed = make_protocol(source), make_protocol(source), make_protocol(source + "# v2\n")
+
+    def task_hash(protocol: Path, **kwargs: Any) -> str:
+        outcome = ex.run(TaskSpec(protocol_dir=protocol, data_dir=data, **kwargs))
+        assert outcome.task_hash
+        return outcome.task_hash
+
+    base = task_hash(first, parameters={"epochs": 3})
+    assert task_hash(first, parameters={"epochs": 3}) == base
+    assert task_hash(twin, parameters={"epochs": 3}) == base  # the same bundle elsewhere
+    assert task_hash(first, parameters={"epochs": 4}) != base
+    assert task_hash(changed, parameters={"epochs": 3}) != base
+    assert task_hash(first, parameters={"epochs": 3}, task_hash="given") == "given"
+
+
+# -- the data view -------------------------------------------------------------------------
+
+
+def test_each_container_sees_exactly_its_batch_in_a_view_removed_afterwards(rig, make_protocol, make_data):
+    # Fails if a container's /data shows more than its batch, or the view
+    # outlives its batch: made to fail by building each batch's DataView from
+    # plan.selection.files instead of the batch, and by dropping view.remove()
+    # in _run_one (the next batch's view then cannot be made).
+    data = make_data({"a.csv": "1", "c.csv": "3", "scans/b.csv": "2"})
+    views: list[tuple[Path, list[str]]] = []
+
+    def look(container: FakeContainer) -> None:
+        (mount,) = [m for m in container.spec.mounts if m.target == SANDBOX_DATA]
+        assert mount.read_only
+        views.append((Path(mount.source), files_in(Path(mount.source))))
+
+    backend = FakeBackend(then(look, rig.runtime()))
+    outcome = rig.executor(backend).run(
+        TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=data, batch_size=2)
+    )
+    assert outcome.status is Status.OK, outcome.error
+    assert [names for _, names in views] == [["a.csv", "c.csv"], ["scans/b.csv"]]
+    assert outcome.result == [{"files": ["a.csv", "c.csv"]}, {"files": ["scans/b.csv"]}]
+    for container in backend.containers.values():
+        assert data not in [Path(m.source) for m in container.spec.mounts], (
+            "the datasource itself was mounted"
+        )
+    for view, _ in views:
+        assert rig.run_dir in view.parents
+        assert not view.exists()
