@@ -146,6 +146,7 @@ class TaskRun:
     on_progress: Callable[[ProgressUpdate], None] | None = None
     _batch: int = 0
     _log_tail: str = ""
+    _completed: int = 0
     _failed_saved: dict[str, str] = field(default_factory=dict, repr=False)
     _events: HookDispatcher | None = field(default=None, repr=False)
 
@@ -205,14 +206,17 @@ class TaskRun:
             self._emit(TaskEnded(task=self.context, outcome=outcome))
             return outcome
         except BaseException as exc:
-            if not ended and db is not None:
+            if not ended:
                 # The ledger never keeps a task RUNNING that this process gave up on
-                # (an interrupt is the operator's second Ctrl-C).
-                status = Status.CANCELLED if isinstance(exc, KeyboardInterrupt) else Status.ERROR
+                # (an interrupt is the operator's second Ctrl-C), and hooks hear the end.
+                gave_up = _gave_up(self.task_id, self.policy.runtime, exc)
+                error = gave_up.error
+                assert error is not None
                 try:
-                    self._end_ledger(status, type(exc).__name__, str(exc)[:1000], {}, 0)
+                    self._end_ledger(gave_up.status, error.type, error.message, {}, self._completed)
                 except Exception:
                     log.exception("task %s: could not close its ledger row", self.task_id)
+                self._emit(TaskEnded(task=self.context, outcome=gave_up))
             raise
         finally:
             stats = self._events.close(HOOK_DRAIN_S)
@@ -248,6 +252,14 @@ class TaskRun:
         try:
             broker.watch_ready(relay.modeller_ready)
             return self._each_batch(broker, relay)
+        except BaseException as exc:
+            # The engine or the host failed us mid-task: the modeller hears of it too.
+            gave_up = _gave_up(self.task_id, self.policy.runtime, exc)
+            assert gave_up.error is not None
+            self._abort_modeller(broker, gave_up.error.type, gave_up.error)
+            if self.plan.batched:
+                self._tell_modeller(broker, "BATCHES_COMPLETE", {"state": "FAILED"})
+            raise
         finally:
             broker.close()
 
@@ -260,7 +272,6 @@ class TaskRun:
         files: dict[str, tuple[FileKind, str]] = {}
         timings: dict[str, float] = {}
         saved_rows = 0
-        completed = 0
         last: Outcome | None = None
         for number, batch in enumerate(plan.batches, start=1):
             if self.cancel is not None and self.cancel.is_set():
@@ -303,9 +314,9 @@ class TaskRun:
             results.append(done.outcome.result)
             if not done.outcome.ok:
                 break
-            completed += 1
+            self._completed += 1
         if plan.batched:
-            state = "SUCCESS" if completed == total else "FAILED"
+            state = "SUCCESS" if self._completed == total else "FAILED"
             self._tell_modeller(broker, "BATCHES_COMPLETE", {"state": state})
         if self._failed_saved:
             self._emit(FailedFilesSaved(task=self.context, files=dict(self._failed_saved)))
@@ -317,7 +328,9 @@ class TaskRun:
             files=files,
             selection=plan.selection.counts(),
             batches=(
-                {"total": total, "completed": completed, "size": plan.batch_size} if plan.batched else None
+                {"total": total, "completed": self._completed, "size": plan.batch_size}
+                if plan.batched
+                else None
             ),
             saved_rows=saved_rows,
             task_hash=self.task_hash,
@@ -513,6 +526,13 @@ class TaskRun:
                 selection=self.plan.selection.counts(),
             )
         )
+
+
+def _gave_up(task_id: str, runtime: str, exc: BaseException) -> Outcome:
+    """How a task ended that the parent gave up on (the engine or host failed, or a second Ctrl-C)."""
+    status = Status.CANCELLED if isinstance(exc, KeyboardInterrupt) else Status.ERROR
+    message = str(exc)[:1000] or "interrupted"
+    return Outcome(task_id, status, runtime=runtime, error=ErrorDetail(type(exc).__name__, message))
 
 
 REASON_UNRECORDED = "NotRecorded"

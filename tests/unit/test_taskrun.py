@@ -431,6 +431,54 @@ def test_an_engine_refusing_the_create_closes_the_ledger_row_and_still_raises(ri
     assert list(rig.run_dir.iterdir()) == []
 
 
+def test_an_engine_failing_mid_task_keeps_the_count_tells_the_modeller_and_the_hooks(
+    rig, make_protocol, make_data, modeller
+):
+    # Made to fail by passing 0 batches done to the ledger on that path (as it
+    # did), by not telling the modeller (it then heard nothing after
+    # CURRENT_BATCH_ID 2), and by emitting no TaskEnded there.
+    keys = TaskKeys.generate()
+    modeller.add_task("t-mid", keys)
+    data = make_data({"a.csv": "1", "b.csv": "2"})
+    db = rig.db()
+    heard: list[Event] = []
+    backend = FakeBackend(
+        rig.runtime(), create_errors=[None, ContainerError("container create failed: 409 Conflict")]
+    )
+    with pytest.raises(ContainerError, match="409 Conflict"):
+        rig.executor(backend, db=db, transport=modeller.transport, hooks=(heard.append,)).run(
+            TaskSpec(
+                protocol_dir=make_protocol(PER_FILE),
+                data_dir=data,
+                project_id=PROJECT,
+                task_id="t-mid",
+                keys=keys,
+                batch_size=1,
+            )
+        )
+    (task,) = db.tasks(PROJECT)
+    assert (task.status, task.error_type, task.batches_done, task.total_batches) == (
+        "ERROR",
+        "ContainerError",
+        1,
+        2,
+    )
+    assert [r.row for r in db.results(PROJECT)] == [{"file": "a.csv"}]
+    said = modeller_heard(modeller, "t-mid")
+    assert [t for t, _ in said] == [
+        "NUMBER_OF_BATCHES",
+        "CURRENT_BATCH_ID",
+        "CURRENT_BATCH_ID",
+        "TASK_ABORT",
+        "BATCHES_COMPLETE",
+    ]
+    assert said[3][1]["exception_type"] == "ContainerError"
+    assert said[4][1] == {"state": "FAILED"}
+    assert isinstance(heard[-1], TaskEnded)
+    assert heard[-1].outcome.status is Status.ERROR
+    assert heard[-1].outcome.error is not None and heard[-1].outcome.error.type == "ContainerError"
+
+
 # -- hooks ---------------------------------------------------------------------------------
 
 
