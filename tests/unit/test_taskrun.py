@@ -26,7 +26,7 @@ import pytest
 
 from executor import taskrun
 from executor.backends import ExitInfo
-from executor.errors import ConfigurationError, ContainerError
+from executor.errors import ConfigurationError, ContainerError, ProjectDatabaseError
 from executor.hooks import Event, ResultsSaved, TaskEnded, TaskStarted
 from executor.launch import SANDBOX_DATA
 from executor.mailbox.crypto import TaskKeys
@@ -477,6 +477,45 @@ def test_an_engine_failing_mid_task_keeps_the_count_tells_the_modeller_and_the_h
     assert isinstance(heard[-1], TaskEnded)
     assert heard[-1].outcome.status is Status.ERROR
     assert heard[-1].outcome.error is not None and heard[-1].outcome.error.type == "ContainerError"
+
+
+class _RefusesCommits(ProjectDatabase):
+    """A project database that starts and ends tasks but cannot commit a batch (locked, full)."""
+
+    def commit_batch(self, commit: BatchCommit) -> None:
+        raise ProjectDatabaseError(f"{self.path} is locked by another process (waited 10 s)")
+
+
+def test_a_batch_that_cannot_be_recorded_ends_the_task_as_an_error_and_says_so(
+    rig, make_protocol, make_data, modeller
+):
+    # Made to fail by letting the commit's error escape run() (the outcome is
+    # then lost), and by keeping the batch's OK status and result.
+    keys = TaskKeys.generate()
+    modeller.add_task("t-unrecorded", keys)
+    data = make_data({"a.csv": "1", "b.csv": "2"})
+    db = _RefusesCommits(rig.db_path)
+    backend = FakeBackend(rig.runtime())
+    outcome = rig.executor(backend, db=db, transport=modeller.transport).run(
+        TaskSpec(
+            protocol_dir=make_protocol(PER_FILE),
+            data_dir=data,
+            project_id=PROJECT,
+            task_id="t-unrecorded",
+            keys=keys,
+            batch_size=1,
+        )
+    )
+    assert outcome.status is Status.ERROR and outcome.result is None
+    assert outcome.error is not None and outcome.error.type == "ProjectDatabaseError"
+    assert "batch 1 ran but could not be recorded" in outcome.error.message
+    assert outcome.batches == {"total": 2, "completed": 0, "size": 1}
+    assert creates(backend) == 1  # nothing more runs once what ran cannot be recorded
+    said = modeller_heard(modeller, "t-unrecorded")
+    aborts = [body for kind, body in said if kind == "TASK_ABORT"]
+    assert [(a["reason"], a["exception_type"]) for a in aborts] == [("NotRecorded", "ProjectDatabaseError")]
+    (task,) = db.tasks(PROJECT)
+    assert (task.status, task.error_type) == ("ERROR", "ProjectDatabaseError")
 
 
 # -- hooks ---------------------------------------------------------------------------------
