@@ -5,7 +5,8 @@ task. The schema, at version :data:`SCHEMA_VERSION` (``PRAGMA user_version``)::
 
     tasks            the ledger: one row per task, inserted RUNNING when it
                      starts, completed when it ends (status, error, timings,
-                     selection counts, batches done, capped log tail)
+                     selection counts, batches done, capped log tail); LOST
+                     if the executor running it died first
     processed_files  (project, task_hash, name) -> size, mtime_ns, task_id:
                      what --new-data-only skips while a file is unchanged
     failed_files     (project, task_hash, name) -> reason, attempts, last_task_id:
@@ -46,7 +47,7 @@ import sqlite3
 import stat
 import time
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -62,6 +63,8 @@ ENV_STATE_DIR = "SANDBOX_EXECUTOR_STATE_DIR"
 DB_FILE_NAME = "projects.sqlite"
 MAX_LOG_TAIL_CHARS = 64 * 1024
 RUNNING = "RUNNING"
+LOST = "LOST"
+LOST_MESSAGE = "the executor running the task stopped (killed or crashed) before it ended"
 
 # Version N is reached by applying MIGRATIONS[N - 1]. Append; never edit a
 # script that has shipped, since databases out there were made by it.
@@ -146,6 +149,12 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX batches_by_hash ON batches (project, task_hash);
     """,
+    # v3: which executor instance ran a task, so that a row left RUNNING by one
+    # that died can be closed as LOST by the next.
+    """
+    ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    CREATE INDEX tasks_running ON tasks (status) WHERE status = 'RUNNING';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -200,6 +209,7 @@ class TaskStart:
     selection: dict[str, int]
     total_batches: int
     test_run: bool
+    owner: str = ""
 
     def __post_init__(self) -> None:
         if not self.task_id:
@@ -638,7 +648,7 @@ class ProjectDatabase:
             conn.execute(
                 "INSERT INTO tasks (task_id, task_hash, project, modeller, datasource, bundle_sha256,"
                 " policy_json, runtime, status, selection_json, total_batches, batches_done, test_run,"
-                " started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                " started_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
                 (
                     r.task_id,
                     r.task_hash,
@@ -653,8 +663,31 @@ class ProjectDatabase:
                     r.total_batches,
                     int(r.test_run),
                     _iso(r.started_at),
+                    r.owner,
                 ),
             )
+
+    def close_lost(self, alive: Callable[[str], bool]) -> list[str]:
+        """Close as ``LOST`` the RUNNING rows of executors that are gone; their task ids.
+
+        A parent killed mid-task leaves its row RUNNING; ``alive`` (an owner
+        id -> whether that executor may still run) tells which are orphans.
+        Rows without an owner are left alone.
+        """
+        with self._transaction("read the running tasks of", write=False) as conn:
+            running = conn.execute(
+                "SELECT task_id, owner FROM tasks WHERE status = ? AND owner != ''", (RUNNING,)
+            ).fetchall()
+        lost = [str(task_id) for task_id, owner in running if not alive(str(owner))]
+        if not lost:
+            return []
+        with self._transaction("close the lost tasks of", write=True) as conn:
+            conn.executemany(
+                "UPDATE tasks SET status = ?, error_type = ?, error_message = ?, ended_at = ?"
+                " WHERE task_id = ? AND status = ?",
+                [(LOST, "ParentLost", LOST_MESSAGE, _now(), task_id, RUNNING) for task_id in lost],
+            )
+        return lost
 
     def end_task(self, end: TaskEnd) -> None:
         """Complete a task's ledger row; the log tail keeps its last :data:`MAX_LOG_TAIL_CHARS`.

@@ -70,6 +70,8 @@ class ReapReport:
     containers: list[str] = field(default_factory=list)
     task_dirs: list[str] = field(default_factory=list)
     spools: list[str] = field(default_factory=list)
+    lost_tasks: list[str] = field(default_factory=list)
+    """Ledger rows of dead executors' tasks closed as LOST (not removed)."""
 
     @property
     def total(self) -> int:

@@ -39,7 +39,7 @@ from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
 from executor.policy_file import PolicySet
 from executor.projectdb import ProjectDatabase
-from executor.reaper import ReapReport, new_instance_id, reap
+from executor.reaper import ReapReport, instance_alive, new_instance_id, reap
 from executor.spec import TaskSpec
 from executor.taskdir import TaskDir, default_base_dir, default_spool_dir
 from executor.taskrun import Plan, TaskRun, default_task_hash
@@ -184,13 +184,19 @@ class Executor:
     def reap(self, *, everything: bool = False) -> ReapReport:
         """Remove containers, task directories and spools of dead executors.
 
-        Runs once by itself before this executor's first task.
+        With a project database, their tasks' ledger rows left RUNNING are
+        closed as ``LOST``. Runs once by itself before this executor's first
+        task.
 
         Raises:
             BackendError: The engine could not list or remove containers.
             HostError: The host refused to list the run or spool directory.
+            ProjectDatabaseError: The project database is unusable.
         """
-        return reap(self.backend, self.run_dir, self.spool_dir, everything=everything)
+        report = reap(self.backend, self.run_dir, self.spool_dir, everything=everything)
+        if self.db is not None:
+            report.lost_tasks = self.db.close_lost(instance_alive)
+        return report
 
     def run(
         self,

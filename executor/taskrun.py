@@ -186,6 +186,7 @@ class TaskRun:
                         selection=self.plan.selection.counts(),
                         total_batches=len(self.plan.batches),
                         test_run=self.spec.flags.test_run,
+                        owner=self.executor.instance_id,
                     )
                 )
             self._emit(

@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from executor.backends import LABEL_TASK
 from executor.errors import ProjectDatabaseError
 from executor.hooks import AlgorithmProgress, Event, TaskEnded, TaskStarted
 from executor.outcome import Status
 from executor.projectdb import ProjectDatabase
 from executor.spec import TaskFlags, TaskSpec
 
-from ..conftest import PROTOCOLS, run_cli
+from ..conftest import PROTOCOLS, REPO, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -170,6 +174,67 @@ def test_a_batched_run_killed_in_its_second_batch_resumes_at_the_second_batch(
     assert second["batches"] == {"total": 2, "completed": 2, "size": 2}
     files = sorted(r["row"]["file"] for r in _records(cli_env, "results", db)["results"])
     assert files == ["a.csv", "b.csv", "c.csv", "d.csv", "e.csv"]
+
+
+def test_a_batched_run_whose_parent_is_killed_resumes_at_its_batch_and_the_ledger_says_lost(
+    tmp_path, cli_env, policy_file, docker_client
+):
+    data = _datasource(tmp_path / "batches", ["a.csv", "b.csv", "c.csv", "d.csv"], {})
+    db = tmp_path / "pod.db"
+    events = tmp_path / "events.jsonl"
+    args = ["--task-hash", "batched", "--batch-size", "2", "--new-data-only", "--project", "oncology"]
+    argv = ["run", "--policy", str(policy_file), str(CSV), "--data", str(data), "--db", str(db)]
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "executor.cli",
+            *argv,
+            "--events",
+            str(events),
+            "--param",
+            "hang_on=c.csv",
+            *args,
+        ],
+        cwd=REPO,
+        env=cli_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Batch 2 is hanging once its sandbox said so.
+        assert _wait_for(lambda: '"info":"hanging"' in _text(events)), _text(events)
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+    first = ProjectDatabase(db).tasks("oncology")
+    assert [(t.status, t.batches_done) for t in first] == [("RUNNING", 1)]
+
+    second = _run(cli_env, policy_file, data, db, *args)
+    assert second["status"] == "OK", second
+    assert second["selection"]["skipped_processed"] == 2
+    assert [batch["seen"] for batch in second["result"]] == [["c.csv", "d.csv"]]
+    ledger = {t.task_id: t for t in ProjectDatabase(db).tasks("oncology")}
+    assert ledger[first[0].task_id].status == "LOST"
+    assert ledger[first[0].task_id].error_type == "ParentLost"
+    assert ledger[second["task_id"]].status == "OK"
+    files = sorted(r["row"]["file"] for r in _records(cli_env, "results", db)["results"])
+    assert files == ["a.csv", "b.csv", "c.csv", "d.csv"]
+    # The killed parent's sandbox went with it, or the next start reaped it.
+    assert not docker_client.containers.list(all=True, filters={"label": f"{LABEL_TASK}={first[0].task_id}"})
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _wait_for(condition, timeout_s: float = 60.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_progress_events_arrive_in_order_in_the_events_file(tmp_path, cli_env, policy_file, docker_client):

@@ -495,7 +495,8 @@ def columns(path: Path, table: str) -> set[str]:
 def test_a_version_1_database_is_upgraded_keeping_its_data(db_path: Path) -> None:
     make_version_1(db_path)
     db = ProjectDatabase(db_path)
-    assert scalar(db_path, "PRAGMA user_version") == SCHEMA_VERSION == 2
+    assert scalar(db_path, "PRAGMA user_version") == SCHEMA_VERSION == 3
+    assert "owner" in columns(db_path, "tasks")  # version 3, on top of 2
     by_id = {t.task_id: t for t in db.tasks("p")}
     assert (by_id["v1-ok"].total_batches, by_id["v1-ok"].batches_done, by_id["v1-ok"].log_tail) == (1, 1, "")
     assert by_id["v1-ok"].timings == {"total": 2.0}
@@ -505,7 +506,7 @@ def test_a_version_1_database_is_upgraded_keeping_its_data(db_path: Path) -> Non
     states = db.file_states("p", "h")
     assert states.processed == {"a.csv": (5, 50)}
     assert states.failed == {"b.csv": ("bad", 2)}
-    # And it works as a version-2 database from here on.
+    # And it works as a current database from here on.
     db.start_task(start("v2", project="p", task_hash="h", total_batches=1))
     db.commit_batch(
         commit(
@@ -657,3 +658,20 @@ def test_default_path_for_a_user_follows_xdg(monkeypatch: pytest.MonkeyPatch, tm
     assert (
         default_db_path() == tmp_path / "home" / ".local" / "state" / "sandbox-executor" / "projects.sqlite"
     )
+
+
+def test_rows_left_running_by_dead_executors_are_closed_as_lost(db_path: Path) -> None:
+    db = ProjectDatabase(db_path)
+    db.start_task(start("dead-1", owner="host:1:1:dead"))
+    db.start_task(start("alive-1", owner="host:2:2:alive"))
+    db.start_task(start("unowned"))
+    db.start_task(start("dead-done", owner="host:1:1:dead"))
+    db.end_task(end("dead-done"))
+    assert db.close_lost(lambda owner: owner.endswith("alive")) == ["dead-1"]
+    by_id = {t.task_id: t for t in db.tasks()}
+    lost = by_id["dead-1"]
+    assert (lost.status, lost.error_type) == ("LOST", "ParentLost")
+    assert lost.ended_at is not None
+    assert by_id["alive-1"].status == by_id["unowned"].status == "RUNNING"
+    assert by_id["dead-done"].status == "OK"
+    assert db.close_lost(lambda owner: False) == ["alive-1"]  # once gone, it is closed too

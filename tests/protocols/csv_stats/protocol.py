@@ -9,6 +9,8 @@ Parameters:
         could be read (files outside the task's selection must not be).
     die_on: a file name; if it is in this batch's view the sandbox kills
         itself (SIGKILL) before reporting, as a crash in the middle of a run.
+    hang_on: a file name; if it is in this batch's view the protocol sleeps
+        (beating, until the policy's wall clock), for a parent to be killed.
     flood_mb: MiB to print to stdout first, as a chatty protocol would.
     log: a message to log at INFO through ``logging``.
 """
@@ -16,6 +18,7 @@ Parameters:
 import logging
 import os
 import signal
+import time
 
 
 def _visible(root):
@@ -48,6 +51,9 @@ def run(ctx):
     seen = _visible(ctx.data_dir)
     if params.get("die_on") in seen:
         os.kill(os.getpid(), signal.SIGKILL)
+    if params.get("hang_on") in seen:
+        ctx.progress.step(0, 0, info="hanging")
+        time.sleep(3600)
     probes = {}
     for name in params.get("probe", []):
         try:
