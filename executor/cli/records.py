@@ -9,6 +9,7 @@ rich markup. A read command never creates a database.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -38,7 +39,7 @@ def results_command(db_path: Path, project: str, task_hash: str | None, as_json:
     """
     records = _open(db_path).results(project, task_hash)
     if as_json:
-        _print_json({"project": project, "task_hash": task_hash, "results": [_result(r) for r in records]})
+        _print_json({"project": project, "task_hash": task_hash, "results": [_record(r) for r in records]})
         return 0
     if not records:
         _console().print(Text(f"no results in project {printable(project)}{_for_hash(task_hash)}"))
@@ -72,7 +73,7 @@ def failed_files_command(db_path: Path, project: str, task_hash: str | None, as_
     records = _open(db_path).failed_files(project, task_hash)
     if as_json:
         _print_json(
-            {"project": project, "task_hash": task_hash, "failed_files": [_failed(r) for r in records]}
+            {"project": project, "task_hash": task_hash, "failed_files": [_record(r) for r in records]}
         )
         return 0
     if not records:
@@ -103,7 +104,7 @@ def tasks_command(db_path: Path, project: str | None, as_json: bool, limit: int 
     """
     records = _open(db_path).tasks(project, limit=limit)
     if as_json:
-        _print_json({"project": project, "tasks": [_task(r) for r in records]})
+        _print_json({"project": project, "tasks": [_record(r) for r in records]})
         return 0
     where = f" in project {printable(project)}" if project is not None else ""
     if not records:
@@ -155,49 +156,10 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _result(r: ResultRecord) -> dict[str, Any]:
-    return {
-        "task_id": r.task_id,
-        "task_hash": r.task_hash,
-        "batch": r.batch,
-        "row": r.row,
-        "created_at": _iso(r.created_at),
-    }
-
-
-def _failed(r: FailedFileRecord) -> dict[str, Any]:
-    return {
-        "task_hash": r.task_hash,
-        "name": r.name,
-        "reason": r.reason,
-        "attempts": r.attempts,
-        "last_task_id": r.last_task_id,
-        "updated_at": _iso(r.updated_at),
-    }
-
-
-def _task(r: TaskRecord) -> dict[str, Any]:
-    return {
-        "task_id": r.task_id,
-        "task_hash": r.task_hash,
-        "project": r.project,
-        "modeller": r.modeller,
-        "datasource": r.datasource,
-        "bundle_sha256": r.bundle_sha256,
-        "policy": r.policy,
-        "runtime": r.runtime,
-        "status": r.status,
-        "error_type": r.error_type,
-        "error_message": r.error_message,
-        "timings": r.timings,
-        "selection": r.selection,
-        "total_batches": r.total_batches,
-        "batches_done": r.batches_done,
-        "test_run": r.test_run,
-        "started_at": _iso(r.started_at),
-        "ended_at": _iso(r.ended_at),
-        "log_tail": r.log_tail,
-    }
+def _record(record: ResultRecord | FailedFileRecord | TaskRecord) -> dict[str, Any]:
+    """A record as JSON: its fields in order, times as ISO 8601 text."""
+    fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    return {name: _iso(value) if name.endswith("_at") else value for name, value in fields.items()}
 
 
 def _for_hash(task_hash: str | None) -> str:
