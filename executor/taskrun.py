@@ -169,7 +169,7 @@ class TaskRun:
         """Every batch in turn, until one does not end OK; the ledger and hooks hear of all."""
         db = self.executor.db
         self._events = HookDispatcher(self.executor.hooks)
-        ended = False
+        started = ended = False
         try:
             if db is not None:
                 db.start_task(
@@ -189,6 +189,7 @@ class TaskRun:
                         owner=self.executor.instance_id,
                     )
                 )
+            started = True
             self._emit(
                 TaskStarted(
                     task=self.context,
@@ -207,7 +208,7 @@ class TaskRun:
             self._emit(TaskEnded(task=self.context, outcome=outcome))
             return outcome
         except BaseException as exc:
-            if not ended:
+            if started and not ended:
                 # The ledger never keeps a task RUNNING that this process gave up on
                 # (an interrupt is the operator's second Ctrl-C), and hooks hear the end.
                 gave_up = _gave_up(self.task_id, self.policy.runtime, exc)
@@ -502,14 +503,19 @@ class TaskRun:
         error = outcome.error
         self._end_ledger(
             outcome.status,
-            error.type if error is not None else "",
-            error.message if error is not None else "",
+            error.type if error is not None else None,
+            error.message if error is not None else None,
             outcome.timings,
             (outcome.batches or {}).get("completed", 1 if outcome.ok else 0),
         )
 
     def _end_ledger(
-        self, status: Status, error_type: str, message: str, timings: dict[str, float], done: int
+        self,
+        status: Status,
+        error_type: str | None,
+        message: str | None,
+        timings: dict[str, float],
+        done: int,
     ) -> None:
         db = self.executor.db
         if db is None:

@@ -518,6 +518,27 @@ def test_a_batch_that_cannot_be_recorded_ends_the_task_as_an_error_and_says_so(
     assert (task.status, task.error_type) == ("ERROR", "ProjectDatabaseError")
 
 
+def test_a_task_id_already_in_the_ledger_is_refused_and_the_earlier_row_is_left_alone(
+    rig, make_protocol, make_data
+):
+    # Made to fail by closing the ledger row on that path whatever happened
+    # (it then overwrote the earlier task's OK with this one's refusal).
+    data = make_data({"a.csv": "1"})
+    db = rig.db()
+    heard: list[Event] = []
+    backend = FakeBackend(rig.runtime())
+    ex = rig.executor(backend, db=db, hooks=(heard.append,))
+    spec = TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=data, project_id=PROJECT, task_id="t-same")
+    assert ex.run(spec).status is Status.OK
+    heard.clear()
+    with pytest.raises(ProjectDatabaseError, match="t-same is already recorded"):
+        ex.run(spec)
+    (task,) = db.tasks(PROJECT)
+    assert (task.status, task.error_type, task.batches_done) == ("OK", None, 1)
+    assert creates(backend) == 1
+    assert heard == []  # a task that never started has no events
+
+
 # -- hooks ---------------------------------------------------------------------------------
 
 
