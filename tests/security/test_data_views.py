@@ -62,11 +62,14 @@ def test_the_sandbox_reads_only_its_selection_and_changes_nothing(
             protocol_dir=PROTOCOLS / "view_probe",
             data_dir=data,
             inference_limits=InferenceLimits(max_files=3),
+            parameters={"report_outside": ["zz-secret.csv"]},
         )
     )
     assert outcome.status is Status.OK, outcome.error
     seen = outcome.result
     assert seen["files"] == {name: FILES[name] for name in SELECTED}
+    assert seen["refused"] == {"zz-secret.csv": "INVALID_ARGUMENT"}
+    assert set(outcome.files) == set(SELECTED)
     assert outcome.selection == {
         "total": 4,
         "selected": 3,

@@ -46,4 +46,14 @@ def run(ctx):
         }
     for name in files:
         ctx.file_processed(name)
-    return {"files": files, "mounts": sorted(mounts), "attempts": attempts}
+    # Names of the datasource that are not in this view are refused by the parent.
+    refused = {}
+    for name in ctx.parameters.get("report_outside", []):
+        from executor.sandbox.context import ReportRefused
+
+        try:
+            ctx.file_processed(name)
+            refused[name] = "accepted"
+        except ReportRefused as exc:
+            refused[name] = exc.code
+    return {"files": files, "mounts": sorted(mounts), "attempts": attempts, "refused": refused}
