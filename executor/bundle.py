@@ -13,6 +13,7 @@ import ast
 import hashlib
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -23,6 +24,7 @@ ENTRY_MODULE = "protocol"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_BUNDLE_FILES = 10_000
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
+_PARSE_LOCK = threading.Lock()
 MAX_BUNDLE_DIRS = 1_000
 MAX_BUNDLE_DEPTH = 32
 _SKIP_DIRS = {"__pycache__", ".git", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
@@ -63,8 +65,14 @@ def check_protocol_dir(source: Path) -> None:
         raise ProtocolBundleError(f"{entry} must be a regular file, not a link or special file")
     if st.st_size > MAX_ENTRY_BYTES:
         raise ProtocolBundleError(f"{entry} is {st.st_size} bytes; the limit is {MAX_ENTRY_BYTES}")
+    source_bytes = entry.read_bytes()
     try:
-        tree = ast.parse(entry.read_bytes(), filename=str(entry))
+        # One parse at a time in this process: CPython 3.11 (before 3.11.8)
+        # keeps the AST builder's recursion depth in shared state, so two
+        # threads parsing at once (tasks started concurrently) can fail with
+        # "SystemError: AST constructor recursion depth mismatch".
+        with _PARSE_LOCK:
+            tree = ast.parse(source_bytes, filename=str(entry))
     except SyntaxError as exc:
         raise ProtocolBundleError(f"{entry} does not parse: {exc.msg} (line {exc.lineno})") from None
     except (ValueError, RecursionError, MemoryError) as exc:

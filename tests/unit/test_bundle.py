@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import stat
+import threading
+import time
 
 import pytest
 
@@ -431,3 +434,38 @@ def test_nesting_depth_and_directory_count_are_capped(make_protocol, tmp_path, m
     monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DIRS", 2)
     with pytest.raises(ProtocolBundleError, match="more than 2 directories"):
         copy_bundle(proto, tmp_path / "too-many")
+
+
+def test_protocols_are_parsed_one_at_a_time_even_when_tasks_start_together(tmp_path, monkeypatch):
+    # CPython 3.11 before 3.11.8 keeps the AST builder's recursion depth in
+    # shared state: two threads in ast.parse at once can fail with
+    # "SystemError: AST constructor recursion depth mismatch" (seen when two
+    # tasks started in threads). Made to fail by removing the lock in
+    # check_protocol_dir: the threads then overlap inside the parse.
+    protocol = tmp_path / "p"
+    protocol.mkdir()
+    (protocol / "protocol.py").write_text("def run(ctx):\n    return 1\n")
+    real_parse = ast.parse
+    inside = 0
+    most = 0
+    count_lock = threading.Lock()
+
+    def watched_parse(*args, **kwargs):
+        nonlocal inside, most
+        with count_lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            time.sleep(0.01)  # a parse long enough for another thread to arrive
+            return real_parse(*args, **kwargs)
+        finally:
+            with count_lock:
+                inside -= 1
+
+    monkeypatch.setattr(ast, "parse", watched_parse)
+    threads = [threading.Thread(target=check_protocol_dir, args=(protocol,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == 1
