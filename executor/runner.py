@@ -226,8 +226,10 @@ class Executor:
             HostError: The host refused the task directory, the mailbox
                 spool, a socket, the uid lock directory, or listing the run
                 or spool directory for leftovers; what was made is removed.
-            ProjectDatabaseError: The project database is unusable or stayed
-                locked too long.
+            ProjectDatabaseError: Before any container started, the project
+                database was unusable or stayed locked too long, or already
+                holds this task id. (Once batches have run, a commit that
+                fails ends the task as ERROR instead, keeping its outcome.)
         """
         started = time.monotonic()
         started_at = datetime.now(UTC)
