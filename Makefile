@@ -124,6 +124,13 @@ test-integration: images runsc ## The tests against a real Docker engine and the
 test-security: images runsc ## The probes run inside a real sandbox (runc and gVisor)
 	$(VENV)/bin/pytest tests/security $(PYTEST_ARGS)
 
+# Extra arguments for bench/report.py, e.g. BENCH_ARGS=--quick (a smoke run, kept out of BENCHMARKS.md).
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: images ## Run every benchmark (about 4 min, Docker; runsc if installed) and write BENCHMARKS.md
+	$(VPY) bench/report.py $(BENCH_ARGS)
+
 .PHONY: clean
 clean: ## Remove build output (not the images)
 	rm -rf $(BUILD) .pytest_cache .mypy_cache .ruff_cache

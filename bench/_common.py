@@ -30,6 +30,13 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 PROTOCOLS = BENCH_DIR / "protocols"
 MiB = 1024 * 1024
+# The image the executor runs by default (executor/policy.py DEFAULT_IMAGE), for a baseline run in an
+# interpreter without the package (the peer library's venv); the others take it from the policy.
+SANDBOX_IMAGE = "sandbox-executor/sandbox:latest"
+# Containers a benchmark starts itself (baselines, peer libraries) carry this label, valued with the
+# workspace's name, so that the workspace removes them on exit. It is not the executor's managed label:
+# no executor's reaper touches them.
+BENCH_LABEL = "io.sandbox-executor.bench"
 # How long a cancelled task may take to end: the supervisor's cancel grace (5 s) and a margin.
 CANCEL_JOIN_S = 15.0
 
@@ -226,6 +233,7 @@ class Workspace:
         self._processes: list[Any] = []
         self._backend: Any = None
         self._old_term: Any = None
+        self._labelled = False
 
     # -- things made here ------------------------------------------------------
     def data_dir(self) -> Path:
@@ -260,6 +268,12 @@ class Workspace:
         self._executors.append(ex)
         self._instances.append(ex.instance_id)
         return ex
+
+    @property
+    def label(self) -> tuple[str, str]:
+        """The label (key, value) for containers a benchmark starts itself; they are removed on exit."""
+        self._labelled = True
+        return BENCH_LABEL, self.root.name
 
     def adopt_instance_file(self, path: Path) -> None:
         """On exit, also sweep the containers of the executor whose instance id a child wrote to ``path``."""
@@ -302,14 +316,17 @@ class Workspace:
         self._processes.append(process)
         return process
 
-    def run_script(self, script: str, argv: list[str], timeout: float) -> dict[str, Any]:
+    def run_script(
+        self, script: str, argv: list[str], timeout: float, python: str | Path | None = None
+    ) -> dict[str, Any]:
         """Run ``script`` in a fresh interpreter with ``argv``; its last stdout line is JSON.
 
-        A fresh interpreter keeps the parent-side memory numbers clean.
+        A fresh interpreter keeps the parent-side memory numbers clean. ``python`` names
+        another interpreter (a throwaway venv's) instead of this one.
         """
         proc = self.track_process(
             subprocess.Popen(
-                [sys.executable, str(Path(script).resolve()), *argv],
+                [str(python or sys.executable), str(Path(script).resolve()), *argv],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -349,6 +366,8 @@ class Workspace:
         for process in self._processes:
             _end_process(process)
         self._sweep_containers()
+        if self._labelled:
+            sweep_labelled(self.root.name)
         for close in self._closers:
             with contextlib.suppress(Exception):
                 close()
@@ -380,6 +399,47 @@ class Workspace:
                     backend.remove(container_id)
         except Exception as exc:  # cleanup must not mask the real error
             print(f"bench: could not sweep containers: {exc}", file=sys.stderr)
+
+
+def sweep_labelled(value: str) -> None:
+    """Remove every container labelled ``BENCH_LABEL=value`` (docker CLI: no docker-py needed)."""
+    try:
+        found = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label={BENCH_LABEL}={value}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.split()
+        if found:
+            print(f"bench: removing {len(found)} leftover baseline container(s)", file=sys.stderr)
+            subprocess.run(["docker", "rm", "-f", *found], capture_output=True, timeout=120, check=False)
+    except Exception as exc:  # cleanup must not mask the real error
+        print(f"bench: could not sweep labelled containers: {exc}", file=sys.stderr)
+
+
+def docker_run_baseline(
+    ws: Workspace, runtime: str, runs: int, warmup: int, image: str = SANDBOX_IMAGE
+) -> dict[str, Any]:
+    """``docker run --rm --network none <image> python3 -c pass`` through the docker CLI, timed end to end.
+
+    End to end: from just before the CLI is started to its exit, which comes after the container
+    has exited and been removed (``--rm``). Also labelled (``BENCH_LABEL``) so an interrupted run
+    leaves nothing; ``--runtime`` names the OCI runtime even for the default (runc).
+    """
+    key, value = ws.label
+    argv = ["docker", "run", "--rm", "--network", "none", "--label", f"{key}={value}", "--runtime", runtime]
+    argv += [image, "python3", "-c", "pass"]
+    samples = []
+    for i in range(warmup + runs):
+        started = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        elapsed = time.perf_counter() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+        if i >= warmup:
+            samples.append(elapsed)
+    return {"end_to_end": summary(samples), "command": " ".join(argv), "samples": samples}
 
 
 def _end_process(process: Any) -> None:
@@ -517,21 +577,21 @@ def table(title: str, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> 
     return "\n".join(out)
 
 
-def _clean(value: Any) -> Any:
+def clean(value: Any) -> Any:
     """``value`` with NaN replaced by ``None`` (JSON has no NaN) and floats rounded."""
     if isinstance(value, float):
         return None if math.isnan(value) or math.isinf(value) else round(value, 6)
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean(v) for v in value]
     return value
 
 
 def emit(args: argparse.Namespace, report: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
     """Print ``report`` as JSON (``--json``) or as the text ``render`` makes of it."""
     if args.json:
-        print(json.dumps(_clean(report), indent=2))
+        print(json.dumps(clean(report), indent=2))
         return
     m = report.get("machine", {})
     header = (

@@ -1,11 +1,17 @@
-"""Cold start: submit to the first line of protocol code, runc and runsc, against a multiprocessing spawn.
+"""Cold start: submit to the first line of protocol code, runc and runsc, against a spawn and a docker run.
 
 The protocol (bench/protocols/first_line) returns ``time.time()`` from the first
 line of ``run(ctx)``; the parent records ``time.time()`` just before
 ``Executor.run``. Both read the same host clock (containers share the host's
-clock under runc and runsc alike). The baseline, measured in the same run, is
-a ``multiprocessing`` spawn-context process whose target sends back the time
-of its own first line: the seed's worker process without the container.
+clock under runc and runsc alike). Baselines, measured in the same run:
+
+- a ``multiprocessing`` spawn-context process whose target sends back the time
+  of its own first line: the seed's worker process without the container;
+- per runtime, ``docker run --rm --network none <sandbox image> python3 -c pass``
+  through the docker CLI, timed end to end (CLI start to CLI exit, so it
+  includes the container's exit and removal): the least a container can cost;
+- per runtime, the same through docker-py (``containers.create``, ``start``,
+  ``wait``, ``remove``), as the executor talks to the engine.
 
 Also reported: the median of each phase of ``outcome.timings`` and the time
 from the first line to ``Executor.run`` returning (result, exit, removal).
@@ -48,6 +54,29 @@ def spawn_baseline(ws: c.Workspace, runs: int, warmup: int) -> dict[str, Any]:
     return {"first_line": c.summary(latencies), "samples": latencies}
 
 
+def docker_py_baseline(ws: c.Workspace, runtime: str, runs: int, warmup: int, image: str) -> dict[str, Any]:
+    """``python3 -c pass`` in a fresh container through docker-py: create, start, wait, remove."""
+    client = ws.backend().client
+    key, value = ws.label
+    samples = []
+    for i in range(warmup + runs):
+        started = time.perf_counter()
+        container = client.containers.create(
+            image, ["python3", "-c", "pass"], network_mode="none", runtime=runtime, labels={key: value}
+        )
+        try:
+            container.start()
+            status = container.wait()
+        finally:
+            container.remove(force=True)
+        elapsed = time.perf_counter() - started
+        if status.get("StatusCode") != 0:
+            raise RuntimeError(f"docker-py python3 -c pass on {runtime} exited {status}")
+        if i >= warmup:
+            samples.append(elapsed)
+    return {"end_to_end": c.summary(samples), "samples": samples}
+
+
 def executor_runs(ws: c.Workspace, runtime: str, runs: int, warmup: int) -> dict[str, Any]:
     """Submit-to-first-line latency through the executor on ``runtime``, ``runs`` times."""
     from executor.spec import TaskSpec
@@ -84,28 +113,53 @@ def executor_runs(ws: c.Workspace, runtime: str, runs: int, warmup: int) -> dict
 def render(report: dict[str, Any]) -> str:
     res = report["results"]
     base = res["baseline_spawn"]["first_line"]
-    rows = [["mp spawn (baseline)", c.ms(base["p50"]), c.ms(base["p90"]), "1.00x", "1.00x", "-", "-"]]
+    rows = [["mp spawn (baseline)", c.ms(base["p50"]), c.ms(base["p90"]), "1.00x", "-", "-", "-", "-"]]
     for rt in report["params"]["runtimes"]:
         r = res.get(rt)
         if r is None:
             continue
+        q = report["ratios"][rt]
+        for key, label in (("docker_run", "docker run CLI"), ("docker_py", "docker-py")):
+            e2e = res[f"baseline_{key}"][rt]["end_to_end"]
+            rows.append(
+                [
+                    f"{label} {rt} (baseline)",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    c.ms(e2e["p50"]),
+                    "1.00x" if key == "docker_run" else c.times(q["docker_py_vs_docker_run"]),
+                ]
+            )
         fl = r["first_line"]
         rows.append(
             [
                 f"executor {rt}",
                 c.ms(fl["p50"]),
                 c.ms(fl["p90"]),
-                c.times(report["ratios"][rt]["p50"]),
-                c.times(report["ratios"][rt]["p90"]),
+                c.times(q["p50"]),
+                c.times(q["first_line_vs_docker_run"]),
                 c.ms(r["first_line_to_return"]["p50"]),
                 c.ms(r["submit_to_return"]["p50"]),
+                c.times(q["return_vs_docker_run"]),
             ]
         )
     n = report["params"]["runs"]
     out = [
         c.table(
-            f"submit -> first line of protocol code, {n} runs each (ms)",
-            ["", "p50", "p90", "p50/base", "p90/base", "first->return p50", "submit->return p50"],
+            f"submit -> first line of protocol code, {n} runs each (ms; ratios of p50s)",
+            [
+                "",
+                "first line p50",
+                "p90",
+                "/spawn",
+                "/docker run",
+                "first->return",
+                "end to end p50",
+                "e2e/docker run",
+            ],
             rows,
         ),
         "",
@@ -134,17 +188,38 @@ def main() -> None:
             "(spawn: just before Process()); same host clock",
             f"{args.warmup} warm-up run(s) per row not counted (the first executor run also reaps and "
             "connects to the engine)",
+            "docker run / docker-py = python3 -c pass in a fresh container of the same image, network none, "
+            "no other hardening, timed from before the call to the removed container (end to end)",
         ]
-        results: dict[str, Any] = {"baseline_spawn": spawn_baseline(ws, args.runs, args.warmup)}
+        image = c.policy().image
+        results: dict[str, Any] = {
+            "baseline_spawn": spawn_baseline(ws, args.runs, args.warmup),
+            "baseline_docker_run": {},
+            "baseline_docker_py": {},
+        }
         ratios: dict[str, Any] = {}
         base = results["baseline_spawn"]["first_line"]
         for rt in args.runtimes:
             if rt not in known:
                 notes.append(f"{rt} skipped: the engine knows only {', '.join(known)}")
                 continue
+            cli = results["baseline_docker_run"][rt] = c.docker_run_baseline(
+                ws, rt, args.runs, args.warmup, image
+            )
+            dpy = results["baseline_docker_py"][rt] = docker_py_baseline(
+                ws, rt, args.runs, args.warmup, image
+            )
             results[rt] = executor_runs(ws, rt, args.runs, args.warmup)
             fl = results[rt]["first_line"]
-            ratios[rt] = {"p50": c.ratio(fl["p50"], base["p50"]), "p90": c.ratio(fl["p90"], base["p90"])}
+            run_p50 = cli["end_to_end"]["p50"]
+            ratios[rt] = {
+                "p50": c.ratio(fl["p50"], base["p50"]),
+                "p90": c.ratio(fl["p90"], base["p90"]),
+                "first_line_vs_docker_run": c.ratio(fl["p50"], run_p50),
+                "return_vs_docker_run": c.ratio(results[rt]["submit_to_return"]["p50"], run_p50),
+                "docker_py_vs_docker_run": c.ratio(dpy["end_to_end"]["p50"], run_p50),
+                "docker_run_vs_spawn": c.ratio(run_p50, base["p50"]),
+            }
         report = {
             "benchmark": "cold_start",
             "machine": c.machine(ws),

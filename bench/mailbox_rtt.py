@@ -7,10 +7,16 @@ round trip with ``perf_counter``. One round trip is therefore: seal (modeller),
 transport, open (parent), gRPC stream down, gRPC stream up, seal (parent),
 transport, open (modeller).
 
-The baseline, measured in the same run with the same payload and count, is
-a ``multiprocessing.Queue`` ping-pong with a spawned child: put, the child gets
-and puts the same bytes back, get. That is the seed's proxy mailbox transport
-without a container, gRPC or encryption.
+Two baselines, measured in the same run with the same payload and count:
+
+- a ``multiprocessing.Queue`` ping-pong with a spawned child: put, the child
+  gets and puts the same bytes back, get. That is the seed's proxy mailbox
+  transport without a container, gRPC or encryption;
+- a bare grpcio bidi-stream ping-pong over a Unix socket: a server in a spawned
+  child echoes each message of one stream (generic handler, raw bytes, no
+  protobuf, default options); this process writes one message and reads the
+  echo before writing the next. That is what a round trip over gRPC costs
+  without a container, encryption, a second call or a modeller transport.
 
     .venv/bin/python bench/mailbox_rtt.py [--rounds 500] [--size 1024] [--runtimes runc,runsc] [--json]
 
@@ -22,8 +28,11 @@ reported.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import queue
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import _common as c
@@ -55,6 +64,77 @@ def queue_baseline(ws: c.Workspace, rounds: int, warmup: int, size: int) -> dict
     inbox.close()
     outbox.close()
     return {"rtt": c.summary(samples)}
+
+
+GRPC_METHOD = "/bench.Echo/Ping"
+
+
+def _grpc_echo_server(address: str, conn: Any) -> None:
+    """Serve one echo bidi-stream method on ``address`` until ``conn`` says stop (or closes)."""
+    from concurrent import futures
+
+    import grpc
+
+    def echo(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        yield from requests
+
+    service, method = GRPC_METHOD.strip("/").split("/")
+    handler = grpc.method_handlers_generic_handler(
+        service, {method: grpc.stream_stream_rpc_method_handler(echo)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    server.add_insecure_port(address)
+    server.start()
+    conn.send("ready")
+    with contextlib.suppress(EOFError):
+        conn.recv()
+    server.stop(None)
+
+
+def grpc_baseline(ws: c.Workspace, rounds: int, warmup: int, size: int) -> dict[str, Any]:
+    """Round trips of ``size`` bytes over one grpcio bidi stream to a spawned child, on a Unix socket."""
+    import grpc
+
+    mp = multiprocessing.get_context("spawn")
+    address = f"unix:{ws.root / 'grpc-echo.sock'}"
+    conn, child_conn = mp.Pipe()
+    child = ws.track_process(mp.Process(target=_grpc_echo_server, args=(address, child_conn), daemon=True))
+    child.start()
+    child_conn.close()
+    if not conn.poll(60) or conn.recv() != "ready":
+        raise RuntimeError("the grpc echo server did not start")
+    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def writes() -> Iterator[bytes]:
+        while (item := outbox.get()) is not None:
+            yield item
+
+    payload = b"\x5a" * size
+    samples = []
+    channel = grpc.insecure_channel(address)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=30)
+        replies = channel.stream_stream(GRPC_METHOD)(writes())
+        for i in range(warmup + rounds):
+            t = time.perf_counter()
+            outbox.put(payload)
+            reply = next(replies)
+            dt = time.perf_counter() - t
+            if len(reply) != size:
+                raise RuntimeError("the grpc echo server echoed the wrong payload")
+            if i >= warmup:
+                samples.append(dt)
+        outbox.put(None)
+        for _ in replies:
+            pass
+    finally:
+        outbox.put(None)
+        channel.close()
+        with contextlib.suppress(OSError):
+            conn.send("stop")
+        child.join(30)
+        conn.close()
+    return {"rtt": c.summary(samples), "grpcio": grpc.__version__}
 
 
 def sandbox_rtt(ws: c.Workspace, runtime: str, rounds: int, warmup: int, size: int) -> dict[str, Any]:
@@ -107,18 +187,33 @@ def sandbox_rtt(ws: c.Workspace, runtime: str, rounds: int, warmup: int, size: i
 def render(report: dict[str, Any]) -> str:
     res = report["results"]
     base = res["baseline_queue"]["rtt"]
-    rows = [["mp.Queue (baseline)", c.ms(base["p50"]), c.ms(base["p99"]), "1.00x", "1.00x", "-", "-"]]
+    grpc_base = res["baseline_grpc"]["rtt"]
+    rows = [
+        ["mp.Queue (baseline)", c.ms(base["p50"]), c.ms(base["p99"]), "1.00x", "-", "-", "-", "-"],
+        [
+            "grpc bidi, Unix socket (baseline)",
+            c.ms(grpc_base["p50"]),
+            c.ms(grpc_base["p99"]),
+            c.times(report["ratios"]["grpc_vs_queue"]["p50"]),
+            "1.00x",
+            "1.00x",
+            "-",
+            "-",
+        ],
+    ]
     for rt in report["params"]["runtimes"]:
         r = res.get(rt)
         if r is None:
             continue
+        q = report["ratios"][rt]
         rows.append(
             [
                 f"sandbox {rt}",
                 c.ms(r["rtt"]["p50"]),
                 c.ms(r["rtt"]["p99"]),
-                c.times(report["ratios"][rt]["p50"]),
-                c.times(report["ratios"][rt]["p99"]),
+                c.times(q["p50"]),
+                c.times(q["p50_vs_grpc"]),
+                c.times(q["p99_vs_grpc"]),
                 c.num(r["round_trips_per_s"], 0),
                 str(r["throttled_calls"]),
             ]
@@ -126,7 +221,7 @@ def render(report: dict[str, Any]) -> str:
     p = report["params"]
     return c.table(
         f"mailbox round trip, {p['rounds']} rounds of {p['size']} bytes each way (ms)",
-        ["", "p50", "p99", "p50/base", "p99/base", "rt/s", "throttled"],
+        ["", "p50", "p99", "p50/queue", "p50/grpc", "p99/grpc", "rt/s", "throttled"],
         rows,
     )
 
@@ -142,14 +237,17 @@ def main() -> None:
     with c.Workspace() as ws:
         known = c.available_runtimes(ws)
         notes = [
-            "both sides time send-then-receive with perf_counter in this process; "
-            "the sandbox path seals and opens each body twice (AES-GCM), the queue path pickles",
+            "all three time send-then-receive with perf_counter in this process; "
+            "the sandbox path seals and opens each body twice (AES-GCM), the queue path pickles, "
+            "the grpc path sends raw bytes on one open stream",
         ]
         results: dict[str, Any] = {
             "baseline_queue": queue_baseline(ws, args.rounds, args.warmup, args.size),
+            "baseline_grpc": grpc_baseline(ws, args.rounds, args.warmup, args.size),
         }
-        ratios: dict[str, Any] = {}
         base = results["baseline_queue"]["rtt"]
+        grpc_base = results["baseline_grpc"]["rtt"]
+        ratios: dict[str, Any] = {"grpc_vs_queue": {"p50": c.ratio(grpc_base["p50"], base["p50"])}}
         for rt in args.runtimes:
             if rt not in known:
                 notes.append(f"{rt} skipped: the engine knows only {', '.join(known)}")
@@ -158,6 +256,8 @@ def main() -> None:
             ratios[rt] = {
                 "p50": c.ratio(r["rtt"]["p50"], base["p50"]),
                 "p99": c.ratio(r["rtt"]["p99"], base["p99"]),
+                "p50_vs_grpc": c.ratio(r["rtt"]["p50"], grpc_base["p50"]),
+                "p99_vs_grpc": c.ratio(r["rtt"]["p99"], grpc_base["p99"]),
             }
             if r["throttled_calls"]:
                 notes.append(
