@@ -211,7 +211,8 @@ class Workspace:
         data/       a tiny datasource, 755 with 644 files (readable by every sandbox uid)
 
     On exit, even after Ctrl-C or SIGTERM, every running task is cancelled,
-    every container carrying the label of an executor made here is removed,
+    every container carrying the label of an executor made here, or this
+    workspace's ``BENCH_LABEL`` (baselines, peer libraries), is removed,
     the transports and modellers are closed, child processes are ended and
     ``root`` is deleted.
 
@@ -233,7 +234,6 @@ class Workspace:
         self._processes: list[Any] = []
         self._backend: Any = None
         self._old_term: Any = None
-        self._labelled = False
 
     # -- things made here ------------------------------------------------------
     def data_dir(self) -> Path:
@@ -272,7 +272,6 @@ class Workspace:
     @property
     def label(self) -> tuple[str, str]:
         """The label (key, value) for containers a benchmark starts itself; they are removed on exit."""
-        self._labelled = True
         return BENCH_LABEL, self.root.name
 
     def adopt_instance_file(self, path: Path) -> None:
@@ -366,8 +365,7 @@ class Workspace:
         for process in self._processes:
             _end_process(process)
         self._sweep_containers()
-        if self._labelled:
-            sweep_labelled(self.root.name)
+        sweep_labelled(self.root.name)
         for close in self._closers:
             with contextlib.suppress(Exception):
                 close()
@@ -418,28 +416,29 @@ def sweep_labelled(value: str) -> None:
         print(f"bench: could not sweep labelled containers: {exc}", file=sys.stderr)
 
 
-def docker_run_baseline(
-    ws: Workspace, runtime: str, runs: int, warmup: int, image: str = SANDBOX_IMAGE
-) -> dict[str, Any]:
-    """``docker run --rm --network none <image> python3 -c pass`` through the docker CLI, timed end to end.
+def docker_run_argv(ws: Workspace, runtime: str, image: str = SANDBOX_IMAGE) -> list[str]:
+    """``docker run --rm --network none <image> python3 -c pass`` on ``runtime``, for ``time_command``.
 
-    End to end: from just before the CLI is started to its exit, which comes after the container
-    has exited and been removed (``--rm``). Also labelled (``BENCH_LABEL``) so an interrupted run
-    leaves nothing; ``--runtime`` names the OCI runtime even for the default (runc).
+    Labelled (``BENCH_LABEL``) so that an interrupted run leaves nothing; ``--runtime`` names the
+    OCI runtime even for the default (runc).
     """
     key, value = ws.label
     argv = ["docker", "run", "--rm", "--network", "none", "--label", f"{key}={value}", "--runtime", runtime]
-    argv += [image, "python3", "-c", "pass"]
-    samples = []
-    for i in range(warmup + runs):
-        started = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-        elapsed = time.perf_counter() - started
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
-        if i >= warmup:
-            samples.append(elapsed)
-    return {"end_to_end": summary(samples), "command": " ".join(argv), "samples": samples}
+    return [*argv, image, "python3", "-c", "pass"]
+
+
+def time_command(argv: list[str]) -> float:
+    """Seconds from just before ``argv`` starts to its exit (for ``docker run --rm``: the container removed).
+
+    Raises:
+        RuntimeError: It exited with a non-zero status.
+    """
+    started = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return elapsed
 
 
 def _end_process(process: Any) -> None:

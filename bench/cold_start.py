@@ -36,78 +36,108 @@ def _first_line(conn: Any) -> None:
     conn.close()
 
 
-def spawn_baseline(ws: c.Workspace, runs: int, warmup: int) -> dict[str, Any]:
-    """Submit-to-first-line latency of a spawn-context process, ``runs`` times."""
+def spawn_once(ws: c.Workspace) -> float:
+    """Submit-to-first-line latency of one spawn-context process."""
     mp = multiprocessing.get_context("spawn")
-    latencies = []
-    for i in range(warmup + runs):
-        recv, send = mp.Pipe(duplex=False)
-        submitted = time.time()
-        proc = ws.track_process(mp.Process(target=_first_line, args=(send,), daemon=True))
-        proc.start()
-        send.close()
-        first = recv.recv()
-        proc.join()
-        recv.close()
-        if i >= warmup:
-            latencies.append(first - submitted)
-    return {"first_line": c.summary(latencies), "samples": latencies}
+    recv, send = mp.Pipe(duplex=False)
+    submitted = time.time()
+    proc = ws.track_process(mp.Process(target=_first_line, args=(send,), daemon=True))
+    proc.start()
+    send.close()
+    first = float(recv.recv())
+    proc.join()
+    recv.close()
+    return first - submitted
 
 
-def docker_py_baseline(ws: c.Workspace, runtime: str, runs: int, warmup: int, image: str) -> dict[str, Any]:
-    """``python3 -c pass`` in a fresh container through docker-py: create, start, wait, remove."""
+def docker_py_once(ws: c.Workspace, runtime: str, image: str) -> float:
+    """``python3 -c pass`` in a fresh container through docker-py (create, start, wait, remove), timed."""
     client = ws.backend().client
     key, value = ws.label
-    samples = []
-    for i in range(warmup + runs):
-        started = time.perf_counter()
-        container = client.containers.create(
-            image, ["python3", "-c", "pass"], network_mode="none", runtime=runtime, labels={key: value}
-        )
-        try:
-            container.start()
-            status = container.wait()
-        finally:
-            container.remove(force=True)
-        elapsed = time.perf_counter() - started
-        if status.get("StatusCode") != 0:
-            raise RuntimeError(f"docker-py python3 -c pass on {runtime} exited {status}")
-        if i >= warmup:
-            samples.append(elapsed)
-    return {"end_to_end": c.summary(samples), "samples": samples}
+    started = time.perf_counter()
+    container = client.containers.create(
+        image, ["python3", "-c", "pass"], network_mode="none", runtime=runtime, labels={key: value}
+    )
+    try:
+        container.start()
+        status = container.wait()
+    finally:
+        container.remove(force=True)
+    elapsed = time.perf_counter() - started
+    if status.get("StatusCode") != 0:
+        raise RuntimeError(f"docker-py python3 -c pass on {runtime} exited {status}")
+    return elapsed
 
 
-def executor_runs(ws: c.Workspace, runtime: str, runs: int, warmup: int) -> dict[str, Any]:
-    """Submit-to-first-line latency through the executor on ``runtime``, ``runs`` times."""
+def executor_once(ws: c.Workspace, executor: Any, runtime: str) -> dict[str, Any]:
+    """One task of the first_line protocol through ``executor``: its first line, return and phases."""
     from executor.spec import TaskSpec
 
-    executor = ws.executor(c.policy(runtime))
-    data = ws.data_dir()
-    latencies, tails, totals = [], [], []
-    phases: dict[str, list[float]] = {p: [] for p in PHASES}
-    for i in range(warmup + runs):
-        spec = TaskSpec(
-            protocol_dir=c.PROTOCOLS / "first_line", data_dir=data, task_id=c.new_task_id(f"cold-{runtime}")
-        )
-        handle = ws.run(executor, spec, timeout=300)
-        outcome = handle.outcome
-        c.check_ok(outcome, f"cold start on {runtime}")
-        if i < warmup:
-            continue
-        first = float(outcome.result)
-        latencies.append(first - handle.submitted)
-        tails.append(handle.returned - first)
-        totals.append(handle.returned - handle.submitted)
-        for p in PHASES:
-            if p in outcome.timings:
-                phases[p].append(outcome.timings[p])
+    spec = TaskSpec(
+        protocol_dir=c.PROTOCOLS / "first_line",
+        data_dir=ws.data_dir(),
+        task_id=c.new_task_id(f"cold-{runtime}"),
+    )
+    handle = ws.run(executor, spec, timeout=300)
+    outcome = handle.outcome
+    c.check_ok(outcome, f"cold start on {runtime}")
+    first = float(outcome.result)
     return {
-        "first_line": c.summary(latencies),
-        "first_line_to_return": c.summary(tails),
-        "submit_to_return": c.summary(totals),
-        "phases_median": {p: c.median(v) for p, v in phases.items() if v},
-        "samples": latencies,
+        "first_line": first - handle.submitted,
+        "first_line_to_return": handle.returned - first,
+        "submit_to_return": handle.returned - handle.submitted,
+        "timings": dict(outcome.timings),
     }
+
+
+def measure(ws: c.Workspace, runtimes: list[str], runs: int, warmup: int, image: str) -> dict[str, Any]:
+    """``warmup + runs`` rounds; each round runs every row once, so load drift hits all rows alike.
+
+    A round: a spawn, then per runtime a ``docker run``, a docker-py run and an executor task.
+    """
+    executors = {rt: ws.executor(c.policy(rt)) for rt in runtimes}
+    argv = {rt: c.docker_run_argv(ws, rt, image) for rt in runtimes}
+    spawn: list[float] = []
+    cli: dict[str, list[float]] = {rt: [] for rt in runtimes}
+    dpy: dict[str, list[float]] = {rt: [] for rt in runtimes}
+    tasks: dict[str, list[dict[str, Any]]] = {rt: [] for rt in runtimes}
+    for i in range(warmup + runs):
+        counted = i >= warmup
+        t = spawn_once(ws)
+        if counted:
+            spawn.append(t)
+        for rt in runtimes:
+            samples = (
+                c.time_command(argv[rt]),
+                docker_py_once(ws, rt, image),
+                executor_once(ws, executors[rt], rt),
+            )
+            if counted:
+                cli[rt].append(samples[0])
+                dpy[rt].append(samples[1])
+                tasks[rt].append(samples[2])
+    results: dict[str, Any] = {
+        "baseline_spawn": {"first_line": c.summary(spawn), "samples": spawn},
+        "baseline_docker_run": {
+            rt: {"end_to_end": c.summary(cli[rt]), "command": " ".join(argv[rt]), "samples": cli[rt]}
+            for rt in runtimes
+        },
+        "baseline_docker_py": {rt: {"end_to_end": c.summary(dpy[rt]), "samples": dpy[rt]} for rt in runtimes},
+    }
+    for rt in runtimes:
+        done = tasks[rt]
+        results[rt] = {
+            "first_line": c.summary([d["first_line"] for d in done]),
+            "first_line_to_return": c.summary([d["first_line_to_return"] for d in done]),
+            "submit_to_return": c.summary([d["submit_to_return"] for d in done]),
+            "phases_median": {
+                p: c.median(d["timings"][p] for d in done if p in d["timings"])
+                for p in PHASES
+                if any(p in d["timings"] for d in done)
+            },
+            "samples": [d["first_line"] for d in done],
+        }
+    return results
 
 
 def render(report: dict[str, Any]) -> str:
@@ -176,8 +206,10 @@ def render(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = c.base_parser(__doc__ or "")
-    parser.add_argument("--runs", type=int, default=10, help="measured runs per row")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs first, per row")
+    parser.add_argument(
+        "--runs", type=int, default=10, help="measured rounds (one run of each row per round)"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--runtimes", type=c.runtimes_arg, default="runc,runsc", help="OCI runtimes")
     args = parser.parse_args()
 
@@ -186,38 +218,33 @@ def main() -> None:
         notes = [
             "first line = time.time() at the top of run(ctx); submit = time.time() just before Executor.run "
             "(spawn: just before Process()); same host clock",
-            f"{args.warmup} warm-up run(s) per row not counted (the first executor run also reaps and "
-            "connects to the engine)",
+            f"{args.warmup} warm-up round(s) not counted (the first executor run also reaps and "
+            "connects to the engine); each round runs every row once, in the table's order, so that a "
+            "change in load hits the figures and their baselines alike",
             "docker run / docker-py = python3 -c pass in a fresh container of the same image, network none, "
             "no other hardening, timed from before the call to the removed container (end to end)",
         ]
         image = c.policy().image
-        results: dict[str, Any] = {
-            "baseline_spawn": spawn_baseline(ws, args.runs, args.warmup),
-            "baseline_docker_run": {},
-            "baseline_docker_py": {},
-        }
-        ratios: dict[str, Any] = {}
-        base = results["baseline_spawn"]["first_line"]
+        runtimes = []
         for rt in args.runtimes:
-            if rt not in known:
+            if rt in known:
+                runtimes.append(rt)
+            else:
                 notes.append(f"{rt} skipped: the engine knows only {', '.join(known)}")
-                continue
-            cli = results["baseline_docker_run"][rt] = c.docker_run_baseline(
-                ws, rt, args.runs, args.warmup, image
-            )
-            dpy = results["baseline_docker_py"][rt] = docker_py_baseline(
-                ws, rt, args.runs, args.warmup, image
-            )
-            results[rt] = executor_runs(ws, rt, args.runs, args.warmup)
+        results = measure(ws, runtimes, args.runs, args.warmup, image)
+        base = results["baseline_spawn"]["first_line"]
+        ratios: dict[str, Any] = {}
+        for rt in runtimes:
             fl = results[rt]["first_line"]
-            run_p50 = cli["end_to_end"]["p50"]
+            run_p50 = results["baseline_docker_run"][rt]["end_to_end"]["p50"]
             ratios[rt] = {
                 "p50": c.ratio(fl["p50"], base["p50"]),
                 "p90": c.ratio(fl["p90"], base["p90"]),
                 "first_line_vs_docker_run": c.ratio(fl["p50"], run_p50),
                 "return_vs_docker_run": c.ratio(results[rt]["submit_to_return"]["p50"], run_p50),
-                "docker_py_vs_docker_run": c.ratio(dpy["end_to_end"]["p50"], run_p50),
+                "docker_py_vs_docker_run": c.ratio(
+                    results["baseline_docker_py"][rt]["end_to_end"]["p50"], run_p50
+                ),
                 "docker_run_vs_spawn": c.ratio(run_p50, base["p50"]),
             }
         report = {

@@ -24,7 +24,8 @@ SIGTERM of ``close``'s ``docker stop``, which then waits its 10 s grace);
 A probe records what ``run(code)`` does with only the network and label set.
 
 Baseline, measured in the same run: ``docker run --rm --network none <image>
-python3 -c pass`` through the docker CLI, end to end (as cold_start.py).
+python3 -c pass`` through the docker CLI, end to end (as cold_start.py), run
+back to back with each session so that a change in load hits both alike.
 
 Every container it starts is labelled for the workspace and removed on exit.
 
@@ -81,39 +82,54 @@ def _probe(ws: c.Workspace, image: str, runtime: str) -> dict[str, str]:
     return out
 
 
+def _session_once(ws: c.Workspace, image: str, runtime: str) -> dict[str, float]:
+    """One session: open, one command that prints its first line's time, close; timed on the host clock."""
+    submitted = time.time()
+    session = _session(image, runtime, ws.label, keep_alive=True, setup=False)
+    try:
+        session.open()
+        t_open = time.time()
+        result = session.execute_command(FIRST_LINE)
+        t_exec = time.time()
+    finally:
+        session.close()
+    t_close = time.time()
+    if result.exit_code != 0:
+        raise RuntimeError(f"llm-sandbox on {runtime}: exit {result.exit_code}: {result.stderr[-500:]}")
+    return {
+        "first_line": float(result.stdout.strip()) - submitted,
+        "open": t_open - submitted,
+        "execute": t_exec - t_open,
+        "close": t_close - t_exec,
+        "end_to_end": t_close - submitted,
+    }
+
+
 def llm_sandbox_runs(ws: c.Workspace, image: str, runtime: str, runs: int, warmup: int) -> dict[str, Any]:
-    """Role ``peer``: ``runs`` sessions of open, one command, close, on ``runtime``."""
+    """Role ``peer``: ``warmup + runs`` rounds of one ``docker run`` and one session, on ``runtime``.
+
+    Each round runs the baseline and the session back to back, so that a change in load hits both.
+    """
     from importlib.metadata import version
 
-    first_line, opened, executed, closed, total = [], [], [], [], []
+    argv = c.docker_run_argv(ws, runtime, image)
+    baseline: list[float] = []
+    sessions: list[dict[str, float]] = []
     for i in range(warmup + runs):
-        submitted = time.time()
-        session = _session(image, runtime, ws.label, keep_alive=True, setup=False)
-        try:
-            session.open()
-            t_open = time.time()
-            result = session.execute_command(FIRST_LINE)
-            t_exec = time.time()
-        finally:
-            session.close()
-        t_close = time.time()
-        if result.exit_code != 0:
-            raise RuntimeError(f"llm-sandbox on {runtime}: exit {result.exit_code}: {result.stderr[-500:]}")
-        if i < warmup:
-            continue
-        first_line.append(float(result.stdout.strip()) - submitted)
-        opened.append(t_open - submitted)
-        executed.append(t_exec - t_open)
-        closed.append(t_close - t_exec)
-        total.append(t_close - submitted)
+        pair = c.time_command(argv), _session_once(ws, image, runtime)
+        if i >= warmup:
+            baseline.append(pair[0])
+            sessions.append(pair[1])
+    keys = ("first_line", "open", "execute", "close", "end_to_end")
+    peer: dict[str, Any] = {k: c.summary([s[k] for s in sessions]) for k in keys}
+    peer.update(version=version(PACKAGE), samples=[s["first_line"] for s in sessions])
     return {
-        "version": version(PACKAGE),
-        "first_line": c.summary(first_line),
-        "open": c.summary(opened),
-        "execute": c.summary(executed),
-        "close": c.summary(closed),
-        "end_to_end": c.summary(total),
-        "samples": first_line,
+        "baseline_docker_run": {
+            "end_to_end": c.summary(baseline),
+            "command": " ".join(argv),
+            "samples": baseline,
+        },
+        "peer": peer,
     }
 
 
@@ -220,16 +236,16 @@ def main() -> None:
                 if rt not in known:
                     notes.append(f"{rt} skipped: the engine knows only {', '.join(known)}")
                     continue
-                base = c.docker_run_baseline(ws, rt, args.runs, args.warmup, image)
                 argv = ["--role", "peer", "--root", str(ws.root), "--image", image, "--runtimes", rt]
                 argv += ["--runs", str(args.runs), "--warmup", str(args.warmup)]
                 if "probe" not in results:
                     argv.append("--probe")
-                peer = ws.run_script(__file__, argv, timeout=900, python=venv["python"])
-                if "probe" in peer:
-                    results["probe"] = {"runtime": rt, **peer.pop("probe")}
-                results[rt] = {"baseline_docker_run": base, "peer": peer}
-                run_p50 = base["end_to_end"]["p50"]
+                # The child labels its containers with this workspace's name: this workspace removes them.
+                r = results[rt] = ws.run_script(__file__, argv, timeout=900, python=venv["python"])
+                if "probe" in r:
+                    results["probe"] = {"runtime": rt, **r.pop("probe")}
+                peer = r["peer"]
+                run_p50 = r["baseline_docker_run"]["end_to_end"]["p50"]
                 ratios[rt] = {
                     "end_to_end_vs_docker_run": c.ratio(peer["end_to_end"]["p50"], run_p50),
                     "first_line_vs_docker_run": c.ratio(peer["first_line"]["p50"], run_p50),
