@@ -460,7 +460,7 @@ def peer_section(peer: dict[str, Any], cold: dict[str, Any] | None) -> list[str]
         "one `execute_command` of `python3 -c` that prints its first line's time, and is closed. It needs "
         "settings to run on this image at all (see the notes); its container gets none of the executor's "
         "hardening, no mailbox and no supervision. The `docker run` rows here are this script's own "
-        "baseline, measured just before each runtime's sessions.",
+        "baseline, each run back to back with a session.",
         "",
         md_table(
             ["", "first line p50", "open", "execute", "close", "end to end p50", "e2e vs docker run"], rows
