@@ -16,12 +16,13 @@ can make the parent do. Each share is bound to its task and pods (see
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from executor.errors import MailboxLimitError as MailboxLimitError
@@ -31,9 +32,12 @@ from executor.mailbox.crypto import (
     DecryptionError,
     TaskKeys,
     associated_data,
+    is_segmented,
     open_sealed,
+    open_segments,
     open_share,
     open_stream,
+    plaintext_size,
     seal,
     seal_share,
     seal_stream,
@@ -53,19 +57,37 @@ READY_POLL_S = 0.5
 
 @dataclass
 class Incoming:
-    """A received plaintext body, in memory or in a spool file, to stream onward."""
+    """A received body to stream onward: plaintext in memory or in a spool file, or sealed.
+
+    A body sealed in segments (``sealed``) is opened as it streams, one
+    authenticated segment at a time: its first byte need not wait for its
+    last, and no plaintext copy of it is written. A segment that fails
+    authentication raises :class:`DecryptionError` from :meth:`chunks`, after
+    the segments before it, so a consumer must treat the body as lost then.
+    """
 
     type: str
     size: int
     body: bytes | None = None
     path: Path | None = None
+    sealed: Path | None = None
+    key: bytes = field(default=b"", repr=False)
+    aad: bytes = b""
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:
-        """The body in pieces of at most ``chunk_size`` bytes."""
+        """The body in pieces of at most ``chunk_size`` bytes.
+
+        Raises:
+            DecryptionError: A sealed body failed authentication part-way.
+        """
         if self.body is not None:
-            view = memoryview(self.body)
-            for start in range(0, len(view), chunk_size):
-                yield bytes(view[start : start + chunk_size])
+            yield from _pieces(self.body, chunk_size)
+            return
+        if self.sealed is not None:
+            with self.sealed.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                for segment in open_segments(self.key, f, size, self.aad):
+                    yield from _pieces(segment, chunk_size)
             return
         assert self.path is not None
         with self.path.open("rb") as f:
@@ -74,8 +96,19 @@ class Incoming:
 
     def discard(self) -> None:
         """Delete the spool file, if any."""
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        for path in (self.path, self.sealed):
+            if path is not None:
+                path.unlink(missing_ok=True)
+
+
+def _pieces(data: bytes, size: int) -> Iterator[bytes]:
+    if len(data) <= size:
+        if data:
+            yield data
+        return
+    view = memoryview(data)
+    for start in range(0, len(view), size):
+        yield bytes(view[start : start + size])
 
 
 class MailboxBroker:
@@ -231,7 +264,14 @@ class MailboxBroker:
             body = open_sealed(key, envelope.body, aad)
             return Incoming(message_type, len(body), body=body)
         sealed_path = envelope.body
+        handed_on = False
         try:
+            if is_segmented(sealed_path):
+                # Opened as it streams to the sandbox: no plaintext copy on disk.
+                size = plaintext_size(sealed_path.stat().st_size)
+                self._reserve(size, "incoming")
+                handed_on = True
+                return Incoming(message_type, size, sealed=sealed_path, key=key, aad=aad)
             self._reserve(max(0, sealed_path.stat().st_size - OVERHEAD_BYTES), "incoming")
             plain = self._spool_path()
             try:
@@ -242,7 +282,8 @@ class MailboxBroker:
                 raise
             return Incoming(message_type, size, path=plain)
         finally:
-            sealed_path.unlink(missing_ok=True)
+            if not handed_on:
+                sealed_path.unlink(missing_ok=True)
 
     # -- secure aggregation --------------------------------------------
     def send_shares(self, shares: dict[str, bytes]) -> None:

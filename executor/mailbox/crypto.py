@@ -1,10 +1,20 @@
 """Mailbox cryptography, all in the parent: the sandbox sees plaintext only.
 
 Message bodies between a pod and its modeller are sealed with the task's
-AES-256-GCM key. The same format serves bytes in memory and files streamed
-through a spool, so a 256 MiB update never needs two copies in memory::
+AES-256-GCM key, in segments of :data:`SEGMENT_BYTES` with a tag each (the
+STREAM construction), so a body of any size is sealed and opened one segment
+at a time and each segment is authenticated before any of it is passed on::
 
-    b"SE1" | nonce (12 bytes) | ciphertext | tag (16 bytes)
+    b"SE2" | nonce prefix (7 bytes) | segment 0 | segment 1 | ... | last segment
+    segment i = AES-GCM(key, nonce = prefix | i (4 bytes, big-endian) | last (1 byte),
+                        plaintext i, associated data) -> ciphertext | tag (16 bytes)
+
+Every segment but the last holds exactly :data:`SEGMENT_BYTES` of plaintext;
+the last holds 0 to :data:`SEGMENT_BYTES` and carries the "last" flag in its
+nonce, so a body cut short, reordered or extended fails authentication. The
+same format serves bytes in memory and files streamed through a spool. Bodies
+in the single-tag format of earlier versions (``b"SE1" | nonce | ciphertext |
+tag``) are still opened.
 
 The associated data binds each body to its task and message type, so a sealed
 body cannot be replayed as another. Secure-aggregation shares between pods are
@@ -15,9 +25,10 @@ task opens for no other task, and for no other pair of pods.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -31,13 +42,22 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from executor.errors import DecryptionError as DecryptionError
 from executor.sandbox.contract import MAX_SHARE_BYTES
 
-MAGIC = b"SE1"
+MAGIC = b"SE2"
+LEGACY_MAGIC = b"SE1"
 NONCE_BYTES = 12
+PREFIX_BYTES = 7
 TAG_BYTES = 16
-HEADER_BYTES = len(MAGIC) + NONCE_BYTES
+HEADER_BYTES = len(MAGIC) + PREFIX_BYTES
+LEGACY_HEADER_BYTES = len(LEGACY_MAGIC) + NONCE_BYTES
 OVERHEAD_BYTES = HEADER_BYTES + TAG_BYTES
+"""The least a sealed body adds to its plaintext (an empty body: header and one tag)."""
 AES_KEY_BYTES = 32
-STREAM_CHUNK = 1024 * 1024
+SEGMENT_BYTES = 1024 * 1024
+"""Plaintext per sealed segment: what is held, and authenticated, at a time."""
+STREAM_CHUNK = SEGMENT_BYTES
+_SEALED_SEGMENT = SEGMENT_BYTES + TAG_BYTES
+_MALFORMED = "sealed message is malformed"
+_FAILED = "sealed message failed authentication (wrong key, or tampered)"
 
 
 def associated_data(task_id: str, message_type: str) -> bytes:
@@ -79,77 +99,190 @@ class TaskKeys:
         return cls(aes_key=AESGCM.generate_key(bit_length=256))
 
 
+def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
+    if index >= 2**32:
+        raise DecryptionError("sealed message has too many segments")
+    return prefix + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
+
+
+class _Sealer:
+    """Seals a body segment by segment.
+
+    The last segment is only known as last when the body ends, so up to one
+    segment of plaintext is held back until more data (or the end) arrives:
+    held by reference to the caller's immutable ``bytes`` (a copy of anything
+    mutable), and joined only when a segment spans several chunks.
+    """
+
+    def __init__(self, key: bytes, aad: bytes, write: Callable[[bytes], object]) -> None:
+        self._aead = AESGCM(key)
+        self._aad = aad
+        self._prefix = os.urandom(PREFIX_BYTES)
+        self._write = write
+        self._index = 0
+        self._held: list[memoryview] = []
+        self._held_bytes = 0
+        self.total = 0
+        write(MAGIC + self._prefix)
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self.total += len(data)
+        view = memoryview(data if isinstance(data, bytes) else bytes(data)).cast("B")
+        while view:
+            if self._held_bytes == SEGMENT_BYTES:
+                self._flush(last=False)  # a full segment, and more to come
+            take = min(SEGMENT_BYTES - self._held_bytes, len(view))
+            self._held.append(view[:take])
+            self._held_bytes += take
+            view = view[take:]
+
+    def finish(self) -> None:
+        self._flush(last=True)
+
+    def _flush(self, *, last: bool) -> None:
+        held = self._held
+        segment = held[0] if len(held) == 1 else b"".join(held)
+        self._write(self._aead.encrypt(_nonce(self._prefix, self._index, last), segment, self._aad))
+        self._index += 1
+        self._held = []
+        self._held_bytes = 0
+
+
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
     """Encrypt and authenticate ``plaintext`` in memory."""
-    nonce = os.urandom(NONCE_BYTES)
-    return MAGIC + nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
-
-
-def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
-    """Check and decrypt a body made by :func:`seal` or :func:`seal_stream`.
-
-    Raises:
-        DecryptionError: The body is malformed or fails authentication.
-    """
-    if len(sealed) < OVERHEAD_BYTES or not sealed.startswith(MAGIC):
-        raise DecryptionError("sealed message is malformed")
-    nonce = sealed[len(MAGIC) : HEADER_BYTES]
-    try:
-        return AESGCM(key).decrypt(nonce, sealed[HEADER_BYTES:], aad)
-    except InvalidTag:
-        raise DecryptionError("sealed message failed authentication (wrong key, or tampered)") from None
+    parts: list[bytes] = []
+    sealer = _Sealer(key, aad, parts.append)
+    sealer.update(plaintext)
+    sealer.finish()
+    return b"".join(parts)
 
 
 def seal_stream(key: bytes, chunks: Iterator[bytes], out: BinaryIO, aad: bytes) -> int:
     """Encrypt ``chunks`` into ``out`` in the :func:`seal` format; return plaintext bytes.
 
-    Memory use is one chunk, whatever the total size.
+    Memory use is about one segment plus one chunk, whatever the total size.
     """
-    nonce = os.urandom(NONCE_BYTES)
-    encryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
-    encryptor.authenticate_additional_data(aad)
-    out.write(MAGIC + nonce)
-    total = 0
+    sealer = _Sealer(key, aad, out.write)
     for chunk in chunks:
-        total += len(chunk)
-        out.write(encryptor.update(chunk))
-    out.write(encryptor.finalize())
-    out.write(encryptor.tag)
-    return total
+        sealer.update(chunk)
+    sealer.finish()
+    return sealer.total
+
+
+def plaintext_size(sealed_size: int) -> int:
+    """The plaintext size of a body sealed in the segmented format, from its sealed size.
+
+    Raises:
+        DecryptionError: No body sealed in that format has this size.
+    """
+    body = sealed_size - HEADER_BYTES
+    if body < TAG_BYTES:
+        raise DecryptionError(_MALFORMED)
+    segments = -(-body // _SEALED_SEGMENT)
+    return body - TAG_BYTES * segments
+
+
+def open_segments(key: bytes, sealed: BinaryIO, sealed_size: int, aad: bytes) -> Iterator[bytes]:
+    """The plaintext of a segmented body, one authenticated segment at a time.
+
+    Each segment is yielded only once its tag checked; a body cut short,
+    reordered, extended or altered raises at the first segment that shows it,
+    so what was yielded before is authentic but the body is not whole: the
+    caller must not use it as a whole.
+
+    Raises:
+        DecryptionError: The body is malformed or fails authentication.
+    """
+    header = sealed.read(HEADER_BYTES)
+    if len(header) != HEADER_BYTES or not header.startswith(MAGIC):
+        raise DecryptionError(_MALFORMED)
+    plaintext_size(sealed_size)  # the size must be one a sealer could make
+    prefix = header[len(MAGIC) :]
+    aead = AESGCM(key)
+    remaining = sealed_size - HEADER_BYTES
+    index = 0
+    while remaining > 0:
+        segment = sealed.read(min(_SEALED_SEGMENT, remaining))
+        if len(segment) < TAG_BYTES:
+            raise DecryptionError(_MALFORMED)
+        remaining -= len(segment)
+        try:
+            yield aead.decrypt(_nonce(prefix, index, remaining == 0), segment, aad)
+        except InvalidTag:
+            raise DecryptionError(_FAILED) from None
+        index += 1
+
+
+def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """Check and decrypt a body made by :func:`seal` or :func:`seal_stream` (or the earlier format).
+
+    Raises:
+        DecryptionError: The body is malformed or fails authentication.
+    """
+    if sealed.startswith(LEGACY_MAGIC):
+        return _open_legacy(key, sealed, aad)
+    return b"".join(open_segments(key, io.BytesIO(sealed), len(sealed), aad))
+
+
+def _open_legacy(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+    if len(sealed) < LEGACY_HEADER_BYTES + TAG_BYTES:
+        raise DecryptionError(_MALFORMED)
+    nonce = sealed[len(LEGACY_MAGIC) : LEGACY_HEADER_BYTES]
+    try:
+        return AESGCM(key).decrypt(nonce, sealed[LEGACY_HEADER_BYTES:], aad)
+    except InvalidTag:
+        raise DecryptionError(_FAILED) from None
+
+
+def is_segmented(sealed_path: Path) -> bool:
+    """Whether the sealed file is in the segmented format (it can then be opened as it streams)."""
+    with sealed_path.open("rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
 
 
 def open_stream(key: bytes, sealed_path: Path, out: BinaryIO, aad: bytes) -> int:
     """Decrypt the sealed file into ``out``; return plaintext bytes.
 
-    Plaintext written before the tag is checked is only in ``out``, which the
-    caller must discard when this raises; nothing unauthenticated is passed on.
+    Plaintext written before the whole body is checked is only in ``out``,
+    which the caller must discard when this raises; nothing unauthenticated
+    is passed on.
 
     Raises:
         DecryptionError: The file is malformed or fails authentication.
     """
     size = sealed_path.stat().st_size
-    if size < OVERHEAD_BYTES:
-        raise DecryptionError("sealed message is malformed")
     with sealed_path.open("rb") as f:
-        header = f.read(HEADER_BYTES)
-        if not header.startswith(MAGIC):
-            raise DecryptionError("sealed message is malformed")
-        f.seek(size - TAG_BYTES)
-        tag = f.read(TAG_BYTES)
-        f.seek(HEADER_BYTES)
-        decryptor = Cipher(algorithms.AES(key), modes.GCM(header[len(MAGIC) :], tag)).decryptor()
-        decryptor.authenticate_additional_data(aad)
-        remaining = size - OVERHEAD_BYTES
+        if f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC:
+            return _open_legacy_stream(key, f, size, out, aad)
+        f.seek(0)
         total = 0
-        while remaining:
-            chunk = f.read(min(STREAM_CHUNK, remaining))
-            remaining -= len(chunk)
-            total += len(chunk)
-            out.write(decryptor.update(chunk))
-        try:
-            out.write(decryptor.finalize())
-        except InvalidTag:
-            raise DecryptionError("sealed message failed authentication (wrong key, or tampered)") from None
+        for segment in open_segments(key, f, size, aad):
+            total += len(segment)
+            out.write(segment)
+    return total
+
+
+def _open_legacy_stream(key: bytes, f: BinaryIO, size: int, out: BinaryIO, aad: bytes) -> int:
+    """The single-tag format of earlier versions, read from just after its magic."""
+    if size < LEGACY_HEADER_BYTES + TAG_BYTES:
+        raise DecryptionError(_MALFORMED)
+    nonce = f.read(NONCE_BYTES)
+    f.seek(size - TAG_BYTES)
+    tag = f.read(TAG_BYTES)
+    f.seek(LEGACY_HEADER_BYTES)
+    decryptor = Cipher(algorithms.AES(key), modes.GCM(nonce, tag)).decryptor()
+    decryptor.authenticate_additional_data(aad)
+    remaining = size - LEGACY_HEADER_BYTES - TAG_BYTES
+    total = 0
+    while remaining:
+        chunk = f.read(min(STREAM_CHUNK, remaining))
+        remaining -= len(chunk)
+        total += len(chunk)
+        out.write(decryptor.update(chunk))
+    try:
+        out.write(decryptor.finalize())
+    except InvalidTag:
+        raise DecryptionError(_FAILED) from None
     return total
 
 

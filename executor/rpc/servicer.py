@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 
 from executor import serde
+from executor.errors import DecryptionError
 from executor.mailbox.broker import Incoming
 from executor.rpc.limits import FILES_PER_TOKEN, ROWS_PER_TOKEN, CallLimiter, refusal
 from executor.rpc.session import RequestRejected, TaskSession
@@ -197,6 +198,11 @@ def _stream_incoming(
                 yield pb.MessageChunk(data=data)
         if first:
             yield pb.MessageChunk(type=type_value, total_size=0)  # type: ignore[arg-type]
+    except DecryptionError as exc:
+        # Part of the body may have gone down, each segment authentic; the
+        # sandbox sees the call fail and never hands a partial body on.
+        log.error("task %s: %s", task_id, exc)
+        context.abort(grpc.StatusCode.DATA_LOSS, "a message from the modeller failed authentication")
     except Exception:
         log.exception("streaming a message to task %s failed", task_id)
         context.abort(grpc.StatusCode.INTERNAL, "internal error")

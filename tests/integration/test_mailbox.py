@@ -426,3 +426,59 @@ def test_shares_count_against_the_task_quota_and_are_capped(make_executor, data_
     outcome = make_executor().run(spec)
     assert outcome.status is Status.OK, outcome.error
     assert outcome.result == {"sent": MAX_TASK_SHARES, "refused": "RESOURCE_EXHAUSTED"}
+
+
+class _TamperingTransport:
+    """The modeller's transport, but a spooled body's third segment is altered on its way in."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def open(self, route):
+        return _TamperingChannel(self._inner.open(route))
+
+
+class _TamperingChannel:
+    def __init__(self, inner):
+        self._inner = inner
+
+    def send(self, envelope):
+        self._inner.send(envelope)
+
+    def close(self):
+        self._inner.close()
+
+    def receive(self, message_type, timeout):
+        envelope = self._inner.receive(message_type, timeout)
+        if envelope is not None and isinstance(envelope.body, Path):
+            from executor.mailbox.crypto import HEADER_BYTES, SEGMENT_BYTES, TAG_BYTES
+
+            with envelope.body.open("r+b") as f:
+                offset = HEADER_BYTES + 2 * (SEGMENT_BYTES + TAG_BYTES) + 100
+                f.seek(offset)
+                byte = f.read(1)
+                f.seek(offset)
+                f.write(bytes([byte[0] ^ 1]))
+        return envelope
+
+
+def test_a_large_body_altered_part_way_fails_the_receive_and_none_of_it_reaches_the_protocol(
+    make_executor, modeller, data_dir
+):
+    # Segments are checked as they stream down: the first two reach the
+    # sandbox before the third fails. The sandbox's receive must then fail as
+    # a whole (DATA_LOSS), never hand the protocol a partial body.
+    keys = TaskKeys.generate()
+    modeller.add_task("mb-tampered", keys)
+    body = os.urandom(8 * 1024 * 1024)
+    modeller.send_stream("mb-tampered", "MODELLER_RESPONSE", iter([body[: 4 << 20], body[4 << 20 :]]))
+    spec = TaskSpec(protocol_dir=PROTOCOLS / "echo", data_dir=data_dir, task_id="mb-tampered", keys=keys)
+    outcome = make_executor(transport=_TamperingTransport(modeller.transport)).run(spec)
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None and outcome.error.type == "MailboxError"
+    assert "failed authentication" in outcome.error.message
+    # What the protocol sent its modeller: nothing but the parent's abort.
+    heard = []
+    while (message := modeller.receive("mb-tampered", 0.5)) is not None:
+        heard.append(message.type)
+    assert heard == ["TASK_ABORT"]
