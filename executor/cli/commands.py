@@ -147,7 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--project", default=None, metavar="NAME")
     tasks.add_argument("--limit", type=_count, default=0, metavar="N", help="the newest N tasks only")
     tasks.add_argument("--json", action="store_true", help="print one JSON object")
-    sub.add_parser("doctor", help="check the engine, runtimes and images, and say how to fix what is missing")
+    doctor = sub.add_parser(
+        "doctor", help="check the engine, runtimes and images, and say how to fix what is missing"
+    )
+    doctor.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DATA_DIR",
+        help="also say how this datasource's views would be made (hard links or bind mounts)",
+    )
     reap = sub.add_parser("reap", help="remove containers and directories left by dead executors")
     reap.add_argument(
         "--all", action="store_true", help="remove every managed container, even of live executors"
@@ -171,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "doctor":
             from executor.cli.doctor import run_doctor
 
-            return run_doctor()
+            return run_doctor(args.data)
     except SandboxExecutorError as exc:
         from executor.cli.terminal import printable
 

@@ -30,8 +30,12 @@ class Check:
     required: bool = True
 
 
-def checks() -> list[Check]:
-    """Look at the engine, its runtimes, the images and the executor's directories."""
+def checks(data_dir: Path | None = None) -> list[Check]:
+    """Look at the engine, its runtimes, the images and the executor's directories.
+
+    With ``data_dir``, say how that datasource's views would be made (hard
+    links or bind mounts) from this machine's run directory.
+    """
     from executor.backends.docker import DockerBackend
 
     out: list[Check] = []
@@ -73,7 +77,7 @@ def checks() -> list[Check]:
             Check(name, _writable(path), str(path), f"make {path} writable, or set SANDBOX_EXECUTOR_*_DIR")
         )
     # How a task's data view is made: never a copy of the data.
-    out.append(Check("data views", True, view_method(default_base_dir())))
+    out.append(Check("data views", True, view_method(default_base_dir(), data_dir)))
     return out
 
 
@@ -87,9 +91,9 @@ def _writable(path: Path) -> bool:
     return os.access(parent, os.W_OK | os.X_OK)
 
 
-def run_doctor() -> int:
+def run_doctor(data_dir: Path | None = None) -> int:
     """Print the report; exit 0 when everything required is there, else 1."""
-    results = checks()
+    results = checks(data_dir)
     for c in results:
         mark = "ok " if c.ok else ("MISSING" if c.required else "missing (optional)")
         line = f"{mark:<7} {c.name}: {c.detail}"

@@ -40,3 +40,15 @@ def test_a_reachable_engine_reports_its_facts_runtimes_and_images(monkeypatch):
     assert by_name["runtime runc"].ok and not by_name["runtime runsc"].ok
     assert not by_name["image sandbox-executor/numpy:latest"].ok
     assert not by_name["image sandbox-executor/numpy:latest"].required
+
+
+def test_doctor_says_how_a_given_datasource_would_be_viewed(monkeypatch, tmp_path):
+    monkeypatch.setattr(DockerBackend, "engine_info", lambda self: EngineInfo("27.1", "2", ("runc",)))
+    monkeypatch.setattr(DockerBackend, "check_image", lambda self, image: None)
+    monkeypatch.setenv("SANDBOX_EXECUTOR_RUN_DIR", str(tmp_path / "run"))
+    data = tmp_path / "data"
+    data.mkdir()
+    by_name = {c.name: c for c in doctor.checks(data)}
+    assert by_name["data views"].detail.startswith("hard links")  # one filesystem here
+    by_name = {c.name: c for c in doctor.checks()}
+    assert by_name["data views"].detail.startswith("hard links where the data shares a filesystem")
