@@ -15,6 +15,7 @@ when the refusal was local), so a protocol can tell a limit from a lost parent.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import threading
@@ -142,6 +143,67 @@ def _rate_limited(exc: grpc.RpcError) -> bool:
     return any(key == RATE_LIMITED_TRAILER for key, _ in trailers)
 
 
+# Where a bytes object's data starts (CPython: the header, then ob_sval).
+_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1
+
+
+def _bytes_maker() -> Any:
+    """CPython's ``PyBytes_FromStringAndSize``, or ``None`` where there is no such thing."""
+    try:
+        make = ctypes.pythonapi.PyBytes_FromStringAndSize
+    except (AttributeError, OSError):
+        return None
+    make.restype = ctypes.py_object
+    make.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    return make
+
+
+_new_bytes: Any = _bytes_maker()
+
+
+class _Body:
+    """A received body of an announced size, written chunk by chunk into its final ``bytes``.
+
+    CPython builds a ``bytes`` of a given size and lets its maker fill it
+    before anyone else holds it (``PyBytes_FromStringAndSize(NULL, n)``); the
+    object is handed out only once complete, so nothing ever sees it change.
+    Elsewhere a ``bytearray`` is filled and copied once.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._filled = 0
+        self._buffer: bytearray | None = None
+        if _new_bytes is not None and size:
+            self._bytes = _new_bytes(None, size)
+            self._address = id(self._bytes) + _BYTES_DATA_OFFSET
+        else:
+            self._bytes = b""
+            self._buffer = bytearray(size)
+
+    def add(self, data: bytes) -> bool:
+        """Append ``data``; ``False`` (and nothing written) if it would pass the announced size."""
+        end = self._filled + len(data)
+        if end > self._size:
+            return False
+        if self._buffer is not None:
+            self._buffer[self._filled : end] = data
+        elif data:
+            ctypes.memmove(self._address + self._filled, data, len(data))
+        self._filled = end
+        return True
+
+    @property
+    def complete(self) -> bool:
+        """Whether every announced byte arrived."""
+        return self._filled == self._size
+
+    @property
+    def value(self) -> bytes:
+        """The body (once complete)."""
+        return bytes(self._buffer) if self._buffer is not None else self._bytes
+
+
 def _type_value(message_type: str) -> str:
     if message_type not in pb.MessageType.keys():  # noqa: SIM118 (an enum wrapper, not a dict)
         raise ValueError(f"unknown message type {message_type!r}")
@@ -212,29 +274,29 @@ class Mailbox:
             raise MailboxError(f"receive {message_type} failed: {details}", code) from None
 
     def _receive(self, kind: str, message_type: str, timeout: float) -> bytes:
-        """One ReceiveMessage call, its chunks reassembled; RpcErrors propagate."""
+        """One ReceiveMessage call, its chunks written straight into the body; RpcErrors propagate.
+
+        The body is one ``bytes`` object filled as the chunks arrive, so a
+        large model is held once, not once in a buffer and again as bytes.
+        """
         stream = self._client.stub.ReceiveMessage(
             pb.ReceiveMessageRequest(type=kind, timeout_ms=int(timeout * 1000)),
             metadata=self._client.metadata,
             timeout=timeout + BULK_TIMEOUT_S,
         )
-        buf: bytearray | None = None
-        filled = 0
+        body: _Body | None = None
         for chunk in stream:
-            if buf is None:
+            if body is None:
                 if chunk.total_size > self.max_message_bytes:
                     stream.cancel()
                     raise MailboxError(f"{message_type} body exceeds the limit", "RESOURCE_EXHAUSTED")
-                buf = bytearray(chunk.total_size)
-            end = filled + len(chunk.data)
-            if end > len(buf):
+                body = _Body(chunk.total_size)
+            if not body.add(chunk.data):
                 stream.cancel()
                 raise MailboxError(f"{message_type} body is longer than announced", "DATA_LOSS")
-            buf[filled:end] = chunk.data
-            filled = end
-        if buf is None or filled != len(buf):
+        if body is None or not body.complete:
             raise MailboxError(f"{message_type} body arrived incomplete", "DATA_LOSS")
-        return bytes(buf)
+        return body.value
 
     def wait_for_modeller(self, timeout: float | None = None) -> bool:
         """Block until the modeller has said it is ready (its TASK_START); ``False`` on timeout."""
