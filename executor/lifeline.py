@@ -19,7 +19,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_ACCEPT_POLL_S = 0.25
+# How long close() waits for the accepting thread, which it has just woken.
+_JOIN_S = 1.0
 
 
 class Lifeline:
@@ -38,7 +39,6 @@ class Lifeline:
         try:
             self._listener.bind(str(path))
             self._listener.listen(1)
-            self._listener.settimeout(_ACCEPT_POLL_S)
         except OSError:
             self._listener.close()
             raise
@@ -55,23 +55,19 @@ class Lifeline:
 
     def _accept(self) -> None:
         try:
-            while not self._stop.is_set():
-                try:
-                    conn, _ = self._listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError as exc:
-                    log.warning("lifeline %s: accept failed: %s", self.path, exc)
-                    return
-                with self._lock:
-                    if self._stop.is_set():
-                        conn.close()
-                    else:
-                        self._held = conn
-                return
+            conn, _ = self._listener.accept()
+        except OSError as exc:
+            if not self._stop.is_set():  # else close() woke it: nobody came
+                log.warning("lifeline %s: accept failed: %s", self.path, exc)
+            return
         finally:
             # One connection only: nothing else may take the sandbox's place.
             self._stop_listening()
+        with self._lock:
+            if self._stop.is_set():
+                conn.close()
+            else:
+                self._held = conn
 
     def _stop_listening(self) -> None:
         self._listener.close()
@@ -86,6 +82,10 @@ class Lifeline:
         if held is not None:
             held.close()
         if self._thread.is_alive():
-            self._thread.join(_ACCEPT_POLL_S * 4)
+            # A listening socket shut down refuses accept() at once (EINVAL),
+            # so the waiting thread ends now rather than at a poll's next turn.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._thread.join(_JOIN_S)
         else:
             self._stop_listening()
