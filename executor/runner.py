@@ -38,7 +38,7 @@ from executor.mailbox.transport import NoModellerTransport, Transport
 from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
 from executor.policy_file import PolicySet
-from executor.projectdb import ProjectDatabase
+from executor.projectdb import FileStates, ProjectDatabase
 from executor.reaper import ReapReport, instance_alive, new_instance_id, reap
 from executor.spec import TaskSpec
 from executor.taskdir import TaskDir, default_base_dir, default_spool_dir
@@ -281,11 +281,16 @@ class Executor:
     def _plan(self, spec: TaskSpec, task_hash: str, data_dir: Path, files: list[FileStamp]) -> Plan:
         """Which files the task may see, and in which batches: decided here, never by the sandbox."""
         flags = spec.flags
-        states = self.db.file_states(spec.project_id, task_hash) if self.db is not None else None
+        # What this task hash did before matters only to a run on new data only.
+        states = (
+            self.db.file_states(spec.project_id, task_hash)
+            if self.db is not None and flags.run_on_new_data_only
+            else FileStates()
+        )
         selection = select(
             files,
-            processed=states.processed if states is not None and flags.run_on_new_data_only else {},
-            failed=states.failed_stamps if states is not None and flags.run_on_new_data_only else {},
+            processed=states.processed,
+            failed=states.failed_stamps,
             new_data_only=flags.run_on_new_data_only,
             force_rerun_failed=flags.force_rerun_failed_files,
             max_files=effective_max_files(flags.test_run, spec.inference_limits.max_files),

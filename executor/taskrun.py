@@ -122,7 +122,6 @@ class _BatchResult:
     rows: list[dict[str, Any]]
     files: dict[str, tuple[FileKind, str]]
     missing: frozenset[str]
-    log_tail: str
     started_at: datetime
     ended_at: datetime
 
@@ -474,8 +473,7 @@ class TaskRun:
             outcome=outcome,
             rows=session.saved_results(),
             files=session.file_outcomes(),
-            missing=frozenset(view.missing),
-            log_tail=collector.tail(),
+            missing=view.missing,
             started_at=started_at,
             ended_at=datetime.now(UTC),
         )
@@ -506,7 +504,7 @@ class TaskRun:
             error.type if error is not None else None,
             error.message if error is not None else None,
             outcome.timings,
-            (outcome.batches or {}).get("completed", 1 if outcome.ok else 0),
+            self._completed,
         )
 
     def _end_ledger(
