@@ -13,6 +13,7 @@ on stderr; with ``--json`` stdout holds exactly one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import signal
@@ -245,16 +246,15 @@ def _run(args: argparse.Namespace) -> int:
     transport = NoModellerTransport()
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        if args.json:
-            with Executor(policies=policies, transport=transport, db=db, hooks=hooks) as executor:
-                outcome = executor.run(spec, cancel=cancel)
-        else:
-            from executor.cli.display import ProgressDisplay
+        with contextlib.ExitStack() as stack:
+            if not args.json:
+                from executor.cli.display import ProgressDisplay
 
-            with ProgressDisplay() as display:
-                hooks.append(display.on_event)
-                with Executor(policies=policies, transport=transport, db=db, hooks=hooks) as executor:
-                    outcome = executor.run(spec, cancel=cancel)
+                hooks.append(stack.enter_context(ProgressDisplay()).on_event)
+            executor = stack.enter_context(
+                Executor(policies=policies, transport=transport, db=db, hooks=hooks)
+            )
+            outcome = executor.run(spec, cancel=cancel)
     finally:
         transport.close()
         if events_file is not None:
