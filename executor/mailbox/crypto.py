@@ -219,19 +219,9 @@ def open_sealed(key: bytes, sealed: bytes, aad: bytes) -> bytes:
     Raises:
         DecryptionError: The body is malformed or fails authentication.
     """
-    if sealed.startswith(LEGACY_MAGIC):
-        return _open_legacy(key, sealed, aad)
-    return b"".join(open_segments(key, io.BytesIO(sealed), len(sealed), aad))
-
-
-def _open_legacy(key: bytes, sealed: bytes, aad: bytes) -> bytes:
-    if len(sealed) < LEGACY_HEADER_BYTES + TAG_BYTES:
-        raise DecryptionError(_MALFORMED)
-    nonce = sealed[len(LEGACY_MAGIC) : LEGACY_HEADER_BYTES]
-    try:
-        return AESGCM(key).decrypt(nonce, sealed[LEGACY_HEADER_BYTES:], aad)
-    except InvalidTag:
-        raise DecryptionError(_FAILED) from None
+    out = io.BytesIO()
+    _open(key, io.BytesIO(sealed), len(sealed), out, aad)
+    return out.getvalue()
 
 
 def is_segmented(sealed_path: Path) -> bool:
@@ -250,19 +240,23 @@ def open_stream(key: bytes, sealed_path: Path, out: BinaryIO, aad: bytes) -> int
     Raises:
         DecryptionError: The file is malformed or fails authentication.
     """
-    size = sealed_path.stat().st_size
     with sealed_path.open("rb") as f:
-        if f.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC:
-            return _open_legacy_stream(key, f, size, out, aad)
-        f.seek(0)
-        total = 0
-        for segment in open_segments(key, f, size, aad):
-            total += len(segment)
-            out.write(segment)
+        return _open(key, f, os.fstat(f.fileno()).st_size, out, aad)
+
+
+def _open(key: bytes, sealed: BinaryIO, size: int, out: BinaryIO, aad: bytes) -> int:
+    """Decrypt ``size`` sealed bytes, in either format, into ``out``; return plaintext bytes."""
+    if sealed.read(len(LEGACY_MAGIC)) == LEGACY_MAGIC:
+        return _open_legacy(key, sealed, size, out, aad)
+    sealed.seek(0)
+    total = 0
+    for segment in open_segments(key, sealed, size, aad):
+        total += len(segment)
+        out.write(segment)
     return total
 
 
-def _open_legacy_stream(key: bytes, f: BinaryIO, size: int, out: BinaryIO, aad: bytes) -> int:
+def _open_legacy(key: bytes, f: BinaryIO, size: int, out: BinaryIO, aad: bytes) -> int:
     """The single-tag format of earlier versions, read from just after its magic."""
     if size < LEGACY_HEADER_BYTES + TAG_BYTES:
         raise DecryptionError(_MALFORMED)
