@@ -103,8 +103,12 @@ def _defines_run(tree: ast.Module) -> bool:
     return False
 
 
-def copy_bundle(source: Path, dest: Path) -> Bundle:
+def copy_bundle(source: Path, dest: Path, *, existing: bool = False) -> Bundle:
     """Copy the protocol in ``source`` to ``dest`` (which must not exist).
+
+    With ``existing``, ``dest`` is instead an empty directory already there
+    (a warm slot's, mounted into its sandbox before the task was known): it is
+    closed while it fills and opened like a fresh one at the end.
 
     The source is read through descriptors only: every entry is opened without
     following links and checked on the open descriptor, so a file or directory
@@ -118,7 +122,12 @@ def copy_bundle(source: Path, dest: Path) -> Bundle:
             file-count or depth limits.
     """
     check_protocol_dir(source)
-    dest.mkdir(mode=0o755)
+    if existing:
+        if any(dest.iterdir()):
+            raise ProtocolBundleError(f"cannot copy the protocol into {dest}: it is not empty")
+        dest.chmod(0o700)
+    else:
+        dest.mkdir(mode=0o755)
     copier = _Copier(dest)
     try:
         # The operator's own directory may be reached through a link; nothing under it may.

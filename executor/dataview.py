@@ -391,6 +391,8 @@ class DataView:
             mounts only), or ``"auto"``: a hard link per file, a bind mount for a
             file the kernel will not link here (another filesystem, a file a
             non-root parent does not own, too many links).
+        existing: ``dest`` is an empty directory already there (a warm slot's,
+            mounted into its running sandbox) instead of a fresh path.
 
     Attributes:
         path: The view (``dest``): the container mounts it read-only at its data path.
@@ -416,6 +418,7 @@ class DataView:
         *,
         gid: int,
         method: str = "auto",
+        existing: bool = False,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"view method must be one of {', '.join(METHODS)}, not {method!r}")
@@ -434,7 +437,13 @@ class DataView:
         self._binds: list[tuple[str, Path]] = []
         self._dirs: list[Path] = [dest]
         self._made_dirs: set[Path] = set()
-        dest.mkdir(mode=0o700)  # private until it is complete
+        if existing:
+            # A warm slot's empty directory, mounted before the task was known.
+            if any(dest.iterdir()):
+                raise ValueError(f"a data view's directory must be empty: {dest}")
+            dest.chmod(0o700)
+        else:
+            dest.mkdir(mode=0o700)  # private until it is complete
         self._made = True
         try:
             self._fill(Path(data_dir), ordered, method)
@@ -602,6 +611,18 @@ def _device(path: Path) -> int:
         except OSError:
             continue
     return os.stat("/").st_dev
+
+
+def may_link(run_dir: Path, data_dir: Path) -> bool:
+    """Whether views of ``data_dir`` can be hard links in ``run_dir`` (one filesystem).
+
+    Cheap and optimistic: a file the kernel still refuses to link (another
+    user's, under ``fs.protected_hardlinks``) shows only when the view is made.
+    """
+    try:
+        return os.stat(data_dir).st_dev == _device(run_dir)
+    except OSError:
+        return False
 
 
 def _protected_hardlinks() -> bool:

@@ -30,8 +30,13 @@ SANDBOX_DATA = "/data"
 SANDBOX_RESOLV_CONF = "/etc/resolv.conf"
 
 
-def sandbox_command() -> list[str]:
-    """Our own init (untraceable pid 1, tied to the parent by the lifeline), then the runtime."""
+def sandbox_command(preload: tuple[str, ...] = (), *, warm: bool = False) -> list[str]:
+    """Our own init (untraceable pid 1, tied to the parent by the lifeline), then the runtime.
+
+    The runtime imports ``preload`` before it asks for its task. A ``warm``
+    one (a pool's slot) waits for its task as long as its parent lives.
+    """
+    extra = [*(["--preload", ",".join(preload)] if preload else []), *(["--wait-for-task"] if warm else [])]
     return [
         "python3",
         "-m",
@@ -46,6 +51,7 @@ def sandbox_command() -> list[str]:
         f"{SANDBOX_IPC}/{SOCKET_NAME}",
         "--token-file",
         f"{SANDBOX_IPC}/{TOKEN_NAME}",
+        *extra,
     ]
 
 
@@ -58,16 +64,20 @@ def container_spec(
     task_dir: TaskDir,
     bundle_path: Path,
     data_mounts: list[Mount],
+    warm: bool = False,
 ) -> ContainerSpec:
     """The one container of a task: the only host paths it sees, labelled for the reaper.
 
     ``data_mounts`` put the task's data view at :data:`SANDBOX_DATA` (see
     :class:`executor.dataview.DataView`): the directory, plus one read-only
-    bind mount per file when the view could not be made of hard links.
+    bind mount per file when the view could not be made of hard links. A
+    ``warm`` container (a pool's slot, see :mod:`executor.warmpool`) is made
+    before its task is known: ``task_id`` names the slot, the bundle and data
+    directories are still empty, and its runtime waits for the task.
     """
     return ContainerSpec(
         name=f"sandbox-{task_id[:40]}-{uuid.uuid4().hex[:6]}",
-        command=sandbox_command(),
+        command=sandbox_command(policy.preload, warm=warm),
         policy=policy,
         mounts=[
             Mount(task_dir.ipc, SANDBOX_IPC),

@@ -76,7 +76,7 @@ class Outcome:
         status: How it ended.
         result: The protocol's JSON-serialisable return value (``None`` unless OK).
         runtime: The container runtime that isolated it (``runc``, ``runsc``).
-        timings: Phase durations in seconds (``create``, ``start``, ``boot``,
+        timings: Phase durations in seconds (``create``, ``start`` or ``assign``, ``boot``,
             ``config``, ``load``, ``run``, ``total``); phases not reached are absent.
         error: Why it did not end OK.
         files: Per-file outcomes the protocol reported: datasource-relative
@@ -90,6 +90,10 @@ class Outcome:
             to the project database.
         task_hash: The hash the project database keeps the task's files and
             results under.
+        warm_starts: How many of the task's containers (one per batch) were
+            warm slots of a pool (:mod:`executor.warmpool`) rather than cold
+            starts; a warm one's timings have ``assign`` instead of
+            ``create`` and ``start``.
     """
 
     task_id: str
@@ -103,6 +107,7 @@ class Outcome:
     batches: dict[str, int] | None = None
     saved_rows: int = 0
     task_hash: str = ""
+    warm_starts: int = 0
 
     @property
     def ok(self) -> bool:
@@ -130,6 +135,8 @@ class Outcome:
             out["batches"] = dict(self.batches)
         if self.saved_rows:
             out["saved_rows"] = self.saved_rows
+        if self.warm_starts:
+            out["warm_starts"] = self.warm_starts
         return out
 
 

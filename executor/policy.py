@@ -28,6 +28,10 @@ DEFAULT_UID_COUNT = 4096
 # The group every sandbox shares, so one grant opens a datasource to all tasks.
 DEFAULT_GID = 10_001
 MAX_ID = 2**31 - 2
+# Warm containers one policy may keep (each holds a uid, a socket and its memory).
+MAX_WARM_POOL = 16
+MAX_PRELOAD = 64
+_MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}(\.[A-Za-z_][A-Za-z0-9_]{0,99}){0,15}")
 
 _IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,200}(:[A-Za-z0-9._-]{1,128})?(@sha256:[0-9a-f]{64})?$")
 
@@ -82,6 +86,18 @@ def _check_secrets(secrets: tuple[tuple[str, str], ...]) -> None:
             )
 
 
+def _check_preload(preload: tuple[str, ...]) -> None:
+    if not isinstance(preload, tuple) or not all(isinstance(m, str) for m in preload):
+        raise PolicyError('preload: expected a list of module names, e.g. ["numpy", "pandas"]')
+    if len(preload) > MAX_PRELOAD:
+        raise PolicyError(f"preload: expected at most {MAX_PRELOAD} modules, got {len(preload)}")
+    for name in preload:
+        if not _MODULE_RE.fullmatch(name):
+            raise PolicyError(f"preload: {name!r} is not a module name (dotted Python identifiers)")
+    if len(set(preload)) != len(preload):
+        raise PolicyError("preload: a module is named twice")
+
+
 # (minimum, maximum) for each numeric field; a policy may tighten, never exceed.
 _RANGES: dict[str, tuple[float, float]] = {
     "memory_mb": (32, 262_144),
@@ -100,6 +116,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "uid_start": (1, MAX_ID),
     "uid_count": (1, 65_536),
     "gid": (1, MAX_ID),
+    "warm_pool": (0, MAX_WARM_POOL),
 }
 # Numeric fields where None means "not set".
 _OPTIONAL = {"uid"}
@@ -142,6 +159,13 @@ class IsolationPolicy:
             ``(name, source)`` with source ``env:VARIABLE`` or ``file:/path``,
             resolved in the parent at task start. Nothing else is granted.
         gpus: GPUs passed through: 0 (the default) for none, -1 for all.
+        warm_pool: How many sandboxes of this policy the executor keeps started,
+            booted and waiting for a task (see :mod:`executor.warmpool`). Each
+            serves one task and is then destroyed; 0 (the default) starts every
+            task cold.
+        preload: Modules (from the image) the sandbox runtime imports before it
+            asks for its task, warm or cold: in a warm sandbox heavy libraries
+            then cost nothing at submission.
     """
 
     runtime: str = "runc"
@@ -165,6 +189,8 @@ class IsolationPolicy:
     seccomp_profile: str = field(default="", repr=False)
     secrets: tuple[tuple[str, str], ...] = ()
     gpus: int = 0
+    warm_pool: int = 0
+    preload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -200,6 +226,12 @@ class IsolationPolicy:
                 f"pids: expected at least {RUNSC_MIN_PIDS} with runtime runsc (gVisor's own threads count "
                 f"against the cap), got {self.pids}"
             )
+        _check_preload(self.preload)
+        if self.warm_pool >= self.uid_count:
+            raise PolicyError(
+                f"warm_pool: expected fewer warm sandboxes than uid_count ({self.uid_count}), "
+                f"got {self.warm_pool}: warm sandboxes and running tasks each hold a uid"
+            )
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise PolicyError(
                 "heartbeat_timeout_s: expected more than heartbeat_interval_s "
@@ -225,7 +257,23 @@ class IsolationPolicy:
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         out["seccomp_profile"] = "custom" if self.seccomp_profile else "engine default"
         out["secrets"] = {name: source for name, source in self.secrets}
+        out["preload"] = list(self.preload)
         return out
+
+    def check_warm_pool(self) -> None:
+        """Refuse a warm pool that could never fill: a pinned uid leaves no uid for a second sandbox.
+
+        Not part of validation: a task's or slot's own copy of the policy pins
+        the uid it leased.
+
+        Raises:
+            PolicyError: ``warm_pool`` is set along with a pinned ``uid``.
+        """
+        if self.warm_pool and self.uid is not None:
+            raise PolicyError(
+                "warm_pool: each warm sandbox holds a uid of its own, so it needs the uid range; "
+                f"unset uid (pinned to {self.uid}) or set warm_pool = 0"
+            )
 
     @property
     def uid_range(self) -> range:

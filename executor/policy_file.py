@@ -10,6 +10,8 @@
     runtime = "runsc"
     seccomp_profile = "strict.json"        # relative to this file
     secrets = { HF_TOKEN = "env:HF_TOKEN" }
+    warm_pool = 2                          # keep two sandboxes booted and waiting
+    preload = ["numpy"]                    # imported before a sandbox waits
 
 Every error names the file, the table, the key and what was expected, and is
 raised before any container starts.
@@ -126,6 +128,12 @@ def _values(path: Path, where: str, table: dict[str, Any]) -> dict[str, Any]:
                     f'{path}: [{where}] secrets: expected a table of NAME = "env:VARIABLE" or "file:/path"'
                 )
             value = tuple(sorted(value.items()))
+        if key == "preload":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise PolicyError(
+                    f'{path}: [{where}] preload: expected a list of module names, e.g. ["numpy"]'
+                )
+            value = tuple(value)
         out[key] = value
     return out
 
@@ -144,6 +152,8 @@ def _read_profile(path: Path, where: str, value: Any) -> str:
 
 def _build(path: Path, where: str, values: dict[str, Any]) -> IsolationPolicy:
     try:
-        return IsolationPolicy(**values)
+        policy = IsolationPolicy(**values)
+        policy.check_warm_pool()
+        return policy
     except PolicyError as exc:
         raise PolicyError(f"{path}: [{where}] {exc}") from None

@@ -10,6 +10,7 @@ removed whatever happened.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import stat
@@ -44,6 +45,7 @@ from executor.spec import TaskSpec
 from executor.taskdir import TaskDir, default_base_dir, default_spool_dir
 from executor.taskrun import Plan, TaskRun, default_task_hash
 from executor.uids import UidPool
+from executor.warmpool import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,11 @@ class Executor:
             each from a thread of its own: one that raises or blocks never
             fails or stalls a task. Tasks run at once may call a hook from
             several threads.
+        warm: Keep warm pools (:mod:`executor.warmpool`) for the policies whose
+            ``warm_pool`` is above 0: started by :meth:`warm_up`, or by the
+            first task of the policy, and torn down by :meth:`close`. With
+            ``False`` every task starts cold whatever its policy says. A policy
+            with a warm pool and a pinned ``uid`` is refused (``PolicyError``).
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class Executor:
         db: ProjectDatabase | Path | None = None,
         hooks: Sequence[Hook] = (),
         view_method: str = "auto",
+        warm: bool = True,
     ) -> None:
         if backend is None:
             from executor.backends.docker import DockerBackend
@@ -145,6 +153,12 @@ class Executor:
         self.instance_id = new_instance_id()
         self._reaped = False
         self._reap_lock = threading.Lock()
+        self._warm = warm
+        for p in self._warm_policies():
+            p.check_warm_pool()
+        self._pools: dict[IsolationPolicy, WarmPool] = {}
+        self._pools_lock = threading.Lock()
+        self._closed = False
 
     @property
     def policy(self) -> IsolationPolicy:
@@ -158,13 +172,94 @@ class Executor:
         return self.policies.for_project(project)
 
     def close(self) -> None:
-        """Release what this executor made itself (its default transport).
+        """Tear the warm pools down and release what this executor made itself (its default transport).
 
-        A transport the caller passed in stays the caller's to close.
+        Every warm sandbox is destroyed (a task running in one it took keeps
+        running to its end). A transport the caller passed in stays the
+        caller's to close. Safe twice.
         """
+        with self._pools_lock:
+            self._closed = True
+            pools, self._pools = list(self._pools.values()), {}
+        atexit.unregister(self._close_pools)
+        _close_pools(pools)
         close = getattr(self.transport, "close", None)
         if self._owns_transport and callable(close):
             close()
+
+    def _close_pools(self) -> None:
+        with self._pools_lock:
+            pools, self._pools = list(self._pools.values()), {}
+        _close_pools(pools)
+
+    def _warm_policies(self) -> list[IsolationPolicy]:
+        """The distinct policies tasks may run under that ask for a warm pool."""
+        candidates = (
+            [self._single_policy]
+            if self._single_policy is not None
+            else [self.policies.default, *self.policies.projects.values()]
+        )
+        out: list[IsolationPolicy] = []
+        for p in candidates:
+            if p.warm_pool and p not in out:
+                out.append(p)
+        return out
+
+    def pool_for(self, policy: IsolationPolicy) -> WarmPool | None:
+        """The warm pool of ``policy`` (started now if it was not), or ``None`` if it has none."""
+        if not self._warm or not policy.warm_pool:
+            return None
+        with self._pools_lock:
+            if self._closed:
+                return None
+            pool = self._pools.get(policy)
+            if pool is None:
+                if not self._pools:
+                    # A process that exits without close() still tears its pools down.
+                    atexit.register(self._close_pools)
+                pool = WarmPool(
+                    self.backend, policy, run_dir=self.run_dir, uids=self.uids, instance_id=self.instance_id
+                )
+                self._pools[policy] = pool
+                pool.start()
+        return pool
+
+    def warm_up(self, *, wait: float | None = None) -> bool:
+        """Start the warm pool of every policy that asks for one; with ``wait``, until they are full.
+
+        Args:
+            wait: Seconds to wait for every slot of every pool to be booted and
+                waiting for its task; ``None`` returns at once.
+
+        Returns:
+            Whether every pool is full (``True`` too when no policy asks for one).
+
+        Raises:
+            BackendError: The engine is unreachable or a policy's image is missing.
+            ProjectDatabaseError: The reap before the first task could not close
+                dead executors' ledger rows.
+        """
+        policies = self._warm_policies() if self._warm else []
+        for policy in policies:
+            self.backend.check_image(policy.image)
+        self._reap_once()
+        pools = [p for p in map(self.pool_for, policies) if p is not None]
+        if wait is None:
+            return all(p.stats()["ready"] >= p.size for p in pools)
+        end = time.monotonic() + wait
+        return all(p.wait_full(max(0.0, end - time.monotonic())) for p in pools)
+
+    def pool_stats(self) -> list[dict[str, object]]:
+        """What each warm pool holds and has done (see :meth:`WarmPool.stats`)."""
+        with self._pools_lock:
+            pools = list(self._pools.values())
+        return [p.stats() for p in pools]
+
+    def _reap_once(self) -> None:
+        with self._reap_lock:
+            if not self._reaped:
+                self.reap()
+                self._reaped = True
 
     def __enter__(self) -> Executor:
         return self
@@ -234,6 +329,7 @@ class Executor:
         started = time.monotonic()
         started_at = datetime.now(UTC)
         policy = self.policy_for(spec.project_id)
+        pool_policy = policy
         secrets = resolve_secrets(policy)
         task_id = spec.task_id or uuid.uuid4().hex
         check_protocol_dir(spec.protocol_dir)
@@ -243,10 +339,7 @@ class Executor:
                 "run_on_new_data_only needs a project database to know what was processed: pass db="
             )
         self.backend.check_image(policy.image)
-        with self._reap_lock:
-            if not self._reaped:
-                self.reap()
-                self._reaped = True
+        self._reap_once()
         files = scan(data_dir)
         # A uid no other live task has (kernel per-user pools are then per task),
         # held until the last container is gone and every task directory removed.
@@ -273,6 +366,7 @@ class Executor:
                 cancel=cancel,
                 on_progress=on_progress,
                 started_at=started_at,
+                pool=self.pool_for(pool_policy),
             )
             outcome = task.run()
         outcome.timings["total"] = time.monotonic() - started
@@ -299,6 +393,15 @@ class Executor:
         batches, selection = plan_batches(selection, batch_size, spec.inference_limits.max_batches)
         check_view_budget(self.run_dir, data_dir, self.view_method, max(map(len, batches)))
         return Plan(selection, batches, batch_size)
+
+
+def _close_pools(pools: list[WarmPool]) -> None:
+    """Close ``pools`` side by side: each destroys its slots."""
+    threads = [threading.Thread(target=p.close, name="close-warm-pool") for p in pools]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def resolve_secrets(policy: IsolationPolicy) -> dict[str, str]:

@@ -91,6 +91,11 @@ class Supervisor:
             message) when a task ends without OK.
         on_start: Called with the container's id once it has started (e.g. to
             follow its output); an exception from it is logged, never raised.
+        adopt: The id of a container already running, a warm slot just given
+            this task (:mod:`executor.warmpool`): it is watched under the same
+            rules, instead of a new one being created.
+        adopted_at: When (``time.monotonic()``) the adopted slot was given its
+            task: its wall clock and boot grace run from then.
     """
 
     backend: ContainerBackend
@@ -100,6 +105,8 @@ class Supervisor:
     cancel: threading.Event | None = None
     notify_abort: Callable[[str, str, str], object] | None = None
     on_start: Callable[[str], object] | None = None
+    adopt: str | None = None
+    adopted_at: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -108,17 +115,22 @@ class Supervisor:
         return self.spec.policy
 
     def run(self) -> Outcome:
-        """Create, start and watch the container; always remove it."""
+        """Create, start (or adopt) and watch the container; always remove it."""
         task_id = self.session.task_id
-        container_id: str | None = None
+        container_id: str | None = self.adopt
         try:
-            t = time.monotonic()
-            container_id = self.backend.create(self.spec)
-            self.timings["create"] = time.monotonic() - t
-            t = time.monotonic()
-            self.backend.start(container_id)
-            running_since = time.monotonic()
-            self.timings["start"] = running_since - t
+            if container_id is None:
+                t = time.monotonic()
+                container_id = self.backend.create(self.spec)
+                self.timings["create"] = time.monotonic() - t
+                t = time.monotonic()
+                self.backend.start(container_id)
+                running_since = time.monotonic()
+                self.timings["start"] = running_since - t
+            else:
+                # A warm slot: its boot happened before the task existed; the
+                # wall clock and the boot grace start when it was given the task.
+                running_since = self.adopted_at if self.adopted_at is not None else time.monotonic()
             if self.on_start is not None:
                 try:
                     self.on_start(container_id)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,9 +29,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from executor import serde
-from executor.bundle import Bundle
-from executor.dataview import DataView, FileStamp, Selection
-from executor.errors import ProjectDatabaseError, SandboxExecutorError, host_errors
+from executor.bundle import Bundle, copy_bundle
+from executor.dataview import DataView, FileStamp, Selection, may_link
+from executor.errors import (
+    DataSourceError,
+    ProjectDatabaseError,
+    ProtocolBundleError,
+    SandboxExecutorError,
+    host_errors,
+)
 from executor.events import ControlKind, ProgressUpdate
 from executor.fileoutcomes import FileKind
 from executor.hooks import (
@@ -58,6 +65,7 @@ from executor.spec import TaskSpec
 from executor.supervisor import REASON_CANCELLED, Supervisor, abort_message
 from executor.taskdir import TaskDir
 from executor.tasklog import OutputCollector
+from executor.warmpool import Slot, WarmPool
 
 if TYPE_CHECKING:
     from executor.runner import Executor
@@ -143,7 +151,9 @@ class TaskRun:
     started_at: datetime
     cancel: threading.Event | None = None
     on_progress: Callable[[ProgressUpdate], None] | None = None
+    pool: WarmPool | None = None
     _batch: int = 0
+    _warm_starts: int = 0
     _log_tail: str = ""
     _completed: int = 0
     _failed_saved: dict[str, str] = field(default_factory=dict, repr=False)
@@ -335,6 +345,7 @@ class TaskRun:
             ),
             saved_rows=saved_rows,
             task_hash=self.task_hash,
+            warm_starts=self._warm_starts,
         )
 
     def _abort_modeller(self, broker: MailboxBroker, reason: str, error: ErrorDetail | None) -> None:
@@ -395,8 +406,16 @@ class TaskRun:
     def _run_one(
         self, number: int, batch: tuple[FileStamp, ...], broker: MailboxBroker, relay: _ReadyRelay
     ) -> _BatchResult:
-        """One batch in one fresh container, whose /data holds only ``batch``."""
+        """One batch in one fresh container (a warm slot if one fits), whose /data holds only ``batch``."""
         started_at = datetime.now(UTC)
+        filled = self._fill_warm_slot(batch)
+        if filled is not None:
+            slot, view, assign_s = filled
+            try:
+                return self._serve(number, view, broker, relay, started_at, slot=slot, assign_s=assign_s)
+            finally:
+                view.remove()
+                slot.discard()
         task_dir = self.workspace
         if number > 1:
             with host_errors("renew the IPC directory in", task_dir.path):
@@ -410,12 +429,56 @@ class TaskRun:
         finally:
             view.remove()
 
-    def _serve(
-        self, number: int, view: DataView, broker: MailboxBroker, relay: _ReadyRelay, started_at: datetime
-    ) -> _BatchResult:
-        """Serve one batch's sandbox from the task directory until its container is gone."""
+    def _fill_warm_slot(self, batch: tuple[FileStamp, ...]) -> tuple[Slot, DataView, float] | None:
+        """A warm slot holding the bundle and the batch's view, or ``None``: this batch starts cold.
+
+        A slot's data directory is already mounted, so its view must be hard
+        links (bind mounts cannot be added to a running container); a view
+        that cannot be destroys the slot, unused, and the batch starts cold.
+        """
         ex = self.executor
-        task_dir = self.workspace
+        if self.pool is None or ex.view_method == "bind" or not may_link(ex.run_dir, self.data_dir):
+            return None
+        slot = self.pool.take()
+        if slot is None:
+            return None
+        t = time.monotonic()
+        try:
+            with host_errors("fill the warm slot", slot.task_dir.path):
+                copied = copy_bundle(self.bundle.path, slot.task_dir.protocol, existing=True)
+                if copied.sha256 != self.bundle.sha256:
+                    raise ProtocolBundleError("the protocol bundle changed in the task directory")
+                view = DataView(
+                    slot.task_dir.data,
+                    self.data_dir,
+                    batch,
+                    gid=self.policy.gid,
+                    method="hardlink",
+                    existing=True,
+                )
+        except DataSourceError as exc:
+            log.info("task %s: starts cold: its data view cannot be hard links (%s)", self.task_id, exc)
+            slot.discard()
+            return None
+        except BaseException:
+            slot.discard()
+            raise
+        return slot, view, time.monotonic() - t
+
+    def _serve(
+        self,
+        number: int,
+        view: DataView,
+        broker: MailboxBroker,
+        relay: _ReadyRelay,
+        started_at: datetime,
+        *,
+        slot: Slot | None = None,
+        assign_s: float = 0.0,
+    ) -> _BatchResult:
+        """Serve one batch's sandbox until its container is gone: a new one, or ``slot`` given the task."""
+        ex = self.executor
+        task_dir = slot.task_dir if slot is not None else self.workspace
         wake = threading.Event()
         session = TaskSession(
             self.task_id,
@@ -426,30 +489,36 @@ class TaskRun:
             on_finish=wake.set,
             data_dir=view.path,
         )
-        with host_errors("listen on", task_dir.socket_path):
-            server = TaskServer(session, task_dir.token, task_dir.socket_path)
-        server.start()
+        if slot is not None:
+            server = slot.server
+        else:
+            with host_errors("listen on", task_dir.socket_path):
+                server = TaskServer(session, task_dir.token, task_dir.socket_path)
+            server.start()
         relay.attach(session)
-        lifeline: Lifeline | None = None
+        lifeline: Lifeline | None = slot.lifeline if slot is not None else None
         collector = OutputCollector(
             ex.backend, self.task_id, on_line=lambda stream, line: self._line(number, stream, line)
         )
         try:
-            # Held for the batch's life: when this process goes, so does the sandbox.
-            with host_errors("listen on", task_dir.lifeline_path):
-                lifeline = Lifeline(task_dir.lifeline_path)
-            lifeline.start()
-            with host_errors("hand to the sandbox user", task_dir.ipc):
-                task_dir.grant_to_sandbox()
-            container = container_spec(
-                task_id=self.task_id,
-                project_id=self.spec.project_id,
-                instance_id=ex.instance_id,
-                policy=self.policy,
-                task_dir=task_dir,
-                bundle_path=self.bundle.path,
-                data_mounts=view.mounts(SANDBOX_DATA),
-            )
+            if slot is None:
+                # Held for the batch's life: when this process goes, so does the sandbox.
+                with host_errors("listen on", task_dir.lifeline_path):
+                    lifeline = Lifeline(task_dir.lifeline_path)
+                lifeline.start()
+                with host_errors("hand to the sandbox user", task_dir.ipc):
+                    task_dir.grant_to_sandbox()
+                container = container_spec(
+                    task_id=self.task_id,
+                    project_id=self.spec.project_id,
+                    instance_id=ex.instance_id,
+                    policy=self.policy,
+                    task_dir=task_dir,
+                    bundle_path=self.bundle.path,
+                    data_mounts=view.mounts(SANDBOX_DATA),
+                )
+            else:
+                container = slot.spec
             supervisor = Supervisor(
                 ex.backend,
                 container,
@@ -460,7 +529,12 @@ class TaskRun:
                     abort_message(reason, kind, message)
                 ),
                 on_start=collector.start,
+                adopt=slot.container_id if slot is not None else None,
             )
+            if slot is not None:
+                supervisor.timings["assign"] = assign_s
+                supervisor.adopted_at = slot.give(session)
+                self._warm_starts += 1
             outcome = supervisor.run()
         finally:
             relay.attach(None)

@@ -168,6 +168,8 @@ def make_executor(docker_client: object, run_dir: Path, tmp_path: Path) -> Itera
         return ex
 
     yield factory
+    for ex in made:
+        ex.close()  # tears warm pools down
     leaked_containers = []
     for ex in made:
         for c in docker_client.containers.list(  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ LABEL_MANAGED = f"{LABEL_PREFIX}.managed"
 LABEL_TASK = f"{LABEL_PREFIX}.task-id"
 LABEL_PROJECT = f"{LABEL_PREFIX}.project"
 LABEL_PARENT = f"{LABEL_PREFIX}.parent"
+LABEL_WARM = f"{LABEL_PREFIX}.warm-slot"
 
 
 @dataclass(frozen=True)

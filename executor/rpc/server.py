@@ -26,7 +26,7 @@ from executor.rpc.limits import (
     RequestWatch,
 )
 from executor.rpc.servicer import SandboxServicer
-from executor.rpc.session import TaskSession
+from executor.rpc.session import SessionRef, TaskSession
 from executor.sandbox.contract import CHUNK_BYTES
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 
@@ -37,31 +37,40 @@ class TaskServer:
     """A gRPC server for one task, listening on that task's Unix socket.
 
     Args:
-        session: The task's state.
+        session: The task's state; a warm slot's server gets an unbound
+            :class:`SessionRef` and is handed its task later.
         token: The task's bootstrap token.
         socket_path: Where to listen.
         rate_per_s: The task's sustained call rate (tests set a low one).
         burst: How many calls the task may make at once.
+        max_result_bytes: The largest result the task may report; by default
+            the session's (required for an unbound slot).
     """
 
     def __init__(
         self,
-        session: TaskSession,
+        session: TaskSession | SessionRef,
         token: str,
         socket_path: Path,
         *,
         rate_per_s: float = RATE_PER_S,
         burst: int = RATE_BURST,
+        max_result_bytes: int | None = None,
     ) -> None:
-        self.session = session
+        self.ref = session if isinstance(session, SessionRef) else SessionRef(session)
         self.socket_path = socket_path
+        if max_result_bytes is None:
+            bound = self.ref.session
+            if bound is None:
+                raise ValueError("an unbound slot's server needs max_result_bytes")
+            max_result_bytes = bound.max_result_bytes
         # Mailbox bodies arrive in chunks; the result is the largest single message.
-        cap = max(CHUNK_BYTES, session.max_result_bytes) + ENVELOPE_HEADROOM
+        cap = max(CHUNK_BYTES, max_result_bytes) + ENVELOPE_HEADROOM
         self._limiter = CallLimiter(rate_per_s, burst, on_abuse=self._end_for_abuse)
         self._watch = RequestWatch()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
-                max_workers=SERVER_THREADS, thread_name_prefix=f"rpc-{session.task_id[:8]}"
+                max_workers=SERVER_THREADS, thread_name_prefix=f"rpc-{self.ref.name[:8]}"
             ),
             interceptors=[TokenAuthInterceptor(token, self._limiter, self._watch)],
             options=[
@@ -76,7 +85,7 @@ class TaskServer:
             ],
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
-        pb_grpc.add_SandboxServicer_to_server(SandboxServicer(session, self._limiter), self._server)
+        pb_grpc.add_SandboxServicer_to_server(SandboxServicer(self.ref, self._limiter), self._server)
         try:
             port = self._server.add_insecure_port(f"unix:{socket_path}")
         except RuntimeError:  # how grpc says the bind failed (e.g. a path too long for a socket)
@@ -89,16 +98,25 @@ class TaskServer:
         """Start serving."""
         self._server.start()
 
+    @property
+    def session(self) -> TaskSession | None:
+        """The task's session; ``None`` while a warm slot waits for its task."""
+        return self.ref.session
+
     def _end_for_abuse(self, reason: str) -> None:
         """End the task and close every connection of it: it abused the parent."""
-        if self.session.end_for_abuse(ABUSE_ERROR_TYPE, reason):
-            log.warning("task %s: %s; closing its connections", self.session.task_id, reason)
+        session = self.ref.session
+        if session is None or session.end_for_abuse(ABUSE_ERROR_TYPE, reason):
+            log.warning("task %s: %s; closing its connections", self.ref.name, reason)
         self._server.stop(0)
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop serving, ending open streams, and remove the socket."""
-        self.session.closed.set()
-        self.session.controls.put(None)
+        self.ref.close()
+        session = self.ref.session
+        if session is not None:
+            session.closed.set()
+            session.controls.put(None)
         self._watch.stop()
         self._server.stop(grace).wait(grace + 1)
         self.socket_path.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from executor import serde
 from executor.errors import DecryptionError
 from executor.mailbox.broker import Incoming
 from executor.rpc.limits import FILES_PER_TOKEN, ROWS_PER_TOKEN, CallLimiter, refusal
-from executor.rpc.session import RequestRejected, TaskSession
+from executor.rpc.session import RequestRejected, SessionRef, TaskSession
 from executor.sandbox.contract import CHUNK_BYTES
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
@@ -57,37 +57,54 @@ def _rpc_errors(method: _F) -> _F:
             # Reading the request stream failed: the client cancelled, or the
             # call was cancelled for want of a request. Not an error of ours;
             # grpc ends the call quietly when its own error is re-raised.
-            log.debug("%s of task %s was cancelled", method.__name__, self._session.task_id)
+            log.debug("%s of task %s was cancelled", method.__name__, self._ref.name)
             raise
         except Exception:
             if not context.is_active():
-                log.debug(
-                    "%s of task %s ended while its call was gone", method.__name__, self._session.task_id
-                )
+                log.debug("%s of task %s ended while its call was gone", method.__name__, self._ref.name)
                 context.abort(grpc.StatusCode.CANCELLED, "cancelled")
-            log.exception("unexpected error in %s for task %s", method.__name__, self._session.task_id)
+            log.exception("unexpected error in %s for task %s", method.__name__, self._ref.name)
             context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
     return wrapper  # type: ignore[return-value]
 
 
 class SandboxServicer(pb_grpc.SandboxServicer):
-    """Thin protobuf-to-session adapter for one task."""
+    """Thin protobuf-to-session adapter for one task.
 
-    def __init__(self, session: TaskSession, limiter: CallLimiter | None = None) -> None:
-        self._session = session
+    A warm slot's servicer starts without a task (an unbound
+    :class:`~executor.rpc.session.SessionRef`): ``GetTask`` then waits until
+    the slot is given one, and every other call is refused until then.
+    """
+
+    def __init__(self, session: TaskSession | SessionRef, limiter: CallLimiter | None = None) -> None:
+        self._ref = session if isinstance(session, SessionRef) else SessionRef(session)
         self._limiter = limiter or CallLimiter()
+
+    @property
+    def _session(self) -> TaskSession:
+        """The task's session; a call before the slot has a task is refused."""
+        session = self._ref.session
+        if session is None:
+            raise RequestRejected("FAILED_PRECONDITION", "no task yet: call GetTask first")
+        return session
 
     @_rpc_errors
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.TaskConfig:
-        """The task's configuration."""
-        return self._session.get_config()
+        """The task's configuration (a warm slot's, once it is given a task)."""
+        session = self._ref.wait(context.is_active)
+        if session is None:
+            raise RequestRejected("UNAVAILABLE", "the sandbox is being shut down")
+        return session.get_config()
 
     def Heartbeat(
         self, request_iterator: Iterator[pb.Beat], context: grpc.ServicerContext
     ) -> Iterator[pb.Control]:
         """Record beats; stream control messages down."""
-        session = self._session
+        session = self._ref.session
+        if session is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no task yet: call GetTask first")
+            return
 
         def read_beats() -> None:
             try:

@@ -519,3 +519,77 @@ class TaskSession:
                 )
         if not self._finish_with(report):
             raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")
+
+
+class SessionRef:
+    """The session a task server serves: given at once (a cold task) or bound later (a warm slot).
+
+    A warm slot's server listens, and its sandbox connects and asks for its
+    task, before the task exists. :meth:`wait` holds that request until
+    :meth:`bind` hands the slot a task, or until :meth:`close`.
+    """
+
+    def __init__(self, session: TaskSession | None = None, *, name: str = "") -> None:
+        self._session = session
+        self._bound = threading.Event()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._waited_ever = threading.Event()
+        self._calls_ended = 0
+        self.name = name or (session.task_id if session is not None else "warm slot")
+        if session is not None:
+            self._bound.set()
+
+    @property
+    def session(self) -> TaskSession | None:
+        """The bound session, or ``None`` while the slot waits for a task."""
+        return self._session if self._bound.is_set() else None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the sandbox is connected and waiting for its task (a ready warm slot)."""
+        return self._waiting > 0 and not self._bound.is_set()
+
+    @property
+    def ever_waited(self) -> bool:
+        """Whether the sandbox ever asked for its task."""
+        return self._waited_ever.is_set()
+
+    @property
+    def lost(self) -> bool:
+        """Whether the sandbox asked for its task and then gave up (its call ended unanswered)."""
+        return self._calls_ended > 0 and self._waiting == 0 and not self._bound.is_set()
+
+    def bind(self, session: TaskSession) -> None:
+        """Hand the slot its task: a waiting request gets the configuration at once.
+
+        Raises:
+            RuntimeError: The slot already has a task (a slot serves one only).
+        """
+        with self._lock:
+            if self._bound.is_set() or self._closed.is_set():
+                raise RuntimeError(f"{self.name} cannot take a task: it already has one or is closed")
+            self._session = session
+            self.name = session.task_id
+            self._bound.set()
+
+    def close(self) -> None:
+        """Release any request still waiting; it is refused."""
+        self._closed.set()
+
+    def wait(self, is_active: Callable[[], bool], poll_s: float = 0.5) -> TaskSession | None:
+        """The session once bound; ``None`` if the call ended or the slot closed first."""
+        with self._lock:
+            self._waiting += 1
+        self._waited_ever.set()
+        try:
+            while not self._bound.wait(poll_s):
+                if self._closed.is_set() or not is_active():
+                    return None
+            return self._session
+        finally:
+            with self._lock:
+                self._waiting -= 1
+                if not self._bound.is_set():
+                    self._calls_ended += 1

@@ -247,14 +247,36 @@ def _error(kind: str, message: str, tb: str, status: pb.Status = pb.Status.ERROR
     )
 
 
+def _preload(modules: str) -> None:
+    """Import the policy's ``preload`` modules; one that fails is named and skipped.
+
+    Runs before the task is known (in a warm sandbox, long before), so a
+    protocol that imports them later finds them in ``sys.modules``.
+    """
+    for name in filter(None, modules.split(",")):
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:  # a broken module must not cost the task its sandbox
+            _stderr(f"preload: cannot import {name}: {type(exc).__name__}: {_describe(exc)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one task and return the process exit status."""
     parser = argparse.ArgumentParser(prog="python3 -m executor.sandbox")
     parser.add_argument("--socket", required=True, help="the parent's Unix socket")
     parser.add_argument("--token-file", required=True, help="file holding this task's token")
+    parser.add_argument("--preload", default="", help="modules to import first, comma-separated")
+    parser.add_argument(
+        "--wait-for-task",
+        action="store_true",
+        help="a warm sandbox: wait for the task as long as the parent lives (init ends it without)",
+    )
     args = parser.parse_args(argv)
-    timings: dict[str, float] = {"import": time.monotonic() - _T0}
     _configure_logging()
+    if args.preload:
+        _preload(args.preload)
+    # A warm sandbox imports before its task exists: that time is not the task's.
+    timings: dict[str, float] = {} if args.wait_for_task else {"import": time.monotonic() - _T0}
 
     token = Path(args.token_file).read_text().strip()
     metadata = ((TOKEN_METADATA_KEY, token),)
@@ -274,12 +296,16 @@ def main(argv: list[str] | None = None) -> int:
         # wait_for_ready rather than channel_ready_future: the latter leaves a
         # connectivity poll behind that delays channel.close() by ~0.2 s.
         config = stub.GetTask(
-            pb.GetTaskRequest(), metadata=metadata, timeout=CONNECT_TIMEOUT_S, wait_for_ready=True
+            pb.GetTaskRequest(),
+            metadata=metadata,
+            timeout=None if args.wait_for_task else CONNECT_TIMEOUT_S,
+            wait_for_ready=True,
         )
     except grpc.RpcError as exc:
         _stderr(f"cannot fetch the task from the parent: {exc}")
         return EXIT_PARENT_GONE
-    timings["config"] = time.monotonic() - t
+    if not args.wait_for_task:
+        timings["config"] = time.monotonic() - t
     client = ParentClient(stub, metadata)
 
     SCRATCH_DIR.mkdir(mode=0o700, exist_ok=True)
