@@ -251,8 +251,9 @@ def _run(args: argparse.Namespace) -> int:
                 from executor.cli.display import ProgressDisplay
 
                 hooks.append(stack.enter_context(ProgressDisplay()).on_event)
+            # One task per process: a warm pool would only boot sandboxes nobody takes.
             executor = stack.enter_context(
-                Executor(policies=policies, transport=transport, db=db, hooks=hooks)
+                Executor(policies=policies, transport=transport, db=db, hooks=hooks, warm=False)
             )
             outcome = executor.run(spec, cancel=cancel)
     finally:
