@@ -150,23 +150,35 @@ def _check_runtime(docker_client: Any, runtime: str) -> str:
 
 
 def _run_probe(
-    docker_client: Any, data: Path, runtime: str, caps: dict[str, int], parameters: dict[str, Any]
+    docker_client: Any,
+    data: Path,
+    runtime: str,
+    caps: dict[str, int],
+    parameters: dict[str, Any],
+    *,
+    warm: bool = False,
 ) -> tuple[Outcome, str]:
     """Run the probe protocol once; the outcome and the runtime the engine recorded.
 
-    Nothing may remain afterwards: no container, task directory or spool.
+    ``warm`` runs it in a warm pool's slot (booted before the task existed)
+    instead of a cold container. Nothing may remain afterwards: no container,
+    task directory or spool.
     """
-    policy = IsolationPolicy.hardened().replace(runtime=runtime, timeout_s=120, **caps)
+    policy = IsolationPolicy.hardened().replace(runtime=runtime, timeout_s=120, warm_pool=int(warm), **caps)
     run_dir = Path(tempfile.mkdtemp(prefix="se-", dir="/tmp"))
     spool_dir = Path(tempfile.mkdtemp(prefix="se-spool-", dir="/tmp"))
     backend = RecordingBackend()
     try:
         executor = Executor(backend, run_dir=run_dir, spool_dir=spool_dir, policy=policy)
         try:
+            if warm:
+                assert executor.warm_up(wait=60), executor.pool_stats()
             outcome = executor.run(
                 TaskSpec(protocol_dir=PROTOCOLS / "probe", data_dir=data, parameters=parameters)
             )
+            assert outcome.warm_starts == int(warm), "the probe ran cold, not in a warm slot"
         finally:
+            executor.close()
             leaked = []
             for c in docker_client.containers.list(
                 all=True, filters={"label": f"{LABEL_PARENT}={executor.instance_id}"}
@@ -176,7 +188,9 @@ def _run_probe(
             left = sorted(str(p) for p in [*run_dir.iterdir(), *spool_dir.iterdir()])
         assert not leaked, f"containers left behind: {leaked}"
         assert not left, f"task directories or spools left behind: {left}"
-        return outcome, backend.last().runtime
+        # The first container made is the one that ran the task (a warm pool
+        # makes its refill after).
+        return outcome, backend.containers[0].runtime
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(spool_dir, ignore_errors=True)
@@ -210,16 +224,29 @@ def probe_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return data
 
 
-@pytest.fixture(scope="module", params=RUNTIMES)
+@pytest.fixture(
+    scope="module",
+    params=[(rt, start) for rt in RUNTIMES for start in ("cold", "warm")],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def probe_run(request: pytest.FixtureRequest, docker_client: Any, probe_data: Path) -> ProbeRun:
-    """Run the probe protocol once under ``runtime`` with the hardened policy and small caps."""
-    runtime: str = request.param
+    """Run the probe protocol once under ``runtime`` with the hardened policy and small caps.
+
+    Once in a cold container and once in a warm pool's slot: a sandbox booted
+    before its task existed must hold exactly as a fresh one does.
+    """
+    runtime, start = request.param
     missing = _check_runtime(docker_client, runtime)
     if missing:
         return ProbeRun(runtime, missing=missing)
     caps = CAPS[runtime]
     outcome, engine_runtime = _run_probe(
-        docker_client, probe_data, runtime, caps, {**caps, **_host_facts(), "parent_is_root": PARENT_IS_ROOT}
+        docker_client,
+        probe_data,
+        runtime,
+        caps,
+        {**caps, **_host_facts(), "parent_is_root": PARENT_IS_ROOT},
+        warm=start == "warm",
     )
     assert outcome.status is Status.OK, outcome.error
     return ProbeRun(runtime, result=outcome.result, engine_runtime=engine_runtime)

@@ -879,6 +879,8 @@ def probe_only_expected_mounts(env):
 # pid 1 is the runtime's own init, which runs the runtime (this process).
 INIT_ARGV = ["python3", "-m", "executor.sandbox.init", "--lifeline", f"{IPC_DIR}/lifeline.sock", "--"]
 RUNTIME_ARGV = ["python3", "-m", "executor.sandbox", "--socket", SOCKET_PATH, "--token-file", TOKEN_PATH]
+# A warm pool's sandbox waits for its task; nothing else may differ.
+WARM_RUNTIME_ARGV = [*RUNTIME_ARGV, "--wait-for-task"]
 
 
 def _cmdline(pid):
@@ -890,7 +892,8 @@ def probe_own_pid_namespace(env):
     """A pid namespace of our own: pid 1 is exactly our init running exactly this runtime."""
     pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     init, me = _cmdline(1), _cmdline("self")
-    held = init == INIT_ARGV + RUNTIME_ARGV and me == RUNTIME_ARGV and os.getppid() == 1 and len(pids) < 10
+    runtime = me if me in (RUNTIME_ARGV, WARM_RUNTIME_ARGV) else RUNTIME_ARGV
+    held = init == INIT_ARGV + runtime and me == runtime and os.getppid() == 1 and len(pids) < 10
     return held, f"pid 1: {init}; this process: {me} (parent {os.getppid()}); pids: {pids}"
 
 
