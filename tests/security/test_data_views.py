@@ -49,14 +49,21 @@ def _stamps(root: Path) -> dict[str, tuple[str, int, int, int]]:
     return out
 
 
-@pytest.mark.parametrize("method", ["hardlink", "bind"])
+@pytest.mark.parametrize("method", ["hardlink", "bind", "warm"])
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
 def test_the_sandbox_reads_only_its_selection_and_changes_nothing(
     runtime, method, tmp_path, make_executor, docker_client
 ):
+    """``warm``: a hard-link view made in a warm pool's slot, after its sandbox booted."""
     data = _datasource(tmp_path / "data")
     before = _stamps(data)
-    executor = make_executor(policy=IsolationPolicy.hardened().replace(runtime=runtime), view_method=method)
+    warm = method == "warm"
+    executor = make_executor(
+        policy=IsolationPolicy.hardened().replace(runtime=runtime, warm_pool=int(warm)),
+        view_method="hardlink" if warm else method,
+    )
+    if warm:
+        assert executor.warm_up(wait=60), executor.pool_stats()
     outcome = executor.run(
         TaskSpec(
             protocol_dir=PROTOCOLS / "view_probe",
@@ -66,6 +73,7 @@ def test_the_sandbox_reads_only_its_selection_and_changes_nothing(
         )
     )
     assert outcome.status is Status.OK, outcome.error
+    assert outcome.warm_starts == int(warm)
     seen = outcome.result
     assert seen["files"] == {name: FILES[name] for name in SELECTED}
     assert seen["refused"] == {"zz-secret.csv": "INVALID_ARGUMENT"}
