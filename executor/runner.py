@@ -49,6 +49,9 @@ from executor.warmpool import WarmPool
 
 log = logging.getLogger(__name__)
 
+IMAGE_CHECK_S = 60.0
+"""How long a successful check that a policy's image exists is trusted."""
+
 
 def check_data_dir(path: Path, uid: int | None, gid: int) -> Path:
     """The resolved data directory, if the sandbox (``uid:gid``) can list and read it.
@@ -154,6 +157,7 @@ class Executor:
         self._reaped = False
         self._reap_lock = threading.Lock()
         self._warm = warm
+        self._images_seen: dict[str, float] = {}
         for p in self._warm_policies():
             p.check_warm_pool()
         self._pools: dict[IsolationPolicy, WarmPool] = {}
@@ -241,7 +245,7 @@ class Executor:
         """
         policies = self._warm_policies() if self._warm else []
         for policy in policies:
-            self.backend.check_image(policy.image)
+            self._check_image(policy.image)
         self._reap_once()
         pools = [p for p in map(self.pool_for, policies) if p is not None]
         if wait is None:
@@ -254,6 +258,18 @@ class Executor:
         with self._pools_lock:
             pools = list(self._pools.values())
         return [p.stats() for p in pools]
+
+    def _check_image(self, image: str) -> None:
+        """Refuse a missing image before anything is made; an engine round trip, so at most once a minute.
+
+        An image removed within the minute still fails the task clearly, at create.
+        """
+        now = time.monotonic()
+        seen = self._images_seen.get(image)
+        if seen is not None and now - seen < IMAGE_CHECK_S:
+            return
+        self.backend.check_image(image)
+        self._images_seen[image] = now
 
     def _reap_once(self) -> None:
         with self._reap_lock:
@@ -338,7 +354,7 @@ class Executor:
             raise ConfigurationError(
                 "run_on_new_data_only needs a project database to know what was processed: pass db="
             )
-        self.backend.check_image(policy.image)
+        self._check_image(policy.image)
         self._reap_once()
         files = scan(data_dir)
         # A uid no other live task has (kernel per-user pools are then per task),

@@ -100,10 +100,14 @@ class SandboxServicer(pb_grpc.SandboxServicer):
     def Heartbeat(
         self, request_iterator: Iterator[pb.Beat], context: grpc.ServicerContext
     ) -> Iterator[pb.Control]:
-        """Record beats; stream control messages down."""
-        session = self._ref.session
+        """Record beats; stream control messages down.
+
+        A warm slot's sandbox opens the stream while it waits for its task:
+        its beats are read from the moment the slot is given one.
+        """
+        session = self._ref.wait(context.is_active)
         if session is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no task yet: call GetTask first")
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the sandbox is being shut down")
             return
 
         def read_beats() -> None:

@@ -53,9 +53,13 @@ def _stderr(message: str) -> None:
 class Heartbeat:
     """Beats up from a thread of its own; applies control messages coming down."""
 
-    def __init__(self, client: ParentClient, interval_s: float, ctx_holder: list[Context]) -> None:
+    def __init__(self, client: ParentClient, interval_s: float | None, ctx_holder: list[Context]) -> None:
         self._client = client
-        self._interval = interval_s
+        self._interval = interval_s or 0.0
+        # A warm sandbox beats once before its task (and so its interval) is known.
+        self._configured = threading.Event()
+        if interval_s is not None:
+            self._configured.set()
         self._stop = threading.Event()
         self._done = threading.Event()
         self._ctx_holder = ctx_holder
@@ -84,8 +88,14 @@ class Heartbeat:
                 mailbox_ops=self._client.mailbox_ops,
                 main_thread_moved=self._main_moved(),
             )
+            self._configured.wait()
             if self._stop.wait(self._interval):
                 return
+
+    def configure(self, interval_s: float) -> None:
+        """Beat every ``interval_s`` from now on (a warm sandbox learns it with its task)."""
+        self._interval = interval_s
+        self._configured.set()
 
     def _listen(self) -> None:
         why = "the stream ended"
@@ -124,6 +134,7 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop beating; the stream closes."""
         self._stop.set()
+        self._configured.set()
 
     def wait_seen(self, timeout: float) -> bool:
         """Whether the parent confirmed a beat within ``timeout`` seconds."""
@@ -291,6 +302,15 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     stub = pb_grpc.SandboxStub(channel)
+    client = ParentClient(stub, metadata)
+    ctx_holder: list[Context] = []
+    heartbeat: Heartbeat | None = None
+    if args.wait_for_task:
+        # Open the heartbeat stream while waiting: the parent reads its first
+        # beat the moment it hands over the task, and the confirmation comes
+        # back with the configuration instead of one round trip after it.
+        heartbeat = Heartbeat(client, None, ctx_holder)
+        heartbeat.start()
     t = time.monotonic()
     try:
         # wait_for_ready rather than channel_ready_future: the latter leaves a
@@ -304,16 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         _stderr(f"cannot fetch the task from the parent: {exc}")
         return EXIT_PARENT_GONE
-    if not args.wait_for_task:
+    interval_s = max(config.heartbeat_interval_ms, MIN_HEARTBEAT_INTERVAL_MS) / 1000
+    if heartbeat is None:
         timings["config"] = time.monotonic() - t
-    client = ParentClient(stub, metadata)
+        heartbeat = Heartbeat(client, interval_s, ctx_holder)
+        heartbeat.start()
+    else:
+        heartbeat.configure(interval_s)
 
     SCRATCH_DIR.mkdir(mode=0o700, exist_ok=True)
-    ctx_holder: list[Context] = []
-    heartbeat = Heartbeat(
-        client, max(config.heartbeat_interval_ms, MIN_HEARTBEAT_INTERVAL_MS) / 1000, ctx_holder
-    )
-    heartbeat.start()
     # Not a line of protocol code (not even its import) before the parent has
     # seen a beat: from then on any freeze is caught by the heartbeat timeout.
     if not heartbeat.wait_seen(BEAT_SEEN_WAIT_S):
