@@ -254,8 +254,11 @@ class Workspace:
             self._backend = DockerBackend()
         return self._backend
 
-    def executor(self, policy: Any, transport: Any = None, backend: Any = None) -> Any:
-        """An executor with this workspace's run and spool directories."""
+    def executor(self, policy: Any, transport: Any = None, backend: Any = None, **options: Any) -> Any:
+        """An executor with this workspace's run and spool directories; ``options`` go to ``Executor``.
+
+        It is closed on exit (its warm pools, if any, torn down).
+        """
         from executor.runner import Executor
 
         ex = Executor(
@@ -264,6 +267,7 @@ class Workspace:
             transport=transport,
             run_dir=self.run_dir,
             spool_dir=self.spool_dir,
+            **options,
         )
         self._executors.append(ex)
         self._instances.append(ex.instance_id)
@@ -364,6 +368,13 @@ class Workspace:
                 print(f"bench: task {handle.task_id} did not end within {CANCEL_JOIN_S:g} s", file=sys.stderr)
         for process in self._processes:
             _end_process(process)
+        # Before the sweep: closing an executor tears its warm pools down (containers, directories,
+        # uid leases); the sweep then removes whatever a failed close left.
+        for ex in self._executors:
+            try:
+                ex.close()
+            except Exception as exc:  # cleanup must not mask the real error
+                print(f"bench: could not close executor {ex.instance_id}: {exc}", file=sys.stderr)
         self._sweep_containers()
         sweep_labelled(self.root.name)
         for close in self._closers:
