@@ -6,6 +6,7 @@ who cannot list the base directory cannot find it)::
     <base>/<random>/            0711
         ipc/                    mounted read-only at /run/sandbox
             sandbox.sock        the task's gRPC server
+            bulk.sock           its bulk path for large mailbox bodies (executor/rpc/bulk.py)
             lifeline.sock       init's one connection to the parent (gone once made)
             token               the bootstrap token, readable by the sandbox user
         protocol/               the bundle, mounted read-only at /sandbox/protocol
@@ -26,6 +27,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
+
+from executor.sandbox.contract import BULK_SOCKET_NAME
 
 SOCKET_NAME = "sandbox.sock"
 LIFELINE_NAME = "lifeline.sock"
@@ -143,6 +146,11 @@ class TaskDir:
         return self.ipc / SOCKET_NAME
 
     @property
+    def bulk_path(self) -> Path:
+        """The path of the task's bulk socket (large mailbox bodies, raw)."""
+        return self.ipc / BULK_SOCKET_NAME
+
+    @property
     def lifeline_path(self) -> Path:
         """Where the parent waits for the sandbox init's lifeline connection."""
         return self.ipc / LIFELINE_NAME
@@ -156,7 +164,7 @@ class TaskDir:
         unguessable directory name.
         """
         token = self.ipc / TOKEN_NAME
-        socks = [p for p in (self.socket_path, self.lifeline_path) if p.exists()]
+        socks = [p for p in (self.socket_path, self.bulk_path, self.lifeline_path) if p.exists()]
         if os.geteuid() == 0:
             for p in (self.ipc, *socks, token):
                 os.chown(p, self.sandbox_uid, self.sandbox_gid)

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 
 from executor.rpc.auth import TokenAuthInterceptor
+from executor.rpc.bulk import BulkServer
 from executor.rpc.limits import (
     ABUSE_ERROR_TYPE,
     ENVELOPE_HEADROOM,
@@ -27,7 +28,7 @@ from executor.rpc.limits import (
 )
 from executor.rpc.servicer import SandboxServicer
 from executor.rpc.session import SessionRef, TaskSession
-from executor.sandbox.contract import CHUNK_BYTES
+from executor.sandbox.contract import BULK_SOCKET_NAME, CHUNK_BYTES
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,6 @@ class TaskServer:
             ],
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
-        pb_grpc.add_SandboxServicer_to_server(SandboxServicer(self.ref, self._limiter), self._server)
         try:
             port = self._server.add_insecure_port(f"unix:{socket_path}")
         except RuntimeError:  # how grpc says the bind failed (e.g. a path too long for a socket)
@@ -93,9 +93,15 @@ class TaskServer:
         if port == 0:
             # strerror says why; the caller names the path (see runner._on_host).
             raise OSError(errno.EINVAL, "gRPC could not bind it (a path too long for a socket?)")
+        # Large bodies travel raw beside it (see executor/rpc/bulk.py).
+        self.bulk = BulkServer(socket_path.parent / BULK_SOCKET_NAME, token, self.ref.name)
+        pb_grpc.add_SandboxServicer_to_server(
+            SandboxServicer(self.ref, self._limiter, bulk=self.bulk), self._server
+        )
 
     def start(self) -> None:
         """Start serving."""
+        self.bulk.start()
         self._server.start()
 
     @property
@@ -108,6 +114,7 @@ class TaskServer:
         session = self.ref.session
         if session is None or session.end_for_abuse(ABUSE_ERROR_TYPE, reason):
             log.warning("task %s: %s; closing its connections", self.ref.name, reason)
+        self.bulk.close()
         self._server.stop(0)
 
     def stop(self, grace: float = 1.0) -> None:
@@ -118,5 +125,6 @@ class TaskServer:
             session.closed.set()
             session.controls.put(None)
         self._watch.stop()
+        self.bulk.close()
         self._server.stop(grace).wait(grace + 1)
         self.socket_path.unlink(missing_ok=True)

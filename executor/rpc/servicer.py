@@ -18,6 +18,7 @@ import grpc
 from executor import serde
 from executor.errors import DecryptionError
 from executor.mailbox.broker import Incoming
+from executor.rpc.bulk import BulkServer
 from executor.rpc.limits import FILES_PER_TOKEN, ROWS_PER_TOKEN, CallLimiter, refusal
 from executor.rpc.session import RequestRejected, SessionRef, TaskSession
 from executor.sandbox.contract import CHUNK_BYTES
@@ -77,9 +78,16 @@ class SandboxServicer(pb_grpc.SandboxServicer):
     the slot is given one, and every other call is refused until then.
     """
 
-    def __init__(self, session: TaskSession | SessionRef, limiter: CallLimiter | None = None) -> None:
+    def __init__(
+        self,
+        session: TaskSession | SessionRef,
+        limiter: CallLimiter | None = None,
+        *,
+        bulk: BulkServer | None = None,
+    ) -> None:
         self._ref = session if isinstance(session, SessionRef) else SessionRef(session)
         self._limiter = limiter or CallLimiter()
+        self._bulk = bulk
 
     @property
     def _session(self) -> TaskSession:
@@ -159,7 +167,31 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         """Wait for a message from the modeller; stream it down in chunks."""
         name = serde.message_type(request.type)
         incoming = self._session.receive_message(name, request.timeout_ms / 1000)
+        if self._bulk is not None and request.bulk_min_bytes and incoming.size >= request.bulk_min_bytes:
+            ticket = self._bulk.offer_receive(incoming)
+            if ticket is not None:  # else too many unused tickets: it streams as chunks
+                return iter(
+                    [pb.MessageChunk(type=request.type, total_size=incoming.size, bulk_ticket=ticket)]
+                )
         return _stream_incoming(incoming, request.type, context, self._session.task_id)
+
+    @_rpc_errors
+    def OpenBulkSend(self, request: pb.BulkSendRequest, context: grpc.ServicerContext) -> pb.BulkTicket:
+        """A ticket to send one body of the given type and size over the bulk socket."""
+        session = self._session
+        message_type = serde.message_type(request.type)
+        session.check_send(message_type, request.total_size)
+        if self._bulk is None:
+            raise RequestRejected("FAILED_PRECONDITION", "this task has no bulk socket")
+        # A body's bytes cost what its chunks would over gRPC.
+        refused = self._limiter.charge(request.total_size // CHUNK_BYTES)
+        if refused is not None:
+            raise refusal(refused)
+        size = request.total_size
+        ticket = self._bulk.offer_send(size, lambda chunks: session.send_message(message_type, size, chunks))
+        if ticket is None:
+            raise RequestRejected("RESOURCE_EXHAUSTED", "too many bulk transfers are open at once")
+        return pb.BulkTicket(ticket=ticket)
 
     @_rpc_errors
     def SendSecureShares(self, request: pb.SecureShares, context: grpc.ServicerContext) -> pb.Ack:

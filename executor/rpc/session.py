@@ -264,6 +264,20 @@ class TaskSession:
         self.controls.put(Control(kind, reason))
 
     # -- mailbox -------------------------------------------------------
+    def check_send(self, message_type: str, declared_size: int) -> None:
+        """Refuse at once a send that could not succeed (type, size, a finished task).
+
+        For a bulk send, before its bytes flow; the send itself checks again.
+        """
+        if message_type not in SENDABLE:
+            raise RequestRejected("INVALID_ARGUMENT", f"a sandbox may not send {message_type} messages")
+        self._refuse_after_finish()
+        limit = self.mailbox.max_message_bytes
+        if declared_size > limit:
+            raise RequestRejected(
+                "RESOURCE_EXHAUSTED", f"outgoing message is {declared_size} bytes; the limit is {limit}"
+            )
+
     def send_message(self, message_type: str, declared_size: int, chunks: Iterator[bytes]) -> None:
         """Forward a message from the sandbox to the modeller, sealed by the broker."""
         if message_type not in SENDABLE:

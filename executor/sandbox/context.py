@@ -15,9 +15,11 @@ when the refusal was local), so a protocol can tell a limit from a lost parent.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,6 +30,9 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from executor.sandbox.contract import (
+    BULK_MAGIC,
+    BULK_MIN_BYTES,
+    BULK_STATUS_MAX_BYTES,
     MAX_COLUMN_NAME_CHARS,
     MAX_COLUMNS,
     MAX_ERROR_MESSAGE_CHARS,
@@ -41,6 +46,7 @@ from executor.sandbox.contract import (
     MAX_TRACEBACK_CHARS,
     MIN_ROW_INT,
     RATE_LIMITED_TRAILER,
+    TOKEN_METADATA_KEY,
     is_column_name,
 )
 from executor.v1 import sandbox_pb2 as pb
@@ -100,9 +106,16 @@ def _status(exc: grpc.RpcError) -> tuple[str, str]:
 class ParentClient:
     """The authenticated stub and the counters the heartbeat reports."""
 
-    def __init__(self, stub: pb_grpc.SandboxStub, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.SandboxStub,
+        metadata: tuple[tuple[str, str], ...],
+        bulk_path: str | None = None,
+    ) -> None:
         self.stub = stub
         self.metadata = metadata
+        # The parent's bulk socket (large bodies as raw bytes), if it has one.
+        self.bulk_path = bulk_path
         self._lock = threading.Lock()
         self.progress_events = 0
         self.mailbox_ops = 0
@@ -127,6 +140,24 @@ class ParentClient:
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
         raise AssertionError("unreachable")
+
+    def bulk_connect(self, ticket: bytes) -> socket.socket:
+        """A connection to the bulk socket that has presented the task's token and ``ticket``.
+
+        Raises:
+            OSError: The socket cannot be reached.
+        """
+        assert self.bulk_path is not None
+        token = dict(self.metadata)[TOKEN_METADATA_KEY].encode()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(BULK_TIMEOUT_S)
+            sock.connect(self.bulk_path)
+            sock.sendall(BULK_MAGIC + bytes([len(token)]) + token + ticket)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def count(self, *, progress: int = 0, mailbox: int = 0) -> None:
         """Add to the counters the next beat carries."""
@@ -193,6 +224,22 @@ class _Body:
         self._filled = end
         return True
 
+    def fill_from(self, sock: socket.socket) -> None:
+        """Read the rest of the body from ``sock`` straight into place; stops at end-of-file.
+
+        Raises:
+            OSError: The connection failed or stalled.
+        """
+        if self._buffer is not None:
+            view = memoryview(self._buffer)
+        else:
+            view = memoryview((ctypes.c_char * self._size).from_address(self._address)).cast("B")
+        while self._filled < self._size:
+            n = sock.recv_into(view[self._filled :])
+            if n == 0:
+                return
+            self._filled += n
+
     @property
     def complete(self) -> bool:
         """Whether every announced byte arrived."""
@@ -202,6 +249,19 @@ class _Body:
     def value(self) -> bytes:
         """The body (once complete)."""
         return bytes(self._buffer) if self._buffer is not None else self._bytes
+
+
+def _recv_all(sock: socket.socket, limit: int) -> bytes:
+    """Everything ``sock`` sends until end-of-file, at most ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        data = sock.recv(limit - size)
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts)
 
 
 def _type_value(message_type: str) -> str:
@@ -238,6 +298,10 @@ class Mailbox:
                 f"{message_type} body is {len(view)} bytes; the limit is {self.max_message_bytes}",
                 "RESOURCE_EXHAUSTED",
             )
+        self._client.count(mailbox=1)
+        if len(view) >= BULK_MIN_BYTES and self._client.bulk_path is not None:
+            self._send_bulk(kind, message_type, view)
+            return
         step = self._chunk
 
         def chunks() -> Iterator[pb.MessageChunk]:
@@ -245,7 +309,6 @@ class Mailbox:
             for start in range(step, len(view), step):
                 yield pb.MessageChunk(data=bytes(view[start : start + step]))
 
-        self._client.count(mailbox=1)
         try:
             self._client.call(
                 lambda: self._client.stub.SendMessage(
@@ -255,6 +318,36 @@ class Mailbox:
         except grpc.RpcError as exc:
             code, details = _status(exc)
             raise MailboxError(f"send {message_type} failed: {details}", code) from None
+
+    def _send_bulk(self, kind: str, message_type: str, view: memoryview) -> None:
+        """Send a large body as raw bytes over the bulk socket, after a ticket from the parent."""
+        try:
+            ticket = self._client.call(
+                lambda: self._client.stub.OpenBulkSend(
+                    pb.BulkSendRequest(type=kind, total_size=len(view)),
+                    metadata=self._client.metadata,
+                    timeout=BULK_TIMEOUT_S,
+                )
+            ).ticket
+        except grpc.RpcError as exc:
+            code, details = _status(exc)
+            raise MailboxError(f"send {message_type} failed: {details}", code) from None
+        try:
+            with self._client.bulk_connect(ticket) as sock:
+                sock.sendall(view)
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+                status = _recv_all(sock, BULK_STATUS_MAX_BYTES)
+        except OSError as exc:
+            raise MailboxError(
+                f"send {message_type} failed: the bulk transfer broke ({exc})", "UNAVAILABLE"
+            ) from None
+        text = status.decode("utf-8", "replace")
+        if text != "OK":
+            code, _, details = text.partition(" ")
+            if not text:
+                code, details = "UNAVAILABLE", "the parent closed the bulk transfer without a status"
+            raise MailboxError(f"send {message_type} failed: {details}", code)
 
     def receive(self, message_type: str, timeout: float = 60.0) -> bytes:
         """Wait up to ``timeout`` seconds for the modeller's next ``message_type`` message.
@@ -279,8 +372,13 @@ class Mailbox:
         The body is one ``bytes`` object filled as the chunks arrive, so a
         large model is held once, not once in a buffer and again as bytes.
         """
+        bulk = self._client.bulk_path is not None
         stream = self._client.stub.ReceiveMessage(
-            pb.ReceiveMessageRequest(type=kind, timeout_ms=int(timeout * 1000)),
+            pb.ReceiveMessageRequest(
+                type=kind,
+                timeout_ms=int(timeout * 1000),
+                bulk_min_bytes=BULK_MIN_BYTES if bulk else 0,
+            ),
             metadata=self._client.metadata,
             timeout=timeout + BULK_TIMEOUT_S,
         )
@@ -291,11 +389,32 @@ class Mailbox:
                     stream.cancel()
                     raise MailboxError(f"{message_type} body exceeds the limit", "RESOURCE_EXHAUSTED")
                 body = _Body(chunk.total_size)
+                if chunk.bulk_ticket and bulk:
+                    return self._receive_bulk(message_type, body, chunk.bulk_ticket)
             if not body.add(chunk.data):
                 stream.cancel()
                 raise MailboxError(f"{message_type} body is longer than announced", "DATA_LOSS")
         if body is None or not body.complete:
             raise MailboxError(f"{message_type} body arrived incomplete", "DATA_LOSS")
+        return body.value
+
+    def _receive_bulk(self, message_type: str, body: _Body, ticket: bytes) -> bytes:
+        """The body, read raw from the bulk socket straight into place."""
+        try:
+            with self._client.bulk_connect(ticket) as sock:
+                body.fill_from(sock)
+                extra = sock.recv(1) if body.complete else b""
+        except OSError as exc:
+            raise MailboxError(
+                f"receive {message_type} failed: the bulk transfer broke ({exc})", "UNAVAILABLE"
+            ) from None
+        if not body.complete or extra:
+            # The parent stops at a segment that fails authentication: never hand on a part.
+            raise MailboxError(
+                f"{message_type} body arrived incomplete (a message from the modeller failed "
+                "authentication, or the transfer was cut)",
+                "DATA_LOSS",
+            )
         return body.value
 
     def wait_for_modeller(self, timeout: float | None = None) -> bool:

@@ -44,6 +44,15 @@ RECEIVABLE = frozenset({"ALGORITHM_EXCHANGE", "TRAINING_COMPLETE", "TASK_COMPLET
 # Mailbox bodies of any size travel in chunks of at most this many bytes, so no
 # single gRPC message is ever large.
 CHUNK_BYTES = 1024 * 1024
+# Bodies of at least this size take the bulk path instead (executor/rpc/bulk.py):
+# raw bytes over bulk.sock, beside the gRPC socket, after a single-use ticket.
+BULK_MIN_BYTES = 2 * CHUNK_BYTES
+BULK_SOCKET_NAME = "bulk.sock"
+# A bulk connection starts with BULK_MAGIC, one byte giving the token's length,
+# the token, and the ticket; a send ends with the parent's status line.
+BULK_MAGIC = b"SE-BULK1"
+BULK_TICKET_BYTES = 16
+BULK_STATUS_MAX_BYTES = 4096
 
 # -- secure aggregation --------------------------------------------------------
 # Shares per SendSecureShares call, and a share's size: what RSA-2048 with

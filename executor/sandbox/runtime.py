@@ -26,6 +26,7 @@ import grpc  # noqa: E402
 
 from executor.sandbox.context import Context, ParentClient, TaskAborted  # noqa: E402
 from executor.sandbox.contract import (  # noqa: E402
+    BULK_SOCKET_NAME,
     EXIT_PARENT_GONE,
     MAX_ERROR_MESSAGE_CHARS,
     MAX_ERROR_TYPE_CHARS,
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     stub = pb_grpc.SandboxStub(channel)
-    client = ParentClient(stub, metadata)
+    client = ParentClient(stub, metadata, str(Path(args.socket).parent / BULK_SOCKET_NAME))
     ctx_holder: list[Context] = []
     heartbeat: Heartbeat | None = None
     if args.wait_for_task:

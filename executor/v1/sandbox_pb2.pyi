@@ -166,26 +166,44 @@ class Control(_message.Message):
     def __init__(self, kind: _Optional[_Union[Control.Kind, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class MessageChunk(_message.Message):
-    __slots__ = ("type", "total_size", "data")
+    __slots__ = ("type", "total_size", "data", "bulk_ticket")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    BULK_TICKET_FIELD_NUMBER: _ClassVar[int]
     type: MessageType
     total_size: int
     data: bytes
-    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    bulk_ticket: bytes
+    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ..., bulk_ticket: _Optional[bytes] = ...) -> None: ...
 
 class SendMessageResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ReceiveMessageRequest(_message.Message):
-    __slots__ = ("type", "timeout_ms")
+    __slots__ = ("type", "timeout_ms", "bulk_min_bytes")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    BULK_MIN_BYTES_FIELD_NUMBER: _ClassVar[int]
     type: MessageType
     timeout_ms: int
-    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    bulk_min_bytes: int
+    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., timeout_ms: _Optional[int] = ..., bulk_min_bytes: _Optional[int] = ...) -> None: ...
+
+class BulkSendRequest(_message.Message):
+    __slots__ = ("type", "total_size")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    type: MessageType
+    total_size: int
+    def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class BulkTicket(_message.Message):
+    __slots__ = ("ticket",)
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    def __init__(self, ticket: _Optional[bytes] = ...) -> None: ...
 
 class SecureShares(_message.Message):
     __slots__ = ("shares",)

@@ -54,6 +54,11 @@ class SandboxStub:
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.ReceiveMessageRequest.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_sandbox__pb2.MessageChunk.FromString,
                 _registered_method=True)
+        self.OpenBulkSend = channel.unary_unary(
+                '/executor.v1.Sandbox/OpenBulkSend',
+                request_serializer=executor_dot_v1_dot_sandbox__pb2.BulkSendRequest.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_sandbox__pb2.BulkTicket.FromString,
+                _registered_method=True)
         self.SendSecureShares = channel.unary_unary(
                 '/executor.v1.Sandbox/SendSecureShares',
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.SecureShares.SerializeToString,
@@ -116,6 +121,18 @@ class SandboxServicer:
 
     def ReceiveMessage(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenBulkSend(self, request, context):
+        """Bulk path for large bodies: the body's bytes travel raw over the task's
+        bulk socket (bulk.sock, beside this one), not in protobuf chunks. The
+        parent hands out a single-use ticket (here for a send; in the one
+        MessageChunk of a ReceiveMessage whose body is large), and the sandbox
+        presents its token and the ticket on a new bulk connection. The parent
+        still seals what goes up and sends down only authenticated plaintext.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -186,6 +203,11 @@ def add_SandboxServicer_to_server(servicer, server):
                     servicer.ReceiveMessage,
                     request_deserializer=executor_dot_v1_dot_sandbox__pb2.ReceiveMessageRequest.FromString,
                     response_serializer=executor_dot_v1_dot_sandbox__pb2.MessageChunk.SerializeToString,
+            ),
+            'OpenBulkSend': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenBulkSend,
+                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.BulkSendRequest.FromString,
+                    response_serializer=executor_dot_v1_dot_sandbox__pb2.BulkTicket.SerializeToString,
             ),
             'SendSecureShares': grpc.unary_unary_rpc_method_handler(
                     servicer.SendSecureShares,
@@ -326,6 +348,33 @@ class Sandbox:
             '/executor.v1.Sandbox/ReceiveMessage',
             executor_dot_v1_dot_sandbox__pb2.ReceiveMessageRequest.SerializeToString,
             executor_dot_v1_dot_sandbox__pb2.MessageChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenBulkSend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/executor.v1.Sandbox/OpenBulkSend',
+            executor_dot_v1_dot_sandbox__pb2.BulkSendRequest.SerializeToString,
+            executor_dot_v1_dot_sandbox__pb2.BulkTicket.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,14 @@ class SandboxStub:
     stream of chunks: the first names the type and the total size.
     """
     ReceiveMessage: _grpc.UnaryStreamMultiCallable[_sandbox_pb2.ReceiveMessageRequest, _sandbox_pb2.MessageChunk]
+    OpenBulkSend: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.BulkSendRequest, _sandbox_pb2.BulkTicket]
+    """Bulk path for large bodies: the body's bytes travel raw over the task's
+    bulk socket (bulk.sock, beside this one), not in protobuf chunks. The
+    parent hands out a single-use ticket (here for a send; in the one
+    MessageChunk of a ReceiveMessage whose body is large), and the sandbox
+    presents its token and the ticket on a new bulk connection. The parent
+    still seals what goes up and sends down only authenticated plaintext.
+    """
     SendSecureShares: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.SecureShares, _sandbox_pb2.Ack]
     """Secure aggregation: shares to and from the other pods of the task, sealed
     and opened by the parent with the pods' RSA keys.
@@ -84,6 +92,14 @@ class SandboxAsyncStub(SandboxStub):
     stream of chunks: the first names the type and the total size.
     """
     ReceiveMessage: _aio.UnaryStreamMultiCallable[_sandbox_pb2.ReceiveMessageRequest, _sandbox_pb2.MessageChunk]  # type: ignore[assignment]
+    OpenBulkSend: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.BulkSendRequest, _sandbox_pb2.BulkTicket]  # type: ignore[assignment]
+    """Bulk path for large bodies: the body's bytes travel raw over the task's
+    bulk socket (bulk.sock, beside this one), not in protobuf chunks. The
+    parent hands out a single-use ticket (here for a send; in the one
+    MessageChunk of a ReceiveMessage whose body is large), and the sandbox
+    presents its token and the ticket on a new bulk connection. The parent
+    still seals what goes up and sends down only authenticated plaintext.
+    """
     SendSecureShares: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.SecureShares, _sandbox_pb2.Ack]  # type: ignore[assignment]
     """Secure aggregation: shares to and from the other pods of the task, sealed
     and opened by the parent with the pods' RSA keys.
@@ -138,6 +154,20 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
         request: _sandbox_pb2.ReceiveMessageRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.MessageChunk], _abc.AsyncIterator[_sandbox_pb2.MessageChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def OpenBulkSend(
+        self,
+        request: _sandbox_pb2.BulkSendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sandbox_pb2.BulkTicket, _abc.Awaitable[_sandbox_pb2.BulkTicket]]:
+        """Bulk path for large bodies: the body's bytes travel raw over the task's
+        bulk socket (bulk.sock, beside this one), not in protobuf chunks. The
+        parent hands out a single-use ticket (here for a send; in the one
+        MessageChunk of a ReceiveMessage whose body is large), and the sandbox
+        presents its token and the ticket on a new bulk connection. The parent
+        still seals what goes up and sends down only authenticated plaintext.
+        """
 
     @_abc_1.abstractmethod
     def SendSecureShares(
