@@ -9,6 +9,8 @@ import pytest
 
 from executor.errors import ConfigurationError, PolicyError
 from executor.policy import DEFAULT_IMAGE, IsolationPolicy
+from executor.runner import Executor
+from executor.testing import FakeBackend
 
 
 def test_defaults_are_the_hardened_values():
@@ -220,3 +222,88 @@ def test_the_uid_range_may_not_run_past_the_largest_id():
     with pytest.raises(PolicyError, match=r"^uid_count: the range from uid_start"):
         IsolationPolicy(uid_start=2**31 - 10, uid_count=100)
     assert IsolationPolicy(uid_start=2**31 - 11, uid_count=10).uid_range[-1] == 2**31 - 2
+
+
+# -- warm pools and preloaded modules -------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 16])
+def test_warm_pool_sizes_in_range_are_accepted(size):
+    assert IsolationPolicy(warm_pool=size).warm_pool == size
+
+
+@pytest.mark.parametrize("size", [-1, 17])
+def test_warm_pool_out_of_range_is_refused(size):
+    with pytest.raises(PolicyError, match=rf"^warm_pool: expected a value from 0 to 16, got {size}$"):
+        IsolationPolicy(warm_pool=size)
+
+
+@pytest.mark.parametrize("value", [True, 2.0, "2", None])
+def test_warm_pool_must_be_an_integer(value):
+    with pytest.raises(PolicyError, match=r"^warm_pool: expected an integer, got "):
+        IsolationPolicy(warm_pool=value)
+
+
+def test_warm_pool_needs_a_uid_for_each_sandbox_and_task():
+    with pytest.raises(PolicyError, match=r"^warm_pool: expected fewer warm sandboxes than uid_count \(4\)"):
+        IsolationPolicy(uid_count=4, warm_pool=4)
+    with pytest.raises(PolicyError, match=r"^warm_pool: expected fewer"):
+        IsolationPolicy(uid_count=4).replace(warm_pool=5)
+    assert IsolationPolicy(uid_count=4, warm_pool=3).warm_pool == 3
+
+
+def test_a_warm_pool_with_a_pinned_uid_is_refused_by_check_warm_pool():
+    pinned = IsolationPolicy(warm_pool=2, uid=10_001)  # valid as a slot's own copy of the policy
+    with pytest.raises(PolicyError, match=r"^warm_pool: .*unset uid \(pinned to 10001\)") as info:
+        pinned.check_warm_pool()
+    assert "\n" not in str(info.value)
+    IsolationPolicy(warm_pool=2).check_warm_pool()
+    IsolationPolicy(uid=10_001).check_warm_pool()
+
+
+def test_an_executor_refuses_a_warm_pool_with_a_pinned_uid(tmp_path):
+    backend = FakeBackend()
+    with pytest.raises(PolicyError, match=r"^warm_pool:"):
+        Executor(
+            backend,
+            policy=IsolationPolicy(warm_pool=2, uid=5),
+            run_dir=tmp_path / "run",
+            spool_dir=tmp_path / "spool",
+            uid_dir=tmp_path / "uids",
+        )
+    assert backend.calls == []
+
+
+@pytest.mark.parametrize(
+    "preload",
+    [(), ("numpy",), ("pandas.core", "numpy", "_private.mod_2"), tuple(f"m{i}" for i in range(64))],
+)
+def test_good_preload_lists_are_accepted_and_described(preload):
+    p = IsolationPolicy(preload=preload)
+    assert p.preload == preload
+    assert p.describe()["preload"] == list(preload)
+
+
+@pytest.mark.parametrize(
+    ("preload", "message"),
+    [
+        ("numpy", r"^preload: expected a list of module names"),
+        (["numpy"], r"^preload: expected a list of module names"),
+        (("numpy", 3), r"^preload: expected a list of module names"),
+        ((b"numpy",), r"^preload: expected a list of module names"),
+        (("",), r"^preload: '' is not a module name"),
+        (("numpy.",), r"^preload: 'numpy\.' is not a module name"),
+        ((".numpy",), r"^preload: '\.numpy' is not a module name"),
+        (("numpy..core",), r"^preload: 'numpy\.\.core' is not a module name"),
+        (("1numpy",), r"^preload: '1numpy' is not a module name"),
+        (("os; import sys",), r"^preload: 'os; import sys' is not a module name"),
+        (("numpy\n",), r"^preload: 'numpy\\n' is not a module name"),
+        (("pandas-core",), r"^preload: 'pandas-core' is not a module name"),
+        (("numpy", "json", "numpy"), r"^preload: a module is named twice$"),
+        (tuple(f"m{i}" for i in range(65)), r"^preload: expected at most 64 modules, got 65$"),
+    ],
+)
+def test_bad_preload_lists_are_refused_in_one_line(preload, message):
+    with pytest.raises(PolicyError, match=message) as info:
+        IsolationPolicy(preload=preload)
+    assert "\n" not in str(info.value)

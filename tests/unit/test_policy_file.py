@@ -78,6 +78,21 @@ secrets = { HF_TOKEN = "env:HF_TOKEN" }
         ('[default]\nsecrets = { K = "plain-value" }\n', 'secrets.K: expected "env:VARIABLE"'),
         ("[default]\ngpus = 100\n", "gpus: expected 0 (none)"),
         ('[projects.x]\nruntime = "runsc"\npids = 64\n', "pids: expected at least 128 with runtime runsc"),
+        (
+            '[default]\npreload = "numpy"\n',
+            '[default] preload: expected a list of module names, e.g. ["numpy"]',
+        ),
+        ("[projects.x]\npreload = [1]\n", "[projects.x] preload: expected a list of module names"),
+        ('[projects.x]\npreload = ["numpy", "numpy"]\n', "[projects.x] preload: a module is named twice"),
+        ('[default]\npreload = ["os;rm"]\n', "[default] preload: 'os;rm' is not a module name"),
+        ("[default]\nwarm_pool = true\n", "[default] warm_pool: expected an integer, got True"),
+        ("[default]\nwarm_pool = 2.0\n", "[default] warm_pool: expected an integer, got 2.0"),
+        ("[projects.x]\nwarm_pool = 17\n", "[projects.x] warm_pool: expected a value from 0 to 16, got 17"),
+        ("[default]\nuid_count = 2\nwarm_pool = 2\n", "[default] warm_pool: expected fewer warm sandboxes"),
+        (
+            "[projects.x]\nuid = 10001\nwarm_pool = 1\n",
+            "[projects.x] warm_pool: each warm sandbox holds a uid",
+        ),
         ("[other]\n", "unknown table(s) other"),
         ("[default\n", "not valid TOML"),
     ],
@@ -163,3 +178,21 @@ def test_uid_keys_pin_one_uid_or_set_the_range_and_group(tmp_path):
     legacy = policies.for_project("legacy")
     assert legacy.uid_range == range(10_001, 10_002)
     assert legacy.gid == 4242  # the group comes from [default]
+
+
+def test_warm_pool_and_preload_load_from_a_file(tmp_path):
+    path = _write(
+        tmp_path,
+        '[default]\nwarm_pool = 2\npreload = ["numpy", "pandas.core"]\n\n[projects.cold]\nwarm_pool = 0\n',
+    )
+    policies = load_policy_file(path)
+    assert (policies.default.warm_pool, policies.default.preload) == (2, ("numpy", "pandas.core"))
+    cold = policies.for_project("cold")
+    assert (cold.warm_pool, cold.preload) == (0, ("numpy", "pandas.core"))  # the rest from [default]
+    assert policies.default.describe()["preload"] == ["numpy", "pandas.core"]
+
+
+def test_a_pinned_uid_inherited_from_default_refuses_a_project_warm_pool(tmp_path):
+    path = _write(tmp_path, "[default]\nuid = 10001\n\n[projects.fast]\nwarm_pool = 1\n")
+    with pytest.raises(PolicyError, match=r"\[projects\.fast\] warm_pool: .*pinned to 10001"):
+        load_policy_file(path)

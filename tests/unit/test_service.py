@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ import pytest
 from executor.events import ControlKind
 from executor.rpc.auth import METHOD_POLICY, TokenAuthInterceptor
 from executor.rpc.server import TaskServer
-from executor.rpc.session import RequestRejected, TaskSession
+from executor.rpc.session import RequestRejected, SessionRef, TaskSession
 from executor.sandbox.contract import RATE_LIMITED_TRAILER, TOKEN_METADATA_KEY
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
@@ -758,3 +759,194 @@ def test_connections_beyond_the_cap_are_closed_and_the_parent_keeps_none(served)
     # Closed by the client, gone from the parent too.
     assert wait_for(lambda: connections_of(served.socket_path) == 0)
     assert served.stub.GetTask(pb.GetTaskRequest(), metadata=served.auth, timeout=RPC_TIMEOUT).task_id
+
+
+# -- a warm slot's server: no task until one is bound -----------------------------------------
+
+NO_TASK_YET = "no task yet: call GetTask first"
+
+
+@dataclass
+class WarmServed:
+    """A task server with an unbound SessionRef, as a warm slot's, and a client channel to it."""
+
+    ref: SessionRef
+    token: str
+    stub: pb_grpc.SandboxStub
+    server: TaskServer
+    socket_path: Path
+
+    @property
+    def auth(self) -> tuple[tuple[str, str], ...]:
+        return ((TOKEN_METADATA_KEY, self.token),)
+
+
+@pytest.fixture
+def warm_served(request, monkeypatch):
+    """A warm slot's server; a waiting GetTask rechecks its call every 20 ms instead of 500 ms."""
+    monkeypatch.setattr(SessionRef, "wait", functools.partialmethod(SessionRef.wait, poll_s=0.02))
+    sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
+    token = secrets.token_urlsafe(32)
+    ref = SessionRef(name="warm-test")
+    server = TaskServer(ref, token, sock_dir / "sandbox.sock", max_result_bytes=64 * 1024)
+    request.addfinalizer(lambda: server.stop(grace=0.2))
+    server.start()
+    channel = grpc.insecure_channel(f"unix:{sock_dir / 'sandbox.sock'}", options=[("grpc.enable_retries", 0)])
+    request.addfinalizer(channel.close)
+    return WarmServed(ref, token, pb_grpc.SandboxStub(channel), server, sock_dir / "sandbox.sock")
+
+
+def test_an_unbound_server_needs_max_result_bytes(tmp_path):
+    with pytest.raises(ValueError, match="max_result_bytes"):
+        TaskServer(SessionRef(name="warm-test"), "t", tmp_path / "s.sock")
+
+
+def test_get_task_waits_for_the_slot_to_be_given_its_task(warm_served, make_session):
+    kit = make_session(config=CONFIG, max_result_bytes=64 * 1024)
+    pending = warm_served.stub.GetTask.future(
+        pb.GetTaskRequest(), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+    )
+    try:
+        assert wait_for(lambda: warm_served.ref.waiting)
+        assert not pending.done()  # held back: there is no task yet
+        assert warm_served.server.session is None
+        warm_served.ref.bind(kit.session)
+        assert pending.result(timeout=RPC_TIMEOUT) == CONFIG
+    finally:
+        pending.cancel()
+    assert kit.session.config_fetched_at is not None
+    assert warm_served.server.session is kit.session
+    assert not warm_served.ref.waiting and not warm_served.ref.lost
+    # Bound, the server serves the task as a cold one's does.
+    warm_served.stub.ReportProgress(
+        pb.ProgressEvent(kind=pb.ProgressEvent.STEP), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+    )
+    assert len(kit.progress) == 1
+
+
+def test_every_call_but_get_task_and_heartbeat_is_refused_before_the_slot_has_a_task(
+    warm_served, make_session
+):
+    stub = warm_served.stub
+    calls = {
+        "SendMessage": lambda: stub.SendMessage(
+            iter([pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=3, data=b"abc")]),
+            metadata=warm_served.auth,
+            timeout=RPC_TIMEOUT,
+        ),
+        "ReceiveMessage": lambda: list(
+            stub.ReceiveMessage(
+                pb.ReceiveMessageRequest(type=pb.ALGORITHM_EXCHANGE, timeout_ms=50),
+                metadata=warm_served.auth,
+                timeout=RPC_TIMEOUT,
+            )
+        ),
+        "SendSecureShares": lambda: stub.SendSecureShares(
+            pb.SecureShares(shares={"pod-b": b"s"}), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+        ),
+        "GetSecureShares": lambda: stub.GetSecureShares(
+            pb.GetSecureSharesRequest(timeout_ms=50), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+        ),
+        "ReportProgress": lambda: stub.ReportProgress(
+            pb.ProgressEvent(kind=pb.ProgressEvent.RUN_START), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+        ),
+        "ReportFiles": lambda: stub.ReportFiles(
+            pb.FileOutcomes(), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+        ),
+        "SaveResults": lambda: stub.SaveResults(
+            pb.ResultRows(rows_json=['{"a": 1}']), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+        ),
+        "Finish": lambda: stub.Finish(
+            pb.FinishRequest(status=pb.OK, result_json="1"), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+        ),
+    }
+    service = pb.DESCRIPTOR.services_by_name["Sandbox"]
+    methods = {m.name for m in service.methods}
+    if "OpenBulkSend" in methods:  # being added to the service
+        calls["OpenBulkSend"] = lambda: stub.OpenBulkSend(
+            pb.BulkSendRequest(type=pb.TRAINING_UPDATE, total_size=3),
+            metadata=warm_served.auth,
+            timeout=RPC_TIMEOUT,
+        )
+    # GetTask and Heartbeat wait for the task instead; a new RPC must be added here.
+    assert set(calls) == methods - {"GetTask", "Heartbeat"}
+    for name, call in calls.items():
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        got = (info.value.code(), info.value.details())
+        assert got == (grpc.StatusCode.FAILED_PRECONDITION, NO_TASK_YET), name
+    assert not warm_served.ref.ever_waited
+    # Nothing of those calls reaches the task the slot is given afterwards.
+    kit = make_session(config=CONFIG, max_result_bytes=64 * 1024)
+    warm_served.ref.bind(kit.session)
+    assert (
+        warm_served.stub.GetTask(pb.GetTaskRequest(), metadata=warm_served.auth, timeout=RPC_TIMEOUT)
+        == CONFIG
+    )
+    assert kit.session.finish is None
+    assert kit.progress == []
+
+
+def test_a_heartbeat_opened_before_the_task_is_read_from_when_the_slot_is_given_one(
+    warm_served, make_session
+):
+    done = threading.Event()
+
+    def beats():
+        yield pb.Beat(seq=1, progress_events=2, mailbox_ops=3, main_thread_moved=True)
+        done.wait(RPC_TIMEOUT)
+
+    responses = warm_served.stub.Heartbeat(beats(), metadata=warm_served.auth, timeout=RPC_TIMEOUT)
+    try:
+        assert wait_for(lambda: warm_served.ref.waiting)
+        kit = make_session(config=CONFIG, max_result_bytes=64 * 1024)
+        assert kit.session.beat_stats.beats == 0
+        warm_served.ref.bind(kit.session)
+        # The beat sent while the slot waited is the task's first, and is confirmed.
+        assert next(responses).kind == pb.Control.BEAT_SEEN
+        stats = kit.session.beat_stats
+        assert (stats.beats, stats.progress_events, stats.mailbox_ops) == (1, 2, 3)
+    finally:
+        done.set()
+        responses.cancel()
+
+
+def test_stopping_a_slot_server_answers_its_waiting_calls(warm_served):
+    done = threading.Event()
+
+    def beats():
+        yield pb.Beat(seq=1)
+        done.wait(RPC_TIMEOUT)
+
+    pending = warm_served.stub.GetTask.future(
+        pb.GetTaskRequest(), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+    )
+    responses = warm_served.stub.Heartbeat(beats(), metadata=warm_served.auth, timeout=RPC_TIMEOUT)
+    try:
+        assert wait_for(lambda: warm_served.ref._waiting == 2)
+        # A grace longer than the wait's poll: the calls are answered, not cut off by grpc.
+        warm_served.server.stop(grace=3)
+        with pytest.raises(grpc.RpcError) as got_task:
+            pending.result(timeout=RPC_TIMEOUT)
+        with pytest.raises(grpc.RpcError) as got_beat:
+            next(responses)
+    finally:
+        done.set()
+        pending.cancel()
+        responses.cancel()
+    shut_down = (grpc.StatusCode.UNAVAILABLE, "the sandbox is being shut down")
+    assert (got_task.value.code(), got_task.value.details()) == shut_down
+    assert (got_beat.value.code(), got_beat.value.details()) == shut_down
+    assert warm_served.ref.lost and not warm_served.ref.waiting
+    assert not warm_served.socket_path.exists()
+
+
+def test_a_slot_refuses_a_wrong_token_and_does_not_count_it_as_waiting(warm_served):
+    for metadata in ((), ((TOKEN_METADATA_KEY, "forged"),)):
+        code, details = _code(
+            warm_served.stub.GetTask, pb.GetTaskRequest(), metadata=metadata, timeout=RPC_TIMEOUT
+        )
+        assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, "invalid or missing token")
+    assert not warm_served.ref.ever_waited
+    assert not warm_served.ref.lost
