@@ -863,14 +863,19 @@ def test_every_call_but_get_task_and_heartbeat_is_refused_before_the_slot_has_a_
     }
     service = pb.DESCRIPTOR.services_by_name["Sandbox"]
     methods = {m.name for m in service.methods}
-    if "OpenBulkSend" in methods:  # being added to the service
-        calls["OpenBulkSend"] = lambda: stub.OpenBulkSend(
-            pb.BulkSendRequest(type=pb.TRAINING_UPDATE, total_size=3),
-            metadata=warm_served.auth,
-            timeout=RPC_TIMEOUT,
-        )
+    calls["OpenBulkSend"] = lambda: stub.OpenBulkSend(
+        pb.BulkSendRequest(type=pb.TRAINING_UPDATE, total_size=3),
+        metadata=warm_served.auth,
+        timeout=RPC_TIMEOUT,
+    )
     # GetTask and Heartbeat wait for the task instead; a new RPC must be added here.
-    assert set(calls) == methods - {"GetTask", "Heartbeat"}
+    expected = methods - {"GetTask", "Heartbeat"}
+    if "Mailbox" in methods:  # being added: it answers a refused operation in the stream
+        op = pb.MailboxOp(send=pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=3, data=b"abc"))
+        replies = list(stub.Mailbox(iter([op]), metadata=warm_served.auth, timeout=RPC_TIMEOUT))
+        assert [(r.error_code, r.error_message) for r in replies] == [("FAILED_PRECONDITION", NO_TASK_YET)]
+        expected.discard("Mailbox")
+    assert set(calls) == expected
     for name, call in calls.items():
         with pytest.raises(grpc.RpcError) as info:
             call()
