@@ -21,6 +21,7 @@ METHOD_POLICY: dict[str, str] = {
     f"/{SERVICE_NAME}/SendMessage": "task-token",
     f"/{SERVICE_NAME}/ReceiveMessage": "task-token",
     f"/{SERVICE_NAME}/OpenBulkSend": "task-token",
+    f"/{SERVICE_NAME}/Mailbox": "task-token",
     f"/{SERVICE_NAME}/SendSecureShares": "task-token",
     f"/{SERVICE_NAME}/GetSecureShares": "task-token",
     f"/{SERVICE_NAME}/ReportProgress": "task-token",

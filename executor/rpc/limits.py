@@ -33,6 +33,7 @@ CONCURRENCY: dict[str, int] = {
     f"/{SERVICE_NAME}/SendMessage": 2,
     f"/{SERVICE_NAME}/ReceiveMessage": 4,
     f"/{SERVICE_NAME}/GetSecureShares": 1,
+    f"/{SERVICE_NAME}/Mailbox": 1,
 }
 # Work inside a call is charged to the same bucket as calls, so that a
 # stream of messages costs what as many calls would: each chunk of a
@@ -277,7 +278,9 @@ def guarded(
         "response_serializer": handler.response_serializer,
     }
     is_heartbeat = method == f"/{SERVICE_NAME}/Heartbeat"
-    gap = None if is_heartbeat else STREAM_GAP_S
+    # The heartbeat and the mailbox stream live as long as the task and may
+    # idle between messages; each is one per task (CONCURRENCY).
+    gap = None if is_heartbeat or method == f"/{SERVICE_NAME}/Mailbox" else STREAM_GAP_S
 
     def parsed(raw: bytes) -> Any:
         try:

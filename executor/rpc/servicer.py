@@ -175,6 +175,60 @@ class SandboxServicer(pb_grpc.SandboxServicer):
                 )
         return _stream_incoming(incoming, request.type, context, self._session.task_id)
 
+    def Mailbox(
+        self, request_iterator: Iterator[pb.MailboxOp], context: grpc.ServicerContext
+    ) -> Iterator[pb.MailboxReply]:
+        """Mailbox operations on one stream, one at a time, each answered before the next is read.
+
+        Every operation is charged like a call (see :func:`~executor.rpc.limits.guarded`)
+        and checked exactly as :meth:`SendMessage` and :meth:`ReceiveMessage` check theirs.
+        """
+        try:
+            for op in request_iterator:
+                try:
+                    yield from self._mailbox_op(op, context)
+                except RequestRejected as exc:
+                    code = exc.code if exc.code in _STATUS_CATALOG else "INTERNAL"
+                    yield pb.MailboxReply(error_code=code, error_message=exc.public_message)
+        except RequestRejected as exc:  # reading the next operation was refused (rate, malformed)
+            status = _STATUS_CATALOG.get(exc.code, grpc.StatusCode.INTERNAL)
+            if exc.trailers:
+                context.set_trailing_metadata(exc.trailers)
+            context.abort(status, exc.public_message)
+        except grpc.RpcError:
+            log.debug("the mailbox stream of task %s was cancelled", self._ref.name)
+            raise
+        except Exception:
+            if context.is_active():
+                log.exception("unexpected error in the mailbox stream of task %s", self._ref.name)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    def _mailbox_op(self, op: pb.MailboxOp, context: grpc.ServicerContext) -> Iterator[pb.MailboxReply]:
+        session = self._session
+        has_send, has_receive = op.HasField("send"), op.HasField("receive")
+        if has_send == has_receive:
+            raise RequestRejected("INVALID_ARGUMENT", "an operation must either send or receive")
+        if has_send:
+            chunk = op.send
+            if len(chunk.data) > CHUNK_BYTES or chunk.total_size != len(chunk.data):
+                raise RequestRejected(
+                    "INVALID_ARGUMENT",
+                    f"a send on the stream carries its whole body, at most {CHUNK_BYTES} bytes",
+                )
+            session.send_message(serde.message_type(chunk.type), chunk.total_size, iter([chunk.data]))
+            yield pb.MailboxReply()
+            return
+        request = op.receive
+        incoming = session.receive_message(serde.message_type(request.type), request.timeout_ms / 1000)
+        if self._bulk is not None and request.bulk_min_bytes and incoming.size >= request.bulk_min_bytes:
+            ticket = self._bulk.offer_receive(incoming)
+            if ticket is not None:  # the ticket owns the body now
+                yield pb.MailboxReply(
+                    chunk=pb.MessageChunk(type=request.type, total_size=incoming.size, bulk_ticket=ticket)
+                )
+                return
+        yield from _replies(incoming, request.type, session.task_id)
+
     @_rpc_errors
     def OpenBulkSend(self, request: pb.BulkSendRequest, context: grpc.ServicerContext) -> pb.BulkTicket:
         """A ticket to send one body of the given type and size over the bulk socket."""
@@ -235,6 +289,27 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         """Record the terminal result."""
         self._session.report_finish(**serde.finish_fields(request))
         return pb.Ack()
+
+
+def _replies(incoming: Incoming, type_value: int, task_id: str) -> Iterator[pb.MailboxReply]:
+    """A received body as mailbox-stream replies; one failing authentication part-way ends in an error."""
+    try:
+        pending: pb.MailboxReply | None = None
+        for data in incoming.chunks(CHUNK_BYTES):
+            if pending is None:
+                chunk = pb.MessageChunk(type=type_value, total_size=incoming.size, data=data)  # type: ignore[arg-type]
+            else:
+                pending.more = True
+                yield pending
+                chunk = pb.MessageChunk(data=data)
+            pending = pb.MailboxReply(chunk=chunk)
+        yield pending or pb.MailboxReply(chunk=pb.MessageChunk(type=type_value, total_size=0))  # type: ignore[arg-type]
+    except DecryptionError as exc:
+        # The sandbox drops what came before and sees the error instead of the rest.
+        log.error("task %s: %s", task_id, exc)
+        raise RequestRejected("DATA_LOSS", "a message from the modeller failed authentication") from None
+    finally:
+        incoming.discard()
 
 
 def _stream_incoming(

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import json
 import math
+import queue
 import socket
 import threading
 import time
@@ -251,6 +252,14 @@ class _Body:
         return bytes(self._buffer) if self._buffer is not None else self._bytes
 
 
+def _single(replies: Iterator[pb.MailboxReply]) -> pb.MailboxReply:
+    """The one reply of an operation that has one."""
+    reply = next(replies)
+    for _ in replies:  # a well-behaved parent sends none; the stream must stay in step
+        pass
+    return reply
+
+
 def _recv_all(sock: socket.socket, limit: int) -> bytes:
     """Everything ``sock`` sends until end-of-file, at most ``limit`` bytes."""
     parts: list[bytes] = []
@@ -270,12 +279,68 @@ def _type_value(message_type: str) -> str:
     return message_type
 
 
+class _OpStream:
+    """The runtime's long-lived mailbox stream: one operation at a time, its replies before the next."""
+
+    def __init__(self, client: ParentClient) -> None:
+        self._requests: queue.Queue[pb.MailboxOp | None] = queue.Queue()
+        self._replies = client.stub.Mailbox(iter(self._requests.get, None), metadata=client.metadata)
+        self.lock = threading.Lock()
+        # Whether the last operation's final reply has been read: if not, the
+        # stream is out of step and must be dropped.
+        self.in_step = True
+
+    def replies(self, op: pb.MailboxOp) -> Iterator[pb.MailboxReply]:
+        """Send ``op``; its replies, up to the one without ``more``.
+
+        Raises:
+            grpc.RpcError: The stream ended (the caller drops it).
+        """
+        self.in_step = False
+        self._requests.put(op)
+        while True:
+            try:
+                reply: pb.MailboxReply = next(self._replies)
+            except StopIteration:
+                raise _StreamEnded() from None
+            self.in_step = not reply.more
+            yield reply
+            if self.in_step:
+                return
+
+    def close(self) -> None:
+        """End the stream (also what a caller does if an operation is cut off half-way)."""
+        self._requests.put(None)
+        with contextlib.suppress(Exception):
+            self._replies.cancel()
+
+
+class _StreamEnded(grpc.RpcError):
+    """The parent ended the mailbox stream without an error."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the mailbox stream ended"
+
+
+# A stream ended with one of these never ran the operation it carried: the
+# stream was refused (rate or concurrency caps, a parent without it), or the
+# operation was refused as it was read (the per-message charge).
+_REFUSED_BEFORE_RUNNING = frozenset({"RESOURCE_EXHAUSTED", "UNIMPLEMENTED", "PERMISSION_DENIED"})
+# How often the mailbox stream may break before the runtime stops reopening it.
+MAX_STREAM_BREAKS = 3
+
+
 class Mailbox:
     """The proxy mailbox: the parent owns the real connection and every key.
 
     Bodies are plaintext here; the parent seals them for the modeller and opens
     what the modeller sends. Bodies of any size up to the task's limit work:
-    they travel in chunks.
+    they travel in chunks, or raw over the bulk socket when large. Small
+    operations go over one long-lived stream (no call set-up per message)
+    whenever no other thread is using it; otherwise each is a call of its own.
     """
 
     def __init__(self, client: ParentClient, chunk_bytes: int, max_message_bytes: int) -> None:
@@ -283,6 +348,50 @@ class Mailbox:
         self._chunk = max(1024, chunk_bytes)
         self.max_message_bytes = max_message_bytes
         self.modeller_ready = threading.Event()
+        self._stream: _OpStream | None = None
+        self._stream_lock = threading.Lock()
+        self._stream_breaks = 0
+
+    def _take_stream(self) -> _OpStream | None:
+        """The mailbox stream, held for one operation; ``None`` if busy or given up on."""
+        with self._stream_lock:
+            if self._stream is None:
+                if self._stream_breaks >= MAX_STREAM_BREAKS:
+                    return None
+                try:
+                    self._stream = _OpStream(self._client)
+                except Exception:
+                    self._stream_breaks += 1
+                    return None
+            stream = self._stream
+        return stream if stream.lock.acquire(blocking=False) else None
+
+    def _release_stream(self, stream: _OpStream, *, broken: bool = False) -> None:
+        if broken:
+            stream.close()
+            with self._stream_lock:
+                if self._stream is stream:
+                    self._stream = None
+                    self._stream_breaks += 1
+        stream.lock.release()
+
+    def _on_stream(self, op: pb.MailboxOp, handle: Callable[[Iterator[pb.MailboxReply]], _R]) -> _R | None:
+        """``handle`` of ``op``'s replies over the stream; ``None`` if the op must go by a call instead.
+
+        Raises:
+            grpc.RpcError: The stream broke after the operation was sent (it is dropped).
+        """
+        stream = self._take_stream()
+        if stream is None:
+            return None
+        try:
+            return handle(stream.replies(op))
+        except grpc.RpcError as exc:
+            if _status(exc)[0] in _REFUSED_BEFORE_RUNNING:
+                return None  # the call path backs off (rate) and retries
+            raise
+        finally:
+            self._release_stream(stream, broken=not stream.in_step)
 
     # -- generic -------------------------------------------------------
     def send(self, message_type: str, body: bytes | bytearray | memoryview) -> None:
@@ -302,6 +411,17 @@ class Mailbox:
         if len(view) >= BULK_MIN_BYTES and self._client.bulk_path is not None:
             self._send_bulk(kind, message_type, view)
             return
+        if len(view) <= self._chunk:
+            op = pb.MailboxOp(send=pb.MessageChunk(type=kind, total_size=len(view), data=bytes(view)))
+            try:
+                reply = self._on_stream(op, _single)
+            except grpc.RpcError as exc:
+                code, details = _status(exc)
+                raise MailboxError(f"send {message_type} failed: {details}", code) from None
+            if reply is not None:
+                if reply.error_code:
+                    raise MailboxError(f"send {message_type} failed: {reply.error_message}", reply.error_code)
+                return
         step = self._chunk
 
         def chunks() -> Iterator[pb.MessageChunk]:
@@ -359,6 +479,10 @@ class Mailbox:
         kind = _type_value(message_type)
         self._client.count(mailbox=1)
         try:
+            op = pb.MailboxOp(receive=self._receive_request(kind, timeout))
+            body = self._on_stream(op, lambda replies: self._receive_replies(message_type, replies))
+            if body is not None:
+                return body
             return self._client.call(lambda: self._receive(kind, message_type, timeout))
         except grpc.RpcError as exc:
             code, details = _status(exc)
@@ -374,11 +498,7 @@ class Mailbox:
         """
         bulk = self._client.bulk_path is not None
         stream = self._client.stub.ReceiveMessage(
-            pb.ReceiveMessageRequest(
-                type=kind,
-                timeout_ms=int(timeout * 1000),
-                bulk_min_bytes=BULK_MIN_BYTES if bulk else 0,
-            ),
+            self._receive_request(kind, timeout),
             metadata=self._client.metadata,
             timeout=timeout + BULK_TIMEOUT_S,
         )
@@ -393,6 +513,34 @@ class Mailbox:
                     return self._receive_bulk(message_type, body, chunk.bulk_ticket)
             if not body.add(chunk.data):
                 stream.cancel()
+                raise MailboxError(f"{message_type} body is longer than announced", "DATA_LOSS")
+        if body is None or not body.complete:
+            raise MailboxError(f"{message_type} body arrived incomplete", "DATA_LOSS")
+        return body.value
+
+    def _receive_request(self, kind: str, timeout: float) -> pb.ReceiveMessageRequest:
+        return pb.ReceiveMessageRequest(
+            type=kind,
+            timeout_ms=int(timeout * 1000),
+            bulk_min_bytes=BULK_MIN_BYTES if self._client.bulk_path is not None else 0,
+        )
+
+    def _receive_replies(self, message_type: str, replies: Iterator[pb.MailboxReply]) -> bytes:
+        """A body from the stream's replies to a receive (a timeout or refusal raises)."""
+        body: _Body | None = None
+        for reply in replies:
+            if reply.error_code:
+                if reply.error_code == "DEADLINE_EXCEEDED":
+                    raise MailboxTimeout(reply.error_message, reply.error_code)
+                raise MailboxError(f"receive {message_type} failed: {reply.error_message}", reply.error_code)
+            chunk = reply.chunk
+            if body is None:
+                if chunk.total_size > self.max_message_bytes:
+                    raise MailboxError(f"{message_type} body exceeds the limit", "RESOURCE_EXHAUSTED")
+                body = _Body(chunk.total_size)
+                if chunk.bulk_ticket:
+                    return self._receive_bulk(message_type, body, chunk.bulk_ticket)
+            if not body.add(chunk.data):
                 raise MailboxError(f"{message_type} body is longer than announced", "DATA_LOSS")
         if body is None or not body.complete:
             raise MailboxError(f"{message_type} body arrived incomplete", "DATA_LOSS")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xecutor/v1/sandbox.proto\x12\x0b\x65xecutor.v1\"\x10\n\x0eGetTaskRequest\"t\n\x05\x46lags\x12\x19\n\x11\x62\x61tched_execution\x18\x01 \x01(\x08\x12\x10\n\x08test_run\x18\x02 \x01(\x08\x12\x1c\n\x14run_on_new_data_only\x18\x03 \x01(\x08\x12 \n\x18\x66orce_rerun_failed_files\x18\x04 \x01(\x08\"9\n\x0fInferenceLimits\x12\x11\n\tmax_files\x18\x01 \x01(\x04\x12\x13\n\x0bmax_batches\x18\x02 \x01(\x04\"\xf2\x05\n\nTaskConfig\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x15\n\rmodeller_name\x18\x03 \x01(\t\x12\x16\n\x0epod_identifier\x18\x04 \x01(\t\x12\x17\n\x0fpod_identifiers\x18\x05 \x03(\t\x12\x17\n\x0f\x64\x61tasource_name\x18\x06 \x01(\t\x12\x11\n\tdata_path\x18\x07 \x01(\t\x12\x13\n\x0bschema_json\x18\x08 \x01(\t\x12\x1b\n\x13serialized_protocol\x18\t \x01(\x0c\x12\x17\n\x0fparameters_json\x18\n \x01(\t\x12!\n\x05\x66lags\x18\x0b \x01(\x0b\x32\x12.executor.v1.Flags\x12\x36\n\x10inference_limits\x18\x0c \x01(\x0b\x32\x1c.executor.v1.InferenceLimits\x12:\n\nmodel_urls\x18\r \x03(\x0b\x32&.executor.v1.TaskConfig.ModelUrlsEntry\x12\x11\n\ttask_hash\x18\x0e \x01(\t\x12\x10\n\x08username\x18\x0f \x01(\t\x12\x15\n\rprotocol_path\x18\x10 \x01(\t\x12\x14\n\x0c\x65ntry_module\x18\x11 \x01(\t\x12\x15\n\rbundle_sha256\x18\x12 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x13 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x14 \x01(\x04\x12\x18\n\x10max_result_bytes\x18\x15 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x16 \x01(\r\x12\x35\n\x07secrets\x18\x17 \x03(\x0b\x32$.executor.v1.TaskConfig.SecretsEntry\x1a\x30\n\x0eModelUrlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cSecretsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x04\x42\x65\x61t\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x17\n\x0fprogress_events\x18\x02 \x01(\x04\x12\x13\n\x0bmailbox_ops\x18\x03 \x01(\x04\x12\x19\n\x11main_thread_moved\x18\x04 \x01(\x08\"\x9f\x01\n\x07\x43ontrol\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.executor.v1.Control.Kind\x12\x0e\n\x06reason\x18\x02 \x01(\t\"[\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODELLER_READY\x10\x01\x12\n\n\x06\x43\x41NCEL\x10\x02\x12\r\n\tBEAT_SEEN\x10\x04\"\x04\x08\x03\x10\x03*\x08SHUTDOWN\"m\n\x0cMessageChunk\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0b\x62ulk_ticket\x18\x04 \x01(\x0c\"\x15\n\x13SendMessageResponse\"k\n\x15ReceiveMessageRequest\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12\x16\n\x0e\x62ulk_min_bytes\x18\x03 \x01(\x04\"M\n\x0f\x42ulkSendRequest\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\"\x1c\n\nBulkTicket\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\"t\n\x0cSecureShares\x12\x35\n\x06shares\x18\x01 \x03(\x0b\x32%.executor.v1.SecureShares.SharesEntry\x1a-\n\x0bSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\",\n\x16GetSecureSharesRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\"\xfb\x01\n\rProgressEvent\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.executor.v1.ProgressEvent.Kind\x12\x15\n\rcurrent_epoch\x18\x02 \x01(\r\x12\x12\n\nmax_epochs\x18\x03 \x01(\r\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x04\x12\r\n\x05total\x18\x05 \x01(\x04\x12\x0c\n\x04info\x18\x06 \x01(\t\"b\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tRUN_START\x10\x01\x12\x0b\n\x07RUN_END\x10\x02\x12\x0f\n\x0b\x45POCH_START\x10\x03\x12\r\n\tEPOCH_END\x10\x04\x12\x08\n\x04STEP\x10\x05\"\x91\x01\n\x0b\x46ileOutcome\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.executor.v1.FileOutcome.Kind\x12\x0e\n\x06reason\x18\x03 \x01(\t\"7\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tPROCESSED\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\"7\n\x0c\x46ileOutcomes\x12\'\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x18.executor.v1.FileOutcome\"\x1f\n\nResultRows\x12\x11\n\trows_json\x18\x01 \x03(\t\"\x05\n\x03\x41\x63k\"=\n\tErrorInfo\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\xda\x01\n\rFinishRequest\x12#\n\x06status\x18\x01 \x01(\x0e\x32\x13.executor.v1.Status\x12\x13\n\x0bresult_json\x18\x02 \x01(\t\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.executor.v1.ErrorInfo\x12\x38\n\x07timings\x18\x04 \x03(\x0b\x32\'.executor.v1.FinishRequest.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xaa\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_START\x10\x01\x12\x1a\n\x16PREPARING_DATA_BATCHES\x10\x02\x12\x0e\n\nTASK_ABORT\x10\x03\x12\x15\n\x11NUMBER_OF_BATCHES\x10\x04\x12\x14\n\x10\x42\x41TCHES_COMPLETE\x10\x05\x12\x14\n\x10\x43URRENT_BATCH_ID\x10\x06\x12\x13\n\x0fTRAINING_UPDATE\x10\x07\x12\x16\n\x12\x41LGORITHM_EXCHANGE\x10\x08\x12\x15\n\x11TRAINING_COMPLETE\x10\t\x12\x11\n\rTASK_COMPLETE\x10\n\x12\x15\n\x11MODELLER_RESPONSE\x10\x0b\x12\x10\n\x0cSECURE_SHARE\x10\x0c*>\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\t\n\x05\x41\x42ORT\x10\x02\x12\t\n\x05\x45RROR\x10\x03\x32\xee\x05\n\x07Sandbox\x12?\n\x07GetTask\x12\x1b.executor.v1.GetTaskRequest\x1a\x17.executor.v1.TaskConfig\x12\x38\n\tHeartbeat\x12\x11.executor.v1.Beat\x1a\x14.executor.v1.Control(\x01\x30\x01\x12L\n\x0bSendMessage\x12\x19.executor.v1.MessageChunk\x1a .executor.v1.SendMessageResponse(\x01\x12Q\n\x0eReceiveMessage\x12\".executor.v1.ReceiveMessageRequest\x1a\x19.executor.v1.MessageChunk0\x01\x12\x45\n\x0cOpenBulkSend\x12\x1c.executor.v1.BulkSendRequest\x1a\x17.executor.v1.BulkTicket\x12?\n\x10SendSecureShares\x12\x19.executor.v1.SecureShares\x1a\x10.executor.v1.Ack\x12Q\n\x0fGetSecureShares\x12#.executor.v1.GetSecureSharesRequest\x1a\x19.executor.v1.SecureShares\x12>\n\x0eReportProgress\x12\x1a.executor.v1.ProgressEvent\x1a\x10.executor.v1.Ack\x12:\n\x0bReportFiles\x12\x19.executor.v1.FileOutcomes\x1a\x10.executor.v1.Ack\x12\x38\n\x0bSaveResults\x12\x17.executor.v1.ResultRows\x1a\x10.executor.v1.Ack\x12\x36\n\x06\x46inish\x12\x1a.executor.v1.FinishRequest\x1a\x10.executor.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65xecutor/v1/sandbox.proto\x12\x0b\x65xecutor.v1\"\x10\n\x0eGetTaskRequest\"t\n\x05\x46lags\x12\x19\n\x11\x62\x61tched_execution\x18\x01 \x01(\x08\x12\x10\n\x08test_run\x18\x02 \x01(\x08\x12\x1c\n\x14run_on_new_data_only\x18\x03 \x01(\x08\x12 \n\x18\x66orce_rerun_failed_files\x18\x04 \x01(\x08\"9\n\x0fInferenceLimits\x12\x11\n\tmax_files\x18\x01 \x01(\x04\x12\x13\n\x0bmax_batches\x18\x02 \x01(\x04\"\xf2\x05\n\nTaskConfig\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nproject_id\x18\x02 \x01(\t\x12\x15\n\rmodeller_name\x18\x03 \x01(\t\x12\x16\n\x0epod_identifier\x18\x04 \x01(\t\x12\x17\n\x0fpod_identifiers\x18\x05 \x03(\t\x12\x17\n\x0f\x64\x61tasource_name\x18\x06 \x01(\t\x12\x11\n\tdata_path\x18\x07 \x01(\t\x12\x13\n\x0bschema_json\x18\x08 \x01(\t\x12\x1b\n\x13serialized_protocol\x18\t \x01(\x0c\x12\x17\n\x0fparameters_json\x18\n \x01(\t\x12!\n\x05\x66lags\x18\x0b \x01(\x0b\x32\x12.executor.v1.Flags\x12\x36\n\x10inference_limits\x18\x0c \x01(\x0b\x32\x1c.executor.v1.InferenceLimits\x12:\n\nmodel_urls\x18\r \x03(\x0b\x32&.executor.v1.TaskConfig.ModelUrlsEntry\x12\x11\n\ttask_hash\x18\x0e \x01(\t\x12\x10\n\x08username\x18\x0f \x01(\t\x12\x15\n\rprotocol_path\x18\x10 \x01(\t\x12\x14\n\x0c\x65ntry_module\x18\x11 \x01(\t\x12\x15\n\rbundle_sha256\x18\x12 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x13 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x14 \x01(\x04\x12\x18\n\x10max_result_bytes\x18\x15 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x16 \x01(\r\x12\x35\n\x07secrets\x18\x17 \x03(\x0b\x32$.executor.v1.TaskConfig.SecretsEntry\x1a\x30\n\x0eModelUrlsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cSecretsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x04\x42\x65\x61t\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x17\n\x0fprogress_events\x18\x02 \x01(\x04\x12\x13\n\x0bmailbox_ops\x18\x03 \x01(\x04\x12\x19\n\x11main_thread_moved\x18\x04 \x01(\x08\"\x9f\x01\n\x07\x43ontrol\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.executor.v1.Control.Kind\x12\x0e\n\x06reason\x18\x02 \x01(\t\"[\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODELLER_READY\x10\x01\x12\n\n\x06\x43\x41NCEL\x10\x02\x12\r\n\tBEAT_SEEN\x10\x04\"\x04\x08\x03\x10\x03*\x08SHUTDOWN\"m\n\x0cMessageChunk\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0b\x62ulk_ticket\x18\x04 \x01(\x0c\"\x15\n\x13SendMessageResponse\"k\n\x15ReceiveMessageRequest\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12\x16\n\x0e\x62ulk_min_bytes\x18\x03 \x01(\x04\"i\n\tMailboxOp\x12\'\n\x04send\x18\x01 \x01(\x0b\x32\x19.executor.v1.MessageChunk\x12\x33\n\x07receive\x18\x02 \x01(\x0b\x32\".executor.v1.ReceiveMessageRequest\"q\n\x0cMailboxReply\x12\x12\n\nerror_code\x18\x01 \x01(\t\x12\x15\n\rerror_message\x18\x02 \x01(\t\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x19.executor.v1.MessageChunk\x12\x0c\n\x04more\x18\x04 \x01(\x08\"M\n\x0f\x42ulkSendRequest\x12&\n\x04type\x18\x01 \x01(\x0e\x32\x18.executor.v1.MessageType\x12\x12\n\ntotal_size\x18\x02 \x01(\x04\"\x1c\n\nBulkTicket\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\"t\n\x0cSecureShares\x12\x35\n\x06shares\x18\x01 \x03(\x0b\x32%.executor.v1.SecureShares.SharesEntry\x1a-\n\x0bSharesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\",\n\x16GetSecureSharesRequest\x12\x12\n\ntimeout_ms\x18\x01 \x01(\r\"\xfb\x01\n\rProgressEvent\x12-\n\x04kind\x18\x01 \x01(\x0e\x32\x1f.executor.v1.ProgressEvent.Kind\x12\x15\n\rcurrent_epoch\x18\x02 \x01(\r\x12\x12\n\nmax_epochs\x18\x03 \x01(\r\x12\x0f\n\x07\x63urrent\x18\x04 \x01(\x04\x12\r\n\x05total\x18\x05 \x01(\x04\x12\x0c\n\x04info\x18\x06 \x01(\t\"b\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tRUN_START\x10\x01\x12\x0b\n\x07RUN_END\x10\x02\x12\x0f\n\x0b\x45POCH_START\x10\x03\x12\r\n\tEPOCH_END\x10\x04\x12\x08\n\x04STEP\x10\x05\"\x91\x01\n\x0b\x46ileOutcome\x12\x0c\n\x04name\x18\x01 \x01(\t\x12+\n\x04kind\x18\x02 \x01(\x0e\x32\x1d.executor.v1.FileOutcome.Kind\x12\x0e\n\x06reason\x18\x03 \x01(\t\"7\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tPROCESSED\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\"7\n\x0c\x46ileOutcomes\x12\'\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x18.executor.v1.FileOutcome\"\x1f\n\nResultRows\x12\x11\n\trows_json\x18\x01 \x03(\t\"\x05\n\x03\x41\x63k\"=\n\tErrorInfo\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"\xda\x01\n\rFinishRequest\x12#\n\x06status\x18\x01 \x01(\x0e\x32\x13.executor.v1.Status\x12\x13\n\x0bresult_json\x18\x02 \x01(\t\x12%\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x16.executor.v1.ErrorInfo\x12\x38\n\x07timings\x18\x04 \x03(\x0b\x32\'.executor.v1.FinishRequest.TimingsEntry\x1a.\n\x0cTimingsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*\xaa\x02\n\x0bMessageType\x12\x1c\n\x18MESSAGE_TYPE_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_START\x10\x01\x12\x1a\n\x16PREPARING_DATA_BATCHES\x10\x02\x12\x0e\n\nTASK_ABORT\x10\x03\x12\x15\n\x11NUMBER_OF_BATCHES\x10\x04\x12\x14\n\x10\x42\x41TCHES_COMPLETE\x10\x05\x12\x14\n\x10\x43URRENT_BATCH_ID\x10\x06\x12\x13\n\x0fTRAINING_UPDATE\x10\x07\x12\x16\n\x12\x41LGORITHM_EXCHANGE\x10\x08\x12\x15\n\x11TRAINING_COMPLETE\x10\t\x12\x11\n\rTASK_COMPLETE\x10\n\x12\x15\n\x11MODELLER_RESPONSE\x10\x0b\x12\x10\n\x0cSECURE_SHARE\x10\x0c*>\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\t\n\x05\x41\x42ORT\x10\x02\x12\t\n\x05\x45RROR\x10\x03\x32\xb0\x06\n\x07Sandbox\x12?\n\x07GetTask\x12\x1b.executor.v1.GetTaskRequest\x1a\x17.executor.v1.TaskConfig\x12\x38\n\tHeartbeat\x12\x11.executor.v1.Beat\x1a\x14.executor.v1.Control(\x01\x30\x01\x12L\n\x0bSendMessage\x12\x19.executor.v1.MessageChunk\x1a .executor.v1.SendMessageResponse(\x01\x12Q\n\x0eReceiveMessage\x12\".executor.v1.ReceiveMessageRequest\x1a\x19.executor.v1.MessageChunk0\x01\x12\x45\n\x0cOpenBulkSend\x12\x1c.executor.v1.BulkSendRequest\x1a\x17.executor.v1.BulkTicket\x12@\n\x07Mailbox\x12\x16.executor.v1.MailboxOp\x1a\x19.executor.v1.MailboxReply(\x01\x30\x01\x12?\n\x10SendSecureShares\x12\x19.executor.v1.SecureShares\x1a\x10.executor.v1.Ack\x12Q\n\x0fGetSecureShares\x12#.executor.v1.GetSecureSharesRequest\x1a\x19.executor.v1.SecureShares\x12>\n\x0eReportProgress\x12\x1a.executor.v1.ProgressEvent\x1a\x10.executor.v1.Ack\x12:\n\x0bReportFiles\x12\x19.executor.v1.FileOutcomes\x1a\x10.executor.v1.Ack\x12\x38\n\x0bSaveResults\x12\x17.executor.v1.ResultRows\x1a\x10.executor.v1.Ack\x12\x36\n\x06\x46inish\x12\x1a.executor.v1.FinishRequest\x1a\x10.executor.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,10 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SECURESHARES_SHARESENTRY']._serialized_options = b'8\001'
   _globals['_FINISHREQUEST_TIMINGSENTRY']._loaded_options = None
   _globals['_FINISHREQUEST_TIMINGSENTRY']._serialized_options = b'8\001'
-  _globals['_MESSAGETYPE']._serialized_start=2550
-  _globals['_MESSAGETYPE']._serialized_end=2848
-  _globals['_STATUS']._serialized_start=2850
-  _globals['_STATUS']._serialized_end=2912
+  _globals['_MESSAGETYPE']._serialized_start=2772
+  _globals['_MESSAGETYPE']._serialized_end=3070
+  _globals['_STATUS']._serialized_start=3072
+  _globals['_STATUS']._serialized_end=3134
   _globals['_GETTASKREQUEST']._serialized_start=42
   _globals['_GETTASKREQUEST']._serialized_end=58
   _globals['_FLAGS']._serialized_start=60
@@ -67,36 +67,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SENDMESSAGERESPONSE']._serialized_end=1382
   _globals['_RECEIVEMESSAGEREQUEST']._serialized_start=1384
   _globals['_RECEIVEMESSAGEREQUEST']._serialized_end=1491
-  _globals['_BULKSENDREQUEST']._serialized_start=1493
-  _globals['_BULKSENDREQUEST']._serialized_end=1570
-  _globals['_BULKTICKET']._serialized_start=1572
-  _globals['_BULKTICKET']._serialized_end=1600
-  _globals['_SECURESHARES']._serialized_start=1602
-  _globals['_SECURESHARES']._serialized_end=1718
-  _globals['_SECURESHARES_SHARESENTRY']._serialized_start=1673
-  _globals['_SECURESHARES_SHARESENTRY']._serialized_end=1718
-  _globals['_GETSECURESHARESREQUEST']._serialized_start=1720
-  _globals['_GETSECURESHARESREQUEST']._serialized_end=1764
-  _globals['_PROGRESSEVENT']._serialized_start=1767
-  _globals['_PROGRESSEVENT']._serialized_end=2018
-  _globals['_PROGRESSEVENT_KIND']._serialized_start=1920
-  _globals['_PROGRESSEVENT_KIND']._serialized_end=2018
-  _globals['_FILEOUTCOME']._serialized_start=2021
-  _globals['_FILEOUTCOME']._serialized_end=2166
-  _globals['_FILEOUTCOME_KIND']._serialized_start=2111
-  _globals['_FILEOUTCOME_KIND']._serialized_end=2166
-  _globals['_FILEOUTCOMES']._serialized_start=2168
-  _globals['_FILEOUTCOMES']._serialized_end=2223
-  _globals['_RESULTROWS']._serialized_start=2225
-  _globals['_RESULTROWS']._serialized_end=2256
-  _globals['_ACK']._serialized_start=2258
-  _globals['_ACK']._serialized_end=2263
-  _globals['_ERRORINFO']._serialized_start=2265
-  _globals['_ERRORINFO']._serialized_end=2326
-  _globals['_FINISHREQUEST']._serialized_start=2329
-  _globals['_FINISHREQUEST']._serialized_end=2547
-  _globals['_FINISHREQUEST_TIMINGSENTRY']._serialized_start=2501
-  _globals['_FINISHREQUEST_TIMINGSENTRY']._serialized_end=2547
-  _globals['_SANDBOX']._serialized_start=2915
-  _globals['_SANDBOX']._serialized_end=3665
+  _globals['_MAILBOXOP']._serialized_start=1493
+  _globals['_MAILBOXOP']._serialized_end=1598
+  _globals['_MAILBOXREPLY']._serialized_start=1600
+  _globals['_MAILBOXREPLY']._serialized_end=1713
+  _globals['_BULKSENDREQUEST']._serialized_start=1715
+  _globals['_BULKSENDREQUEST']._serialized_end=1792
+  _globals['_BULKTICKET']._serialized_start=1794
+  _globals['_BULKTICKET']._serialized_end=1822
+  _globals['_SECURESHARES']._serialized_start=1824
+  _globals['_SECURESHARES']._serialized_end=1940
+  _globals['_SECURESHARES_SHARESENTRY']._serialized_start=1895
+  _globals['_SECURESHARES_SHARESENTRY']._serialized_end=1940
+  _globals['_GETSECURESHARESREQUEST']._serialized_start=1942
+  _globals['_GETSECURESHARESREQUEST']._serialized_end=1986
+  _globals['_PROGRESSEVENT']._serialized_start=1989
+  _globals['_PROGRESSEVENT']._serialized_end=2240
+  _globals['_PROGRESSEVENT_KIND']._serialized_start=2142
+  _globals['_PROGRESSEVENT_KIND']._serialized_end=2240
+  _globals['_FILEOUTCOME']._serialized_start=2243
+  _globals['_FILEOUTCOME']._serialized_end=2388
+  _globals['_FILEOUTCOME_KIND']._serialized_start=2333
+  _globals['_FILEOUTCOME_KIND']._serialized_end=2388
+  _globals['_FILEOUTCOMES']._serialized_start=2390
+  _globals['_FILEOUTCOMES']._serialized_end=2445
+  _globals['_RESULTROWS']._serialized_start=2447
+  _globals['_RESULTROWS']._serialized_end=2478
+  _globals['_ACK']._serialized_start=2480
+  _globals['_ACK']._serialized_end=2485
+  _globals['_ERRORINFO']._serialized_start=2487
+  _globals['_ERRORINFO']._serialized_end=2548
+  _globals['_FINISHREQUEST']._serialized_start=2551
+  _globals['_FINISHREQUEST']._serialized_end=2769
+  _globals['_FINISHREQUEST_TIMINGSENTRY']._serialized_start=2723
+  _globals['_FINISHREQUEST_TIMINGSENTRY']._serialized_end=2769
+  _globals['_SANDBOX']._serialized_start=3137
+  _globals['_SANDBOX']._serialized_end=3953
 # @@protoc_insertion_point(module_scope)

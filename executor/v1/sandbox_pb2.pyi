@@ -191,6 +191,26 @@ class ReceiveMessageRequest(_message.Message):
     bulk_min_bytes: int
     def __init__(self, type: _Optional[_Union[MessageType, str]] = ..., timeout_ms: _Optional[int] = ..., bulk_min_bytes: _Optional[int] = ...) -> None: ...
 
+class MailboxOp(_message.Message):
+    __slots__ = ("send", "receive")
+    SEND_FIELD_NUMBER: _ClassVar[int]
+    RECEIVE_FIELD_NUMBER: _ClassVar[int]
+    send: MessageChunk
+    receive: ReceiveMessageRequest
+    def __init__(self, send: _Optional[_Union[MessageChunk, _Mapping]] = ..., receive: _Optional[_Union[ReceiveMessageRequest, _Mapping]] = ...) -> None: ...
+
+class MailboxReply(_message.Message):
+    __slots__ = ("error_code", "error_message", "chunk", "more")
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    error_code: str
+    error_message: str
+    chunk: MessageChunk
+    more: bool
+    def __init__(self, error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., chunk: _Optional[_Union[MessageChunk, _Mapping]] = ..., more: _Optional[bool] = ...) -> None: ...
+
 class BulkSendRequest(_message.Message):
     __slots__ = ("type", "total_size")
     TYPE_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,11 @@ class SandboxStub:
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.BulkSendRequest.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_sandbox__pb2.BulkTicket.FromString,
                 _registered_method=True)
+        self.Mailbox = channel.stream_stream(
+                '/executor.v1.Sandbox/Mailbox',
+                request_serializer=executor_dot_v1_dot_sandbox__pb2.MailboxOp.SerializeToString,
+                response_deserializer=executor_dot_v1_dot_sandbox__pb2.MailboxReply.FromString,
+                _registered_method=True)
         self.SendSecureShares = channel.unary_unary(
                 '/executor.v1.Sandbox/SendSecureShares',
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.SecureShares.SerializeToString,
@@ -137,6 +142,18 @@ class SandboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Mailbox(self, request_iterator, context):
+        """The same mailbox operations on one long-lived stream, one at a time: a
+        send of a body that fits one chunk, or a receive. Each operation gets its
+        replies (a receive's body may take several) before the next is read; a
+        refused operation is answered with its error and the stream goes on. The
+        runtime keeps one open for the task's life and falls back to the calls
+        above when it is busy, saving a call's setup per message.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SendSecureShares(self, request, context):
         """Secure aggregation: shares to and from the other pods of the task, sealed
         and opened by the parent with the pods' RSA keys.
@@ -208,6 +225,11 @@ def add_SandboxServicer_to_server(servicer, server):
                     servicer.OpenBulkSend,
                     request_deserializer=executor_dot_v1_dot_sandbox__pb2.BulkSendRequest.FromString,
                     response_serializer=executor_dot_v1_dot_sandbox__pb2.BulkTicket.SerializeToString,
+            ),
+            'Mailbox': grpc.stream_stream_rpc_method_handler(
+                    servicer.Mailbox,
+                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.MailboxOp.FromString,
+                    response_serializer=executor_dot_v1_dot_sandbox__pb2.MailboxReply.SerializeToString,
             ),
             'SendSecureShares': grpc.unary_unary_rpc_method_handler(
                     servicer.SendSecureShares,
@@ -375,6 +397,33 @@ class Sandbox:
             '/executor.v1.Sandbox/OpenBulkSend',
             executor_dot_v1_dot_sandbox__pb2.BulkSendRequest.SerializeToString,
             executor_dot_v1_dot_sandbox__pb2.BulkTicket.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Mailbox(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/executor.v1.Sandbox/Mailbox',
+            executor_dot_v1_dot_sandbox__pb2.MailboxOp.SerializeToString,
+            executor_dot_v1_dot_sandbox__pb2.MailboxReply.FromString,
             options,
             channel_credentials,
             insecure,

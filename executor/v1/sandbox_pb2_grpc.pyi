@@ -59,6 +59,14 @@ class SandboxStub:
     presents its token and the ticket on a new bulk connection. The parent
     still seals what goes up and sends down only authenticated plaintext.
     """
+    Mailbox: _grpc.StreamStreamMultiCallable[_sandbox_pb2.MailboxOp, _sandbox_pb2.MailboxReply]
+    """The same mailbox operations on one long-lived stream, one at a time: a
+    send of a body that fits one chunk, or a receive. Each operation gets its
+    replies (a receive's body may take several) before the next is read; a
+    refused operation is answered with its error and the stream goes on. The
+    runtime keeps one open for the task's life and falls back to the calls
+    above when it is busy, saving a call's setup per message.
+    """
     SendSecureShares: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.SecureShares, _sandbox_pb2.Ack]
     """Secure aggregation: shares to and from the other pods of the task, sealed
     and opened by the parent with the pods' RSA keys.
@@ -99,6 +107,14 @@ class SandboxAsyncStub(SandboxStub):
     MessageChunk of a ReceiveMessage whose body is large), and the sandbox
     presents its token and the ticket on a new bulk connection. The parent
     still seals what goes up and sends down only authenticated plaintext.
+    """
+    Mailbox: _aio.StreamStreamMultiCallable[_sandbox_pb2.MailboxOp, _sandbox_pb2.MailboxReply]  # type: ignore[assignment]
+    """The same mailbox operations on one long-lived stream, one at a time: a
+    send of a body that fits one chunk, or a receive. Each operation gets its
+    replies (a receive's body may take several) before the next is read; a
+    refused operation is answered with its error and the stream goes on. The
+    runtime keeps one open for the task's life and falls back to the calls
+    above when it is busy, saving a call's setup per message.
     """
     SendSecureShares: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.SecureShares, _sandbox_pb2.Ack]  # type: ignore[assignment]
     """Secure aggregation: shares to and from the other pods of the task, sealed
@@ -167,6 +183,20 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
         MessageChunk of a ReceiveMessage whose body is large), and the sandbox
         presents its token and the ticket on a new bulk connection. The parent
         still seals what goes up and sends down only authenticated plaintext.
+        """
+
+    @_abc_1.abstractmethod
+    def Mailbox(
+        self,
+        request_iterator: _MaybeAsyncIterator[_sandbox_pb2.MailboxOp],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_sandbox_pb2.MailboxReply], _abc.AsyncIterator[_sandbox_pb2.MailboxReply]]:
+        """The same mailbox operations on one long-lived stream, one at a time: a
+        send of a body that fits one chunk, or a receive. Each operation gets its
+        replies (a receive's body may take several) before the next is read; a
+        refused operation is answered with its error and the stream goes on. The
+        runtime keeps one open for the task's life and falls back to the calls
+        above when it is busy, saving a call's setup per message.
         """
 
     @_abc_1.abstractmethod

@@ -444,12 +444,19 @@ def test_the_runtime_backs_off_on_the_rate_limit_trailer_and_not_on_text():
 def test_every_rpc_edge_cap_is_its_pinned_value():
     # The RPC attack suite expects these numbers (tests/rpc_caps.py), not the
     # code's: a cap raised here in the code must fail, not move the expectation.
+    import executor.rpc.bulk as bulk
     import executor.rpc.limits as limits
     import executor.rpc.session as session
+    import executor.sandbox.contract as contract
 
     differ = {
         f"{module.__name__}.{name}": (getattr(module, name, "<missing>"), pinned)
-        for module, caps in ((limits, rpc_caps.SERVICE_CAPS), (session, rpc_caps.SESSION_CAPS))
+        for module, caps in (
+            (limits, rpc_caps.SERVICE_CAPS),
+            (session, rpc_caps.SESSION_CAPS),
+            (bulk, rpc_caps.BULK_CAPS),
+            (contract, rpc_caps.CONTRACT_BULK_CAPS),
+        )
         for name, pinned in caps.items()
         if getattr(module, name, None) != pinned
     }
