@@ -454,9 +454,9 @@ def warm_section(warm: dict[str, Any]) -> list[str]:
         f"### Warm start (`warm_start.py`, pool of {p['pool']} per runtime, {p['runs']} runs per row)",
         "",
         "First line = submit to the first line of `run(ctx)` for a task that takes a booted warm slot "
-        "(`outcome.warm_starts == 1`). Every pool is full again before each spawn and each task, so no "
-        "replacement boots beside a measured row; refill = how long after `Executor.run` returned the "
-        "pool was full again. Ratios are of p50s and of p90s.",
+        "(`outcome.warm_starts == 1`). Every pool is full again before each spawn and each task, and left "
+        "0.5 s to settle, so no replacement boots beside a measured row; refill = how long after "
+        "`Executor.run` returned the pool was full again. Ratios are of p50s and of p90s.",
         "",
         md_table(
             [

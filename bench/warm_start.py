@@ -39,12 +39,20 @@ from cold_start import spawn_once
 # assignment to the config fetch, and there is no ``config`` (the runtime asked for it long before).
 PHASES = ("assign", "boot", "load", "run", "total")
 WARM_UP_WAIT_S = 60.0
-# After the pool reports full: let the last slot's boot finish its tail before the idle window opens.
+# After a pool reports full, its newest slot's sandbox and server still work for a moment (a task that
+# takes a slot at once reached its first line in ~40 ms instead of ~15 ms on runc here): each measured
+# row waits this long after the fill, so it sees a pool at rest, as a task that arrives later would.
+SETTLE_S = 0.5
+# The same before the idle window opens, with a margin.
 IDLE_SETTLE_S = 2.0
 
 
 def fill(executors: dict[str, Any]) -> dict[str, float]:
-    """Fill every pool; the seconds each took. Raises if one is not full within ``WARM_UP_WAIT_S``."""
+    """Fill every pool, then wait ``SETTLE_S``; the seconds each fill took.
+
+    Raises:
+        RuntimeError: A pool was not full within ``WARM_UP_WAIT_S``.
+    """
     took = {}
     for rt, ex in executors.items():
         started = time.perf_counter()
@@ -53,6 +61,7 @@ def fill(executors: dict[str, Any]) -> dict[str, float]:
                 f"the {rt} warm pool was not full after {WARM_UP_WAIT_S:g} s: {ex.pool_stats()}"
             )
         took[rt] = time.perf_counter() - started
+    time.sleep(SETTLE_S)
     return took
 
 
@@ -304,8 +313,9 @@ def main() -> None:
         notes = [
             "first line = time.time() at the top of run(ctx); submit = time.time() just before Executor.run "
             "(spawn: just before Process()); same host clock",
-            f"before every spawn and every task each pool is refilled (warm_up(wait={WARM_UP_WAIT_S:g})), "
-            "so the task takes a booted slot and no replacement boots beside it; "
+            f"before every spawn and every task each pool is refilled (warm_up(wait={WARM_UP_WAIT_S:g})) "
+            f"and left {SETTLE_S:g} s to settle, so the task takes a booted slot and no replacement boots "
+            "beside it; "
             f"{args.warmup} warm-up round(s) not counted",
             "a task with outcome.warm_starts != 1 started cold: the runtime is then reported as not warm",
             "idle memory = the slot container's cgroup memory usage minus inactive file pages (docker "
