@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from executor.sandbox.context import (
     SandboxError,
     TaskAborted,
 )
-from executor.sandbox.contract import TOKEN_METADATA_KEY
+from executor.sandbox.contract import BULK_MIN_BYTES, BULK_SOCKET_NAME, TOKEN_METADATA_KEY
 from executor.testing import InMemoryTransport, chunked
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
@@ -80,7 +81,9 @@ def connect(tmp_path: Path) -> Iterator[Callable[..., Connected]]:
     """Serve a session on a fresh socket and build a ``Context`` connected to it; all closed after."""
     cleanups: list[Callable[[], None]] = []
 
-    def make(session: TaskSession, config: pb.TaskConfig | None = None, **server_kwargs: Any) -> Connected:
+    def make(
+        session: TaskSession, config: pb.TaskConfig | None = None, *, bulk: bool = False, **server_kwargs: Any
+    ) -> Connected:
         sock_dir = Path(tempfile.mkdtemp(prefix="se-ctx-", dir="/tmp"))
         cleanups.append(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
         token = secrets.token_urlsafe(32)
@@ -89,7 +92,11 @@ def connect(tmp_path: Path) -> Iterator[Callable[..., Connected]]:
         cleanups.append(lambda: server.stop(grace=0.2))
         channel = grpc.insecure_channel(f"unix:{sock_dir / 's.sock'}", options=[("grpc.enable_retries", 0)])
         cleanups.append(channel.close)
-        client = ParentClient(pb_grpc.SandboxStub(channel), ((TOKEN_METADATA_KEY, token),))
+        client = ParentClient(
+            pb_grpc.SandboxStub(channel),
+            ((TOKEN_METADATA_KEY, token),),
+            str(sock_dir / BULK_SOCKET_NAME) if bulk else None,
+        )
         ctx = Context(config or _config(), client, tmp_path / "scratch")
         return Connected(session, server, ctx, client)
 
@@ -153,6 +160,47 @@ def test_a_body_above_the_spool_threshold_travels_through_files_both_ways(kit, c
     assert wait_for(lambda: [p.name for p in spool.iterdir()] == [mailbox_module.SPOOL_OWNER]), list(
         spool.iterdir()
     )
+
+
+def test_large_bodies_take_the_bulk_socket_both_ways_and_small_ones_do_not(kit, connect, monkeypatch):
+    c = connect(kit.session, _config(chunk_bytes=MIB), bulk=True)
+    connections = []
+    real = ParentClient.bulk_connect
+    monkeypatch.setattr(ParentClient, "bulk_connect", lambda self, t: connections.append(t) or real(self, t))
+    up = os.urandom(BULK_MIN_BYTES + 12345)
+    c.ctx.mailbox.send_training_update(up)
+    message = kit.modeller.receive(kit.task_id, 10)
+    assert message is not None and message.read() == up
+    down = os.urandom(3 * MIB + 7)
+    kit.modeller.send_stream(kit.task_id, "ALGORITHM_EXCHANGE", chunked(down))
+    assert c.ctx.mailbox.await_algorithm_exchange(timeout=10) == down
+    assert len(connections) == 2
+    assert len(set(connections)) == 2  # a ticket each
+    small = os.urandom(BULK_MIN_BYTES - 1)
+    c.ctx.mailbox.send_training_update(small)
+    message = kit.modeller.receive(kit.task_id, 10)
+    assert message is not None and message.read() == small
+    assert len(connections) == 2
+    assert c.client.mailbox_ops == 3
+
+
+def test_a_mailbox_operation_while_another_waits_is_not_held_up_by_it(kit, connect):
+    # One thread waits in a receive (holding the mailbox stream); another
+    # thread's send still goes through at once, by a call of its own.
+    c = connect(kit.session)
+    got: list[bytes] = []
+    waiter = threading.Thread(target=lambda: got.append(c.ctx.mailbox.await_modeller_response(timeout=10)))
+    waiter.start()
+    try:
+        assert wait_for(lambda: kit.session._pending_receives == 1)
+        c.ctx.mailbox.send_training_update(b"while waiting")
+        message = kit.modeller.receive(kit.task_id, 5)
+        assert message is not None and message.read() == b"while waiting"
+        assert waiter.is_alive()
+    finally:
+        kit.modeller.send(kit.task_id, "MODELLER_RESPONSE", b"reply")
+        waiter.join(10)
+    assert got == [b"reply"]
 
 
 def test_the_seed_mailbox_helpers_send_what_the_modeller_expects(kit, connect):

@@ -17,7 +17,7 @@ from executor.events import ControlKind
 from executor.rpc.auth import METHOD_POLICY, TokenAuthInterceptor
 from executor.rpc.server import TaskServer
 from executor.rpc.session import RequestRejected, SessionRef, TaskSession
-from executor.sandbox.contract import RATE_LIMITED_TRAILER, TOKEN_METADATA_KEY
+from executor.sandbox.contract import CHUNK_BYTES, RATE_LIMITED_TRAILER, TOKEN_METADATA_KEY
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 from tests import rpc_caps
@@ -962,3 +962,129 @@ def test_a_slot_refuses_a_wrong_token_and_does_not_count_it_as_waiting(warm_serv
         assert (code, details) == (grpc.StatusCode.UNAUTHENTICATED, "invalid or missing token")
     assert not warm_served.ref.ever_waited
     assert not warm_served.ref.lost
+
+
+# -- the mailbox stream ------------------------------------------------------------------
+
+
+class _Ops:
+    """One Mailbox stream: put an operation, read its replies."""
+
+    def __init__(self, served: Served) -> None:
+        import queue
+
+        self._requests: queue.Queue = queue.Queue()
+        self.replies = served.stub.Mailbox(
+            iter(self._requests.get, None), metadata=served.auth, timeout=RPC_TIMEOUT
+        )
+
+    def op(self, **fields) -> list[pb.MailboxReply]:
+        self._requests.put(pb.MailboxOp(**fields))
+        out = [next(self.replies)]
+        while out[-1].more:
+            out.append(next(self.replies))
+        return out
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self.replies.cancel()
+
+
+@pytest.fixture
+def ops(served):
+    stream = _Ops(served)
+    yield stream
+    stream.close()
+
+
+def test_the_mailbox_stream_carries_sends_and_receives_in_order(served, ops):
+    kit = served.kit
+    (reply,) = ops.op(send=pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=5, data=b"delta"))
+    assert reply == pb.MailboxReply()
+    got = kit.modeller.receive(kit.task_id, timeout=2)
+    assert (got.type, got.read()) == ("TRAINING_UPDATE", b"delta")
+    body = bytes(range(256)) * 6000  # 1.5 MiB: more than one reply
+    kit.modeller.send(kit.task_id, "ALGORITHM_EXCHANGE", body)
+    replies = ops.op(receive=pb.ReceiveMessageRequest(type=pb.ALGORITHM_EXCHANGE, timeout_ms=2000))
+    assert len(replies) == 2
+    assert [r.more for r in replies] == [True, False]
+    assert (replies[0].chunk.type, replies[0].chunk.total_size) == (pb.ALGORITHM_EXCHANGE, len(body))
+    assert b"".join(r.chunk.data for r in replies) == body
+
+
+@pytest.mark.parametrize(
+    ("fields", "code"),
+    [
+        ({}, "INVALID_ARGUMENT"),  # neither a send nor a receive
+        (
+            {
+                "send": pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=1, data=b"x"),
+                "receive": pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE),
+            },
+            "INVALID_ARGUMENT",
+        ),
+        ({"send": pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=9, data=b"short")}, "INVALID_ARGUMENT"),
+        ({"send": pb.MessageChunk(type=pb.TASK_COMPLETE, total_size=1, data=b"x")}, "INVALID_ARGUMENT"),
+        ({"receive": pb.ReceiveMessageRequest(type=pb.TRAINING_UPDATE)}, "INVALID_ARGUMENT"),
+        (
+            {"receive": pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE, timeout_ms=50)},
+            "DEADLINE_EXCEEDED",
+        ),
+        (
+            {"receive": pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE, timeout_ms=601_000)},
+            "INVALID_ARGUMENT",
+        ),
+    ],
+)
+def test_a_refused_operation_is_answered_in_the_stream_which_goes_on(served, ops, fields, code):
+    (reply,) = ops.op(**fields)
+    assert reply.error_code == code, reply
+    assert served.token not in reply.error_message
+    # The stream is still in step: the next operation is answered as usual.
+    (ok,) = ops.op(send=pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=2, data=b"ok"))
+    assert ok.error_code == ""
+    got = served.kit.modeller.receive(served.kit.task_id, timeout=2)
+    assert got.read() == b"ok"
+
+
+def test_a_send_on_the_stream_larger_than_one_chunk_is_refused(served, ops):
+    data = b"x" * (CHUNK_BYTES + 1)
+    (reply,) = ops.op(send=pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=len(data), data=data))
+    assert reply.error_code == "INVALID_ARGUMENT"
+    assert served.kit.modeller.receive(served.kit.task_id, timeout=0.1) is None
+
+
+def test_each_operation_on_the_stream_costs_a_call(make_session, request):
+    # A budget of 5 and no refill: opening the stream costs 1 and carries
+    # the first operation; each later one costs 1 more.
+    kit = make_session(config=CONFIG)
+    sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
+    token = secrets.token_urlsafe(32)
+    server = TaskServer(kit.session, token, sock_dir / "sandbox.sock", rate_per_s=0.001, burst=5)
+    request.addfinalizer(lambda: server.stop(grace=0.2))
+    server.start()
+    channel = grpc.insecure_channel(f"unix:{sock_dir / 'sandbox.sock'}", options=[("grpc.enable_retries", 0)])
+    request.addfinalizer(channel.close)
+    stream = _Ops(
+        Served(kit, token, pb_grpc.SandboxStub(channel), sock_dir / "sandbox.sock", server, channel)
+    )
+    request.addfinalizer(stream.close)
+    for _ in range(5):
+        (reply,) = stream.op(send=pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=1, data=b"x"))
+        assert reply.error_code == ""
+    with pytest.raises(grpc.RpcError) as info:
+        stream.op(send=pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=1, data=b"x"))
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (RATE_LIMITED_TRAILER, "1") in tuple(info.value.trailing_metadata() or ())
+
+
+def test_a_second_mailbox_stream_is_refused_while_one_is_open(served, ops):
+    ops.op(send=pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=1, data=b"x"))
+    second = _Ops(served)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            second.op(send=pb.MessageChunk(type=pb.TRAINING_UPDATE, total_size=1, data=b"y"))
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        second.close()
