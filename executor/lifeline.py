@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import threading
 from pathlib import Path
@@ -89,3 +90,41 @@ class Lifeline:
             self._thread.join(_JOIN_S)
         else:
             self._stop_listening()
+
+
+class StartLine(Lifeline):
+    """Where a warm sandbox's runtime waits for its task: one byte says go, end-of-file says never.
+
+    The runtime connects once it has booted and blocks reading, which costs
+    nothing while it waits (a blocked gRPC call wakes several times a second,
+    which adds up under gVisor). The parent accepts that one connection, like
+    the lifeline's, and writes :data:`GO` once the slot has its task.
+    """
+
+    GO = b"\x01"
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the runtime has connected and still waits (it has not hung up)."""
+        with self._lock:
+            conn = self._held
+        if conn is None:
+            return False
+        try:
+            readable, _, _ = select.select([conn], [], [], 0)
+            # The runtime never writes: readable means it hung up (it died).
+            return not readable or conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except (OSError, ValueError):
+            return False
+
+    def go(self) -> bool:
+        """Tell the waiting runtime its task is there; ``False`` if it is not (or no longer) connected."""
+        with self._lock:
+            conn = self._held
+        if conn is None:
+            return False
+        try:
+            conn.sendall(self.GO)
+        except OSError:
+            return False
+        return True

@@ -7,6 +7,7 @@ who cannot list the base directory cannot find it)::
         ipc/                    mounted read-only at /run/sandbox
             sandbox.sock        the task's gRPC server
             bulk.sock           its bulk path for large mailbox bodies (executor/rpc/bulk.py)
+            start.sock          a warm slot's runtime waits here for its task (gone once made)
             lifeline.sock       init's one connection to the parent (gone once made)
             token               the bootstrap token, readable by the sandbox user
         protocol/               the bundle, mounted read-only at /sandbox/protocol
@@ -28,7 +29,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from executor.sandbox.contract import BULK_SOCKET_NAME
+from executor.sandbox.contract import BULK_SOCKET_NAME, START_SOCKET_NAME
 
 SOCKET_NAME = "sandbox.sock"
 LIFELINE_NAME = "lifeline.sock"
@@ -151,6 +152,11 @@ class TaskDir:
         return self.ipc / BULK_SOCKET_NAME
 
     @property
+    def start_path(self) -> Path:
+        """Where a warm slot's runtime waits for its task (see :class:`executor.lifeline.StartLine`)."""
+        return self.ipc / START_SOCKET_NAME
+
+    @property
     def lifeline_path(self) -> Path:
         """Where the parent waits for the sandbox init's lifeline connection."""
         return self.ipc / LIFELINE_NAME
@@ -164,7 +170,9 @@ class TaskDir:
         unguessable directory name.
         """
         token = self.ipc / TOKEN_NAME
-        socks = [p for p in (self.socket_path, self.bulk_path, self.lifeline_path) if p.exists()]
+        socks = [
+            p for p in (self.socket_path, self.bulk_path, self.lifeline_path, self.start_path) if p.exists()
+        ]
         if os.geteuid() == 0:
             for p in (self.ipc, *socks, token):
                 os.chown(p, self.sandbox_uid, self.sandbox_gid)

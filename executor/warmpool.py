@@ -5,21 +5,23 @@ A cold task pays for the engine's create and start and for the sandbox's boot
 protocol line. A policy with ``warm_pool = N`` has the executor keep N
 sandboxes of that policy ahead of demand: each a container made exactly as a
 cold task's (same image, hardening, caps, uid range, lifeline, labels), whose
-runtime has connected to its own server and asks for its task, which the
-server holds back until one comes.
+runtime has booted (interpreter, grpc, ``preload``) and waits on its start
+line for a task.
 
 A slot holds everything a cold task's container holds, made before the task
 is known:
 
 - a task directory of its own (random name, owner file for the reaper) with a
-  fresh token and socket, and a lifeline init connected to at boot;
+  fresh token, its gRPC and bulk sockets, a lifeline init connected to at
+  boot and a start line the runtime connected to once booted;
 - a uid leased from the policy's range;
 - ``protocol/`` and ``data/``: empty directories, closed to the sandbox,
   mounted where a cold task's bundle and data view go. Given a task, the
   parent copies the bundle into the first and hard-links the batch's files
   into the second (:class:`~executor.dataview.DataView`), opens both, and
-  only then answers the waiting ``GetTask``. A view that would need bind
-  mounts cannot be added to a running container, so such a task starts cold.
+  only then tells the waiting runtime to go (one byte on its start line, a
+  socket it blocks on at no cost). A view that would need bind mounts cannot
+  be added to a running container, so such a task starts cold.
 
 A slot is taken by one task and destroyed when that task's container ends:
 never reused. The pool refills in the background; slots that die while idle
@@ -44,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from executor.backends import LABEL_WARM, ContainerBackend, Mount
 from executor.errors import BackendError, SandboxExecutorError, host_errors
 from executor.launch import SANDBOX_DATA, container_spec
-from executor.lifeline import Lifeline
+from executor.lifeline import Lifeline, StartLine
 from executor.rpc.server import TaskServer
 from executor.rpc.session import SessionRef
 from executor.supervisor import BOOT_GRACE_S
@@ -79,6 +81,7 @@ class Slot:
     lease: UidLease
     server: TaskServer
     lifeline: Lifeline
+    start: StartLine
     backend: ContainerBackend
     container_id: str = ""
     started_at: float = field(default_factory=time.monotonic)
@@ -94,12 +97,13 @@ class Slot:
     @property
     def ready(self) -> bool:
         """Booted and waiting for its task."""
-        return self.server.ref.waiting
+        return self.start.waiting
 
     def dead(self, now: float) -> bool:
-        """Whether the sandbox gave up waiting (it died) or never asked for a task in time."""
-        ref = self.server.ref
-        return ref.lost or (not ref.ever_waited and now - self.started_at > BOOT_TIMEOUT_S)
+        """Whether the sandbox stopped waiting (it died) or did not boot in time."""
+        if self.start.connected:
+            return not self.start.waiting
+        return now - self.started_at > BOOT_TIMEOUT_S
 
     def give(self, session: TaskSession) -> float:
         """Hand the slot its one task: the waiting sandbox gets the configuration now.
@@ -116,6 +120,9 @@ class Slot:
             self._given = True
         given_at = time.monotonic()
         self.server.ref.bind(session)
+        # A runtime that died just now never reads it; the supervisor then
+        # sees its container end, as for a cold one that dies at boot.
+        self.start.go()
         return given_at
 
     def discard(self) -> None:
@@ -134,6 +141,7 @@ class Slot:
                     )
         finally:
             self.server.stop(grace=0)
+            self.start.close()
             self.lifeline.close()
             self.task_dir.remove()
             self.lease.release()
@@ -173,6 +181,10 @@ def make_slot(
             lifeline = Lifeline(task_dir.lifeline_path)
         made.append(lifeline)
         lifeline.start()
+        with host_errors("listen on", task_dir.start_path):
+            start = StartLine(task_dir.start_path)
+        made.append(start)
+        start.start()
         with host_errors("hand to the sandbox user", task_dir.ipc):
             task_dir.grant_to_sandbox()
         base = container_spec(
@@ -193,7 +205,7 @@ def make_slot(
             labels={**base.labels, LABEL_WARM: "true"},
             environment=base.environment,
         )
-        slot = Slot(name, spec, task_dir, lease, server, lifeline, backend)
+        slot = Slot(name, spec, task_dir, lease, server, lifeline, start, backend)
         made = [slot]
         slot.container_id = backend.create(spec)
         backend.start(slot.container_id)
@@ -367,8 +379,8 @@ class WarmPool:
         for slot in dead:
             why = (
                 "stopped while it waited"
-                if slot.server.ref.ever_waited
-                else (f"did not boot within {BOOT_TIMEOUT_S:g} s")
+                if slot.start.connected
+                else f"did not boot within {BOOT_TIMEOUT_S:g} s"
             )
             tail = ""
             with contextlib.suppress(Exception):

@@ -100,6 +100,8 @@ class SandboxServicer(pb_grpc.SandboxServicer):
     @_rpc_errors
     def GetTask(self, request: pb.GetTaskRequest, context: grpc.ServicerContext) -> pb.TaskConfig:
         """The task's configuration (a warm slot's, once it is given a task)."""
+        if request.no_wait:
+            return self._session.get_config()
         session = self._ref.wait(context.is_active)
         if session is None:
             raise RequestRejected("UNAVAILABLE", "the sandbox is being shut down")

@@ -48,6 +48,8 @@ CHUNK_BYTES = 1024 * 1024
 # raw bytes over bulk.sock, beside the gRPC socket, after a single-use ticket.
 BULK_MIN_BYTES = 2 * CHUNK_BYTES
 BULK_SOCKET_NAME = "bulk.sock"
+# A warm sandbox's runtime waits on this socket for its task (one byte: go).
+START_SOCKET_NAME = "start.sock"
 # A bulk connection starts with BULK_MAGIC, one byte giving the token's length,
 # the token, and the ticket; a send ends with the parent's status line.
 BULK_MAGIC = b"SE-BULK1"

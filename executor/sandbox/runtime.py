@@ -15,6 +15,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import traceback  # noqa: E402
@@ -32,6 +33,7 @@ from executor.sandbox.contract import (  # noqa: E402
     MAX_ERROR_TYPE_CHARS,
     MAX_TRACEBACK_CHARS,
     MIN_HEARTBEAT_INTERVAL_MS,
+    START_SOCKET_NAME,
     TOKEN_METADATA_KEY,
 )
 from executor.v1 import sandbox_pb2 as pb  # noqa: E402
@@ -39,6 +41,8 @@ from executor.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
 
 SCRATCH_DIR = Path("/tmp/scratch")
 CONNECT_TIMEOUT_S = 30.0
+# A warm sandbox touches its connection this often while it waits (see _wait_for_task).
+KEEP_CONNECTED_S = 45.0
 # How long the runtime waits for the parent to confirm its first beat before
 # it starts protocol code; a parent that never does has gone.
 BEAT_SEEN_WAIT_S = 30.0
@@ -272,6 +276,47 @@ def _preload(modules: str) -> None:
             _stderr(f"preload: cannot import {name}: {type(exc).__name__}: {_describe(exc)}")
 
 
+def _wait_for_task(path: Path, client: ParentClient) -> bool:
+    """Block on the start line until the parent says the task is there; ``False`` if it never will.
+
+    A blocked read costs nothing while the sandbox waits, however long. The
+    connection to the parent is opened first, and touched every
+    :data:`KEEP_CONNECTED_S` (the parent closes one idle for a minute), so
+    the task's first calls find it open.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _touch(client)
+        sock.connect(str(path))
+        sock.settimeout(KEEP_CONNECTED_S)
+        while True:
+            try:
+                go = sock.recv(1)
+                break
+            except TimeoutError:
+                _touch(client)
+    except OSError as exc:
+        _stderr(f"cannot wait for the task: {exc}")
+        return False
+    finally:
+        sock.close()
+    if go != b"\x01":
+        _stderr("the parent let this warm sandbox go without a task; exiting")
+        return False
+    return True
+
+
+def _touch(client: ParentClient) -> None:
+    """One call that opens (or keeps open) the connection; "no task yet" is its expected answer."""
+    with contextlib.suppress(grpc.RpcError):
+        client.stub.GetTask(
+            pb.GetTaskRequest(no_wait=True),
+            metadata=client.metadata,
+            timeout=CONNECT_TIMEOUT_S,
+            wait_for_ready=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one task and return the process exit status."""
     parser = argparse.ArgumentParser(prog="python3 -m executor.sandbox")
@@ -281,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wait-for-task",
         action="store_true",
-        help="a warm sandbox: wait for the task as long as the parent lives (init ends it without)",
+        help="a warm sandbox: wait on the start line for a task as long as the parent lives",
     )
     args = parser.parse_args(argv)
     _configure_logging()
@@ -307,9 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx_holder: list[Context] = []
     heartbeat: Heartbeat | None = None
     if args.wait_for_task:
-        # Open the heartbeat stream while waiting: the parent reads its first
-        # beat the moment it hands over the task, and the confirmation comes
-        # back with the configuration instead of one round trip after it.
+        if not _wait_for_task(Path(args.socket).parent / START_SOCKET_NAME, client):
+            return EXIT_PARENT_GONE
+        # Open the heartbeat stream beside the configuration's fetch: the
+        # parent's confirmation comes back with it, not one round trip after.
         heartbeat = Heartbeat(client, None, ctx_holder)
         heartbeat.start()
     t = time.monotonic()
@@ -319,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         config = stub.GetTask(
             pb.GetTaskRequest(),
             metadata=metadata,
-            timeout=None if args.wait_for_task else CONNECT_TIMEOUT_S,
+            timeout=CONNECT_TIMEOUT_S,
             wait_for_ready=True,
         )
     except grpc.RpcError as exc:

@@ -48,8 +48,10 @@ ABORT: Status
 ERROR: Status
 
 class GetTaskRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("no_wait",)
+    NO_WAIT_FIELD_NUMBER: _ClassVar[int]
+    no_wait: bool
+    def __init__(self, no_wait: _Optional[bool] = ...) -> None: ...
 
 class Flags(_message.Message):
     __slots__ = ("batched_execution", "test_run", "run_on_new_data_only", "force_rerun_failed_files")

@@ -832,6 +832,24 @@ def test_get_task_waits_for_the_slot_to_be_given_its_task(warm_served, make_sess
     assert len(kit.progress) == 1
 
 
+def test_get_task_without_waiting_answers_at_once_whether_or_not_there_is_a_task(warm_served, make_session):
+    # What a warm runtime uses to open its connection before it waits on its start line.
+    code, details = _code(
+        warm_served.stub.GetTask,
+        pb.GetTaskRequest(no_wait=True),
+        metadata=warm_served.auth,
+        timeout=RPC_TIMEOUT,
+    )
+    assert (code, details) == (grpc.StatusCode.FAILED_PRECONDITION, "no task yet: call GetTask first")
+    assert not warm_served.ref.ever_waited
+    kit = make_session(config=CONFIG, max_result_bytes=64 * 1024)
+    warm_served.ref.bind(kit.session)
+    got = warm_served.stub.GetTask(
+        pb.GetTaskRequest(no_wait=True), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+    )
+    assert got == CONFIG
+
+
 def test_every_call_but_get_task_and_heartbeat_is_refused_before_the_slot_has_a_task(
     warm_served, make_session
 ):

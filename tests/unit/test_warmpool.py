@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -27,9 +28,10 @@ from executor import warmpool
 from executor.backends import LABEL_WARM, ContainerSpec, ExitInfo
 from executor.errors import CapacityError, ContainerError, HostError
 from executor.launch import SANDBOX_IPC
+from executor.lifeline import StartLine
 from executor.policy import IsolationPolicy
 from executor.rpc.session import SessionRef
-from executor.sandbox.contract import TOKEN_METADATA_KEY
+from executor.sandbox.contract import START_SOCKET_NAME, TOKEN_METADATA_KEY
 from executor.taskdir import SOCKET_NAME, TOKEN_NAME
 from executor.testing import FakeBackend, FakeContainer, Program
 from executor.uids import UidPool
@@ -163,23 +165,37 @@ class Sandboxes:
     errors: dict[str, grpc.StatusCode] = field(default_factory=dict)
 
     def program(self, *, give_up_after: float | None = None) -> Program:
-        """Ask for the task as the runtime does; with ``give_up_after``, die unanswered after that long."""
+        """Wait on the start line and then ask for the task, as the runtime does.
+
+        With ``give_up_after``, die unanswered after that long.
+        """
 
         def run(container: FakeContainer) -> ExitInfo | None:
             ipc = next(m.source for m in container.spec.mounts if m.target == SANDBOX_IPC)
             token = (ipc / TOKEN_NAME).read_text()
+            start = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                start.connect(str(ipc / START_SOCKET_NAME))
+                start.settimeout(give_up_after or RPC_TIMEOUT)
+                go = start.recv(1)
+            except OSError:
+                go = b""
+            finally:
+                start.close()
+            if go != b"\x01":
+                self.errors[container.id] = grpc.StatusCode.UNAVAILABLE
+                if give_up_after is not None:
+                    container.write("stderr", "runtime: gave up waiting\n")
+                    return ExitInfo(1)
+                container.wait_killed()
+                return None
             with grpc.insecure_channel(f"unix:{ipc / SOCKET_NAME}") as channel:
                 try:
                     config = pb_grpc.SandboxStub(channel).GetTask(
-                        pb.GetTaskRequest(),
-                        metadata=((TOKEN_METADATA_KEY, token),),
-                        timeout=give_up_after or RPC_TIMEOUT,
+                        pb.GetTaskRequest(), metadata=((TOKEN_METADATA_KEY, token),), timeout=RPC_TIMEOUT
                     )
                 except grpc.RpcError as exc:
                     self.errors[container.id] = exc.code()
-                    if give_up_after is not None:
-                        container.write("stderr", "runtime: gave up waiting\n")
-                        return ExitInfo(1)
                 else:
                     self.configs[container.id] = config
             container.wait_killed()
@@ -428,7 +444,7 @@ def test_take_skips_a_slot_whose_sandbox_died_before_the_pool_looked(host, monke
     pool.start()
     assert wait_for(lambda: pool.stats()["made"] == 1)
     (slot,) = pool._idle
-    assert wait_for(lambda: slot.server.ref.lost)
+    assert wait_for(lambda: slot.start.connected and not slot.start.waiting)
     assert pool.take() is None
     assert pool.stats()["taken"] == 0
     pool.close()
@@ -472,3 +488,24 @@ def test_close_while_a_slot_is_being_made_leaves_nothing_once_it_comes_back(host
     assert host.uids_free()
     assert pool.stats()["made"] == 0
     assert pool.take() is None
+
+
+def test_the_start_line_says_go_once_and_tells_a_waiting_runtime_from_a_dead_one(tmp_path):
+    path = Path(tempfile.mkdtemp(prefix="se-start-", dir="/tmp")) / "start.sock"
+    line = StartLine(path)
+    line.start()
+    runtime = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        assert not line.waiting and not line.go()  # nobody there yet
+        runtime.connect(str(path))
+        assert wait_for(lambda: line.waiting)
+        assert not path.exists()  # one connection only: it stops listening
+        assert line.go()
+        runtime.settimeout(RPC_TIMEOUT)
+        assert runtime.recv(1) == StartLine.GO
+        runtime.close()
+        assert wait_for(lambda: not line.waiting)  # it hung up
+    finally:
+        runtime.close()
+        line.close()
+        shutil.rmtree(path.parent, ignore_errors=True)
