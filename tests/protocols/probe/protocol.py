@@ -125,6 +125,7 @@ SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "P
 
 IPC_DIR = "/run/sandbox"
 TOKEN_PATH = f"{IPC_DIR}/token"
+BULK_SOCKET_PATH = f"{IPC_DIR}/bulk.sock"
 SOCKET_PATH = f"{IPC_DIR}/sandbox.sock"
 ENGINE_SOCKET_PATTERNS = ("*docker*.sock", "*containerd*.sock", "*podman*.sock", "*crio*.sock")
 ENGINE_MOUNT_RE = re.compile(r"(docker|containerd|podman|crio)[^/]*\.sock")
@@ -822,7 +823,9 @@ def probe_no_engine_socket(env):
                 errors += 1
     with open("/proc/self/mountinfo") as f:
         mounts = [line for line in f if ENGINE_MOUNT_RE.search(line.split(" - ")[0].split()[3])]
-    others = [s for s in sockets if s != SOCKET_PATH]
+    # The task's own sockets: its gRPC server and its bulk path (the lifeline
+    # and a warm slot's start line are gone once connected).
+    others = [s for s in sockets if s not in (SOCKET_PATH, BULK_SOCKET_PATH)]
     held = not named and not others and not mounts
     return held, (
         f"walked {seen} entries ({errors} unreadable dirs); engine-named: {named[:5]}, "
