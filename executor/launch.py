@@ -37,14 +37,19 @@ def sandbox_command(preload: tuple[str, ...] = (), *, warm: bool = False) -> lis
     one (a pool's slot) waits for its task as long as its parent lives.
     """
     extra = [*(["--preload", ",".join(preload)] if preload else []), *(["--wait-for-task"] if warm else [])]
+    # -P: no task-writable current directory on sys.path; -S: init needs
+    # nothing from site-packages (the runtime does: grpc).
     return [
         "python3",
+        "-P",
+        "-S",
         "-m",
         "executor.sandbox.init",
         "--lifeline",
         f"{SANDBOX_IPC}/{LIFELINE_NAME}",
         "--",
         "python3",
+        "-P",
         "-m",
         "executor.sandbox",
         "--socket",

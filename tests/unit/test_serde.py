@@ -77,7 +77,8 @@ def test_the_container_sees_only_its_mounts_and_is_labelled(tmp_path):
     ]
     assert all(m.read_only for m in spec.mounts)
     assert spec.labels["io.sandbox-executor.task-id"] == "t-1"
-    assert spec.command[:3] == ["python3", "-m", "executor.sandbox.init"]
+    # Init first, with no task-writable directory on its path and no site-packages.
+    assert spec.command[:5] == ["python3", "-P", "-S", "-m", "executor.sandbox.init"]
 
 
 def test_file_outcome_kinds_become_the_enum_and_unknown_kinds_are_refused():
