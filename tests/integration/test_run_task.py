@@ -167,15 +167,24 @@ def test_cli_human_output_shows_error_in_one_line(data_dir, run_dir, docker_clie
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_a_protocol_calling_faster_than_the_rate_cap_is_slowed_not_failed(make_executor, data_dir):
+def test_a_protocol_calling_faster_than_the_rate_cap_is_slowed_not_failed(
+    make_executor, data_dir, monkeypatch
+):
+    # A cap of 200 calls/s after a burst of 100: far below what a sandbox
+    # manages even on a loaded machine, so the cap is certainly reached (the
+    # real cap, 1000/s, is not always outrun when the host is busy).
+    from executor.rpc.server import TaskServer
+
+    monkeypatch.setitem(TaskServer.__init__.__kwdefaults__, "rate_per_s", 200.0)
+    monkeypatch.setitem(TaskServer.__init__.__kwdefaults__, "burst", 100)
     events = []
     outcome = make_executor().run(
-        TaskSpec(protocol_dir=PROTOCOLS / "chatty", data_dir=data_dir, parameters={"steps": 5000}),
+        TaskSpec(protocol_dir=PROTOCOLS / "chatty", data_dir=data_dir, parameters={"steps": 400}),
         on_progress=events.append,
     )
     assert outcome.status is Status.OK, outcome.error
-    # 15000 calls, well past what the cap admits in the time (2000 + 1000/s):
-    # the cap was reached (the parent refused calls) and still every one arrived.
-    assert outcome.result["calls"] == 15000
+    # 1200 calls, well past what the cap admits in the time: the parent
+    # refused calls, and still every one arrived.
+    assert outcome.result["calls"] == 1200
     assert outcome.result["refused"] > 0, "the rate cap was never reached: nothing shows it slows"
-    assert len(events) == 15000
+    assert len(events) == 1200
