@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from executor.backends import LABEL_PARENT, LABEL_TASK
-from executor.mailbox.crypto import TaskKeys, associated_data, open_sealed, seal
+from executor.errors import DecryptionError
+from executor.mailbox.crypto import TaskKeys, associated_data, open_sealed, plaintext_size, seal
 from executor.mailbox.transport import Envelope, Route
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
@@ -66,6 +67,11 @@ ATTACKS = (
     "empty_chunks",
     "file_flood",
     "stalled_requests",
+    "bulk_bad_headers",
+    "bulk_ticket_reuse",
+    "bulk_open_limits",
+    "bulk_connection_flood",
+    "bulk_short_body",
     "connection_flood",
     "limiter_slot_leak",
 )
@@ -82,6 +88,17 @@ MARK_STUCK = "rpc-attacks:stuck "
 MARK_CPU_START = "rpc-attacks:cpu-start"
 MARK_CPU_END = "rpc-attacks:cpu-end"
 ATTACKER_PROJECT = "rpc-attacks"
+# The bulk socket's caps (executor/rpc/bulk.py) as pinned here, not as the code has them;
+# tests/unit/test_bulk.py pins the same numbers against the module.
+BULK_LIMITS = {
+    "bulk_max_connections": 4,
+    "bulk_max_tickets": 4,
+    "bulk_header_timeout_s": 5.0,
+    "bulk_ticket_bytes": 16,
+}
+# The one body the attacker sends to the end (bulk_ticket_reuse, before reusing its
+# ticket): a size no other message has, so the modeller's side can tell it apart.
+BULK_REUSE_SIZE = 65_537
 # The attacker runs every attack in about a minute (two under gVisor on a busy
 # machine); a hang ends as TIMEOUT well before pytest's limit, and a main
 # thread that stops moving (a blocked wait) is a stall after STALL_S.
@@ -91,7 +108,7 @@ ATTACKER_STALL_S = 150.0
 
 def _limits() -> dict[str, Any]:
     """The caps the attacks expect: the pinned table, never the code under test."""
-    return rpc_caps.attack_limits()
+    return {**rpc_caps.attack_limits(), **BULK_LIMITS}
 
 
 def _make_datasource(base: Path) -> Path:
@@ -146,11 +163,38 @@ def _host_evidence(
         fail(("file_names", "field_limits", "invalid_enums"), f"recorded file outcomes {files}")
     if any(reason == "forged" for _, reason in files.values()):
         fail(("no_token", "wrong_token_same_length", "token_other_lengths"), f"a forged outcome: {files}")
-    leaked = transport.from_pod(task_id, timeout=0.5)
-    if leaked is not None:
+    # Exactly one message may reach the modeller: bulk_ticket_reuse's one completed send.
+    reuse_sends = 0
+    while (envelope := transport.from_pod(task_id, timeout=0.5)) is not None:
+        body = envelope.body
+        sealed_size = len(body) if isinstance(body, bytes) else body.stat().st_size
+        if isinstance(body, Path):
+            body.unlink(missing_ok=True)
+        try:
+            size = plaintext_size(sealed_size)
+        except DecryptionError:
+            size = -1
+        if envelope.type == "TRAINING_UPDATE" and size == BULK_REUSE_SIZE:
+            reuse_sends += 1
+            continue
         fail(
-            ("forged_body_size", "half_open_streams", "invalid_enums", "oversized_message", "no_token"),
-            f"a {leaked.type} message reached the modeller",
+            (
+                "forged_body_size",
+                "half_open_streams",
+                "invalid_enums",
+                "oversized_message",
+                "no_token",
+                "bulk_bad_headers",
+                "bulk_open_limits",
+                "bulk_connection_flood",
+                "bulk_short_body",
+            ),
+            f"a {envelope.type} message of {sealed_size} sealed bytes reached the modeller",
+        )
+    if reuse_sends != 1:
+        fail(
+            ("bulk_ticket_reuse",),
+            f"its one completed bulk send reached the modeller {reuse_sends} times, not once",
         )
     channel = transport.open(Route(victim))
     try:
@@ -309,6 +353,7 @@ def attack_run(request: pytest.FixtureRequest, docker_client: Any, tmp_path_fact
             "limits": _limits(),
             "victim_task_id": victim,
             "host_run_dir": str(run_dir),
+            "bulk_reuse_size": BULK_REUSE_SIZE,
             # gVisor's sentry ends the sandbox somewhere below 2700 host connections.
             "connections": {"processes": 2, "per_process": 600},
         },

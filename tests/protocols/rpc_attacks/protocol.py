@@ -16,6 +16,7 @@ flood).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -36,6 +37,9 @@ from executor.v1 import sandbox_pb2_grpc as pb_grpc
 
 IPC = "/run/sandbox"
 SOCKET = f"{IPC}/sandbox.sock"
+BULK_SOCKET = f"{IPC}/bulk.sock"
+# The bulk socket's wire format (executor/sandbox/contract.py), spelled out as an attacker would.
+BULK_MAGIC = b"SE-BULK1"
 TOKEN_FILE = f"{IPC}/token"
 SERVICE = "/executor.v1.Sandbox/"
 TOKEN_KEY = "x-sandbox-token"
@@ -68,6 +72,10 @@ METHODS: dict[str, tuple[str, bytes]] = {
     "ReceiveMessage": (
         "unary_stream",
         pb.ReceiveMessageRequest(type=pb.MODELLER_RESPONSE, timeout_ms=100).SerializeToString(),
+    ),
+    "OpenBulkSend": (
+        "unary_unary",
+        pb.BulkSendRequest(type=pb.TRAINING_UPDATE, total_size=10).SerializeToString(),
     ),
     "SendSecureShares": ("unary_unary", pb.SecureShares(shares={"pod-x": b"s"}).SerializeToString()),
     "GetSecureShares": ("unary_unary", pb.GetSecureSharesRequest(timeout_ms=100).SerializeToString()),
@@ -345,10 +353,10 @@ def attack_other_task_identity(a: Attacker) -> tuple[bool, str]:
     checks = Checks()
     own_id = a.ctx.task_id
     listing = sorted(os.listdir(IPC))
-    checks.true("/run/sandbox listing", listing == ["sandbox.sock", "token"], f"holds {listing}")
+    checks.true("/run/sandbox listing", listing == ["bulk.sock", "sandbox.sock", "token"], f"holds {listing}")
     sockets, seen = _sockets_anywhere()
-    checks.true("sockets in the file tree", sockets == [SOCKET], f"found {sockets}")
-    checks.note(f"walked {seen} paths, the only socket is {SOCKET}")
+    checks.true("sockets in the file tree", sockets == [BULK_SOCKET, SOCKET], f"found {sockets}")
+    checks.note(f"walked {seen} paths, the only sockets are {BULK_SOCKET} and {SOCKET}")
     checks.true(
         "host run dir not visible", not os.path.exists(a.host_run_dir), f"{a.host_run_dir} exists inside"
     )
@@ -1308,6 +1316,349 @@ def attack_stalled_requests(a: Attacker) -> tuple[bool, str]:
     return checks.result()
 
 
+# -- the bulk socket ----------------------------------------------------------
+#
+# bulk.sock carries large mailbox bodies raw. A connection starts with
+# BULK_MAGIC, one byte giving the token's length, the token and a 16-byte
+# ticket from OpenBulkSend; the body follows, and the parent answers one
+# status line. Its caps come from the test (``limits``), as pinned there.
+
+
+def _bulk_header(token: str, ticket: bytes, magic: bytes = BULK_MAGIC) -> bytes:
+    raw = token.encode()
+    return magic + bytes([len(raw) & 0xFF]) + raw + ticket
+
+
+def _bulk_connect(first: bytes = b"", close_write: bool = False) -> socket.socket:
+    """A connection to the bulk socket that has sent ``first`` (and said no more, if asked)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(TIMEOUT_S)
+    try:
+        s.connect(BULK_SOCKET)
+        if first:
+            s.sendall(first)
+        if close_write:
+            s.shutdown(socket.SHUT_WR)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent closed it already: _bulk_end says so
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def _bulk_end(s: socket.socket, wait_s: float = TIMEOUT_S) -> tuple[str, bytes, float]:
+    """How the parent ended ``s`` (``closed`` or ``still open``), what it sent first, and when."""
+    s.settimeout(wait_s)
+    started = time.monotonic()
+    got = b""
+    try:
+        while data := s.recv(65536):
+            got += data[: 8192 - len(got)]
+        return "closed", got, time.monotonic() - started
+    except ConnectionResetError:  # closed with bytes of ours unread
+        return "closed", got, time.monotonic() - started
+    except TimeoutError:
+        return "still open", got, time.monotonic() - started
+    finally:
+        s.close()
+
+
+def _bulk_ticket(stub: Any, a: Attacker, size: int) -> bytes:
+    return stub.OpenBulkSend(
+        pb.BulkSendRequest(type=pb.TRAINING_UPDATE, total_size=size), metadata=a.md, timeout=TIMEOUT_S
+    ).ticket
+
+
+def _short(missing: int) -> bytes:
+    """The status a body that ends ``missing`` bytes early gets: the parent held the transfer till then."""
+    return f"INVALID_ARGUMENT the body ended {missing} bytes short of its size".encode()
+
+
+def _refused_at_once(checks: Checks, label: str, how: tuple[str, bytes, float], within: float) -> None:
+    state, got, took = how
+    checks.true(f"{label}: closed", state == "closed", f"{state} after {took:.1f} s")
+    checks.true(f"{label}: nothing sent back", got == b"", f"got {got[:80]!r}")
+    checks.true(f"{label}: closed within {within:g} s", took < within, f"after {took:.1f} s")
+
+
+def attack_bulk_bad_headers(a: Attacker) -> tuple[bool, str]:
+    """No ticket, garbage, guessed tickets, a wrong token: nothing back, the connection closed."""
+    checks = Checks()
+    header_s = float(a.limits["bulk_header_timeout_s"])
+    ticket_bytes = int(a.limits["bulk_ticket_bytes"])
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    # Connections that stop part-way must be ended by the header timeout: run them meanwhile.
+    quiet: dict[str, tuple[str, bytes, float]] = {}
+
+    def hold(label: str, first: bytes) -> None:
+        quiet[label] = _bulk_end(_bulk_connect(first), header_s + 15.0)
+
+    quiet_threads = [
+        threading.Thread(target=hold, args=(label, first), daemon=True)
+        for label, first in (
+            ("silent connection", b""),
+            ("magic only", BULK_MAGIC),
+            ("token without a ticket", _bulk_header(a.token, b"")),
+        )
+    ]
+    for t in quiet_threads:
+        t.start()
+    try:
+        flipped = _flip(a.token, len(a.token) // 2)
+        wrongs = {
+            "no ticket, then end of input": _bulk_header(a.token, b""),
+            "8 KiB of random bytes": os.urandom(8192),
+            "an HTTP/2 preface": PREFACE + EMPTY_SETTINGS,
+            "a wrong magic": _bulk_header(a.token, os.urandom(ticket_bytes), magic=b"SE-BULK2"),
+            "a zero ticket": _bulk_header(a.token, bytes(ticket_bytes)),
+            "token length 255": BULK_MAGIC + b"\xff" + a.token.encode() + bytes(ticket_bytes),
+        }
+        for i in range(20):
+            wrongs[f"guessed ticket #{i + 1}"] = _bulk_header(a.token, os.urandom(ticket_bytes))
+        for label, first in wrongs.items():
+            _refused_at_once(checks, label, _bulk_end(_bulk_connect(first, close_write=True)), 5.0)
+        # A real ticket with a wrong token (or none) is refused, and not used up by it.
+        ticket = _bulk_ticket(stub, a, 10)
+        for label, token in (
+            ("a flipped token", flipped),
+            ("no token", ""),
+            ("the token twice", a.token * 2),
+        ):
+            how = _bulk_end(_bulk_connect(_bulk_header(token, ticket) + b"01234", close_write=True))
+            _refused_at_once(checks, f"the real ticket with {label}", how, 5.0)
+        state, got, _ = _bulk_end(_bulk_connect(_bulk_header(a.token, ticket) + b"01234", close_write=True))
+        checks.true(
+            "the real ticket still serves its owner after the refusals",
+            (state, got) == ("closed", _short(5)),
+            f"{state}, got {got[:200]!r}",
+        )
+        for t in quiet_threads:
+            t.join(header_s + 20.0)
+        checks.true("every quiet connection ended", len(quiet) == 3, f"{sorted(quiet)}")
+        for label, (state, got, took) in sorted(quiet.items()):
+            checks.true(
+                f"{label}: closed by the header timeout",
+                state == "closed" and got == b"" and took < header_s + 5.0,
+                f"{state} after {took:.1f} s, got {got[:80]!r}",
+            )
+            checks.note(f"{label} closed after {took:.1f} s")
+        a.normal_calls_work(checks, "after bad bulk headers", channel)
+    finally:
+        _close(channel)
+    return checks.result()
+
+
+def attack_bulk_ticket_reuse(a: Attacker) -> tuple[bool, str]:
+    """A ticket serves one connection: not a second one at once, nor after a send or a failure.
+
+    The one send that completes here is the only message that may reach the
+    modeller: the test checks that exactly one of its size arrived.
+    """
+    checks = Checks()
+    size = int(a.ctx.parameters["bulk_reuse_size"])
+    body = os.urandom(size)
+    half = size // 2
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    try:
+        ticket = _bulk_ticket(stub, a, size)
+        first = _bulk_connect(_bulk_header(a.token, ticket) + body[:half])
+        time.sleep(1.0)  # the parent has read its header and taken the ticket
+        how = _bulk_end(_bulk_connect(_bulk_header(a.token, ticket) + body, close_write=True))
+        _refused_at_once(checks, "the same ticket while its transfer runs", how, 5.0)
+        try:
+            first.sendall(body[half:])
+            first.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            checks.true("the first transfer still open", False, f"{exc!r}")
+        state, got, _ = _bulk_end(first)
+        checks.true(
+            "the first transfer completes", (state, got) == ("closed", b"OK"), f"{state} {got[:200]!r}"
+        )
+        for i in range(3):
+            how = _bulk_end(_bulk_connect(_bulk_header(a.token, ticket) + body, close_write=True))
+            _refused_at_once(checks, f"the ticket after its send, try {i + 1}", how, 5.0)
+        # A ticket whose transfer failed is spent too.
+        failed = _bulk_ticket(stub, a, 10)
+        state, got, _ = _bulk_end(_bulk_connect(_bulk_header(a.token, failed) + b"01", close_write=True))
+        checks.true("a short transfer fails", (state, got) == ("closed", _short(8)), f"{state} {got[:200]!r}")
+        how = _bulk_end(_bulk_connect(_bulk_header(a.token, failed) + b"0123456789", close_write=True))
+        _refused_at_once(checks, "the ticket after its failed transfer", how, 5.0)
+        a.normal_calls_work(checks, "after ticket reuse", channel)
+    finally:
+        _close(channel)
+    return checks.result()
+
+
+def attack_bulk_open_limits(a: Attacker) -> tuple[bool, str]:
+    """OpenBulkSend refuses what a send would, and more unused tickets than the cap."""
+    checks = Checks()
+    limit = a.ctx.mailbox.max_message_bytes
+    cap = int(a.limits["bulk_max_tickets"])
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+
+    def open_(message_type: int, size: int) -> Status:
+        request = pb.BulkSendRequest(type=message_type, total_size=size)
+        return _status(lambda: stub.OpenBulkSend(request, metadata=a.md, timeout=TIMEOUT_S))
+
+    try:
+        for size in (limit + 1, 2 * limit, 2**64 - 1):
+            checks.status(
+                f"announces {size} bytes",
+                open_(pb.TRAINING_UPDATE, size),
+                "RESOURCE_EXHAUSTED",
+                f"outgoing message is {size} bytes; the limit is {limit}",
+            )
+        for value, name in (
+            (pb.ALGORITHM_EXCHANGE, "ALGORITHM_EXCHANGE"),
+            (pb.SECURE_SHARE, "SECURE_SHARE"),
+            (pb.MESSAGE_TYPE_UNSPECIFIED, "MESSAGE_TYPE_UNSPECIFIED"),
+            (999, "<invalid>"),
+        ):
+            checks.status(
+                f"type {name}",
+                open_(value, 10),
+                "INVALID_ARGUMENT",
+                f"a sandbox may not send {name} messages",
+            )
+        tickets = []
+        for i in range(cap):
+            try:
+                tickets.append(_bulk_ticket(stub, a, 10))
+            except grpc.RpcError as exc:
+                checks.true(f"unused ticket {i + 1} of {cap}", False, f"{exc.code().name} {exc.details()!r}")
+        checks.status(
+            f"unused ticket {cap + 1}",
+            open_(pb.TRAINING_UPDATE, 10),
+            "RESOURCE_EXHAUSTED",
+            "too many bulk transfers are open at once",
+        )
+        # Spend them, so that the tickets' slots are free again.
+        for i, ticket in enumerate(tickets):
+            state, got, _ = _bulk_end(_bulk_connect(_bulk_header(a.token, ticket), close_write=True))
+            checks.true(
+                f"ticket {i + 1} spent", (state, got) == ("closed", _short(10)), f"{state} {got[:200]!r}"
+            )
+        try:
+            again = _bulk_ticket(stub, a, 10)
+            state, got, _ = _bulk_end(_bulk_connect(_bulk_header(a.token, again), close_write=True))
+            checks.true("a ticket once they are spent", got == _short(10), f"{state} {got[:200]!r}")
+        except grpc.RpcError as exc:
+            checks.true("a ticket once they are spent", False, f"{exc.code().name} {exc.details()!r}")
+        a.normal_calls_work(checks, "after bulk limits", channel)
+    finally:
+        _close(channel)
+    return checks.result()
+
+
+def _hold_transfers(a: Attacker, stub: Any, n: int) -> list[socket.socket]:
+    """``n`` bulk sends of 10 bytes, each with 5 sent and the rest held back."""
+    held = []
+    try:
+        for _ in range(n):
+            held.append(_bulk_connect(_bulk_header(a.token, _bulk_ticket(stub, a, 10)) + b"01234"))
+    except BaseException:
+        for s in held:
+            s.close()
+        raise
+    return held
+
+
+def _release(checks: Checks, label: str, held: list[socket.socket]) -> None:
+    """End each held transfer short: its status shows the parent was still serving it."""
+    for i, s in enumerate(held):
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_WR)
+        state, got, _ = _bulk_end(s)
+        checks.true(
+            f"{label} {i + 1}: still served", (state, got) == ("closed", _short(5)), f"{state} {got[:200]!r}"
+        )
+
+
+def attack_bulk_connection_flood(a: Attacker) -> tuple[bool, str]:
+    """Bulk connections beyond the cap are closed at once; the ones within it, and gRPC, keep working."""
+    checks = Checks()
+    cap = int(a.limits["bulk_max_connections"])
+    header_s = float(a.limits["bulk_header_timeout_s"])
+    extra_n = 64
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    try:
+        held = _hold_transfers(a, stub, cap)
+        time.sleep(1.0)  # each has presented its ticket and is being served
+        extras = []
+        errors: list[str] = []
+        for _ in range(extra_n):
+            try:
+                extras.append(_bulk_connect())
+            except OSError as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+        ends = [_bulk_end(s, header_s + 15.0) for s in extras]
+        closed = [took for state, got, took in ends if state == "closed" and got == b""]
+        checks.true(f"a real attempt: {extra_n} connects", len(extras) >= cap, f"{len(extras)}: {errors[:3]}")
+        # Served, a silent connection would wait out the header timeout: these must not.
+        checks.true(
+            f"every connection beyond {cap} closed at once, with nothing sent",
+            len(closed) == len(extras) and max(closed, default=0.0) < header_s / 2,
+            f"{len(closed)} of {len(extras)} closed, the slowest after {max(closed, default=0.0):.1f} s",
+        )
+        checks.note(
+            f"{len(closed)} of {extra_n} extra connections closed, the slowest after "
+            f"{max(closed, default=0.0):.2f} s"
+        )
+        if errors:  # a full listen backlog refuses a connect outright: refused too
+            checks.note(f"{len(errors)} connects refused: " + ", ".join(sorted(set(errors)))[:200])
+        a.normal_calls_work(
+            checks, f"while {cap} bulk transfers are held and {extra_n} more refused", channel
+        )
+        _release(checks, "held transfer", held)
+        time.sleep(0.5)
+        _release(checks, "a transfer after the flood", _hold_transfers(a, stub, cap))
+        a.normal_calls_work(checks, "after the bulk flood", channel)
+    finally:
+        _close(channel)
+    return checks.result()
+
+
+def attack_bulk_short_body(a: Attacker) -> tuple[bool, str]:
+    """Fewer bytes than announced, then silence or a close: nothing is sent and the slot comes back.
+
+    The parent ends a stalled transfer by its idle timeout (a minute; tests/unit/test_bulk.py
+    shows it with a short one); here the sandbox closes the connection instead.
+    """
+    checks = Checks()
+    cap = int(a.limits["bulk_max_connections"])
+    size = 3 * MiB
+    channel = _channel()
+    stub = pb_grpc.SandboxStub(channel)
+    try:
+        # Said no more: the parent answers why.
+        ticket = _bulk_ticket(stub, a, size)
+        state, got, _ = _bulk_end(_bulk_connect(_bulk_header(a.token, ticket) + b"s" * MiB, close_write=True))
+        checks.true(
+            "a body that ends short", (state, got) == ("closed", _short(size - MiB)), f"{state} {got[:200]!r}"
+        )
+        # Silence: the parent waits, answers nothing, and everything else goes on.
+        hung = [
+            _bulk_connect(_bulk_header(a.token, _bulk_ticket(stub, a, size)) + b"s" * MiB) for _ in range(cap)
+        ]
+        ready = select.select(hung, [], [], 3.0)[0]
+        checks.true("no answer to a body still arriving", not ready, f"{len(ready)} of {cap} answered")
+        a.normal_calls_work(checks, f"while {cap} bulk sends hang short", channel)
+        for s in hung:
+            s.close()
+        time.sleep(1.0)
+        # Every slot came back: as many transfers as the cap are served again.
+        _release(checks, "a transfer after the hung ones closed", _hold_transfers(a, stub, cap))
+        a.normal_calls_work(checks, "after short bulk bodies", channel)
+    finally:
+        _close(channel)
+    return checks.result()
+
+
 # -- connections and the limiter's bookkeeping --------------------------------
 
 # One holder process: connect N times, send the HTTP/2 preface on each and keep
@@ -1516,6 +1867,11 @@ ATTACKS: list[tuple[str, Callable[[Attacker], tuple[bool, str]]]] = [
     ("empty_chunks", attack_empty_chunks),
     ("file_flood", attack_file_flood),
     ("stalled_requests", attack_stalled_requests),
+    ("bulk_bad_headers", attack_bulk_bad_headers),
+    ("bulk_ticket_reuse", attack_bulk_ticket_reuse),
+    ("bulk_open_limits", attack_bulk_open_limits),
+    ("bulk_connection_flood", attack_bulk_connection_flood),
+    ("bulk_short_body", attack_bulk_short_body),
     ("connection_flood", attack_connection_flood),
     ("limiter_slot_leak", attack_limiter_slot_leak),
 ]
