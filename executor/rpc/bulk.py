@@ -162,7 +162,6 @@ class BulkServer:
     def _serve(self, conn: socket.socket) -> None:
         ticket: _Ticket | None = None
         try:
-            conn.settimeout(HEADER_TIMEOUT_S)
             ticket = self._read_header(conn)
             if ticket is None:
                 return
@@ -185,11 +184,15 @@ class BulkServer:
                 self._threads.discard(threading.current_thread())
 
     def _read_header(self, conn: socket.socket) -> _Ticket | None:
-        """The ticket a well-formed header with the right token names, else ``None`` (connection refused)."""
-        head = _recv_exactly(conn, len(BULK_MAGIC) + 1)
+        """The ticket a well-formed header with the right token names, else ``None`` (connection refused).
+
+        The whole header must arrive within :data:`HEADER_TIMEOUT_S`, in as many pieces as it likes.
+        """
+        deadline = time.monotonic() + HEADER_TIMEOUT_S
+        head = _recv_exactly(conn, len(BULK_MAGIC) + 1, deadline)
         if head is None or head[:-1] != BULK_MAGIC:
             return None
-        rest = _recv_exactly(conn, head[-1] + BULK_TICKET_BYTES)
+        rest = _recv_exactly(conn, head[-1] + BULK_TICKET_BYTES, deadline)
         if rest is None:
             return None
         token, key = rest[: head[-1]], rest[head[-1] :]
@@ -262,9 +265,28 @@ class BulkServer:
         self.path.unlink(missing_ok=True)
 
 
-def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
-    data = conn.recv(n, socket.MSG_WAITALL) if n else b""
-    return data if len(data) == n else None
+def _recv_exactly(conn: socket.socket, n: int, deadline: float) -> bytes | None:
+    """``n`` bytes, however they are split, by ``deadline`` (``time.monotonic()``); ``None`` if not.
+
+    A socket with a timeout is non-blocking underneath, so ``MSG_WAITALL``
+    alone would return whatever has arrived: the loop waits for the rest.
+    """
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        conn.settimeout(left)
+        try:
+            data = conn.recv(n - got)
+        except TimeoutError:
+            return None
+        if not data:
+            return None
+        parts.append(data)
+        got += len(data)
+    return b"".join(parts)
 
 
 def _discard(tickets: list[_Ticket]) -> None:

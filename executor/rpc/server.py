@@ -111,11 +111,12 @@ class TaskServer:
 
     def _end_for_abuse(self, reason: str) -> None:
         """End the task and close every connection of it: it abused the parent."""
+        # Every connection closed first: once the task reads as ended, none is left.
+        self._server.stop(0)
+        self.bulk.close()
         session = self.ref.session
         if session is None or session.end_for_abuse(ABUSE_ERROR_TYPE, reason):
             log.warning("task %s: %s; closing its connections", self.ref.name, reason)
-        self.bulk.close()
-        self._server.stop(0)
 
     def stop(self, grace: float = 1.0) -> None:
         """Stop serving, ending open streams, and remove the socket."""

@@ -200,12 +200,6 @@ def test_a_header_that_never_completes_is_closed_by_the_header_timeout(server, s
     assert ended(connect(server, header(ticket))) == b"model weights"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bulk.py _recv_exactly: recv(n, MSG_WAITALL) on a socket with a timeout (non-blocking "
-    "underneath) returns what has arrived, so a header written in two pieces is refused at once, "
-    "not given HEADER_TIMEOUT_S to complete",
-)
 def test_a_header_written_in_pieces_within_the_timeout_is_accepted(server):
     ticket = receive_ticket(server)
     sock = connect(server, header(ticket)[:4])
