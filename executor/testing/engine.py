@@ -419,6 +419,11 @@ sys.exit(runtime.main(sys.argv[3:]))
 """
 
 
+# Interpreter flags for the image (no site-packages for init, no working
+# directory on sys.path) that would hide the host's venv, where this package is.
+_IMAGE_ONLY_FLAGS = frozenset({"-P", "-S"})
+
+
 def host_command(spec: ContainerSpec, scratch_dir: Path) -> list[str]:
     """``spec.command`` as host processes: the real init and runtime, container paths mapped."""
     mounts = {m.target: str(m.source) for m in spec.mounts}
@@ -434,6 +439,8 @@ def host_command(spec: ContainerSpec, scratch_dir: Path) -> list[str]:
     for arg in args:
         if arg == "python3":
             argv.append(sys.executable)
+        elif arg in _IMAGE_ONLY_FLAGS and argv and argv[-1] == sys.executable:
+            continue
         elif arg == "-m" and argv and argv[-1] == sys.executable:
             module = next(args)
             if module == "executor.sandbox":
