@@ -880,8 +880,14 @@ def probe_only_expected_mounts(env):
 
 
 # pid 1 is the runtime's own init, which runs the runtime (this process).
-INIT_ARGV = ["python3", "-P", "-S", "-m", "executor.sandbox.init", "--lifeline", f"{IPC_DIR}/lifeline.sock", "--"]
-RUNTIME_ARGV = ["python3", "-P", "-m", "executor.sandbox", "--socket", SOCKET_PATH, "--token-file", TOKEN_PATH]
+INIT_ARGV = [
+    *("python3", "-P", "-S", "-m", "executor.sandbox.init"),
+    *("--lifeline", f"{IPC_DIR}/lifeline.sock", "--"),
+]
+RUNTIME_ARGV = [
+    *("python3", "-P", "-m", "executor.sandbox"),
+    *("--socket", SOCKET_PATH, "--token-file", TOKEN_PATH),
+]
 # A warm pool's sandbox waits for its task; nothing else may differ.
 WARM_RUNTIME_ARGV = [*RUNTIME_ARGV, "--wait-for-task"]
 
