@@ -69,23 +69,27 @@ def docker_py_once(ws: c.Workspace, runtime: str, image: str) -> float:
     return elapsed
 
 
-def executor_once(ws: c.Workspace, executor: Any, runtime: str) -> dict[str, Any]:
-    """One task of the first_line protocol through ``executor``: its first line, return and phases."""
+def executor_once(ws: c.Workspace, executor: Any, runtime: str, kind: str = "cold") -> dict[str, Any]:
+    """One task of the first_line protocol through ``executor``: its first line, return and phases.
+
+    Also ``warm_starts``: 1 if the task took a warm pool's slot.
+    """
     from executor.spec import TaskSpec
 
     spec = TaskSpec(
         protocol_dir=c.PROTOCOLS / "first_line",
         data_dir=ws.data_dir(),
-        task_id=c.new_task_id(f"cold-{runtime}"),
+        task_id=c.new_task_id(f"{kind}-{runtime}"),
     )
     handle = ws.run(executor, spec, timeout=300)
     outcome = handle.outcome
-    c.check_ok(outcome, f"cold start on {runtime}")
+    c.check_ok(outcome, f"{kind} start on {runtime}")
     first = float(outcome.result)
     return {
         "first_line": first - handle.submitted,
         "first_line_to_return": handle.returned - first,
         "submit_to_return": handle.returned - handle.submitted,
+        "warm_starts": int(getattr(outcome, "warm_starts", 0)),
         "timings": dict(outcome.timings),
     }
 

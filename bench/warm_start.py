@@ -33,7 +33,7 @@ import time
 from typing import Any
 
 import _common as c
-from cold_start import spawn_once
+from cold_start import executor_once, spawn_once
 
 # Phases of a warm task's outcome.timings: ``assign`` replaces ``create``/``start``, ``boot`` runs from the
 # assignment to the config fetch, and there is no ``config`` (the runtime asked for it long before).
@@ -66,28 +66,13 @@ def fill(executors: dict[str, Any]) -> dict[str, float]:
 
 
 def warm_once(ws: c.Workspace, executor: Any, runtime: str) -> dict[str, Any]:
-    """One first_line task through ``executor``'s warm pool: its first line, return, phases, warm starts."""
-    from executor.spec import TaskSpec
-
-    spec = TaskSpec(
-        protocol_dir=c.PROTOCOLS / "first_line",
-        data_dir=ws.data_dir(),
-        task_id=c.new_task_id(f"warm-{runtime}"),
-    )
-    handle = ws.run(executor, spec, timeout=300)
-    outcome = handle.outcome
-    c.check_ok(outcome, f"warm start on {runtime}")
-    first = float(outcome.result)
-    timed = sum(outcome.timings.get(p, 0.0) for p in ("assign", "boot", "load"))
-    return {
-        "first_line": first - handle.submitted,
-        # What the phases before the first line do not account for: the parent's work before it takes
-        # a slot, and the sandbox's between the config fetch and the protocol's import.
-        "untimed": first - handle.submitted - timed,
-        "submit_to_return": handle.returned - handle.submitted,
-        "warm_starts": int(getattr(outcome, "warm_starts", 0)),
-        "timings": dict(outcome.timings),
-    }
+    """One first_line task from ``executor``'s warm pool: cold_start's figures, and what no phase covers."""
+    sample = executor_once(ws, executor, runtime, kind="warm")
+    timed = sum(sample["timings"].get(p, 0.0) for p in ("assign", "boot", "load"))
+    # What the phases before the first line do not account for: the parent's work before it takes
+    # a slot, and the sandbox's between the config fetch and the protocol's import.
+    sample["untimed"] = sample["first_line"] - timed
+    return sample
 
 
 def measure_first_line(
