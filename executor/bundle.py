@@ -103,12 +103,8 @@ def _defines_run(tree: ast.Module) -> bool:
     return False
 
 
-def copy_bundle(source: Path, dest: Path, *, existing: bool = False) -> Bundle:
+def copy_bundle(source: Path, dest: Path) -> Bundle:
     """Copy the protocol in ``source`` to ``dest`` (which must not exist).
-
-    With ``existing``, ``dest`` is instead an empty directory already there
-    (a warm slot's, mounted into its sandbox before the task was known): it is
-    closed while it fills and opened like a fresh one at the end.
 
     The source is read through descriptors only: every entry is opened without
     following links and checked on the open descriptor, so a file or directory
@@ -122,12 +118,7 @@ def copy_bundle(source: Path, dest: Path, *, existing: bool = False) -> Bundle:
             file-count or depth limits.
     """
     check_protocol_dir(source)
-    if existing:
-        if any(dest.iterdir()):
-            raise ProtocolBundleError(f"cannot copy the protocol into {dest}: it is not empty")
-        dest.chmod(0o700)
-    else:
-        dest.mkdir(mode=0o755)
+    dest.mkdir(mode=0o755)
     copier = _Copier(dest)
     try:
         # The operator's own directory may be reached through a link; nothing under it may.
@@ -142,6 +133,32 @@ def copy_bundle(source: Path, dest: Path, *, existing: bool = False) -> Bundle:
         d.chmod(0o555)
     dest.chmod(0o555)
     return Bundle(path=dest, sha256=copier.digest.hexdigest(), size=copier.total, files=copier.count)
+
+
+def link_bundle(bundle: Bundle, dest: Path) -> None:
+    """Show ``bundle`` (the parent's own checked copy) at ``dest``, an empty directory, by hard links.
+
+    For a warm slot's ``protocol/`` directory: nothing is copied or hashed
+    again. The files are the copy's own inodes, root's (or the parent's) and
+    read-only; the directories are made anew, read and search only. Both
+    live in the run directory, so the links cannot cross filesystems.
+
+    Raises:
+        OSError: The host refused a directory or a link.
+    """
+    if any(dest.iterdir()):
+        raise ProtocolBundleError(f"cannot show the protocol in {dest}: it is not empty")
+    dest.chmod(0o700)
+    made = [dest]
+    for root, dirs, files in os.walk(bundle.path):
+        rel = Path(root).relative_to(bundle.path)
+        for name in dirs:
+            (dest / rel / name).mkdir(mode=0o700)
+            made.append(dest / rel / name)
+        for name in files:
+            os.link(Path(root) / name, dest / rel / name, follow_symlinks=False)
+    for d in reversed(made):
+        d.chmod(0o555)
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -93,12 +93,15 @@ class Lifeline:
 
 
 class StartLine(Lifeline):
-    """Where a warm sandbox's runtime waits for its task: one byte says go, end-of-file says never.
+    """Where a warm sandbox's runtime waits for its task: the task comes down it; end-of-file says never.
 
     The runtime connects once it has booted and blocks reading, which costs
     nothing while it waits (a blocked gRPC call wakes several times a second,
     which adds up under gVisor). The parent accepts that one connection, like
-    the lifeline's, and writes :data:`GO` once the slot has its task.
+    the lifeline's, before any protocol code exists in the sandbox, and
+    writes :data:`GO`, the configuration's length (4 bytes, big-endian) and
+    the configuration once the slot has its task: the runtime needs no call
+    to fetch it.
     """
 
     GO = b"\x01"
@@ -117,14 +120,14 @@ class StartLine(Lifeline):
         except (OSError, ValueError):
             return False
 
-    def go(self) -> bool:
-        """Tell the waiting runtime its task is there; ``False`` if it is not (or no longer) connected."""
+    def go(self, config: bytes) -> bool:
+        """Hand the waiting runtime its task's configuration; ``False`` if it is not (or no longer) there."""
         with self._lock:
             conn = self._held
         if conn is None:
             return False
         try:
-            conn.sendall(self.GO)
+            conn.sendall(self.GO + len(config).to_bytes(4, "big") + config)
         except OSError:
             return False
         return True

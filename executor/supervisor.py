@@ -94,8 +94,10 @@ class Supervisor:
         adopt: The id of a container already running, a warm slot just given
             this task (:mod:`executor.warmpool`): it is watched under the same
             rules, instead of a new one being created.
-        adopted_at: When (``time.monotonic()``) the adopted slot was given its
-            task: its wall clock and boot grace run from then.
+        give: Hands the adopted slot its task, first thing (following its
+            output and awaiting its exit come right after); returns when
+            (``time.monotonic()``) it did. The wall clock and boot grace run
+            from then.
     """
 
     backend: ContainerBackend
@@ -106,7 +108,7 @@ class Supervisor:
     notify_abort: Callable[[str, str, str], object] | None = None
     on_start: Callable[[str], object] | None = None
     adopt: str | None = None
-    adopted_at: float | None = None
+    give: Callable[[], float] | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -127,16 +129,17 @@ class Supervisor:
                 self.backend.start(container_id)
                 running_since = time.monotonic()
                 self.timings["start"] = running_since - t
-            else:
+            if self.adopt is not None:
                 # A warm slot: its boot happened before the task existed; the
-                # wall clock and the boot grace start when it was given the task.
-                running_since = self.adopted_at if self.adopted_at is not None else time.monotonic()
+                # wall clock and the boot grace start when it is given the task.
+                running_since = self.give() if self.give is not None else time.monotonic()
             if self.on_start is not None:
                 try:
                     self.on_start(container_id)
                 except Exception:
                     log.exception("task %s: the start listener failed", task_id)
-            outcome, reason = self._watch(container_id, running_since)
+            exit_box = self._await_exit(container_id)
+            outcome, reason = self._watch(container_id, running_since, exit_box)
             if outcome.status is not Status.OK and outcome.error is not None:
                 self._abort_modeller(reason, outcome.error)
             return outcome
@@ -147,10 +150,8 @@ class Supervisor:
                 except BackendError as exc:
                     log.warning("could not remove container %s of task %s: %s", container_id, task_id, exc)
 
-    def _watch(self, cid: str, running_since: float) -> tuple[Outcome, str]:
-        """The task's outcome, and the reason to give the modeller if it is not OK."""
-        policy = self.policy
-        session = self.session
+    def _await_exit(self, cid: str) -> list[ExitInfo | BaseException]:
+        """A box that gets how the container ended (or why that is unknown), filled by a thread."""
         exit_box: list[ExitInfo | BaseException] = []
 
         def await_exit() -> None:
@@ -160,7 +161,15 @@ class Supervisor:
                 exit_box.append(exc)
             self.wake.set()
 
-        threading.Thread(target=await_exit, name=f"wait-{session.task_id[:8]}", daemon=True).start()
+        threading.Thread(target=await_exit, name=f"wait-{self.session.task_id[:8]}", daemon=True).start()
+        return exit_box
+
+    def _watch(
+        self, cid: str, running_since: float, exit_box: list[ExitInfo | BaseException]
+    ) -> tuple[Outcome, str]:
+        """The task's outcome, and the reason to give the modeller if it is not OK."""
+        policy = self.policy
+        session = self.session
         deadline = running_since + policy.timeout_s
         tick = min(policy.heartbeat_interval_s / 4, 0.25)
         verdict: _Verdict | None = None

@@ -29,12 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from executor import serde
-from executor.bundle import Bundle, copy_bundle
+from executor.bundle import Bundle, link_bundle
 from executor.dataview import DataView, FileStamp, Selection, may_link
 from executor.errors import (
     DataSourceError,
     ProjectDatabaseError,
-    ProtocolBundleError,
     SandboxExecutorError,
     host_errors,
 )
@@ -445,9 +444,7 @@ class TaskRun:
         t = time.monotonic()
         try:
             with host_errors("fill the warm slot", slot.task_dir.path):
-                copied = copy_bundle(self.bundle.path, slot.task_dir.protocol, existing=True)
-                if copied.sha256 != self.bundle.sha256:
-                    raise ProtocolBundleError("the protocol bundle changed in the task directory")
+                link_bundle(self.bundle, slot.task_dir.protocol)
                 view = DataView(
                     slot.task_dir.data,
                     self.data_dir,
@@ -530,10 +527,10 @@ class TaskRun:
                 ),
                 on_start=collector.start,
                 adopt=slot.container_id if slot is not None else None,
+                give=(lambda: slot.give(session)) if slot is not None else None,
             )
             if slot is not None:
                 supervisor.timings["assign"] = assign_s
-                supervisor.adopted_at = slot.give(session)
                 self._warm_starts += 1
             outcome = supervisor.run()
         finally:

@@ -69,13 +69,9 @@ def _stderr(message: str) -> None:
 class Heartbeat:
     """Beats up from a thread of its own; applies control messages coming down."""
 
-    def __init__(self, client: ParentClient, interval_s: float | None, ctx_holder: list[Context]) -> None:
+    def __init__(self, client: ParentClient, interval_s: float, ctx_holder: list[Context]) -> None:
         self._client = client
-        self._interval = interval_s or 0.0
-        # A warm sandbox beats once before its task (and so its interval) is known.
-        self._configured = threading.Event()
-        if interval_s is not None:
-            self._configured.set()
+        self._interval = interval_s
         self._stop = threading.Event()
         self._done = threading.Event()
         self._ctx_holder = ctx_holder
@@ -104,14 +100,8 @@ class Heartbeat:
                 mailbox_ops=self._client.mailbox_ops,
                 main_thread_moved=self._main_moved(),
             )
-            self._configured.wait()
             if self._stop.wait(self._interval):
                 return
-
-    def configure(self, interval_s: float) -> None:
-        """Beat every ``interval_s`` from now on (a warm sandbox learns it with its task)."""
-        self._interval = interval_s
-        self._configured.set()
 
     def _listen(self) -> None:
         why = "the stream ended"
@@ -150,7 +140,6 @@ class Heartbeat:
     def stop(self) -> None:
         """Stop beating; the stream closes."""
         self._stop.set()
-        self._configured.set()
 
     def wait_seen(self, timeout: float) -> bool:
         """Whether the parent confirmed a beat within ``timeout`` seconds."""
@@ -287,8 +276,8 @@ def _preload(modules: str) -> None:
             _stderr(f"preload: cannot import {name}: {type(exc).__name__}: {_describe(exc)}")
 
 
-def _wait_for_task(path: Path, client: ParentClient) -> bool:
-    """Block on the start line until the parent says the task is there; ``False`` if it never will.
+def _wait_for_task(path: Path, client: ParentClient) -> pb.TaskConfig | None:
+    """Block on the start line until the parent sends the task's configuration; ``None`` if it never will.
 
     A blocked read costs nothing while the sandbox waits, however long. The
     connection to the parent is opened first, and touched every
@@ -306,15 +295,28 @@ def _wait_for_task(path: Path, client: ParentClient) -> bool:
                 break
             except TimeoutError:
                 _touch(client)
-    except OSError as exc:
-        _stderr(f"cannot wait for the task: {exc}")
-        return False
+        if go != b"\x01":
+            _stderr("the parent let this warm sandbox go without a task; exiting")
+            return None
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        size = int.from_bytes(_read_exactly(sock, 4), "big")
+        return pb.TaskConfig.FromString(_read_exactly(sock, size))
+    except (OSError, ValueError) as exc:  # ValueError: a short read, or a configuration that does not parse
+        _stderr(f"cannot wait for the task: {type(exc).__name__}: {exc}")
+        return None
     finally:
         sock.close()
-    if go != b"\x01":
-        _stderr("the parent let this warm sandbox go without a task; exiting")
-        return False
-    return True
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    parts: list[bytes] = []
+    while n:
+        data = sock.recv(min(n, 1 << 20))
+        if not data:
+            raise ValueError("the start line ended early")
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
 
 
 def _touch(client: ParentClient) -> None:
@@ -361,34 +363,28 @@ def main(argv: list[str] | None = None) -> int:
     stub = pb_grpc.SandboxStub(channel)
     client = ParentClient(stub, metadata, str(Path(args.socket).parent / BULK_SOCKET_NAME))
     ctx_holder: list[Context] = []
-    heartbeat: Heartbeat | None = None
     if args.wait_for_task:
-        if not _wait_for_task(Path(args.socket).parent / START_SOCKET_NAME, client):
+        # A warm sandbox: the configuration comes down the start line.
+        warm_config = _wait_for_task(Path(args.socket).parent / START_SOCKET_NAME, client)
+        if warm_config is None:
             return EXIT_PARENT_GONE
-        # Open the heartbeat stream beside the configuration's fetch: the
-        # parent's confirmation comes back with it, not one round trip after.
-        heartbeat = Heartbeat(client, None, ctx_holder)
-        heartbeat.start()
-    t = time.monotonic()
-    try:
-        # wait_for_ready rather than channel_ready_future: the latter leaves a
-        # connectivity poll behind that delays channel.close() by ~0.2 s.
-        config = stub.GetTask(
-            pb.GetTaskRequest(),
-            metadata=metadata,
-            timeout=CONNECT_TIMEOUT_S,
-            wait_for_ready=True,
-        )
-    except grpc.RpcError as exc:
-        _stderr(f"cannot fetch the task from the parent: {exc}")
-        return EXIT_PARENT_GONE
-    interval_s = max(config.heartbeat_interval_ms, MIN_HEARTBEAT_INTERVAL_MS) / 1000
-    if heartbeat is None:
-        timings["config"] = time.monotonic() - t
-        heartbeat = Heartbeat(client, interval_s, ctx_holder)
-        heartbeat.start()
+        config = warm_config
     else:
-        heartbeat.configure(interval_s)
+        t = time.monotonic()
+        try:
+            # wait_for_ready rather than channel_ready_future: the latter leaves a
+            # connectivity poll behind that delays channel.close() by ~0.2 s.
+            config = stub.GetTask(
+                pb.GetTaskRequest(), metadata=metadata, timeout=CONNECT_TIMEOUT_S, wait_for_ready=True
+            )
+        except grpc.RpcError as exc:
+            _stderr(f"cannot fetch the task from the parent: {exc}")
+            return EXIT_PARENT_GONE
+        timings["config"] = time.monotonic() - t
+    heartbeat = Heartbeat(
+        client, max(config.heartbeat_interval_ms, MIN_HEARTBEAT_INTERVAL_MS) / 1000, ctx_holder
+    )
+    heartbeat.start()
 
     SCRATCH_DIR.mkdir(mode=0o700, exist_ok=True)
     # Not a line of protocol code (not even its import) before the parent has

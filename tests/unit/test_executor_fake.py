@@ -92,7 +92,9 @@ def kit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Kit]:
         spools = sorted(str(p) for p in kit.spool_dir.iterdir()) if kit.spool_dir.exists() else []
         assert not leftovers, f"task directories left behind: {leftovers}"
         assert not spools, f"spools left behind: {spools}"
-        assert all(s.session.closed.is_set() for s in kit.servers), "a task server was never stopped"
+        # A warm slot's server that never had a task has no session: its ref is closed instead.
+        stopped = [s.session.closed if s.session is not None else s.ref._closed for s in kit.servers]
+        assert all(e.is_set() for e in stopped), "a task server was never stopped"
         with executor_module.UidPool(kit.uid_dir).lease(POLICY):
             pass  # the task's uid was given back
     finally:
@@ -115,6 +117,21 @@ def _spec(make_protocol: Callable[..., Path], data: Path, source: str, **kwargs:
 
 
 # -- the real runtime on the host --------------------------------------------------------
+
+
+def test_a_warm_slot_boots_the_real_runtime_which_waits_and_then_runs_its_task(kit, make_protocol, data):
+    # The runtime's warm path without Docker: it opens its connection, waits on
+    # its start line, and gets its configuration down it when a task takes the slot.
+    ex = kit.executor(FakeBackend(kit.runtime()), policy=POLICY.replace(warm_pool=1, uid_count=2))
+    assert ex.warm_up(wait=30), ex.pool_stats()
+    (slot,) = ex.pool_stats()[0]["slots"]
+    outcome = ex.run(_spec(make_protocol, data, OK_PROTOCOL, task_id="t-warm", parameters={"epochs": 2}))
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == {"epochs": 2, "task": "t-warm"}
+    assert outcome.warm_starts == 1
+    assert {"assign", "load", "run"} <= set(outcome.timings) and "create" not in outcome.timings
+    assert ex.backend.containers[slot["container_id"]].removed  # type: ignore[attr-defined]
+
 
 OK_PROTOCOL = """
 def run(ctx):

@@ -490,19 +490,22 @@ def test_close_while_a_slot_is_being_made_leaves_nothing_once_it_comes_back(host
     assert pool.take() is None
 
 
-def test_the_start_line_says_go_once_and_tells_a_waiting_runtime_from_a_dead_one(tmp_path):
+def test_the_start_line_hands_over_the_configuration_and_tells_a_waiting_runtime_from_a_dead_one(tmp_path):
     path = Path(tempfile.mkdtemp(prefix="se-start-", dir="/tmp")) / "start.sock"
     line = StartLine(path)
     line.start()
     runtime = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        assert not line.waiting and not line.go()  # nobody there yet
+        config = pb.TaskConfig(task_id="t-1", parameters_json='{"x": 1}').SerializeToString()
+        assert not line.waiting and not line.go(config)  # nobody there yet
         runtime.connect(str(path))
         assert wait_for(lambda: line.waiting)
         assert not path.exists()  # one connection only: it stops listening
-        assert line.go()
+        assert line.go(config)
         runtime.settimeout(RPC_TIMEOUT)
-        assert runtime.recv(1) == StartLine.GO
+        # GO, the length (4 bytes, big-endian), the configuration: what the runtime reads.
+        got = runtime.recv(1 + 4 + len(config), socket.MSG_WAITALL)
+        assert got == StartLine.GO + len(config).to_bytes(4, "big") + config
         runtime.close()
         assert wait_for(lambda: not line.waiting)  # it hung up
     finally:
