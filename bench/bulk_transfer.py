@@ -9,13 +9,13 @@ median of ``--repeats`` transfers.
 Sandbox path (bench/protocols/bulk_timed, timestamps from the same host clock):
 
 - up, pod side: the protocol calls ``send_training_update`` until it returns:
-  1 MiB gRPC chunks into the parent, sealed (AES-GCM) into the spool, handed to
-  the transport;
+  raw bytes over the task's bulk socket into the parent, sealed (AES-GCM, 1 MiB
+  segments) into the spool, handed to the transport;
 - up, end to end: to the modeller holding the opened plaintext (plus its
   decryption into its own spool);
 - down, pod side: from the modeller's sealed file reaching the transport to
-  the protocol holding the bytes (the parent opens it into the spool and
-  streams it into the sandbox);
+  the protocol holding the bytes (the parent opens it one authenticated
+  segment at a time, straight down the bulk socket into the sandbox);
 - down, end to end: including the modeller sealing it.
 
 Baseline, same run, same bytes, same 1 MiB chunks: a spawned child sends the

@@ -671,7 +671,8 @@ def rtt_section(rtt: dict[str, Any]) -> list[str]:
         f"### Mailbox round trip (`mailbox_rtt.py`, {p['rounds']} rounds, {p['size']} bytes each way)",
         "",
         "Sandbox: modeller → parent → sandbox (MODELLER_RESPONSE) and back (TRAINING_UPDATE), sealed and "
-        "opened with AES-GCM at each end, a new gRPC call per message. grpc baseline: one open bidi stream, "
+        "opened with AES-GCM at each end, each message an operation on the runtime's one long-lived "
+        "mailbox stream. grpc baseline: one open bidi stream, "
         "raw bytes, server in a spawned child.",
         "",
         md_table(["", "p50", "p99", "p50 vs queue", "p50 vs grpc", "round trips/s", "throttled"], rows),
