@@ -284,16 +284,26 @@ def test_the_sandbox_exits_by_itself_when_its_parent_dies(docker_client, data_di
 # Before the fix these failed only when the freeze beat the first heartbeat out
 # of the sandbox (a race, lost in about half the runs);
 # tests/unit/test_runtime_start.py pins the order that closes it.
+@pytest.mark.parametrize("start", ["cold", "warm"])
 @pytest.mark.parametrize("protocol", ["freezes_on_import", "freezes_at_start"])
 def test_a_freeze_on_the_first_line_is_caught_by_the_heartbeat_timeout(
-    make_executor, data_dir, runtime, protocol
+    make_executor, data_dir, runtime, protocol, start
 ):
     # The wall clock is shorter than the boot grace: a freeze that fell under
-    # the grace ends as TimeoutError, not HeartbeatTimeout.
+    # the grace ends as TimeoutError, not HeartbeatTimeout. Warm: the first
+    # beat travels on the slot's start line, the rest on the stream.
     policy = IsolationPolicy.hardened().replace(
-        runtime=runtime, heartbeat_interval_s=0.5, heartbeat_timeout_s=3, timeout_s=25
+        runtime=runtime,
+        heartbeat_interval_s=0.5,
+        heartbeat_timeout_s=3,
+        timeout_s=25,
+        warm_pool=int(start == "warm"),
     )
-    outcome = make_executor(policy=policy).run(TaskSpec(protocol_dir=PROTOCOLS / protocol, data_dir=data_dir))
+    executor = make_executor(policy=policy)
+    if start == "warm":
+        assert executor.warm_up(wait=60), executor.pool_stats()
+    outcome = executor.run(TaskSpec(protocol_dir=PROTOCOLS / protocol, data_dir=data_dir))
+    assert outcome.warm_starts == int(start == "warm")
     assert outcome.status is Status.TIMEOUT, outcome.error
     assert outcome.error is not None
     assert outcome.error.type == "HeartbeatTimeout", outcome.error
