@@ -16,6 +16,7 @@ import logging
 import select
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -101,10 +102,14 @@ class StartLine(Lifeline):
     the lifeline's, before any protocol code exists in the sandbox, and
     writes :data:`GO`, the configuration's length (4 bytes, big-endian) and
     the configuration once the slot has its task: the runtime needs no call
-    to fetch it.
+    to fetch it. The runtime's first beat comes back the same way
+    (:meth:`answer_first_beat`), a byte each way instead of a gRPC stream's
+    set-up before any protocol code may run; then the line is closed.
     """
 
     GO = b"\x01"
+    BEAT = b"\x02"
+    SEEN = b"\x03"
 
     @property
     def waiting(self) -> bool:
@@ -131,3 +136,28 @@ class StartLine(Lifeline):
         except OSError:
             return False
         return True
+
+    def answer_first_beat(self, on_beat: Callable[[], None], timeout_s: float) -> None:
+        """On a thread: read the runtime's first beat, record it (``on_beat``), answer SEEN, let go.
+
+        Anything else (nothing within ``timeout_s``, a hang-up, another byte)
+        only closes the line: the runtime then waits for the heartbeat
+        stream's own confirmation, as a cold one does.
+        """
+
+        def answer() -> None:
+            with self._lock:
+                conn = self._held
+            try:
+                if conn is None:
+                    return
+                conn.settimeout(timeout_s)
+                if conn.recv(1) == self.BEAT:
+                    on_beat()
+                    conn.sendall(self.SEEN)
+            except OSError:
+                pass
+            finally:
+                self.close()
+
+        threading.Thread(target=answer, name=f"first-beat-{self.path.parent.name}", daemon=True).start()

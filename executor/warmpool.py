@@ -128,7 +128,10 @@ class Slot:
         # supervisor is concerned, now). A runtime that died just now never
         # reads it; the supervisor then sees its container end, as for a cold
         # one that dies at boot.
-        self.start.go(session.get_config().SerializeToString())
+        if self.start.go(session.get_config().SerializeToString()):
+            self.start.answer_first_beat(
+                lambda: session.record_beat(0, 0, False), self.policy.heartbeat_timeout_s
+            )
         return given_at
 
     def discard(self) -> None:

@@ -283,13 +283,14 @@ def _preload(modules: str) -> None:
             _stderr(f"preload: cannot import {name}: {type(exc).__name__}: {_describe(exc)}")
 
 
-def _wait_for_task(path: Path, client: ParentClient) -> pb.TaskConfig | None:
+def _wait_for_task(path: Path, client: ParentClient) -> tuple[pb.TaskConfig, socket.socket] | None:
     """Block on the start line until the parent sends the task's configuration; ``None`` if it never will.
 
     A blocked read costs nothing while the sandbox waits, however long. The
     connection to the parent is opened first, and touched every
     :data:`KEEP_CONNECTED_S` (the parent closes one idle for a minute), so
-    the task's first calls find it open.
+    the task's first calls find it open. The line is returned open, for the
+    first beat (:func:`_first_beat`).
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -304,15 +305,31 @@ def _wait_for_task(path: Path, client: ParentClient) -> pb.TaskConfig | None:
                 _touch(client)
         if go != b"\x01":
             _stderr("the parent let this warm sandbox go without a task; exiting")
+            sock.close()
             return None
         sock.settimeout(CONNECT_TIMEOUT_S)
         size = int.from_bytes(_read_exactly(sock, 4), "big")
-        return pb.TaskConfig.FromString(_read_exactly(sock, size))
+        return pb.TaskConfig.FromString(_read_exactly(sock, size)), sock
     except (OSError, ValueError) as exc:  # ValueError: a short read, or a configuration that does not parse
         _stderr(f"cannot wait for the task: {type(exc).__name__}: {exc}")
-        return None
-    finally:
         sock.close()
+        return None
+
+
+def _first_beat(line: socket.socket, heartbeat: Heartbeat) -> None:
+    """The first beat over the start line, a byte each way; the line is closed after, whatever happens.
+
+    Its confirmation counts as the heartbeat stream's: without it (a hang-up)
+    the runtime waits for the stream's own, as a cold one does.
+    """
+    try:
+        line.sendall(b"\x02")
+        if line.recv(1) == b"\x03":
+            heartbeat.seen.set()
+    except OSError:
+        pass
+    finally:
+        line.close()
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytes:
@@ -370,12 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     stub = pb_grpc.SandboxStub(channel)
     client = ParentClient(stub, metadata, str(Path(args.socket).parent / BULK_SOCKET_NAME))
     ctx_holder: list[Context] = []
+    start_line: socket.socket | None = None
     if args.wait_for_task:
         # A warm sandbox: the configuration comes down the start line.
-        warm_config = _wait_for_task(Path(args.socket).parent / START_SOCKET_NAME, client)
-        if warm_config is None:
+        waited = _wait_for_task(Path(args.socket).parent / START_SOCKET_NAME, client)
+        if waited is None:
             return EXIT_PARENT_GONE
-        config = warm_config
+        config, start_line = waited
     else:
         t = time.monotonic()
         try:
@@ -392,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         client, max(config.heartbeat_interval_ms, MIN_HEARTBEAT_INTERVAL_MS) / 1000, ctx_holder
     )
     heartbeat.start()
+    if start_line is not None:
+        # Beside the stream: whichever confirmation comes first lets the protocol start.
+        threading.Thread(
+            target=_first_beat, args=(start_line, heartbeat), name="first-beat", daemon=True
+        ).start()
 
     SCRATCH_DIR.mkdir(mode=0o700, exist_ok=True)
     # Not a line of protocol code (not even its import) before the parent has
