@@ -104,6 +104,7 @@ BULK_REUSE_SIZE = 65_537
 # thread that stops moving (a blocked wait) is a stall after STALL_S.
 ATTACKER_TIMEOUT_S = 420.0
 ATTACKER_STALL_S = 150.0
+ATTACKER_PIDS = 512
 
 
 def _limits() -> dict[str, Any]:
@@ -266,7 +267,16 @@ def attack_run(request: pytest.FixtureRequest, docker_client: Any, tmp_path_fact
     spool_dir = Path(tempfile.mkdtemp(prefix="se-spool-", dir="/tmp"))
     transport = InMemoryTransport()
     innocent_policy = bounded(IsolationPolicy.hardened().replace(runtime=runtime))
-    attacker_policy = innocent_policy.replace(timeout_s=ATTACKER_TIMEOUT_S, stall_timeout_s=ATTACKER_STALL_S)
+    # Under gVisor its own threads count against the pids cap (about 75 of the
+    # default 128), and a fork past the cap ends the whole sandbox (exit 2, no
+    # output; DESIGN's runsc facts). The attacker holds holder processes and
+    # bulk transfers open beside the runtime's threads, so it gets the room
+    # that is not what these attacks test.
+    attacker_policy = innocent_policy.replace(
+        timeout_s=ATTACKER_TIMEOUT_S,
+        stall_timeout_s=ATTACKER_STALL_S,
+        pids=max(innocent_policy.pids, ATTACKER_PIDS),
+    )
     executor = Executor(
         run_dir=run_dir,
         spool_dir=spool_dir,
