@@ -30,10 +30,13 @@ class Lifeline:
 
     Args:
         path: Where to listen (in the task's IPC directory).
+        on_connect: Called (on the accepting thread) once the one connection
+            is held; an exception from it is logged, never raised.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_connect: Callable[[], None] | None = None) -> None:
         self.path = path
+        self._on_connect = on_connect
         self._stop = threading.Event()
         self._held: socket.socket | None = None
         self._lock = threading.Lock()
@@ -68,8 +71,13 @@ class Lifeline:
         with self._lock:
             if self._stop.is_set():
                 conn.close()
-            else:
-                self._held = conn
+                return
+            self._held = conn
+        if self._on_connect is not None:
+            try:
+                self._on_connect()
+            except Exception:
+                log.exception("%s: the connect listener failed", self.path)
 
     def _stop_listening(self) -> None:
         self._listener.close()

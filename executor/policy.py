@@ -106,6 +106,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "nofile": (64, 65_536),
     "tmpfs_mb": (1, 65_536),
     "timeout_s": (1, 7 * 24 * 3600),
+    "cpu_time_s": (0, 7 * 24 * 3600),
+    "file_size_mb": (0, 65_536),
     "heartbeat_interval_s": (0.05, 60),
     "heartbeat_timeout_s": (0.2, 3600),
     "stall_timeout_s": (0, 7 * 24 * 3600),
@@ -134,7 +136,18 @@ class IsolationPolicy:
         pids: Maximum number of processes and threads.
         nofile: Maximum open file descriptors.
         tmpfs_mb: Size of the writable, non-executable ``/tmp``.
-        timeout_s: Wall-clock limit for the whole task.
+        timeout_s: Wall-clock limit of the protocol's run, from its first line
+            (per batch in a batched run). The sandbox's boot before it has a
+            grace of its own (:data:`executor.supervisor.BOOT_GRACE_S`).
+        cpu_time_s: CPU seconds the whole sandbox may use from the protocol's
+            first line (every process it forks included, as the host's cgroup
+            counts them); past it the sandbox is killed and the task ends
+            TIMEOUT (``CpuTimeExceeded``). 0 (the default) sets no limit.
+        file_size_mb: The largest file the sandbox may write (RLIMIT_FSIZE, for
+            every process in it): a write past it fails with "File too large",
+            and a task that ends on that error ends ERROR
+            (``FileSizeExceeded``). 0 (the default) sets no limit beyond the
+            size of ``/tmp``.
         heartbeat_interval_s: How often the sandbox beats.
         heartbeat_timeout_s: Silence after which the sandbox counts as hung.
         stall_timeout_s: Time with heartbeats but no progress (no progress event,
@@ -176,6 +189,8 @@ class IsolationPolicy:
     nofile: int = 1024
     tmpfs_mb: int = 64
     timeout_s: float = 3600.0
+    cpu_time_s: float = 0.0
+    file_size_mb: float = 0.0
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 30.0
     stall_timeout_s: float = 0.0
@@ -291,6 +306,11 @@ class IsolationPolicy:
     def max_task_bytes(self) -> int:
         """``max_task_mb`` in bytes."""
         return int(self.max_task_mb * 1024 * 1024)
+
+    @property
+    def file_size_bytes(self) -> int:
+        """``file_size_mb`` in bytes (0: no limit)."""
+        return int(self.file_size_mb * 1024 * 1024)
 
     @property
     def max_result_bytes(self) -> int:

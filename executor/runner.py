@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from executor.admission import STARTS_DIR_NAME, StartGate, default_max_starting
 from executor.backends import ContainerBackend
 from executor.bundle import check_protocol_dir, copy_bundle
 from executor.dataview import (
@@ -117,6 +118,13 @@ class Executor:
             first task of the policy, and torn down by :meth:`close`. With
             ``False`` every task starts cold whatever its policy says. A policy
             with a warm pool and a pinned ``uid`` is refused (``PolicyError``).
+        max_starting: Sandboxes that may be starting (created, booting, up to
+            their first heartbeat) at once on this host
+            (:mod:`executor.admission`); by default two per CPU. Other tasks
+            wait in line, their wall clock not yet running.
+        max_queued: Tasks of this executor that may wait in that line at once;
+            one more is refused at once with ``CapacityError``. ``None`` (the
+            default) bounds the line only by the callers.
     """
 
     def __init__(
@@ -133,6 +141,8 @@ class Executor:
         hooks: Sequence[Hook] = (),
         view_method: str = "auto",
         warm: bool = True,
+        max_starting: int | None = None,
+        max_queued: int | None = None,
     ) -> None:
         if backend is None:
             from executor.backends.docker import DockerBackend
@@ -146,6 +156,14 @@ class Executor:
         self.run_dir = run_dir or default_base_dir()
         self.spool_dir = spool_dir or default_spool_dir()
         self.uids = UidPool(uid_dir)
+        try:
+            self.gate = StartGate(
+                default_max_starting() if max_starting is None else max_starting,
+                self.uids.lock_dir / STARTS_DIR_NAME,
+                max_queued=max_queued,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
         self.db = ProjectDatabase(db) if isinstance(db, Path) else db
         self.hooks: tuple[Hook, ...] = tuple(hooks)
         if view_method not in METHODS:
@@ -222,7 +240,12 @@ class Executor:
                     # A process that exits without close() still tears its pools down.
                     atexit.register(self._close_pools)
                 pool = WarmPool(
-                    self.backend, policy, run_dir=self.run_dir, uids=self.uids, instance_id=self.instance_id
+                    self.backend,
+                    policy,
+                    run_dir=self.run_dir,
+                    uids=self.uids,
+                    instance_id=self.instance_id,
+                    gate=self.gate,
                 )
                 self._pools[policy] = pool
                 pool.start()
@@ -346,6 +369,11 @@ class Executor:
         started_at = datetime.now(UTC)
         policy = self.policy_for(spec.project_id)
         pool_policy = policy
+        if policy.cpu_time_s and not self.backend.usage_supported():
+            raise ConfigurationError(
+                "cpu_time_s: this host cannot measure a sandbox's CPU time (its cgroups are out of this "
+                "process's sight), so the limit could not be enforced; unset cpu_time_s"
+            )
         secrets = resolve_secrets(policy)
         task_id = spec.task_id or uuid.uuid4().hex
         check_protocol_dir(spec.protocol_dir)
@@ -357,34 +385,36 @@ class Executor:
         self._check_image(policy.image)
         self._reap_once()
         files = scan(data_dir)
-        # A uid no other live task has (kernel per-user pools are then per task),
-        # held until the last container is gone and every task directory removed.
         # The workspace holds the bundle, which every batch's container mounts.
-        with (
-            self.uids.lease(policy) as lease,
-            self._task_dir(lease.uid, policy.gid) as workspace,
-        ):
-            policy = policy.replace(uid=lease.uid)
-            bundle = copy_bundle(spec.protocol_dir, workspace.protocol)
-            task_hash = spec.task_hash or default_task_hash(bundle.sha256, spec.parameters)
-            plan = self._plan(spec, task_hash, data_dir, files)
-            task = TaskRun(
-                executor=self,
-                spec=spec,
-                task_id=task_id,
-                task_hash=task_hash,
-                policy=policy,
-                secrets=secrets,
-                bundle=bundle,
-                data_dir=data_dir,
-                plan=plan,
-                workspace=workspace,
-                cancel=cancel,
-                on_progress=on_progress,
-                started_at=started_at,
-                pool=self.pool_for(pool_policy),
-            )
-            outcome = task.run()
+        # The uid its own containers run as (one no other live task has) is
+        # leased at its first cold batch and held until every task directory
+        # is removed: a task served by warm slots holds only theirs.
+        task: TaskRun | None = None
+        try:
+            with self._task_dir(policy.uid_range[0], policy.gid) as workspace:
+                bundle = copy_bundle(spec.protocol_dir, workspace.protocol)
+                task_hash = spec.task_hash or default_task_hash(bundle.sha256, spec.parameters)
+                plan = self._plan(spec, task_hash, data_dir, files)
+                task = TaskRun(
+                    executor=self,
+                    spec=spec,
+                    task_id=task_id,
+                    task_hash=task_hash,
+                    policy=policy,
+                    secrets=secrets,
+                    bundle=bundle,
+                    data_dir=data_dir,
+                    plan=plan,
+                    workspace=workspace,
+                    cancel=cancel,
+                    on_progress=on_progress,
+                    started_at=started_at,
+                    pool=self.pool_for(pool_policy),
+                )
+                outcome = task.run()
+        finally:
+            if task is not None:
+                task.release()
         outcome.timings["total"] = time.monotonic() - started
         return outcome
 

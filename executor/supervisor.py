@@ -36,10 +36,12 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from executor.backends import ContainerBackend, ContainerSpec, ExitInfo
+from executor.admission import Permit
+from executor.backends import ContainerBackend, ContainerSpec, ExitInfo, Usage
 from executor.errors import BackendError, SandboxExecutorError
 from executor.events import ControlKind, FinishReport
 from executor.outcome import ErrorDetail, Outcome, Status
@@ -59,6 +61,22 @@ STDERR_TAIL_LINES = 20
 # applies, and the runtime starts no protocol code before its first beat has
 # been seen, so no protocol code ever runs under this grace.
 BOOT_GRACE_S = 30.0
+# However busy the host, a sandbox must boot (from its start to its first beat)
+# within this long: past it the task ends as BootTimeout even if the boot
+# still uses CPU. The protocol's wall clock starts only at the first beat.
+BOOT_LIMIT_S = 300.0
+# A sandbox silent past its limit is frozen only if its CPU time stood still
+# too, over the last limit's worth of time: it used less than this share of
+# one core (and less than FROZEN_CPU_MIN_S). Otherwise it is slow (a busy
+# host, a boot that takes long) and keeps being watched. gVisor's own kernel
+# uses a little CPU while the sandbox's processes are stopped; see
+# bench/failure_detection.py for the figures that set these.
+FROZEN_CPU_SHARE = 0.01
+FROZEN_CPU_MIN_S = 0.05
+# How often the container's cgroup is read (its CPU time, OOM kills).
+USAGE_SAMPLE_S = 0.25
+# Samples kept per watched window at most: a long window is sampled more sparsely.
+_MAX_SAMPLES = 240
 # Exit statuses of a process killed by SIGKILL, as engines report them.
 _SIGKILL_CODES = (137, -9)
 
@@ -70,11 +88,92 @@ REASON_ABORTED = "Aborted"
 REASON_CANCELLED = "Cancelled"
 
 
+class HandOverFailed(Exception):
+    """A warm slot died or hung before its task's first beat: no protocol code ran in it.
+
+    Never an outcome: the task starts again in another slot or cold
+    (:mod:`executor.taskrun`), since nothing of it ran.
+    """
+
+
 @dataclass
 class _Verdict:
     status: Status
     error: ErrorDetail
     reason: str
+
+
+class _UsageWatch:
+    """The container's CPU time over time, read from its cgroup (never from the sandbox)."""
+
+    def __init__(self, backend: ContainerBackend, container_id: str, window_s: float) -> None:
+        self._backend = backend
+        self._cid = container_id
+        self._spacing = max(USAGE_SAMPLE_S, window_s / _MAX_SAMPLES)
+        self._keep_s = window_s + 2 * self._spacing
+        self._samples: deque[tuple[float, float]] = deque()
+        self._sampled_at = -1e18
+        self.last: Usage | None = None
+        self.first: Usage | None = None
+
+    def sample(self, now: float, *, force: bool = False) -> Usage | None:
+        """Read the cgroup if a sample is due (or ``force``); the latest usage known."""
+        if not force and now - self._sampled_at < USAGE_SAMPLE_S:
+            return self.last
+        self._sampled_at = now
+        try:
+            usage = self._backend.usage(self._cid)
+        except Exception:  # a backend's failure to measure is an unknown, never a verdict
+            log.debug("container %s: reading its usage failed", self._cid[:12], exc_info=True)
+            usage = None
+        if usage is None:
+            return self.last
+        self.last = usage
+        if self.first is None:
+            self.first = usage
+        if usage.cpu_s is not None:
+            if not self._samples or now - self._samples[-1][0] >= self._spacing:
+                self._samples.append((now, usage.cpu_s))
+            else:
+                self._samples[-1] = (self._samples[-1][0], usage.cpu_s)
+            while len(self._samples) > 2 and now - self._samples[1][0] > self._keep_s:
+                self._samples.popleft()
+        return usage
+
+    @property
+    def cpu_s(self) -> float | None:
+        """The CPU seconds used so far, as last read."""
+        return self.last.cpu_s if self.last is not None else None
+
+    def cpu_over(self, window_s: float, now: float) -> float | None:
+        """CPU seconds used over the last ``window_s`` (or since watching began); ``None`` if unknown."""
+        if len(self._samples) < 2:
+            return None
+        since = now - window_s
+        base = self._samples[0][1]
+        for t, cpu in self._samples:
+            if t > since:
+                break
+            base = cpu
+        return self._samples[-1][1] - base
+
+    def new_oom_kills(self) -> int:
+        """OOM kills in the container since it was first measured."""
+        if self.last is None or self.last.oom_kills is None:
+            return 0
+        first = self.first.oom_kills if self.first is not None else None
+        return max(0, self.last.oom_kills - (first or 0))
+
+    def pids_refused(self) -> int:
+        """Forks refused at the container's pids cap so far, as last read."""
+        if self.last is None or self.last.pids_refused is None:
+            return 0
+        return self.last.pids_refused
+
+
+def busy(cpu_s: float | None, window_s: float) -> bool:
+    """Whether ``cpu_s`` of CPU over ``window_s`` means the sandbox still runs (slow, not frozen)."""
+    return cpu_s is not None and cpu_s >= max(FROZEN_CPU_MIN_S, FROZEN_CPU_SHARE * window_s)
 
 
 @dataclass
@@ -96,8 +195,10 @@ class Supervisor:
             rules, instead of a new one being created.
         give: Hands the adopted slot its task, first thing (following its
             output and awaiting its exit come right after); returns when
-            (``time.monotonic()``) it did. The wall clock and boot grace run
-            from then.
+            (``time.monotonic()``) it did, or raises :class:`HandOverFailed`.
+            The boot's limits run from then.
+        permit: The start permit the task holds (:mod:`executor.admission`),
+            given back once the sandbox's first beat is seen or it ends.
     """
 
     backend: ContainerBackend
@@ -109,6 +210,7 @@ class Supervisor:
     on_start: Callable[[str], object] | None = None
     adopt: str | None = None
     give: Callable[[], float] | None = None
+    permit: Permit | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -117,7 +219,12 @@ class Supervisor:
         return self.spec.policy
 
     def run(self) -> Outcome:
-        """Create, start (or adopt) and watch the container; always remove it."""
+        """Create, start (or adopt) and watch the container; always remove it.
+
+        Raises:
+            HandOverFailed: The adopted warm slot died or hung before the
+                task's first beat (no protocol code ran); it is removed.
+        """
         task_id = self.session.task_id
         container_id: str | None = self.adopt
         try:
@@ -131,7 +238,7 @@ class Supervisor:
                 self.timings["start"] = running_since - t
             if self.adopt is not None:
                 # A warm slot: its boot happened before the task existed; the
-                # wall clock and the boot grace start when it is given the task.
+                # boot's limits start when it is given the task.
                 running_since = self.give() if self.give is not None else time.monotonic()
             if self.on_start is not None:
                 try:
@@ -144,6 +251,8 @@ class Supervisor:
                 self._abort_modeller(reason, outcome.error)
             return outcome
         finally:
+            if self.permit is not None:
+                self.permit.release()
             if container_id is not None:
                 try:
                     self.backend.remove(container_id)
@@ -170,26 +279,65 @@ class Supervisor:
         """The task's outcome, and the reason to give the modeller if it is not OK."""
         policy = self.policy
         session = self.session
-        deadline = running_since + policy.timeout_s
         tick = min(policy.heartbeat_interval_s / 4, 0.25)
+        usage = _UsageWatch(self.backend, cid, max(policy.heartbeat_timeout_s, BOOT_GRACE_S))
+        usage.sample(time.monotonic(), force=True)
+        cpu_at_start: float | None = None
+        self._slow_noted = False
         verdict: _Verdict | None = None
         while not session.finished.is_set() and not exit_box:
             now = time.monotonic()
+            usage.sample(now)
+            first_beat = session.beat_stats.first_beat
+            if first_beat is not None:
+                if self.permit is not None and self.permit.held:
+                    self.permit.release()  # booted: the next sandbox in line may start
+                if cpu_at_start is None:
+                    cpu_at_start = usage.cpu_s if usage.cpu_s is not None else -1.0
             if self.cancel is not None and self.cancel.is_set():
                 verdict = self._cancel(cid, exit_box)
-            elif now >= deadline:
+            elif first_beat is not None and now >= first_beat + policy.timeout_s:
                 verdict = _Verdict(
                     Status.TIMEOUT,
                     ErrorDetail(
                         "TimeoutError",
                         f"the task exceeded its wall-clock limit of {policy.timeout_s:g} s",
-                        measured_s=now - running_since,
+                        measured_s=now - first_beat,
                         limit_s=policy.timeout_s,
                     ),
                     REASON_LIMITS,
                 )
+            elif (
+                policy.cpu_time_s
+                and cpu_at_start is not None
+                and cpu_at_start >= 0
+                and usage.cpu_s is not None
+                and usage.cpu_s - cpu_at_start > policy.cpu_time_s
+            ):
+                used = usage.cpu_s - cpu_at_start
+                verdict = _Verdict(
+                    Status.TIMEOUT,
+                    ErrorDetail(
+                        "CpuTimeExceeded",
+                        f"the sandbox used more than its CPU-time limit of {policy.cpu_time_s:g} s",
+                        measured_s=used,
+                        limit_s=policy.cpu_time_s,
+                    ),
+                    REASON_LIMITS,
+                )
+            elif first_beat is None and now - running_since > BOOT_LIMIT_S:
+                verdict = _Verdict(
+                    Status.TIMEOUT,
+                    ErrorDetail(
+                        "BootTimeout",
+                        f"the sandbox did not boot within {BOOT_LIMIT_S:g} s",
+                        measured_s=now - running_since,
+                        limit_s=BOOT_LIMIT_S,
+                    ),
+                    REASON_LIMITS,
+                )
             else:
-                verdict = self._liveness(now, running_since)
+                verdict = self._liveness(now, running_since, usage)
             if verdict is not None:
                 break
             self.wake.wait(tick)
@@ -197,18 +345,23 @@ class Supervisor:
 
         if session.config_fetched_at is not None:
             self.timings["boot"] = session.config_fetched_at - running_since
+        handed_over = session.beat_stats.first_beat is not None
         if verdict is not None:
             self.backend.kill(cid)
+            if self.adopt is not None and not handed_over and verdict.status is Status.TIMEOUT:
+                raise HandOverFailed(f"the warm sandbox did not take its task: {verdict.error.message}")
             return self._outcome(verdict.status, error=verdict.error), verdict.reason
         if session.finish is not None:
             # The runtime exits by itself after reporting; give it a moment.
             if not _wait_for(lambda: bool(exit_box), EXIT_GRACE_S):
                 self.backend.kill(cid)
             return self._from_report(session.finish)
-        return self._from_exit(exit_box[0], cid)
+        if self.adopt is not None and not handed_over:
+            raise HandOverFailed("the warm sandbox ended before it took its task")
+        return self._from_exit(exit_box[0], cid, usage)
 
-    def _liveness(self, now: float, running_since: float) -> _Verdict | None:
-        """A verdict if the sandbox is frozen or stuck, else ``None``."""
+    def _liveness(self, now: float, running_since: float, usage: _UsageWatch) -> _Verdict | None:
+        """A verdict if the sandbox is frozen (or out of memory) or stuck, else ``None``."""
         policy = self.policy
         stats = self.session.beat_stats
         fetched = self.session.config_fetched_at
@@ -222,12 +375,30 @@ class Supervisor:
             last, limit = running_since, max(policy.heartbeat_timeout_s, BOOT_GRACE_S)
         silence = now - last
         if silence > limit:
+            usage.sample(now, force=True)
+            if usage.new_oom_kills():
+                # Under gVisor a sandbox the kernel's OOM killer hit may hang
+                # rather than exit: silent, and the cgroup says why.
+                return self._out_of_memory_verdict()
+            cpu = usage.cpu_over(limit, now)
+            if busy(cpu, limit):
+                if not self._slow_noted:
+                    self._slow_noted = True
+                    log.warning(
+                        "task %s: no heartbeat for %.1f s, but the sandbox used %.2f s of CPU over the "
+                        "last %g s: slow (a busy host?), not frozen; still watching",
+                        self.session.task_id,
+                        silence,
+                        cpu or 0.0,
+                        limit,
+                    )
+                return None
             return _Verdict(
                 Status.TIMEOUT,
                 ErrorDetail(
                     "HeartbeatTimeout",
-                    f"the sandbox sent no heartbeat for {silence:.2f} s (limit "
-                    f"{limit:g} s): it is frozen or hung",
+                    f"the sandbox sent no heartbeat for {silence:.2f} s (limit {limit:g} s) and its CPU "
+                    "time stood still: it is frozen or hung",
                     measured_s=silence,
                     limit_s=limit,
                 ),
@@ -249,6 +420,19 @@ class Supervisor:
                     REASON_LIMITS,
                 )
         return None
+
+    def _out_of_memory_verdict(self) -> _Verdict:
+        detail = self._out_of_memory_detail(exit_code=None, tail="")
+        return _Verdict(Status.KILLED, detail, detail.type)
+
+    def _out_of_memory_detail(self, *, exit_code: int | None, tail: str) -> ErrorDetail:
+        return ErrorDetail(
+            "OutOfMemory",
+            f"the sandbox exceeded its memory limit of {self.policy.memory_mb} MiB and was killed",
+            exit_code=exit_code,
+            stderr_tail=tail,
+            memory_limit_mb=self.policy.memory_mb,
+        )
 
     def _cancel(self, cid: str, exit_box: list[ExitInfo | BaseException]) -> _Verdict:
         self.session.send_control(ControlKind.CANCEL, "cancelled by the operator")
@@ -291,27 +475,24 @@ class Supervisor:
             return self._outcome(Status.ABORT, error=error), REASON_ABORTED
         return self._outcome(Status.ERROR, error=error), REASON_PROTOCOL_ERROR
 
-    def _from_exit(self, exited: ExitInfo | BaseException, cid: str) -> tuple[Outcome, str]:
+    def _from_exit(
+        self, exited: ExitInfo | BaseException, cid: str, usage: _UsageWatch
+    ) -> tuple[Outcome, str]:
         """How a container that ended without a result ended; the reason is the error type."""
-        outcome = self._exit_outcome(exited, cid)
+        outcome = self._exit_outcome(exited, cid, usage)
         assert outcome.error is not None
         return outcome, outcome.error.type
 
-    def _exit_outcome(self, exited: ExitInfo | BaseException, cid: str) -> Outcome:
+    def _exit_outcome(self, exited: ExitInfo | BaseException, cid: str, usage: _UsageWatch) -> Outcome:
         if isinstance(exited, BaseException):
             return self._outcome(
                 Status.ERROR, error=ErrorDetail("ContainerLost", f"lost track of the container: {exited}")
             )
         tail = self.backend.stderr_tail(cid, STDERR_TAIL_LINES)
-        if exited.oom_killed:
-            detail = ErrorDetail(
-                "OutOfMemory",
-                f"the sandbox exceeded its memory limit of {self.policy.memory_mb} MiB and was killed",
-                exit_code=exited.exit_code,
-                stderr_tail=tail,
-                memory_limit_mb=self.policy.memory_mb,
+        if exited.oom_killed or usage.new_oom_kills():
+            return self._outcome(
+                Status.KILLED, error=self._out_of_memory_detail(exit_code=exited.exit_code, tail=tail)
             )
-            return self._outcome(Status.KILLED, error=detail)
         if exited.exit_code in _SIGKILL_CODES:
             detail = ErrorDetail(
                 "Killed",

@@ -61,12 +61,14 @@ from executor.projectdb import MAX_LOG_TAIL_CHARS, BatchCommit, TaskEnd, TaskSta
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.spec import TaskSpec
-from executor.supervisor import REASON_CANCELLED, Supervisor, abort_message
+from executor.supervisor import REASON_CANCELLED, HandOverFailed, Supervisor, abort_message
 from executor.taskdir import TaskDir
 from executor.tasklog import OutputCollector
+from executor.uids import UidLease
 from executor.warmpool import Slot, WarmPool
 
 if TYPE_CHECKING:
+    from executor.admission import Permit
     from executor.runner import Executor
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ HOOK_DRAIN_S = 5.0
 """How long, at a task's end, hooks get to take the events still queued for them."""
 OUTPUT_DRAIN_S = 2.0
 """How long, after its container is gone, a batch's output may take to arrive."""
+MAX_HANDOVERS = 3
+"""Warm slots one batch tries before it starts cold: each that fails is destroyed, nothing of the task ran."""
 
 
 def default_task_hash(bundle_sha256: str, parameters: dict[str, Any]) -> str:
@@ -151,6 +155,9 @@ class TaskRun:
     cancel: threading.Event | None = None
     on_progress: Callable[[ProgressUpdate], None] | None = None
     pool: WarmPool | None = None
+    _lease: UidLease | None = field(default=None, repr=False)
+    _warm_ok: bool = True
+    _cold_started: bool = False
     _batch: int = 0
     _warm_starts: int = 0
     _log_tail: str = ""
@@ -405,38 +412,140 @@ class TaskRun:
     def _run_one(
         self, number: int, batch: tuple[FileStamp, ...], broker: MailboxBroker, relay: _ReadyRelay
     ) -> _BatchResult:
-        """One batch in one fresh container (a warm slot if one fits), whose /data holds only ``batch``."""
+        """One batch in one fresh container (a warm slot if one is ready), whose /data holds only ``batch``.
+
+        A warm slot that fails its hand-over ran nothing of the task: it is
+        destroyed and the batch goes to another slot, or starts cold. A cold
+        start waits in the host's line for a start permit (a slot that
+        becomes ready meanwhile is taken instead); a cancel while it waits
+        ends the batch CANCELLED with no container made.
+        """
         started_at = datetime.now(UTC)
-        filled = self._fill_warm_slot(batch)
-        if filled is not None:
-            slot, view, assign_s = filled
+        handovers = 0
+        queued_s = 0.0
+        while True:
+            filled = self._fill_warm_slot(batch) if handovers < MAX_HANDOVERS else None
+            permit: Permit | None = None
+            if filled is None:
+                t = time.monotonic()
+                admitted = self.executor.gate.acquire(
+                    cancel=self.cancel,
+                    poll=(lambda: self._fill_warm_slot(batch)) if handovers < MAX_HANDOVERS else None,
+                )
+                queued_s += time.monotonic() - t
+                if admitted is None:
+                    return self._cancelled_in_line(number, started_at, queued_s)
+                if isinstance(admitted, tuple):
+                    filled = admitted
+                else:
+                    permit = admitted
+            if filled is not None:
+                slot, view, assign_s = filled
+                try:
+                    return self._serve(
+                        number,
+                        view,
+                        broker,
+                        relay,
+                        started_at,
+                        slot=slot,
+                        assign_s=assign_s,
+                        queued_s=queued_s,
+                    )
+                except HandOverFailed as exc:
+                    handovers += 1
+                    log.warning(
+                        "task %s: %s; it starts elsewhere (nothing of it ran there)", self.task_id, exc
+                    )
+                    continue
+                finally:
+                    view.remove()
+                    slot.discard()
+            assert permit is not None
             try:
-                return self._serve(number, view, broker, relay, started_at, slot=slot, assign_s=assign_s)
+                return self._run_cold(number, batch, broker, relay, started_at, permit, queued_s)
             finally:
-                view.remove()
-                slot.discard()
+                permit.release()
+
+    def _run_cold(
+        self,
+        number: int,
+        batch: tuple[FileStamp, ...],
+        broker: MailboxBroker,
+        relay: _ReadyRelay,
+        started_at: datetime,
+        permit: Permit,
+        queued_s: float,
+    ) -> _BatchResult:
+        """The batch in a new container of its own, under ``permit``."""
         task_dir = self.workspace
-        if number > 1:
+        if self._cold_started:
             with host_errors("renew the IPC directory in", task_dir.path):
                 task_dir.renew()
+        self._cold_started = True
+        self._cold_uid()
         with host_errors("make the data view in", task_dir.path):
             view = DataView(
                 task_dir.data, self.data_dir, batch, gid=self.policy.gid, method=self.executor.view_method
             )
         try:
-            return self._serve(number, view, broker, relay, started_at)
+            return self._serve(number, view, broker, relay, started_at, permit=permit, queued_s=queued_s)
         finally:
             view.remove()
 
+    def _cold_uid(self) -> int:
+        """The uid the task's own containers run as: leased at its first cold batch, held to its end.
+
+        A task that only ever runs in warm slots holds no uid but its slots'.
+
+        Raises:
+            CapacityError: Every uid of the policy's range is held by a live task.
+        """
+        if self._lease is None:
+            self._lease = self.executor.uids.lease(self.policy)
+            self.workspace.sandbox_uid = self._lease.uid
+        return self._lease.uid
+
+    def release(self) -> None:
+        """Give back what the task held beyond its containers (its uid lease); safe twice."""
+        if self._lease is not None:
+            self._lease.release()
+
+    def _cancelled_in_line(self, number: int, started_at: datetime, queued_s: float) -> _BatchResult:
+        """The batch's result when the task was cancelled while it waited for a start permit."""
+        outcome = Outcome(
+            self.task_id,
+            Status.CANCELLED,
+            runtime=self.policy.runtime,
+            timings={"queued": queued_s},
+            error=ErrorDetail(
+                "Cancelled", "the task was cancelled by the operator while it waited for its sandbox to start"
+            ),
+        )
+        return _BatchResult(
+            outcome=outcome,
+            rows=[],
+            files={},
+            missing=frozenset(),
+            started_at=started_at,
+            ended_at=datetime.now(UTC),
+        )
+
     def _fill_warm_slot(self, batch: tuple[FileStamp, ...]) -> tuple[Slot, DataView, float] | None:
-        """A warm slot holding the bundle and the batch's view, or ``None``: this batch starts cold.
+        """A ready warm slot holding the bundle and the batch's view, or ``None``: this batch starts cold.
 
         A slot's data directory is already mounted, so its view must be hard
         links (bind mounts cannot be added to a running container); a view
-        that cannot be destroys the slot, unused, and the batch starts cold.
+        that cannot be destroys the slot, unused, and the task's batches
+        start cold from then on.
         """
         ex = self.executor
-        if self.pool is None or ex.view_method == "bind" or not may_link(ex.run_dir, self.data_dir):
+        if (
+            self.pool is None
+            or not self._warm_ok
+            or ex.view_method == "bind"
+            or not may_link(ex.run_dir, self.data_dir)
+        ):
             return None
         slot = self.pool.take()
         if slot is None:
@@ -455,6 +564,7 @@ class TaskRun:
                 )
         except DataSourceError as exc:
             log.info("task %s: starts cold: its data view cannot be hard links (%s)", self.task_id, exc)
+            self._warm_ok = False
             slot.discard()
             return None
         except BaseException:
@@ -472,8 +582,14 @@ class TaskRun:
         *,
         slot: Slot | None = None,
         assign_s: float = 0.0,
+        permit: Permit | None = None,
+        queued_s: float = 0.0,
     ) -> _BatchResult:
-        """Serve one batch's sandbox until its container is gone: a new one, or ``slot`` given the task."""
+        """Serve one batch's sandbox until its container is gone: a new one, or ``slot`` given the task.
+
+        Raises:
+            HandOverFailed: ``slot`` did not take its task (nothing of it ran).
+        """
         ex = self.executor
         task_dir = slot.task_dir if slot is not None else self.workspace
         wake = threading.Event()
@@ -509,7 +625,7 @@ class TaskRun:
                     task_id=self.task_id,
                     project_id=self.spec.project_id,
                     instance_id=ex.instance_id,
-                    policy=self.policy,
+                    policy=self.policy.replace(uid=self._cold_uid()),
                     task_dir=task_dir,
                     bundle_path=self.bundle.path,
                     data_mounts=view.mounts(SANDBOX_DATA),
@@ -528,11 +644,15 @@ class TaskRun:
                 on_start=collector.start,
                 adopt=slot.container_id if slot is not None else None,
                 give=(lambda: slot.give(session)) if slot is not None else None,
+                permit=permit,
             )
+            if queued_s:
+                supervisor.timings["queued"] = queued_s
             if slot is not None:
                 supervisor.timings["assign"] = assign_s
-                self._warm_starts += 1
             outcome = supervisor.run()
+            if slot is not None:
+                self._warm_starts += 1
         finally:
             relay.attach(None)
             server.stop()

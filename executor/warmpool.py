@@ -25,12 +25,21 @@ is known:
   container, so such a task starts cold.
 
 A slot is taken by one task and destroyed when that task's container ends:
-never reused. The pool refills in the background; slots that die while idle
-or fail to boot within :data:`BOOT_TIMEOUT_S` are destroyed and the pool backs
-off (a broken image does not spin). :meth:`WarmPool.close` destroys every
-slot, including one being made; a parent that dies instead leaves containers
-whose init ends them at once (the lifeline) and which the reaper removes, like
-a dead parent's cold tasks.
+never reused. Only a slot whose runtime is booted and waiting on its start
+line is handed out, and the hand-over is checked: a slot that cannot take
+its task at once (it hung up, or its runtime never reads the configuration)
+raises :class:`~executor.supervisor.HandOverFailed`, is destroyed, and the
+task goes to another slot or starts cold. Up to the task's first beat no
+protocol code has run in the slot, so nothing of the task is lost or done
+twice. Making slots takes start permits (:mod:`executor.admission`) only
+when no task waits for one, so a pool never delays a task.
+
+The pool refills in the background, several slots at once; slots that die
+while idle or fail to boot within :data:`BOOT_TIMEOUT_S` are destroyed and
+the pool backs off (a broken image does not spin). :meth:`WarmPool.close`
+destroys every slot, including those being made; a parent that dies instead
+leaves containers whose init ends them at once (the lifeline) and which the
+reaper removes, like a dead parent's cold tasks.
 """
 
 from __future__ import annotations
@@ -50,24 +59,32 @@ from executor.launch import SANDBOX_DATA, container_spec
 from executor.lifeline import Lifeline, StartLine
 from executor.rpc.server import TaskServer
 from executor.rpc.session import SessionRef
-from executor.supervisor import BOOT_GRACE_S
-from executor.taskdir import TaskDir
+from executor.supervisor import BOOT_GRACE_S, BOOT_LIMIT_S, HandOverFailed, busy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from executor.admission import Permit, StartGate
     from executor.backends import ContainerSpec
     from executor.policy import IsolationPolicy
     from executor.rpc.session import TaskSession
     from executor.uids import UidLease, UidPool
 
+from executor.taskdir import TaskDir
+
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT_S = BOOT_GRACE_S
-"""A slot whose sandbox has not asked for its task this long after it started is destroyed."""
+"""A slot whose runtime has not reached its start line this long after it started, and whose
+CPU time stood still meanwhile, is destroyed (one still booting on a busy host may take until
+:data:`~executor.supervisor.BOOT_LIMIT_S`)."""
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
 """After a slot fails to be made or to boot, the pool waits this long (doubling, capped) to retry."""
 CHECK_S = 1.0
 """How often the refill thread looks for idle slots that died."""
+PERMIT_RETRY_S = 0.1
+"""How often the refill thread asks again for a start permit while none is free."""
 REFILL_DELAY_S = 0.25
 """After a slot is taken, how long the refill waits: making a slot is engine and GIL work that
 would otherwise compete with the task's first milliseconds (its first calls then took 10 ms, not 2)."""
@@ -89,6 +106,8 @@ class Slot:
     backend: ContainerBackend
     container_id: str = ""
     started_at: float = field(default_factory=time.monotonic)
+    permit: Permit | None = field(default=None, repr=False)
+    _cpu_mark: tuple[float, float] | None = field(default=None, repr=False)
     _given: bool = False
     _discarded: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -104,10 +123,36 @@ class Slot:
         return self.start.waiting
 
     def dead(self, now: float) -> bool:
-        """Whether the sandbox stopped waiting (it died) or did not boot in time."""
+        """Whether the sandbox stopped waiting (it died) or did not boot in time.
+
+        A slot still booting past :data:`BOOT_TIMEOUT_S` is given more time
+        while its CPU time advances (a busy host), up to
+        :data:`~executor.supervisor.BOOT_LIMIT_S`.
+        """
         if self.start.connected:
             return not self.start.waiting
-        return now - self.started_at > BOOT_TIMEOUT_S
+        age = now - self.started_at
+        if age <= BOOT_TIMEOUT_S:
+            return False
+        if age > BOOT_LIMIT_S:
+            return True
+        try:
+            usage = self.backend.usage(self.container_id) if self.container_id else None
+        except Exception:
+            usage = None
+        cpu = usage.cpu_s if usage is not None else None
+        if cpu is None:
+            return True
+        mark, self._cpu_mark = self._cpu_mark, (now, cpu)
+        if mark is None:
+            return False  # judged at the next look, over the time between
+        return not busy(cpu - mark[1], now - mark[0])
+
+    def release_permit(self) -> None:
+        """Give back the start permit the slot was made under (it booted, or is gone)."""
+        permit = self.permit
+        if permit is not None:
+            permit.release()
 
     def give(self, session: TaskSession) -> float:
         """Hand the slot its one task: the waiting sandbox gets the configuration now.
@@ -117,21 +162,27 @@ class Slot:
 
         Raises:
             RuntimeError: The slot was already given a task or destroyed.
+            HandOverFailed: The runtime is not waiting on its start line (it
+                died or never got there) or could not be written to: nothing
+                of the task reached it. The caller destroys the slot.
         """
         with self._lock:
             if self._given or self._discarded:
                 raise RuntimeError(f"warm slot {self.name} was already used")
             self._given = True
+        if not self.start.waiting:
+            raise HandOverFailed(f"warm slot {self.name}: its sandbox is not waiting for a task")
         given_at = time.monotonic()
         self.server.ref.bind(session)
         # The configuration goes down the start line (fetched, as far as the
-        # supervisor is concerned, now). A runtime that died just now never
-        # reads it; the supervisor then sees its container end, as for a cold
-        # one that dies at boot.
-        if self.start.go(session.get_config().SerializeToString()):
-            self.start.answer_first_beat(
-                lambda: session.record_beat(0, 0, False), self.policy.heartbeat_timeout_s
-            )
+        # supervisor is concerned, now). The task counts as handed over only
+        # at its first beat: a runtime that dies before it beats ran no
+        # protocol code, and the supervisor raises HandOverFailed.
+        if not self.start.go(session.get_config().SerializeToString()):
+            raise HandOverFailed(f"warm slot {self.name}: its start line could not take the task")
+        self.start.answer_first_beat(
+            lambda: session.record_beat(0, 0, False), self.policy.heartbeat_timeout_s
+        )
         return given_at
 
     def discard(self) -> None:
@@ -140,6 +191,7 @@ class Slot:
             if self._discarded:
                 return
             self._discarded = True
+        self.release_permit()
         try:
             if self.container_id:
                 try:
@@ -157,9 +209,20 @@ class Slot:
 
 
 def make_slot(
-    backend: ContainerBackend, policy: IsolationPolicy, *, run_dir: Path, uids: UidPool, instance_id: str
+    backend: ContainerBackend,
+    policy: IsolationPolicy,
+    *,
+    run_dir: Path,
+    uids: UidPool,
+    instance_id: str,
+    permit: Permit | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> Slot:
     """Make, start and return one slot of ``policy``; nothing is left behind if it fails.
+
+    ``permit`` (the start permit it is made under) is given back once the
+    slot's runtime reaches its start line, or when the slot is destroyed;
+    ``on_ready`` is called then too (on the start line's thread).
 
     Raises:
         CapacityError: No uid of the policy's range is free.
@@ -190,8 +253,16 @@ def make_slot(
             lifeline = Lifeline(task_dir.lifeline_path)
         made.append(lifeline)
         lifeline.start()
+        made_slot: list[Slot] = []
+
+        def ready() -> None:
+            if made_slot:
+                made_slot[0].release_permit()
+            if on_ready is not None:
+                on_ready()
+
         with host_errors("listen on", task_dir.start_path):
-            start = StartLine(task_dir.start_path)
+            start = StartLine(task_dir.start_path, on_connect=ready)
         made.append(start)
         start.start()
         with host_errors("hand to the sandbox user", task_dir.ipc):
@@ -214,7 +285,8 @@ def make_slot(
             labels={**base.labels, LABEL_WARM: "true"},
             environment=base.environment,
         )
-        slot = Slot(name, spec, task_dir, lease, server, lifeline, start, backend)
+        slot = Slot(name, spec, task_dir, lease, server, lifeline, start, backend, permit=permit)
+        made_slot.append(slot)
         made = [slot]
         slot.container_id = backend.create(spec)
         backend.start(slot.container_id)
@@ -233,6 +305,8 @@ def make_slot(
                     thing.remove()
         if not any(isinstance(thing, Slot) for thing in made):
             lease.release()
+            if permit is not None:
+                permit.release()
         raise
 
 
@@ -246,6 +320,8 @@ class WarmPool:
         run_dir: Where the slots' directories go.
         uids: The host-wide uid leases.
         instance_id: The executor instance, for labels and owner files.
+        gate: The host's start permits: a slot is made only under one, and
+            only when no task waits for one. ``None``: slots are made freely.
     """
 
     def __init__(
@@ -256,6 +332,7 @@ class WarmPool:
         run_dir: Path,
         uids: UidPool,
         instance_id: str,
+        gate: StartGate | None = None,
     ) -> None:
         self.backend = backend
         self.policy = policy
@@ -263,11 +340,13 @@ class WarmPool:
         self._run_dir = run_dir
         self._uids = uids
         self._instance_id = instance_id
+        self._gate = gate
         self._idle: list[Slot] = []
         self._making = 0
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._makers: set[threading.Thread] = set()
         self._failures = 0
         self._retry_at = 0.0
         self._refill_at = 0.0
@@ -287,19 +366,19 @@ class WarmPool:
             self._thread.start()
 
     def take(self) -> Slot | None:
-        """A slot for one task (a booted one first), or ``None``: the task starts cold.
+        """A booted slot waiting for its task, or ``None``: the task starts cold (or waits in line).
 
-        The slot is the caller's from now on: it must :meth:`Slot.discard` it.
+        Only a slot whose runtime waits on its start line is handed out; one
+        still booting stays in the pool. The slot is the caller's from now
+        on: it must :meth:`Slot.discard` it.
         """
         now = time.monotonic()
         with self._cond:
             if self._closed:
                 return None
-            live = [s for s in self._idle if not s.dead(now)]
-            if not live:
+            slot = next((s for s in self._idle if s.ready and not s.dead(now)), None)
+            if slot is None:
                 return None
-            ready = [s for s in live if s.ready]
-            slot = (ready or live)[0]
             self._idle.remove(slot)
             self.taken += 1
             self._refill_at = max(self._refill_at, now + REFILL_DELAY_S)
@@ -340,19 +419,23 @@ class WarmPool:
         }
 
     def close(self) -> None:
-        """Destroy every slot, including one being made; nothing is left behind. Safe twice."""
+        """Destroy every slot, including those being made; nothing is left behind. Safe twice."""
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
             thread = self._thread
             self._cond.notify_all()
         _discard_all(idle)
+        end = time.monotonic() + CLOSE_JOIN_S
         if thread is not None and thread is not threading.current_thread():
-            thread.join(CLOSE_JOIN_S)
-            if thread.is_alive():
-                log.warning(
-                    "warm pool (%s): a slot being made did not come back in time", self.policy.runtime
-                )
+            thread.join(max(0.0, end - time.monotonic()))
+        with self._cond:
+            makers = list(self._makers)
+        for maker in makers:
+            if maker is not threading.current_thread():
+                maker.join(max(0.0, end - time.monotonic()))
+        if (thread is not None and thread.is_alive()) or any(m.is_alive() for m in makers):
+            log.warning("warm pool (%s): a slot being made did not come back in time", self.policy.runtime)
 
     def __enter__(self) -> WarmPool:
         self.start()
@@ -374,8 +457,8 @@ class WarmPool:
                     if any(s.ready for s in self._idle):
                         self._failures = 0
                     start_at = max(self._retry_at, self._refill_at)
-                    if len(self._idle) < self.size and now >= start_at:
-                        self._making += 1
+                    missing = self.size - len(self._idle) - self._making
+                    if missing > 0 and now >= start_at:
                         break
                     self._cond.wait(CHECK_S if now >= start_at else min(CHECK_S, start_at - now))
                 if self._closed:
@@ -385,7 +468,46 @@ class WarmPool:
             if dead:
                 self._lost(dead)
                 continue
-            self._make_one()
+            permit = self._permit()
+            if permit is False:
+                continue
+            with self._cond:
+                if self._closed:
+                    if permit is not None:
+                        permit.release()
+                    return
+                self._making += 1
+                maker = threading.Thread(
+                    target=self._make_one,
+                    args=(permit,),
+                    name=f"warm-make-{self.policy.runtime}",
+                    daemon=True,
+                )
+                self._makers.add(maker)
+            maker.start()
+
+    def _permit(self) -> Permit | bool | None:
+        """A start permit for one more slot; ``None`` without a gate; ``False`` if none is free now."""
+        if self._gate is None:
+            return None
+        try:
+            permit = self._gate.try_acquire()
+        except SandboxExecutorError as exc:
+            self._failed(f"could not take a start permit: {exc}")
+            return False
+        if permit is None:
+            with self._cond:
+                if not self._closed:
+                    self._cond.wait(PERMIT_RETRY_S)
+            return False
+        return permit
+
+    def _ready(self) -> None:
+        """A slot's runtime reached its start line: tasks waiting in line may take it."""
+        with self._cond:
+            self._cond.notify_all()
+        if self._gate is not None:
+            self._gate.notify()
 
     def _lost(self, dead: list[Slot]) -> None:
         for slot in dead:
@@ -400,35 +522,41 @@ class WarmPool:
             self._failed(f"a warm sandbox {why}" + (f": {tail}" if tail else ""))
         _discard_all(dead)
 
-    def _make_one(self) -> None:
+    def _make_one(self, permit: Permit | None) -> None:
         try:
-            slot = make_slot(
-                self.backend,
-                self.policy,
-                run_dir=self._run_dir,
-                uids=self._uids,
-                instance_id=self._instance_id,
-            )
-        except SandboxExecutorError as exc:
+            try:
+                slot = make_slot(
+                    self.backend,
+                    self.policy,
+                    run_dir=self._run_dir,
+                    uids=self._uids,
+                    instance_id=self._instance_id,
+                    permit=permit,
+                    on_ready=self._ready,
+                )
+            except SandboxExecutorError as exc:
+                with self._cond:
+                    self._making -= 1
+                self._failed(f"could not make a warm sandbox: {exc}")
+                return
+            except BaseException:
+                with self._cond:
+                    self._making -= 1
+                log.exception("warm pool (%s): making a slot failed", self.policy.runtime)
+                self._failed("could not make a warm sandbox (see the log)")
+                return
             with self._cond:
                 self._making -= 1
-            self._failed(f"could not make a warm sandbox: {exc}")
-            return
-        except BaseException:
+                closed = self._closed
+                if not closed:
+                    self._idle.append(slot)
+                    self.made += 1
+                    self._cond.notify_all()
+            if closed:
+                slot.discard()
+        finally:
             with self._cond:
-                self._making -= 1
-            log.exception("warm pool (%s): making a slot failed", self.policy.runtime)
-            self._failed("could not make a warm sandbox (see the log)")
-            return
-        with self._cond:
-            self._making -= 1
-            closed = self._closed
-            if not closed:
-                self._idle.append(slot)
-                self.made += 1
-                self._cond.notify_all()
-        if closed:
-            slot.discard()
+                self._makers.discard(threading.current_thread())
 
     def _failed(self, message: str) -> None:
         with self._cond:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from executor.backends.cgroups import Usage
 from executor.policy import IsolationPolicy
 
 LABEL_PREFIX = "io.sandbox-executor"
@@ -20,6 +21,20 @@ LABEL_TASK = f"{LABEL_PREFIX}.task-id"
 LABEL_PROJECT = f"{LABEL_PREFIX}.project"
 LABEL_PARENT = f"{LABEL_PREFIX}.parent"
 LABEL_WARM = f"{LABEL_PREFIX}.warm-slot"
+
+__all__ = [
+    "LABEL_MANAGED",
+    "LABEL_PARENT",
+    "LABEL_PREFIX",
+    "LABEL_PROJECT",
+    "LABEL_TASK",
+    "LABEL_WARM",
+    "ContainerBackend",
+    "ContainerSpec",
+    "ExitInfo",
+    "Mount",
+    "Usage",
+]
 
 
 @dataclass(frozen=True)
@@ -101,6 +116,20 @@ class ContainerBackend(Protocol):
 
     def remove(self, container_id: str) -> None:
         """Force-remove the container; no error if it is already gone."""
+        ...
+
+    def usage_supported(self) -> bool:
+        """Whether :meth:`usage` can measure containers on this host at all (CPU time especially)."""
+        ...
+
+    def usage(self, container_id: str) -> Usage | None:
+        """What the running container has used so far (CPU time, OOM kills, refused forks).
+
+        Read from outside the sandbox (the kernel's cgroups), cheap enough to
+        call several times a second. ``None`` when the engine or host cannot
+        tell (the container is gone, or its cgroups are out of this process's
+        sight); a figure the host does not keep is ``None`` inside ``Usage``.
+        """
         ...
 
     def list_managed(self) -> list[tuple[str, dict[str, str]]]:

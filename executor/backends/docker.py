@@ -25,6 +25,7 @@ from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
 from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
+from executor.backends.cgroups import CgroupPaths, Usage, paths_of, readable
 from executor.errors import (
     BackendError,
     ConfigurationError,
@@ -86,6 +87,8 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         # docker-py wants the profile's JSON text here, not a path.
         security_opt.append(f"seccomp={p.seccomp_profile}")
     device_requests = [DeviceRequest(count=p.gpus, capabilities=[["gpu"]])] if p.gpus else []
+    # RLIMIT_FSIZE, in bytes: a write past it fails with EFBIG (Python ignores SIGXFSZ).
+    fsize = [Ulimit(name="fsize", soft=p.file_size_bytes, hard=p.file_size_bytes)] if p.file_size_mb else []
     return {
         "image": p.image,
         "command": spec.command,
@@ -114,6 +117,7 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
             Ulimit(name="nofile", soft=p.nofile, hard=p.nofile),
             Ulimit(name="core", soft=0, hard=0),
             Ulimit(name="msgqueue", soft=MSGQUEUE_BYTES, hard=MSGQUEUE_BYTES),
+            *fsize,
         ],
         "shm_size": "16m",
         "log_config": LogConfig(type="json-file", config={"max-size": STDERR_LOG_MAX, "max-file": "1"}),
@@ -143,6 +147,9 @@ class DockerBackend:
         self._client = client
         self._lock = threading.Lock()
         self._retry_base_s = retry_base_s
+        # Each running container's cgroup directories, found once (an inspect) and read often.
+        self._cgroups: dict[str, CgroupPaths | None] = {}
+        self._cgroups_lock = threading.Lock()
 
     @property
     def client(self) -> docker.DockerClient:
@@ -280,8 +287,44 @@ class DockerBackend:
             return iter(())
         return _follow_output(api, container_id)
 
+    def usage_supported(self) -> bool:
+        """Whether this process sees the host's cgroups (it must run on the engine's host)."""
+        return readable()
+
+    def usage(self, container_id: str) -> Usage | None:
+        """The running container's CPU time, OOM kills and refused forks, from its cgroups.
+
+        The cgroup is found once, through the engine's record of the
+        container's first process (under gVisor, the sandbox process, which
+        holds the whole sandbox's cgroup), then read straight from the host's
+        cgroup files. ``None`` if the container is not running or its cgroups
+        cannot be seen from here.
+        """
+        with self._cgroups_lock:
+            known = container_id in self._cgroups
+            paths = self._cgroups.get(container_id)
+        if not known:
+            paths = None
+            try:
+                state = self._call(
+                    "container inspect", lambda: self._api().inspect_container(container_id), container_id
+                )["State"]
+                pid = int(state.get("Pid") or 0)
+                if pid and state.get("Running"):
+                    paths = paths_of(pid)
+            except (BackendError, KeyError, TypeError, ValueError) as exc:
+                log.debug("container %s: no cgroup usage: %s", container_id[:12], exc)
+                return None
+            if paths is None:
+                return None
+            with self._cgroups_lock:
+                self._cgroups[container_id] = paths
+        return paths.read() if paths is not None else None
+
     def remove(self, container_id: str) -> None:
         """Force-remove the container and its anonymous volumes."""
+        with self._cgroups_lock:
+            self._cgroups.pop(container_id, None)
         try:
             self._call(
                 "container remove",

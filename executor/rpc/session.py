@@ -159,6 +159,7 @@ class BeatStats:
     """What the parent knows of the sandbox's liveness."""
 
     beats: int = 0
+    first_beat: float | None = None
     last_beat: float | None = None
     progress_events: int = 0
     mailbox_ops: int = 0
@@ -235,6 +236,8 @@ class TaskSession:
                 s.last_progress = now
             s.beats += 1
             s.last_beat = now
+            if s.first_beat is None:
+                s.first_beat = now
             s.progress_events = progress_events
             s.mailbox_ops = mailbox_ops
             s.main_thread_moved = main_thread_moved

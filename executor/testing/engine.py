@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
+from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo, Usage
 from executor.errors import ContainerError, ImageNotFoundError
 
 # What an engine reports for a container ended by SIGKILL (128 + 9).
@@ -73,6 +73,11 @@ class FakeContainer:
         self.stderr = ""
         self.killed = False
         self.removed = False
+        # What the container "used", as its cgroup would say; a program sets
+        # them (None: the host cannot tell, as for a backend without cgroups).
+        self.cpu_s: float | None = None
+        self.oom_kills: int | None = None
+        self.pids_refused: int | None = None
         self.started = threading.Event()
         self._ended = threading.Event()
         self._kill_requested = threading.Event()
@@ -209,6 +214,8 @@ class FakeBackend:
         images: The images that exist; ``None`` for every image.
         managed: Containers ``list_managed`` reports besides the fake's own
             (e.g. orphans for the reaper).
+        measures: What ``usage_supported`` says (a container's usage figures
+            are whatever its program sets on it, ``None`` by default).
     """
 
     program: Program | None = None
@@ -216,6 +223,7 @@ class FakeBackend:
     start_errors: list[BaseException | None] = field(default_factory=list)
     images: Iterable[str] | None = None
     managed: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    measures: bool = True
     calls: list[tuple[str, str]] = field(default_factory=list)
     containers: dict[str, FakeContainer] = field(default_factory=dict)
 
@@ -299,6 +307,22 @@ class FakeBackend:
         container.kill()
         container.removed = True
         container._wake_followers()
+
+    def usage_supported(self) -> bool:
+        """Whether containers report usage: :attr:`measures` (tests say)."""
+        return self.measures
+
+    def usage(self, container_id: str) -> Usage | None:
+        """What the running container's program set as its usage; ``None`` once it ended."""
+        try:
+            container = self._get(container_id)
+        except ContainerError:
+            return None
+        if not container.running:
+            return None
+        return Usage(
+            cpu_s=container.cpu_s, oom_kills=container.oom_kills, pids_refused=container.pids_refused
+        )
 
     def list_managed(self) -> list[tuple[str, dict[str, str]]]:
         """The fake's containers not yet removed, plus :attr:`managed`."""

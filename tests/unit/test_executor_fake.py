@@ -391,7 +391,9 @@ def test_a_task_after_a_failed_one_gets_the_uid_back(kit, make_protocol, data):
 # -- the host refusing what the executor needs before a task --------------------------------
 
 
-def test_a_uid_lock_directory_the_host_refuses_is_a_host_error_naming_it(kit, make_protocol, data, tmp_path):
+def test_a_lock_directory_the_host_refuses_is_a_host_error_naming_it(kit, make_protocol, data, tmp_path):
+    # The start permits live in the host-wide lock directory, beside the uid
+    # leases: the first thing a task needs from it.
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the uid locks should go")
     backend = FakeBackend(exits(0))
@@ -402,8 +404,8 @@ def test_a_uid_lock_directory_the_host_refuses_is_a_host_error_naming_it(kit, ma
     with pytest.raises(HostError) as info:
         ex.run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
     message = str(info.value)
-    assert message.startswith(f"cannot make the uid lock directory {blocker / 'uids'}: ")
-    assert "\n" not in message and info.value.path == str(blocker / "uids")
+    assert message.startswith(f"cannot make the start permit directory {blocker / 'uids' / 'starting'}: ")
+    assert "\n" not in message and info.value.path == str(blocker / "uids" / "starting")
     assert backend.containers == {}
 
 
