@@ -109,16 +109,16 @@ class _UsageWatch:
     def __init__(self, backend: ContainerBackend, container_id: str, window_s: float) -> None:
         self._backend = backend
         self._cid = container_id
-        self._spacing = max(USAGE_SAMPLE_S, window_s / _MAX_SAMPLES)
-        self._keep_s = window_s + 2 * self._spacing
+        # Several samples per window however short it is, and at most a few a second.
+        self._every = max(0.02, min(USAGE_SAMPLE_S, window_s / 8))
+        self._keep_s = window_s + 2 * self._every
         self._samples: deque[tuple[float, float]] = deque()
         self._sampled_at = -1e18
         self.last: Usage | None = None
-        self.first: Usage | None = None
 
     def sample(self, now: float, *, force: bool = False) -> Usage | None:
         """Read the cgroup if a sample is due (or ``force``); the latest usage known."""
-        if not force and now - self._sampled_at < USAGE_SAMPLE_S:
+        if not force and now - self._sampled_at < self._every:
             return self.last
         self._sampled_at = now
         try:
@@ -129,15 +129,16 @@ class _UsageWatch:
         if usage is None:
             return self.last
         self.last = usage
-        if self.first is None:
-            self.first = usage
         if usage.cpu_s is not None:
-            if not self._samples or now - self._samples[-1][0] >= self._spacing:
-                self._samples.append((now, usage.cpu_s))
-            else:
-                self._samples[-1] = (self._samples[-1][0], usage.cpu_s)
+            self._samples.append((now, usage.cpu_s))
+            # Keep one sample from before the window, so that it is covered whole.
             while len(self._samples) > 2 and now - self._samples[1][0] > self._keep_s:
                 self._samples.popleft()
+            if len(self._samples) > _MAX_SAMPLES:
+                # A long window: keep every other of its older half (coarser, still covering it).
+                half = len(self._samples) // 2
+                older = list(self._samples)[:half:2]
+                self._samples = deque(older + list(self._samples)[half:])
         return usage
 
     @property
@@ -157,12 +158,11 @@ class _UsageWatch:
             base = cpu
         return self._samples[-1][1] - base
 
-    def new_oom_kills(self) -> int:
-        """OOM kills in the container since it was first measured."""
+    def oom_kills(self) -> int:
+        """OOM kills in the container so far, as last read (its cgroup counts from its creation)."""
         if self.last is None or self.last.oom_kills is None:
             return 0
-        first = self.first.oom_kills if self.first is not None else None
-        return max(0, self.last.oom_kills - (first or 0))
+        return self.last.oom_kills
 
     def pids_refused(self) -> int:
         """Forks refused at the container's pids cap so far, as last read."""
@@ -376,7 +376,7 @@ class Supervisor:
         silence = now - last
         if silence > limit:
             usage.sample(now, force=True)
-            if usage.new_oom_kills():
+            if usage.oom_kills():
                 # Under gVisor a sandbox the kernel's OOM killer hit may hang
                 # rather than exit: silent, and the cgroup says why.
                 return self._out_of_memory_verdict()
@@ -489,7 +489,7 @@ class Supervisor:
                 Status.ERROR, error=ErrorDetail("ContainerLost", f"lost track of the container: {exited}")
             )
         tail = self.backend.stderr_tail(cid, STDERR_TAIL_LINES)
-        if exited.oom_killed or usage.new_oom_kills():
+        if exited.oom_killed or usage.oom_kills():
             return self._outcome(
                 Status.KILLED, error=self._out_of_memory_detail(exit_code=exited.exit_code, tail=tail)
             )

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +26,27 @@ import pytest
 from executor import runner as executor_module
 from executor import supervisor as supervisor_module
 from executor import taskrun
+from executor.backends import LABEL_WARM, ExitInfo
 from executor.errors import ContainerError, HostError, ImageNotFoundError, ProtocolBundleError
 from executor.events import ProgressUpdate
+from executor.launch import SANDBOX_IPC
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Transport
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.rpc.server import TaskServer
 from executor.runner import Executor
+from executor.sandbox.contract import START_SOCKET_NAME
 from executor.spec import TaskSpec
-from executor.testing import FakeBackend, InMemoryTransport, LocalModeller, Program, exits, host_runtime
+from executor.testing import (
+    FakeBackend,
+    FakeContainer,
+    InMemoryTransport,
+    LocalModeller,
+    Program,
+    exits,
+    host_runtime,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,6 +144,105 @@ def test_a_warm_slot_boots_the_real_runtime_which_waits_and_then_runs_its_task(k
     assert outcome.warm_starts == 1
     assert {"assign", "load", "run"} <= set(outcome.timings) and "create" not in outcome.timings
     assert ex.backend.containers[slot["container_id"]].removed  # type: ignore[attr-defined]
+
+
+def _warm_or(cold: Program, warm: Program) -> Program:
+    """``warm`` in a pool's slot containers, ``cold`` in a task's own."""
+
+    def program(container: FakeContainer) -> ExitInfo | None:
+        return (warm if container.spec.labels.get(LABEL_WARM) == "true" else cold)(container)
+
+    return program
+
+
+def _dies_at_hand_over(container: FakeContainer) -> ExitInfo:
+    """A warm sandbox that waits on its start line, then dies as its task arrives (before any beat)."""
+    ipc = next(m.source for m in container.spec.mounts if m.target == SANDBOX_IPC)
+    line = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        line.connect(str(ipc / START_SOCKET_NAME))
+        line.settimeout(30)
+        line.recv(1)  # GO, then the configuration: never read, never beaten for
+    except OSError:
+        pass
+    finally:
+        line.close()
+    container.write("stderr", "sandbox: died at the hand-over\n")
+    return ExitInfo(1)
+
+
+def _boots_late(delay_s: float, then_run: Program) -> Program:
+    """A warm sandbox whose runtime reaches its start line only after ``delay_s``."""
+
+    def program(container: FakeContainer) -> ExitInfo | None:
+        if container.wait_killed(delay_s):
+            return None
+        return then_run(container)
+
+    return program
+
+
+def test_a_warm_slot_that_dies_at_the_hand_over_sends_its_task_elsewhere(kit, make_protocol, data):
+    backend = FakeBackend(_warm_or(kit.runtime(), _dies_at_hand_over))
+    ex = kit.executor(backend, policy=POLICY.replace(warm_pool=1, uid_count=3))
+    assert ex.warm_up(wait=30), ex.pool_stats()
+    (slot,) = ex.pool_stats()[0]["slots"]
+    outcome = ex.run(_spec(make_protocol, data, OK_PROTOCOL, task_id="t-moved", parameters={"epochs": 1}))
+    # The slot took nothing of the task: it ran, once, in a sandbox of its own.
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == {"epochs": 1, "task": "t-moved"}
+    assert outcome.warm_starts == 0
+    assert backend.containers[slot["container_id"]].removed
+    cold = [c for c in backend.containers.values() if c.spec.labels.get(LABEL_WARM) != "true"]
+    assert len(cold) == 1 and cold[0].removed
+
+
+def test_a_slot_still_booting_is_never_handed_a_task(kit, make_protocol, data):
+    # Taken before its runtime reached the start line, a slot once kept its
+    # task until the heartbeat timeout. A booting slot is not taken now: the
+    # task starts cold, or takes the slot once it waits.
+    backend = FakeBackend(_warm_or(kit.runtime(), _boots_late(1.5, kit.runtime())))
+    ex = kit.executor(backend, policy=POLICY.replace(warm_pool=1, uid_count=3, heartbeat_timeout_s=3))
+    ex.warm_up()
+    # The slot's container runs; its runtime has not reached the start line yet.
+    assert _wait(lambda: ex.pool_stats()[0]["made"] == 1 and ex.pool_stats()[0]["ready"] == 0, 10)
+    outcome = ex.run(_spec(make_protocol, data, OK_PROTOCOL, task_id="t-early", parameters={"epochs": 1}))
+    assert outcome.status is Status.OK, outcome.error
+
+
+def test_a_warm_task_holds_no_uid_but_its_slots_so_the_pool_refills_meanwhile(kit, make_protocol, data):
+    # Two uids: the taken slot's and its replacement's. A task that leased one
+    # of its own besides would leave the refill none.
+    ex = kit.executor(FakeBackend(kit.runtime()), policy=POLICY.replace(warm_pool=1, uid_count=2))
+    assert ex.warm_up(wait=30), ex.pool_stats()
+    waits = (
+        "import time\n"
+        "def run(ctx):\n"
+        "    deadline = time.monotonic() + 20\n"
+        "    while time.monotonic() < deadline and not (ctx.scratch_dir / 'go').exists():\n"
+        "        time.sleep(0.02)\n"
+        "    return 'done'\n"
+    )
+    box: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: box.append(ex.run(_spec(make_protocol, data, waits, task_id="t-hold"))), daemon=True
+    )
+    thread.start()
+    refilled = _wait(lambda: ex.pool_stats()[0]["taken"] == 1 and ex.pool_stats()[0]["ready"] == 1, 30)
+    kit.scratch.mkdir(exist_ok=True)
+    (kit.scratch / "go").touch()  # the host runtime's scratch_dir (a fake engine shares one)
+    thread.join(30)
+    assert refilled, ex.pool_stats()
+    assert box and box[0].status is Status.OK and box[0].warm_starts == 1, box
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 OK_PROTOCOL = """

@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
 
 from executor import supervisor as supervisor_module
-from executor.backends import ContainerSpec
+from executor.backends import ContainerSpec, ExitInfo
 from executor.errors import ContainerError, EngineUnavailableError
 from executor.events import Control, ControlKind
 from executor.outcome import ErrorDetail, Outcome, Status
@@ -515,3 +516,222 @@ def test_the_boot_phase_is_timed_once_the_config_is_fetched(make_session):
 )
 def test_error_json_only_gains_the_numeric_keys_that_are_set(detail, added):
     assert detail.to_dict() == {"type": detail.type, "message": "m", **added}
+
+
+# -- slow is not frozen: the sandbox's CPU time, read from outside ----------------------
+
+
+def _burning(
+    cpu_per_tick: float, *, fetch: bool = False, beat: bool = False
+) -> Callable[[FakeContainer], None]:
+    """A silent sandbox whose cgroup CPU time advances (a boot on a busy host) until killed."""
+
+    def burn(container: FakeContainer) -> None:
+        container.cpu_s = 0.0
+        while not container.wait_killed(0.02):
+            container.cpu_s += cpu_per_tick
+
+    return burn
+
+
+def _silent_until(
+    session: TaskSession, after_s: float, *, cpu_per_tick: float
+) -> Callable[[FakeContainer], None]:
+    """Silent (but using CPU) for ``after_s``, then it boots, beats and reports OK."""
+
+    def slow_boot(container: FakeContainer) -> None:
+        container.cpu_s = 0.0
+        end = time.monotonic() + after_s
+        while time.monotonic() < end:
+            if container.wait_killed(0.02):
+                return
+            container.cpu_s += cpu_per_tick
+        _reports(session, "OK", "1")(container)
+
+    return slow_boot
+
+
+def test_a_boot_slower_than_the_grace_that_uses_cpu_is_not_judged_frozen(make_session, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "BOOT_GRACE_S", 0.3)
+    session = make_session().session
+    backend = FakeBackend(then(_silent_until(session, 1.2, cpu_per_tick=0.01), exits(0)))
+    outcome = _supervise(session, backend, FAST)
+    assert outcome.status is Status.OK, outcome.error
+    assert not backend.only().killed
+
+
+def test_a_silent_sandbox_whose_cpu_stands_still_is_frozen(make_session, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "BOOT_GRACE_S", 0.3)
+    session = make_session().session
+
+    def idle(container: FakeContainer) -> None:
+        container.cpu_s = 0.5  # what it used before it froze
+        container.wait_killed()
+
+    error = _timeout_error(_supervise(session, FakeBackend(idle), FAST))
+    assert error.type == "HeartbeatTimeout"
+    assert error.limit_s == 0.3
+
+
+def test_a_frozen_sandbox_after_its_boot_is_caught_though_it_used_cpu_before(make_session):
+    session = make_session().session
+
+    def works_then_freezes(container: FakeContainer) -> None:
+        container.cpu_s = 0.0
+        _boot(session)(container)
+        for _ in range(10):  # beats while busy, then a SIGSTOP: neither beats nor CPU
+            container.cpu_s += 0.05
+            session.record_beat(0, 0, True)
+            time.sleep(0.02)
+        container.wait_killed()
+
+    error = _timeout_error(_supervise(session, FakeBackend(works_then_freezes), FAST))
+    assert error.type == "HeartbeatTimeout"
+
+
+def test_a_boot_that_uses_cpu_forever_ends_at_the_boot_limit(make_session, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "BOOT_GRACE_S", 0.2)
+    monkeypatch.setattr(supervisor_module, "BOOT_LIMIT_S", 0.8)
+    session = make_session().session
+    error = _timeout_error(_supervise(session, FakeBackend(_burning(0.01)), FAST))
+    assert error.type == "BootTimeout"
+    assert error.limit_s == 0.8
+    assert error.measured_s is not None and error.measured_s > 0.8
+
+
+def test_the_wall_clock_starts_at_the_first_beat_not_at_the_boot(make_session):
+    session = make_session().session
+    # A boot (silent, busy) longer than the whole wall-clock limit, then a run well within it.
+    policy = PATIENT.replace(timeout_s=1)
+    backend = FakeBackend(then(_silent_until(session, 1.5, cpu_per_tick=0.01), exits(0)))
+    outcome = _supervise(session, backend, policy)
+    assert outcome.status is Status.OK, outcome.error
+
+
+def test_a_cpu_time_limit_ends_a_busy_sandbox_as_cpu_time_exceeded(make_session):
+    session = make_session().session
+    policy = PATIENT.replace(cpu_time_s=0.5)
+
+    def busy_after_boot(container: FakeContainer) -> None:
+        container.cpu_s = 3.0  # the boot's CPU is not the protocol's
+        _boot(session)(container)
+        while not container.wait_killed(0.02):
+            container.cpu_s += 0.04
+            session.record_beat(0, 0, True)
+
+    backend = FakeBackend(busy_after_boot)
+    error = _timeout_error(_supervise(session, backend, policy))
+    assert error.type == "CpuTimeExceeded"
+    assert error.limit_s == 0.5
+    assert error.measured_s is not None and 0.5 < error.measured_s < 3.0
+    assert backend.only().killed
+
+
+def test_a_silent_sandbox_the_oom_killer_hit_is_out_of_memory_not_frozen(make_session):
+    session = make_session().session
+
+    def oom_then_hang(container: FakeContainer) -> None:
+        container.cpu_s, container.oom_kills = 0.0, 0
+        _boot(session)(container)
+        time.sleep(0.05)
+        container.oom_kills = 1  # gVisor: part of the sandbox killed, the rest hangs
+        container.wait_killed()
+
+    outcome = _supervise(session, FakeBackend(oom_then_hang), FAST)
+    assert outcome.status is Status.KILLED
+    assert outcome.error is not None and outcome.error.type == "OutOfMemory"
+    assert outcome.error.memory_limit_mb == FAST.memory_mb
+
+
+def test_an_exit_after_an_oom_kill_the_engine_did_not_flag_is_out_of_memory(make_session):
+    session = make_session().session
+
+    def child_oom_then_exit(container: FakeContainer) -> ExitInfo:
+        container.cpu_s, container.oom_kills = 0.0, 0
+        _boot(session)(container)
+        container.oom_kills = 1
+        time.sleep(0.4)  # the supervisor reads the cgroup before the container is gone
+        return ExitInfo(2)
+
+    outcome = _supervise(session, FakeBackend(child_oom_then_exit), PATIENT)
+    assert outcome.status is Status.KILLED
+    assert outcome.error is not None and outcome.error.type == "OutOfMemory"
+    assert outcome.error.exit_code == 2
+
+
+def test_without_usage_figures_the_heartbeat_rule_alone_decides(make_session):
+    session = make_session().session
+    backend = FakeBackend(then(_boot(session), hangs()), measures=False)
+    error = _timeout_error(_supervise(session, backend))
+    assert error.type == "HeartbeatTimeout"
+
+
+def test_the_start_permit_is_given_back_at_the_first_beat_while_the_task_runs(make_session, tmp_path):
+    from executor.admission import StartGate
+
+    session = make_session().session
+    gate = StartGate(1, tmp_path)
+    permit = gate.acquire()
+    assert permit is not None
+    seen: list[bool] = []
+
+    def runs(container: FakeContainer) -> None:
+        _boot(session)(container)
+        # The sandbox runs on; the next one in line may start meanwhile.
+        seen.append(wait_for_release(permit))
+        session.report_finish("OK", "1", "", "", "", {})
+
+    spec = ContainerSpec(name="sandbox-test", command=["true"], policy=PATIENT, mounts=[])
+    outcome = Supervisor(
+        FakeBackend(then(runs, exits(0))), spec, session, threading.Event(), permit=permit
+    ).run()
+    assert outcome.status is Status.OK
+    assert seen == [True]
+    assert gate.starting == 0
+
+
+def wait_for_release(permit: object, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while getattr(permit, "held", False):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_an_adopted_slot_that_ends_before_its_first_beat_fails_the_hand_over_not_the_task(make_session):
+    from executor.supervisor import HandOverFailed
+
+    session = make_session().session
+    backend = FakeBackend(hangs())
+    cid = backend.create(ContainerSpec(name="warm", command=["true"], policy=FAST, mounts=[]))
+    backend.start(cid)
+    spec = ContainerSpec(name="warm", command=["true"], policy=FAST, mounts=[])
+
+    def give() -> float:
+        session.get_config()
+        backend.containers[cid].end(ExitInfo(1))  # it died as it was handed the task
+        return time.monotonic()
+
+    sup = Supervisor(backend, spec, session, threading.Event(), adopt=cid, give=give)
+    with pytest.raises(HandOverFailed):
+        sup.run()
+    assert backend.containers[cid].removed
+
+
+def test_an_adopted_slot_that_never_beats_fails_the_hand_over(make_session):
+    from executor.supervisor import HandOverFailed
+
+    session = make_session().session
+    backend = FakeBackend(hangs())
+    cid = backend.create(ContainerSpec(name="warm", command=["true"], policy=FAST, mounts=[]))
+    backend.start(cid)
+    spec = ContainerSpec(name="warm", command=["true"], policy=FAST, mounts=[])
+
+    def give() -> float:
+        session.get_config()
+        return time.monotonic()
+
+    with pytest.raises(HandOverFailed):
+        Supervisor(backend, spec, session, threading.Event(), adopt=cid, give=give).run()
+    assert backend.containers[cid].killed and backend.containers[cid].removed
