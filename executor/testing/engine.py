@@ -75,9 +75,12 @@ class FakeContainer:
         self.removed = False
         # What the container "used", as its cgroup would say; a program sets
         # them (None: the host cannot tell, as for a backend without cgroups).
-        self.cpu_s: float | None = None
+        # cpu_s may be a function of nothing (e.g. of the clock), read at each
+        # usage call, so that a test's CPU does not depend on thread scheduling.
+        self.cpu_s: float | Callable[[], float] | None = None
         self.oom_kills: int | None = None
         self.pids_refused: int | None = None
+        self.usage_reads = 0
         self.started = threading.Event()
         self._ended = threading.Event()
         self._kill_requested = threading.Event()
@@ -320,9 +323,9 @@ class FakeBackend:
             return None
         if not container.running:
             return None
-        return Usage(
-            cpu_s=container.cpu_s, oom_kills=container.oom_kills, pids_refused=container.pids_refused
-        )
+        cpu = container.cpu_s() if callable(container.cpu_s) else container.cpu_s
+        container.usage_reads += 1
+        return Usage(cpu_s=cpu, oom_kills=container.oom_kills, pids_refused=container.pids_refused)
 
     def list_managed(self) -> list[tuple[str, dict[str, str]]]:
         """The fake's containers not yet removed, plus :attr:`managed`."""

@@ -21,6 +21,16 @@ from executor.v1 import sandbox_pb2 as pb
 MINIMAL_PROTOCOL = "def run(ctx):\n    return {'ok': True}\n"
 
 
+@pytest.fixture(autouse=True)
+def private_state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No unit test reads or writes the host's own project database (the CLI's default ``--db``).
+
+    That file is the operator's (and another checkout's tests may be using
+    it); a test that needs a database names one, or gets this private one.
+    """
+    monkeypatch.setenv("SANDBOX_EXECUTOR_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
     """Poll ``condition`` until it holds or ``timeout`` seconds pass."""
     end = time.monotonic() + timeout

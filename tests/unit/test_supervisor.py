@@ -521,40 +521,45 @@ def test_error_json_only_gains_the_numeric_keys_that_are_set(detail, added):
 # -- slow is not frozen: the sandbox's CPU time, read from outside ----------------------
 
 
-def _burning(
-    cpu_per_tick: float, *, fetch: bool = False, beat: bool = False
-) -> Callable[[FakeContainer], None]:
+def _cpu_clock(share: float) -> Callable[[], float]:
+    """CPU time that advances with the clock at ``share`` of a core, whatever the test's threads do."""
+    t0 = time.monotonic()
+    return lambda: share * (time.monotonic() - t0)
+
+
+def _burning(share: float) -> Callable[[FakeContainer], None]:
     """A silent sandbox whose cgroup CPU time advances (a boot on a busy host) until killed."""
 
     def burn(container: FakeContainer) -> None:
-        container.cpu_s = 0.0
-        while not container.wait_killed(0.02):
-            container.cpu_s += cpu_per_tick
+        container.cpu_s = _cpu_clock(share)
+        container.wait_killed()
 
     return burn
 
 
-def _silent_until(
-    session: TaskSession, after_s: float, *, cpu_per_tick: float
-) -> Callable[[FakeContainer], None]:
+def _silent_until(session: TaskSession, after_s: float, *, share: float) -> Callable[[FakeContainer], None]:
     """Silent (but using CPU) for ``after_s``, then it boots, beats and reports OK."""
 
     def slow_boot(container: FakeContainer) -> None:
-        container.cpu_s = 0.0
-        end = time.monotonic() + after_s
-        while time.monotonic() < end:
-            if container.wait_killed(0.02):
-                return
-            container.cpu_s += cpu_per_tick
+        container.cpu_s = _cpu_clock(share)
+        if container.wait_killed(after_s):
+            return
         _reports(session, "OK", "1")(container)
 
     return slow_boot
 
 
+def _read_since(container: FakeContainer, reads: int, timeout: float = 30.0) -> None:
+    """Block until the supervisor has read the container's usage again (after ``reads`` reads)."""
+    end = time.monotonic() + timeout
+    while container.usage_reads <= reads and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def test_a_boot_slower_than_the_grace_that_uses_cpu_is_not_judged_frozen(make_session, monkeypatch):
     monkeypatch.setattr(supervisor_module, "BOOT_GRACE_S", 0.3)
     session = make_session().session
-    backend = FakeBackend(then(_silent_until(session, 1.2, cpu_per_tick=0.01), exits(0)))
+    backend = FakeBackend(then(_silent_until(session, 1.2, share=0.5), exits(0)))
     outcome = _supervise(session, backend, FAST)
     assert outcome.status is Status.OK, outcome.error
     assert not backend.only().killed
@@ -593,7 +598,7 @@ def test_a_boot_that_uses_cpu_forever_ends_at_the_boot_limit(make_session, monke
     monkeypatch.setattr(supervisor_module, "BOOT_GRACE_S", 0.2)
     monkeypatch.setattr(supervisor_module, "BOOT_LIMIT_S", 0.8)
     session = make_session().session
-    error = _timeout_error(_supervise(session, FakeBackend(_burning(0.01)), FAST))
+    error = _timeout_error(_supervise(session, FakeBackend(_burning(0.5)), FAST))
     assert error.type == "BootTimeout"
     assert error.limit_s == 0.8
     assert error.measured_s is not None and error.measured_s > 0.8
@@ -603,7 +608,7 @@ def test_the_wall_clock_starts_at_the_first_beat_not_at_the_boot(make_session):
     session = make_session().session
     # A boot (silent, busy) longer than the whole wall-clock limit, then a run well within it.
     policy = PATIENT.replace(timeout_s=1)
-    backend = FakeBackend(then(_silent_until(session, 1.5, cpu_per_tick=0.01), exits(0)))
+    backend = FakeBackend(then(_silent_until(session, 1.5, share=0.5), exits(0)))
     outcome = _supervise(session, backend, policy)
     assert outcome.status is Status.OK, outcome.error
 
@@ -649,8 +654,9 @@ def test_an_exit_after_an_oom_kill_the_engine_did_not_flag_is_out_of_memory(make
     def child_oom_then_exit(container: FakeContainer) -> ExitInfo:
         container.cpu_s, container.oom_kills = 0.0, 0
         _boot(session)(container)
+        reads = container.usage_reads
         container.oom_kills = 1
-        time.sleep(0.4)  # the supervisor reads the cgroup before the container is gone
+        _read_since(container, reads)  # the supervisor read the cgroup before the container is gone
         return ExitInfo(2)
 
     outcome = _supervise(session, FakeBackend(child_oom_then_exit), PATIENT)
