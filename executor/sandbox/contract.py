@@ -21,6 +21,11 @@ EXIT_INIT_FAILED = 70
 # The parent vanished (seen by init or the runtime): no sandbox outlives its parent.
 EXIT_PARENT_GONE = 75
 
+# -- error types the runtime names itself ----------------------------------------
+# A protocol that ends on a write refused past the policy's file_size_mb
+# (RLIMIT_FSIZE: EFBIG, "File too large") ends ERROR with this type.
+FILE_SIZE_EXCEEDED = "FileSizeExceeded"
+
 # -- liveness ------------------------------------------------------------------
 # The runtime beats at most this often, whatever the configuration asks; the
 # parent's heartbeat budget is sized for it.

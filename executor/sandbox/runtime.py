@@ -26,10 +26,12 @@ if _SSL_BLOCKED:
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import contextlib  # noqa: E402
+import errno  # noqa: E402
 import importlib.util  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import resource  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
@@ -44,6 +46,7 @@ from executor.sandbox.context import Context, ParentClient, TaskAborted  # noqa:
 from executor.sandbox.contract import (  # noqa: E402
     BULK_SOCKET_NAME,
     EXIT_PARENT_GONE,
+    FILE_SIZE_EXCEEDED,
     MAX_ERROR_MESSAGE_CHARS,
     MAX_ERROR_TYPE_CHARS,
     MAX_TRACEBACK_CHARS,
@@ -252,7 +255,34 @@ def _execute(config: pb.TaskConfig, ctx: Context, timings: dict[str, float]) -> 
         return _error(exc.reason or "TaskAborted", _describe(exc), "", status=pb.Status.ABORT)
     except BaseException as exc:  # the protocol's failure, whatever it is, is the result
         timings.setdefault(phase, time.monotonic() - t)
+        if _file_too_large(exc):
+            return _error(
+                FILE_SIZE_EXCEEDED,
+                f"a write passed the policy's file size limit ({_fsize_limit()}): {_describe(exc)}",
+                _summarise(exc),
+            )
         return _error(type(exc).__name__, _describe(exc), _summarise(exc))
+
+
+def _file_too_large(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a write refused past RLIMIT_FSIZE (EFBIG)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.EFBIG:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _fsize_limit() -> str:
+    """RLIMIT_FSIZE in words (the policy's ``file_size_mb``)."""
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    except (OSError, ValueError):
+        return "unknown"
+    return "none" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
 
 
 async def _await(awaitable: Any) -> Any:

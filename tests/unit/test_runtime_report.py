@@ -54,3 +54,24 @@ def test_an_exception_whose_str_raises_is_still_reported(tmp_path):
     assert report.status == pb.Status.ERROR
     assert report.error.type == "Nasty"
     assert "could not be read" in report.error.message
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_protocol_ending_on_a_write_past_the_file_size_limit_is_named_for_it(tmp_path, wrapped):
+    body = (
+        "import errno\n"
+        "def run(ctx):\n"
+        "    try:\n"
+        "        raise OSError(errno.EFBIG, 'File too large')\n"
+        "    except OSError as exc:\n"
+        + ("        raise RuntimeError('could not save') from exc\n" if wrapped else "        raise\n")
+    )
+    report = _finish(tmp_path, body)
+    assert report.status == pb.Status.ERROR
+    assert report.error.type == "FileSizeExceeded"
+    assert "File too large" in report.error.message or "could not save" in report.error.message
+
+
+def test_other_os_errors_keep_their_own_type(tmp_path):
+    report = _finish(tmp_path, "def run(ctx):\n    raise OSError(28, 'No space left on device')\n")
+    assert report.error.type == "OSError"
