@@ -958,8 +958,8 @@ def render(results: Path, meta: dict[str, Any]) -> str:
         "Other engineers' test suites may share this Docker engine and these 2 cores while the benchmarks "
         "run; the load averages say how busy the machine was. They include the benchmarks' own work "
         "(`concurrent_tasks.py` and `sustained_load.py` run many sandboxes at once, so they run last). "
-        "Earlier runs varied by about ±30% (more for runsc and the pipe baseline), so read ratios near a target as a tie, and compare "
-        "a figure with the baseline beside it rather than with another run's.",
+        "Earlier runs varied by about ±30% (more for runsc and the pipe baseline), so read ratios near a "
+        "target as a tie, and compare a figure with the baseline beside it rather than with another run's.",
         "",
         "## Targets",
         "",
