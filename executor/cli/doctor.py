@@ -6,11 +6,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from executor.admission import STARTS_DIR_NAME, default_max_starting
 from executor.dataview import view_method
 from executor.errors import SandboxExecutorError
 from executor.policy import DEFAULT_IMAGE
 from executor.projectdb import default_db_path
 from executor.taskdir import default_base_dir, default_spool_dir
+from executor.uids import default_uid_dir
 
 IMAGES = {
     "sandbox-executor/base:bookworm": "make images",
@@ -78,6 +80,28 @@ def checks(data_dir: Path | None = None) -> list[Check]:
         )
     # How a task's data view is made: never a copy of the data.
     out.append(Check("data views", True, view_method(default_base_dir(), data_dir)))
+    # The sandbox's CPU time and OOM kills, read from the host's cgroups, tell
+    # a slow sandbox from a frozen one and enforce cpu_time_s.
+    out.append(
+        Check(
+            "cgroups",
+            backend.usage_supported(),
+            "readable: a silent sandbox whose CPU time advances is slow, not frozen; cpu_time_s is enforced"
+            if backend.usage_supported()
+            else "not readable from here: a silent sandbox is judged by its heartbeats alone, and a "
+            "policy setting cpu_time_s is refused",
+            "run the executor on the engine's host, where /sys/fs/cgroup shows the containers' cgroups",
+            required=False,
+        )
+    )
+    out.append(
+        Check(
+            "start permits",
+            True,
+            f"at most {default_max_starting()} sandboxes starting at once on this host by default "
+            f"(permits in {default_uid_dir() / STARTS_DIR_NAME})",
+        )
+    )
     return out
 
 
