@@ -96,7 +96,7 @@ class TaskStarted(Event):
 
     Attributes:
         selection: The selection counts (``total``, ``selected``, ``skipped_processed``,
-            ``skipped_failed``, ``over_limit``).
+            ``skipped_failed``, ``over_limit``, ``skipped_unusable``).
         total_batches: How many batches the selection was split into.
         runtime: The container runtime isolating it (``runc``, ``runsc``).
     """

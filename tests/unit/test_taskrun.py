@@ -26,6 +26,7 @@ import pytest
 
 from executor import taskrun
 from executor.backends import ExitInfo
+from executor.dataview import PATH_MAX
 from executor.errors import ConfigurationError, ContainerError, ProjectDatabaseError
 from executor.hooks import Event, ResultsSaved, TaskEnded, TaskStarted
 from executor.launch import SANDBOX_DATA
@@ -47,6 +48,7 @@ from executor.testing import (
     host_runtime,
     then,
 )
+from tests.deeptree import deep_file
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -333,6 +335,7 @@ def test_a_batch_that_does_not_end_ok_commits_only_its_failures_and_no_later_bat
         "skipped_processed": 2,
         "skipped_failed": 1,
         "over_limit": 0,
+        "skipped_unusable": 0,
     }
     assert again.result == [{"files": ["d.csv", "e.csv"]}]
 
@@ -707,3 +710,42 @@ def test_each_container_sees_exactly_its_batch_in_a_view_removed_afterwards(rig,
     for view, _ in views:
         assert rig.run_dir in view.parents
         assert not view.exists()
+
+
+def test_a_datasource_file_deeper_than_path_max_is_skipped_and_counted_and_the_task_runs(
+    rig, make_protocol, make_data
+):
+    # Finding 7 of the third red team: one such file failed every task on
+    # its datasource (exit 2, "File name too long" while making the view).
+    # Made to fail by dropping view_paths from Executor._plan (the file is
+    # then selected and only the view leaves it out, uncounted) and, with the
+    # view's own check removed too, the task raised HostError (ENAMETOOLONG)
+    # before any container started, as it did.
+    from executor.cli.display import selection_summary
+
+    data = make_data({"a.csv": "1"})
+    deep = deep_file(data, PATH_MAX + 10)
+    db = rig.db()
+    events: list[Event] = []
+    backend = FakeBackend(rig.runtime())
+    outcome = rig.executor(backend, db=db, hooks=(events.append,)).run(
+        TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=data, project_id=PROJECT, task_id="t-deep")
+    )
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == {"files": ["a.csv"]}
+    expected = {
+        "total": 2,
+        "selected": 1,
+        "skipped_processed": 0,
+        "skipped_failed": 0,
+        "over_limit": 0,
+        "skipped_unusable": 1,
+    }
+    assert outcome.selection == expected
+    assert outcome.to_dict()["selection"] == expected
+    (started,) = [e for e in events if isinstance(e, TaskStarted)]
+    assert started.selection == expected
+    (task,) = db.tasks(PROJECT)
+    assert task.selection == expected
+    assert "1 with a path too long for a data view" in selection_summary(outcome)
+    assert deep not in db.file_states(PROJECT, outcome.task_hash).processed
