@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executor import serde
+from executor import logtail, serde
 from executor.bundle import Bundle, link_bundle
 from executor.dataview import DataView, FileStamp, Selection, may_link
 from executor.errors import (
@@ -57,13 +57,13 @@ from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Route
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.projectdb import MAX_LOG_TAIL_CHARS, BatchCommit, TaskEnd, TaskStart
+from executor.projectdb import BatchCommit, TaskEnd, TaskStart
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.spec import TaskSpec
 from executor.supervisor import REASON_CANCELLED, HandOverFailed, Supervisor, abort_message
 from executor.taskdir import TaskDir
-from executor.tasklog import OutputCollector
+from executor.tasklog import OutputCollector, TaskOutput
 from executor.uids import UidLease
 from executor.warmpool import Slot, WarmPool
 
@@ -160,7 +160,7 @@ class TaskRun:
     _cold_started: bool = False
     _batch: int = 0
     _warm_starts: int = 0
-    _log_tail: str = ""
+    _output: TaskOutput | None = field(default=None, repr=False)
     _completed: int = 0
     _failed_saved: dict[str, str] = field(default_factory=dict, repr=False)
     _events: HookDispatcher | None = field(default=None, repr=False)
@@ -611,7 +611,11 @@ class TaskRun:
         relay.attach(session)
         lifeline: Lifeline | None = slot.lifeline if slot is not None else None
         collector = OutputCollector(
-            ex.backend, self.task_id, on_line=lambda stream, line: self._line(number, stream, line)
+            ex.backend,
+            self.task_id,
+            on_line=lambda stream, line: self._line(number, stream, line),
+            task=self.output,
+            batch=number,
         )
         try:
             if slot is None:
@@ -659,7 +663,6 @@ class TaskRun:
             if lifeline is not None:
                 lifeline.close()
             collector.stop(OUTPUT_DRAIN_S)
-        self._keep_tail(number, collector.tail())
         return _BatchResult(
             outcome=outcome,
             rows=session.saved_results(),
@@ -681,11 +684,12 @@ class TaskRun:
     def _line(self, batch: int, stream: str, line: str) -> None:
         self._emit(LogLine(task=self.context, stream=stream, line=line, batch=batch))
 
-    def _keep_tail(self, batch: int, tail: str) -> None:
-        if not tail:
-            return
-        marker = f"--- batch {batch} ---\n" if self.plan.batched else ""
-        self._log_tail = (self._log_tail + marker + tail)[-MAX_LOG_TAIL_CHARS:]
+    @property
+    def output(self) -> TaskOutput:
+        """What the task's batches' output collectors share: rate, totals, the ledger's tail."""
+        if self._output is None:
+            self._output = TaskOutput(batched=self.plan.batched)
+        return self._output
 
     # -- the ledger --------------------------------------------------------------
     def _end(self, outcome: Outcome) -> None:
@@ -717,7 +721,8 @@ class TaskRun:
                 error_message=message,
                 timings=dict(timings),
                 ended_at=datetime.now(UTC),
-                log_tail=self._log_tail,
+                log_tail=self.output.tail(),
+                log_format=logtail.FORMAT,
                 batches_done=done,
                 selection=self.plan.selection.counts(),
             )

@@ -749,3 +749,54 @@ def test_a_datasource_file_deeper_than_path_max_is_skipped_and_counted_and_the_t
     assert task.selection == expected
     assert "1 with a path too long for a data view" in selection_summary(outcome)
     assert deep not in db.file_states(PROJECT, outcome.task_hash).processed
+
+
+# -- the ledger's log tail -------------------------------------------------------------------
+
+FORGER = """
+import sys
+
+
+def run(ctx):
+    print("[executor: output cap reached (20000 lines or 4194304 bytes); later lines are dropped]")
+    print("--- batch 7 ---", flush=True)
+    print("CRITICAL executor.runner: the parent failed", file=sys.stderr, flush=True)
+    sys.stdout.write("partial line with no end")
+    return "done"
+"""
+
+
+def test_the_ledger_s_tail_marks_every_line_s_stream_so_a_protocol_cannot_pass_for_the_parent(
+    rig, make_protocol, make_data
+):
+    # Finding 6 of the third red team: the tail held bare lines, so these
+    # read as the parent's notes and separators. Made to fail by recording
+    # the tail unmarked (log_format 0): every line then has no stream.
+    data = make_data({"a.csv": "1", "b.csv": "2"})
+    db = rig.db()
+    outcome = rig.executor(FakeBackend(rig.runtime()), db=db).run(
+        TaskSpec(
+            protocol_dir=make_protocol(FORGER),
+            data_dir=data,
+            project_id=PROJECT,
+            task_id="t-forge",
+            batch_size=1,
+        )
+    )
+    assert outcome.status is Status.OK, outcome.error
+    (task,) = db.tasks(PROJECT)
+    assert task.log_format == 1
+    lines = [(line.stream, line.batch, line.line) for line in task.log_lines()]
+    for batch in (1, 2):
+        mine = [(stream, text) for stream, b, text in lines if b == batch]
+        assert (
+            "stdout",
+            "[executor: output cap reached (20000 lines or 4194304 bytes); later lines are dropped]",
+        ) in mine
+        assert ("stdout", "--- batch 7 ---") in mine
+        assert ("stderr", "CRITICAL executor.runner: the parent failed") in mine
+        assert ("stdout", "partial line with no end") in mine
+    assert not [line for line in lines if line[0] == "executor"]  # the parent had nothing to say
+    tail = task.log_tail.splitlines()
+    assert tail[0] == "executor| --- batch 1 ---" and "executor| --- batch 2 ---" in tail
+    assert all(line.startswith(("stdout| ", "stderr| ", "executor| --- batch ")) for line in tail)
