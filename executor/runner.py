@@ -345,7 +345,9 @@ class Executor:
 
         Args:
             spec: The task.
-            on_progress: Called from a server thread for each progress event.
+            on_progress: Called for each progress event, from a server thread
+                or the task's progress thread; steps are coalesced to at most
+                one per ``PROGRESS_STEP_INTERVAL_S`` (:mod:`executor.taskevents`).
             cancel: Set it to stop the task; the outcome is then CANCELLED.
 
         Returns:

@@ -40,11 +40,9 @@ from executor.errors import (
 from executor.events import ControlKind, ProgressUpdate
 from executor.fileoutcomes import FileKind
 from executor.hooks import (
-    AlgorithmProgress,
     BatchRun,
     FailedFilesSaved,
     HookDispatcher,
-    LogLine,
     ResultsSaved,
     TaskContext,
     TaskEnded,
@@ -63,6 +61,7 @@ from executor.rpc.session import TaskSession
 from executor.spec import TaskSpec
 from executor.supervisor import REASON_CANCELLED, HandOverFailed, Supervisor, abort_message
 from executor.taskdir import TaskDir
+from executor.taskevents import TaskEvents
 from executor.tasklog import OutputCollector, TaskOutput
 from executor.uids import UidLease
 from executor.warmpool import Slot, WarmPool
@@ -163,7 +162,7 @@ class TaskRun:
     _output: TaskOutput | None = field(default=None, repr=False)
     _completed: int = 0
     _failed_saved: dict[str, str] = field(default_factory=dict, repr=False)
-    _events: HookDispatcher | None = field(default=None, repr=False)
+    _events: TaskEvents | None = field(default=None, repr=False)
 
     @property
     def context(self) -> TaskContext:
@@ -183,7 +182,9 @@ class TaskRun:
     def run(self) -> Outcome:
         """Every batch in turn, until one does not end OK; the ledger and hooks hear of all."""
         db = self.executor.db
-        self._events = HookDispatcher(self.executor.hooks)
+        self._events = TaskEvents(
+            HookDispatcher(self.executor.hooks), self.context, on_progress=self.on_progress
+        )
         started = ended = False
         try:
             if db is not None:
@@ -674,15 +675,12 @@ class TaskRun:
 
     # -- events ----------------------------------------------------------------
     def _progress(self, update: ProgressUpdate) -> None:
-        if self.on_progress is not None:
-            try:
-                self.on_progress(update)
-            except Exception:  # the caller's listener must not fail the sandbox's call
-                log.exception("task %s: the progress listener failed", self.task_id)
-        self._emit(AlgorithmProgress(task=self.context, update=update, batch=self._batch))
+        if self._events is not None:
+            self._events.progress(update, self._batch)
 
     def _line(self, batch: int, stream: str, line: str) -> None:
-        self._emit(LogLine(task=self.context, stream=stream, line=line, batch=batch))
+        if self._events is not None:
+            self._events.log_line(stream, line, batch)
 
     @property
     def output(self) -> TaskOutput:
