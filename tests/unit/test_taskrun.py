@@ -28,7 +28,7 @@ from executor import taskrun
 from executor.backends import ExitInfo
 from executor.dataview import PATH_MAX
 from executor.errors import ConfigurationError, ContainerError, ProjectDatabaseError
-from executor.hooks import Event, ResultsSaved, TaskEnded, TaskStarted
+from executor.hooks import AlgorithmProgress, Event, ResultsSaved, TaskEnded, TaskStarted
 from executor.launch import SANDBOX_DATA
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Transport
@@ -800,3 +800,47 @@ def test_the_ledger_s_tail_marks_every_line_s_stream_so_a_protocol_cannot_pass_f
     tail = task.log_tail.splitlines()
     assert tail[0] == "executor| --- batch 1 ---" and "executor| --- batch 2 ---" in tail
     assert all(line.startswith(("stdout| ", "stderr| ", "executor| --- batch ")) for line in tail)
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+EAGER = """
+def run(ctx):
+    ctx.progress.run_start()
+    for epoch in (1, 2, 3):
+        ctx.progress.epoch_start(epoch, 3)
+        for i in range(3000):
+            ctx.progress.step(i, 3000, "loss", epoch=epoch, max_epochs=3)
+        ctx.progress.epoch_end(epoch, 3)
+    for i in range(500):
+        ctx.progress.step(i, 500, "evaluating")
+    return "done"  # no run_end: the last step still reaches the parent, before the result
+"""
+
+
+def test_a_protocol_stepping_in_a_tight_loop_gives_hooks_a_few_steps_and_every_boundary(
+    rig, make_protocol, make_data
+):
+    # Finding 4 of the third red team: each of these 9,500 steps was an event
+    # for every hook and a line in --events. Made to fail by sending every
+    # step from ctx.progress and passing every one on in the parent.
+    events: list[Event] = []
+    heard: list[Any] = []
+    outcome = rig.executor(FakeBackend(rig.runtime()), hooks=(events.append,)).run(
+        TaskSpec(protocol_dir=make_protocol(EAGER), data_dir=make_data({"a.csv": "1"})),
+        on_progress=heard.append,
+    )
+    assert outcome.status is Status.OK, outcome.error
+    progress = [e.update for e in events if isinstance(e, AlgorithmProgress)]
+    assert heard == progress  # the listener gets the same coalesced events
+    boundaries = [(u.kind.value, u.current_epoch) for u in progress if u.kind.value != "STEP"]
+    assert boundaries == [("RUN_START", 0)] + [
+        (k, e) for e in (1, 2, 3) for k in ("EPOCH_START", "EPOCH_END")
+    ]
+    steps = [u for u in progress if u.kind.value == "STEP"]
+    assert len(steps) < 200, f"{len(steps)} of 9500 steps reached the hooks"
+    ends = [i for i, u in enumerate(progress) if u.kind.value == "EPOCH_END"]
+    for epoch, end in zip((1, 2, 3), ends, strict=True):
+        last = progress[end - 1]  # the epoch's last step went on just before its end
+        assert (last.kind.value, last.current_epoch, last.current) == ("STEP", epoch, 2999)
+    assert (progress[-1].info, progress[-1].current) == ("evaluating", 499)
