@@ -48,14 +48,16 @@ ROWS_PER_TOKEN = 10
 BEATS_PER_S = 25.0
 BEAT_BURST = 50
 # Progress reports are charged as calls and, besides, to a bucket of their
-# own: each costs the parent a call's work (about 0.4 ms of a core here) and
-# an event for every hook, so at the call rate alone a protocol reporting in
-# a tight loop took half a core of the parent. The child sends steps at most
-# every PROGRESS_STEP_INTERVAL_S (4 a second) and run and epoch boundaries as
-# they come, well within this; past it a report is refused with the
-# rate-limit signal and the child retries it after a pause, so an eager
-# protocol is slowed, not failed, and cannot starve its own mailbox calls.
-PROGRESS_PER_S = 50.0
+# own: each costs the parent a call's work (0.4 to 1.5 ms of a core here,
+# with the load) and an event for every hook, so at the call rate alone a
+# protocol reporting in a tight loop took half a core of the parent
+# (bench/progress_cost.py). The child sends steps at most every
+# PROGRESS_STEP_INTERVAL_S (4 a second) and run and epoch boundaries as they
+# come, well within this unless its epochs last under a tenth of a second;
+# past it a report is refused with the rate-limit signal and the child
+# retries it after a pause, so an eager protocol is slowed, not failed, and
+# cannot starve its own mailbox calls.
+PROGRESS_PER_S = 20.0
 PROGRESS_BURST = 100
 # A task that keeps calling or streaming after its bucket is empty abuses the
 # parent (each refusal still costs it work, outside the sandbox's CPU cap):
