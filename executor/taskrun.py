@@ -11,7 +11,9 @@ only the failures it reported, and the task stops there, so the next run with
 ``run_on_new_data_only`` starts at the first uncommitted batch.
 
 Typed events (:mod:`executor.hooks`) go to the executor's hooks as they
-happen; the ledger row is written at the start and completed at the end.
+happen, through :mod:`executor.taskevents` (steps coalesced, a total per
+task); the ledger row is written at the start and completed at the end,
+with the log tail its batches' output collectors share (:mod:`executor.tasklog`).
 """
 
 from __future__ import annotations
