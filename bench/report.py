@@ -45,6 +45,7 @@ PLAN: dict[str, list[str]] = {
     "mailbox_rtt": ["--rounds", "500", "--size", "1024"],
     "bulk_transfer": ["--mib", "256", "--repeats", "3"],
     "failure_detection": ["--runs", "5"],
+    "progress_cost": ["--seconds", "10", "--rounds", "3"],
     "concurrent_tasks": ["--tasks", "32"],
     "sustained_load": ["--tasks", "200", "--threads", "4", "--pool", "4", "--burst", "128"],
 }
@@ -56,6 +57,7 @@ QUICK: dict[str, list[str]] = {
     "mailbox_rtt": ["--rounds", "50"],
     "bulk_transfer": ["--mib", "16", "--repeats", "1"],
     "failure_detection": ["--runs", "1"],
+    "progress_cost": ["--seconds", "2", "--rounds", "1"],
     "concurrent_tasks": ["--tasks", "4"],
     "sustained_load": ["--tasks", "8", "--burst", "8", "--sleep", "1"],
 }
@@ -849,6 +851,36 @@ def sustained_section(load: dict[str, Any]) -> list[str]:
     ]
 
 
+def progress_section(prog: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            f"`{mode}`",
+            f"{_f(r['parent_core_share']):.1%}",
+            f"{_f(r['step_calls_per_s']):.0f}",
+            f"{_f(r['events_per_s']):.1f}",
+            f"{_f(r['step_events_per_s']):.1f}",
+            f"{_f(r['events_bytes_per_s']) / 1024:.1f} KiB/s",
+        ]
+        for mode, r in prog["results"].items()
+    ]
+    coalesces = "coalesces steps" if prog.get("sandbox_coalesces") else "sends every step (an older image)"
+    return [
+        f"### Progress in a tight loop (`progress_cost.py`, {cell(prog['engine'])} {cell(prog['runtime'])}, "
+        f"{prog['seconds']:g} s x {prog['rounds']} rounds)",
+        "",
+        f"The parent's CPU over that of the same task sleeping as long (baseline, "
+        f"{_f(prog['baseline_sleep_cpu_s']):.2f} s), per second of the protocol's loop; an `EventsFile` "
+        f"hook as `--events`. The sandbox's `ctx.progress` {coalesces}. `raw` calls ReportProgress "
+        "itself, as a hostile protocol can.",
+        "",
+        md_table(
+            ["mode", "parent core", "protocol steps/s", "events/s", "step events/s", "to --events"],
+            rows,
+        ),
+        "",
+    ]
+
+
 def load_targets(load: dict[str, Any] | None) -> list[list[str]]:
     """Issue 17's rows: the sustained run and the burst."""
     if load is None:
@@ -884,6 +916,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     "bulk_transfer": bulk_section,
     "concurrent_tasks": concurrent_section,
     "failure_detection": failure_section,
+    "progress_cost": progress_section,
     "sustained_load": sustained_section,
 }
 

@@ -36,7 +36,7 @@ from types import TracebackType
 
 from executor.backends import Mount
 from executor.errors import DataSourceError
-from executor.taskdir import ENV_BASE
+from executor.taskdir import ENV_BASE, data_view_path
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ MAX_SCAN_DEPTH = 128
 """Directory nesting a scan follows: one descriptor is held open per level."""
 MAX_BIND_FILES = 1_000
 """Per-file bind mounts one view may need: each is a mount in the container's namespace."""
+PATH_MAX = 4096
+"""Bytes of a path the kernel takes, its terminating NUL included (Linux): a longer one is ENAMETOOLONG."""
+NAME_MAX = 255
+"""Bytes of one name component on Linux's filesystems (ext4, tmpfs, overlayfs)."""
 TEST_RUN_MAX_FILES = 1
 """Files a test run sees: the seed SDK's ``test_run_number_of_files`` setting defaults to 1.
 
@@ -200,7 +204,7 @@ class _Scanner:
 class Selection:
     """The files a task may see, and why the others were left out.
 
-    ``total`` always equals the selected files plus the three skipped counts.
+    ``total`` always equals the selected files plus the four skipped counts.
 
     Attributes:
         files: What the task may see, in name order.
@@ -208,6 +212,8 @@ class Selection:
         skipped_processed: Unchanged since this task hash processed them (new data only).
         skipped_failed: Failed before under this task hash (unless forced to rerun).
         over_limit: Cut by the test run, ``max_files`` or ``max_batches``.
+        skipped_unusable: Files no data view can show: a path too long for it
+            (see :class:`ViewPaths`).
     """
 
     files: tuple[FileStamp, ...]
@@ -215,20 +221,66 @@ class Selection:
     skipped_processed: int = 0
     skipped_failed: int = 0
     over_limit: int = 0
+    skipped_unusable: int = 0
 
     def __post_init__(self) -> None:
-        if self.total != len(self.files) + self.skipped_processed + self.skipped_failed + self.over_limit:
+        skipped = self.skipped_processed + self.skipped_failed + self.over_limit + self.skipped_unusable
+        if self.total != len(self.files) + skipped:
             raise ValueError(f"selection counts do not add up to its total: {self.counts()}")
 
     def counts(self) -> dict[str, int]:
-        """``total``, ``selected``, ``skipped_processed``, ``skipped_failed``, ``over_limit``."""
+        """The counts by name: ``total``, ``selected`` and the four skipped counts."""
         return {
             "total": self.total,
             "selected": len(self.files),
             "skipped_processed": self.skipped_processed,
             "skipped_failed": self.skipped_failed,
             "over_limit": self.over_limit,
+            "skipped_unusable": self.skipped_unusable,
         }
+
+
+@dataclass(frozen=True)
+class ViewPaths:
+    """The directories a file's path is made under when a data view shows it; each must leave room.
+
+    A file shows in a view as ``<view>/<name>`` on the host and
+    ``<sandbox data path>/<name>`` inside, and a bind-mounted one is mounted
+    from ``<datasource>/<name>``; each such path must be shorter than
+    :data:`PATH_MAX` bytes, and no component of ``name`` longer than
+    :data:`NAME_MAX`. One file deep or long enough to break that would fail
+    the making of every view it is in, so :func:`select` leaves it out and
+    counts it ``skipped_unusable`` instead.
+
+    Attributes:
+        roots: The directories (as the parent passes them to the kernel or the engine).
+    """
+
+    roots: tuple[str, ...]
+
+    @classmethod
+    def of(cls, run_dir: Path, data_dir: Path, method: str, sandbox_data: str) -> ViewPaths:
+        """The roots of ``data_dir``'s views made in ``run_dir`` by ``method``, shown at ``sandbox_data``.
+
+        The datasource counts only when views will be bind mounts; a file
+        that unexpectedly needs one anyway is left out of its view then.
+        """
+        roots = [str(data_view_path(run_dir)), sandbox_data]
+        if method == "bind" or (method == "auto" and not may_link(run_dir, data_dir)):
+            roots.append(os.path.realpath(data_dir))
+        return cls(tuple(roots))
+
+    def reason(self, name: str) -> str | None:
+        """Why no view can show datasource file ``name``, or ``None`` if one can."""
+        raw = os.fsencode(name)
+        longest = max(len(part) for part in raw.split(b"/"))
+        if longest > NAME_MAX:
+            return f"a component of its name is {longest} bytes, over the {NAME_MAX} a name may have"
+        for root in self.roots:
+            size = len(os.fsencode(root.rstrip("/"))) + 1 + len(raw)
+            if size >= PATH_MAX:
+                return f"its path under {root} would be {size} bytes, over the {PATH_MAX - 1} a path may have"
+        return None
 
 
 def effective_max_files(test_run: bool, max_files: int) -> int | None:
@@ -249,12 +301,15 @@ def select(
     new_data_only: bool,
     force_rerun_failed: bool,
     max_files: int | None,
+    view_paths: ViewPaths | None = None,
 ) -> Selection:
     """Choose what a task may see from the datasource's ``files``.
 
     In name order, a file is:
 
-    - skipped as failed if ``failed`` holds its exact ``(size, mtime_ns)`` (it
+    - skipped as unusable if ``view_paths`` says no view can show it (its
+      path would be too long there); the count is logged with an example;
+    - else skipped as failed if ``failed`` holds its exact ``(size, mtime_ns)`` (it
       failed and has not changed since), unless ``force_rerun_failed`` (a forced
       rerun selects it even when it is also unchanged); a failed file that
       changed is new data;
@@ -267,8 +322,13 @@ def select(
         raise ValueError(f"max_files must be None, 0 (no limit) or more, not {max_files}")
     chosen: list[FileStamp] = []
     total = skipped_processed = skipped_failed = over_limit = 0
+    unusable: list[tuple[str, str]] = []
     for f in sorted(files, key=lambda f: f.name):
         total += 1
+        reason = view_paths.reason(f.name) if view_paths is not None else None
+        if reason is not None:
+            unusable.append((f.name, reason))
+            continue
         if failed.get(f.name) == (f.size, f.mtime_ns):
             if not force_rerun_failed:
                 skipped_failed += 1
@@ -280,7 +340,15 @@ def select(
             over_limit += 1
         else:
             chosen.append(f)
-    return Selection(tuple(chosen), total, skipped_processed, skipped_failed, over_limit)
+    if unusable:
+        name, reason = unusable[0]
+        log.warning(
+            "%d datasource file(s) skipped: no data view can show them; e.g. %r: %s",
+            len(unusable),
+            name[:200] + ("..." if len(name) > 200 else ""),
+            reason,
+        )
+    return Selection(tuple(chosen), total, skipped_processed, skipped_failed, over_limit, len(unusable))
 
 
 def plan_batches(
@@ -400,7 +468,9 @@ class DataView:
             :meth:`mounts` then holds one bind mount per bound file.
         files: The stamps of the files in the view, in name order.
         names: The view's file names: all a per-file report may name.
-        missing: Names of files left out because they changed or vanished since the scan.
+        missing: Names of files left out because they changed or vanished since
+            the scan, or (when :func:`select` did not already leave them out)
+            have a path too long for the view.
 
     Raises:
         DataSourceError: The data directory cannot be opened; a file cannot be
@@ -461,6 +531,7 @@ class DataView:
         parents = _Parents(root_fd)
         shown: list[FileStamp] = []
         missing: set[str] = set()
+        too_long: set[str] = set()
         try:
             for f in files:
                 parts = _parts(f.name)
@@ -470,24 +541,25 @@ class DataView:
                 if parent_fd is None or st is None or not _unchanged(st, f):
                     missing.add(f.name)
                     continue
-                self._make_dirs(parts[:-1])
-                dst = self.path / f.name
-                if method != "bind":
-                    linked = self._link(parent_fd, leaf, dst, st, f, data_dir, strict=method == "hardlink")
-                    if linked is True:
-                        shown.append(f)
-                        continue
-                    if linked is False:
-                        missing.add(f.name)
-                        continue
-                self._bind(real_root, f, dst)
-                shown.append(f)
+                try:
+                    shows = self._show(parent_fd, leaf, st, f, real_root, data_dir, method)
+                except OSError as exc:
+                    # select() leaves such files out; one that still gets here (a
+                    # view deeper than planned) is left out too, never fatal.
+                    if exc.errno != errno.ENAMETOOLONG:
+                        raise
+                    too_long.add(f.name)
+                    continue
+                if shows:
+                    shown.append(f)
+                else:
+                    missing.add(f.name)
         finally:
             parents.close()
             os.close(root_fd)
         self.files = tuple(shown)
         self.names = frozenset(f.name for f in shown)
-        self.missing = frozenset(missing)
+        self.missing = frozenset(missing | too_long)
         self.method = "bind" if self._binds else "hardlink"
         if missing:
             log.warning(
@@ -495,6 +567,40 @@ class DataView:
                 len(missing),
                 min(missing),
             )
+        if too_long:
+            log.warning(
+                "data view: %d files have a path too long for the view and are left out, e.g. %r",
+                len(too_long),
+                min(too_long)[:200],
+            )
+
+    def _show(
+        self,
+        parent_fd: int,
+        leaf: str,
+        st: os.stat_result,
+        stamp: FileStamp,
+        real_root: Path,
+        data_dir: Path,
+        method: str,
+    ) -> bool:
+        """Put one checked file in the view; ``False`` if it changed meanwhile (left out).
+
+        Raises:
+            OSError: ENAMETOOLONG before anything is made for a name the view
+                cannot hold (so no directory of it shows either).
+        """
+        if ViewPaths((str(self.path),)).reason(stamp.name) is not None:
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), stamp.name[:200])
+        parts = stamp.name.split("/")
+        self._make_dirs(parts[:-1])
+        dst = self.path / stamp.name
+        if method != "bind":
+            linked = self._link(parent_fd, leaf, dst, st, stamp, data_dir, strict=method == "hardlink")
+            if linked is not None:
+                return linked
+        self._bind(real_root, stamp, dst)
+        return True
 
     def _make_dirs(self, dirs: Sequence[str]) -> None:
         """The view's directories down to ``dirs``, made private (opened up at the end)."""
@@ -544,6 +650,8 @@ class DataView:
         if len(self._binds) >= MAX_BIND_FILES:
             raise DataSourceError(_too_many_binds(None))
         source = real_root / stamp.name
+        if len(os.fsencode(source)) >= PATH_MAX:  # the engine could not mount it
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(source))
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o444)
         try:
             os.fchmod(fd, 0o444)  # whatever the umask

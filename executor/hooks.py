@@ -96,7 +96,7 @@ class TaskStarted(Event):
 
     Attributes:
         selection: The selection counts (``total``, ``selected``, ``skipped_processed``,
-            ``skipped_failed``, ``over_limit``).
+            ``skipped_failed``, ``over_limit``, ``skipped_unusable``).
         total_batches: How many batches the selection was split into.
         runtime: The container runtime isolating it (``runc``, ``runsc``).
     """
@@ -227,7 +227,7 @@ class LogLine(Event):
 
     Attributes:
         stream: ``stdout``, ``stderr``, or ``executor`` for the parent's own
-            notes about dropped output.
+            notes (output dropped by a cap, the task's event total reached).
         line: The line, without its newline; hostile text (escape it to print).
         batch: The batch (1-based) whose container wrote it.
     """

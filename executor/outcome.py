@@ -83,7 +83,8 @@ class Outcome:
             name -> ``(FileKind, reason)``.
         selection: Which datasource files the parent let the task see, as
             counts: ``total``, ``selected``, ``skipped_processed``,
-            ``skipped_failed``, ``over_limit`` (see :mod:`executor.dataview`).
+            ``skipped_failed``, ``over_limit``, ``skipped_unusable`` (see
+            :mod:`executor.dataview`).
         batches: For a batched run: ``total`` planned, ``completed`` (ended
             OK and committed) and ``size`` (files per batch).
         saved_rows: Result rows the protocol saved that the parent committed

@@ -54,6 +54,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from executor import logtail
 from executor.errors import ProjectDatabaseError
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
 
 ENV_STATE_DIR = "SANDBOX_EXECUTOR_STATE_DIR"
 DB_FILE_NAME = "projects.sqlite"
-MAX_LOG_TAIL_CHARS = 64 * 1024
+MAX_LOG_TAIL_CHARS = logtail.MAX_CHARS
 RUNNING = "RUNNING"
 LOST = "LOST"
 LOST_MESSAGE = "the executor running the task stopped (killed or crashed) before it ended"
@@ -155,6 +156,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     CREATE INDEX tasks_running ON tasks (status) WHERE status = 'RUNNING';
     """,
+    # v4: the log tail's format (executor/logtail.py): 1 marks each line with
+    # its stream; the tails of older rows are plain text, format 0.
+    """
+    ALTER TABLE tasks ADD COLUMN log_format INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -231,6 +237,7 @@ class TaskEnd:
     log_tail: str
     batches_done: int
     selection: dict[str, int]
+    log_format: int = logtail.UNMARKED
 
     def __post_init__(self) -> None:
         _require_aware("ended_at", self.ended_at)
@@ -347,6 +354,11 @@ class TaskRecord:
     started_at: datetime
     ended_at: datetime | None
     log_tail: str
+    log_format: int = logtail.UNMARKED
+
+    def log_lines(self) -> list[logtail.TailLine]:
+        """The log tail's lines, each with its stream and batch (both ``None`` in an unmarked tail)."""
+        return logtail.parse(self.log_tail, self.log_format)
 
 
 def _iso(value: datetime) -> str:
@@ -690,7 +702,7 @@ class ProjectDatabase:
         return lost
 
     def end_task(self, end: TaskEnd) -> None:
-        """Complete a task's ledger row; the log tail keeps its last :data:`MAX_LOG_TAIL_CHARS`.
+        """Complete a task's ledger row; the log tail keeps its last whole lines (:data:`MAX_LOG_TAIL_CHARS`).
 
         Raises:
             ProjectDatabaseError: No task with this id was started.
@@ -699,14 +711,16 @@ class ProjectDatabase:
         with self._transaction("record the end of a task in", write=True) as conn:
             cursor = conn.execute(
                 "UPDATE tasks SET status = ?, error_type = ?, error_message = ?, timings_json = ?,"
-                " ended_at = ?, log_tail = ?, batches_done = ?, selection_json = ? WHERE task_id = ?",
+                " ended_at = ?, log_tail = ?, log_format = ?, batches_done = ?, selection_json = ?"
+                " WHERE task_id = ?",
                 (
                     e.status,
                     e.error_type,
                     e.error_message,
                     _json(e.timings),
                     _iso(e.ended_at),
-                    e.log_tail[-MAX_LOG_TAIL_CHARS:],
+                    logtail.cut(e.log_tail, MAX_LOG_TAIL_CHARS),
+                    e.log_format,
                     e.batches_done,
                     _json(e.selection),
                     e.task_id,
@@ -867,7 +881,7 @@ class ProjectDatabase:
         sql = (
             "SELECT task_id, task_hash, project, modeller, datasource, bundle_sha256, policy_json, runtime,"
             " status, error_type, error_message, timings_json, selection_json, total_batches, batches_done,"
-            " test_run, started_at, ended_at, log_tail FROM tasks"
+            " test_run, started_at, ended_at, log_tail, log_format FROM tasks"
         )
         params: list[object] = []
         if project is not None:
@@ -909,6 +923,7 @@ def _task_record(row: Sequence[Any]) -> TaskRecord:
         started_at,
         ended_at,
         log_tail,
+        log_format,
     ) = row
     return TaskRecord(
         task_id=task_id,
@@ -930,6 +945,7 @@ def _task_record(row: Sequence[Any]) -> TaskRecord:
         started_at=_time(started_at),
         ended_at=_time(ended_at) if ended_at is not None else None,
         log_tail=log_tail,
+        log_format=int(log_format),
     )
 
 

@@ -27,6 +27,7 @@ from executor.bundle import check_protocol_dir, copy_bundle
 from executor.dataview import (
     METHODS,
     FileStamp,
+    ViewPaths,
     check_view_budget,
     effective_max_files,
     plan_batches,
@@ -36,6 +37,7 @@ from executor.dataview import (
 from executor.errors import ConfigurationError, DataSourceError, host_errors
 from executor.events import ProgressUpdate
 from executor.hooks import Hook
+from executor.launch import SANDBOX_DATA
 from executor.mailbox.transport import NoModellerTransport, Transport
 from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
@@ -343,7 +345,9 @@ class Executor:
 
         Args:
             spec: The task.
-            on_progress: Called from a server thread for each progress event.
+            on_progress: Called for each progress event, from a server thread
+                or the task's progress thread; steps are coalesced to at most
+                one per ``PROGRESS_STEP_INTERVAL_S`` (:mod:`executor.taskevents`).
             cancel: Set it to stop the task; the outcome is then CANCELLED.
 
         Returns:
@@ -434,6 +438,7 @@ class Executor:
             new_data_only=flags.run_on_new_data_only,
             force_rerun_failed=flags.force_rerun_failed_files,
             max_files=effective_max_files(flags.test_run, spec.inference_limits.max_files),
+            view_paths=ViewPaths.of(self.run_dir, data_dir, self.view_method, SANDBOX_DATA),
         )
         batch_size = spec.effective_batch_size
         batches, selection = plan_batches(selection, batch_size, spec.inference_limits.max_batches)

@@ -75,6 +75,17 @@ def default_spool_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"sandbox-executor-spool-{os.geteuid()}"
 
 
+# A task directory's name: this prefix and tempfile.mkdtemp's 8 random characters.
+_NAME_PREFIX = "t-"
+_NAME_RANDOM_CHARS = 8
+DATA_NAME = "data"
+
+
+def data_view_path(base: Path) -> Path:
+    """A path as long as any task directory's data view under ``base`` (its name is random)."""
+    return base / (_NAME_PREFIX + "x" * _NAME_RANDOM_CHARS) / DATA_NAME
+
+
 def remove_tree(path: Path) -> None:
     """Delete a task directory, including its read-only parts; no error if gone."""
     if not path.exists():
@@ -104,7 +115,7 @@ class TaskDir:
         self, base: Path, sandbox_uid: int, owner: str = "", *, sandbox_gid: int | None = None
     ) -> None:
         base.mkdir(mode=0o711, parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix="t-", dir=base))
+        self.path = Path(tempfile.mkdtemp(prefix=_NAME_PREFIX, dir=base))
         self.sandbox_uid = sandbox_uid
         self.sandbox_gid = sandbox_uid if sandbox_gid is None else sandbox_gid
         self.token = secrets.token_urlsafe(32)
@@ -114,7 +125,7 @@ class TaskDir:
             self.path.chmod(0o711)
             self.ipc = self.path / "ipc"
             self.protocol = self.path / "protocol"
-            self.data = self.path / "data"
+            self.data = self.path / DATA_NAME
             self._make_ipc()
             self.resolv_conf = self.path / RESOLV_NAME
             fd = os.open(self.resolv_conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)

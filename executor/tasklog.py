@@ -5,30 +5,38 @@ The sandbox's init already caps each stream inside the sandbox
 parent's own defence in depth, and bound the parent whatever the engine
 hands over: a line is cut at :data:`MAX_LINE_CHARS`, lines beyond a rate
 (:attr:`OutputCaps.lines_per_s`, with a burst) are dropped and counted, and
-past :attr:`OutputCaps.max_lines` or :attr:`OutputCaps.max_bytes` every
-later line is dropped and counted. Memory stays bounded whatever arrives (a
-100 MB line without a newline costs one line's worth).
+past :attr:`OutputCaps.max_lines` or :attr:`OutputCaps.max_bytes` of a
+batch, or :attr:`OutputCaps.task_max_lines` or
+:attr:`OutputCaps.task_max_bytes` of the whole task, every later line is
+dropped and counted. Memory stays bounded whatever arrives (a 100 MB line
+without a newline costs one line's worth).
+
+A task's batches run one container each, one :class:`OutputCollector` per
+container; the collectors of one task share a :class:`TaskOutput`: the rate,
+the task's totals, and the ledger's log tail (:mod:`executor.logtail`), in
+which every line carries the mark of its stream.
 
 Each kept line goes to the logger ``executor.task.<task_id>`` (stdout at
 INFO, stderr at WARNING unless the line is a log record the protocol wrote at
 INFO or DEBUG through the runtime's logging set-up, with ``task_id`` and ``stream`` in the record), to an
-``on_line`` callback, and to a tail of the last :data:`MAX_TAIL_CHARS` for
-the ledger. The parent's own notes about dropped lines come as lines of the
-stream :data:`NOTE_STREAM`. Lines are sandbox text: control characters are
-kept here and must be escaped wherever they are printed (so the
-``executor.task`` loggers have a ``NullHandler``: nothing reaches logging's
-last-resort printer unless the application adds a handler).
+``on_line`` callback, and to the task's tail. The parent's own notes about
+dropped lines come as lines of the stream :data:`NOTE_STREAM`. Lines are
+sandbox text: control characters are kept here and must be escaped wherever
+they are printed (so the ``executor.task`` loggers have a ``NullHandler``:
+nothing reaches logging's last-resort printer unless the application adds a
+handler).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
+
+from executor import logtail
 
 log = logging.getLogger(__name__)
 # Without a handler of the application's, logging's last resort would print
@@ -39,10 +47,10 @@ logging.getLogger("executor.task").addHandler(logging.NullHandler())
 
 MAX_LINE_CHARS = 4096
 """Characters of one line kept; the rest is cut and the line ends with :data:`TRUNCATED_MARK`."""
-MAX_TAIL_CHARS = 64 * 1024
+MAX_TAIL_CHARS = logtail.MAX_CHARS
 """Characters of the last lines kept for the ledger's log tail."""
 TRUNCATED_MARK = " [line truncated]"
-NOTE_STREAM = "executor"
+NOTE_STREAM = logtail.NOTE_STREAM
 """The stream name of the parent's own notes (output dropped by a cap)."""
 # One line's bytes held while it is incomplete: enough for MAX_LINE_CHARS of
 # any UTF-8 text (at most 4 bytes a character).
@@ -69,23 +77,29 @@ _MAX_LOGGED_CALLBACK_FAILURES = 3
 
 @dataclass(frozen=True)
 class OutputCaps:
-    """How much of a container's output the parent passes on.
+    """How much of a task's output the parent passes on.
 
     Attributes:
-        lines_per_s: Sustained lines a second (a token bucket).
+        lines_per_s: Sustained lines a second (a token bucket), per task:
+            its batches share it.
         burst: Lines passed at once before the rate applies.
-        max_lines: Lines passed on in all.
-        max_bytes: Bytes of lines passed on in all (as the sandbox wrote them,
-            after truncation).
+        max_lines: Lines passed on per batch (container).
+        max_bytes: Bytes of lines passed on per batch (as the sandbox wrote
+            them, after truncation).
+        task_max_lines: Lines passed on per task, all its batches together.
+        task_max_bytes: Bytes of lines passed on per task.
     """
 
     lines_per_s: float = 200.0
     burst: int = 2000
     max_lines: int = 20_000
     max_bytes: int = 4 * 1024 * 1024
+    task_max_lines: int = 100_000
+    task_max_bytes: int = 16 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.lines_per_s <= 0 or self.burst < 1 or self.max_lines < 1 or self.max_bytes < 1:
+        counts = (self.burst, self.max_lines, self.max_bytes, self.task_max_lines, self.task_max_bytes)
+        if self.lines_per_s <= 0 or min(counts) < 1:
             raise ValueError(f"output caps must be positive: {self}")
 
 
@@ -98,7 +112,7 @@ class OutputStats:
         bytes: Their bytes, as the sandbox wrote them (after truncation).
         truncated: Lines cut at :data:`MAX_LINE_CHARS`.
         dropped_rate: Lines dropped over the rate.
-        dropped_cap: Lines dropped over the total caps.
+        dropped_cap: Lines dropped over the total caps (the batch's or the task's).
     """
 
     lines: int = 0
@@ -106,6 +120,61 @@ class OutputStats:
     truncated: int = 0
     dropped_rate: int = 0
     dropped_cap: int = 0
+
+
+class TaskOutput:
+    """What one task's output collectors share: the rate, the task's totals and its log tail.
+
+    A task's batches run one after another, each with a collector of its
+    own; they all take this object's lock, so its state and theirs change
+    under one lock.
+
+    Args:
+        caps: The caps; the rate and the ``task_*`` totals are this task's.
+        batched: Whether the tail separates batches (``--- batch N ---``).
+        clock: Seconds, monotonic; the rate's clock (tests inject one).
+    """
+
+    def __init__(
+        self,
+        caps: OutputCaps | None = None,
+        *,
+        batched: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.caps = caps or OutputCaps()
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.tokens = float(self.caps.burst)
+        self.refilled_at: float | None = None
+        self.lines = 0
+        self.bytes = 0
+        self.capped = False
+        self._tail = logtail.Tail(batched=batched)
+
+    def refill(self) -> None:
+        """Add the tokens the time since the last refill earned (lock held)."""
+        now = self.clock()
+        if self.refilled_at is not None and now > self.refilled_at:
+            self.tokens = min(
+                float(self.caps.burst), self.tokens + (now - self.refilled_at) * self.caps.lines_per_s
+            )
+        if self.refilled_at is None or now > self.refilled_at:
+            self.refilled_at = now
+
+    def over_total(self, raw: bytes) -> bool:
+        """Whether one more line of ``raw`` would pass the task's totals (lock held)."""
+        caps = self.caps
+        return self.lines + 1 > caps.task_max_lines or self.bytes + len(raw) > caps.task_max_bytes
+
+    def keep(self, batch: int, stream: str, text: str) -> None:
+        """Add a passed line to the tail (lock held)."""
+        self._tail.add(batch, stream, text)
+
+    def tail(self) -> str:
+        """The ledger's log tail so far: the last lines, each marked (:mod:`executor.logtail`)."""
+        with self.lock:
+            return self._tail.text()
 
 
 class OutputSource(Protocol):
@@ -135,8 +204,11 @@ class OutputCollector:
         task_id: The task, for the logger's name and each record's ``task_id``.
         on_line: Called with ``(stream, line)`` for every line passed on
             (including notes); an exception from it is logged, never raised.
-        caps: The rate and total caps.
-        clock: Seconds, monotonic; the rate's clock (tests inject one).
+        caps: The rate and total caps (when no ``task`` is given).
+        clock: Seconds, monotonic; the rate's clock (when no ``task`` is given).
+        task: What the task's collectors share (its rate, totals and tail);
+            by default one of this collector's own.
+        batch: The batch (1-based) this container runs, for the tail.
     """
 
     def __init__(
@@ -147,17 +219,20 @@ class OutputCollector:
         on_line: Callable[[str, str], object] | None = None,
         caps: OutputCaps | None = None,
         clock: Callable[[], float] = time.monotonic,
+        task: TaskOutput | None = None,
+        batch: int = 1,
     ) -> None:
+        if task is not None and caps is not None:
+            raise ValueError("give the caps to the TaskOutput, not to each of its collectors")
         self._source = source
         self.task_id = task_id
         self._on_line = on_line
-        self.caps = caps or OutputCaps()
-        self._clock = clock
+        self._task = task if task is not None else TaskOutput(caps, clock=clock)
+        self.caps = self._task.caps
+        self._batch = batch
         self.logger = logging.getLogger(f"executor.task.{task_id}")
-        self._lock = threading.Lock()
+        self._lock = self._task.lock
         self._streams: dict[str, _Stream] = {}
-        self._tokens = float(self.caps.burst)
-        self._refilled_at: float | None = None
         self._lines = 0
         self._bytes = 0
         self._truncated = 0
@@ -165,8 +240,6 @@ class OutputCollector:
         self._dropped_cap = 0
         self._pending_rate = 0  # dropped over the rate since the last note
         self._capped = False
-        self._tail: collections.deque[str] = collections.deque()
-        self._tail_chars = 0
         self._callback_failures = 0
         self._finished = False
         self._thread: threading.Thread | None = None
@@ -203,9 +276,8 @@ class OutputCollector:
         return self.stats
 
     def tail(self) -> str:
-        """The last lines passed on (at most :data:`MAX_TAIL_CHARS`), each ending in a newline."""
-        with self._lock:
-            return "".join(self._tail)
+        """The task's log tail so far (:meth:`TaskOutput.tail`); this collector's own, if it has one."""
+        return self._task.tail()
 
     @property
     def stats(self) -> OutputStats:
@@ -238,11 +310,11 @@ class OutputCollector:
         with self._lock:
             if self._finished:
                 return
-            self._refill()
+            self._task.refill()
             st = self._streams.setdefault(stream, _Stream())
             pos, end = 0, len(chunk)
             while pos < end:
-                if self._capped or self._tokens < 1:
+                if self._capped or self._task.tokens < 1:
                     # Nothing more passes in this chunk: count its lines without splitting them.
                     pos = self._skip(st, chunk, pos)
                     continue
@@ -289,15 +361,6 @@ class OutputCollector:
                 st.buf += chunk[pos:end]
         return end
 
-    def _refill(self) -> None:
-        now = self._clock()
-        if self._refilled_at is not None and now > self._refilled_at:
-            self._tokens = min(
-                float(self.caps.burst), self._tokens + (now - self._refilled_at) * self.caps.lines_per_s
-            )
-        if self._refilled_at is None or now > self._refilled_at:
-            self._refilled_at = now
-
     def _drop(self, n: int) -> None:
         if n <= 0:
             return
@@ -312,6 +375,7 @@ class OutputCollector:
         if self._capped:
             self._drop(1)
             return
+        task = self._task
         if self._lines + 1 > self.caps.max_lines or self._bytes + len(raw) > self.caps.max_bytes:
             self._capped = True
             self._drop(1)
@@ -322,10 +386,23 @@ class OutputCollector:
                 "bytes); later lines are dropped]",
             )
             return
-        if self._tokens < 1:
+        if task.capped or task.over_total(raw):
+            # The task's total: this batch drops the rest, and so does every later batch.
+            self._capped = True
+            self._drop(1)
+            if not task.capped:
+                task.capped = True
+                self._note_rate()
+                self._pass(
+                    NOTE_STREAM,
+                    f"[executor: the task's output total reached ({self.caps.task_max_lines} lines or "
+                    f"{self.caps.task_max_bytes} bytes across its batches); later lines are dropped]",
+                )
+            return
+        if task.tokens < 1:
             self._drop(1)
             return
-        self._tokens -= 1
+        task.tokens -= 1
         self._note_rate()
         text = raw.decode("utf-8", "replace")
         if text.endswith("\r") and not cut:
@@ -337,6 +414,8 @@ class OutputCollector:
             text += TRUNCATED_MARK
         self._lines += 1
         self._bytes += len(raw)
+        task.lines += 1
+        task.bytes += len(raw)
         self._pass(stream, text)
 
     def _note_rate(self) -> None:
@@ -349,11 +428,7 @@ class OutputCollector:
         self.logger.log(
             line_level(stream, text), "%s", text, extra={"task_id": self.task_id, "stream": stream}
         )
-        entry = text + "\n"
-        self._tail.append(entry)
-        self._tail_chars += len(entry)
-        while self._tail_chars > MAX_TAIL_CHARS:
-            self._tail_chars -= len(self._tail.popleft())
+        self._task.keep(self._batch, stream, text)
         if self._on_line is not None:
             try:
                 self._on_line(stream, text)
@@ -369,7 +444,7 @@ class OutputCollector:
                 return
             for stream, st in self._streams.items():
                 if st.buf and not st.discarding:
-                    self._refill()
+                    self._task.refill()
                     self._line(stream, bytes(st.buf), cut=False)
                 st.buf.clear()
             self._note_rate()

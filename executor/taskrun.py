@@ -11,7 +11,9 @@ only the failures it reported, and the task stops there, so the next run with
 ``run_on_new_data_only`` starts at the first uncommitted batch.
 
 Typed events (:mod:`executor.hooks`) go to the executor's hooks as they
-happen; the ledger row is written at the start and completed at the end.
+happen, through :mod:`executor.taskevents` (steps coalesced, a total per
+task); the ledger row is written at the start and completed at the end,
+with the log tail its batches' output collectors share (:mod:`executor.tasklog`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executor import serde
+from executor import logtail, serde
 from executor.bundle import Bundle, link_bundle
 from executor.dataview import DataView, FileStamp, Selection, may_link
 from executor.errors import (
@@ -40,11 +42,9 @@ from executor.errors import (
 from executor.events import ControlKind, ProgressUpdate
 from executor.fileoutcomes import FileKind
 from executor.hooks import (
-    AlgorithmProgress,
     BatchRun,
     FailedFilesSaved,
     HookDispatcher,
-    LogLine,
     ResultsSaved,
     TaskContext,
     TaskEnded,
@@ -57,13 +57,14 @@ from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Route
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.projectdb import MAX_LOG_TAIL_CHARS, BatchCommit, TaskEnd, TaskStart
+from executor.projectdb import BatchCommit, TaskEnd, TaskStart
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.spec import TaskSpec
 from executor.supervisor import REASON_CANCELLED, HandOverFailed, Supervisor, abort_message
 from executor.taskdir import TaskDir
-from executor.tasklog import OutputCollector
+from executor.taskevents import TaskEvents
+from executor.tasklog import OutputCollector, TaskOutput
 from executor.uids import UidLease
 from executor.warmpool import Slot, WarmPool
 
@@ -160,10 +161,10 @@ class TaskRun:
     _cold_started: bool = False
     _batch: int = 0
     _warm_starts: int = 0
-    _log_tail: str = ""
+    _output: TaskOutput | None = field(default=None, repr=False)
     _completed: int = 0
     _failed_saved: dict[str, str] = field(default_factory=dict, repr=False)
-    _events: HookDispatcher | None = field(default=None, repr=False)
+    _events: TaskEvents | None = field(default=None, repr=False)
 
     @property
     def context(self) -> TaskContext:
@@ -183,7 +184,9 @@ class TaskRun:
     def run(self) -> Outcome:
         """Every batch in turn, until one does not end OK; the ledger and hooks hear of all."""
         db = self.executor.db
-        self._events = HookDispatcher(self.executor.hooks)
+        self._events = TaskEvents(
+            HookDispatcher(self.executor.hooks), self.context, on_progress=self.on_progress
+        )
         started = ended = False
         try:
             if db is not None:
@@ -611,7 +614,11 @@ class TaskRun:
         relay.attach(session)
         lifeline: Lifeline | None = slot.lifeline if slot is not None else None
         collector = OutputCollector(
-            ex.backend, self.task_id, on_line=lambda stream, line: self._line(number, stream, line)
+            ex.backend,
+            self.task_id,
+            on_line=lambda stream, line: self._line(number, stream, line),
+            task=self.output,
+            batch=number,
         )
         try:
             if slot is None:
@@ -659,7 +666,6 @@ class TaskRun:
             if lifeline is not None:
                 lifeline.close()
             collector.stop(OUTPUT_DRAIN_S)
-        self._keep_tail(number, collector.tail())
         return _BatchResult(
             outcome=outcome,
             rows=session.saved_results(),
@@ -671,21 +677,19 @@ class TaskRun:
 
     # -- events ----------------------------------------------------------------
     def _progress(self, update: ProgressUpdate) -> None:
-        if self.on_progress is not None:
-            try:
-                self.on_progress(update)
-            except Exception:  # the caller's listener must not fail the sandbox's call
-                log.exception("task %s: the progress listener failed", self.task_id)
-        self._emit(AlgorithmProgress(task=self.context, update=update, batch=self._batch))
+        if self._events is not None:
+            self._events.progress(update, self._batch)
 
     def _line(self, batch: int, stream: str, line: str) -> None:
-        self._emit(LogLine(task=self.context, stream=stream, line=line, batch=batch))
+        if self._events is not None:
+            self._events.log_line(stream, line, batch)
 
-    def _keep_tail(self, batch: int, tail: str) -> None:
-        if not tail:
-            return
-        marker = f"--- batch {batch} ---\n" if self.plan.batched else ""
-        self._log_tail = (self._log_tail + marker + tail)[-MAX_LOG_TAIL_CHARS:]
+    @property
+    def output(self) -> TaskOutput:
+        """What the task's batches' output collectors share: rate, totals, the ledger's tail."""
+        if self._output is None:
+            self._output = TaskOutput(batched=self.plan.batched)
+        return self._output
 
     # -- the ledger --------------------------------------------------------------
     def _end(self, outcome: Outcome) -> None:
@@ -717,7 +721,8 @@ class TaskRun:
                 error_message=message,
                 timings=dict(timings),
                 ended_at=datetime.now(UTC),
-                log_tail=self._log_tail,
+                log_tail=self.output.tail(),
+                log_format=logtail.FORMAT,
                 batches_done=done,
                 selection=self.plan.selection.counts(),
             )

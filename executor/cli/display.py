@@ -165,6 +165,8 @@ def selection_summary(outcome: Outcome) -> str:
         f"{sel.get('skipped_processed', 0)} already processed, {sel.get('skipped_failed', 0)} failed "
         f"before, {sel.get('over_limit', 0)} over the limit"
     )
+    if sel.get("skipped_unusable"):
+        line += f", {sel['skipped_unusable']} with a path too long for a data view"
     if outcome.batches is not None:
         line += f"; batches {outcome.batches['completed']} of {outcome.batches['total']} completed"
     if outcome.saved_rows:

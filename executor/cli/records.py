@@ -104,7 +104,7 @@ def tasks_command(db_path: Path, project: str | None, as_json: bool, limit: int 
     """
     records = _open(db_path).tasks(project, limit=limit)
     if as_json:
-        _print_json({"project": project, "tasks": [_record(r) for r in records]})
+        _print_json({"project": project, "tasks": [_task_json(r) for r in records]})
         return 0
     where = f" in project {printable(project)}" if project is not None else ""
     if not records:
@@ -160,6 +160,11 @@ def _record(record: ResultRecord | FailedFileRecord | TaskRecord) -> dict[str, A
     """A record as JSON: its fields in order, times as ISO 8601 text."""
     fields = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
     return {name: _iso(value) if name.endswith("_at") else value for name, value in fields.items()}
+
+
+def _task_json(record: TaskRecord) -> dict[str, Any]:
+    """A ledger row as JSON: its fields, and its log tail's lines with their stream and batch."""
+    return {**_record(record), "log_lines": [line.to_dict() for line in record.log_lines()]}
 
 
 def _for_hash(task_hash: str | None) -> str:

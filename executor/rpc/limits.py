@@ -18,9 +18,11 @@ from executor.rpc.session import RequestRejected
 from executor.sandbox.contract import CHUNK_BYTES as CHUNK_BYTES  # pinned with the caps below
 from executor.sandbox.contract import RATE_LIMITED_TRAILER
 
-# The public message of a refusal for calling too fast; the child recognises
+# The public messages of a refusal for calling too fast; the child recognises
 # such a refusal by the contract's trailer, never by this text.
 RATE_LIMITED = "call rate limit exceeded"
+PROGRESS_RATE_LIMITED = "progress rate limit exceeded"
+_RATE_REFUSALS = frozenset({RATE_LIMITED, PROGRESS_RATE_LIMITED})
 
 MAX_METADATA_BYTES = 8 * 1024
 # Per task: calls per second (sustained) and burst, and how many calls of a
@@ -45,6 +47,18 @@ ROWS_PER_TOKEN = 10
 # Beats have a bucket of their own: the runtime beats at most every 50 ms.
 BEATS_PER_S = 25.0
 BEAT_BURST = 50
+# Progress reports are charged as calls and, besides, to a bucket of their
+# own: each costs the parent a call's work (0.4 to 1.5 ms of a core here,
+# with the load) and an event for every hook, so at the call rate alone a
+# protocol reporting in a tight loop took half a core of the parent
+# (bench/progress_cost.py). The child sends steps at most every
+# PROGRESS_STEP_INTERVAL_S (4 a second) and run and epoch boundaries as they
+# come, well within this unless its epochs last under a tenth of a second;
+# past it a report is refused with the rate-limit signal and the child
+# retries it after a pause, so an eager protocol is slowed, not failed, and
+# cannot starve its own mailbox calls.
+PROGRESS_PER_S = 20.0
+PROGRESS_BURST = 100
 # A task that keeps calling or streaming after its bucket is empty abuses the
 # parent (each refusal still costs it work, outside the sandbox's CPU cap):
 # past this many refusals, forgiven at ABUSE_FORGIVE_PER_S, all its
@@ -85,7 +99,7 @@ MAX_CONCURRENT_RPCS = MAX_CONNECTIONS * MAX_STREAMS_PER_CONNECTION
 
 def rate_limit_trailers(refused: str) -> tuple[tuple[str, str], ...]:
     """The trailing metadata of a refusal: the contract's rate-limit signal if it is only the rate."""
-    return ((RATE_LIMITED_TRAILER, "1"),) if refused == RATE_LIMITED else ()
+    return ((RATE_LIMITED_TRAILER, "1"),) if refused in _RATE_REFUSALS else ()
 
 
 def refusal(refused: str) -> RequestRejected:
@@ -130,6 +144,7 @@ class CallLimiter:
     ) -> None:
         self._calls = _Bucket(rate_per_s, burst)
         self._beats = _Bucket(BEATS_PER_S, BEAT_BURST)
+        self._progress = _Bucket(PROGRESS_PER_S, PROGRESS_BURST)
         self._open: dict[str, int] = {}
         self._refusals = 0.0
         self._refusals_stamp = time.monotonic()
@@ -169,6 +184,11 @@ class CallLimiter:
         """Charge one heartbeat; the reason it is refused, or ``None``."""
         with self._lock:
             return None if self._beats.take(1) else self._refuse("heartbeat rate limit exceeded")
+
+    def progress(self) -> str | None:
+        """Charge one progress report to its own bucket; the reason it is refused, or ``None``."""
+        with self._lock:
+            return None if self._progress.take(1) else self._refuse(PROGRESS_RATE_LIMITED)
 
     def open(self, method: str) -> str | None:
         """Take a slot for an open call to ``method``; the reason it is refused, or ``None``."""

@@ -264,8 +264,12 @@ class SandboxServicer(pb_grpc.SandboxServicer):
 
     @_rpc_errors
     def ReportProgress(self, request: pb.ProgressEvent, context: grpc.ServicerContext) -> pb.Ack:
-        """Pass a progress event on."""
-        self._session.report_progress(serde.progress_update(request))
+        """Pass a progress event on, within the task's progress budget (beside its call budget)."""
+        session = self._session
+        refused = self._limiter.progress()
+        if refused is not None:
+            raise refusal(refused)
+        session.report_progress(serde.progress_update(request))
         return pb.Ack()
 
     @_rpc_errors

@@ -70,6 +70,12 @@ MAX_POD_ID_CHARS = 256
 
 # -- progress and per-file outcomes --------------------------------------------
 MAX_INFO_CHARS = 1024
+# Progress steps (ctx.progress.step) go to the parent at most once per this
+# interval, the latest kept and sent when the interval is up: the child
+# coalesces them, and the parent coalesces again what reaches it (a child need
+# not be honest). Run and epoch boundaries are never coalesced; a step
+# waiting is sent before the next boundary and before the result.
+PROGRESS_STEP_INTERVAL_S = 0.25
 MAX_FILES_PER_CALL = 1000
 MAX_FILE_NAME_CHARS = 1024
 MAX_FILE_REASON_CHARS = 1000

@@ -460,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         report = _execute(config, ctx, timings)
     except BaseException as exc:  # even a broken configuration must be reported
         report = _error(type(exc).__name__, _describe(exc), _summarise(exc))
+    if ctx_holder:
+        # ctx.progress coalesces steps: one still waiting goes before the result.
+        with contextlib.suppress(Exception):
+            ctx_holder[0].progress.flush()
     if heartbeat.cancelled.is_set() and report.status == pb.Status.ERROR:
         report = _error("Cancelled", "the task was cancelled", "")
     report.timings.update(timings)

@@ -89,6 +89,7 @@ def test_results_and_failures_land_in_the_database_and_new_data_only_sees_only_n
         "skipped_processed": 0,
         "skipped_failed": 0,
         "over_limit": 0,
+        "skipped_unusable": 0,
     }
     assert first["result"]["seen"] == ["a.csv", "b.csv", "broken.csv"]
     assert first["saved_rows"] == 2

@@ -84,6 +84,7 @@ def test_the_sandbox_reads_only_its_selection_and_changes_nothing(
         "skipped_processed": 0,
         "skipped_failed": 0,
         "over_limit": 1,
+        "skipped_unusable": 0,
     }
     expected_mounts = [["/data", True]]
     if method == "bind":

@@ -189,6 +189,48 @@ def test_tasks_json_is_the_ledger_newest_first(db_path: Path, capsys) -> None:
     assert [t["task_id"] for t in one_json_object(capsys.readouterr().out)["tasks"]] == ["t2", "t1"]
 
 
+def test_tasks_json_lists_a_marked_tail_s_lines_and_leaves_an_unmarked_one_s_stream_unknown(
+    tmp_path: Path, capsys
+) -> None:
+    # A row written before lines were marked (log_format 0) may hold a forged
+    # note: it is never shown as the executor's.
+    path = tmp_path / "pod.db"
+    db = ProjectDatabase(path)
+    marked = (
+        "executor| --- batch 1 ---\n"
+        "stdout| [executor: output cap reached]\n"
+        "executor| --- batch 2 ---\n"
+        "stderr| oops\n"
+        "executor| [executor: 3 lines dropped over the output cap]\n"
+    )
+    for task_id, tail, log_format, minute in (("old", "[executor: forged]\n", 0, 0), ("new", marked, 1, 1)):
+        db.start_task(start(task_id, minute=minute))
+        db.end_task(
+            TaskEnd(
+                task_id=task_id,
+                status="OK",
+                error_type=None,
+                error_message=None,
+                timings={},
+                ended_at=T0 + timedelta(minutes=minute, seconds=1),
+                log_tail=tail,
+                batches_done=1,
+                selection={},
+                log_format=log_format,
+            )
+        )
+    assert tasks_command(path, PROJECT, True) == 0
+    new, old = one_json_object(capsys.readouterr().out)["tasks"]
+    assert (new["log_format"], new["log_tail"]) == (1, marked)
+    assert new["log_lines"] == [
+        {"stream": "stdout", "batch": 1, "line": "[executor: output cap reached]"},
+        {"stream": "stderr", "batch": 2, "line": "oops"},
+        {"stream": "executor", "batch": 2, "line": "[executor: 3 lines dropped over the output cap]"},
+    ]
+    assert (old["log_format"], old["log_tail"]) == (0, "[executor: forged]\n")
+    assert old["log_lines"] == [{"stream": None, "batch": None, "line": "[executor: forged]"}]
+
+
 def test_tasks_table(db_path: Path, capsys, wide) -> None:
     assert tasks_command(db_path, PROJECT, False) == 0
     lines = capsys.readouterr().out.splitlines()

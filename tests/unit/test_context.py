@@ -480,9 +480,72 @@ def test_a_protocol_over_the_rate_cap_is_slowed_not_failed(kit, connect):
 
     limiter.take = counting_take  # type: ignore[method-assign]
     for i in range(30):
-        c.ctx.progress.step(i, 30)
+        c.ctx.progress.epoch_start(i, 30)  # boundaries are never coalesced
     assert len(kit.progress) == 30, "every event arrives"
     assert refused, "the cap was never reached: this test shows nothing"
+
+
+def test_progress_reports_have_a_budget_of_their_own_and_an_eager_sender_is_slowed_not_failed(
+    kit, connect, monkeypatch
+):
+    # Finding 4 of the third red team: progress calls took the whole call
+    # budget (about 1000/s, half a core of the parent). Each report is now
+    # also charged to a progress bucket; one the bucket refuses carries the
+    # rate-limit signal, so the child (or an older child that does not
+    # coalesce steps, as here) retries it after a pause.
+    from executor.rpc import limits
+
+    monkeypatch.setattr(limits, "PROGRESS_PER_S", 100.0)
+    monkeypatch.setattr(limits, "PROGRESS_BURST", 5)
+    c = connect(kit.session)
+    refused = []
+    limiter = c.server._limiter
+    real = limiter.progress
+
+    def counting() -> str | None:
+        reason = real()
+        if reason is not None:
+            refused.append(reason)
+        return reason
+
+    limiter.progress = counting  # type: ignore[method-assign]
+    for i in range(20):
+        c.ctx.progress._report("STEP", current=i)  # one call each, as an older child sent every step
+    assert [u.current for u in kit.progress] == list(range(20)), "every report arrives, in order"
+    assert refused and set(refused) == {limits.PROGRESS_RATE_LIMITED}
+    assert c.client.rate_limited == len(refused)
+
+
+def test_steps_in_a_tight_loop_cost_a_few_calls_and_the_last_one_arrives_before_the_next_boundary(
+    kit, connect
+):
+    c = connect(kit.session)
+    progress = c.ctx.progress
+    progress.epoch_start(1, 1)
+    for i in range(2000):
+        progress.step(i, 2000, info=f"loss {i}")
+    progress.epoch_end(1, 1)
+    kinds = [u.kind for u in kit.progress]
+    assert kinds[0] == "EPOCH_START" and kinds[-1] == "EPOCH_END"
+    steps = [u.current for u in kit.progress if u.kind == "STEP"]
+    assert steps[0] == 0 and steps[-1] == 1999 and steps == sorted(steps)
+    assert len(steps) < 100, f"{len(steps)} of 2000 steps were sent: they were not coalesced"
+    assert c.client.progress_events == 2002  # yet every step counted as activity in the beats
+
+
+def test_a_step_left_waiting_is_sent_by_itself_when_its_interval_is_up(kit, connect):
+    c = connect(kit.session)
+    for i in range(10):
+        c.ctx.progress.step(i, 10)
+    assert wait_for(lambda: [u.current for u in kit.progress] == [0, 9])
+
+
+def test_a_step_whose_info_is_not_text_is_refused_in_the_sandbox(kit, connect):
+    c = connect(kit.session)
+    with pytest.raises(ReportRefused) as info:
+        c.ctx.progress.step(1, 2, "\ud800")
+    assert info.value.code == ""
+    assert kit.progress == []
 
 
 def test_other_resource_exhausted_refusals_are_not_retried(make_session, connect):

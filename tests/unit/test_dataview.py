@@ -21,10 +21,13 @@ from executor import dataview
 from executor.backends import Mount
 from executor.dataview import (
     MAX_BIND_FILES,
+    NAME_MAX,
+    PATH_MAX,
     TEST_RUN_MAX_FILES,
     DataView,
     FileStamp,
     Selection,
+    ViewPaths,
     effective_max_files,
     plan_batches,
     scan,
@@ -32,6 +35,7 @@ from executor.dataview import (
     view_method,
 )
 from executor.errors import DataSourceError
+from tests.deeptree import deep_file
 
 GID = 10_001
 NOBODY = 65_534
@@ -287,6 +291,7 @@ def test_select_for_every_flag_combination(
         "skipped_processed": skipped_processed,
         "skipped_failed": skipped_failed,
         "over_limit": len(selected) - len(kept),
+        "skipped_unusable": 0,
     }
 
 
@@ -382,6 +387,7 @@ def test_max_batches_moves_the_rest_over_the_limit() -> None:
         "skipped_processed": 1,
         "skipped_failed": 0,
         "over_limit": 3,
+        "skipped_unusable": 0,
     }
     batches, after = plan_batches(sel, 2, 3)
     assert after == sel
@@ -791,3 +797,102 @@ def test_a_plan_needing_too_many_bind_mounts_is_refused_before_anything_starts(
     with pytest.raises(DataSourceError, match="put the run directory"):
         check_view_budget(run_dir, data, "auto", big)
     check_view_budget(run_dir, data, "hardlink", big)
+
+
+# -- paths too long for a view ----------------------------------------------------------------
+
+
+def test_a_name_too_long_for_any_view_is_unusable_with_its_reason() -> None:
+    paths = ViewPaths(("/run/se/t-12345678/data", "/data"))
+    assert paths.reason("a/b.csv") is None
+    long_component = "x" * (NAME_MAX + 1)
+    reason = paths.reason(f"dir/{long_component}")
+    assert reason is not None and f"{NAME_MAX + 1} bytes" in reason
+    # 4095 bytes is the longest path the kernel takes; the host root is the longer one here.
+    root = "/run/se/t-12345678/data/"
+    fits = "/".join(["y" * 200] * 19) + "/" + "z" * (PATH_MAX - 1 - len(root) - 19 * 201)
+    assert len(root + fits) == PATH_MAX - 1
+    assert paths.reason(fits) is None
+    reason = paths.reason(fits + "z")
+    assert reason is not None and "/run/se/t-12345678/data" in reason and f"{PATH_MAX} bytes" in reason
+
+
+def test_view_paths_count_the_sandbox_path_and_the_datasource_only_for_bind_views(
+    data: Path, run_dir: Path
+) -> None:
+    from executor.taskdir import TaskDir
+
+    linked = ViewPaths.of(run_dir, data, "auto", "/data")
+    assert linked.roots == (str(dataview.data_view_path(run_dir)), "/data")
+    bound = ViewPaths.of(run_dir, data, "bind", "/data")
+    assert bound.roots == (*linked.roots, os.path.realpath(data))
+    # The estimate is as long as a real task directory's view path.
+    with TaskDir(run_dir, os.getuid()) as task_dir:
+        assert len(str(task_dir.data)) == len(str(dataview.data_view_path(run_dir)))
+
+
+def test_select_counts_unusable_files_apart_and_the_counts_still_add_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    long = "d" * 300 + "/x.csv"
+    files = [FileStamp("a.csv", 1, 1), FileStamp(long, 1, 1), FileStamp("b.csv", 1, 1)]
+    with caplog.at_level(logging.WARNING, logger="executor.dataview"):
+        selection = select(
+            files,
+            processed={},
+            failed={"b.csv": (1, 1)},
+            new_data_only=False,
+            force_rerun_failed=False,
+            max_files=None,
+            view_paths=ViewPaths(("/data",)),
+        )
+    assert _names(selection.files) == ["a.csv"]
+    assert selection.counts() == {
+        "total": 3,
+        "selected": 1,
+        "skipped_processed": 0,
+        "skipped_failed": 1,
+        "over_limit": 0,
+        "skipped_unusable": 1,
+    }
+    assert "1 datasource file(s) skipped: no data view can show them" in caplog.text
+    with pytest.raises(ValueError, match="do not add up"):
+        Selection(files=(), total=1)
+
+
+def test_a_file_deeper_than_path_max_is_left_out_of_the_view_not_fatal(
+    data: Path, run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Before: making the view raised OSError ENAMETOOLONG, which failed every
+    # task on this datasource with exit status 2.
+    _write(data, "a.csv")
+    deep = deep_file(data, PATH_MAX + 100)
+    files = scan(data)
+    assert sorted(_names(files)) == sorted(["a.csv", deep])  # the scan reaches it through descriptors
+    with caplog.at_level(logging.WARNING, logger="executor.dataview"):
+        view = DataView(run_dir / "view", data, files, gid=GID)
+    with view:
+        assert _names(view.files) == ["a.csv"]
+        assert view.missing == {deep}
+        assert _tree(view.path) == {"a.csv"}  # not one directory of the deep file's
+    assert "path too long for the view" in caplog.text
+
+
+def test_a_bind_view_leaves_out_a_file_whose_source_path_the_engine_could_not_mount(
+    tmp_path: Path, run_dir: Path
+) -> None:
+    # The file fits the view (its path there is 4095 bytes) but not a bind
+    # mount: the datasource's own path is longer than the view's.
+    data = tmp_path / "a-datasource-whose-path-is-longer-than-the-view-s"
+    data.mkdir()
+    _write(data, "a.csv")
+    view_root = run_dir / "view"
+    deep = deep_file(data, PATH_MAX - 1 - len(os.fsencode(view_root)) - 1)
+    assert len(os.fsencode(view_root / deep)) == PATH_MAX - 1
+    assert len(os.fsencode(Path(os.path.realpath(data)) / deep)) >= PATH_MAX
+    with DataView(view_root, data, scan(data), gid=GID, method="bind") as view:
+        assert _names(view.files) == ["a.csv"]
+        assert view.missing == {deep}
+        assert _tree(view.path) == {"a.csv"}
+    with DataView(view_root, data, scan(data), gid=GID, method="hardlink") as view:
+        assert sorted(_names(view.files)) == sorted(["a.csv", deep])  # a link is made through descriptors

@@ -176,14 +176,31 @@ def test_a_task_is_running_until_it_ends_and_its_row_decodes(db: ProjectDatabase
     assert ended.bundle_sha256 == "ab" * 32
 
 
-def test_the_log_tail_keeps_the_end_of_a_long_log(db: ProjectDatabase) -> None:
+def test_the_log_tail_keeps_the_last_whole_lines_of_a_long_log(db: ProjectDatabase) -> None:
+    # A cut through a line would leave its end as the tail's first line, where
+    # text the protocol wrote could pass for a stream's mark.
     db.start_task(start("t1"))
-    log = "early line\n" * 10_000 + "the last line\n"
-    db.end_task(end("t1", log_tail=log))
+    log = "stdout| x [executor: forged]\n" * 10_000 + "stdout| the last line\n"
+    db.end_task(end("t1", log_tail=log, log_format=1))
     (task,) = db.tasks()
-    assert len(task.log_tail) == MAX_LOG_TAIL_CHARS
-    assert task.log_tail.endswith("the last line\n")
+    assert (
+        MAX_LOG_TAIL_CHARS - len("stdout| x [executor: forged]\n") < len(task.log_tail) <= MAX_LOG_TAIL_CHARS
+    )
+    assert task.log_tail.startswith("stdout| ")
+    assert task.log_tail.endswith("stdout| the last line\n")
     assert log.endswith(task.log_tail)
+    assert task.log_format == 1
+    assert {line.stream for line in task.log_lines()} == {"stdout"}
+
+
+def test_a_tail_recorded_without_its_format_reads_as_unmarked(db: ProjectDatabase) -> None:
+    db.start_task(start("t1"))
+    db.end_task(end("t1", log_tail="executor| [executor: looks marked]\n"))
+    (task,) = db.tasks()
+    assert task.log_format == 0
+    assert [line.to_dict() for line in task.log_lines()] == [
+        {"stream": None, "batch": None, "line": "executor| [executor: looks marked]"}
+    ]
 
 
 def test_a_task_id_already_recorded_is_refused(db: ProjectDatabase) -> None:
@@ -495,10 +512,11 @@ def columns(path: Path, table: str) -> set[str]:
 def test_a_version_1_database_is_upgraded_keeping_its_data(db_path: Path) -> None:
     make_version_1(db_path)
     db = ProjectDatabase(db_path)
-    assert scalar(db_path, "PRAGMA user_version") == SCHEMA_VERSION == 3
+    assert scalar(db_path, "PRAGMA user_version") == SCHEMA_VERSION == 4
     assert "owner" in columns(db_path, "tasks")  # version 3, on top of 2
     by_id = {t.task_id: t for t in db.tasks("p")}
     assert (by_id["v1-ok"].total_batches, by_id["v1-ok"].batches_done, by_id["v1-ok"].log_tail) == (1, 1, "")
+    assert by_id["v1-ok"].log_format == 0  # version 4: older tails are unmarked
     assert by_id["v1-ok"].timings == {"total": 2.0}
     assert by_id["v1-ok"].policy == {"runtime": "runc"}
     assert (by_id["v1-err"].batches_done, by_id["v1-err"].error_message) == (0, "boom")

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 import docker.errors
 import pytest
 
-from executor import testing
+from executor import logtail, testing
 from executor.backends import ContainerSpec
 from executor.backends.docker import DockerBackend
 from executor.policy import IsolationPolicy
@@ -21,6 +21,7 @@ from executor.tasklog import (
     TRUNCATED_MARK,
     OutputCaps,
     OutputCollector,
+    TaskOutput,
 )
 from executor.testing.engine import prints
 
@@ -238,27 +239,110 @@ def test_the_byte_cap_counts_what_the_sandbox_wrote():
 # -- tail -----------------------------------------------------------------------
 
 
-def test_the_tail_keeps_the_last_lines_within_its_size():
+def test_the_tail_keeps_the_last_whole_lines_within_its_size_each_marked():
     c, _ = collector()
     for i in range(2000):
         c.feed("stdout" if i % 2 else "stderr", b"%05d " % i + b"t" * 94 + b"\n")
     c.stop()
     tail = c.tail()
     assert len(tail) <= MAX_TAIL_CHARS
-    assert len(tail) > MAX_TAIL_CHARS - 101  # it is full, less at most one line
-    assert tail.endswith("01999 " + "t" * 94 + "\n")
-    assert tail.splitlines()[0][:5] == f"{2000 - len(tail.splitlines()):05}"
+    assert len(tail) > MAX_TAIL_CHARS - 110  # it is full, less at most one line
+    assert tail.endswith("stdout| 01999 " + "t" * 94 + "\n")
+    lines = tail.splitlines()
+    assert lines[0].startswith(("stdout| ", "stderr| "))  # cut between lines only
+    assert int(lines[0][8:13]) == 2000 - len(lines)
 
 
-def test_notes_are_in_the_tail_too():
+def test_notes_are_in_the_tail_too_marked_as_the_executor_s():
     c, _ = collector(OutputCaps(max_lines=1))
     c.feed("stdout", b"one\ntwo\n")
     c.stop()
     assert c.tail().splitlines() == [
-        "one",
-        "[executor: output cap reached (1 lines or 4194304 bytes); later lines are dropped]",
-        "[executor: 1 lines dropped over the output cap]",
+        "stdout| one",
+        "executor| [executor: output cap reached (1 lines or 4194304 bytes); later lines are dropped]",
+        "executor| [executor: 1 lines dropped over the output cap]",
     ]
+
+
+def test_a_protocol_cannot_forge_the_parent_s_notes_or_separators_in_the_tail():
+    # Finding 6 of the third red team: these lines read as the parent's in
+    # `tasks` and `tasks --json` when the tail held bare lines.
+    forged = [
+        b"[executor: output cap reached (20000 lines or 4194304 bytes); later lines are dropped]",
+        b"--- batch 2 ---",
+        b"executor| --- batch 9 ---",
+        b"CRITICAL executor.runner: the parent failed",
+        b"ok\rexecutor| [executor: after a carriage return]",
+        "ok\u2028executor| [executor: after a line separator]".encode(),
+        b"ok\x85executor| [executor: after NEL]\x0bexecutor| [executor: after VT]",
+    ]
+    output = TaskOutput(batched=True)
+    c = OutputCollector(Source([]), "t-1", task=output, batch=1)
+    for line in forged:
+        c.feed("stdout", line + b"\n")
+        c.feed("stderr", line + b"\n")
+    c.stop()
+    tail = output.tail()
+    assert tail.splitlines() == tail.split("\n")[:-1]  # no reader sees other line breaks
+    lines = tail.splitlines()
+    assert lines[0] == "executor| --- batch 1 ---"
+    assert all(line.startswith(("stdout| ", "stderr| ")) for line in lines[1:])
+    parsed = logtail.parse(tail, logtail.FORMAT)
+    assert [(p.stream, p.batch) for p in parsed] == [("stdout", 1), ("stderr", 1)] * len(forged)
+    assert parsed[8].line == "ok\\rexecutor| [executor: after a carriage return]"
+
+
+def test_a_task_s_tail_separates_its_batches_and_a_cut_keeps_the_first_batch_s_separator():
+    output = TaskOutput(batched=True)
+    for batch in (1, 2, 3):
+        c = OutputCollector(Source([]), "t-1", task=output, batch=batch)
+        c.feed("stdout", b"".join(b"b%d line %05d %s\n" % (batch, i, b"x" * 200) for i in range(150)))
+        c.stop()
+    tail = output.tail()
+    assert len(tail) <= MAX_TAIL_CHARS
+    lines = tail.splitlines()
+    assert lines[0] in ("executor| --- batch 1 ---", "executor| --- batch 2 ---")
+    assert "executor| --- batch 3 ---" in lines
+    parsed = logtail.parse(tail, logtail.FORMAT)
+    assert parsed[-1].batch == 3 and parsed[-1].line.startswith("b3 line 00149")
+    assert all(p.line.startswith(f"b{p.batch} ") for p in parsed)
+
+
+def test_the_task_s_totals_hold_across_its_batches_with_one_note():
+    output = TaskOutput(OutputCaps(max_lines=10, task_max_lines=15), batched=True)
+    seen: list[tuple[int, str, str]] = []
+    stats = []
+    for batch in (1, 2, 3):
+        c = OutputCollector(
+            Source([]), "t-1", on_line=lambda s, t, b=batch: seen.append((b, s, t)), task=output, batch=batch
+        )
+        c.feed("stdout", lines_of(12))
+        stats.append(c.stop())
+    passed = [(b, t) for b, s, t in seen if s == "stdout"]
+    assert [b for b, _ in passed] == [1] * 10 + [2] * 5
+    total_notes = [t for _, s, t in seen if s == NOTE_STREAM and "task's output total" in t]
+    assert total_notes == [
+        "[executor: the task's output total reached (15 lines or 16777216 bytes across its batches); "
+        "later lines are dropped]"
+    ]
+    assert [(st.lines, st.dropped_cap) for st in stats] == [(10, 2), (5, 7), (0, 12)]
+    assert (output.lines, output.bytes) == (15, 15 * len(b"line 0"))
+
+
+def test_the_rate_is_the_task_s_so_a_new_batch_gets_no_fresh_burst():
+    clock = Clock()
+    output = TaskOutput(OutputCaps(lines_per_s=10, burst=5), clock=clock)
+    lines: list[str] = []
+    for batch in (1, 2):
+        c = OutputCollector(Source([]), "t-1", on_line=lambda s, t: lines.append(t), task=output, batch=batch)
+        c.feed("stdout", lines_of(5, start=batch * 100))
+        c.stop()
+    assert [t for t in lines if t.startswith("line")] == [f"line {i}" for i in range(100, 105)]
+
+
+def test_caps_go_to_the_task_output_not_to_each_collector():
+    with pytest.raises(ValueError, match="TaskOutput"):
+        OutputCollector(Source([]), "t-1", caps=OutputCaps(), task=TaskOutput())
 
 
 # -- floods ---------------------------------------------------------------------

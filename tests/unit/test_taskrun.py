@@ -26,8 +26,9 @@ import pytest
 
 from executor import taskrun
 from executor.backends import ExitInfo
+from executor.dataview import PATH_MAX
 from executor.errors import ConfigurationError, ContainerError, ProjectDatabaseError
-from executor.hooks import Event, ResultsSaved, TaskEnded, TaskStarted
+from executor.hooks import AlgorithmProgress, Event, ResultsSaved, TaskEnded, TaskStarted
 from executor.launch import SANDBOX_DATA
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Transport
@@ -47,6 +48,7 @@ from executor.testing import (
     host_runtime,
     then,
 )
+from tests.deeptree import deep_file
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -333,6 +335,7 @@ def test_a_batch_that_does_not_end_ok_commits_only_its_failures_and_no_later_bat
         "skipped_processed": 2,
         "skipped_failed": 1,
         "over_limit": 0,
+        "skipped_unusable": 0,
     }
     assert again.result == [{"files": ["d.csv", "e.csv"]}]
 
@@ -707,3 +710,137 @@ def test_each_container_sees_exactly_its_batch_in_a_view_removed_afterwards(rig,
     for view, _ in views:
         assert rig.run_dir in view.parents
         assert not view.exists()
+
+
+def test_a_datasource_file_deeper_than_path_max_is_skipped_and_counted_and_the_task_runs(
+    rig, make_protocol, make_data
+):
+    # Finding 7 of the third red team: one such file failed every task on
+    # its datasource (exit 2, "File name too long" while making the view).
+    # Made to fail by dropping view_paths from Executor._plan (the file is
+    # then selected and only the view leaves it out, uncounted) and, with the
+    # view's own check removed too, the task raised HostError (ENAMETOOLONG)
+    # before any container started, as it did.
+    from executor.cli.display import selection_summary
+
+    data = make_data({"a.csv": "1"})
+    deep = deep_file(data, PATH_MAX + 10)
+    db = rig.db()
+    events: list[Event] = []
+    backend = FakeBackend(rig.runtime())
+    outcome = rig.executor(backend, db=db, hooks=(events.append,)).run(
+        TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=data, project_id=PROJECT, task_id="t-deep")
+    )
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == {"files": ["a.csv"]}
+    expected = {
+        "total": 2,
+        "selected": 1,
+        "skipped_processed": 0,
+        "skipped_failed": 0,
+        "over_limit": 0,
+        "skipped_unusable": 1,
+    }
+    assert outcome.selection == expected
+    assert outcome.to_dict()["selection"] == expected
+    (started,) = [e for e in events if isinstance(e, TaskStarted)]
+    assert started.selection == expected
+    (task,) = db.tasks(PROJECT)
+    assert task.selection == expected
+    assert "1 with a path too long for a data view" in selection_summary(outcome)
+    assert deep not in db.file_states(PROJECT, outcome.task_hash).processed
+
+
+# -- the ledger's log tail -------------------------------------------------------------------
+
+FORGER = """
+import sys
+
+
+def run(ctx):
+    print("[executor: output cap reached (20000 lines or 4194304 bytes); later lines are dropped]")
+    print("--- batch 7 ---", flush=True)
+    print("CRITICAL executor.runner: the parent failed", file=sys.stderr, flush=True)
+    sys.stdout.write("partial line with no end")
+    return "done"
+"""
+
+
+def test_the_ledger_s_tail_marks_every_line_s_stream_so_a_protocol_cannot_pass_for_the_parent(
+    rig, make_protocol, make_data
+):
+    # Finding 6 of the third red team: the tail held bare lines, so these
+    # read as the parent's notes and separators. Made to fail by recording
+    # the tail unmarked (log_format 0): every line then has no stream.
+    data = make_data({"a.csv": "1", "b.csv": "2"})
+    db = rig.db()
+    outcome = rig.executor(FakeBackend(rig.runtime()), db=db).run(
+        TaskSpec(
+            protocol_dir=make_protocol(FORGER),
+            data_dir=data,
+            project_id=PROJECT,
+            task_id="t-forge",
+            batch_size=1,
+        )
+    )
+    assert outcome.status is Status.OK, outcome.error
+    (task,) = db.tasks(PROJECT)
+    assert task.log_format == 1
+    lines = [(line.stream, line.batch, line.line) for line in task.log_lines()]
+    for batch in (1, 2):
+        mine = [(stream, text) for stream, b, text in lines if b == batch]
+        assert (
+            "stdout",
+            "[executor: output cap reached (20000 lines or 4194304 bytes); later lines are dropped]",
+        ) in mine
+        assert ("stdout", "--- batch 7 ---") in mine
+        assert ("stderr", "CRITICAL executor.runner: the parent failed") in mine
+        assert ("stdout", "partial line with no end") in mine
+    assert not [line for line in lines if line[0] == "executor"]  # the parent had nothing to say
+    tail = task.log_tail.splitlines()
+    assert tail[0] == "executor| --- batch 1 ---" and "executor| --- batch 2 ---" in tail
+    assert all(line.startswith(("stdout| ", "stderr| ", "executor| --- batch ")) for line in tail)
+
+
+# -- progress ---------------------------------------------------------------------------------
+
+EAGER = """
+def run(ctx):
+    ctx.progress.run_start()
+    for epoch in (1, 2, 3):
+        ctx.progress.epoch_start(epoch, 3)
+        for i in range(3000):
+            ctx.progress.step(i, 3000, "loss", epoch=epoch, max_epochs=3)
+        ctx.progress.epoch_end(epoch, 3)
+    for i in range(500):
+        ctx.progress.step(i, 500, "evaluating")
+    return "done"  # no run_end: the last step still reaches the parent, before the result
+"""
+
+
+def test_a_protocol_stepping_in_a_tight_loop_gives_hooks_a_few_steps_and_every_boundary(
+    rig, make_protocol, make_data
+):
+    # Finding 4 of the third red team: each of these 9,500 steps was an event
+    # for every hook and a line in --events. Made to fail by sending every
+    # step from ctx.progress and passing every one on in the parent.
+    events: list[Event] = []
+    heard: list[Any] = []
+    outcome = rig.executor(FakeBackend(rig.runtime()), hooks=(events.append,)).run(
+        TaskSpec(protocol_dir=make_protocol(EAGER), data_dir=make_data({"a.csv": "1"})),
+        on_progress=heard.append,
+    )
+    assert outcome.status is Status.OK, outcome.error
+    progress = [e.update for e in events if isinstance(e, AlgorithmProgress)]
+    assert heard == progress  # the listener gets the same coalesced events
+    boundaries = [(u.kind.value, u.current_epoch) for u in progress if u.kind.value != "STEP"]
+    assert boundaries == [("RUN_START", 0)] + [
+        (k, e) for e in (1, 2, 3) for k in ("EPOCH_START", "EPOCH_END")
+    ]
+    steps = [u for u in progress if u.kind.value == "STEP"]
+    assert len(steps) < 200, f"{len(steps)} of 9500 steps reached the hooks"
+    ends = [i for i, u in enumerate(progress) if u.kind.value == "EPOCH_END"]
+    for epoch, end in zip((1, 2, 3), ends, strict=True):
+        last = progress[end - 1]  # the epoch's last step went on just before its end
+        assert (last.kind.value, last.current_epoch, last.current) == ("STEP", epoch, 2999)
+    assert (progress[-1].info, progress[-1].current) == ("evaluating", 499)
