@@ -16,6 +16,12 @@ task. The schema, at version :data:`SCHEMA_VERSION` (``PRAGMA user_version``)::
 
 Guarantees:
 
+* **Never trusted blindly.** Every connection first checks the file as
+  :mod:`executor.dbfile` says: no symbolic link followed (at the file or
+  beside it), this user's alone and writable by no one else, in a directory
+  no one else may write, the very file that was checked once SQLite has it
+  open, and holding only the objects its schema defines (no trigger or view
+  planted in it ever runs). ``trusted_schema`` is off.
 * **Checked before anything is written.** An existing file is first opened
   read-only; a file that is not a database, is corrupt (``PRAGMA quick_check``)
   or carries a schema newer than this code raises :class:`ProjectDatabaseError`
@@ -44,7 +50,6 @@ import math
 import os
 import secrets
 import sqlite3
-import stat
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +59,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from executor import dbfile
 from executor.errors import ProjectDatabaseError
 
 if TYPE_CHECKING:
@@ -365,23 +371,6 @@ def _json(value: object) -> str:
     return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
 
 
-def _statements(script: str) -> Iterator[str]:
-    """The statements of ``script`` one by one.
-
-    ``executescript`` would commit the open transaction first, and a
-    migration must run inside the one that checked the version.
-    """
-    pending = ""
-    for piece in script.split(";"):
-        pending += piece + ";"
-        if sqlite3.complete_statement(pending):
-            if pending.strip(" \n\t;"):
-                yield pending.strip()
-            pending = ""
-    if pending.strip(" \n\t;"):
-        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:60]!r}")
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -414,6 +403,10 @@ class ProjectDatabase:
             raise ValueError(f"busy_timeout_s must be >= 0, got {busy_timeout_s!r}")
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
+        # What every connection opens: the directory resolved, the file never through a link.
+        self._file = dbfile.canonical(self.path)
+        # The (device, inode) of the file first checked; every later connection must find it.
+        self._identity: dbfile.Identity | None = None
         if not self._check_existing():
             self._create_file()
         self._bring_up_to_date()
@@ -436,23 +429,19 @@ class ProjectDatabase:
     def _check_existing(self) -> bool:
         """Whether the file exists, having checked read-only that it is a usable database.
 
-        A database nobody has open (no ``-wal`` or ``-shm`` file) is read as
-        immutable, which leaves no such file behind. That read bypasses
-        SQLite's locks, so a connection that opens, writes and checkpoints
-        meanwhile can tear it: a failure counts only when two reads, with the
-        file unchanged and unopened across each, agree. A database in use is
-        read under SQLite's locks, whose answer stands.
+        The file must first pass :func:`executor.dbfile.check_file` (no link,
+        this user's alone, in a directory no one else may write). A database
+        nobody has open (no ``-wal`` or ``-shm`` file) is read as immutable,
+        which leaves no such file behind. That read bypasses SQLite's locks,
+        so a connection that opens, writes and checkpoints meanwhile can tear
+        it: a failure counts only when two reads, with the file unchanged and
+        unopened across each, agree. A database in use is read under SQLite's
+        locks, whose answer stands.
         """
-        try:
-            st = os.stat(self.path)
-        except (FileNotFoundError, NotADirectoryError):
+        st = dbfile.check_file(self._file)
+        if st is None:
             return False  # to be made; making it says what is in the way
-        except OSError as exc:
-            raise ProjectDatabaseError(f"cannot read project database {self.path}: {exc.strerror}") from exc
-        if stat.S_ISDIR(st.st_mode):
-            raise self._unusable("it is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise self._unusable("it is not a regular file")
+        self._pin(st)
         if st.st_size == 0:
             return True  # being made by another process right now, or by touch: an empty database
         deadline = time.monotonic() + max(self.busy_timeout_s, 1.0)
@@ -461,12 +450,12 @@ class ProjectDatabase:
             in_use = self._in_use()
             before = self._stamp()
             error: sqlite3.Error | None = None
-            version, check = 0, ""
+            version, check, planted = 0, "", None
             try:
-                version, check = self._read_check(immutable=not in_use)
+                version, check, planted = self._read_check(immutable=not in_use)
             except sqlite3.Error as exc:
                 error = exc
-            if (error is None and check == "ok") or in_use:
+            if (error is None and check == "ok" and planted is None) or in_use:
                 break
             quiet = self._stamp() == before and not self._in_use()
             quiet_failures = quiet_failures + 1 if quiet else 0
@@ -479,54 +468,81 @@ class ProjectDatabase:
             raise self._unusable(check)
         if version > SCHEMA_VERSION:
             raise self._too_new(version)
+        if planted is not None:
+            raise planted
         return True
+
+    def _pin(self, st: os.stat_result) -> None:
+        """Remember the file first checked; refuse any other found at the path later."""
+        found = dbfile.identity(st)
+        if self._identity is None:
+            self._identity = found
+        elif found != self._identity:
+            raise ProjectDatabaseError(
+                f"project database {self._file} is no longer the file this executor opened (it was"
+                " replaced or moved); refusing it: open it again if that was meant"
+            )
 
     def _in_use(self) -> bool:
         """Whether a connection has the database open in WAL mode (or one died with it open)."""
-        return Path(f"{self.path}-wal").exists() or Path(f"{self.path}-shm").exists()
+        return any(os.path.lexists(f"{self._file}{suffix}") for suffix in ("-wal", "-shm"))
 
     def _stamp(self) -> tuple[int, int, int, int] | None:
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self._file)
         except OSError:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
-    def _read_check(self, *, immutable: bool) -> tuple[int, str]:
+    def _read_check(self, *, immutable: bool) -> tuple[int, str, ProjectDatabaseError | None]:
+        """Read-only: the schema version, ``quick_check``'s verdict, and why its objects are refused.
+
+        The objects' verdict is returned, not raised: an immutable read torn
+        by a writer may see a schema that is not there (see :meth:`_check_existing`).
+
+        Raises:
+            ProjectDatabaseError: The file fails its checks (links, owner, a swap).
+        """
         params = {"mode": "ro", "immutable": "1"} if immutable else {"mode": "ro"}
-        conn = sqlite3.connect(
-            _uri(self.path, **params), uri=True, timeout=self.busy_timeout_s, isolation_level=None
-        )
-        with closing(conn):
+        planted = None
+        with closing(self._open("check", **params)) as conn:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             rows = conn.execute("PRAGMA quick_check(1)").fetchall()
-        return version, "; ".join(str(r[0]) for r in rows)
+            check = "; ".join(str(r[0]) for r in rows)
+            if check == "ok" and version <= SCHEMA_VERSION:
+                try:
+                    dbfile.check_objects(conn, self._file, MIGRATIONS[:version])
+                except ProjectDatabaseError as exc:
+                    planted = exc
+        return version, check, planted
 
     def _create_file(self) -> None:
-        """An empty database file, mode 0600, in directories made 0700.
+        """An empty database file, mode 0600, in directories made 0700, never through a link.
 
         It is made under a private name and linked into place, so that it
         never exists at its path with a wider mode, and no descriptor of it is
-        closed once another connection may hold locks on it.
+        closed once another connection may hold locks on it. Neither the
+        private name nor the link follows a link planted at either path.
         """
-        parent = self.path.parent
+        parent = self._file.parent
         missing = [p for p in (parent, *parent.parents) if not p.exists()]
         try:
             for directory in reversed(missing):
                 with suppress(FileExistsError):
                     os.mkdir(directory, 0o700)
-            staging = parent / f".{self.path.name}.{secrets.token_hex(8)}.new"
-            os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            dbfile.check_directory(parent)
+            staging = parent / f".{self._file.name}.{secrets.token_hex(8)}.new"
+            dbfile.create_exclusive(staging)
             try:
-                os.link(staging, self.path)
+                os.link(staging, self._file)  # link() never follows a link at its target
             except FileExistsError:
-                pass  # another process made it first; it is checked and migrated under the lock
+                pass  # another process made it first (or a link is there): checked next
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
                     raise
                 # No hard links here: claim the path itself (nobody can hold locks yet).
                 with suppress(FileExistsError):
-                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+                    dbfile.create_exclusive(self._file)
             finally:
                 with suppress(FileNotFoundError):
                     os.unlink(staging)
@@ -553,9 +569,14 @@ class ProjectDatabase:
             time.sleep(0.01)
 
     def _bring_up_to_date(self) -> None:
-        """WAL mode, and the migrations the file lacks applied in one transaction."""
+        """WAL mode, and the migrations the file lacks applied in one transaction.
+
+        The schema's objects are checked before the first write (the switch
+        to WAL) and again under the write lock, before any migration runs.
+        """
         with self._connect("open") as conn:
             try:
+                self._check_schema(conn)
                 mode = self._use_wal(conn)
                 if mode != "wal":
                     raise ProjectDatabaseError(
@@ -565,11 +586,9 @@ class ProjectDatabase:
                     return
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-                    if version > SCHEMA_VERSION:
-                        raise self._too_new(version)
+                    version = self._check_schema(conn)
                     for script in MIGRATIONS[version:]:
-                        for statement in _statements(script):
+                        for statement in dbfile.statements(script):
                             conn.execute(statement)
                     if version != SCHEMA_VERSION:
                         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
@@ -580,6 +599,20 @@ class ProjectDatabase:
                     raise
             except sqlite3.Error as exc:
                 raise self._error("upgrade", exc) from exc
+
+    def _check_schema(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version, having checked that it holds exactly that version's objects.
+
+        Raises:
+            ProjectDatabaseError: The version is newer than this code's, or
+                the schema holds an object it does not define (a trigger, a
+                view, a table or an index), lacks one, or has one changed.
+        """
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise self._too_new(version)
+        dbfile.check_objects(conn, self._file, MIGRATIONS[:version])
+        return version
 
     # -- connections -------------------------------------------------------
 
@@ -594,9 +627,38 @@ class ProjectDatabase:
             return self._unusable(str(exc))
         return ProjectDatabaseError(f"cannot {doing} project database {self.path}: {_one_line(str(exc))}")
 
+    def _open(self, doing: str, **params: str) -> sqlite3.Connection:
+        """A connection to the checked file, opened with URI ``params``.
+
+        The file passes :func:`executor.dbfile.check_file` first and must be
+        the one this instance first checked; SQLite must then have opened
+        exactly it (:func:`executor.dbfile.verify_opened`). Stored SQL may
+        call no function with side effects (``trusted_schema`` off).
+
+        Raises:
+            ProjectDatabaseError: A check fails, or SQLite cannot open it.
+        """
+        st = dbfile.check_file(self._file)
+        if st is None:
+            raise ProjectDatabaseError(f"cannot {doing} project database {self.path}: it is gone")
+        self._pin(st)
+        try:
+            conn = sqlite3.connect(
+                _uri(self._file, **params), uri=True, timeout=self.busy_timeout_s, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise self._error(doing, exc) from exc
+        try:
+            conn.execute("PRAGMA trusted_schema = OFF")
+            dbfile.verify_opened(conn, self._file, dbfile.identity(st))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     @contextmanager
     def _connect(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """A fresh connection, closed afterwards; sqlite errors become ProjectDatabaseError.
+        """A fresh, checked connection, closed afterwards; sqlite errors become ProjectDatabaseError.
 
         Read-write even to read: SQLite falls back to reading a file it may
         not write, and the last read-write connection to close removes the
@@ -604,16 +666,7 @@ class ProjectDatabase:
         ``mode=rw`` never creates a file that was removed meanwhile.
         """
         try:
-            conn = sqlite3.connect(
-                _uri(self.path, mode="rw"),
-                uri=True,
-                timeout=self.busy_timeout_s,
-                isolation_level=None,
-            )
-        except sqlite3.Error as exc:
-            raise self._error(doing, exc) from exc
-        try:
-            with closing(conn):
+            with closing(self._open(doing, mode="rw")) as conn:
                 conn.execute("PRAGMA foreign_keys = ON")
                 yield conn
         except sqlite3.Error as exc:
@@ -621,10 +674,15 @@ class ProjectDatabase:
 
     @contextmanager
     def _transaction(self, doing: str, *, write: bool) -> Iterator[sqlite3.Connection]:
-        """One transaction on a fresh connection: committed if the block returns, else rolled back."""
+        """One transaction on a fresh connection: committed if the block returns, else rolled back.
+
+        The schema's objects are checked inside it, before the block runs: no
+        trigger or view planted since the file was opened ever runs here.
+        """
         with self._connect(doing) as conn:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
+                self._check_schema(conn)
                 yield conn
             except BaseException:
                 # SQLite has already rolled back after some errors (a full disk).
