@@ -11,7 +11,8 @@ task. The schema, at version :data:`SCHEMA_VERSION` (``PRAGMA user_version``)::
                      what --new-data-only skips while a file is unchanged
     failed_files     (project, task_hash, name) -> reason, attempts, last_task_id:
                      what is skipped unless --force-rerun-failed
-    results          rows a protocol saved, per project, task hash, task, batch
+    results          rows a protocol saved, per project, task hash, task, batch;
+                     written as the batch runs, seen once it commits
     batches          one row per committed batch: counts and statistics
 
 Guarantees:
@@ -34,9 +35,17 @@ Guarantees:
   it, so tasks of one project writing at once from threads or processes
   serialise on SQLite's lock (WAL journal, ``busy_timeout``) and lose nothing.
   Waiting longer than ``busy_timeout_s`` raises a one-line error.
-* **A batch commits whole.** :meth:`ProjectDatabase.commit_batch` writes a
-  batch's results, processed and failed files, batch row and the ledger's
-  progress in one transaction: all of it or none of it.
+* **Rows stream in; a batch commits whole.** A batch's result rows are
+  written as they arrive (:meth:`ProjectDatabase.stage_rows`, one short
+  transaction per call of at most 1000 rows and 1 MiB), but no reader sees
+  them until :meth:`ProjectDatabase.commit_batch` writes the batch's batch
+  row, processed and failed files and the ledger's progress in one
+  transaction: all of it or none of it. That commit does not touch the rows
+  (a row is seen when its batch has a ``batches`` row), so it holds the write
+  lock for milliseconds however many rows there are. The rows of a batch that
+  did not commit are removed in chunks of at most 1000 rows and 1 MiB
+  (:meth:`ProjectDatabase.discard_rows`; :meth:`ProjectDatabase.close_lost`
+  for tasks whose executor died).
 
 Times are aware datetimes, stored in UTC as ISO 8601 text; dictionaries
 (policy, timings, selection, rows, statistics) are stored as JSON text.
@@ -71,6 +80,11 @@ MAX_LOG_TAIL_CHARS = 64 * 1024
 RUNNING = "RUNNING"
 LOST = "LOST"
 LOST_MESSAGE = "the executor running the task stopped (killed or crashed) before it ended"
+DISCARD_CHUNK_ROWS = 1000
+"""Most result rows one transaction of :meth:`ProjectDatabase.discard_rows` removes."""
+DISCARD_CHUNK_BYTES = 1024 * 1024
+"""Most bytes of result rows one such transaction removes (after its first row)."""
+
 
 # Version N is reached by applying MIGRATIONS[N - 1]. Append; never edit a
 # script that has shipped, since databases out there were made by it.
@@ -160,6 +174,16 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     CREATE INDEX tasks_running ON tasks (status) WHERE status = 'RUNNING';
+    """,
+    # v4: result rows are written as their batch runs (pending), and are seen
+    # only once it commits (its batches row); their size lets the rows of a
+    # batch that did not end OK go in bounded chunks. Rows from before v4 were
+    # committed with their batch, and stay seen.
+    """
+    ALTER TABLE results ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE results ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX results_by_batch ON results (task_id, batch, pending, size);
+    DROP INDEX results_by_task;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -265,14 +289,15 @@ class FileStates:
 class BatchCommit:
     """Everything one batch leaves behind, committed together.
 
-    A batch that ended OK commits all of it. One that did not (``ok`` false)
-    commits only its failed files, the seed's resilience phase: it has no
-    rows or processed files, and neither a batch row nor a batch done is
-    recorded, so a later run starts that batch's files again.
+    A batch that ended OK commits all of it, and with it the result rows
+    staged for it (:meth:`ProjectDatabase.stage_rows`). One that did not
+    (``ok`` false) commits only its failed files, the seed's resilience phase:
+    no processed files, and neither a batch row nor a batch done is recorded,
+    so its staged rows are never seen and a later run starts that batch's
+    files again.
 
     Attributes:
         batch: 1-based batch number, at most ``total_batches``.
-        rows: Result rows the protocol saved in this batch (validated flat JSON).
         processed: Files of the batch processed OK.
         failed: Files of the batch that failed, each with its reason.
         record_processed: Whether processed files are recorded (not on a test
@@ -286,7 +311,6 @@ class BatchCommit:
     task_hash: str
     batch: int
     total_batches: int
-    rows: list[dict[str, Any]]
     processed: list[FileStamp]
     failed: list[tuple[FileStamp, str]]
     record_processed: bool
@@ -296,8 +320,8 @@ class BatchCommit:
     ok: bool = True
 
     def __post_init__(self) -> None:
-        if not self.ok and (self.rows or self.record_processed):
-            raise ValueError("a batch that did not end OK commits neither rows nor processed files")
+        if not self.ok and (self.processed or self.record_processed):
+            raise ValueError("a batch that did not end OK commits no processed files")
         if not 1 <= self.batch <= self.total_batches:
             raise ValueError(f"batch {self.batch} is not in 1..{self.total_batches}")
         _require_aware("started_at", self.started_at)
@@ -505,7 +529,7 @@ class ProjectDatabase:
         """
         params = {"mode": "ro", "immutable": "1"} if immutable else {"mode": "ro"}
         planted = None
-        with closing(self._open("check", **params)) as conn:
+        with closing(self._open("check", params)) as conn:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             rows = conn.execute("PRAGMA quick_check(1)").fetchall()
             check = "; ".join(str(r[0]) for r in rows)
@@ -616,18 +640,20 @@ class ProjectDatabase:
 
     # -- connections -------------------------------------------------------
 
-    def _error(self, doing: str, exc: sqlite3.Error) -> ProjectDatabaseError:
+    def _error(self, doing: str, exc: sqlite3.Error, timeout_s: float | None = None) -> ProjectDatabaseError:
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
         if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            waited = self.busy_timeout_s if timeout_s is None else timeout_s
             return ProjectDatabaseError(
-                f"project database {self.path} is locked by another process"
-                f" (waited {self.busy_timeout_s:g} s)"
+                f"project database {self.path} is locked by another process (waited {waited:g} s)"
             )
         if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
             return self._unusable(str(exc))
         return ProjectDatabaseError(f"cannot {doing} project database {self.path}: {_one_line(str(exc))}")
 
-    def _open(self, doing: str, **params: str) -> sqlite3.Connection:
+    def _open(
+        self, doing: str, params: dict[str, str], *, timeout_s: float | None = None
+    ) -> sqlite3.Connection:
         """A connection to the checked file, opened with URI ``params``.
 
         The file passes :func:`executor.dbfile.check_file` first and must be
@@ -638,13 +664,14 @@ class ProjectDatabase:
         Raises:
             ProjectDatabaseError: A check fails, or SQLite cannot open it.
         """
+        timeout = self.busy_timeout_s if timeout_s is None else timeout_s
         st = dbfile.check_file(self._file)
         if st is None:
             raise ProjectDatabaseError(f"cannot {doing} project database {self.path}: it is gone")
         self._pin(st)
         try:
             conn = sqlite3.connect(
-                _uri(self._file, **params), uri=True, timeout=self.busy_timeout_s, isolation_level=None
+                _uri(self._file, **params), uri=True, timeout=timeout, isolation_level=None
             )
         except sqlite3.Error as exc:
             raise self._error(doing, exc) from exc
@@ -657,7 +684,7 @@ class ProjectDatabase:
         return conn
 
     @contextmanager
-    def _connect(self, doing: str) -> Iterator[sqlite3.Connection]:
+    def _connect(self, doing: str, *, timeout_s: float | None = None) -> Iterator[sqlite3.Connection]:
         """A fresh, checked connection, closed afterwards; sqlite errors become ProjectDatabaseError.
 
         Read-write even to read: SQLite falls back to reading a file it may
@@ -666,20 +693,27 @@ class ProjectDatabase:
         ``mode=rw`` never creates a file that was removed meanwhile.
         """
         try:
-            with closing(self._open(doing, mode="rw")) as conn:
+            with closing(self._open(doing, {"mode": "rw"}, timeout_s=timeout_s)) as conn:
                 conn.execute("PRAGMA foreign_keys = ON")
                 yield conn
         except sqlite3.Error as exc:
-            raise self._error(doing, exc) from exc
+            raise self._error(doing, exc, timeout_s) from exc
 
     @contextmanager
-    def _transaction(self, doing: str, *, write: bool) -> Iterator[sqlite3.Connection]:
+    def _transaction(
+        self, doing: str, *, write: bool, timeout_s: float | None = None, durable: bool = True
+    ) -> Iterator[sqlite3.Connection]:
         """One transaction on a fresh connection: committed if the block returns, else rolled back.
 
         The schema's objects are checked inside it, before the block runs: no
         trigger or view planted since the file was opened ever runs here.
+        ``durable`` false skips the fsync of this commit (``synchronous =
+        NORMAL``): it stays atomic and consistent, and the next durable commit
+        makes it durable too.
         """
-        with self._connect(doing) as conn:
+        with self._connect(doing, timeout_s=timeout_s) as conn:
+            if not durable:
+                conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 self._check_schema(conn)
@@ -730,7 +764,8 @@ class ProjectDatabase:
 
         A parent killed mid-task leaves its row RUNNING; ``alive`` (an owner
         id -> whether that executor may still run) tells which are orphans.
-        Rows without an owner are left alone.
+        Rows without an owner are left alone. The result rows the orphans'
+        uncommitted batches had written are removed (:meth:`discard_rows`).
         """
         with self._transaction("read the running tasks of", write=False) as conn:
             running = conn.execute(
@@ -745,6 +780,9 @@ class ProjectDatabase:
                 " WHERE task_id = ? AND status = ?",
                 [(LOST, "ParentLost", LOST_MESSAGE, _now(), task_id, RUNNING) for task_id in lost],
             )
+        # The rows their last batches were saving never commit now.
+        for task_id in lost:
+            self.discard_rows(task_id)
         return lost
 
     def end_task(self, end: TaskEnd) -> None:
@@ -796,21 +834,111 @@ class ProjectDatabase:
                 failed_stamps[str(name)] = (int(size), int(mtime_ns))
         return FileStates(processed=processed, failed=failed, failed_stamps=failed_stamps)
 
-    def commit_batch(self, commit: BatchCommit) -> None:
-        """Store a batch's results, processed and failed files, batch row and progress, all or nothing.
+    def stage_rows(
+        self, task_id: str, batch: int, rows: Sequence[str], *, timeout_s: float | None = None
+    ) -> None:
+        """Write result rows of a running batch, unseen until the batch commits; all of them or none.
 
-        A file processed OK (when ``record_processed``) leaves ``failed_files``;
+        One short transaction, not fsynced (the batch's commit is): the rows
+        of one SaveResults call (at most 1000 and 1 MiB), in the order given.
+        The task's project and task hash come from its ledger row.
+
+        Args:
+            task_id: The task, RUNNING in the ledger.
+            batch: Its batch saving the rows, not yet committed.
+            rows: Each the JSON text of one flat object, as
+                :func:`executor.resultrows.check_row` accepts (the caller checks).
+            timeout_s: How long to wait for another writer's lock (default:
+                ``busy_timeout_s``).
+
+        Raises:
+            ProjectDatabaseError: The task is not running, the batch is not
+                one of its batches or already committed, or SQLite failed
+                (locked past the timeout, say); nothing was written.
+        """
+        if not rows:
+            return
+        now = _now()
+        doing = f"save result rows of batch {batch} of task {task_id} to"
+        with self._transaction(doing, write=True, timeout_s=timeout_s, durable=False) as conn:
+            task = conn.execute(
+                "SELECT project, task_hash, status, total_batches FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            if task is None or task[2] != RUNNING:
+                raise ProjectDatabaseError(
+                    f"cannot save result rows: task {task_id} is not running in {self.path}"
+                )
+            project, task_hash, _, total = task
+            if not 1 <= batch <= int(total):
+                raise ProjectDatabaseError(
+                    f"cannot save result rows: batch {batch} is not in 1..{total} of task {task_id}"
+                )
+            if conn.execute(
+                "SELECT 1 FROM batches WHERE task_id = ? AND batch = ?", (task_id, batch)
+            ).fetchone():
+                raise ProjectDatabaseError(
+                    f"cannot save result rows: batch {batch} of task {task_id} is already committed"
+                )
+            conn.executemany(
+                "INSERT INTO results (project, task_hash, task_id, batch, row_json, created_at, pending,"
+                " size) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                [(project, task_hash, task_id, batch, row, now, len(row.encode("utf-8"))) for row in rows],
+            )
+
+    def discard_rows(self, task_id: str, batch: int | None = None) -> int:
+        """Remove the rows a task (one batch of it, if given) staged for batches that never committed.
+
+        In chunks of at most :data:`DISCARD_CHUNK_ROWS` rows and
+        :data:`DISCARD_CHUNK_BYTES` bytes, each its own short transaction, so
+        another writer never waits long for the lock (SQLite here overwrites
+        what it deletes). Rows of committed batches are never touched. Call
+        it only when none of those batches is still saving rows. Returns how
+        many rows went.
+
+        Raises:
+            ProjectDatabaseError: SQLite failed; the rows not yet removed stay
+                unseen, and a later call removes them.
+        """
+        # Read from the index (task_id, batch, pending, size) alone.
+        sql = (
+            "SELECT r.id, r.size FROM results r WHERE r.task_id = ?1 AND (?2 IS NULL OR r.batch = ?2)"
+            " AND r.pending = 1 AND NOT EXISTS"
+            " (SELECT 1 FROM batches b WHERE b.task_id = r.task_id AND b.batch = r.batch) LIMIT ?3"
+        )
+        removed = 0
+        while True:
+            with self._transaction(
+                f"remove uncommitted result rows of task {task_id} from", write=True
+            ) as conn:
+                chunk: list[int] = []
+                size = 0
+                for row_id, row_size in conn.execute(sql, (task_id, batch, DISCARD_CHUNK_ROWS)):
+                    if chunk and size + int(row_size) > DISCARD_CHUNK_BYTES:
+                        break
+                    chunk.append(int(row_id))
+                    size += int(row_size)
+                if not chunk:
+                    return removed
+                conn.executemany("DELETE FROM results WHERE id = ?", [(row_id,) for row_id in chunk])
+            removed += len(chunk)
+
+    def commit_batch(self, commit: BatchCommit) -> None:
+        """Store a batch's batch row, processed and failed files and progress, all or nothing.
+
+        The result rows staged for the batch (:meth:`stage_rows`) are seen
+        from this commit on, counted in its batch row but not rewritten. A
+        file processed OK (when ``record_processed``) leaves ``failed_files``;
         a failed file leaves ``processed_files`` and counts one more attempt.
-        A batch that did not end OK stores its failed files only.
+        A batch that did not end OK stores its failed files only; its staged
+        rows stay unseen until :meth:`discard_rows` removes them.
 
         Raises:
             ProjectDatabaseError: The task was never started, this batch is
-                already committed, a row is not JSON, or SQLite failed;
-                nothing of the batch was stored.
+                already committed, the statistics are not JSON, or SQLite
+                failed; nothing of the batch was stored.
         """
         c = commit
         try:
-            rows = [_json(row) for row in c.rows]
             stats = _json(c.stats)
         except (TypeError, ValueError) as exc:
             raise ProjectDatabaseError(
@@ -819,11 +947,6 @@ class ProjectDatabase:
         now = _now()
         key = (c.project, c.task_hash)
         with self._transaction(f"commit batch {c.batch} of task {c.task_id} to", write=True) as conn:
-            conn.executemany(
-                "INSERT INTO results (project, task_hash, task_id, batch, row_json, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(*key, c.task_id, c.batch, row, now) for row in rows],
-            )
             if c.record_processed:
                 conn.executemany(
                     "INSERT INTO processed_files (project, task_hash, name, size, mtime_ns, task_id,"
@@ -850,6 +973,11 @@ class ProjectDatabase:
             )
             if not c.ok:
                 return
+            # Counted from the index: no row is read, let alone rewritten.
+            (rows,) = conn.execute(
+                "SELECT count(*) FROM results WHERE task_id = ? AND batch = ? AND pending = 1",
+                (c.task_id, c.batch),
+            ).fetchone()
             conn.execute(
                 "INSERT INTO batches (task_id, batch, project, task_hash, total_batches, files, processed,"
                 " failed, rows, started_at, ended_at, stats_json)"
@@ -862,7 +990,7 @@ class ProjectDatabase:
                     len(c.processed) + len(c.failed),
                     len(c.processed),
                     len(c.failed),
-                    len(rows),
+                    int(rows),
                     _iso(c.started_at),
                     _iso(c.ended_at),
                     stats,
@@ -873,15 +1001,39 @@ class ProjectDatabase:
     # -- reading -------------------------------------------------------------
 
     def results(
-        self, project: str, task_hash: str | None = None, *, limit: int | None = None
+        self,
+        project: str,
+        task_hash: str | None = None,
+        *,
+        limit: int | None = None,
+        task_id: str | None = None,
+        batch: int | None = None,
     ) -> list[ResultRecord]:
-        """Result rows of ``project`` (of one task hash if given), oldest first, at most ``limit``."""
-        sql = "SELECT task_id, task_hash, batch, row_json, created_at FROM results WHERE project = ?"
+        """Committed result rows of ``project``, oldest first, at most ``limit``.
+
+        Narrowed to one task hash, one task and one batch of it when given
+        (a hook that heard :class:`~executor.hooks.ResultsSaved` reads its
+        batch's rows with ``task_id`` and ``batch``). Rows of a batch that has
+        not committed (still running, or never will) are not among them.
+        """
+        # A row is seen when it was committed with its batch before v4 (pending
+        # 0), or when its batch has committed since (it has a batches row).
+        sql = (
+            "SELECT r.task_id, r.task_hash, r.batch, r.row_json, r.created_at FROM results r"
+            " WHERE r.project = ? AND (r.pending = 0 OR EXISTS"
+            " (SELECT 1 FROM batches b WHERE b.task_id = r.task_id AND b.batch = r.batch))"
+        )
         params: list[object] = [project]
         if task_hash is not None:
-            sql += " AND task_hash = ?"
+            sql += " AND r.task_hash = ?"
             params.append(task_hash)
-        sql += " ORDER BY id" + _limit(limit, params)
+        if task_id is not None:
+            sql += " AND r.task_id = ?"
+            params.append(task_id)
+        if batch is not None:
+            sql += " AND r.batch = ?"
+            params.append(batch)
+        sql += " ORDER BY r.id" + _limit(limit, params)
         with self._transaction("read results from", write=False) as conn:
             rows = conn.execute(sql, params).fetchall()
         return [
