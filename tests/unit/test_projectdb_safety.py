@@ -411,6 +411,15 @@ def test_the_read_commands_refuse_a_linked_database_with_exit_status_2(
     assert err.count("\n") == 1 and "is a symbolic link, which is never followed" in err
 
 
+def test_a_read_command_names_a_dangling_link_as_a_link(
+    pod: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    os.symlink(pod / "nowhere.db", pod / "link.db")
+    assert main(["results", "--db", str(pod / "link.db")]) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert not (pod / "nowhere.db").exists()
+
+
 def test_run_refuses_a_planted_database_with_exit_status_2_before_anything_runs(
     made: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
