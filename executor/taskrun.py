@@ -561,7 +561,7 @@ class TaskRun:
         )
         return _BatchResult(
             outcome=outcome,
-            rows=[],
+            rows=0,
             files={},
             missing=frozenset(),
             started_at=started_at,
