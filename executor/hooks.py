@@ -179,19 +179,20 @@ class BatchRun(Event):
 class ResultsSaved(Event):
     """A batch's result rows are committed to the project database.
 
+    The rows themselves are not carried (a batch may hold 32 MiB of them): a
+    hook that keeps them elsewhere reads them back with
+    ``ProjectDatabase.results(event.task.project, task_id=event.task.task_id,
+    batch=event.batch)``.
+
     Attributes:
         batch: The batch (1-based).
         rows: How many rows were committed.
-        results: The rows themselves (flat JSON objects), for a hook that
-            keeps them elsewhere; left out of :meth:`to_dict`, where only the
-            count goes (an events file need not repeat the database).
     """
 
     event: ClassVar[str] = "results_saved"
 
     batch: int
     rows: int
-    results: tuple[dict[str, Any], ...] = ()
 
     def _fields(self) -> dict[str, Any]:
         return {"batch": self.batch, "rows": self.rows}

@@ -114,6 +114,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "max_message_mb": (1, 4096),
     "max_task_mb": (1, 65_536),
     "max_result_mb": (0.001, 64),
+    "max_rows": (1, 100_000_000),
+    "max_rows_mb": (1, 65_536),
     "uid": (1, MAX_ID),
     "uid_start": (1, MAX_ID),
     "uid_count": (1, 65_536),
@@ -156,6 +158,10 @@ class IsolationPolicy:
         max_message_mb: Largest single mailbox message the sandbox may send or receive.
         max_task_mb: Most mailbox traffic one task may move, both ways together.
         max_result_mb: Largest result (JSON) the protocol may return.
+        max_rows: Most result rows one task may save, all its batches
+            together (each batch, one sandbox, may save at most 100,000).
+        max_rows_mb: Most MiB of result rows (their JSON) one task may save,
+            all its batches together (each batch at most 32 MiB).
         uid_start: The first uid of the range sandboxes run as. Each live task
             gets a uid of its own from the range, exclusive across executors on
             the host, so that tasks do not share the kernel's per-user pools.
@@ -197,6 +203,8 @@ class IsolationPolicy:
     max_message_mb: int = 512
     max_task_mb: int = 4096
     max_result_mb: float = 1.0
+    max_rows: int = 500_000
+    max_rows_mb: int = 64
     uid_start: int = DEFAULT_UID_START
     uid_count: int = DEFAULT_UID_COUNT
     uid: int | None = None
@@ -316,3 +324,8 @@ class IsolationPolicy:
     def max_result_bytes(self) -> int:
         """``max_result_mb`` in bytes."""
         return int(self.max_result_mb * 1024 * 1024)
+
+    @property
+    def max_rows_bytes(self) -> int:
+        """``max_rows_mb`` in bytes."""
+        return self.max_rows_mb * 1024 * 1024

@@ -11,11 +11,18 @@ task. The schema, at version :data:`SCHEMA_VERSION` (``PRAGMA user_version``)::
                      what --new-data-only skips while a file is unchanged
     failed_files     (project, task_hash, name) -> reason, attempts, last_task_id:
                      what is skipped unless --force-rerun-failed
-    results          rows a protocol saved, per project, task hash, task, batch
+    results          rows a protocol saved, per project, task hash, task, batch;
+                     written as the batch runs, seen once it commits
     batches          one row per committed batch: counts and statistics
 
 Guarantees:
 
+* **Never trusted blindly.** Every connection first checks the file as
+  :mod:`executor.dbfile` says: no symbolic link followed (at the file or
+  beside it), this user's alone and writable by no one else, in a directory
+  no one else may write, the very file that was checked once SQLite has it
+  open, and holding only the objects its schema defines (no trigger or view
+  planted in it ever runs). ``trusted_schema`` is off.
 * **Checked before anything is written.** An existing file is first opened
   read-only; a file that is not a database, is corrupt (``PRAGMA quick_check``)
   or carries a schema newer than this code raises :class:`ProjectDatabaseError`
@@ -28,9 +35,17 @@ Guarantees:
   it, so tasks of one project writing at once from threads or processes
   serialise on SQLite's lock (WAL journal, ``busy_timeout``) and lose nothing.
   Waiting longer than ``busy_timeout_s`` raises a one-line error.
-* **A batch commits whole.** :meth:`ProjectDatabase.commit_batch` writes a
-  batch's results, processed and failed files, batch row and the ledger's
-  progress in one transaction: all of it or none of it.
+* **Rows stream in; a batch commits whole.** A batch's result rows are
+  written as they arrive (:meth:`ProjectDatabase.stage_rows`, one short
+  transaction per call of at most 1000 rows and 1 MiB), but no reader sees
+  them until :meth:`ProjectDatabase.commit_batch` writes the batch's batch
+  row, processed and failed files and the ledger's progress in one
+  transaction: all of it or none of it. That commit does not touch the rows
+  (a row is seen when its batch has a ``batches`` row), so it holds the write
+  lock for milliseconds however many rows there are. The rows of a batch that
+  did not commit are removed in chunks of at most 1000 rows and 1 MiB
+  (:meth:`ProjectDatabase.discard_rows`; :meth:`ProjectDatabase.close_lost`
+  for tasks whose executor died).
 
 Times are aware datetimes, stored in UTC as ISO 8601 text; dictionaries
 (policy, timings, selection, rows, statistics) are stored as JSON text.
@@ -44,7 +59,6 @@ import math
 import os
 import secrets
 import sqlite3
-import stat
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -54,7 +68,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executor import logtail
+from executor import dbfile, logtail
 from executor.errors import ProjectDatabaseError
 
 if TYPE_CHECKING:
@@ -66,6 +80,11 @@ MAX_LOG_TAIL_CHARS = logtail.MAX_CHARS
 RUNNING = "RUNNING"
 LOST = "LOST"
 LOST_MESSAGE = "the executor running the task stopped (killed or crashed) before it ended"
+DISCARD_CHUNK_ROWS = 1000
+"""Most result rows one transaction of :meth:`ProjectDatabase.discard_rows` removes."""
+DISCARD_CHUNK_BYTES = 1024 * 1024
+"""Most bytes of result rows one such transaction removes (after its first row)."""
+
 
 # Version N is reached by applying MIGRATIONS[N - 1]. Append; never edit a
 # script that has shipped, since databases out there were made by it.
@@ -160,6 +179,16 @@ MIGRATIONS: tuple[str, ...] = (
     # its stream; the tails of older rows are plain text, format 0.
     """
     ALTER TABLE tasks ADD COLUMN log_format INTEGER NOT NULL DEFAULT 0;
+    """,
+    # v5: result rows are written as their batch runs (pending), and are seen
+    # only once it commits (its batches row); their size lets the rows of a
+    # batch that did not end OK go in bounded chunks. Rows from before v5 were
+    # committed with their batch, and stay seen.
+    """
+    ALTER TABLE results ADD COLUMN pending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE results ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX results_by_batch ON results (task_id, batch, pending, size);
+    DROP INDEX results_by_task;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -266,14 +295,15 @@ class FileStates:
 class BatchCommit:
     """Everything one batch leaves behind, committed together.
 
-    A batch that ended OK commits all of it. One that did not (``ok`` false)
-    commits only its failed files, the seed's resilience phase: it has no
-    rows or processed files, and neither a batch row nor a batch done is
-    recorded, so a later run starts that batch's files again.
+    A batch that ended OK commits all of it, and with it the result rows
+    staged for it (:meth:`ProjectDatabase.stage_rows`). One that did not
+    (``ok`` false) commits only its failed files, the seed's resilience phase:
+    no processed files, and neither a batch row nor a batch done is recorded,
+    so its staged rows are never seen and a later run starts that batch's
+    files again.
 
     Attributes:
         batch: 1-based batch number, at most ``total_batches``.
-        rows: Result rows the protocol saved in this batch (validated flat JSON).
         processed: Files of the batch processed OK.
         failed: Files of the batch that failed, each with its reason.
         record_processed: Whether processed files are recorded (not on a test
@@ -287,7 +317,6 @@ class BatchCommit:
     task_hash: str
     batch: int
     total_batches: int
-    rows: list[dict[str, Any]]
     processed: list[FileStamp]
     failed: list[tuple[FileStamp, str]]
     record_processed: bool
@@ -297,8 +326,8 @@ class BatchCommit:
     ok: bool = True
 
     def __post_init__(self) -> None:
-        if not self.ok and (self.rows or self.record_processed):
-            raise ValueError("a batch that did not end OK commits neither rows nor processed files")
+        if not self.ok and (self.processed or self.record_processed):
+            raise ValueError("a batch that did not end OK commits no processed files")
         if not 1 <= self.batch <= self.total_batches:
             raise ValueError(f"batch {self.batch} is not in 1..{self.total_batches}")
         _require_aware("started_at", self.started_at)
@@ -377,23 +406,6 @@ def _json(value: object) -> str:
     return json.dumps(value, sort_keys=True, allow_nan=False, separators=(",", ":"))
 
 
-def _statements(script: str) -> Iterator[str]:
-    """The statements of ``script`` one by one.
-
-    ``executescript`` would commit the open transaction first, and a
-    migration must run inside the one that checked the version.
-    """
-    pending = ""
-    for piece in script.split(";"):
-        pending += piece + ";"
-        if sqlite3.complete_statement(pending):
-            if pending.strip(" \n\t;"):
-                yield pending.strip()
-            pending = ""
-    if pending.strip(" \n\t;"):
-        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:60]!r}")
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -426,6 +438,10 @@ class ProjectDatabase:
             raise ValueError(f"busy_timeout_s must be >= 0, got {busy_timeout_s!r}")
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
+        # What every connection opens: the directory resolved, the file never through a link.
+        self._file = dbfile.canonical(self.path)
+        # The (device, inode) of the file first checked; every later connection must find it.
+        self._identity: dbfile.Identity | None = None
         if not self._check_existing():
             self._create_file()
         self._bring_up_to_date()
@@ -448,23 +464,19 @@ class ProjectDatabase:
     def _check_existing(self) -> bool:
         """Whether the file exists, having checked read-only that it is a usable database.
 
-        A database nobody has open (no ``-wal`` or ``-shm`` file) is read as
-        immutable, which leaves no such file behind. That read bypasses
-        SQLite's locks, so a connection that opens, writes and checkpoints
-        meanwhile can tear it: a failure counts only when two reads, with the
-        file unchanged and unopened across each, agree. A database in use is
-        read under SQLite's locks, whose answer stands.
+        The file must first pass :func:`executor.dbfile.check_file` (no link,
+        this user's alone, in a directory no one else may write). A database
+        nobody has open (no ``-wal`` or ``-shm`` file) is read as immutable,
+        which leaves no such file behind. That read bypasses SQLite's locks,
+        so a connection that opens, writes and checkpoints meanwhile can tear
+        it: a failure counts only when two reads, with the file unchanged and
+        unopened across each, agree. A database in use is read under SQLite's
+        locks, whose answer stands.
         """
-        try:
-            st = os.stat(self.path)
-        except (FileNotFoundError, NotADirectoryError):
+        st = dbfile.check_file(self._file)
+        if st is None:
             return False  # to be made; making it says what is in the way
-        except OSError as exc:
-            raise ProjectDatabaseError(f"cannot read project database {self.path}: {exc.strerror}") from exc
-        if stat.S_ISDIR(st.st_mode):
-            raise self._unusable("it is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise self._unusable("it is not a regular file")
+        self._pin(st)
         if st.st_size == 0:
             return True  # being made by another process right now, or by touch: an empty database
         deadline = time.monotonic() + max(self.busy_timeout_s, 1.0)
@@ -473,12 +485,12 @@ class ProjectDatabase:
             in_use = self._in_use()
             before = self._stamp()
             error: sqlite3.Error | None = None
-            version, check = 0, ""
+            version, check, planted = 0, "", None
             try:
-                version, check = self._read_check(immutable=not in_use)
+                version, check, planted = self._read_check(immutable=not in_use)
             except sqlite3.Error as exc:
                 error = exc
-            if (error is None and check == "ok") or in_use:
+            if (error is None and check == "ok" and planted is None) or in_use:
                 break
             quiet = self._stamp() == before and not self._in_use()
             quiet_failures = quiet_failures + 1 if quiet else 0
@@ -491,54 +503,81 @@ class ProjectDatabase:
             raise self._unusable(check)
         if version > SCHEMA_VERSION:
             raise self._too_new(version)
+        if planted is not None:
+            raise planted
         return True
+
+    def _pin(self, st: os.stat_result) -> None:
+        """Remember the file first checked; refuse any other found at the path later."""
+        found = dbfile.identity(st)
+        if self._identity is None:
+            self._identity = found
+        elif found != self._identity:
+            raise ProjectDatabaseError(
+                f"project database {self._file} is no longer the file this executor opened (it was"
+                " replaced or moved); refusing it: open it again if that was meant"
+            )
 
     def _in_use(self) -> bool:
         """Whether a connection has the database open in WAL mode (or one died with it open)."""
-        return Path(f"{self.path}-wal").exists() or Path(f"{self.path}-shm").exists()
+        return any(os.path.lexists(f"{self._file}{suffix}") for suffix in ("-wal", "-shm"))
 
     def _stamp(self) -> tuple[int, int, int, int] | None:
         try:
-            st = os.stat(self.path)
+            st = os.lstat(self._file)
         except OSError:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
-    def _read_check(self, *, immutable: bool) -> tuple[int, str]:
+    def _read_check(self, *, immutable: bool) -> tuple[int, str, ProjectDatabaseError | None]:
+        """Read-only: the schema version, ``quick_check``'s verdict, and why its objects are refused.
+
+        The objects' verdict is returned, not raised: an immutable read torn
+        by a writer may see a schema that is not there (see :meth:`_check_existing`).
+
+        Raises:
+            ProjectDatabaseError: The file fails its checks (links, owner, a swap).
+        """
         params = {"mode": "ro", "immutable": "1"} if immutable else {"mode": "ro"}
-        conn = sqlite3.connect(
-            _uri(self.path, **params), uri=True, timeout=self.busy_timeout_s, isolation_level=None
-        )
-        with closing(conn):
+        planted = None
+        with closing(self._open("check", params)) as conn:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
             rows = conn.execute("PRAGMA quick_check(1)").fetchall()
-        return version, "; ".join(str(r[0]) for r in rows)
+            check = "; ".join(str(r[0]) for r in rows)
+            if check == "ok" and version <= SCHEMA_VERSION:
+                try:
+                    dbfile.check_objects(conn, self._file, MIGRATIONS[:version])
+                except ProjectDatabaseError as exc:
+                    planted = exc
+        return version, check, planted
 
     def _create_file(self) -> None:
-        """An empty database file, mode 0600, in directories made 0700.
+        """An empty database file, mode 0600, in directories made 0700, never through a link.
 
         It is made under a private name and linked into place, so that it
         never exists at its path with a wider mode, and no descriptor of it is
-        closed once another connection may hold locks on it.
+        closed once another connection may hold locks on it. Neither the
+        private name nor the link follows a link planted at either path.
         """
-        parent = self.path.parent
+        parent = self._file.parent
         missing = [p for p in (parent, *parent.parents) if not p.exists()]
         try:
             for directory in reversed(missing):
                 with suppress(FileExistsError):
                     os.mkdir(directory, 0o700)
-            staging = parent / f".{self.path.name}.{secrets.token_hex(8)}.new"
-            os.close(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            dbfile.check_directory(parent)
+            staging = parent / f".{self._file.name}.{secrets.token_hex(8)}.new"
+            dbfile.create_exclusive(staging)
             try:
-                os.link(staging, self.path)
+                os.link(staging, self._file)  # link() never follows a link at its target
             except FileExistsError:
-                pass  # another process made it first; it is checked and migrated under the lock
+                pass  # another process made it first (or a link is there): checked next
             except OSError as exc:
                 if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
                     raise
                 # No hard links here: claim the path itself (nobody can hold locks yet).
                 with suppress(FileExistsError):
-                    os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+                    dbfile.create_exclusive(self._file)
             finally:
                 with suppress(FileNotFoundError):
                     os.unlink(staging)
@@ -565,9 +604,14 @@ class ProjectDatabase:
             time.sleep(0.01)
 
     def _bring_up_to_date(self) -> None:
-        """WAL mode, and the migrations the file lacks applied in one transaction."""
+        """WAL mode, and the migrations the file lacks applied in one transaction.
+
+        The schema's objects are checked before the first write (the switch
+        to WAL) and again under the write lock, before any migration runs.
+        """
         with self._connect("open") as conn:
             try:
+                self._check_schema(conn)
                 mode = self._use_wal(conn)
                 if mode != "wal":
                     raise ProjectDatabaseError(
@@ -577,11 +621,9 @@ class ProjectDatabase:
                     return
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-                    if version > SCHEMA_VERSION:
-                        raise self._too_new(version)
+                    version = self._check_schema(conn)
                     for script in MIGRATIONS[version:]:
-                        for statement in _statements(script):
+                        for statement in dbfile.statements(script):
                             conn.execute(statement)
                     if version != SCHEMA_VERSION:
                         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
@@ -593,22 +635,68 @@ class ProjectDatabase:
             except sqlite3.Error as exc:
                 raise self._error("upgrade", exc) from exc
 
+    def _check_schema(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version, having checked that it holds exactly that version's objects.
+
+        Raises:
+            ProjectDatabaseError: The version is newer than this code's, or
+                the schema holds an object it does not define (a trigger, a
+                view, a table or an index), lacks one, or has one changed.
+        """
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise self._too_new(version)
+        dbfile.check_objects(conn, self._file, MIGRATIONS[:version])
+        return version
+
     # -- connections -------------------------------------------------------
 
-    def _error(self, doing: str, exc: sqlite3.Error) -> ProjectDatabaseError:
+    def _error(self, doing: str, exc: sqlite3.Error, timeout_s: float | None = None) -> ProjectDatabaseError:
         code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
         if code in (_SQLITE_BUSY, _SQLITE_LOCKED):
+            waited = self.busy_timeout_s if timeout_s is None else timeout_s
             return ProjectDatabaseError(
-                f"project database {self.path} is locked by another process"
-                f" (waited {self.busy_timeout_s:g} s)"
+                f"project database {self.path} is locked by another process (waited {waited:g} s)"
             )
         if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
             return self._unusable(str(exc))
         return ProjectDatabaseError(f"cannot {doing} project database {self.path}: {_one_line(str(exc))}")
 
+    def _open(
+        self, doing: str, params: dict[str, str], *, timeout_s: float | None = None
+    ) -> sqlite3.Connection:
+        """A connection to the checked file, opened with URI ``params``.
+
+        The file passes :func:`executor.dbfile.check_file` first and must be
+        the one this instance first checked; SQLite must then have opened
+        exactly it (:func:`executor.dbfile.verify_opened`). Stored SQL may
+        call no function with side effects (``trusted_schema`` off).
+
+        Raises:
+            ProjectDatabaseError: A check fails, or SQLite cannot open it.
+        """
+        timeout = self.busy_timeout_s if timeout_s is None else timeout_s
+        st = dbfile.check_file(self._file)
+        if st is None:
+            raise ProjectDatabaseError(f"cannot {doing} project database {self.path}: it is gone")
+        self._pin(st)
+        try:
+            conn = sqlite3.connect(
+                _uri(self._file, **params), uri=True, timeout=timeout, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise self._error(doing, exc) from exc
+        try:
+            conn.execute("PRAGMA trusted_schema = OFF")
+            dbfile.verify_opened(conn, self._file, dbfile.identity(st))
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     @contextmanager
-    def _connect(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """A fresh connection, closed afterwards; sqlite errors become ProjectDatabaseError.
+    def _connect(self, doing: str, *, timeout_s: float | None = None) -> Iterator[sqlite3.Connection]:
+        """A fresh, checked connection, closed afterwards; sqlite errors become ProjectDatabaseError.
 
         Read-write even to read: SQLite falls back to reading a file it may
         not write, and the last read-write connection to close removes the
@@ -616,27 +704,30 @@ class ProjectDatabase:
         ``mode=rw`` never creates a file that was removed meanwhile.
         """
         try:
-            conn = sqlite3.connect(
-                _uri(self.path, mode="rw"),
-                uri=True,
-                timeout=self.busy_timeout_s,
-                isolation_level=None,
-            )
-        except sqlite3.Error as exc:
-            raise self._error(doing, exc) from exc
-        try:
-            with closing(conn):
+            with closing(self._open(doing, {"mode": "rw"}, timeout_s=timeout_s)) as conn:
                 conn.execute("PRAGMA foreign_keys = ON")
                 yield conn
         except sqlite3.Error as exc:
-            raise self._error(doing, exc) from exc
+            raise self._error(doing, exc, timeout_s) from exc
 
     @contextmanager
-    def _transaction(self, doing: str, *, write: bool) -> Iterator[sqlite3.Connection]:
-        """One transaction on a fresh connection: committed if the block returns, else rolled back."""
-        with self._connect(doing) as conn:
+    def _transaction(
+        self, doing: str, *, write: bool, timeout_s: float | None = None, durable: bool = True
+    ) -> Iterator[sqlite3.Connection]:
+        """One transaction on a fresh connection: committed if the block returns, else rolled back.
+
+        The schema's objects are checked inside it, before the block runs: no
+        trigger or view planted since the file was opened ever runs here.
+        ``durable`` false skips the fsync of this commit (``synchronous =
+        NORMAL``): it stays atomic and consistent, and the next durable commit
+        makes it durable too.
+        """
+        with self._connect(doing, timeout_s=timeout_s) as conn:
+            if not durable:
+                conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
+                self._check_schema(conn)
                 yield conn
             except BaseException:
                 # SQLite has already rolled back after some errors (a full disk).
@@ -684,7 +775,8 @@ class ProjectDatabase:
 
         A parent killed mid-task leaves its row RUNNING; ``alive`` (an owner
         id -> whether that executor may still run) tells which are orphans.
-        Rows without an owner are left alone.
+        Rows without an owner are left alone. The result rows the orphans'
+        uncommitted batches had written are removed (:meth:`discard_rows`).
         """
         with self._transaction("read the running tasks of", write=False) as conn:
             running = conn.execute(
@@ -699,6 +791,9 @@ class ProjectDatabase:
                 " WHERE task_id = ? AND status = ?",
                 [(LOST, "ParentLost", LOST_MESSAGE, _now(), task_id, RUNNING) for task_id in lost],
             )
+        # The rows their last batches were saving never commit now.
+        for task_id in lost:
+            self.discard_rows(task_id)
         return lost
 
     def end_task(self, end: TaskEnd) -> None:
@@ -752,21 +847,111 @@ class ProjectDatabase:
                 failed_stamps[str(name)] = (int(size), int(mtime_ns))
         return FileStates(processed=processed, failed=failed, failed_stamps=failed_stamps)
 
-    def commit_batch(self, commit: BatchCommit) -> None:
-        """Store a batch's results, processed and failed files, batch row and progress, all or nothing.
+    def stage_rows(
+        self, task_id: str, batch: int, rows: Sequence[str], *, timeout_s: float | None = None
+    ) -> None:
+        """Write result rows of a running batch, unseen until the batch commits; all of them or none.
 
-        A file processed OK (when ``record_processed``) leaves ``failed_files``;
+        One short transaction, not fsynced (the batch's commit is): the rows
+        of one SaveResults call (at most 1000 and 1 MiB), in the order given.
+        The task's project and task hash come from its ledger row.
+
+        Args:
+            task_id: The task, RUNNING in the ledger.
+            batch: Its batch saving the rows, not yet committed.
+            rows: Each the JSON text of one flat object, as
+                :func:`executor.resultrows.check_row` accepts (the caller checks).
+            timeout_s: How long to wait for another writer's lock (default:
+                ``busy_timeout_s``).
+
+        Raises:
+            ProjectDatabaseError: The task is not running, the batch is not
+                one of its batches or already committed, or SQLite failed
+                (locked past the timeout, say); nothing was written.
+        """
+        if not rows:
+            return
+        now = _now()
+        doing = f"save result rows of batch {batch} of task {task_id} to"
+        with self._transaction(doing, write=True, timeout_s=timeout_s, durable=False) as conn:
+            task = conn.execute(
+                "SELECT project, task_hash, status, total_batches FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            if task is None or task[2] != RUNNING:
+                raise ProjectDatabaseError(
+                    f"cannot save result rows: task {task_id} is not running in {self.path}"
+                )
+            project, task_hash, _, total = task
+            if not 1 <= batch <= int(total):
+                raise ProjectDatabaseError(
+                    f"cannot save result rows: batch {batch} is not in 1..{total} of task {task_id}"
+                )
+            if conn.execute(
+                "SELECT 1 FROM batches WHERE task_id = ? AND batch = ?", (task_id, batch)
+            ).fetchone():
+                raise ProjectDatabaseError(
+                    f"cannot save result rows: batch {batch} of task {task_id} is already committed"
+                )
+            conn.executemany(
+                "INSERT INTO results (project, task_hash, task_id, batch, row_json, created_at, pending,"
+                " size) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
+                [(project, task_hash, task_id, batch, row, now, len(row.encode("utf-8"))) for row in rows],
+            )
+
+    def discard_rows(self, task_id: str, batch: int | None = None) -> int:
+        """Remove the rows a task (one batch of it, if given) staged for batches that never committed.
+
+        In chunks of at most :data:`DISCARD_CHUNK_ROWS` rows and
+        :data:`DISCARD_CHUNK_BYTES` bytes, each its own short transaction, so
+        another writer never waits long for the lock (SQLite here overwrites
+        what it deletes). Rows of committed batches are never touched. Call
+        it only when none of those batches is still saving rows. Returns how
+        many rows went.
+
+        Raises:
+            ProjectDatabaseError: SQLite failed; the rows not yet removed stay
+                unseen, and a later call removes them.
+        """
+        # Read from the index (task_id, batch, pending, size) alone.
+        sql = (
+            "SELECT r.id, r.size FROM results r WHERE r.task_id = ?1 AND (?2 IS NULL OR r.batch = ?2)"
+            " AND r.pending = 1 AND NOT EXISTS"
+            " (SELECT 1 FROM batches b WHERE b.task_id = r.task_id AND b.batch = r.batch) LIMIT ?3"
+        )
+        removed = 0
+        while True:
+            with self._transaction(
+                f"remove uncommitted result rows of task {task_id} from", write=True
+            ) as conn:
+                chunk: list[int] = []
+                size = 0
+                for row_id, row_size in conn.execute(sql, (task_id, batch, DISCARD_CHUNK_ROWS)):
+                    if chunk and size + int(row_size) > DISCARD_CHUNK_BYTES:
+                        break
+                    chunk.append(int(row_id))
+                    size += int(row_size)
+                if not chunk:
+                    return removed
+                conn.executemany("DELETE FROM results WHERE id = ?", [(row_id,) for row_id in chunk])
+            removed += len(chunk)
+
+    def commit_batch(self, commit: BatchCommit) -> None:
+        """Store a batch's batch row, processed and failed files and progress, all or nothing.
+
+        The result rows staged for the batch (:meth:`stage_rows`) are seen
+        from this commit on, counted in its batch row but not rewritten. A
+        file processed OK (when ``record_processed``) leaves ``failed_files``;
         a failed file leaves ``processed_files`` and counts one more attempt.
-        A batch that did not end OK stores its failed files only.
+        A batch that did not end OK stores its failed files only; its staged
+        rows stay unseen until :meth:`discard_rows` removes them.
 
         Raises:
             ProjectDatabaseError: The task was never started, this batch is
-                already committed, a row is not JSON, or SQLite failed;
-                nothing of the batch was stored.
+                already committed, the statistics are not JSON, or SQLite
+                failed; nothing of the batch was stored.
         """
         c = commit
         try:
-            rows = [_json(row) for row in c.rows]
             stats = _json(c.stats)
         except (TypeError, ValueError) as exc:
             raise ProjectDatabaseError(
@@ -775,11 +960,6 @@ class ProjectDatabase:
         now = _now()
         key = (c.project, c.task_hash)
         with self._transaction(f"commit batch {c.batch} of task {c.task_id} to", write=True) as conn:
-            conn.executemany(
-                "INSERT INTO results (project, task_hash, task_id, batch, row_json, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [(*key, c.task_id, c.batch, row, now) for row in rows],
-            )
             if c.record_processed:
                 conn.executemany(
                     "INSERT INTO processed_files (project, task_hash, name, size, mtime_ns, task_id,"
@@ -806,6 +986,11 @@ class ProjectDatabase:
             )
             if not c.ok:
                 return
+            # Counted from the index: no row is read, let alone rewritten.
+            (rows,) = conn.execute(
+                "SELECT count(*) FROM results WHERE task_id = ? AND batch = ? AND pending = 1",
+                (c.task_id, c.batch),
+            ).fetchone()
             conn.execute(
                 "INSERT INTO batches (task_id, batch, project, task_hash, total_batches, files, processed,"
                 " failed, rows, started_at, ended_at, stats_json)"
@@ -818,7 +1003,7 @@ class ProjectDatabase:
                     len(c.processed) + len(c.failed),
                     len(c.processed),
                     len(c.failed),
-                    len(rows),
+                    int(rows),
                     _iso(c.started_at),
                     _iso(c.ended_at),
                     stats,
@@ -829,15 +1014,39 @@ class ProjectDatabase:
     # -- reading -------------------------------------------------------------
 
     def results(
-        self, project: str, task_hash: str | None = None, *, limit: int | None = None
+        self,
+        project: str,
+        task_hash: str | None = None,
+        *,
+        limit: int | None = None,
+        task_id: str | None = None,
+        batch: int | None = None,
     ) -> list[ResultRecord]:
-        """Result rows of ``project`` (of one task hash if given), oldest first, at most ``limit``."""
-        sql = "SELECT task_id, task_hash, batch, row_json, created_at FROM results WHERE project = ?"
+        """Committed result rows of ``project``, oldest first, at most ``limit``.
+
+        Narrowed to one task hash, one task and one batch of it when given
+        (a hook that heard :class:`~executor.hooks.ResultsSaved` reads its
+        batch's rows with ``task_id`` and ``batch``). Rows of a batch that has
+        not committed (still running, or never will) are not among them.
+        """
+        # A row is seen when it was committed with its batch before v5 (pending
+        # 0), or when its batch has committed since (it has a batches row).
+        sql = (
+            "SELECT r.task_id, r.task_hash, r.batch, r.row_json, r.created_at FROM results r"
+            " WHERE r.project = ? AND (r.pending = 0 OR EXISTS"
+            " (SELECT 1 FROM batches b WHERE b.task_id = r.task_id AND b.batch = r.batch))"
+        )
         params: list[object] = [project]
         if task_hash is not None:
-            sql += " AND task_hash = ?"
+            sql += " AND r.task_hash = ?"
             params.append(task_hash)
-        sql += " ORDER BY id" + _limit(limit, params)
+        if task_id is not None:
+            sql += " AND r.task_id = ?"
+            params.append(task_id)
+        if batch is not None:
+            sql += " AND r.batch = ?"
+            params.append(batch)
+        sql += " ORDER BY r.id" + _limit(limit, params)
         with self._transaction("read results from", write=False) as conn:
             rows = conn.execute(sql, params).fetchall()
         return [

@@ -1,19 +1,27 @@
-"""Result rows a task saves: what a row may be, the caps on what the parent keeps, the ledger.
+"""Result rows a task saves: what a row may be, the caps on them, and where they go as they arrive.
 
-A sandbox may hand the parent many calls of result rows; all of them are held
-in the parent's memory until the task (or batch) ends and its rows are
-committed. Each per-task cap below bounds the parent, not the sandbox. Rows
-are held as the JSON text they came as, already validated, and parsed when
-read: a parsed row costs several times its text (a dict, a key and a value
-object per column), so the bytes cap bounds what is really held.
+A sandbox hands the parent result rows in calls of at most 1000 rows and
+1 MiB. Each call's rows, once validated, are handed on at once to the task's
+store (the project database, where they stay unseen until their batch
+commits) and not kept: the parent holds a call's rows while it checks and
+stores them, never a batch's. Without a store they are counted and dropped.
+
+Two sets of caps bound what a task may save: per batch (one sandbox:
+:data:`MAX_ROWS_PER_BATCH` rows and :data:`MAX_ROWS_BYTES_PER_BATCH` bytes, as
+before) and per task across all its batches (the policy's ``max_rows`` and
+``max_rows_mb``). A call that would pass either is refused whole.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
 
+from executor.errors import ProjectDatabaseError
 from executor.errors import ResultLimitError as ResultLimitError
 
 # Per call and per row (the wire contract, which the sandbox checks before it sends).
@@ -24,10 +32,19 @@ from executor.sandbox.contract import MAX_ROW_INT, MIN_ROW_INT, is_column_name
 from executor.sandbox.contract import MAX_ROWS_BYTES_PER_CALL as MAX_ROWS_BYTES_PER_CALL
 from executor.sandbox.contract import MAX_ROWS_PER_CALL as MAX_ROWS_PER_CALL
 
-MAX_ROWS_PER_TASK = 100_000
-"""Result rows one task may save; a call that would pass it is refused whole."""
-MAX_RESULT_ROWS_BYTES_PER_TASK = 32 * 1024 * 1024
-"""UTF-8 bytes of row text one task may save; a call that would pass it is refused whole."""
+log = logging.getLogger(__name__)
+
+MAX_ROWS_PER_BATCH = 100_000
+"""Result rows one sandbox (a task, or a batch of it) may save; a call that would pass it is refused whole."""
+MAX_ROWS_BYTES_PER_BATCH = 32 * 1024 * 1024
+"""UTF-8 bytes of row text one sandbox may save; a call that would pass it is refused whole."""
+STORE_WAIT_S = 10.0
+"""How long one call's rows may wait for the store (the task's other calls, then the database's lock).
+
+Twice this stays under the sandbox's own deadline for the call (30 s), so a
+call the parent gives up on is one the sandbox hears refused, never one it
+gave up on while the parent still stored it.
+"""
 
 
 class RowError(ValueError):
@@ -106,50 +123,165 @@ def check_row(text: str) -> None:
                 raise RowError("holds a lone surrogate") from None
 
 
-class ResultLedger:
-    """The result rows of one task, kept within the caps above.
+class RowsClosed(Exception):
+    """The batch has ended: its rows are sealed, and no more may join them."""
 
-    Not thread-safe: the session calls it under its own lock.
+
+class RowsNotStored(Exception):
+    """The store could not take a call's rows (the database stayed locked, say); none was kept.
+
+    The message is public: it names no path of the host.
     """
 
-    def __init__(self) -> None:
-        self._rows: list[str] = []
-        self.bytes = 0
+
+class RowSink(Protocol):
+    """Where a sandbox's validated rows go as they arrive (what a task session hands them to)."""
 
     def room_for(self, rows: int, size: int) -> None:
-        """Check that ``rows`` more rows of ``size`` bytes in all fit the task's caps.
+        """Check that ``rows`` more rows of ``size`` bytes fit every cap; raise ResultLimitError if not."""
+
+    def save(self, rows: list[str], size: int) -> None:
+        """Hand on validated row texts of ``size`` bytes in all; all of them or none.
+
+        Raises:
+            ResultLimitError: They would pass a cap.
+            RowsClosed: The batch has ended.
+            RowsNotStored: The store failed; nothing was kept.
+        """
+
+
+Store = Callable[[int, list[str]], None]
+"""Stores a batch's rows: ``store(batch, texts)``, all or none (it may raise ProjectDatabaseError)."""
+
+
+class TaskRows:
+    """A task's result rows across its batches: the caps, and the store each call's rows go to.
+
+    Thread-safe: calls of a batch are stored one at a time, in the order they
+    take the lock, so rows keep the order they were saved in.
+
+    Args:
+        max_rows: Rows the whole task may save (every batch together).
+        max_bytes: UTF-8 bytes of row text the whole task may save.
+        store: Where rows go (e.g. :meth:`ProjectDatabase.stage_rows
+            <executor.projectdb.ProjectDatabase.stage_rows>` for this task);
+            ``None`` counts them and keeps nothing.
+        task_id: For the log.
+    """
+
+    def __init__(
+        self, *, max_rows: int, max_bytes: int, store: Store | None = None, task_id: str = ""
+    ) -> None:
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self._store = store
+        self._task_id = task_id
+        self._lock = threading.Lock()
+        self.rows = 0
+        self.bytes = 0
+
+    def batch(self, number: int) -> BatchRows:
+        """The sink of batch ``number`` (1-based), with the per-batch caps."""
+        return BatchRows(self, number)
+
+    def _room(self, batch: BatchRows, rows: int, size: int) -> None:
+        """Check both caps (lock held, or a racy early look)."""
+        if batch.rows + rows > MAX_ROWS_PER_BATCH:
+            raise ResultLimitError(
+                f"at most {MAX_ROWS_PER_BATCH} result rows per batch ({batch.rows} saved already)"
+            )
+        if batch.bytes + size > MAX_ROWS_BYTES_PER_BATCH:
+            raise ResultLimitError(
+                f"at most {MAX_ROWS_BYTES_PER_BATCH} bytes of result rows per batch"
+                f" ({batch.bytes} saved already)"
+            )
+        if self.rows + rows > self.max_rows:
+            raise ResultLimitError(
+                f"at most {self.max_rows} result rows per task, all batches together"
+                f" ({self.rows} saved already)"
+            )
+        if self.bytes + size > self.max_bytes:
+            raise ResultLimitError(
+                f"at most {self.max_bytes} bytes of result rows per task, all batches together"
+                f" ({self.bytes} saved already)"
+            )
+
+    def _save(self, batch: BatchRows, rows: list[str], size: int) -> None:
+        if not self._lock.acquire(timeout=STORE_WAIT_S):
+            raise RowsNotStored(
+                "the parent is still storing this task's earlier rows; none of these was saved"
+            )
+        try:
+            if batch.sealed:
+                raise RowsClosed(f"batch {batch.number} has ended")
+            self._room(batch, len(rows), size)
+            if self._store is not None:
+                try:
+                    self._store(batch.number, rows)
+                except ProjectDatabaseError as exc:
+                    log.warning(
+                        "task %s: %d result rows of batch %d not stored: %s",
+                        self._task_id,
+                        len(rows),
+                        batch.number,
+                        exc,
+                    )
+                    raise RowsNotStored(
+                        "the parent could not store these rows (its project database is busy or failing);"
+                        " none of them was saved"
+                    ) from None
+            self.rows += len(rows)
+            self.bytes += size
+            batch.rows += len(rows)
+            batch.bytes += size
+        finally:
+            self._lock.release()
+
+    def _seal(self, batch: BatchRows) -> None:
+        with self._lock:  # waits for a call being stored: it lands before the seal
+            batch.sealed = True
+
+
+class BatchRows:
+    """The rows of one batch of a task: a :class:`RowSink` that counts, caps and hands on.
+
+    Made by :meth:`TaskRows.batch`. Keeps no row: ``rows`` and ``bytes``
+    count those stored.
+    """
+
+    def __init__(self, task: TaskRows, number: int) -> None:
+        self.task = task
+        self.number = number
+        self.rows = 0
+        self.bytes = 0
+        self.sealed = False
+
+    def room_for(self, rows: int, size: int) -> None:
+        """Check that ``rows`` more rows of ``size`` bytes fit the batch's and the task's caps.
+
+        An early look, before the rows are parsed; :meth:`save` checks again.
 
         Raises:
             ResultLimitError: They do not.
         """
-        if len(self._rows) + rows > MAX_ROWS_PER_TASK:
-            raise ResultLimitError(
-                f"at most {MAX_ROWS_PER_TASK} result rows per task ({len(self._rows)} saved already)"
-            )
-        if self.bytes + size > MAX_RESULT_ROWS_BYTES_PER_TASK:
-            raise ResultLimitError(
-                f"at most {MAX_RESULT_ROWS_BYTES_PER_TASK} bytes of result rows per task "
-                f"({self.bytes} saved already)"
-            )
+        self.task._room(self, rows, size)
 
-    def record(self, rows: list[str], size: int) -> None:
-        """Keep validated row texts whose UTF-8 sizes sum to ``size``; all of them or none.
+    def save(self, rows: list[str], size: int) -> None:
+        """Store validated row texts whose UTF-8 sizes sum to ``size``; all of them or none.
 
         Raises:
-            ResultLimitError: They would pass a per-task cap; nothing is kept then.
+            ResultLimitError: They would pass a cap (of the batch or the task).
+            RowsClosed: The batch has ended (:meth:`seal`).
+            RowsNotStored: The store failed, or stayed busy for :data:`STORE_WAIT_S`.
         """
-        self.room_for(len(rows), size)
-        self._rows.extend(rows)
-        self.bytes += size
+        self.task._save(self, rows, size)
 
-    def texts(self) -> list[str]:
-        """A copy of the list of row texts kept so far, in the order saved."""
-        return list(self._rows)
-
-    def __len__(self) -> int:
-        return len(self._rows)
+    def seal(self) -> int:
+        """End the batch: a call being stored finishes first, later ones are refused. The rows stored."""
+        self.task._seal(self)
+        return self.rows
 
 
-def parse_rows(texts: list[str]) -> list[dict[str, Any]]:
-    """Validated row texts as fresh dicts (each call builds new ones: a caller may change them)."""
-    return [json.loads(text) for text in texts]
+def counting_sink() -> BatchRows:
+    """A sink that keeps no row and stores none: the per-batch caps only (no task, no database)."""
+    return TaskRows(max_rows=MAX_ROWS_PER_BATCH, max_bytes=MAX_ROWS_BYTES_PER_BATCH).batch(1)

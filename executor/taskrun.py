@@ -4,11 +4,12 @@
 selection; a :class:`TaskRun` then carries it out. The task's mailbox (channel,
 keys, quota) and its directory (with the bundle) live as long as the task; each
 batch gets a fresh container, token, socket and data view holding only that
-batch's files. When a
-batch ends OK, its result rows, processed files and failed files commit to the
-project database in one transaction; a batch that does not end OK commits
-only the failures it reported, and the task stops there, so the next run with
-``run_on_new_data_only`` starts at the first uncommitted batch.
+batch's files. A batch's result rows go to the project database as they
+arrive, unseen until the batch commits (:mod:`executor.resultrows`). When a
+batch ends OK, its processed and failed files commit in one transaction that
+also makes its rows seen; a batch that does not end OK commits only the
+failures it reported, its rows are removed, and the task stops there, so the
+next run with ``run_on_new_data_only`` starts at the first uncommitted batch.
 
 Typed events (:mod:`executor.hooks`) go to the executor's hooks as they
 happen, through :mod:`executor.taskevents` (steps coalesced, a total per
@@ -58,6 +59,7 @@ from executor.mailbox.transport import Route
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.projectdb import BatchCommit, TaskEnd, TaskStart
+from executor.resultrows import STORE_WAIT_S, TaskRows
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.spec import TaskSpec
@@ -131,7 +133,7 @@ class _ReadyRelay:
 @dataclass
 class _BatchResult:
     outcome: Outcome
-    rows: list[dict[str, Any]]
+    rows: int  # result rows stored (unseen until the batch commits)
     files: dict[str, tuple[FileKind, str]]
     missing: frozenset[str]
     started_at: datetime
@@ -165,6 +167,26 @@ class TaskRun:
     _completed: int = 0
     _failed_saved: dict[str, str] = field(default_factory=dict, repr=False)
     _events: TaskEvents | None = field(default=None, repr=False)
+    _rows: TaskRows | None = field(default=None, repr=False)
+
+    def _task_rows(self) -> TaskRows:
+        """The task's result rows across its batches: its caps, and the database they stream to."""
+        if self._rows is None:
+            db = self.executor.db
+            store = None
+            if db is not None:
+                wait = min(db.busy_timeout_s, STORE_WAIT_S)
+
+                def store(batch: int, rows: list[str]) -> None:
+                    db.stage_rows(self.task_id, batch, rows, timeout_s=wait)
+
+            self._rows = TaskRows(
+                max_rows=self.policy.max_rows,
+                max_bytes=self.policy.max_rows_bytes,
+                store=store,
+                task_id=self.task_id,
+            )
+        return self._rows
 
     @property
     def context(self) -> TaskContext:
@@ -387,30 +409,45 @@ class TaskRun:
         ok = done.outcome.ok
         trial = self.spec.flags.test_run
         stamps = {f.name: f for f in batch}
-        rows = done.rows if ok else []
         processed = [f for f in batch if f.name not in failed and f.name not in done.missing]
-        db.commit_batch(
-            BatchCommit(
-                task_id=self.task_id,
-                project=self.spec.project_id,
-                task_hash=self.task_hash,
-                batch=number,
-                total_batches=len(self.plan.batches),
-                rows=rows,
-                processed=processed if ok and not trial else [],
-                failed=[] if trial else [(stamps[n], reason) for n, reason in failed.items() if n in stamps],
-                record_processed=ok and not trial,
-                ok=ok,
-                started_at=done.started_at,
-                ended_at=done.ended_at,
-                stats=_batch_statistics(batch, done, failed),
-            )
+        commit = BatchCommit(
+            task_id=self.task_id,
+            project=self.spec.project_id,
+            task_hash=self.task_hash,
+            batch=number,
+            total_batches=len(self.plan.batches),
+            processed=processed if ok and not trial else [],
+            failed=[] if trial else [(stamps[n], reason) for n, reason in failed.items() if n in stamps],
+            record_processed=ok and not trial,
+            ok=ok,
+            started_at=done.started_at,
+            ended_at=done.ended_at,
+            stats=_batch_statistics(batch, done, failed),
         )
+        try:
+            db.commit_batch(commit)
+        except ProjectDatabaseError:
+            if done.rows:
+                self._discard_rows(number)  # it never commits: its rows are never seen
+            raise
+        if done.rows and not ok:
+            self._discard_rows(number)
         if not trial:
             self._failed_saved.update(failed)
+        rows = done.rows if ok else 0
         if rows:
-            self._emit(ResultsSaved(task=self.context, batch=number, rows=len(rows), results=tuple(rows)))
-        return len(rows)
+            # A hook that wants the rows reads them: db.results(project, task_id=..., batch=...).
+            self._emit(ResultsSaved(task=self.context, batch=number, rows=rows))
+        return rows
+
+    def _discard_rows(self, number: int) -> None:
+        """Remove a batch's rows that will never be seen; they stay unseen if that fails too."""
+        db = self.executor.db
+        assert db is not None
+        try:
+            db.discard_rows(self.task_id, number)
+        except ProjectDatabaseError as exc:
+            log.warning("task %s: the unseen result rows of batch %d stay: %s", self.task_id, number, exc)
 
     def _run_one(
         self, number: int, batch: tuple[FileStamp, ...], broker: MailboxBroker, relay: _ReadyRelay
@@ -527,7 +564,7 @@ class TaskRun:
         )
         return _BatchResult(
             outcome=outcome,
-            rows=[],
+            rows=0,
             files={},
             missing=frozenset(),
             started_at=started_at,
@@ -596,6 +633,7 @@ class TaskRun:
         ex = self.executor
         task_dir = slot.task_dir if slot is not None else self.workspace
         wake = threading.Event()
+        rows = self._task_rows().batch(number)
         session = TaskSession(
             self.task_id,
             serde.task_config(self.spec, self.task_id, self.bundle, self.policy, self.secrets),
@@ -604,6 +642,7 @@ class TaskRun:
             on_progress=self._progress,
             on_finish=wake.set,
             data_dir=view.path,
+            rows=rows,
         )
         if slot is not None:
             server = slot.server
@@ -663,12 +702,13 @@ class TaskRun:
         finally:
             relay.attach(None)
             server.stop()
+            rows.seal()
             if lifeline is not None:
                 lifeline.close()
             collector.stop(OUTPUT_DRAIN_S)
         return _BatchResult(
             outcome=outcome,
-            rows=session.saved_results(),
+            rows=rows.rows,
             files=session.file_outcomes(),
             missing=view.missing,
             started_at=started_at,
@@ -727,6 +767,12 @@ class TaskRun:
                 selection=self.plan.selection.counts(),
             )
         )
+        if self._rows is not None and self._rows.rows:
+            # Rows of a batch cut short (the engine failed, a second Ctrl-C) never commit.
+            try:
+                db.discard_rows(self.task_id)
+            except ProjectDatabaseError as exc:
+                log.warning("task %s: its unseen result rows stay: %s", self.task_id, exc)
 
 
 def _gave_up(task_id: str, runtime: str, exc: BaseException) -> Outcome:
@@ -763,6 +809,6 @@ def _batch_statistics(
         "failed": len(failed),
         "processed": len(batch) - len(failed) - len(done.missing) if done.outcome.ok else 0,
         "missing": len(done.missing),
-        "rows": len(done.rows),
+        "rows": done.rows,
         "duration_s": (done.ended_at - done.started_at).total_seconds(),
     }

@@ -132,9 +132,9 @@ def tasks_command(db_path: Path, project: str | None, as_json: bool, limit: int 
 
 
 def _open(db_path: Path) -> ProjectDatabase:
-    """The database at ``db_path``; a read command never makes one."""
+    """The database at ``db_path``; a read command never makes one (a link there is refused, not followed)."""
     try:
-        os.stat(db_path)
+        os.lstat(db_path)
     except (FileNotFoundError, NotADirectoryError):
         raise ProjectDatabaseError(f"no project database at {db_path}") from None
     except OSError as exc:

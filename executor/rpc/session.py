@@ -29,7 +29,15 @@ from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
 from executor.mailbox.crypto import DecryptionError
 from executor.mailbox.transport import TransportError
 from executor.outcome import Status
-from executor.resultrows import ResultLedger, ResultLimitError, RowError, check_row, parse_rows
+from executor.resultrows import (
+    ResultLimitError,
+    RowError,
+    RowsClosed,
+    RowSink,
+    RowsNotStored,
+    check_row,
+    counting_sink,
+)
 from executor.sandbox.contract import (
     MAX_ERROR_MESSAGE_CHARS,
     MAX_ERROR_TYPE_CHARS,
@@ -178,6 +186,9 @@ class TaskSession:
         on_progress: Called, from a server thread, for each progress event.
         on_finish: Called once the terminal report is recorded.
         data_dir: The datasource on the host, to check reported file names against.
+        rows: Where validated result rows go as they arrive (the task's
+            :class:`~executor.resultrows.BatchRows`); by default they are
+            counted within the per-batch caps and dropped.
     """
 
     def __init__(
@@ -190,6 +201,7 @@ class TaskSession:
         on_progress: Callable[[ProgressUpdate], None] | None = None,
         on_finish: Callable[[], None] | None = None,
         data_dir: Path | None = None,
+        rows: RowSink | None = None,
     ) -> None:
         self.task_id = task_id
         self._config = config
@@ -199,7 +211,7 @@ class TaskSession:
         self._on_finish = on_finish
         self._data_dir = data_dir
         self._files = FileLedger()
-        self._results = ResultLedger()
+        self._rows = rows if rows is not None else counting_sink()
         self._lock = threading.Lock()
         self._pending_receives = 0
         self.config_fetched_at: float | None = None
@@ -406,17 +418,20 @@ class TaskSession:
 
     # -- result rows ---------------------------------------------------
     def save_results(self, rows_json: list[str]) -> None:
-        """Keep result rows, each the JSON text of one flat object; the whole call or nothing.
+        """Hand on result rows, each the JSON text of one flat object; the whole call or nothing.
 
         Each row must be a JSON object of 1 to MAX_COLUMNS columns, each named
         as :func:`~executor.sandbox.contract.is_column_name` says and holding
         a string, an integer within signed 64 bits, a finite number, a
         boolean or null. Duplicate column names, NaN and Infinity are refused.
+        The rows go to the session's sink before the call returns; the
+        session keeps none of them.
 
         Raises:
             RequestRejected: INVALID_ARGUMENT for a malformed call or row,
-                RESOURCE_EXHAUSTED past a per-task cap, FAILED_PRECONDITION
-                once the task has finished.
+                RESOURCE_EXHAUSTED past a cap of the batch or the task,
+                FAILED_PRECONDITION once the task (or batch) has finished,
+                UNAVAILABLE when the rows could not be stored (none was).
         """
         if not 0 < len(rows_json) <= MAX_ROWS_PER_CALL:
             raise RequestRejected("INVALID_ARGUMENT", f"expected 1 to {MAX_ROWS_PER_CALL} result rows")
@@ -440,28 +455,25 @@ class TaskSession:
                 "INVALID_ARGUMENT",
                 f"result rows of one call may hold at most {MAX_ROWS_BYTES_PER_CALL} bytes",
             )
-        # Refused before any row is parsed when the task's budget is already spent.
-        with self._lock, _result_limits():
-            self._results.room_for(len(rows_json), size)
+        # Refused before any row is parsed when the budget is already spent.
+        with _result_limits():
+            self._rows.room_for(len(rows_json), size)
         for index, text in enumerate(rows_json):
             try:
                 check_row(text)
             except RowError as exc:
                 raise RequestRejected("INVALID_ARGUMENT", f"result row {index} {exc}") from None
-        with self._lock, _result_limits():
-            # A result recorded meanwhile ends the task: rows after it are refused like mail.
-            if self.finish is not None:
-                raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")
-            self._results.record(list(rows_json), size)
-
-    def saved_results(self) -> list[dict[str, Any]]:
-        """The result rows saved so far, in order, as new dicts (a caller may change them).
-
-        Parsed on each call from the validated text the session keeps.
-        """
-        with self._lock:
-            texts = self._results.texts()
-        return parse_rows(texts)
+        # A result recorded meanwhile ends the task: rows after it are refused like mail.
+        if self.finish is not None:
+            raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")
+        # Stored outside the session's lock: a slow store never holds up beats.
+        with _result_limits():
+            try:
+                self._rows.save(list(rows_json), size)
+            except RowsClosed:
+                raise RequestRejected("FAILED_PRECONDITION", "the task has already finished") from None
+            except RowsNotStored as exc:
+                raise RequestRejected("UNAVAILABLE", str(exc)) from None
 
     # -- progress and result ------------------------------------------
     def report_progress(self, update: ProgressUpdate) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,6 +16,7 @@ from executor.events import ProgressUpdate
 from executor.mailbox.broker import MailboxBroker
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Channel, Route
+from executor.resultrows import BatchRows, TaskRows
 from executor.rpc.session import TaskSession
 from executor.testing import InMemoryTransport, LocalModeller
 from executor.v1 import sandbox_pb2 as pb
@@ -73,6 +76,12 @@ class SessionKit:
     task_id: str
     progress: list[ProgressUpdate] = field(default_factory=list)
     finish_calls: list[None] = field(default_factory=list)
+    rows: BatchRows | None = None
+    stored: list[str] = field(default_factory=list)
+
+    def saved(self) -> list[dict[str, Any]]:
+        """The result rows the session handed on, in order, parsed."""
+        return [json.loads(text) for text in self.stored]
 
 
 @pytest.fixture
@@ -91,6 +100,7 @@ def make_session(tmp_path: Path) -> Iterator[Callable[..., SessionKit]]:
         on_progress: Callable[[ProgressUpdate], None] | None = None,
         channel: Channel | None = None,
         data_dir: Path | None = None,
+        task_rows: TaskRows | None = None,
     ) -> SessionKit:
         n = next(counter)
         spool = tmp_path / f"transport-{n}"
@@ -112,6 +122,11 @@ def make_session(tmp_path: Path) -> Iterator[Callable[..., SessionKit]]:
         )
         progress: list[ProgressUpdate] = []
         finish_calls: list[None] = []
+        # Rows go where a test can see them, past the per-batch caps only (unless it brings its own).
+        stored: list[str] = []
+        if task_rows is None:
+            task_rows = TaskRows(max_rows=10**9, max_bytes=10**12, store=lambda _, rows: stored.extend(rows))
+        rows = task_rows.batch(1)
 
         def record(update: ProgressUpdate) -> None:
             progress.append(update)
@@ -126,11 +141,12 @@ def make_session(tmp_path: Path) -> Iterator[Callable[..., SessionKit]]:
             on_progress=record,
             on_finish=lambda: finish_calls.append(None),
             data_dir=data_dir,
+            rows=rows,
         )
         cleanups.append(broker.close)
         cleanups.append(modeller.close)
         cleanups.append(transport.close)
-        return SessionKit(session, modeller, transport, broker, task_id, progress, finish_calls)
+        return SessionKit(session, modeller, transport, broker, task_id, progress, finish_calls, rows, stored)
 
     yield make
     for cleanup in reversed(cleanups):

@@ -35,20 +35,24 @@ def start(task_id: str, *, project: str = PROJECT, task_hash: str = "h1", minute
     )
 
 
-def commit(task_id: str, *, task_hash: str = "h1", rows=(), failed=()) -> BatchCommit:
-    return BatchCommit(
-        task_id=task_id,
-        project=PROJECT,
-        task_hash=task_hash,
-        batch=1,
-        total_batches=1,
-        rows=list(rows),
-        processed=[],
-        failed=[(FileStamp(name, 1, 1), reason) for name, reason in failed],
-        record_processed=True,
-        started_at=T0,
-        ended_at=T0 + timedelta(seconds=3),
-        stats={},
+def save(db: ProjectDatabase, task_id: str, *, task_hash: str = "h1", rows=(), failed=()) -> None:
+    """Stage a batch's rows, as the executor does while it runs, then commit it."""
+    if rows:
+        db.stage_rows(task_id, 1, [json.dumps(row) for row in rows])
+    db.commit_batch(
+        BatchCommit(
+            task_id=task_id,
+            project=PROJECT,
+            task_hash=task_hash,
+            batch=1,
+            total_batches=1,
+            processed=[],
+            failed=[(FileStamp(name, 1, 1), reason) for name, reason in failed],
+            record_processed=True,
+            started_at=T0,
+            ended_at=T0 + timedelta(seconds=3),
+            stats={},
+        )
     )
 
 
@@ -64,12 +68,11 @@ def db_path(tmp_path: Path) -> Path:
     path = tmp_path / "pod.db"
     db = ProjectDatabase(path)
     db.start_task(start("t1"))
-    db.commit_batch(
-        commit(
-            "t1",
-            rows=[{"file": "a.csv", "mean": 1.5}, {"file": "b.csv", "mean": None}],
-            failed=[("c.csv", "bad header")],
-        )
+    save(
+        db,
+        "t1",
+        rows=[{"file": "a.csv", "mean": 1.5}, {"file": "b.csv", "mean": None}],
+        failed=[("c.csv", "bad header")],
     )
     db.end_task(
         TaskEnd(
@@ -85,7 +88,7 @@ def db_path(tmp_path: Path) -> Path:
         )
     )
     db.start_task(start("t2", task_hash="h2", minute=1))
-    db.commit_batch(commit("t2", task_hash="h2", rows=[{"file": "d.csv", "mean": 2}]))
+    save(db, "t2", task_hash="h2", rows=[{"file": "d.csv", "mean": 2}])
     db.start_task(start("t3", project="cardiology", minute=2))
     return path
 
@@ -144,7 +147,7 @@ def test_rows_with_too_many_keys_show_as_json(tmp_path: Path, capsys, wide) -> N
     path = tmp_path / "pod.db"
     db = ProjectDatabase(path)
     db.start_task(start("t1"))
-    db.commit_batch(commit("t1", rows=[{f"k{i}": i for i in range(12)}]))
+    save(db, "t1", rows=[{f"k{i}": i for i in range(12)}])
     results_command(path, PROJECT, None, False)
     out = capsys.readouterr().out
     assert '"k0": 0' in out
@@ -247,7 +250,7 @@ def test_text_from_the_database_is_escaped_never_markup(tmp_path: Path, capsys, 
     path = tmp_path / "pod.db"
     db = ProjectDatabase(path)
     db.start_task(start("t1"))
-    db.commit_batch(commit("t1", rows=[{"note": HOSTILE}], failed=[("evil.csv", HOSTILE)]))
+    save(db, "t1", rows=[{"note": HOSTILE}], failed=[("evil.csv", HOSTILE)])
     db.end_task(
         TaskEnd(
             task_id="t1",

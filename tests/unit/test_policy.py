@@ -307,3 +307,25 @@ def test_bad_preload_lists_are_refused_in_one_line(preload, message):
     with pytest.raises(PolicyError, match=message) as info:
         IsolationPolicy(preload=preload)
     assert "\n" not in str(info.value)
+
+
+def test_result_rows_per_task_default_to_half_a_million_and_64_mib():
+    p = IsolationPolicy()
+    assert (p.max_rows, p.max_rows_mb, p.max_rows_bytes) == (500_000, 64, 64 * 1024 * 1024)
+    assert IsolationPolicy(max_rows=1, max_rows_mb=1).max_rows_bytes == 1024 * 1024
+    assert IsolationPolicy(max_rows=100_000_000, max_rows_mb=65_536).max_rows == 100_000_000
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("max_rows", 0), ("max_rows", 100_000_001), ("max_rows_mb", 0), ("max_rows_mb", 65_537)],
+)
+def test_result_rows_per_task_out_of_range_are_refused(key, value):
+    with pytest.raises(PolicyError, match=rf"^{key}: expected a value from 1 to "):
+        IsolationPolicy(**{key: value})
+
+
+@pytest.mark.parametrize("key", ["max_rows", "max_rows_mb"])
+def test_result_rows_per_task_must_be_whole_numbers(key):
+    with pytest.raises(PolicyError, match=rf"^{key}: expected an integer, got 1.5"):
+        IsolationPolicy(**{key: 1.5})

@@ -196,3 +196,17 @@ def test_a_pinned_uid_inherited_from_default_refuses_a_project_warm_pool(tmp_pat
     path = _write(tmp_path, "[default]\nuid = 10001\n\n[projects.fast]\nwarm_pool = 1\n")
     with pytest.raises(PolicyError, match=r"\[projects\.fast\] warm_pool: .*pinned to 10001"):
         load_policy_file(path)
+
+
+def test_result_rows_per_task_load_from_a_file_and_show(tmp_path, capsys):
+    path = tmp_path / "policy.toml"
+    path.write_text("[default]\nmax_rows = 1000\n\n[projects.big]\nmax_rows_mb = 512\n")
+    policies = load_policy_file(path)
+    assert (policies.default.max_rows, policies.default.max_rows_mb) == (1000, 64)
+    assert (policies.for_project("big").max_rows, policies.for_project("big").max_rows_mb) == (1000, 512)
+    assert main(["policy", "show", str(path), "--project", "big"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["max_rows"], shown["max_rows_mb"]) == (1000, 512)
+    path.write_text("[default]\nmax_rows_mb = 0.5\n")
+    with pytest.raises(PolicyError, match=r"\[default\] max_rows_mb: expected an integer, got 0.5"):
+        load_policy_file(path)

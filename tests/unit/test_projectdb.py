@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sqlite3
@@ -76,7 +77,6 @@ def commit(task_id: str, batch: int = 1, *, total: int = 2, task_hash: str = HAS
         "task_hash": task_hash,
         "batch": batch,
         "total_batches": total,
-        "rows": [],
         "processed": [],
         "failed": [],
         "record_processed": True,
@@ -86,6 +86,13 @@ def commit(task_id: str, batch: int = 1, *, total: int = 2, task_hash: str = HAS
     }
     fields.update(kw)
     return BatchCommit(**fields)
+
+
+def save(db: ProjectDatabase, task_id: str, batch: int = 1, *, rows=(), **kw) -> None:
+    """What the executor does with a batch: stage its rows as they come, then commit it."""
+    if rows:
+        db.stage_rows(task_id, batch, [json.dumps(row, allow_nan=False) for row in rows])
+    db.commit_batch(commit(task_id, batch, **kw))
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
@@ -230,17 +237,16 @@ def test_tasks_are_listed_newest_first_by_project_and_limit(db: ProjectDatabase)
 
 def test_a_batch_commits_rows_files_its_batch_row_and_progress(db: ProjectDatabase, db_path: Path) -> None:
     db.start_task(start("t1"))
-    db.commit_batch(
-        commit(
-            "t1",
-            1,
-            rows=[{"file": "a.csv", "mean": 1.5}, {"file": "b.csv", "mean": None}],
-            processed=[stamp("a.csv", 10, 100), stamp("b.csv", 20, 200)],
-            failed=[(stamp("c.csv"), "malformed header")],
-            stats={"files": 3, "duration_s": 0.5},
-        )
+    save(
+        db,
+        "t1",
+        1,
+        rows=[{"file": "a.csv", "mean": 1.5}, {"file": "b.csv", "mean": None}],
+        processed=[stamp("a.csv", 10, 100), stamp("b.csv", 20, 200)],
+        failed=[(stamp("c.csv"), "malformed header")],
+        stats={"files": 3, "duration_s": 0.5},
     )
-    db.commit_batch(commit("t1", 2, rows=[{"file": "d.csv", "mean": 2}], processed=[stamp("d.csv")]))
+    save(db, "t1", 2, rows=[{"file": "d.csv", "mean": 2}], processed=[stamp("d.csv")])
 
     results = db.results(PROJECT)
     assert [(r.task_id, r.task_hash, r.batch, r.row) for r in results] == [
@@ -306,15 +312,14 @@ def test_a_test_run_records_no_processed_files(db: ProjectDatabase) -> None:
     db.start_task(start("t1"))
     db.commit_batch(commit("t1", 1, failed=[(stamp("x.csv"), "broken")]))
     db.start_task(start("test", minute=1, test_run=True))
-    db.commit_batch(
-        commit(
-            "test",
-            1,
-            rows=[{"n": 1}],
-            processed=[stamp("x.csv"), stamp("y.csv")],
-            failed=[(stamp("z.csv"), "empty")],
-            record_processed=False,
-        )
+    save(
+        db,
+        "test",
+        1,
+        rows=[{"n": 1}],
+        processed=[stamp("x.csv"), stamp("y.csv")],
+        failed=[(stamp("z.csv"), "empty")],
+        record_processed=False,
     )
     states = db.file_states(PROJECT, HASH)
     assert states.processed == {}
@@ -329,23 +334,17 @@ def test_a_batch_that_did_not_end_ok_keeps_its_failed_files_only(db: ProjectData
     assert db.file_states(PROJECT, HASH).failed == {"b.csv": ("crashed", 1)}
     assert db.tasks()[0].batches_done == 1
     assert scalar(db_path, "SELECT count(*) FROM batches") == 1
-    with pytest.raises(ValueError, match="neither rows nor processed"):
-        commit("t1", 2, rows=[{"n": 1}], record_processed=False, ok=False)
+    with pytest.raises(ValueError, match="commits no processed files"):
+        commit("t1", 2, processed=[stamp("c.csv")], record_processed=False, ok=False)
 
 
 def test_a_commit_that_fails_mid_way_stores_nothing_of_the_batch(db: ProjectDatabase) -> None:
     db.start_task(start("t1"))
-    db.commit_batch(commit("t1", 1, rows=[{"n": 1}], processed=[stamp("a.csv")]))
+    save(db, "t1", 1, rows=[{"n": 1}], processed=[stamp("a.csv")])
     before = (db.results(PROJECT), db.file_states(PROJECT, HASH), db.tasks())
-    # Its rows and files are written before the batch row, which then
-    # collides with the batch already committed.
-    again = commit(
-        "t1",
-        1,
-        rows=[{"n": 2}, {"n": 3}],
-        processed=[stamp("b.csv")],
-        failed=[(stamp("a.csv"), "late failure")],
-    )
+    # Its files are written before the batch row, which then collides with
+    # the batch already committed.
+    again = commit("t1", 1, processed=[stamp("b.csv")], failed=[(stamp("a.csv"), "late failure")])
     with pytest.raises(ProjectDatabaseError, match=r"cannot commit batch 1 of task t1 .*UNIQUE constraint"):
         db.commit_batch(again)
     assert (db.results(PROJECT), db.file_states(PROJECT, HASH), db.tasks()) == before
@@ -353,15 +352,18 @@ def test_a_commit_that_fails_mid_way_stores_nothing_of_the_batch(db: ProjectData
 
 def test_a_commit_for_a_task_never_started_is_refused(db: ProjectDatabase) -> None:
     with pytest.raises(ProjectDatabaseError, match="FOREIGN KEY"):
-        db.commit_batch(commit("ghost", 1, rows=[{"n": 1}], processed=[stamp("a.csv")]))
+        save(db, "ghost", 1, processed=[stamp("a.csv")])
+    with pytest.raises(ProjectDatabaseError, match="task ghost is not running"):
+        db.stage_rows("ghost", 1, ['{"n": 1}'])
     assert db.results(PROJECT) == []
     assert db.file_states(PROJECT, HASH).processed == {}
 
 
-def test_a_row_that_is_not_json_is_refused_before_writing(db: ProjectDatabase) -> None:
+def test_statistics_that_are_not_json_are_refused_before_writing(db: ProjectDatabase) -> None:
     db.start_task(start("t1"))
+    db.stage_rows("t1", 1, ['{"n": 1}'])
     with pytest.raises(ProjectDatabaseError, match="not JSON"):
-        db.commit_batch(commit("t1", 1, rows=[{"n": 1}, {"n": float("nan")}]))
+        db.commit_batch(commit("t1", 1, stats={"mean": float("nan")}))
     assert db.results(PROJECT) == []
     assert db.tasks()[0].batches_done == 0
 
@@ -369,9 +371,9 @@ def test_a_row_that_is_not_json_is_refused_before_writing(db: ProjectDatabase) -
 def test_results_filter_by_task_hash_and_limit(db: ProjectDatabase) -> None:
     db.start_task(start("t1"))
     db.start_task(start("t2", task_hash="hash-2", minute=1))
-    db.commit_batch(commit("t1", 1, rows=[{"n": 1}, {"n": 2}]))
-    db.commit_batch(commit("t2", 1, task_hash="hash-2", rows=[{"n": 3}]))
-    db.commit_batch(commit("t1", 2, rows=[{"n": 4}]))
+    save(db, "t1", 1, rows=[{"n": 1}, {"n": 2}])
+    save(db, "t2", 1, task_hash="hash-2", rows=[{"n": 3}])
+    save(db, "t1", 2, rows=[{"n": 4}])
     assert [r.row["n"] for r in db.results(PROJECT)] == [1, 2, 3, 4]
     assert [r.row["n"] for r in db.results(PROJECT, HASH)] == [1, 2, 4]
     assert [r.row["n"] for r in db.results(PROJECT, "hash-2")] == [3]
@@ -401,14 +403,13 @@ def write_task(path: str, task_id: str) -> None:
     db = ProjectDatabase(Path(path), busy_timeout_s=60)
     db.start_task(start(task_id, total_batches=BATCHES))
     for b in range(1, BATCHES + 1):
-        db.commit_batch(
-            commit(
-                task_id,
-                b,
-                total=BATCHES,
-                rows=[{"task": task_id, "batch": b, "i": i} for i in range(ROWS)],
-                processed=[stamp(f"{task_id}/{b}-{k}.csv") for k in range(2)] + [stamp("shared.csv", b, b)],
-            )
+        save(
+            db,
+            task_id,
+            b,
+            total=BATCHES,
+            rows=[{"task": task_id, "batch": b, "i": i} for i in range(ROWS)],
+            processed=[stamp(f"{task_id}/{b}-{k}.csv") for k in range(2)] + [stamp("shared.csv", b, b)],
         )
 
 
@@ -512,8 +513,9 @@ def columns(path: Path, table: str) -> set[str]:
 def test_a_version_1_database_is_upgraded_keeping_its_data(db_path: Path) -> None:
     make_version_1(db_path)
     db = ProjectDatabase(db_path)
-    assert scalar(db_path, "PRAGMA user_version") == SCHEMA_VERSION == 4
+    assert scalar(db_path, "PRAGMA user_version") == SCHEMA_VERSION
     assert "owner" in columns(db_path, "tasks")  # version 3, on top of 2
+    assert {"pending", "size"} <= columns(db_path, "results")  # streamed result rows
     by_id = {t.task_id: t for t in db.tasks("p")}
     assert (by_id["v1-ok"].total_batches, by_id["v1-ok"].batches_done, by_id["v1-ok"].log_tail) == (1, 1, "")
     assert by_id["v1-ok"].log_format == 0  # version 4: older tails are unmarked
@@ -526,10 +528,8 @@ def test_a_version_1_database_is_upgraded_keeping_its_data(db_path: Path) -> Non
     assert states.failed == {"b.csv": ("bad", 2)}
     # And it works as a current database from here on.
     db.start_task(start("v2", project="p", task_hash="h", total_batches=1))
-    db.commit_batch(
-        commit(
-            "v2", 1, total=1, task_hash="h", project="p", rows=[{"x": 2}], failed=[(stamp("b.csv"), "worse")]
-        )
+    save(
+        db, "v2", 1, total=1, task_hash="h", project="p", rows=[{"x": 2}], failed=[(stamp("b.csv"), "worse")]
     )
     assert db.file_states("p", "h").failed == {"b.csv": ("worse", 3)}
     assert [r.row for r in db.results("p", "h")] == [{"x": 1}, {"x": 2}]
@@ -591,7 +591,7 @@ def _mangled_page(path: Path) -> None:
 def test_a_file_that_is_not_a_usable_database_is_refused_and_untouched(db_path: Path, damage) -> None:
     db = ProjectDatabase(db_path)
     db.start_task(start("t1", total_batches=1))
-    db.commit_batch(commit("t1", 1, total=1, rows=[{"n": i, "pad": "x" * 200} for i in range(2000)]))
+    save(db, "t1", 1, total=1, rows=[{"n": i, "pad": "x" * 200} for i in range(2000)])
     damage(db_path)
     before = snapshot(db_path.parent)
     with pytest.raises(ProjectDatabaseError, match=r"pod\.db is not a usable project database: ") as info:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -26,6 +27,8 @@ import grpc
 import pytest
 
 from executor import resultrows
+from executor.errors import ProjectDatabaseError
+from executor.resultrows import TaskRows
 from executor.rpc import session as session_module
 from executor.rpc.limits import RATE_BURST, RATE_LIMITED, RATE_PER_S, ROWS_PER_TOKEN, CallLimiter
 from executor.rpc.server import TaskServer
@@ -78,10 +81,11 @@ def _row_of_bytes(size: int, **extra: Any) -> str:
 
 
 def test_rows_are_kept_in_order_across_calls_with_their_types(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     session.save_results(['{"file": "a.csv", "n": 3, "mean": 1.5, "ok": true, "note": null}'])
     session.save_results(['{"file": "b.csv", "n": -7}', '{"file": "c.csv", "mean": 1E2}'])
-    rows = session.saved_results()
+    rows = kit.saved()
     assert rows == [
         {"file": "a.csv", "n": 3, "mean": 1.5, "ok": True, "note": None},
         {"file": "b.csv", "n": -7},
@@ -91,13 +95,28 @@ def test_rows_are_kept_in_order_across_calls_with_their_types(make_session):
     assert list(rows[0]) == ["file", "n", "mean", "ok", "note"], "column order is kept"
 
 
-def test_saved_results_is_a_copy_the_caller_may_change(make_session):
-    session = make_session().session
-    session.save_results(['{"a": 1}'])
-    first = session.saved_results()
-    first[0]["a"] = 99
-    first.append({"forged": True})
-    assert session.saved_results() == [{"a": 1}]
+def test_a_calls_rows_are_handed_on_before_it_returns_and_the_session_keeps_none(make_session):
+    # Finding 3 of the third red team: every row of a batch was held in the parent
+    # (~0.9 GiB for 32 MiB of rows). Made to fail by keeping each call's texts in
+    # the session (a list that grows): the traced peak then passes the bound.
+    stored: list[list[str]] = []
+    kit = make_session(
+        task_rows=TaskRows(max_rows=10**6, max_bytes=10**9, store=lambda _, rows: stored.append(rows))
+    )
+    kit.session.save_results(['{"a": 1}'])
+    assert stored == [['{"a": 1}']], "the call's row has not reached the store before the call returned"
+    size = MAX_ROWS_BYTES_PER_CALL // 16 - 8
+    tracemalloc.start()
+    try:
+        for n in range(resultrows.MAX_ROWS_BYTES_PER_BATCH // MAX_ROWS_BYTES_PER_CALL - 1):
+            # Fresh texts for each call, as each request brings: about 1 MiB a call.
+            kit.session.save_results([_row_of_bytes(size, i=n * 16 + i) for i in range(16)])
+            stored.clear()  # the store took them (the project database keeps them on disk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kit.rows is not None and kit.rows.bytes > 30 * MAX_ROWS_BYTES_PER_CALL
+    assert peak < 8 * MAX_ROWS_BYTES_PER_CALL, f"{peak / 2**20:.1f} MiB held while saving 31 MiB of rows"
 
 
 @pytest.mark.parametrize(
@@ -122,9 +141,10 @@ def test_saved_results_is_a_copy_the_caller_may_change(make_session):
     ],
 )
 def test_every_json_scalar_is_accepted(make_session, text, expected):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     session.save_results([text])
-    assert session.saved_results() == [expected if expected is not None else json.loads(text)]
+    assert kit.saved() == [expected if expected is not None else json.loads(text)]
 
 
 # -- the session: every refusal class --------------------------------------------------------
@@ -167,50 +187,56 @@ BAD_ROWS = {
 @pytest.mark.parametrize("case", sorted(BAD_ROWS))
 def test_a_row_that_is_not_one_flat_object_of_scalars_is_refused(make_session, case):
     text, why = BAD_ROWS[case]
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     message = _rejected("INVALID_ARGUMENT", session.save_results, [text])
     assert message.startswith("result row 0 "), message
     assert why in message
     assert len(message) < 200, "the public message never echoes the row"
-    assert session.saved_results() == []
+    assert kit.saved() == []
 
 
 def test_a_call_is_kept_whole_or_not_at_all(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     session.save_results(['{"kept": 1}'])
     good = [json.dumps({"i": i}) for i in range(MAX_ROWS_PER_CALL - 1)]
     message = _rejected("INVALID_ARGUMENT", session.save_results, [*good, '{"i": [999]}'])
     assert message.startswith(f"result row {MAX_ROWS_PER_CALL - 1} "), "the message names the bad row"
-    assert session.saved_results() == [{"kept": 1}]
+    assert kit.saved() == [{"kept": 1}]
 
 
 def test_a_lone_surrogate_from_a_direct_caller_is_refused(make_session):
     # protobuf refuses such a string on the wire; a caller in the parent might not.
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     message = _rejected("INVALID_ARGUMENT", session.save_results, ['{"a": 1}', '{"a": "\ud800"}'])
     assert message == "result row 1 holds a lone surrogate"
-    assert session.saved_results() == []
+    assert kit.saved() == []
 
 
 def test_rows_after_the_finish_are_refused(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     session.save_results(['{"before": 1}'])
     _finish(session)
     message = _rejected("FAILED_PRECONDITION", session.save_results, ['{"after": 1}'])
     assert message == "the task has already finished"
     # What came before the finish is still there for the parent to commit.
-    assert session.saved_results() == [{"before": 1}]
+    assert kit.saved() == [{"before": 1}]
 
 
 def test_rows_after_the_parent_ended_the_task_are_refused(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     assert session.end_for_abuse("RpcAbuse", "kept calling")
     _rejected("FAILED_PRECONDITION", session.save_results, ['{"a": 1}'])
-    assert session.saved_results() == []
+    assert kit.saved() == []
 
 
 def test_a_finish_that_lands_while_rows_are_checked_refuses_them(make_session, monkeypatch):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     check = session_module.check_row
 
     def finish_midway(text: str) -> None:
@@ -220,7 +246,7 @@ def test_a_finish_that_lands_while_rows_are_checked_refuses_them(make_session, m
 
     monkeypatch.setattr(session_module, "check_row", finish_midway)
     _rejected("FAILED_PRECONDITION", session.save_results, ['{"a": 1}', '{"a": 2}'])
-    assert session.saved_results() == []
+    assert kit.saved() == []
 
 
 # -- the session: caps exactly at and just beyond ---------------------------------------------
@@ -233,8 +259,8 @@ def test_result_row_caps_are_pinned():
     assert MAX_ROW_BYTES == 64 * 1024
     assert MAX_COLUMNS == 256
     assert MAX_COLUMN_NAME_CHARS == 128
-    assert resultrows.MAX_ROWS_PER_TASK == 100_000
-    assert resultrows.MAX_RESULT_ROWS_BYTES_PER_TASK == 32 * 1024 * 1024
+    assert resultrows.MAX_ROWS_PER_BATCH == 100_000
+    assert resultrows.MAX_ROWS_BYTES_PER_BATCH == 32 * 1024 * 1024
     # Parent and child enforce the same objects, not copies.
     assert (
         resultrows.MAX_ROWS_PER_CALL is session_module.MAX_ROWS_PER_CALL is context_module.MAX_ROWS_PER_CALL
@@ -243,17 +269,19 @@ def test_result_row_caps_are_pinned():
 
 
 def test_rows_per_call(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     _rejected("INVALID_ARGUMENT", session.save_results, [])
     rows = ['{"a": 1}'] * MAX_ROWS_PER_CALL
     message = _rejected("INVALID_ARGUMENT", session.save_results, [*rows, '{"a": 1}'])
     assert message == f"expected 1 to {MAX_ROWS_PER_CALL} result rows"
     session.save_results(rows)
-    assert len(session.saved_results()) == MAX_ROWS_PER_CALL
+    assert len(kit.saved()) == MAX_ROWS_PER_CALL
 
 
 def test_bytes_per_row_count_utf8_bytes_not_characters(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     session.save_results([_row_of_bytes(MAX_ROW_BYTES)])
     message = _rejected("INVALID_ARGUMENT", session.save_results, [_row_of_bytes(MAX_ROW_BYTES + 1)])
     assert message == f"result row 0 is {MAX_ROW_BYTES + 1} bytes; the limit is {MAX_ROW_BYTES}"
@@ -261,71 +289,77 @@ def test_bytes_per_row_count_utf8_bytes_not_characters(make_session):
     wide = '{"a": "' + "é" * (MAX_ROW_BYTES // 2) + '"}'
     assert len(wide) < MAX_ROW_BYTES < len(wide.encode())
     _rejected("INVALID_ARGUMENT", session.save_results, [wide])
-    assert len(session.saved_results()) == 1
+    assert len(kit.saved()) == 1
 
 
 def test_bytes_per_call(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     per_call = MAX_ROWS_BYTES_PER_CALL // MAX_ROW_BYTES
     full = [_row_of_bytes(MAX_ROW_BYTES)] * per_call
     session.save_results(full)
     message = _rejected("INVALID_ARGUMENT", session.save_results, [*full, '{"a": 1}'])
     assert message == f"result rows of one call may hold at most {MAX_ROWS_BYTES_PER_CALL} bytes"
-    assert len(session.saved_results()) == per_call
+    assert len(kit.saved()) == per_call
 
 
 def test_columns_per_row(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     session.save_results([json.dumps({f"c{i}": i for i in range(MAX_COLUMNS)})])
     message = _rejected(
         "INVALID_ARGUMENT", session.save_results, [json.dumps({f"c{i}": i for i in range(MAX_COLUMNS + 1)})]
     )
     assert message == f"result row 0 must have 1 to {MAX_COLUMNS} columns"
-    assert len(session.saved_results()[0]) == MAX_COLUMNS
+    assert len(kit.saved()[0]) == MAX_COLUMNS
 
 
 def test_column_name_characters(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     longest = "é" * MAX_COLUMN_NAME_CHARS  # characters, not bytes
     session.save_results([json.dumps({longest: 1})])
     _rejected("INVALID_ARGUMENT", session.save_results, [json.dumps({longest + "é": 1})])
-    assert session.saved_results() == [{longest: 1}]
+    assert kit.saved() == [{longest: 1}]
 
 
 def test_rows_per_task(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     call = ['{"a": 1}'] * MAX_ROWS_PER_CALL
-    for _ in range(resultrows.MAX_ROWS_PER_TASK // MAX_ROWS_PER_CALL - 1):
+    for _ in range(resultrows.MAX_ROWS_PER_BATCH // MAX_ROWS_PER_CALL - 1):
         session.save_results(call)
     session.save_results(call[:-1])
     # One short of the cap: a call of two is refused whole, a call of one fits it exactly.
     message = _rejected("RESOURCE_EXHAUSTED", session.save_results, ['{"a": 2}', '{"a": 3}'])
-    assert message == f"at most {resultrows.MAX_ROWS_PER_TASK} result rows per task (99999 saved already)"
+    assert message == f"at most {resultrows.MAX_ROWS_PER_BATCH} result rows per batch (99999 saved already)"
     session.save_results(['{"last": true}'])
     _rejected("RESOURCE_EXHAUSTED", session.save_results, ['{"a": 4}'])
-    rows = session.saved_results()
-    assert len(rows) == resultrows.MAX_ROWS_PER_TASK
+    rows = kit.saved()
+    assert len(rows) == resultrows.MAX_ROWS_PER_BATCH
     assert rows[-1] == {"last": True}
 
 
 def test_bytes_per_task(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     full = [_row_of_bytes(MAX_ROW_BYTES)] * (MAX_ROWS_BYTES_PER_CALL // MAX_ROW_BYTES)
-    for _ in range(resultrows.MAX_RESULT_ROWS_BYTES_PER_TASK // MAX_ROWS_BYTES_PER_CALL - 1):
+    for _ in range(resultrows.MAX_ROWS_BYTES_PER_BATCH // MAX_ROWS_BYTES_PER_CALL - 1):
         session.save_results(full)
     session.save_results([*full[:-1], _row_of_bytes(MAX_ROW_BYTES - 9)])
     # 9 bytes left: a 10-byte row is refused, a 9-byte row fills the budget exactly.
     message = _rejected("RESOURCE_EXHAUSTED", session.save_results, ['{"ab": 12}'])
-    assert message.startswith(f"at most {resultrows.MAX_RESULT_ROWS_BYTES_PER_TASK} bytes of result rows")
+    assert message.startswith(f"at most {resultrows.MAX_ROWS_BYTES_PER_BATCH} bytes of result rows")
     session.save_results(['{"a": 12}'])
     _rejected("RESOURCE_EXHAUSTED", session.save_results, ["{}"])  # refused before it is parsed
-    assert session._results.bytes == resultrows.MAX_RESULT_ROWS_BYTES_PER_TASK
-    assert session.saved_results()[-1] == {"a": 12}
+    assert kit.rows is not None and kit.rows.bytes == resultrows.MAX_ROWS_BYTES_PER_BATCH
+    assert kit.saved()[-1] == {"a": 12}
 
 
 def test_concurrent_calls_never_pass_the_task_cap(make_session, monkeypatch):
-    monkeypatch.setattr(resultrows, "MAX_ROWS_PER_TASK", 2500)
-    session = make_session().session
+    monkeypatch.setattr(resultrows, "MAX_ROWS_PER_BATCH", 2500)
+    kit = make_session()
+    session = kit.session
     session.save_results(['{"a": 0}'] * 1000)
     outcomes: list[str] = []
     start = threading.Barrier(4)
@@ -344,7 +378,7 @@ def test_concurrent_calls_never_pass_the_task_cap(make_session, monkeypatch):
     for thread in threads:
         thread.join(RPC_TIMEOUT)
     assert sorted(outcomes) == ["RESOURCE_EXHAUSTED"] * 3 + ["kept"]
-    assert len(session.saved_results()) == 2000
+    assert len(kit.saved()) == 2000
 
 
 # -- the servicer through a real server on a Unix socket ---------------------------------------
@@ -354,6 +388,7 @@ def test_concurrent_calls_never_pass_the_task_cap(make_session, monkeypatch):
 class Served:
     """A task server for a session, a raw stub and a protocol's ctx on it."""
 
+    kit: SessionKit
     session: TaskSession
     server: TaskServer
     stub: pb_grpc.SandboxStub
@@ -380,7 +415,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
         auth = ((TOKEN_METADATA_KEY, token),)
         client = ParentClient(stub, auth)
         ctx = Context(pb.TaskConfig(task_id=kit.task_id, chunk_bytes=1024), client, tmp_path / "scratch")
-        return Served(kit.session, server, stub, auth, ctx, client)
+        return Served(kit, kit.session, server, stub, auth, ctx, client)
 
     yield make
     for cleanup in reversed(cleanups):
@@ -397,7 +432,7 @@ def test_save_results_over_the_wire(make_session, serve):
     s = serve(make_session())
     rows = pb.ResultRows(rows_json=['{"file": "a.csv", "n": 1}', '{"file": "b.csv", "n": 2}'])
     assert s.stub.SaveResults(rows, metadata=s.auth, timeout=RPC_TIMEOUT) == pb.Ack()
-    assert s.session.saved_results() == [{"file": "a.csv", "n": 1}, {"file": "b.csv", "n": 2}]
+    assert s.kit.saved() == [{"file": "a.csv", "n": 1}, {"file": "b.csv", "n": 2}]
 
 
 def test_refusals_over_the_wire_carry_their_code_and_reason(make_session, serve):
@@ -421,7 +456,7 @@ def test_refusals_over_the_wire_carry_their_code_and_reason(make_session, serve)
     assert code is grpc.StatusCode.UNAUTHENTICATED
     _finish(s.session)
     assert save('{"a": 1}') == (grpc.StatusCode.FAILED_PRECONDITION, "the task has already finished")
-    assert s.session.saved_results() == []
+    assert s.kit.saved() == []
 
 
 def test_a_call_larger_than_the_message_cap_is_refused_and_the_server_still_answers(make_session, serve):
@@ -438,7 +473,7 @@ def test_a_call_larger_than_the_message_cap_is_refused_and_the_server_still_answ
         rows_json=[_row_of_bytes(MAX_ROWS_BYTES_PER_CALL // MAX_ROWS_PER_CALL)] * MAX_ROWS_PER_CALL
     )
     s.stub.SaveResults(many, metadata=s.auth, timeout=RPC_TIMEOUT)
-    assert len(s.session.saved_results()) == len(full.rows_json) + MAX_ROWS_PER_CALL
+    assert len(s.kit.saved()) == len(full.rows_json) + MAX_ROWS_PER_CALL
 
 
 class _Aborted(Exception):
@@ -459,7 +494,8 @@ class _RecordingContext:
 
 
 def test_rows_are_charged_to_the_task_per_ten(make_session):
-    session = make_session().session
+    kit = make_session()
+    session = kit.session
     servicer = SandboxServicer(session, CallLimiter(rate_per_s=0.001, burst=150))
     rows = pb.ResultRows(rows_json=['{"a": 1}'] * MAX_ROWS_PER_CALL)
     assert MAX_ROWS_PER_CALL // ROWS_PER_TOKEN <= 150 < 2 * (MAX_ROWS_PER_CALL // ROWS_PER_TOKEN)
@@ -469,7 +505,7 @@ def test_rows_are_charged_to_the_task_per_ten(make_session):
         servicer.SaveResults(rows, context)  # type: ignore[arg-type]
     assert (context.code, context.details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED)
     assert context.trailers == ((RATE_LIMITED_TRAILER, "1"),)
-    assert len(session.saved_results()) == MAX_ROWS_PER_CALL, "the refused call kept nothing"
+    assert len(kit.saved()) == MAX_ROWS_PER_CALL, "the refused call kept nothing"
 
 
 def test_a_task_saving_its_whole_row_cap_is_slowed_at_most_never_refused():
@@ -484,7 +520,7 @@ def test_a_task_saving_its_whole_row_cap_is_slowed_at_most_never_refused():
         delay = min(delay * 2, 0.5)
     assert call_cost / RATE_PER_S < backoff / 4
     # The whole task cap in full calls: seconds of budget, not a rate kill.
-    whole = resultrows.MAX_ROWS_PER_TASK // MAX_ROWS_PER_CALL * call_cost
+    whole = resultrows.MAX_ROWS_PER_BATCH // MAX_ROWS_PER_CALL * call_cost
     assert (whole - RATE_BURST) / RATE_PER_S < 10
 
 
@@ -499,7 +535,7 @@ def test_ctx_rows_reach_the_session_with_their_types(make_session, serve):
     ]
     s.ctx.save_results(rows)
     s.ctx.save_results(iter([{"generated": i} for i in range(3)]))
-    assert s.session.saved_results() == [*rows, {"generated": 0}, {"generated": 1}, {"generated": 2}]
+    assert s.kit.saved() == [*rows, {"generated": 0}, {"generated": 1}, {"generated": 2}]
 
 
 def test_ctx_splits_rows_into_calls_by_count_and_by_bytes(make_session, serve, monkeypatch):
@@ -522,7 +558,7 @@ def test_ctx_splits_rows_into_calls_by_count_and_by_bytes(make_session, serve, m
     assert calls == [(per_call, per_call * row_bytes)] * 2 + [
         (40 - 2 * per_call, (40 - 2 * per_call) * row_bytes)
     ]
-    saved = s.session.saved_results()
+    saved = s.kit.saved()
     assert [row["i"] for row in saved] == [*range(2 * MAX_ROWS_PER_CALL + 500), *range(10, 50)]
 
 
@@ -567,7 +603,7 @@ def test_ctx_refuses_a_bad_row_before_sending_anything(make_session, serve, case
     assert why in str(info.value)
     assert info.value.code == "", "refused locally, not by the parent"
     assert isinstance(info.value, ValueError) and isinstance(info.value, SandboxError)
-    assert s.session.saved_results() == []
+    assert s.kit.saved() == []
 
 
 def test_ctx_largest_row_is_accepted_by_the_parent(make_session, serve):
@@ -576,21 +612,21 @@ def test_ctx_largest_row_is_accepted_by_the_parent(make_session, serve):
     s.ctx.save_results([{"a": "x" * pad}])
     with pytest.raises(ReportRefused):
         s.ctx.save_results([{"a": "x" * (pad + 1)}])
-    assert s.session.saved_results() == [{"a": "x" * pad}]
+    assert s.kit.saved() == [{"a": "x" * pad}]
 
 
 def test_a_parent_refusal_is_a_report_refused_with_its_code_and_what_was_saved(
     make_session, serve, monkeypatch
 ):
-    monkeypatch.setattr(resultrows, "MAX_ROWS_PER_TASK", 1500)
+    monkeypatch.setattr(resultrows, "MAX_ROWS_PER_BATCH", 1500)
     s = serve(make_session())
     with pytest.raises(ReportRefused) as info:
         s.ctx.save_results({"i": i} for i in range(2500))
     assert info.value.code == "RESOURCE_EXHAUSTED"
-    assert "result rows 1000 to 1999 refused: at most 1500 result rows per task" in str(info.value)
+    assert "result rows 1000 to 1999 refused: at most 1500 result rows per batch" in str(info.value)
     assert "(1000 row(s) of this call saved before them)" in str(info.value)
     assert info.value.__cause__ is None and info.value.__suppress_context__
-    assert len(s.session.saved_results()) == 1000
+    assert len(s.kit.saved()) == 1000
     _finish(s.session)
     with pytest.raises(ReportRefused) as info:
         s.ctx.save_results([{"late": True}])
@@ -612,7 +648,7 @@ def test_ctx_over_the_rate_cap_is_slowed_not_failed(make_session, serve):
     # must wait for the budget to refill (about 0.4 s at this rate).
     s = serve(make_session(), rate_per_s=200.0, burst=1 + MAX_ROWS_PER_CALL // ROWS_PER_TOKEN + 20)
     s.ctx.save_results({"i": i} for i in range(2 * MAX_ROWS_PER_CALL))
-    assert len(s.session.saved_results()) == 2 * MAX_ROWS_PER_CALL
+    assert len(s.kit.saved()) == 2 * MAX_ROWS_PER_CALL
     assert s.client.rate_limited > 0, "the cap was never reached: this test shows nothing"
     assert not s.session.finished.is_set(), "refused for rate, never ended for abuse"
 
@@ -663,10 +699,11 @@ def run(ctx):
 
 def test_a_protocols_rows_and_log_lines_reach_the_parent(make_session, make_protocol, tmp_path):
     bundle = make_protocol(PROTOCOL_ROWS_AND_LOGS)
-    session = make_session(config=runtime_config("task-1", bundle)).session
+    kit = make_session(config=runtime_config("task-1", bundle))
+    session = kit.session
     assert _run_runtime(session, tmp_path / "scratch", tmp_path / "stderr") == 0
     assert session.finish is not None and session.finish.result == "done", session.finish
-    assert session.saved_results() == [{"file": "a.csv", "n": 2}, {"file": "b.csv", "n": 5}]
+    assert kit.saved() == [{"file": "a.csv", "n": 2}, {"file": "b.csv", "n": 5}]
     lines = (tmp_path / "stderr").read_text().splitlines()
     # Logged at import too: logging is set up before protocol code is loaded.
     assert lines == ["INFO proto.stats: imported", "INFO root: saved 2 rows"], lines
@@ -687,7 +724,8 @@ def run(ctx):
 
 def test_a_protocol_that_configures_logging_gets_exactly_its_own(make_session, make_protocol, tmp_path):
     bundle = make_protocol(PROTOCOL_OWN_LOGGING)
-    session = make_session(config=runtime_config("task-1", bundle)).session
+    kit = make_session(config=runtime_config("task-1", bundle))
+    session = kit.session
     assert _run_runtime(session, tmp_path / "scratch", tmp_path / "stderr") == 0
     assert session.finish is not None and session.finish.result == "done", session.finish
     lines = (tmp_path / "stderr").read_text().splitlines()
@@ -713,7 +751,8 @@ def run(ctx):
 
 def test_a_protocols_own_handler_is_not_doubled_by_the_sandboxs(make_session, make_protocol, tmp_path):
     bundle = make_protocol(PROTOCOL_OWN_HANDLER)
-    session = make_session(config=runtime_config("task-1", bundle)).session
+    kit = make_session(config=runtime_config("task-1", bundle))
+    session = kit.session
     assert _run_runtime(session, tmp_path / "scratch", tmp_path / "stderr") == 0
     assert session.finish is not None and session.finish.result == "done", session.finish
     lines = (tmp_path / "stderr").read_text().splitlines()
@@ -728,8 +767,76 @@ def test_the_protocol_authors_docs_state_the_caps_in_force():
         f"names of 1 to {MAX_COLUMN_NAME_CHARS} characters",
         f"at most {MAX_ROW_BYTES // 1024} KiB of JSON per row",
         f"calls of up to {MAX_ROWS_PER_CALL} rows (and {MAX_ROWS_BYTES_PER_CALL // mib} MiB)",
-        f"{resultrows.MAX_ROWS_PER_TASK:,} rows",
-        f"and {resultrows.MAX_RESULT_ROWS_BYTES_PER_TASK // mib} MiB in all",
+        f"{resultrows.MAX_ROWS_PER_BATCH:,} rows",
+        f"and {resultrows.MAX_ROWS_BYTES_PER_BATCH // mib} MiB in all",
     ]
     missing = [fact for fact in facts if fact not in " ".join(doc.split())]
     assert not missing, f"Context.save_results's docstring disagrees with the caps: {missing}"
+
+
+# -- where the rows go: the task's totals, a store that fails, a batch that ended ---------------
+
+
+def test_the_tasks_totals_span_its_batches(make_session):
+    task = TaskRows(max_rows=1500, max_bytes=10**9)
+    first = make_session(task_rows=task).session
+    first.save_results(['{"a": 1}'] * 1000)
+    second = make_session(task_rows=task)
+    second.session.save_results(['{"a": 1}'] * 500)
+    message = _rejected("RESOURCE_EXHAUSTED", second.session.save_results, ['{"a": 2}'])
+    assert message == "at most 1500 result rows per task, all batches together (1500 saved already)"
+    task = TaskRows(max_rows=10**6, max_bytes=20)
+    kit = make_session(task_rows=task)
+    kit.session.save_results(['{"a": 12345678901}'])  # 18 bytes
+    message = _rejected("RESOURCE_EXHAUSTED", kit.session.save_results, ['{"b": 1}'])
+    assert message == "at most 20 bytes of result rows per task, all batches together (18 saved already)"
+    assert (task.rows, task.bytes) == (1, 18)
+
+
+def test_rows_the_store_cannot_take_are_refused_as_unavailable_and_not_counted(make_session):
+    failures = [ProjectDatabaseError("project database /secret/pod.db is locked (waited 10 s)")]
+    kept: list[str] = []
+
+    def store(batch: int, rows: list[str]) -> None:
+        if failures:
+            raise failures.pop()
+        kept.extend(rows)
+
+    task = TaskRows(max_rows=10, max_bytes=10**6, store=store)
+    kit = make_session(task_rows=task)
+    message = _rejected("UNAVAILABLE", kit.session.save_results, ['{"a": 1}'])
+    assert "could not store these rows" in message and "/secret" not in message
+    assert (task.rows, kit.rows.rows if kit.rows else None) == (0, 0)
+    kit.session.save_results(['{"a": 2}'])  # the next call is stored
+    assert kept == ['{"a": 2}']
+
+
+def test_rows_after_their_batch_was_sealed_are_refused(make_session):
+    kit = make_session()
+    kit.session.save_results(['{"a": 1}'])
+    assert kit.rows is not None and kit.rows.seal() == 1
+    assert _rejected("FAILED_PRECONDITION", kit.session.save_results, ['{"a": 2}']) == (
+        "the task has already finished"
+    )
+    assert kit.saved() == [{"a": 1}]
+
+
+def test_a_call_that_waits_too_long_for_the_tasks_earlier_rows_is_refused(make_session, monkeypatch):
+    monkeypatch.setattr(resultrows, "STORE_WAIT_S", 0.05)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(batch: int, rows: list[str]) -> None:
+        entered.set()
+        release.wait(RPC_TIMEOUT)
+
+    kit = make_session(task_rows=TaskRows(max_rows=10, max_bytes=10**6, store=slow))
+    first = threading.Thread(target=kit.session.save_results, args=(['{"a": 1}'],))
+    first.start()
+    try:
+        assert entered.wait(RPC_TIMEOUT)
+        message = _rejected("UNAVAILABLE", kit.session.save_results, ['{"a": 2}'])
+        assert message == "the parent is still storing this task's earlier rows; none of these was saved"
+    finally:
+        release.set()
+        first.join(RPC_TIMEOUT)
+    assert kit.rows is not None and kit.rows.rows == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import sqlite3
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ from executor import taskrun
 from executor.backends import ExitInfo
 from executor.dataview import PATH_MAX
 from executor.errors import ConfigurationError, ContainerError, ProjectDatabaseError
-from executor.hooks import AlgorithmProgress, Event, ResultsSaved, TaskEnded, TaskStarted
+from executor.hooks import AlgorithmProgress, BatchRun, Event, ResultsSaved, TaskEnded, TaskStarted
 from executor.launch import SANDBOX_DATA
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Transport
@@ -844,3 +845,175 @@ def test_a_protocol_stepping_in_a_tight_loop_gives_hooks_a_few_steps_and_every_b
         last = progress[end - 1]  # the epoch's last step went on just before its end
         assert (last.kind.value, last.current_epoch, last.current) == ("STEP", epoch, 2999)
     assert (progress[-1].info, progress[-1].current) == ("evaluating", 499)
+
+
+# -- result rows stream to the database ----------------------------------------------------
+
+
+def staged(db: ProjectDatabase, task_id: str, batch: int | None = None) -> int:
+    """Rows of the task on disk, seen or not (what readers cannot count)."""
+    conn = sqlite3.connect(db.path)
+    try:
+        sql = "SELECT count(*) FROM results WHERE task_id = ?" + (" AND batch = ?" if batch else "")
+        return int(conn.execute(sql, (task_id, batch) if batch else (task_id,)).fetchone()[0])
+    finally:
+        conn.close()
+
+
+class _LooksBeforeCommits(ProjectDatabase):
+    """Notes, as each batch commits, the rows readers see and the rows already on disk."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.at_commit: list[tuple[int, int, int]] = []
+
+    def commit_batch(self, commit: BatchCommit) -> None:
+        seen = self.results(commit.project, task_id=commit.task_id, batch=commit.batch)
+        self.at_commit.append((commit.batch, len(seen), staged(self, commit.task_id, commit.batch)))
+        super().commit_batch(commit)
+
+
+def test_rows_reach_the_database_while_the_batch_runs_and_are_seen_only_once_it_commits(
+    rig, make_protocol, make_data
+):
+    # Finding 3 of the third red team: the parent held every row of a batch and
+    # inserted them all at its end. Made to fail by handing the rows to the
+    # database only at the commit (they were then not on disk before it), and
+    # by inserting them seen (readers then saw them before the commit).
+    data = make_data({"a.csv": "1", "b.csv": "2", "c.csv": "3"})
+    db = _LooksBeforeCommits(rig.db_path)
+    heard: list[Event] = []
+    outcome = rig.executor(FakeBackend(rig.runtime()), db=db, hooks=(heard.append,)).run(
+        TaskSpec(
+            protocol_dir=make_protocol(PER_FILE),
+            data_dir=data,
+            project_id=PROJECT,
+            task_id="t-stream",
+            batch_size=2,
+        )
+    )
+    assert outcome.status is Status.OK, outcome.error
+    assert db.at_commit == [(1, 0, 2), (2, 0, 1)]
+    assert outcome.saved_rows == 3
+    assert [r.row for r in db.results(PROJECT, task_id="t-stream")] == [
+        {"file": "a.csv"},
+        {"file": "b.csv"},
+        {"file": "c.csv"},
+    ]
+    saved = [e for e in heard if isinstance(e, ResultsSaved)]
+    assert [(e.batch, e.rows) for e in saved] == [(1, 2), (2, 1)]
+    assert not hasattr(saved[0], "results"), "the event carries the rows again"
+
+
+def test_the_rows_of_a_batch_that_did_not_end_ok_are_removed_and_never_seen(rig, make_protocol, make_data):
+    # Made to fail by removing both discards, after the commit of a batch that
+    # did not end OK and at the task's end (its row then stayed on disk, unseen).
+    data = make_data({"a.csv": "1", "b.csv": "die"})
+    db = rig.db()
+    outcome = rig.executor(FakeBackend(rig.runtime()), db=db).run(
+        TaskSpec(
+            protocol_dir=make_protocol(PER_FILE),
+            data_dir=data,
+            project_id=PROJECT,
+            task_id="t-dies",
+            batch_size=1,
+        )
+    )
+    assert outcome.status is Status.ERROR
+    assert outcome.saved_rows == 1
+    assert [r.row for r in db.results(PROJECT)] == [{"file": "a.csv"}]
+    assert (staged(db, "t-dies", 1), staged(db, "t-dies", 2)) == (1, 0)
+
+
+class _RefusesRows(ProjectDatabase):
+    """A database that cannot take rows while the task runs (locked past the wait, say)."""
+
+    def stage_rows(self, task_id: str, batch: int, rows: list[str], **kw: Any) -> None:
+        raise ProjectDatabaseError(f"project database {self.path} is locked by another process (waited 10 s)")
+
+
+CATCHES = """
+def run(ctx):
+    try:
+        ctx.save_results([{"n": 1}])
+    except Exception as exc:
+        return {"code": exc.code, "message": str(exc)}
+    return "saved"
+"""
+
+
+def test_rows_the_database_cannot_take_are_refused_to_the_protocol_as_unavailable(
+    rig, make_protocol, make_data, caplog
+):
+    # Made to fail by letting the store's error escape as an internal error
+    # (the protocol then saw INTERNAL, with no reason), and by naming the
+    # database's path to the sandbox.
+    db = _RefusesRows(rig.db_path)
+    outcome = rig.executor(FakeBackend(rig.runtime()), db=db).run(
+        TaskSpec(
+            protocol_dir=make_protocol(CATCHES),
+            data_dir=make_data({"a.csv": "1"}),
+            project_id=PROJECT,
+            task_id="t-busy",
+        )
+    )
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result["code"] == "UNAVAILABLE"
+    assert "could not store these rows" in outcome.result["message"]
+    assert str(rig.db_path) not in outcome.result["message"]
+    assert outcome.saved_rows == 0
+    assert any("not stored" in r.getMessage() and str(rig.db_path) in r.getMessage() for r in caplog.records)
+
+
+def test_a_tasks_rows_are_capped_across_its_batches(rig, make_protocol, make_data):
+    # The per-batch caps alone let 10 batches write 596 MB. Made to fail by
+    # counting rows per batch only (TaskRows._room without the task totals).
+    data = make_data({"a.csv": "1", "b.csv": "2", "c.csv": "3", "d.csv": "4"})
+    db = rig.db()
+    ex = Executor(
+        FakeBackend(rig.runtime()),
+        policy=POLICY.replace(max_rows=3),
+        run_dir=rig.run_dir,
+        spool_dir=rig.spool_dir,
+        uid_dir=rig.uid_dir,
+        db=db,
+    )
+    rig.executors.append(ex)
+    outcome = ex.run(
+        TaskSpec(
+            protocol_dir=make_protocol(PER_FILE),
+            data_dir=data,
+            project_id=PROJECT,
+            task_id="t-cap",
+            batch_size=2,
+        )
+    )
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None
+    assert "at most 3 result rows per task, all batches together (3 saved already)" in outcome.error.message
+    assert outcome.batches == {"total": 2, "completed": 1, "size": 2}
+    assert [r.row for r in db.results(PROJECT)] == [{"file": "a.csv"}, {"file": "b.csv"}]
+    assert staged(db, "t-cap") == 2
+
+
+def test_without_a_database_rows_are_counted_capped_and_kept_nowhere(rig, make_protocol, make_data):
+    # Made to fail by skipping the caps when there is no store (the second
+    # row was then accepted).
+    heard: list[Event] = []
+    ex = Executor(
+        FakeBackend(rig.runtime()),
+        policy=POLICY.replace(max_rows=1),
+        run_dir=rig.run_dir,
+        spool_dir=rig.spool_dir,
+        uid_dir=rig.uid_dir,
+        hooks=(heard.append,),
+    )
+    rig.executors.append(ex)
+    outcome = ex.run(
+        TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=make_data({"a.csv": "1", "b.csv": "2"}))
+    )
+    assert outcome.status is Status.ERROR
+    assert outcome.error is not None and "at most 1 result rows per task" in outcome.error.message
+    assert outcome.saved_rows == 0
+    (run,) = [e for e in heard if isinstance(e, BatchRun)]
+    assert run.statistics["rows"] == 1
