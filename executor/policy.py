@@ -17,9 +17,6 @@ from executor.errors import PolicyError
 
 DEFAULT_IMAGE = "sandbox-executor/sandbox:latest"
 RUNTIMES = ("runc", "runsc")
-# gVisor's sentry and gofer threads count against the container's pids cap
-# (about 75 here), so a smaller cap kills a runsc sandbox before it starts.
-RUNSC_MIN_PIDS = 128
 # Each live task runs as a uid of its own from [uid_start, uid_start + uid_count):
 # the kernel's per-user pools (inotify, POSIX message queues, pipe pages, epoll
 # watches, pending signals) are then per task, not shared by every sandbox.
@@ -135,7 +132,12 @@ class IsolationPolicy:
         image: The sandbox image; it must carry the child runtime.
         memory_mb: Memory limit, swap included.
         cpus: CPU quota in cores.
-        pids: Maximum number of processes and threads.
+        pids: Maximum number of processes and threads in the sandbox (its
+            init and runtime included); a fork or thread past it fails with
+            EAGAIN. Under runc the container's pids cgroup enforces it; under
+            gVisor its own kernel does (RLIMIT_NPROC, counted per sandbox), and
+            gVisor's host threads are bounded apart
+            (:func:`executor.backends.docker.host_pids_cap`).
         nofile: Maximum open file descriptors.
         tmpfs_mb: Size of the writable, non-executable ``/tmp``.
         timeout_s: Wall-clock limit of the protocol's run, from its first line
@@ -244,11 +246,6 @@ class IsolationPolicy:
         _check_secrets(self.secrets)
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not -1 <= self.gpus <= 64:
             raise PolicyError(f"gpus: expected 0 (none), a count up to 64, or -1 (all), got {self.gpus!r}")
-        if self.runtime == "runsc" and self.pids < RUNSC_MIN_PIDS:
-            raise PolicyError(
-                f"pids: expected at least {RUNSC_MIN_PIDS} with runtime runsc (gVisor's own threads count "
-                f"against the cap), got {self.pids}"
-            )
         _check_preload(self.preload)
         if self.warm_pool >= self.uid_count:
             raise PolicyError(

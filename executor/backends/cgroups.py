@@ -17,8 +17,12 @@ when it runs on the host, as root or not: the files read are world-readable).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,3 +200,70 @@ def readable() -> bool:
     """Whether this process can see cgroup files at all (it can read its own)."""
     paths = paths_of(os.getpid())
     return paths is not None and paths.read().cpu_s is not None
+
+
+class OomWatch:
+    """The kernel's own notice of an OOM kill in a cgroup v1 memory controller, kept after the cgroup goes.
+
+    Reading ``memory.oom_control`` now and then can miss an OOM kill under
+    gVisor: the kernel kills one of its stub processes, gVisor ends the whole
+    sandbox, and the container's cgroup is gone within milliseconds. The
+    engine's own flag comes from the same notice, and can lose that race too.
+    This registers an eventfd on ``memory.oom_control`` (``cgroup.event_control``,
+    writable by root only) and counts what it signals: the kernel signals it
+    once per OOM event and once more when the cgroup is removed, so two
+    signals or more mean an OOM kill happened.
+    """
+
+    def __init__(self, memory_dir: Path) -> None:
+        # Non-blocking: the kernel keeps the count until it is read, so no thread waits on it.
+        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            ofd = os.open(memory_dir / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                with open(memory_dir / "cgroup.event_control", "w", encoding="ascii") as control:
+                    control.write(f"{self._efd} {ofd}")
+            finally:
+                os.close(ofd)
+        except BaseException:
+            os.close(self._efd)
+            raise
+        self._signals = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, paths: CgroupPaths | None) -> OomWatch | None:
+        """A watch on ``paths``' memory cgroup; ``None`` where the host allows none (v2, not root)."""
+        if paths is None or paths.memory is None or paths.memory_v2:
+            return None
+        try:
+            return cls(paths.memory)
+        except OSError as exc:
+            log.debug("no OOM watch on %s: %s", paths.memory, exc)
+            return None
+
+    def oom_killed(self, wait_s: float) -> bool:
+        """Whether the kernel signalled an OOM kill, waiting up to ``wait_s`` for the removal notice."""
+        end = time.monotonic() + wait_s
+        with self._lock:
+            while self._signals < 2:
+                try:
+                    self._signals += os.eventfd_read(self._efd)
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    break  # closed
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                select.select([self._efd], [], [], left)
+            return self._signals >= 2
+
+    def close(self) -> None:
+        """Stop watching; safe twice."""
+        with self._lock:
+            fd, self._efd = self._efd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)

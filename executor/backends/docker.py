@@ -25,7 +25,7 @@ from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
 from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
-from executor.backends.cgroups import CgroupPaths, Usage, paths_of, readable
+from executor.backends.cgroups import CgroupPaths, OomWatch, Usage, paths_of, readable
 from executor.errors import (
     BackendError,
     ConfigurationError,
@@ -48,6 +48,21 @@ STDERR_LOG_MAX = "1m"
 # kernel's default whatever the engine's default ulimits say. Each task has a
 # uid of its own (executor.uids), so this is a per-task cap.
 MSGQUEUE_BYTES = 819_200
+# Under gVisor the policy's pids cap is enforced inside gVisor's own kernel, as
+# RLIMIT_NPROC, which it counts per sandbox (every process and thread of it):
+# a fork past it fails with EAGAIN, as under runc's pids cgroup. The host's
+# pids cgroup cannot be the policy's cap there: gVisor's own host threads
+# count against it (about 40 at rest, and up to 6 more per sandbox process,
+# its ptrace stubs), and reaching it ends the whole sandbox (exit 2) instead
+# of failing a fork. It is set above what the policy's cap can reach, and
+# bounds the host only.
+RUNSC_HOST_PIDS_BASE = 64
+RUNSC_HOST_PIDS_PER_TASK = 8
+# A container that ends by SIGKILL (or, under gVisor, exit 2: its kernel
+# ended) without the engine's OOM flag waits this long at most for the
+# kernel's own OOM notice (OomWatch), which the engine can lose in a race.
+OOM_NOTICE_WAIT_S = 1.0
+_OOM_EXITS = (137, -9, 2)
 # Engine connections the client keeps for reuse. Each running task holds three
 # long requests (wait, and a log follow per stream); docker-py's default of 10
 # would make urllib3 discard and warn with a few tasks at once.
@@ -89,6 +104,7 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     device_requests = [DeviceRequest(count=p.gpus, capabilities=[["gpu"]])] if p.gpus else []
     # RLIMIT_FSIZE, in bytes: a write past it fails with EFBIG (Python ignores SIGXFSZ).
     fsize = [Ulimit(name="fsize", soft=p.file_size_bytes, hard=p.file_size_bytes)] if p.file_size_mb else []
+    nproc = [Ulimit(name="nproc", soft=p.pids, hard=p.pids)] if p.runtime == "runsc" else []
     return {
         "image": p.image,
         "command": spec.command,
@@ -112,12 +128,13 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "mem_limit": f"{p.memory_mb}m",
         "memswap_limit": f"{p.memory_mb}m",
         "nano_cpus": int(p.cpus * 1e9),
-        "pids_limit": p.pids,
+        "pids_limit": host_pids_cap(p),
         "ulimits": [
             Ulimit(name="nofile", soft=p.nofile, hard=p.nofile),
             Ulimit(name="core", soft=0, hard=0),
             Ulimit(name="msgqueue", soft=MSGQUEUE_BYTES, hard=MSGQUEUE_BYTES),
             *fsize,
+            *nproc,
         ],
         "shm_size": "16m",
         "log_config": LogConfig(type="json-file", config={"max-size": STDERR_LOG_MAX, "max-file": "1"}),
@@ -131,6 +148,13 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "stdin_open": False,
         "detach": True,
     }
+
+
+def host_pids_cap(policy: IsolationPolicy) -> int:
+    """The container's pids cgroup cap: the policy's, or under gVisor a host bound above it."""
+    if policy.runtime == "runsc":
+        return RUNSC_HOST_PIDS_BASE + RUNSC_HOST_PIDS_PER_TASK * policy.pids
+    return policy.pids
 
 
 class DockerBackend:
@@ -147,8 +171,10 @@ class DockerBackend:
         self._client = client
         self._lock = threading.Lock()
         self._retry_base_s = retry_base_s
-        # Each running container's cgroup directories, found once (an inspect) and read often.
+        # Each running container's cgroup directories, found once (an inspect) and read often,
+        # and the kernel's OOM notices for it.
         self._cgroups: dict[str, CgroupPaths | None] = {}
+        self._oom: dict[str, OomWatch] = {}
         self._cgroups_lock = threading.Lock()
 
     @property
@@ -241,16 +267,30 @@ class DockerBackend:
         return self.client.api
 
     def start(self, container_id: str) -> None:
-        """Start the container."""
+        """Start the container, and watch its cgroup for the kernel's OOM notice (root, cgroup v1)."""
         self._retrying("container start", lambda: self._api().start(container_id), container_id)
+        watch = OomWatch.of(self._paths(container_id))
+        if watch is not None:
+            with self._cgroups_lock:
+                self._oom[container_id] = watch
 
     def wait(self, container_id: str) -> ExitInfo:
-        """Block until the container exits, then report how."""
+        """Block until the container exits, then report how (the OOM flag: the engine's or the kernel's)."""
         result = self._call("container wait", lambda: self._api().wait(container_id), container_id)
         state = self._call(
             "container inspect", lambda: self._api().inspect_container(container_id), container_id
         )["State"]
-        return ExitInfo(exit_code=int(result.get("StatusCode", -1)), oom_killed=bool(state.get("OOMKilled")))
+        code = int(result.get("StatusCode", -1))
+        oom = bool(state.get("OOMKilled"))
+        with self._cgroups_lock:
+            watch = self._oom.pop(container_id, None)
+        if watch is not None:
+            try:
+                if not oom and code in _OOM_EXITS:
+                    oom = watch.oom_killed(OOM_NOTICE_WAIT_S)
+            finally:
+                watch.close()
+        return ExitInfo(exit_code=code, oom_killed=oom)
 
     def kill(self, container_id: str) -> None:
         """Kill the container; a container that already stopped is fine."""
@@ -300,31 +340,35 @@ class DockerBackend:
         cgroup files. ``None`` if the container is not running or its cgroups
         cannot be seen from here.
         """
+        paths = self._paths(container_id)
+        return paths.read() if paths is not None else None
+
+    def _paths(self, container_id: str) -> CgroupPaths | None:
+        """The running container's cgroup directories, found once (an inspect); ``None`` if not found."""
         with self._cgroups_lock:
-            known = container_id in self._cgroups
-            paths = self._cgroups.get(container_id)
-        if not known:
-            paths = None
-            try:
-                state = self._call(
-                    "container inspect", lambda: self._api().inspect_container(container_id), container_id
-                )["State"]
-                pid = int(state.get("Pid") or 0)
-                if pid and state.get("Running"):
-                    paths = paths_of(pid)
-            except (BackendError, KeyError, TypeError, ValueError) as exc:
-                log.debug("container %s: no cgroup usage: %s", container_id[:12], exc)
-                return None
-            if paths is None:
-                return None
+            if container_id in self._cgroups:
+                return self._cgroups[container_id]
+        try:
+            state = self._call(
+                "container inspect", lambda: self._api().inspect_container(container_id), container_id
+            )["State"]
+            pid = int(state.get("Pid") or 0)
+            paths = paths_of(pid) if pid and state.get("Running") else None
+        except (BackendError, KeyError, TypeError, ValueError) as exc:
+            log.debug("container %s: no cgroups found: %s", container_id[:12], exc)
+            return None
+        if paths is not None:
             with self._cgroups_lock:
                 self._cgroups[container_id] = paths
-        return paths.read() if paths is not None else None
+        return paths
 
     def remove(self, container_id: str) -> None:
         """Force-remove the container and its anonymous volumes."""
         with self._cgroups_lock:
             self._cgroups.pop(container_id, None)
+            watch = self._oom.pop(container_id, None)
+        if watch is not None:
+            watch.close()
         try:
             self._call(
                 "container remove",

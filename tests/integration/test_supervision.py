@@ -192,7 +192,9 @@ def test_timings_cover_every_startup_phase(make_executor, data_dir):
         TaskSpec(protocol_dir=PROTOCOLS / "async_run", data_dir=data_dir, parameters={"n": 1})
     )
     assert outcome.status is Status.OK
-    assert set(outcome.timings) == {"create", "start", "boot", "import", "config", "load", "run", "total"}
+    phases = {"create", "start", "boot", "import", "config", "load", "run", "total"}
+    # "queued" too when the task waited for a start permit (other work on the host).
+    assert phases <= set(outcome.timings) <= phases | {"queued"}
     assert outcome.timings["total"] >= outcome.timings["create"] + outcome.timings["start"]
 
 

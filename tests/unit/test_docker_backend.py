@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from executor.backends import ContainerSpec, Mount
-from executor.backends.docker import RETRIES, DockerBackend, container_kwargs
+from executor.backends.docker import RETRIES, DockerBackend, container_kwargs, host_pids_cap
 from executor.errors import ConfigurationError, ContainerError, EngineUnavailableError, ImageNotFoundError
 from executor.policy import IsolationPolicy
 
@@ -57,14 +57,29 @@ def test_policy_numbers_reach_the_engine():
         memory_mb=256, cpus=0.5, pids=256, tmpfs_mb=8, runtime="runsc", uid=12_345, gid=20_000
     )
     kw = container_kwargs(_spec(policy))
-    assert (kw["mem_limit"], kw["nano_cpus"], kw["pids_limit"], kw["runtime"]) == (
-        "256m",
-        500_000_000,
-        256,
-        "runsc",
-    )
+    assert (kw["mem_limit"], kw["nano_cpus"], kw["runtime"]) == ("256m", 500_000_000, "runsc")
     assert "size=8m" in kw["tmpfs"]["/tmp"]
     assert kw["user"] == "12345:20000"  # the task's own uid, the shared group
+
+
+def test_the_pids_cap_is_the_cgroup_s_under_runc_and_gvisor_s_own_under_runsc():
+    # Under gVisor the host's pids cgroup counts gVisor's own threads, and
+    # reaching it ends the sandbox: the policy's cap goes to gVisor's kernel
+    # (RLIMIT_NPROC, a fork past it fails with EAGAIN), the cgroup bounds the host.
+    runc = container_kwargs(_spec(IsolationPolicy.hardened().replace(pids=64, uid=12_345)))
+    assert runc["pids_limit"] == 64
+    assert "nproc" not in {u.name for u in runc["ulimits"]}
+    runsc = container_kwargs(_spec(IsolationPolicy.hardened().replace(pids=64, uid=12_345, runtime="runsc")))
+    assert {u.name: (u.soft, u.hard) for u in runsc["ulimits"]}["nproc"] == (64, 64)
+    assert runsc["pids_limit"] == host_pids_cap(IsolationPolicy.hardened().replace(pids=64, runtime="runsc"))
+    assert runsc["pids_limit"] >= 64 + 6 * 64  # gVisor's threads at rest, and a stub per process
+
+
+def test_file_size_reaches_the_engine_as_rlimit_fsize_in_bytes():
+    kw = container_kwargs(_spec(IsolationPolicy.hardened().replace(file_size_mb=2, uid=12_345)))
+    assert {u.name: (u.soft, u.hard) for u in kw["ulimits"]}["fsize"] == (2 * 1024 * 1024, 2 * 1024 * 1024)
+    plain = container_kwargs(_spec(IsolationPolicy.hardened().replace(uid=12_345)))
+    assert "fsize" not in {u.name for u in plain["ulimits"]}
 
 
 def test_a_policy_without_a_leased_uid_is_refused():

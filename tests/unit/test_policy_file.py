@@ -77,7 +77,8 @@ secrets = { HF_TOKEN = "env:HF_TOKEN" }
         ('[default]\nseccomp_profile = "missing.json"\n', "seccomp_profile: cannot read"),
         ('[default]\nsecrets = { K = "plain-value" }\n', 'secrets.K: expected "env:VARIABLE"'),
         ("[default]\ngpus = 100\n", "gpus: expected 0 (none)"),
-        ('[projects.x]\nruntime = "runsc"\npids = 64\n', "pids: expected at least 128 with runtime runsc"),
+        ("[default]\ncpu_time_s = -1\n", "[default] cpu_time_s: expected a value from 0"),
+        ('[default]\nfile_size_mb = "1m"\n', "[default] file_size_mb: expected a number, got '1m'"),
         (
             '[default]\npreload = "numpy"\n',
             '[default] preload: expected a list of module names, e.g. ["numpy"]',

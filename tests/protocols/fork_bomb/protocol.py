@@ -6,8 +6,9 @@ grpc rather than the cap.
 
 Parameters: ``limit`` (children at most, default 100,000) and ``report``: when
 true, the bomb waits after each fork until ``run`` has reported the count as
-progress (``step(children, limit, info="forked")``), and once more after a
-refused fork (``info="refused"``) before it kills its children. Progress calls
+progress (``epoch_start(children, limit)``: a boundary, which is never
+coalesced the way steps are), and once more after a refused fork
+(``epoch_end(children, limit)``) before it kills its children. Progress calls
 are answered only after the parent's listener ran, so the parent can look at
 the container's pids cgroup at each count while the children are alive, and
 knows how far the bomb got even when the cap ends the whole sandbox (gVisor)
@@ -61,7 +62,10 @@ def run(ctx):
         last = line
         words = line.split()
         if report and words and words[0].isdigit():
-            ctx.progress.step(int(words[0]), limit, info=words[1] if len(words) > 1 else "forked")
+            if len(words) > 1:  # "N refused"
+                ctx.progress.epoch_end(int(words[0]), limit)
+            else:
+                ctx.progress.epoch_start(int(words[0]), limit)
             proc.stdin.write("go\n")
             proc.stdin.flush()
     proc.stdin.close()
