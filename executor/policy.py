@@ -246,6 +246,13 @@ class IsolationPolicy:
         _check_secrets(self.secrets)
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not -1 <= self.gpus <= 64:
             raise PolicyError(f"gpus: expected 0 (none), a count up to 64, or -1 (all), got {self.gpus!r}")
+        if self.gpus and self.runtime == "runsc":
+            # gVisor passes GPUs through only with its nvproxy, which this
+            # runsc set-up does not enable: the key would be silently ignored.
+            raise PolicyError(
+                "gpus: runtime runsc cannot pass GPUs through (gVisor's nvproxy is not enabled); "
+                "use runtime runc for GPU projects, or gpus = 0"
+            )
         _check_preload(self.preload)
         if self.warm_pool >= self.uid_count:
             raise PolicyError(
