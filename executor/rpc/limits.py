@@ -16,7 +16,12 @@ import grpc
 from executor.rpc import SERVICE_NAME
 from executor.rpc.session import RequestRejected
 from executor.sandbox.contract import CHUNK_BYTES as CHUNK_BYTES  # pinned with the caps below
-from executor.sandbox.contract import RATE_LIMITED_TRAILER
+from executor.sandbox.contract import (
+    MAX_OPEN_RECEIVES,
+    MAX_OPEN_SENDS,
+    MAX_OPEN_SHARE_RECEIVES,
+    RATE_LIMITED_TRAILER,
+)
 
 # The public messages of a refusal for calling too fast; the child recognises
 # such a refusal by the contract's trailer, never by this text.
@@ -32,9 +37,9 @@ RATE_PER_S = 1000.0
 RATE_BURST = 2000
 CONCURRENCY: dict[str, int] = {
     f"/{SERVICE_NAME}/Heartbeat": 1,
-    f"/{SERVICE_NAME}/SendMessage": 2,
-    f"/{SERVICE_NAME}/ReceiveMessage": 4,
-    f"/{SERVICE_NAME}/GetSecureShares": 1,
+    f"/{SERVICE_NAME}/SendMessage": MAX_OPEN_SENDS,
+    f"/{SERVICE_NAME}/ReceiveMessage": MAX_OPEN_RECEIVES,
+    f"/{SERVICE_NAME}/GetSecureShares": MAX_OPEN_SHARE_RECEIVES,
     f"/{SERVICE_NAME}/Mailbox": 1,
 }
 # Work inside a call is charged to the same bucket as calls, so that a

@@ -40,6 +40,9 @@ from executor.sandbox.contract import (
     MAX_ERROR_TYPE_CHARS,
     MAX_FILE_REASON_CHARS,
     MAX_INFO_CHARS,
+    MAX_OPEN_RECEIVES,
+    MAX_OPEN_SENDS,
+    MAX_OPEN_SHARE_RECEIVES,
     MAX_ROW_BYTES,
     MAX_ROW_INT,
     MAX_ROWS_BYTES_PER_CALL,
@@ -352,6 +355,11 @@ class Mailbox:
         self._stream: _OpStream | None = None
         self._stream_lock = threading.Lock()
         self._stream_breaks = 0
+        # The parent refuses a call of a kind beyond its open-call cap (the
+        # contract's): threads past it wait here for a slot instead.
+        self._sends = threading.BoundedSemaphore(MAX_OPEN_SENDS)
+        self._receives = threading.BoundedSemaphore(MAX_OPEN_RECEIVES)
+        self._share_receives = threading.BoundedSemaphore(MAX_OPEN_SHARE_RECEIVES)
 
     def _take_stream(self) -> _OpStream | None:
         """The mailbox stream, held for one operation; ``None`` if busy or given up on."""
@@ -431,11 +439,12 @@ class Mailbox:
                 yield pb.MessageChunk(data=bytes(view[start : start + step]))
 
         try:
-            self._client.call(
-                lambda: self._client.stub.SendMessage(
-                    chunks(), metadata=self._client.metadata, timeout=BULK_TIMEOUT_S
+            with self._sends:
+                self._client.call(
+                    lambda: self._client.stub.SendMessage(
+                        chunks(), metadata=self._client.metadata, timeout=BULK_TIMEOUT_S
+                    )
                 )
-            )
         except grpc.RpcError as exc:
             code, details = _status(exc)
             raise MailboxError(f"send {message_type} failed: {details}", code) from None
@@ -484,7 +493,8 @@ class Mailbox:
             body = self._on_stream(op, lambda replies: self._receive_replies(message_type, replies))
             if body is not None:
                 return body
-            return self._client.call(lambda: self._receive(kind, message_type, timeout))
+            with self._receives:
+                return self._client.call(lambda: self._receive(kind, message_type, timeout))
         except grpc.RpcError as exc:
             code, details = _status(exc)
             if code == "DEADLINE_EXCEEDED":
@@ -652,11 +662,12 @@ class Mailbox:
         """
         self._client.count(mailbox=1)
         try:
-            reply = self._client.stub.GetSecureShares(
-                pb.GetSecureSharesRequest(timeout_ms=int(timeout * 1000)),
-                metadata=self._client.metadata,
-                timeout=timeout + RPC_TIMEOUT_S,
-            )
+            with self._share_receives:
+                reply = self._client.stub.GetSecureShares(
+                    pb.GetSecureSharesRequest(timeout_ms=int(timeout * 1000)),
+                    metadata=self._client.metadata,
+                    timeout=timeout + RPC_TIMEOUT_S,
+                )
         except grpc.RpcError as exc:
             code, details = _status(exc)
             if code == "DEADLINE_EXCEEDED":

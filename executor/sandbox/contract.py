@@ -61,6 +61,14 @@ BULK_MAGIC = b"SE-BULK1"
 BULK_TICKET_BYTES = 16
 BULK_STATUS_MAX_BYTES = 4096
 
+# Calls of one kind a task may have open at once (the mailbox stream and the
+# heartbeat stream are one each). The parent refuses one more; the sandbox's
+# client waits for a slot instead, so a protocol may send or receive from as
+# many threads as it likes.
+MAX_OPEN_SENDS = 2
+MAX_OPEN_RECEIVES = 4
+MAX_OPEN_SHARE_RECEIVES = 1
+
 # -- secure aggregation --------------------------------------------------------
 # Shares per SendSecureShares call, and a share's size: what RSA-2048 with
 # OAEP-SHA256 can seal in one block (2048 // 8 - 2 * 32 - 2 bytes).

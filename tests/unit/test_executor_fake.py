@@ -541,3 +541,37 @@ def test_a_run_directory_the_host_will_not_list_is_a_host_error_naming_it(
     assert str(info.value) == f"cannot list task directories in {kit.run_dir}: Permission denied"
     assert backend.containers == {}
     monkeypatch.undo()  # the fixture's own checks list the run directory
+
+
+SENDERS = """
+import threading
+
+
+def run(ctx):
+    errors = []
+
+    def send():
+        for _ in range(40):
+            try:
+                ctx.mailbox.send_training_update(b"x")
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=send) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+"""
+
+
+def test_a_protocol_sending_from_many_threads_at_once_is_never_refused_for_it(kit, make_protocol, data):
+    # The parent allows 2 SendMessage calls open at once per task (beside the
+    # mailbox stream); a third thread's send was refused, RESOURCE_EXHAUSTED,
+    # and lost. The sandbox's client now waits for a slot instead.
+    ex = kit.executor(FakeBackend(kit.runtime()))
+    outcome = ex.run(_spec(make_protocol, data, SENDERS, task_id="t-senders"))
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == []
+    assert ex.transport.discarded("t-senders").messages == 240

@@ -1,7 +1,10 @@
-"""Test protocol: report progress far faster than the parent's per-task call rate.
+"""Test protocol: call the parent far faster than its per-task call rate.
 
-Returns how many progress calls it made and how many times the parent's rate
-cap refused one (each refusal is retried after a back-off).
+Three threads each send ``steps`` tiny mailbox messages (with no modeller
+attached, the parent discards and counts them). Returns how many calls it
+made and how many times the parent's rate cap refused one (each refusal is
+retried after a back-off). Progress steps would not do: they are coalesced in
+the sandbox and have a budget of their own.
 """
 
 import threading
@@ -10,13 +13,13 @@ import threading
 def run(ctx):
     n = ctx.parameters["steps"]
 
-    def report():
-        for i in range(n):
-            ctx.progress.step(i + 1, n)
+    def chat():
+        for _ in range(n):
+            ctx.mailbox.send_training_update(b"x")
 
-    threads = [threading.Thread(target=report) for _ in range(3)]
+    threads = [threading.Thread(target=chat) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return {"calls": 3 * n, "refused": ctx.progress._client.rate_limited}
+    return {"calls": 3 * n, "refused": ctx.mailbox._client.rate_limited}
