@@ -50,12 +50,19 @@ alone, either enough), a condition other than ``SCMP_CMP_EQ`` or
 
 **clone3** passes its flags in memory, out of a filter's sight, so it is
 refused with ENOSYS under runc, which makes glibc fall back to ``clone``,
-whose flags the default checks. gVisor's OCI seccomp (release 2022-12, with
-``--oci-seccomp``) ignores ``errnoRet`` and answers every refusal with EPERM,
-on which glibc does not fall back (no thread could start), and takes neither
-``SCMP_ACT_LOG`` nor ``SCMP_ACT_KILL_PROCESS``/``SCMP_ACT_KILL_THREAD``. So
-under runsc clone3 is left to gVisor, which answers ENOSYS itself, and a
-policy's profile that depends on what gVisor ignores is refused at check.
+whose flags the default checks.
+
+**Under runsc** gVisor applies the profile itself when registered with
+``--oci-seccomp`` (release 2022-12, found by experiment and in its source):
+it ignores ``errnoRet`` and answers every refusal with EPERM, on which glibc
+does not fall back (no thread could start), so clone3 is left to gVisor,
+which answers ENOSYS itself; it takes neither ``SCMP_ACT_LOG`` nor
+``SCMP_ACT_KILL_PROCESS``/``SCMP_ACT_KILL_THREAD``, so a policy's profile
+that relies on those or on ``errnoRet`` is refused at check; it looks names
+up in its own table, which calls pselect6 "pselect" (glibc's select()), so
+the profile names it both ways (:data:`GVISOR_NAMES`); and the calls it
+does not implement at all (openat2, landlock, futex_waitv, memfd_secret,
+process_mrelease) answer EPERM instead of ENOSYS.
 
 The engine gets the profile as JSON text (``security_opt seccomp=<json>``),
 built once per profile and runtime.
@@ -272,6 +279,10 @@ class Clause:
 
 
 _ANY = (Clause(),)
+# gVisor looks a profile's names up in its own syscall table, which names a
+# few calls differently from libseccomp; a name it does not know it skips, so
+# under runsc a rule names a call both ways. (glibc's select() is pselect6.)
+GVISOR_NAMES = {"pselect6": "pselect"}
 
 
 def allowed_clauses(runtime: str) -> dict[str, tuple[Clause, ...]]:
@@ -296,6 +307,8 @@ def allowed_clauses(runtime: str) -> dict[str, tuple[Clause, ...]]:
         table[name] = (Clause(arches=("arm", "arm64")),)
     if runtime == "runsc":
         table["clone3"] = _ANY  # gVisor answers ENOSYS itself (see the module's docstring)
+        for name, gvisor_name in GVISOR_NAMES.items():
+            table[gvisor_name] = table[name]
     return table
 
 
@@ -534,6 +547,8 @@ def _rules(
     if excludes:
         rest["excludes"] = excludes
     names = [n for n in names if n != "clone3"]  # the default's own rule decides clone3
+    if runtime == "runsc":
+        names += [GVISOR_NAMES[n] for n in names if n in GVISOR_NAMES and GVISOR_NAMES[n] not in names]
     if action not in ALLOWING_ACTIONS:
         base = {**rest, "action": action, "args": [a.to_json() for a in args]}
         if includes:

@@ -442,3 +442,16 @@ def test_the_check_runs_before_anything_is_made(tmp_path):
         executor.run(TaskSpec(protocol_dir=protocol, data_dir=data))
     assert [op for op, _ in backend.calls if op == "create"] == []
     assert not run_dir.exists() or not list(run_dir.iterdir())
+
+
+def test_under_runsc_a_call_gvisor_names_differently_is_named_both_ways():
+    # glibc's select() is pselect6, which gVisor's table calls "pselect": without
+    # the second name gVisor would skip the rule and refuse every select().
+    assert decide(seccomp.default_profile("runsc"), "pselect") == ALLOW
+    assert decide(seccomp.default_profile("runc"), "pselect") == REFUSE
+    merged = seccomp.merged_profile(_profile(_allow(["pselect6", "read"])), "runsc")
+    assert decide(merged, "pselect") == ALLOW and decide(merged, "pselect6") == ALLOW
+    refusing = seccomp.merged_profile(
+        _profile(_allow(["read"]), {"names": ["pselect6"], "action": "SCMP_ACT_KILL"}), "runsc"
+    )
+    assert [r["action"] for r in refusing["syscalls"] if "pselect" in r["names"]] == ["SCMP_ACT_KILL"]
