@@ -11,7 +11,7 @@ by locking and reading the original file from outside), waits
 The calls a protocol still needs (fcntl's descriptor and status flags, pipe
 sizes, seals) are tried too, and ``sqlite`` reports how a read of
 ``parameters["db"]`` fares with SQLite's default locking and with
-``immutable=1`` (the row count, or the error): both reads stay open while it
+``immutable=1`` or ``nolock=1`` (the row count, or the error): the reads stay open while it
 holds, so a shared lock SQLite got would hold off the operator's writer.
 With ``parameters["mode"] == "symlink"`` it instead reports whether a
 symbolic link can be made in /tmp (for a policy's own profile).
@@ -149,7 +149,11 @@ def run(ctx):
     try:
         if params.get("db"):
             db = Path(ctx.data_dir) / params["db"]
-            for label, uri_params in (("default", "mode=ro"), ("immutable", "immutable=1")):
+            for label, uri_params in (
+                ("default", "mode=ro"),
+                ("immutable", "immutable=1"),
+                ("nolock", "mode=ro&nolock=1"),
+            ):
                 conn, sqlite[label] = _sqlite_read(db, uri_params)
                 if conn is not None:
                     readers.append(conn)
