@@ -8,11 +8,11 @@ settings of the design; no field can loosen what every sandbox gets regardless
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from executor import seccomp
 from executor.errors import PolicyError
 
 DEFAULT_IMAGE = "sandbox-executor/sandbox:latest"
@@ -33,38 +33,21 @@ _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}(\.[A-Za-z_][A-Za-z0-9_]{0,
 _IMAGE_RE = re.compile(r"^[a-z0-9][a-z0-9._/-]{0,200}(:[A-Za-z0-9._-]{1,128})?(@sha256:[0-9a-f]{64})?$")
 
 _SECRET_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
-# An allow-list profile refuses by default; one that allows by default is looser
-# than the engine's own and is refused.
-_STRICT_DEFAULT_ACTIONS = {
-    "SCMP_ACT_ERRNO",
-    "SCMP_ACT_KILL",
-    "SCMP_ACT_KILL_PROCESS",
-    "SCMP_ACT_KILL_THREAD",
-    "SCMP_ACT_TRAP",
-}
 MAX_SECCOMP_BYTES = 1024 * 1024
 
 
-def _check_seccomp(profile: str) -> None:
+def _check_seccomp(profile: str, runtime: str) -> None:
+    """Refuse a profile the engine would not apply as written under ``runtime``.
+
+    See :mod:`executor.seccomp`: the profile is intersected with the default.
+    """
+    if not isinstance(profile, str):
+        raise PolicyError(f"seccomp_profile: expected a profile's JSON text, got {type(profile).__name__}")
     if not profile:
         return
     if len(profile) > MAX_SECCOMP_BYTES:
         raise PolicyError(f"seccomp_profile: expected at most {MAX_SECCOMP_BYTES} bytes of JSON")
-    try:
-        parsed = json.loads(profile)
-    except ValueError as exc:
-        raise PolicyError(
-            f"seccomp_profile: expected a JSON seccomp profile, got invalid JSON ({exc})"
-        ) from None
-    if not isinstance(parsed, dict) or not isinstance(parsed.get("syscalls", []), list):
-        raise PolicyError("seccomp_profile: expected a JSON object with defaultAction and syscalls")
-    action = parsed.get("defaultAction")
-    if action not in _STRICT_DEFAULT_ACTIONS:
-        raise PolicyError(
-            "seccomp_profile: defaultAction must refuse (one of "
-            f"{', '.join(sorted(_STRICT_DEFAULT_ACTIONS))}), got {action!r}: "
-            "a profile may only be stricter than the default"
-        )
+    seccomp.profile_json(profile, runtime)
 
 
 def _check_secrets(secrets: tuple[tuple[str, str], ...]) -> None:
@@ -175,7 +158,9 @@ class IsolationPolicy:
         gid: The group every sandbox runs as: a datasource readable by this
             group is readable by every task.
         seccomp_profile: A stricter seccomp profile (JSON text, an allow-list:
-            its defaultAction refuses); empty means the engine's default profile.
+            its defaultAction refuses); empty means the executor's default
+            (:mod:`executor.seccomp`). The sandbox may make a call only when
+            both this profile and the default allow it.
         secrets: Secrets granted to this project's sandboxes, as
             ``(name, source)`` with source ``env:VARIABLE`` or ``file:/path``,
             resolved in the parent at task start. Nothing else is granted.
@@ -242,7 +227,7 @@ class IsolationPolicy:
                 f"uid_count: the range from uid_start {self.uid_start} may end at uid {MAX_ID}, "
                 f"got {self.uid_count} uids"
             )
-        _check_seccomp(self.seccomp_profile)
+        _check_seccomp(self.seccomp_profile, self.runtime)
         _check_secrets(self.secrets)
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not -1 <= self.gpus <= 64:
             raise PolicyError(f"gpus: expected 0 (none), a count up to 64, or -1 (all), got {self.gpus!r}")
@@ -282,7 +267,9 @@ class IsolationPolicy:
     def describe(self) -> dict[str, Any]:
         """The effective policy as plain data (secret sources, not values)."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["seccomp_profile"] = "custom" if self.seccomp_profile else "engine default"
+        out["seccomp_profile"] = (
+            "custom, within the executor's default" if self.seccomp_profile else "executor default"
+        )
         out["secrets"] = {name: source for name, source in self.secrets}
         out["preload"] = list(self.preload)
         return out

@@ -265,12 +265,15 @@ class Executor:
 
         Raises:
             BackendError: The engine is unreachable or a policy's image is missing.
+            PolicyError: The engine's runtime would not enforce a policy (see
+                :meth:`~executor.backends.docker.DockerBackend.check_runtime`).
             ProjectDatabaseError: The reap before the first task could not close
                 dead executors' ledger rows.
         """
         policies = self._warm_policies() if self._warm else []
         for policy in policies:
             self._check_image(policy.image)
+            self.backend.check_runtime(policy)
         self._reap_once()
         pools = [p for p in map(self.pool_for, policies) if p is not None]
         if wait is None:
@@ -356,7 +359,9 @@ class Executor:
             (or was given up on after :data:`HOOK_DRAIN_S`).
 
         Raises:
-            ConfigurationError: The protocol, data or task is unusable.
+            ConfigurationError: The protocol, data or task is unusable, or the
+                engine's runtime would not enforce the policy (``PolicyError``:
+                a seccomp profile under a runsc registered without --oci-seccomp).
             BackendError: The engine is unreachable, the image is missing, or
                 the container could not be created or started.
             CapacityError: Every sandbox uid of the policy's range is held by
@@ -387,6 +392,7 @@ class Executor:
                 "run_on_new_data_only needs a project database to know what was processed: pass db="
             )
         self._check_image(policy.image)
+        self.backend.check_runtime(policy)
         self._reap_once()
         files = scan(data_dir)
         # The workspace holds the bundle, which every batch's container mounts.

@@ -82,6 +82,10 @@ class ContainerBackend(Protocol):
         """Raise ``ImageNotFoundError`` unless ``image`` exists locally."""
         ...
 
+    def check_runtime(self, policy: IsolationPolicy) -> None:
+        """Raise ``PolicyError`` if the engine's runtime for ``policy`` would not enforce all of it."""
+        ...
+
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) a container; return its id."""
         ...

@@ -24,6 +24,7 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
+from executor import seccomp
 from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
 from executor.backends.cgroups import CgroupPaths, OomWatch, Usage, paths_of, readable
 from executor.errors import (
@@ -32,6 +33,7 @@ from executor.errors import (
     ContainerError,
     EngineUnavailableError,
     ImageNotFoundError,
+    PolicyError,
 )
 from executor.policy import IsolationPolicy
 
@@ -76,11 +78,32 @@ _FOLLOW_POLL_S = 0.2
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """The engine facts ``doctor`` reports."""
+    """The engine facts ``doctor`` reports.
+
+    Attributes:
+        version: The engine's version.
+        cgroup_version: ``1`` or ``2``.
+        runtimes: The OCI runtimes it knows, by name.
+        runtime_args: Each runtime's registered arguments (``runtimeArgs``).
+    """
 
     version: str
     cgroup_version: str
     runtimes: tuple[str, ...]
+    runtime_args: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def args_of(self, runtime: str) -> tuple[str, ...] | None:
+        """The arguments ``runtime`` is registered with, or None if the engine does not know it."""
+        if runtime not in self.runtimes:
+            return None
+        return dict(self.runtime_args).get(runtime, ())
+
+
+# The one line a runsc task with a seccomp profile gets when gVisor would ignore the profile.
+RUNSC_IGNORES_SECCOMP = (
+    "seccomp_profile: the engine's runsc runtime is registered without --oci-seccomp, so gVisor "
+    "would ignore the profile; run `sudo make runsc` to re-register it, or use runtime runc"
+)
 
 
 def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
@@ -97,10 +120,9 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     p: IsolationPolicy = spec.policy
     if p.uid is None:
         raise ConfigurationError("the container's policy has no uid: lease one (executor.uids) and pin it")
-    security_opt = ["no-new-privileges:true"]
-    if p.seccomp_profile:
-        # docker-py wants the profile's JSON text here, not a path.
-        security_opt.append(f"seccomp={p.seccomp_profile}")
+    # Always a profile of our own (executor.seccomp), never the engine's
+    # default; docker-py wants the profile's JSON text here, not a path.
+    security_opt = ["no-new-privileges:true", f"seccomp={seccomp.profile_json(p.seccomp_profile, p.runtime)}"]
     device_requests = [DeviceRequest(count=p.gpus, capabilities=[["gpu"]])] if p.gpus else []
     # RLIMIT_FSIZE, in bytes: a write past it fails with EFBIG (Python ignores SIGXFSZ).
     fsize = [Ulimit(name="fsize", soft=p.file_size_bytes, hard=p.file_size_bytes)] if p.file_size_mb else []
@@ -242,18 +264,50 @@ class DockerBackend:
             BackendError: It answered with an error.
         """
         info = self._call("engine info", lambda: self.client.info())
+        runtimes = info.get("Runtimes") or {}
         return EngineInfo(
             str(info.get("ServerVersion", "?")),
             str(info.get("CgroupVersion", "?")),
-            tuple(sorted(info.get("Runtimes", {}))),
+            tuple(sorted(runtimes)),
+            tuple(
+                (name, tuple(str(a) for a in (entry or {}).get("runtimeArgs") or ()))
+                for name, entry in sorted(runtimes.items())
+            ),
         )
+
+    def check_runtime(self, policy: IsolationPolicy) -> None:
+        """Refuse a policy the engine's runtime would not enforce.
+
+        A seccomp profile under runsc needs gVisor registered with
+        ``--oci-seccomp``; without it gVisor ignores the profile. (The
+        default profile is not refused there: gVisor's own kernel keeps
+        locks and watches inside the sandbox.) A runtime the engine does not
+        know fails at create, naming it.
+
+        Raises:
+            PolicyError: The policy has a seccomp profile and runsc would ignore it.
+            EngineUnavailableError: The engine cannot be reached.
+        """
+        if policy.runtime != "runsc" or not policy.seccomp_profile:
+            return
+        args = self.engine_info().args_of("runsc")
+        if args is not None and not seccomp.runsc_applies_profiles(args):
+            raise PolicyError(RUNSC_IGNORES_SECCOMP)
 
     def runtimes(self) -> list[str]:
         """The OCI runtimes the engine knows."""
         return list(self.engine_info().runtimes)
 
     def create(self, spec: ContainerSpec) -> str:
-        """Create the task's container; nothing runs yet."""
+        """Create the task's container; nothing runs yet.
+
+        Raises:
+            PolicyError: The engine's runtime would not enforce the policy
+                (see :meth:`check_runtime`).
+            ImageNotFoundError: The policy's image is not built.
+            ContainerError: The engine refused the container.
+        """
+        self.check_runtime(spec.policy)
         kwargs = container_kwargs(spec)
         try:
             container = self._retrying("container create", lambda: self.client.containers.create(**kwargs))

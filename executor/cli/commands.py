@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = policy_sub.add_parser("show", help="print a project's effective policy as JSON")
     show.add_argument("file", type=Path, metavar="FILE")
     show.add_argument("--project", default="default", metavar="NAME")
+    show.add_argument(
+        "--seccomp",
+        action="store_true",
+        help="print the seccomp profile the project's sandboxes get (the executor's default, "
+        "or the policy's own within it) instead",
+    )
     results = sub.add_parser("results", help="show the result rows tasks saved in the project database")
     _add_db(results)
     results.add_argument("--project", default="default", metavar="NAME")
@@ -297,7 +303,13 @@ def _policy(args: argparse.Namespace) -> int:
         names = ", ".join(sorted(policies.projects)) or "none"
         print(f"{args.file}: OK ([default] and {len(policies.projects)} project(s): {names})")
         return EXIT_OK
-    print(json.dumps(policies.for_project(args.project).describe(), indent=2))
+    policy = policies.for_project(args.project)
+    if args.seccomp:
+        from executor.seccomp import profile_json
+
+        print(json.dumps(json.loads(profile_json(policy.seccomp_profile, policy.runtime)), indent=2))
+        return EXIT_OK
+    print(json.dumps(policy.describe(), indent=2))
     return EXIT_OK
 
 

@@ -11,6 +11,7 @@ from executor.dataview import view_method
 from executor.errors import SandboxExecutorError
 from executor.policy import DEFAULT_IMAGE
 from executor.projectdb import default_db_path
+from executor.seccomp import runsc_applies_profiles
 from executor.taskdir import default_base_dir, default_spool_dir
 from executor.uids import default_uid_dir
 
@@ -58,6 +59,22 @@ def checks(data_dir: Path | None = None) -> list[Check]:
             required=False,
         )
     )
+    runsc_args = info.args_of("runsc")
+    if runsc_args is not None:
+        # gVisor ignores a container's seccomp profile unless started with --oci-seccomp.
+        applies = runsc_applies_profiles(runsc_args)
+        out.append(
+            Check(
+                "runsc seccomp",
+                applies,
+                "gVisor applies the sandbox's seccomp profile"
+                if applies
+                else "runsc is registered without --oci-seccomp: gVisor ignores seccomp profiles, "
+                "so runsc tasks whose policy has a seccomp_profile are refused",
+                "sudo make runsc (re-registers runsc with --oci-seccomp)",
+                required=False,
+            )
+        )
     for image, fix in IMAGES.items():
         try:
             backend.check_image(image)

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo, Usage
 from executor.errors import ContainerError, ImageNotFoundError
+from executor.policy import IsolationPolicy
 
 # What an engine reports for a container ended by SIGKILL (128 + 9).
 SIGKILL_EXIT = 137
@@ -258,6 +259,9 @@ class FakeBackend:
         self._record("check_image", image)
         if self.images is not None and image not in set(self.images):
             raise ImageNotFoundError(f"sandbox image {image} is not built; run `make images`")
+
+    def check_runtime(self, policy: IsolationPolicy) -> None:
+        """Accept every policy: the fake enforces nothing (it proves supervision logic only)."""
 
     def create(self, spec: ContainerSpec) -> str:
         """A new container, or the scripted error of this call."""

@@ -13,6 +13,7 @@ from executor.backends import ContainerSpec, Mount
 from executor.backends.docker import RETRIES, DockerBackend, container_kwargs, host_pids_cap
 from executor.errors import ConfigurationError, ContainerError, EngineUnavailableError, ImageNotFoundError
 from executor.policy import IsolationPolicy
+from executor.seccomp import default_profile_json
 
 
 def _spec(policy: IsolationPolicy | None = None) -> ContainerSpec:
@@ -30,7 +31,7 @@ def test_hardening_is_always_on():
     kw = container_kwargs(_spec())
     assert kw["network_mode"] == "none"
     assert kw["cap_drop"] == ["ALL"]
-    assert kw["security_opt"] == ["no-new-privileges:true"]
+    assert kw["security_opt"] == ["no-new-privileges:true", f"seccomp={default_profile_json('runc')}"]
     assert kw["privileged"] is False
     assert kw["read_only"] is True
     assert kw["init"] is False  # pid 1 is the runtime's own, untraceable init

@@ -52,3 +52,22 @@ def test_doctor_says_how_a_given_datasource_would_be_viewed(monkeypatch, tmp_pat
     assert by_name["data views"].detail.startswith("hard links")  # one filesystem here
     by_name = {c.name: c for c in doctor.checks()}
     assert by_name["data views"].detail.startswith("hard links where the data shares a filesystem")
+
+
+def test_doctor_tells_whether_gvisor_applies_seccomp_profiles(monkeypatch):
+    monkeypatch.setattr(DockerBackend, "check_image", lambda self, image: None)
+    registered = {
+        "without": ("--network=none", "--host-uds=open"),
+        "with": ("--network=none", "--host-uds=open", "--oci-seccomp"),
+    }
+    found = {}
+    for name, args in registered.items():
+        info = EngineInfo("20.10", "2", ("runc", "runsc"), (("runc", ()), ("runsc", args)))
+        monkeypatch.setattr(DockerBackend, "engine_info", lambda self, info=info: info)
+        found[name] = {c.name: c for c in doctor.checks()}["runsc seccomp"]
+    assert found["with"].ok
+    assert not found["without"].ok and not found["without"].required
+    assert "--oci-seccomp" in found["without"].detail and "sudo make runsc" in found["without"].fix
+    # No runsc at all: nothing to say about its seccomp.
+    monkeypatch.setattr(DockerBackend, "engine_info", lambda self: EngineInfo("20.10", "2", ("runc",)))
+    assert "runsc seccomp" not in {c.name for c in doctor.checks()}

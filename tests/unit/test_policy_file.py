@@ -14,6 +14,7 @@ from executor.errors import PolicyError
 from executor.policy import IsolationPolicy
 from executor.policy_file import load_policy_file
 from executor.runner import resolve_secrets
+from executor.seccomp import default_profile_json
 
 STRICT_PROFILE = {
     "defaultAction": "SCMP_ACT_ERRNO",
@@ -118,14 +119,21 @@ def test_seccomp_and_gpus_reach_the_engine_arguments(tmp_path):
     policy = IsolationPolicy(seccomp_profile=json.dumps(STRICT_PROFILE), gpus=1, uid=10_001)
     kw = container_kwargs(ContainerSpec(name="n", command=["x"], policy=policy, mounts=[]))
     assert kw["security_opt"][0] == "no-new-privileges:true"
-    assert json.loads(kw["security_opt"][1].removeprefix("seccomp=")) == STRICT_PROFILE
+    # The policy's profile, within the default (clone3 is always "not implemented" under runc).
+    assert json.loads(kw["security_opt"][1].removeprefix("seccomp=")) == {
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "syscalls": [
+            {"names": ["read"], "action": "SCMP_ACT_ALLOW", "args": []},
+            {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38, "args": []},
+        ],
+    }
     assert kw["device_requests"][0].count == 1
-    assert (
-        container_kwargs(
-            ContainerSpec(name="n", command=["x"], policy=IsolationPolicy(uid=10_001), mounts=[])
-        )["device_requests"]
-        == []
+    plain = container_kwargs(
+        ContainerSpec(name="n", command=["x"], policy=IsolationPolicy(uid=10_001), mounts=[])
     )
+    assert plain["device_requests"] == []
+    # No profile: the executor's default, never the engine's.
+    assert plain["security_opt"][1] == f"seccomp={default_profile_json('runc')}"
 
 
 def test_secrets_resolve_from_env_and_file_only_when_granted(tmp_path, monkeypatch):
@@ -149,7 +157,7 @@ def test_cli_policy_check_and_show(tmp_path, capsys):
     assert (shown["runtime"], shown["memory_mb"], shown["seccomp_profile"]) == (
         "runsc",
         256,
-        "engine default",
+        "executor default",
     )
     bad = _write(tmp_path, "[default]\nprivileged = true\n")
     assert main(["policy", "check", str(bad)]) == 2

@@ -171,6 +171,9 @@ class _Backend:
     def check_image(self, image: str) -> None:
         pass
 
+    def check_runtime(self, policy: object) -> None:
+        pass
+
     def list_managed(self) -> list[tuple[str, dict[str, str]]]:
         return []
 

@@ -577,12 +577,16 @@ def probe_setns_refused(env):
 
     Runc: the seccomp filter (and no CAP_SYS_ADMIN) answers EPERM, even for
     the sandbox's own namespaces, which an unfiltered process with the
-    capability could join. gVisor does not implement setns: EOPNOTSUPP.
-    Pid 1's namespace files may instead be closed to us (init is not
+    capability could join. gVisor does not implement setns: EOPNOTSUPP,
+    unless gVisor applies the sandbox's seccomp profile (registered with
+    --oci-seccomp; its /proc then shows Seccomp: 2), which refuses it first:
+    EPERM. Pid 1's namespace files may instead be closed to us (init is not
     dumpable): EACCES/EPERM on open. A namespace file that will not open for
     another reason proves nothing, and does not count as a refusal.
     """
-    want = _ename(errno.EOPNOTSUPP) if env.gvisor else "EPERM"
+    want = "EPERM"
+    if env.gvisor and _status_field("Seccomp") != "2":
+        want = _ename(errno.EOPNOTSUPP)
     present = GVISOR_NAMESPACES if env.gvisor else NAMESPACES
 
     def join():
