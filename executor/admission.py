@@ -25,7 +25,6 @@ unbounded backlog.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import itertools
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from executor.errors import CapacityError, host_errors
+from executor.flocks import HeldLock, try_lock
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +61,22 @@ def default_max_starting() -> int:
     return max(2, min(MAX_STARTING, 2 * cpus))
 
 
-class Permit:
+class Permit(HeldLock):
     """One sandbox's right to be starting; :meth:`release` it once the sandbox booted (or ended).
 
     Attributes:
+        index: Which of the host's permit files it holds.
         waited_s: How long the task waited in line for it.
     """
 
     def __init__(self, gate: StartGate, fd: int, index: int, waited_s: float) -> None:
+        super().__init__(fd)
         self._gate = gate
-        self._fd: int | None = fd
         self.index = index
         self.waited_s = waited_s
-        self._lock = threading.Lock()
 
-    @property
-    def held(self) -> bool:
-        """Whether the permit is still held."""
-        return self._fd is not None
-
-    def release(self) -> None:
-        """Give the permit back (the next in line gets it); safe to call more than once."""
-        with self._lock:
-            fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # drops the flock
-            self._gate._released()
-
-    def __enter__(self) -> Permit:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
+    def _released(self) -> None:
+        self._gate._released()
 
 
 class StartGate:
@@ -236,18 +220,9 @@ class StartGate:
     def _try_host(self) -> tuple[int, int] | None:
         """Lock one of the host's permit files; ``(fd, index)`` or ``None`` if all are held."""
         for index in range(self.limit):
-            path = self.lock_dir / f"start-{index}.lock"
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            except OSError as exc:
-                log.debug("start permit %d: cannot open %s (%s)", index, path, exc.strerror)
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue
-            return fd, index
+            fd = try_lock(self.lock_dir / f"start-{index}.lock")
+            if fd is not None:
+                return fd, index
         return None
 
     def _released(self) -> None:

@@ -15,15 +15,14 @@ with its process even if that process is killed. The files themselves stay
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
-from types import TracebackType
 
 from executor.errors import CapacityError, host_errors
+from executor.flocks import HeldLock, try_lock
 from executor.policy import IsolationPolicy
 
 log = logging.getLogger(__name__)
@@ -46,36 +45,12 @@ def default_uid_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"sandbox-executor-uids-{os.geteuid()}"
 
 
-class UidLease:
+class UidLease(HeldLock):
     """One uid held for one task; release it (or leave the ``with``) when the task ends."""
 
     def __init__(self, uid: int, fd: int) -> None:
+        super().__init__(fd)
         self.uid = uid
-        self._fd: int | None = fd
-        self._lock = threading.Lock()
-
-    @property
-    def held(self) -> bool:
-        """Whether the lease still holds its uid."""
-        return self._fd is not None
-
-    def release(self) -> None:
-        """Give the uid back; safe to call more than once."""
-        with self._lock:
-            fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # drops the flock
-
-    def __enter__(self) -> UidLease:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
 
 
 class UidPool:
@@ -124,19 +99,10 @@ class UidPool:
         )
 
     def _try_lock(self, uid: int) -> int | None:
-        path = self.lock_dir / f"{uid}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            log.debug("uid %d: cannot open %s (%s); treating it as taken", uid, path, exc.strerror)
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return None
-        with contextlib.suppress(OSError):
-            # For an operator wondering who holds it; never read by the code.
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+        fd = try_lock(self.lock_dir / f"{uid}.lock")
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                # For an operator wondering who holds it; never read by the code.
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
         return fd
