@@ -396,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a warm sandbox: wait on the start line for a task as long as the parent lives",
     )
     args = parser.parse_args(argv)
+    # A cancel reaches protocol code as SIGINT (see Heartbeat._listen), which
+    # must raise KeyboardInterrupt here. Python installs that handler only when
+    # it starts with SIGINT at its default; one ignored by whatever launched
+    # the sandbox (a shell's background job, nohup, a CI runner) stays ignored
+    # across init's fork and exec, and every cancel would then end in a kill.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _configure_logging()
     if args.preload:
         _preload(args.preload)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -349,7 +350,24 @@ def _cancel_on_run_start(cancel: threading.Event) -> Callable[[ProgressUpdate], 
     return on_progress
 
 
-def test_a_cancelled_protocol_stops_gracefully_and_is_not_killed(kit, make_protocol, data):
+@pytest.fixture(params=["default", "ignored"])
+def inherited_sigint(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The SIGINT disposition the sandbox's processes inherit from whatever started them.
+
+    A shell's background job, ``nohup`` and some CI runners start everything
+    with SIGINT ignored, and an ignored signal stays ignored across fork and
+    exec: the host runtime here inherits it from this process (a Python
+    handler, by contrast, reaches it as the default).
+    """
+    disposition = signal.SIG_IGN if request.param == "ignored" else signal.default_int_handler
+    previous = signal.signal(signal.SIGINT, disposition)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_cancelled_protocol_stops_gracefully_and_is_not_killed(kit, make_protocol, data, inherited_sigint):
     source = "import time\n\ndef run(ctx):\n    ctx.progress.run_start()\n    time.sleep(60)\n"
     cancel = threading.Event()
     ex = kit.executor(FakeBackend(kit.runtime()))
