@@ -175,13 +175,25 @@ class BulkServer:
         except Exception:
             log.exception("task %s: bulk transfer failed", self.name)
         finally:
-            if ticket is not None:
-                _discard([ticket])
+            self._release(conn)
             with contextlib.suppress(OSError):
                 conn.close()
+            if ticket is not None:
+                _discard([ticket])
             with self._lock:
-                self._conns.discard(conn)
                 self._threads.discard(threading.current_thread())
+
+    def _release(self, conn: socket.socket) -> None:
+        """Stop counting ``conn`` against :data:`MAX_CONNECTIONS`; safe twice.
+
+        Called before the sandbox can see its transfer end (the status, the
+        end-of-file, the close), and nothing that waits on the sandbox follows
+        it: a sandbox that opens its next transfer the moment one ends must
+        find the slot free, not lose the race to this thread's clean-up (a
+        spool file to delete, a busy host's scheduling).
+        """
+        with self._lock:
+            self._conns.discard(conn)
 
     def _read_header(self, conn: socket.socket) -> _Ticket | None:
         """The ticket a well-formed header with the right token names, else ``None`` (connection refused).
@@ -209,6 +221,7 @@ class BulkServer:
             # What went down was authentic; the sandbox sees a short body and drops it.
             log.error("task %s: %s", self.name, exc)
             return
+        self._release(conn)
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_WR)
 
@@ -237,6 +250,8 @@ class BulkServer:
         except Exception:
             log.exception("task %s: bulk send failed", self.name)
             status = b"INTERNAL internal error"
+        # At most BULK_STATUS_MAX_BYTES into a send buffer nothing else used: it cannot block.
+        self._release(conn)
         conn.sendall(status)
         with contextlib.suppress(OSError):
             conn.shutdown(socket.SHUT_WR)

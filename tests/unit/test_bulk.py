@@ -13,6 +13,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -328,6 +329,44 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_the_first_still_work(
     assert sends.bodies == [b"0123456789"] * cap
     # The extra connection never used its ticket: it still serves once the others are done.
     assert ended(connect(server, header(extra_ticket) + b"abcdefghij")) == b"OK"
+
+
+@dataclass
+class SlowToDiscard(Incoming):
+    """A body whose clean-up takes until ``go`` is set, as deleting a large spool file on a busy disk may."""
+
+    go: threading.Event = field(default_factory=threading.Event)
+
+    def discard(self) -> None:
+        self.go.wait(WAIT_S)
+        super().discard()
+
+
+def test_a_transfer_frees_its_connection_slot_before_the_sandbox_sees_it_end(server, monkeypatch):
+    # A sandbox with as many transfers going as the cap allows starts its next one the
+    # moment one ends: the parent's clean-up after that end must not cost it the slot.
+    monkeypatch.setattr(bulk_module, "IDLE_TIMEOUT_S", 10.0)  # the held transfers outlast a slow run
+    sends = Sends()
+    held_tickets = [server.offer_send(10, sends) for _ in range(MAX_CONNECTIONS - 1)]
+    assert None not in held_tickets
+    held = [connect(server, header(t) + b"01234") for t in held_tickets]
+    body = SlowToDiscard("ALGORITHM_EXCHANGE", 13, body=b"model weights")
+    try:
+        ticket = server.offer_receive(body)
+        assert ticket is not None
+        assert drain(connect(server, header(ticket)))[:2] == (b"model weights", "eof")
+        # The held connections were accepted before it (in order) and still count; a ticket
+        # slot is free once a connection has presented its ticket.
+        offered: list[bytes | None] = []
+        assert wait_for(lambda: offered.append(server.offer_send(10, sends)) or offered[-1] is not None)
+        following = offered[-1]
+        assert following is not None
+        assert ended(connect(server, header(following) + b"0123456789")) == b"OK"
+    finally:
+        body.go.set()
+        for sock in held:
+            sock.close()
+    assert sends.bodies == [b"0123456789"]
 
 
 def test_offers_beyond_the_ticket_cap_return_none(server):
