@@ -54,6 +54,8 @@ MAX_CONNECTIONS = 4
 """Bulk connections served at once per task; more are closed as they come."""
 MAX_TICKETS = 4
 """Tickets one task may hold unused at once."""
+BACKLOG = MAX_TICKETS
+"""Connections the listener queues before a connect fails (Linux queues one more)."""
 TICKET_TTL_S = 30.0
 HEADER_TIMEOUT_S = 5.0
 IDLE_TIMEOUT_S = 60.0
@@ -90,7 +92,11 @@ class BulkServer:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(str(path))
-            self._listener.listen(MAX_CONNECTIONS)
+            # Room for every connection the sandbox can have waiting while the
+            # acceptor lags: each presents its own unused ticket, so at most
+            # MAX_TICKETS. Past the backlog a connect fails at once with EAGAIN
+            # (the runtime then retries it; see executor/sandbox/context.py).
+            self._listener.listen(BACKLOG)
         except OSError:
             self._listener.close()
             raise

@@ -64,6 +64,9 @@ RATE_RETRIES = 12
 RATE_BACKOFF_S = 0.005
 # Generous: a 256 MiB body at tens of MiB/s still fits.
 BULK_TIMEOUT_S = 600.0
+# While the bulk socket's backlog is full, the connect is retried this often (doubling up to the max).
+CONNECT_RETRY_S = 0.002
+CONNECT_RETRY_MAX_S = 0.05
 
 
 class SandboxError(Exception):
@@ -157,7 +160,7 @@ class ParentClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.settimeout(BULK_TIMEOUT_S)
-            sock.connect(self.bulk_path)
+            _connect_within(sock, self.bulk_path, time.monotonic() + BULK_TIMEOUT_S)
             sock.sendall(BULK_MAGIC + bytes([len(token)]) + token + ticket)
         except BaseException:
             sock.close()
@@ -169,6 +172,30 @@ class ParentClient:
         with self._lock:
             self.progress_events += progress
             self.mailbox_ops += mailbox
+
+
+def _connect_within(sock: socket.socket, path: str, deadline: float) -> None:
+    """Connect ``sock`` (it has a timeout) to the Unix socket ``path``, waiting for room till ``deadline``.
+
+    A socket with a timeout is non-blocking underneath, and a non-blocking
+    connect to a Unix listener whose backlog is full fails at once with
+    EAGAIN instead of waiting as a blocking one would: a parent slow to
+    accept (a busy host) must cost this transfer time, not its failure.
+
+    Raises:
+        OSError: Another failure, or no room by ``deadline`` (``TimeoutError``).
+    """
+    delay = CONNECT_RETRY_S
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no room in {path}'s backlog before the deadline") from None
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, CONNECT_RETRY_MAX_S)
 
 
 def _rate_limited(exc: grpc.RpcError) -> bool:

@@ -27,6 +27,7 @@ from executor.rpc import bulk as bulk_module
 from executor.rpc.bulk import BulkServer
 from executor.rpc.server import TaskServer
 from executor.rpc.session import RequestRejected
+from executor.sandbox.context import ParentClient
 from executor.sandbox.contract import BULK_MAGIC, TOKEN_METADATA_KEY
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
@@ -311,11 +312,18 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_the_first_still_work(
     assert None not in tickets
     # Each holds a transfer open, half sent (the idle timeout is longer than this test's waits).
     held = [connect(server, header(t) + b"01234") for t in tickets]
-    # A ticket slot is free once a held connection has presented its ticket.
-    offered: list[bytes | None] = []
-    assert wait_for(lambda: offered.append(server.offer_send(10, sends)) or offered[-1] is not None, WAIT_S)
-    extra_ticket = offered[-1]
-    assert extra_ticket is not None
+    # A ticket slot is free once a held connection has presented its ticket: once there
+    # are as many as held, every held one is being served, and none waits in the backlog
+    # (where the extras would find no room and fail to connect with EAGAIN).
+    offered: list[bytes] = []
+
+    def offer() -> bool:
+        ticket = server.offer_send(10, sends)
+        offered.extend([ticket] if ticket is not None else [])
+        return len(offered) == cap
+
+    assert wait_for(offer, WAIT_S), f"only {len(offered)} of {cap} held connections were served"
+    extra_ticket = offered[0]
     # The acceptor serves connections in order: these come after every held one.
     extras = [connect(server) for _ in range(3)] + [connect(server, header(extra_ticket) + b"0123456789")]
     for sock in extras:
@@ -367,6 +375,87 @@ def test_a_transfer_frees_its_connection_slot_before_the_sandbox_sees_it_end(ser
         for sock in held:
             sock.close()
     assert sends.bodies == [b"0123456789"]
+
+
+@pytest.fixture
+def idle_server(sock_dir: Path, request: pytest.FixtureRequest) -> BulkServer:
+    """A BulkServer listening but not yet accepting (its acceptor lags); closed afterwards."""
+    srv = BulkServer(sock_dir / "bulk.sock", TOKEN, "task-1")
+    request.addfinalizer(srv.close)
+    return srv
+
+
+def sandbox_client(path: Path) -> ParentClient:
+    """The sandbox's own client for the bulk socket at ``path`` (no gRPC needed for it)."""
+    return ParentClient(None, ((TOKEN_METADATA_KEY, TOKEN),), str(path))  # type: ignore[arg-type]
+
+
+def test_the_backlog_holds_every_connection_a_sandbox_can_have_waiting(idle_server):
+    # Each connection a sandbox opens presents its own unused ticket, so the cap on
+    # tickets bounds how many can wait for a lagging acceptor: all of them must get
+    # in at once (a connect with a timeout beyond the backlog fails with EAGAIN).
+    sends = Sends()
+    tickets = [idle_server.offer_send(10, sends) for _ in range(MAX_TICKETS)]
+    assert None not in tickets
+    waiting = []
+    try:
+        for i, ticket in enumerate(tickets):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            waiting.append(sock)
+            sock.settimeout(WAIT_S)
+            try:
+                sock.connect(str(idle_server.path))
+            except BlockingIOError:
+                pytest.fail(f"connection {i + 1} of {MAX_TICKETS} found the backlog full")
+            sock.sendall(header(ticket) + b"0123456789")
+        idle_server.start()
+        assert [ended(sock) for sock in waiting] == [b"OK"] * MAX_TICKETS
+    finally:
+        for sock in waiting:
+            sock.close()
+    assert sends.bodies == [b"0123456789"] * MAX_TICKETS
+
+
+def test_the_sandbox_waits_for_room_in_a_full_backlog_instead_of_failing(sock_dir):
+    # However the backlog filled up, a parent slow to accept costs the sandbox's
+    # transfer time, not its failure.
+    path = sock_dir / "bulk.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    accepted: list[socket.socket] = []
+
+    def make_room() -> None:
+        with contextlib.suppress(OSError):
+            accepted.append(listener.accept()[0])
+
+    # The listener makes room only after the sandbox has found the backlog full.
+    accepter = threading.Timer(PROMPTLY_S, make_room)
+    try:
+        listener.bind(str(path))
+        listener.listen(1)
+        while True:
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            fillers.append(filler)
+            filler.setblocking(False)
+            try:
+                filler.connect(str(path))
+            except BlockingIOError:
+                break
+        listener.settimeout(WAIT_S)
+        accepter.start()
+        ticket = secrets.token_bytes(16)
+        with sandbox_client(path).bulk_connect(ticket):
+            accepter.join(WAIT_S)
+            for _ in fillers[1:]:
+                accepted.append(listener.accept()[0])
+            conn = accepted[-1]
+            conn.settimeout(WAIT_S)
+            assert conn.recv(len(header(ticket))) == header(ticket)
+    finally:
+        accepter.cancel()
+        for s in (*fillers, *accepted, listener):
+            s.close()
+        accepter.join(WAIT_S)
 
 
 def test_offers_beyond_the_ticket_cap_return_none(server):
