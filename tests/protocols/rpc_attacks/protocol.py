@@ -1370,6 +1370,53 @@ def _bulk_ticket(stub: Any, a: Attacker, size: int) -> bytes:
     ).ticket
 
 
+TABLE_FULL = "too many bulk transfers are open at once"
+
+
+def _ticket_if_room(stub: Any, a: Attacker) -> bytes | None:
+    """A 10-byte send ticket, or ``None`` while the parent's ticket table is full (a rate refusal waits)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        try:
+            return _bulk_ticket(stub, a, 10)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+            if exc.details() == TABLE_FULL:
+                return None
+            time.sleep(0.02)
+
+
+def _whole_table(stub: Any, a: Attacker) -> list[bytes]:
+    """Every slot of the parent's ticket table, as 10-byte send tickets got as the slots free up.
+
+    A ticket leaves the table when a connection presents it: once this has
+    them all, the parent has read the header of every connection made with an
+    earlier ticket and is serving it. That is what the attacker knows for
+    certain, where a sleep only makes it likely. Fewer than the cap means not
+    within ``TIMEOUT_S``. The caller spends them (:func:`_spend`).
+    """
+    cap = int(a.limits["bulk_max_tickets"])
+    tickets: list[bytes] = []
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(tickets) < cap and time.monotonic() < deadline:
+        ticket = _ticket_if_room(stub, a)
+        if ticket is None:
+            time.sleep(0.02)
+        else:
+            tickets.append(ticket)
+    return tickets
+
+
+def _spend(checks: Checks, a: Attacker, label: str, tickets: list[bytes]) -> None:
+    """Present each 10-byte ticket with no body: refused as short, nothing sent, its slot free again."""
+    for i, ticket in enumerate(tickets):
+        state, got, _ = _bulk_end(_bulk_connect(_bulk_header(a.token, ticket), close_write=True))
+        checks.true(
+            f"{label} {i + 1} spent", (state, got) == ("closed", _short(10)), f"{state} {got[:200]!r}"
+        )
+
+
 def _short(missing: int) -> bytes:
     """The status a body that ends ``missing`` bytes early gets: the parent held the transfer till then."""
     return f"INVALID_ARGUMENT the body ended {missing} bytes short of its size".encode()
@@ -1465,7 +1512,12 @@ def attack_bulk_ticket_reuse(a: Attacker) -> tuple[bool, str]:
     try:
         ticket = _bulk_ticket(stub, a, size)
         first = _bulk_connect(_bulk_header(a.token, ticket) + body[:half])
-        time.sleep(1.0)  # the parent has read its header and taken the ticket
+        table = _whole_table(stub, a)
+        checks.true(
+            "the parent took the ticket from the first connection",
+            len(table) == int(a.limits["bulk_max_tickets"]),
+            f"{len(table)} tickets to be had within {TIMEOUT_S:g} s",
+        )
         how = _bulk_end(_bulk_connect(_bulk_header(a.token, ticket) + body, close_write=True))
         _refused_at_once(checks, "the same ticket while its transfer runs", how, 5.0)
         try:
@@ -1480,6 +1532,7 @@ def attack_bulk_ticket_reuse(a: Attacker) -> tuple[bool, str]:
         for i in range(3):
             how = _bulk_end(_bulk_connect(_bulk_header(a.token, ticket) + body, close_write=True))
             _refused_at_once(checks, f"the ticket after its send, try {i + 1}", how, 5.0)
+        _spend(checks, a, "table ticket", table)
         # A ticket whose transfer failed is spent too.
         failed = _bulk_ticket(stub, a, 10)
         state, got, _ = _bulk_end(_bulk_connect(_bulk_header(a.token, failed) + b"01", close_write=True))
@@ -1534,7 +1587,7 @@ def attack_bulk_open_limits(a: Attacker) -> tuple[bool, str]:
             f"unused ticket {cap + 1}",
             open_(pb.TRAINING_UPDATE, 10),
             "RESOURCE_EXHAUSTED",
-            "too many bulk transfers are open at once",
+            TABLE_FULL,
         )
         # Spend them, so that the tickets' slots are free again.
         for i, ticket in enumerate(tickets):
@@ -1567,6 +1620,39 @@ def _hold_transfers(a: Attacker, stub: Any, n: int) -> list[socket.socket]:
     return held
 
 
+def _hold_served(a: Attacker, stub: Any, n: int) -> tuple[list[socket.socket], list[bytes]]:
+    """Like :func:`_hold_transfers`, each connection retried until the parent serves it.
+
+    A connection the parent has no room for yet (it has not seen the end of
+    earlier ones) is closed at once, its ticket unused. With the ticket table
+    full, a slot frees only when the parent takes a ticket: that tells a
+    served connection from one still waiting, without a sleep. Returns the
+    held connections and a table's worth of unused tickets, for the caller to
+    spend (:func:`_spend`); a connection not served within ``TIMEOUT_S`` is
+    held anyway, and the caller's checks show it.
+    """
+    tickets = _whole_table(stub, a)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            ticket = tickets.pop()
+            first = _bulk_header(a.token, ticket) + b"01234"
+            s = _bulk_connect(first)
+            deadline = time.monotonic() + TIMEOUT_S
+            while (fresh := _ticket_if_room(stub, a)) is None and time.monotonic() < deadline:
+                if select.select([s], [], [], 0.02)[0]:  # closed at once: try again
+                    s.close()
+                    s = _bulk_connect(first)
+            held.append(s)
+            if fresh is not None:
+                tickets.append(fresh)
+    except BaseException:
+        for s in held:
+            s.close()
+        raise
+    return held, tickets
+
+
 def _release(checks: Checks, label: str, held: list[socket.socket]) -> None:
     """End each held transfer short: its status shows the parent was still serving it."""
     for i, s in enumerate(held):
@@ -1588,7 +1674,12 @@ def attack_bulk_connection_flood(a: Attacker) -> tuple[bool, str]:
     stub = pb_grpc.SandboxStub(channel)
     try:
         held = _hold_transfers(a, stub, cap)
-        time.sleep(1.0)  # each has presented its ticket and is being served
+        table = _whole_table(stub, a)
+        checks.true(
+            f"all {cap} held transfers are being served",
+            len(table) == int(a.limits["bulk_max_tickets"]),
+            f"{len(table)} tickets to be had within {TIMEOUT_S:g} s",
+        )
         extras = []
         errors: list[str] = []
         for _ in range(extra_n):
@@ -1614,8 +1705,9 @@ def attack_bulk_connection_flood(a: Attacker) -> tuple[bool, str]:
         a.normal_calls_work(
             checks, f"while {cap} bulk transfers are held and {extra_n} more refused", channel
         )
+        # Each slot is free once its status has been read.
         _release(checks, "held transfer", held)
-        time.sleep(0.5)
+        _spend(checks, a, "table ticket", table)
         _release(checks, "a transfer after the flood", _hold_transfers(a, stub, cap))
         a.normal_calls_work(checks, "after the bulk flood", channel)
     finally:
@@ -1650,9 +1742,10 @@ def attack_bulk_short_body(a: Attacker) -> tuple[bool, str]:
         a.normal_calls_work(checks, f"while {cap} bulk sends hang short", channel)
         for s in hung:
             s.close()
-        time.sleep(1.0)
-        # Every slot came back: as many transfers as the cap are served again.
-        _release(checks, "a transfer after the hung ones closed", _hold_transfers(a, stub, cap))
+        # Every slot comes back: as many transfers as the cap are served again.
+        held, spare = _hold_served(a, stub, cap)
+        _release(checks, "a transfer after the hung ones closed", held)
+        _spend(checks, a, "spare ticket", spare)
         a.normal_calls_work(checks, "after short bulk bodies", channel)
     finally:
         _close(channel)
