@@ -29,6 +29,7 @@ import pytest
 from executor import resultrows
 from executor.errors import ProjectDatabaseError
 from executor.resultrows import TaskRows
+from executor.rpc import limits as limits_module
 from executor.rpc import session as session_module
 from executor.rpc.limits import RATE_BURST, RATE_LIMITED, RATE_PER_S, ROWS_PER_TOKEN, CallLimiter
 from executor.rpc.server import TaskServer
@@ -47,7 +48,7 @@ from executor.sandbox.contract import (
 )
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
-from tests.unit.conftest import SessionKit
+from tests.unit.conftest import SessionKit, wait_for
 from tests.unit.test_runtime_start import REPO, RUNTIME
 from tests.unit.test_runtime_start import _config as runtime_config
 
@@ -643,11 +644,35 @@ def test_ctx_with_the_parent_gone_raises_report_refused_not_a_grpc_error(make_se
     assert info.value.code == "UNAVAILABLE"
 
 
-def test_ctx_over_the_rate_cap_is_slowed_not_failed(make_session, serve):
-    # A low cap: the burst pays for one full call of rows, so the second
-    # must wait for the budget to refill (about 0.4 s at this rate).
+class StillClock:
+    """The limiter's clock (its ``time``), standing still until the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_ctx_over_the_rate_cap_is_slowed_not_failed(make_session, serve, monkeypatch):
+    # The burst pays for one full call of rows, so the second must wait for the
+    # budget to refill. The limiter's time moves only once the sandbox has been
+    # refused: on real time, a busy machine's gap between the calls (over 0.4 s)
+    # refilled it first, and the cap was never reached.
+    clock = StillClock()
+    monkeypatch.setattr(limits_module, "time", clock)
     s = serve(make_session(), rate_per_s=200.0, burst=1 + MAX_ROWS_PER_CALL // ROWS_PER_TOKEN + 20)
-    s.ctx.save_results({"i": i} for i in range(2 * MAX_ROWS_PER_CALL))
+
+    def refill_once_refused() -> None:
+        if wait_for(lambda: s.client.rate_limited > 0):
+            clock.now += 1.0
+
+    mover = threading.Thread(target=refill_once_refused, name="clock", daemon=True)
+    mover.start()
+    try:
+        s.ctx.save_results({"i": i} for i in range(2 * MAX_ROWS_PER_CALL))
+    finally:
+        mover.join(10.0)
     assert len(s.kit.saved()) == 2 * MAX_ROWS_PER_CALL
     assert s.client.rate_limited > 0, "the cap was never reached: this test shows nothing"
     assert not s.session.finished.is_set(), "refused for rate, never ended for abuse"
