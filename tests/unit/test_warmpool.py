@@ -174,18 +174,22 @@ class Sandboxes:
             ipc = next(m.source for m in container.spec.mounts if m.target == SANDBOX_IPC)
             token = (ipc / TOKEN_NAME).read_text()
             start = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            go = b""
             try:
                 start.connect(str(ipc / START_SOCKET_NAME))
                 start.settimeout(give_up_after or RPC_TIMEOUT)
                 go = start.recv(1)
             except OSError:
-                go = b""
+                pass
             finally:
+                if go != b"\x01" and give_up_after is not None:
+                    # Its last words before it hangs up, as the runtime's: the pool reads
+                    # them once it sees the hang-up, which may be at once.
+                    container.write("stderr", "runtime: gave up waiting\n")
                 start.close()
             if go != b"\x01":
                 self.errors[container.id] = grpc.StatusCode.UNAVAILABLE
                 if give_up_after is not None:
-                    container.write("stderr", "runtime: gave up waiting\n")
                     return ExitInfo(1)
                 container.wait_killed()
                 return None
