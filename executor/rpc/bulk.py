@@ -46,13 +46,15 @@ from executor.sandbox.contract import (
     BULK_STATUS_MAX_BYTES,
     BULK_TICKET_BYTES,
     CHUNK_BYTES,
+    MAX_BULK_CONNECTIONS,
+    MAX_BULK_TICKETS,
 )
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 4
+MAX_CONNECTIONS = MAX_BULK_CONNECTIONS
 """Bulk connections served at once per task; more are closed as they come."""
-MAX_TICKETS = 4
+MAX_TICKETS = MAX_BULK_TICKETS
 """Tickets one task may hold unused at once."""
 BACKLOG = MAX_TICKETS
 """Connections the listener queues before a connect fails (Linux queues one more)."""

@@ -21,7 +21,7 @@ from executor.mailbox.broker import Incoming
 from executor.rpc.bulk import BulkServer
 from executor.rpc.limits import FILES_PER_TOKEN, ROWS_PER_TOKEN, CallLimiter, refusal
 from executor.rpc.session import RequestRejected, SessionRef, TaskSession
-from executor.sandbox.contract import CHUNK_BYTES
+from executor.sandbox.contract import BULK_BUSY_TRAILER, CHUNK_BYTES
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 
@@ -246,7 +246,11 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         size = request.total_size
         ticket = self._bulk.offer_send(size, lambda chunks: session.send_message(message_type, size, chunks))
         if ticket is None:
-            raise RequestRejected("RESOURCE_EXHAUSTED", "too many bulk transfers are open at once")
+            raise RequestRejected(
+                "RESOURCE_EXHAUSTED",
+                "too many bulk transfers are open at once",
+                trailers=((BULK_BUSY_TRAILER, "1"),),
+            )
         return pb.BulkTicket(ticket=ticket)
 
     @_rpc_errors

@@ -31,9 +31,12 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from executor.sandbox.contract import (
+    BULK_BUSY_TRAILER,
     BULK_MAGIC,
     BULK_MIN_BYTES,
     BULK_STATUS_MAX_BYTES,
+    MAX_BULK_CONNECTIONS,
+    MAX_BULK_TICKETS,
     MAX_COLUMN_NAME_CHARS,
     MAX_COLUMNS,
     MAX_ERROR_MESSAGE_CHARS,
@@ -124,6 +127,10 @@ class ParentClient:
         self.metadata = metadata
         # The parent's bulk socket (large bodies as raw bytes), if it has one.
         self.bulk_path = bulk_path
+        # The parent serves so many bulk transfers at once and refuses more (the
+        # contract's caps): a transfer holds a slot from its ticket to its end, and
+        # threads past them wait here instead of failing.
+        self.bulk_slots = threading.BoundedSemaphore(min(MAX_BULK_CONNECTIONS, MAX_BULK_TICKETS))
         self._lock = threading.Lock()
         self.progress_events = 0
         self.mailbox_ops = 0
@@ -200,10 +207,15 @@ def _connect_within(sock: socket.socket, path: str, deadline: float) -> None:
 
 def _rate_limited(exc: grpc.RpcError) -> bool:
     """Whether the parent refused a call only for its rate (the contract's trailer says so)."""
+    return _trailer(exc, RATE_LIMITED_TRAILER)
+
+
+def _trailer(exc: grpc.RpcError, key: str) -> bool:
+    """Whether ``exc`` is a RESOURCE_EXHAUSTED refusal carrying the contract's trailer ``key``."""
     if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return False
     trailers = getattr(exc, "trailing_metadata", lambda: ())() or ()
-    return any(key == RATE_LIMITED_TRAILER for key, _ in trailers)
+    return any(k == key for k, _ in trailers)
 
 
 # Where a bytes object's data starts (CPython: the header, then ob_sval).
@@ -444,8 +456,10 @@ class Mailbox:
                 "RESOURCE_EXHAUSTED",
             )
         self._client.count(mailbox=1)
-        if len(view) >= BULK_MIN_BYTES and self._client.bulk_path is not None:
-            self._send_bulk(kind, message_type, view)
+        # Large bodies go raw over the bulk socket, or over gRPC below when the
+        # parent has no bulk ticket free (receives hold them all).
+        bulk = len(view) >= BULK_MIN_BYTES and self._client.bulk_path is not None
+        if bulk and self._send_bulk(kind, message_type, view):
             return
         if len(view) <= self._chunk:
             op = pb.MailboxOp(send=pb.MessageChunk(type=kind, total_size=len(view), data=bytes(view)))
@@ -476,35 +490,43 @@ class Mailbox:
             code, details = _status(exc)
             raise MailboxError(f"send {message_type} failed: {details}", code) from None
 
-    def _send_bulk(self, kind: str, message_type: str, view: memoryview) -> None:
-        """Send a large body as raw bytes over the bulk socket, after a ticket from the parent."""
-        try:
-            ticket = self._client.call(
-                lambda: self._client.stub.OpenBulkSend(
-                    pb.BulkSendRequest(type=kind, total_size=len(view)),
-                    metadata=self._client.metadata,
-                    timeout=BULK_TIMEOUT_S,
-                )
-            ).ticket
-        except grpc.RpcError as exc:
-            code, details = _status(exc)
-            raise MailboxError(f"send {message_type} failed: {details}", code) from None
-        try:
-            with self._client.bulk_connect(ticket) as sock:
-                sock.sendall(view)
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_WR)
-                status = _recv_all(sock, BULK_STATUS_MAX_BYTES)
-        except OSError as exc:
-            raise MailboxError(
-                f"send {message_type} failed: the bulk transfer broke ({exc})", "UNAVAILABLE"
-            ) from None
-        text = status.decode("utf-8", "replace")
-        if text != "OK":
-            code, _, details = text.partition(" ")
-            if not text:
-                code, details = "UNAVAILABLE", "the parent closed the bulk transfer without a status"
-            raise MailboxError(f"send {message_type} failed: {details}", code)
+    def _send_bulk(self, kind: str, message_type: str, view: memoryview) -> bool:
+        """Send a large body as raw bytes over the bulk socket, after a ticket from the parent.
+
+        Returns:
+            ``False`` (nothing sent) if the parent had no ticket free.
+        """
+        with self._client.bulk_slots:
+            try:
+                ticket = self._client.call(
+                    lambda: self._client.stub.OpenBulkSend(
+                        pb.BulkSendRequest(type=kind, total_size=len(view)),
+                        metadata=self._client.metadata,
+                        timeout=BULK_TIMEOUT_S,
+                    )
+                ).ticket
+            except grpc.RpcError as exc:
+                if _trailer(exc, BULK_BUSY_TRAILER):
+                    return False
+                code, details = _status(exc)
+                raise MailboxError(f"send {message_type} failed: {details}", code) from None
+            try:
+                with self._client.bulk_connect(ticket) as sock:
+                    sock.sendall(view)
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_WR)
+                    status = _recv_all(sock, BULK_STATUS_MAX_BYTES)
+            except OSError as exc:
+                raise MailboxError(
+                    f"send {message_type} failed: the bulk transfer broke ({exc})", "UNAVAILABLE"
+                ) from None
+            text = status.decode("utf-8", "replace")
+            if text != "OK":
+                code, _, details = text.partition(" ")
+                if not text:
+                    code, details = "UNAVAILABLE", "the parent closed the bulk transfer without a status"
+                raise MailboxError(f"send {message_type} failed: {details}", code)
+        return True
 
     def receive(self, message_type: str, timeout: float = 60.0) -> bytes:
         """Wait up to ``timeout`` seconds for the modeller's next ``message_type`` message.
@@ -586,22 +608,23 @@ class Mailbox:
 
     def _receive_bulk(self, message_type: str, body: _Body, ticket: bytes) -> bytes:
         """The body, read raw from the bulk socket straight into place."""
-        try:
-            with self._client.bulk_connect(ticket) as sock:
-                body.fill_from(sock)
-                extra = sock.recv(1) if body.complete else b""
-        except OSError as exc:
-            raise MailboxError(
-                f"receive {message_type} failed: the bulk transfer broke ({exc})", "UNAVAILABLE"
-            ) from None
-        if not body.complete or extra:
-            # The parent stops at a segment that fails authentication: never hand on a part.
-            raise MailboxError(
-                f"{message_type} body arrived incomplete (a message from the modeller failed "
-                "authentication, or the transfer was cut)",
-                "DATA_LOSS",
-            )
-        return body.value
+        with self._client.bulk_slots:
+            try:
+                with self._client.bulk_connect(ticket) as sock:
+                    body.fill_from(sock)
+                    extra = sock.recv(1) if body.complete else b""
+            except OSError as exc:
+                raise MailboxError(
+                    f"receive {message_type} failed: the bulk transfer broke ({exc})", "UNAVAILABLE"
+                ) from None
+            if not body.complete or extra:
+                # The parent stops at a segment that fails authentication: never hand on a part.
+                raise MailboxError(
+                    f"{message_type} body arrived incomplete (a message from the modeller failed "
+                    "authentication, or the transfer was cut)",
+                    "DATA_LOSS",
+                )
+            return body.value
 
     def wait_for_modeller(self, timeout: float | None = None) -> bool:
         """Block until the modeller has said it is ready (its TASK_START); ``False`` on timeout."""

@@ -14,6 +14,9 @@ TOKEN_METADATA_KEY = "x-sandbox-token"  # noqa: S105 (a header name, not a secre
 # Set in the trailing metadata of a RESOURCE_EXHAUSTED refusal that only means
 # "too fast": the child backs off and retries such calls, and no others.
 RATE_LIMITED_TRAILER = "x-sandbox-rate-limited"
+# Trailing metadata on an OpenBulkSend refused only because every bulk ticket is
+# out (receives hold them): the body may take the gRPC path instead.
+BULK_BUSY_TRAILER = "x-sandbox-bulk-busy"
 
 # -- the child's exit statuses (besides its own 0 and 1) ------------------------
 # Init could not start the runtime (bad arguments, no lifeline, exec failed).
@@ -68,6 +71,12 @@ BULK_STATUS_MAX_BYTES = 4096
 MAX_OPEN_SENDS = 2
 MAX_OPEN_RECEIVES = 4
 MAX_OPEN_SHARE_RECEIVES = 1
+# Bulk transfers a task may have at once (executor/rpc/bulk.py): connections the
+# parent serves (one more is closed at once) and tickets it may hold unused (one
+# more is refused). The sandbox's client holds to both in the same way: a
+# transfer waits for a slot, kept from its ticket to its end.
+MAX_BULK_CONNECTIONS = 4
+MAX_BULK_TICKETS = 4
 
 # -- secure aggregation --------------------------------------------------------
 # Shares per SendSecureShares call, and a share's size: what RSA-2048 with

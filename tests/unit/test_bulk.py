@@ -27,7 +27,7 @@ from executor.rpc import bulk as bulk_module
 from executor.rpc.bulk import BulkServer
 from executor.rpc.server import TaskServer
 from executor.rpc.session import RequestRejected
-from executor.sandbox.context import ParentClient
+from executor.sandbox.context import Context, ParentClient
 from executor.sandbox.contract import BULK_MAGIC, TOKEN_METADATA_KEY
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
@@ -676,3 +676,51 @@ def test_stopping_the_task_server_ends_bulk_transfers_and_removes_the_bulk_socke
     assert ended(sock) == b""
     assert not served.bulk_path.exists()
     assert served.kit.modeller.receive(served.kit.task_id, timeout=0.2) is None
+
+
+def test_more_threads_than_the_bulk_caps_all_move_large_bodies(make_session, sock_dir, request):
+    # The contract lets a protocol send and receive from as many threads as it likes:
+    # past the bulk caps, a transfer waits for a slot instead of being refused
+    # (RESOURCE_EXHAUSTED) or closed at once (a broken pipe, a cut body).
+    senders, sends_each, receivers = 2 * MAX_CONNECTIONS, 2, MAX_TICKETS
+    body = secrets.token_bytes(2 * MiB + 1)  # the bulk path
+    total = (senders * sends_each + receivers) * len(body)
+    kit = make_session(max_message_bytes=4 * MiB, max_task_bytes=total + MiB)
+    token = secrets.token_urlsafe(32)
+    srv = TaskServer(kit.session, token, sock_dir / "sandbox.sock")
+    request.addfinalizer(lambda: srv.stop(grace=0.2))
+    srv.start()
+    channel = grpc.insecure_channel(f"unix:{sock_dir / 'sandbox.sock'}", options=[("grpc.enable_retries", 0)])
+    request.addfinalizer(channel.close)
+    auth = ((TOKEN_METADATA_KEY, token),)
+    client = ParentClient(pb_grpc.SandboxStub(channel), auth, str(sock_dir / "bulk.sock"))
+    config = pb.TaskConfig(task_id=kit.task_id, chunk_bytes=64 * 1024, max_message_bytes=4 * MiB)
+    ctx = Context(config, client, sock_dir / "scratch")
+    for _ in range(receivers):
+        kit.modeller.send(kit.task_id, "ALGORITHM_EXCHANGE", body)
+    errors: list[str] = []
+    received: list[bytes] = []
+
+    def send() -> None:
+        for _ in range(sends_each):
+            try:
+                ctx.mailbox.send("TRAINING_UPDATE", body)
+            except Exception as exc:
+                errors.append(f"send: {type(exc).__name__}: {exc}")
+
+    def receive() -> None:
+        try:
+            received.append(ctx.mailbox.receive("ALGORITHM_EXCHANGE", timeout=WAIT_S))
+        except Exception as exc:
+            errors.append(f"receive: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=send) for _ in range(senders)]
+    threads += [threading.Thread(target=receive) for _ in range(receivers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20.0)
+    assert errors == []
+    assert received == [body] * receivers
+    sent = [kit.modeller.receive(kit.task_id, WAIT_S) for _ in range(senders * sends_each)]
+    assert all(m is not None and m.read() == body for m in sent)
