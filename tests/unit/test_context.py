@@ -13,6 +13,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Route
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
+from executor.sandbox import context as context_module
 from executor.sandbox import runtime
 from executor.sandbox.context import (
     Context,
@@ -39,7 +41,12 @@ from executor.sandbox.context import (
     SandboxError,
     TaskAborted,
 )
-from executor.sandbox.contract import BULK_MIN_BYTES, BULK_SOCKET_NAME, TOKEN_METADATA_KEY
+from executor.sandbox.contract import (
+    BULK_MIN_BYTES,
+    BULK_SOCKET_NAME,
+    PROGRESS_STEP_INTERVAL_S,
+    TOKEN_METADATA_KEY,
+)
 from executor.testing import InMemoryTransport, chunked
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
@@ -533,10 +540,30 @@ def test_steps_in_a_tight_loop_cost_a_few_calls_and_the_last_one_arrives_before_
     assert c.client.progress_events == 2002  # yet every step counted as activity in the beats
 
 
-def test_a_step_left_waiting_is_sent_by_itself_when_its_interval_is_up(kit, connect):
+class StillClock:
+    """The sandbox context's clock (its ``time``): standing still until the test moves it; sleeps are real."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def test_a_step_left_waiting_is_sent_by_itself_when_its_interval_is_up(kit, connect, monkeypatch):
+    # The steps come within one interval whatever the machine's load (on real time, a
+    # first step's call slower than the interval let the second through at once).
+    clock = StillClock()
+    monkeypatch.setattr(context_module, "time", clock)
     c = connect(kit.session)
     for i in range(10):
         c.ctx.progress.step(i, 10)
+    assert wait_for(lambda: len(kit.progress) == 1)
+    clock.now += PROGRESS_STEP_INTERVAL_S  # the flusher looks again within an interval of real time
     assert wait_for(lambda: [u.current for u in kit.progress] == [0, 9])
 
 
