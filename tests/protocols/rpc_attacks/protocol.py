@@ -61,6 +61,18 @@ STUCK_S = 90.0
 MARK_CPU_START = "rpc-attacks:cpu-start"
 MARK_CPU_END = "rpc-attacks:cpu-end"
 
+
+def _mark(ctx, current, total=0, info=""):
+    """A step the test's progress listener sees before this returns: the marks time its checks.
+
+    Steps are coalesced (in the sandbox and in the parent), boundaries never,
+    and a boundary sends the step waiting before it: a run_start right after
+    the step delivers it at once, whatever came before.
+    """
+    ctx.progress.step(current, total, info=info)
+    ctx.progress.run_start()
+
+
 # Every RPC of the service, its streaming shape and a plausible request.
 METHODS: dict[str, tuple[str, bytes]] = {
     "GetTask": ("unary_unary", pb.GetTaskRequest().SerializeToString()),
@@ -1206,9 +1218,9 @@ def attack_raw_rapid_reset(a: Attacker) -> tuple[bool, str]:
     checks = Checks()
     streams = int(a.ctx.parameters.get("rapid_reset_streams", 300_000))
     cpu_before = time.process_time()
-    a.ctx.progress.step(0, streams, info=MARK_CPU_START)
+    _mark(a.ctx, 0, streams, info=MARK_CPU_START)
     outcome = h2raw.rapid_reset(SOCKET, a.token, streams)
-    a.ctx.progress.step(outcome.streams, streams, info=MARK_CPU_END)
+    _mark(a.ctx, outcome.streams, streams, info=MARK_CPU_END)
     a.cpu["raw_rapid_reset"] = time.process_time() - cpu_before
     checks.true("the attack ran", outcome.streams > 0, f"{outcome}")
     checks.true(
@@ -1820,7 +1832,7 @@ def attack_connection_flood(a: Attacker) -> tuple[bool, str]:
     cap = int(a.limits["max_connections"])
     procs_n = int(a.ctx.parameters["connections"]["processes"])
     per_proc = int(a.ctx.parameters["connections"]["per_process"])
-    a.ctx.progress.step(0, procs_n * per_proc, info=MARK_BEFORE)
+    _mark(a.ctx, 0, procs_n * per_proc, info=MARK_BEFORE)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _HOLDER, SOCKET, str(per_proc), (PREFACE + EMPTY_SETTINGS).hex()],
@@ -1849,7 +1861,7 @@ def attack_connection_flood(a: Attacker) -> tuple[bool, str]:
                 totals[key] += int(report[key])
             errors.extend(report["errors"])
         # The test samples the parent's connections while every connection is held.
-        a.ctx.progress.step(totals["served"], totals["connected"], info=MARK_HELD)
+        _mark(a.ctx, totals["served"], totals["connected"], info=MARK_HELD)
     finally:
         for p in procs:
             if p.stdin is not None:
@@ -1861,7 +1873,7 @@ def attack_connection_flood(a: Attacker) -> tuple[bool, str]:
                 p.kill()
                 p.wait(30)
     time.sleep(1.0)
-    a.ctx.progress.step(0, totals["connected"], info=MARK_RELEASED)
+    _mark(a.ctx, 0, totals["connected"], info=MARK_RELEASED)
     attempted = procs_n * per_proc
     checks.note(f"{procs_n} processes tried {attempted} connections: " + json.dumps(totals))
     if errors:
@@ -1985,7 +1997,7 @@ def _report_if_stuck(ctx: Any, current: list[Any], done: threading.Event) -> Non
             if frame is not None
             else "?"
         )
-        ctx.progress.step(0, info=(MARK_STUCK + f"{name} at {where}")[:1000])
+        _mark(ctx, 0, info=(MARK_STUCK + f"{name} at {where}")[:1000])
 
 
 def _frames(frame: Any) -> Iterator[Any]:
@@ -1996,13 +2008,13 @@ def _frames(frame: Any) -> Iterator[Any]:
 
 def run(ctx: Any) -> dict[str, dict[str, Any]]:
     attacker = Attacker(ctx)
-    ctx.progress.step(0, info=MARK_START)
+    _mark(ctx, 0, info=MARK_START)
     results: dict[str, dict[str, Any]] = {}
     current: list[Any] = ["", time.monotonic()]
     done = threading.Event()
     threading.Thread(target=_report_if_stuck, args=(ctx, current, done), daemon=True).start()
     for name, attack in ATTACKS:
-        ctx.progress.step(len(results), len(ATTACKS), info=MARK_ATTACK + name)
+        _mark(ctx, len(results), len(ATTACKS), info=MARK_ATTACK + name)
         current[:] = [name, time.monotonic()]
         started = time.monotonic()
         try:
