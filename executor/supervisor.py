@@ -66,7 +66,7 @@ BOOT_GRACE_S = 30.0
 # still uses CPU. The protocol's wall clock starts only at the first beat.
 BOOT_LIMIT_S = 300.0
 # A sandbox silent past its limit is frozen only if its CPU time stood still
-# too, over the last limit's worth of time: it used less than this share of
+# too, over the latter half of the limit: it used less than this share of
 # one core (and less than FROZEN_CPU_MIN_S). Otherwise it is slow (a busy
 # host, a boot that takes long) and keeps being watched. Measured here: a
 # stopped or idle runc sandbox uses no CPU at all; gVisor's own kernel uses
@@ -381,17 +381,20 @@ class Supervisor:
                 # Under gVisor a sandbox the kernel's OOM killer hit may hang
                 # rather than exit: silent, and the cgroup says why.
                 return self._out_of_memory_verdict()
-            cpu = usage.cpu_over(limit, now)
-            if busy(cpu, limit):
+            # Over the latter half of the silence only: the sandbox's work up to
+            # the moment it froze (and gVisor's as it stops) must not delay the verdict.
+            window = limit / 2
+            cpu = usage.cpu_over(window, now)
+            if busy(cpu, window):
                 if not self._slow_noted:
                     self._slow_noted = True
                     log.warning(
-                        "task %s: no heartbeat for %.1f s, but the sandbox used %.2f s of CPU over the "
+                        "task %s: no heartbeat for %.1f s, but the sandbox used %.3f s of CPU over the "
                         "last %g s: slow (a busy host?), not frozen; still watching",
                         self.session.task_id,
                         silence,
                         cpu or 0.0,
-                        limit,
+                        window,
                     )
                 return None
             return _Verdict(
