@@ -30,7 +30,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 PROTOCOLS = BENCH_DIR / "protocols"
 MiB = 1024 * 1024
-# The image the executor runs by default (executor/policy.py DEFAULT_IMAGE), for a baseline run in an
+# The image the executor runs by default (executor/policy/__init__.py DEFAULT_IMAGE), for a baseline run in an
 # interpreter without the package (the peer library's venv); the others take it from the policy.
 SANDBOX_IMAGE = "sandbox-executor/sandbox:latest"
 # Containers a benchmark starts itself (baselines, peer libraries) carry this label, valued with the
@@ -205,7 +205,7 @@ class Workspace:
 
         run/        task directories (the executor's run_dir)
         spool/      the executor's mailbox spool; private, because reap() deletes the
-                    spools of live executors with another run_dir (executor/reaper.py:98)
+                    spools of live executors with another run_dir (executor/task/reaper.py:98)
         transport/  the in-memory transport's spool
         modeller/   the local modeller's spool
         data/       a tiny datasource, 755 with 644 files (readable by every sandbox uid)
@@ -382,7 +382,7 @@ class Workspace:
                 close()
         self._closers.clear()
         if self._owns_root:
-            from executor.taskdir import remove_tree
+            from executor.task.taskdir import remove_tree
 
             remove_tree(self.root)
             shutil.rmtree(self.root, ignore_errors=True)

@@ -260,7 +260,7 @@ def main() -> None:
                     notes.append(
                         f"{rt} {s}: {r[s]['startup_timeouts']} task(s) ended TIMEOUT (HeartbeatTimeout) "
                         "before the protocol ran: the supervisor counts the boot against the heartbeat "
-                        "timeout (executor/supervisor.py:143); left out of the statistics"
+                        "timeout (executor/task/supervisor.py:143); left out of the statistics"
                     )
         report = {
             "benchmark": "failure_detection",

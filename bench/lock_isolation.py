@@ -3,7 +3,7 @@
 Issue 17's ways to keep a lock or a watch taken inside the sandbox from
 reaching the operator's files, each against its baseline in the same run:
 
-1. **The executor's seccomp profile** (``executor/seccomp.py``, which refuses
+1. **The executor's seccomp profile** (``executor/policy/seccomp.py``, which refuses
    flock, fcntl locks, leases, dnotify, inotify and io_uring) against Docker's
    own default profile, under runc: cold start to the protocol's first line
    through the executor (the baseline strips the profile from the engine
@@ -108,7 +108,7 @@ def per_call(ws: c.Workspace, profile: Path | None, image: str) -> tuple[float, 
 
 
 def measure_profile(ws: c.Workspace, runs: int, warmup: int) -> dict[str, Any]:
-    from executor import seccomp
+    from executor.policy import seccomp
 
     switch = EngineDefault()
     executor = ws.executor(c.policy("runc"))

@@ -168,8 +168,8 @@ def _task_row(conn: sqlite3.Connection, task_id: str) -> None:
 
 def role_inproc_baseline(work: Path, mib: float, row_bytes: int, columns: int) -> dict[str, Any]:
     """Rows kept in the parent, then parsed, re-serialised and inserted in one transaction (pre-v4)."""
-    from executor import projectdb
-    from executor.resultrows import check_row
+    from executor.data import projectdb
+    from executor.data.resultrows import check_row
 
     db = work / "pod.db"
     conn = sqlite3.connect(db, isolation_level=None)
@@ -217,13 +217,13 @@ def role_inproc_baseline(work: Path, mib: float, row_bytes: int, columns: int) -
 # -- in-process: streamed ------------------------------------------------------------------------
 def role_inproc_streamed(work: Path, mib: float, row_bytes: int, columns: int) -> dict[str, Any]:
     """Each call through a real TaskSession into ProjectDatabase.stage_rows, then commit_batch."""
-    from executor.dataview import FileStamp  # noqa: F401  (BatchCommit's annotations)
+    from executor.data.projectdb import BatchCommit, ProjectDatabase, TaskStart
+    from executor.data.resultrows import TaskRows
+    from executor.data.view import FileStamp  # noqa: F401  (BatchCommit's annotations)
     from executor.mailbox.broker import MailboxBroker
     from executor.mailbox.crypto import TaskKeys
     from executor.mailbox.transport import Route
     from executor.policy import IsolationPolicy
-    from executor.projectdb import BatchCommit, ProjectDatabase, TaskStart
-    from executor.resultrows import TaskRows
     from executor.rpc.session import TaskSession
     from executor.testing import InMemoryTransport
     from executor.v1 import sandbox_pb2 as pb
@@ -314,7 +314,7 @@ def role_inproc_streamed(work: Path, mib: float, row_bytes: int, columns: int) -
 def role_container(work: Path, mib: float, row_bytes: int, columns: int, runtime: str) -> dict[str, Any]:
     """A real task saves the rows through Executor (this checkout's, or the one on sys.path first)."""
     import executor
-    from executor.projectdb import ProjectDatabase
+    from executor.data.projectdb import ProjectDatabase
     from executor.spec import TaskSpec
 
     class TimedDatabase(ProjectDatabase):

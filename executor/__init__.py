@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from typing import Any
 
+    from executor.data.projectdb import ProjectDatabase
     from executor.errors import (
         BackendError,
         CapacityError,
@@ -56,8 +57,7 @@ if TYPE_CHECKING:
     from executor.mailbox.transport import Channel, Envelope, NoModellerTransport, Route, Transport
     from executor.outcome import ErrorDetail, Outcome, Status
     from executor.policy import IsolationPolicy
-    from executor.policy_file import PolicySet, load_policy_file
-    from executor.projectdb import ProjectDatabase
+    from executor.policy.file import PolicySet, load_policy_file
     from executor.runner import Executor
     from executor.spec import InferenceLimits, TaskFlags, TaskSpec
     from executor.testing import InMemoryTransport, LocalModeller
@@ -71,8 +71,8 @@ _LAZY: dict[str, str] = {
     "Status": "executor.outcome",
     "ErrorDetail": "executor.outcome",
     "IsolationPolicy": "executor.policy",
-    "PolicySet": "executor.policy_file",
-    "load_policy_file": "executor.policy_file",
+    "PolicySet": "executor.policy.file",
+    "load_policy_file": "executor.policy.file",
     "TaskKeys": "executor.mailbox.crypto",
     "Transport": "executor.mailbox.transport",
     "Channel": "executor.mailbox.transport",
@@ -99,7 +99,7 @@ _LAZY: dict[str, str] = {
     "FileLimitError": "executor.errors",
     "ResultLimitError": "executor.errors",
     "ProjectDatabaseError": "executor.errors",
-    "ProjectDatabase": "executor.projectdb",
+    "ProjectDatabase": "executor.data.projectdb",
     "Event": "executor.hooks",
     "TaskContext": "executor.hooks",
     "TaskStarted": "executor.hooks",

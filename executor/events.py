@@ -29,7 +29,7 @@ class ControlKind(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Control:
-    """A control message queued for the sandbox; :mod:`executor.serde` makes the protobuf."""
+    """A control message queued for the sandbox; :mod:`executor.rpc.serde` makes the protobuf."""
 
     kind: ControlKind
     reason: str = ""

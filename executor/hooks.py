@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, cast
 
+from executor.data.fileoutcomes import MAX_FAILED_FILES_IN_JSON
 from executor.errors import HostError
 from executor.events import ProgressUpdate
-from executor.fileoutcomes import MAX_FAILED_FILES_IN_JSON
 from executor.outcome import Outcome
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class FailedFilesSaved(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class LogLine(Event):
-    """One line the sandbox wrote, after the parent's caps (:mod:`executor.tasklog`).
+    """One line the sandbox wrote, after the parent's caps (:mod:`executor.task.output`).
 
     Attributes:
         stream: ``stdout``, ``stderr``, or ``executor`` for the parent's own

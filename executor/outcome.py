@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from executor.fileoutcomes import MAX_FAILED_FILES_IN_JSON, FileKind
+from executor.data.fileoutcomes import MAX_FAILED_FILES_IN_JSON, FileKind
 
 
 class Status(enum.StrEnum):
@@ -84,7 +84,7 @@ class Outcome:
         selection: Which datasource files the parent let the task see, as
             counts: ``total``, ``selected``, ``skipped_processed``,
             ``skipped_failed``, ``over_limit``, ``skipped_unusable`` (see
-            :mod:`executor.dataview`).
+            :mod:`executor.data.view`).
         batches: For a batched run: ``total`` planned, ``completed`` (ended
             OK and committed) and ``size`` (files per batch).
         saved_rows: Result rows the protocol saved that the parent committed
@@ -92,7 +92,7 @@ class Outcome:
         task_hash: The hash the project database keeps the task's files and
             results under.
         warm_starts: How many of the task's containers (one per batch) were
-            warm slots of a pool (:mod:`executor.warmpool`) rather than cold
+            warm slots of a pool (:mod:`executor.task.warmpool`) rather than cold
             starts; a warm one's timings have ``assign`` instead of
             ``create`` and ``start``.
     """

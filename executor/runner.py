@@ -1,8 +1,8 @@
 """Run tasks, one hardened container per batch: the parent side's entry point.
 
 :meth:`Executor.run` validates the task, decides which datasource files it may
-see (:mod:`executor.dataview`, against the project database), and hands the
-plan to a :class:`~executor.taskrun.TaskRun`: per batch a fresh directory,
+see (:mod:`executor.data.view`, against the project database), and hands the
+plan to a :class:`~executor.task.run.TaskRun`: per batch a fresh directory,
 token, gRPC server, data view and container, supervised to its end. It returns
 an :class:`~executor.outcome.Outcome`. Containers, sockets and directories are
 removed whatever happened.
@@ -21,10 +21,9 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from executor.admission import STARTS_DIR_NAME, StartGate, default_max_starting
 from executor.backends import ContainerBackend
-from executor.bundle import check_protocol_dir, copy_bundle
-from executor.dataview import (
+from executor.data.projectdb import FileStates, ProjectDatabase
+from executor.data.view import (
     METHODS,
     FileStamp,
     ViewPaths,
@@ -37,18 +36,19 @@ from executor.dataview import (
 from executor.errors import ConfigurationError, DataSourceError, host_errors
 from executor.events import ProgressUpdate
 from executor.hooks import Hook
-from executor.launch import SANDBOX_DATA
 from executor.mailbox.transport import NoModellerTransport, Transport
 from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
-from executor.policy_file import PolicySet
-from executor.projectdb import FileStates, ProjectDatabase
-from executor.reaper import ReapReport, instance_alive, new_instance_id, reap
+from executor.policy.file import PolicySet
 from executor.spec import TaskSpec
-from executor.taskdir import TaskDir, default_base_dir, default_spool_dir
-from executor.taskrun import Plan, TaskRun, default_task_hash
-from executor.uids import UidPool
-from executor.warmpool import WarmPool
+from executor.task.admission import STARTS_DIR_NAME, StartGate, default_max_starting
+from executor.task.bundle import check_protocol_dir, copy_bundle
+from executor.task.launch import SANDBOX_DATA
+from executor.task.reaper import ReapReport, instance_alive, new_instance_id, reap
+from executor.task.run import Plan, TaskRun, default_task_hash
+from executor.task.taskdir import TaskDir, default_base_dir, default_spool_dir
+from executor.task.uids import UidPool
+from executor.task.warmpool import WarmPool
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,11 @@ class Executor:
         spool_dir: Where large mailbox bodies are staged (disk, not memory);
             see :func:`default_spool_dir`.
         uid_dir: Where the host-wide uid leases live; see
-            :func:`~executor.uids.default_uid_dir`.
+            :func:`~executor.task.uids.default_uid_dir`.
         db: The project database (a path or an open one): the task ledger,
             processed and failed files, result rows. Without it nothing is
             recorded, and ``run_on_new_data_only`` is refused.
-        view_method: How data views are made (:class:`~executor.dataview.DataView`):
+        view_method: How data views are made (:class:`~executor.data.view.DataView`):
             ``"auto"`` (hard links where the data shares the run directory's
             filesystem, else read-only bind mounts per file), ``"hardlink"``
             or ``"bind"``.
@@ -115,14 +115,14 @@ class Executor:
             each from a thread of its own: one that raises or blocks never
             fails or stalls a task. Tasks run at once may call a hook from
             several threads.
-        warm: Keep warm pools (:mod:`executor.warmpool`) for the policies whose
+        warm: Keep warm pools (:mod:`executor.task.warmpool`) for the policies whose
             ``warm_pool`` is above 0: started by :meth:`warm_up`, or by the
             first task of the policy, and torn down by :meth:`close`. With
             ``False`` every task starts cold whatever its policy says. A policy
             with a warm pool and a pinned ``uid`` is refused (``PolicyError``).
         max_starting: Sandboxes that may be starting (created, booting, up to
             their first heartbeat) at once on this host
-            (:mod:`executor.admission`); by default two per CPU. Other tasks
+            (:mod:`executor.task.admission`); by default two per CPU. Other tasks
             wait in line, their wall clock not yet running.
         max_queued: Tasks of this executor that may wait in that line at once;
             one more is refused at once with ``CapacityError``. ``None`` (the
@@ -350,7 +350,7 @@ class Executor:
             spec: The task.
             on_progress: Called for each progress event, from a server thread
                 or the task's progress thread; steps are coalesced to at most
-                one per ``PROGRESS_STEP_INTERVAL_S`` (:mod:`executor.taskevents`).
+                one per ``PROGRESS_STEP_INTERVAL_S`` (:mod:`executor.task.eventflow`).
             cancel: Set it to stop the task; the outcome is then CANCELLED.
 
         Returns:

@@ -14,8 +14,8 @@ import pytest
 
 from executor.backends import LABEL_PARENT
 from executor.policy import DEFAULT_IMAGE, IsolationPolicy
-from executor.policy_file import PolicySet
-from executor.reaper import new_instance_id
+from executor.policy.file import PolicySet
+from executor.task.reaper import new_instance_id
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = Path(__file__).parent / "protocols"

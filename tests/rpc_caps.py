@@ -51,7 +51,7 @@ BULK_IDLE_TIMEOUT_S = 60.0
 BULK_MIN_BYTES = 2 * MiB
 BULK_TICKET_BYTES = 16
 
-# executor/rpc/session.py (and executor/fileoutcomes.py, which it re-exports)
+# executor/rpc/session.py (and executor/data/fileoutcomes.py, which it re-exports)
 MAX_RECEIVE_TIMEOUT_S = 600.0
 MAX_PENDING_RECEIVES = 4
 MAX_SHARES = 256

@@ -24,7 +24,6 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
-from executor import seccomp
 from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
 from executor.backends.cgroups import CgroupPaths, OomWatch, Usage, paths_of, readable
 from executor.errors import (
@@ -35,7 +34,7 @@ from executor.errors import (
     ImageNotFoundError,
     PolicyError,
 )
-from executor.policy import IsolationPolicy
+from executor.policy import IsolationPolicy, seccomp
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ RETRY_BASE_S = 0.2
 STDERR_LOG_MAX = "1m"
 # RLIMIT_MSGQUEUE: the POSIX message-queue bytes one user may hold, pinned at the
 # kernel's default whatever the engine's default ulimits say. Each task has a
-# uid of its own (executor.uids), so this is a per-task cap.
+# uid of its own (executor.task.uids), so this is a per-task cap.
 MSGQUEUE_BYTES = 819_200
 # Under gVisor the policy's pids cap is enforced inside gVisor's own kernel, as
 # RLIMIT_NPROC, which it counts per sandbox (every process and thread of it):
@@ -119,8 +118,8 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     """
     p: IsolationPolicy = spec.policy
     if p.uid is None:
-        raise ConfigurationError("the container's policy has no uid: lease one (executor.uids) and pin it")
-    # Always a profile of our own (executor.seccomp), never the engine's
+        raise ConfigurationError("the container's policy has no uid: lease one (task.uids) and pin it")
+    # Always a profile of our own (executor.policy.seccomp), never the engine's
     # default; docker-py wants the profile's JSON text here, not a path.
     security_opt = ["no-new-privileges:true", f"seccomp={seccomp.profile_json(p.seccomp_profile, p.runtime)}"]
     device_requests = [DeviceRequest(count=p.gpus, capabilities=[["gpu"]])] if p.gpus else []

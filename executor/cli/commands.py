@@ -69,7 +69,7 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def _db_path(args: argparse.Namespace) -> Path:
-    from executor.projectdb import default_db_path
+    from executor.data.projectdb import default_db_path
 
     return args.db if args.db is not None else default_db_path()
 
@@ -203,8 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from executor.data.projectdb import ProjectDatabase
     from executor.mailbox.transport import NoModellerTransport
-    from executor.projectdb import ProjectDatabase
     from executor.runner import Executor
     from executor.spec import InferenceLimits, TaskFlags, TaskSpec
 
@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     policies = None
     if args.policy is not None:
-        from executor.policy_file import load_policy_file
+        from executor.policy.file import load_policy_file
 
         policies = load_policy_file(args.policy)
     db = ProjectDatabase(_db_path(args))
@@ -296,7 +296,7 @@ def _records(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace) -> int:
-    from executor.policy_file import load_policy_file
+    from executor.policy.file import load_policy_file
 
     policies = load_policy_file(args.file)
     if args.policy_command == "check":
@@ -305,7 +305,7 @@ def _policy(args: argparse.Namespace) -> int:
         return EXIT_OK
     policy = policies.for_project(args.project)
     if args.seccomp:
-        from executor.seccomp import profile_json
+        from executor.policy.seccomp import profile_json
 
         print(json.dumps(json.loads(profile_json(policy.seccomp_profile, policy.runtime)), indent=2))
         return EXIT_OK

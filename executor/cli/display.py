@@ -17,8 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.text import Text
 
 from executor.cli.terminal import printable
+from executor.data.fileoutcomes import FileKind
 from executor.events import ProgressKind, ProgressUpdate
-from executor.fileoutcomes import FileKind
 from executor.hooks import AlgorithmProgress, BatchRun, Event, TaskStarted
 from executor.outcome import Outcome
 

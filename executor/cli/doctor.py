@@ -6,14 +6,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from executor.admission import STARTS_DIR_NAME, default_max_starting
-from executor.dataview import view_method
+from executor.data.projectdb import default_db_path
+from executor.data.view import view_method
 from executor.errors import SandboxExecutorError
 from executor.policy import DEFAULT_IMAGE
-from executor.projectdb import default_db_path
-from executor.seccomp import runsc_applies_profiles
-from executor.taskdir import default_base_dir, default_spool_dir
-from executor.uids import default_uid_dir
+from executor.policy.seccomp import runsc_applies_profiles
+from executor.task.admission import STARTS_DIR_NAME, default_max_starting
+from executor.task.taskdir import default_base_dir, default_spool_dir
+from executor.task.uids import default_uid_dir
 
 IMAGES = {
     "sandbox-executor/base:bookworm": "make images",

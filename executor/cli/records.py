@@ -22,8 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from executor.cli.terminal import printable
+from executor.data.projectdb import FailedFileRecord, ProjectDatabase, ResultRecord, TaskRecord
 from executor.errors import ProjectDatabaseError
-from executor.projectdb import FailedFileRecord, ProjectDatabase, ResultRecord, TaskRecord
 
 # Rows are flat dicts whose keys the protocol chose: past this many distinct
 # keys the table shows each row as one JSON column rather than grow sideways.

@@ -1,4 +1,4 @@
-"""The servicer: protobuf in, through :mod:`executor.serde` to the task's session, protobuf out.
+"""The servicer: protobuf in, through :mod:`executor.rpc.serde` to the task's session, protobuf out.
 
 Errors map to a status and a public message in one catalog; anything unexpected
 becomes INTERNAL with no detail.
@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from executor import serde
 from executor.errors import DecryptionError
 from executor.mailbox.broker import Incoming
+from executor.rpc import serde
 from executor.rpc.bulk import BulkServer
 from executor.rpc.limits import FILES_PER_TOKEN, ROWS_PER_TOKEN, CallLimiter, refusal
 from executor.rpc.session import RequestRejected, SessionRef, TaskSession

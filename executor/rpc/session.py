@@ -1,7 +1,7 @@
 """The parent's view of one running task: plain Python, no gRPC.
 
 The servicer converts protobuf to the values below (through
-:mod:`executor.serde`) and calls these methods;
+:mod:`executor.rpc.serde`) and calls these methods;
 the executor reads what they record. Every method validates its input, since
 it all comes from untrusted code, and raises :class:`RequestRejected` with a
 public message when it is wrong.
@@ -23,13 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from executor.events import Control, ControlKind, FinishReport, ProgressKind, ProgressUpdate
-from executor.fileoutcomes import FileKind, FileLedger, FileLimitError
-from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
-from executor.mailbox.crypto import DecryptionError
-from executor.mailbox.transport import TransportError
-from executor.outcome import Status
-from executor.resultrows import (
+from executor.data.fileoutcomes import FileKind, FileLedger, FileLimitError
+from executor.data.resultrows import (
     ResultLimitError,
     RowError,
     RowsClosed,
@@ -38,6 +33,11 @@ from executor.resultrows import (
     check_row,
     counting_sink,
 )
+from executor.events import Control, ControlKind, FinishReport, ProgressKind, ProgressUpdate
+from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
+from executor.mailbox.crypto import DecryptionError
+from executor.mailbox.transport import TransportError
+from executor.outcome import Status
 from executor.sandbox.contract import (
     MAX_ERROR_MESSAGE_CHARS,
     MAX_ERROR_TYPE_CHARS,
@@ -180,14 +180,14 @@ class TaskSession:
 
     Args:
         task_id: The task's identifier.
-        config: The ``TaskConfig`` the sandbox fetches (built by :func:`executor.serde.task_config`).
+        config: The ``TaskConfig`` the sandbox fetches (built by :func:`executor.rpc.serde.task_config`).
         mailbox: The task's mailbox broker (limits, crypto, transport).
         max_result_bytes: Largest result JSON accepted.
         on_progress: Called, from a server thread, for each progress event.
         on_finish: Called once the terminal report is recorded.
         data_dir: The datasource on the host, to check reported file names against.
         rows: Where validated result rows go as they arrive (the task's
-            :class:`~executor.resultrows.BatchRows`); by default they are
+            :class:`~executor.data.resultrows.BatchRows`); by default they are
             counted within the per-batch caps and dropped.
     """
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from executor.mailbox.transport import SPOOL_OWNER, Envelope, Route, TransportError, body_size, discard
-from executor.reaper import new_instance_id
-from executor.taskdir import default_spool_dir
+from executor.task.reaper import new_instance_id
+from executor.task.taskdir import default_spool_dir
 
 CLOSE_POLL_S = 0.25
 # Message types that travel between pods rather than to the modeller.

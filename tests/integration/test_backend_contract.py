@@ -19,7 +19,7 @@ from executor import testing
 from executor.backends import LABEL_MANAGED, LABEL_PARENT, ContainerBackend, ContainerSpec, ExitInfo
 from executor.errors import ImageNotFoundError
 from executor.policy import DEFAULT_IMAGE, IsolationPolicy
-from executor.reaper import new_instance_id
+from executor.task.reaper import new_instance_id
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ import pytest
 from executor.backends import LABEL_MANAGED, LABEL_PARENT, LABEL_TASK
 from executor.mailbox.transport import SPOOL_OWNER
 from executor.policy import DEFAULT_IMAGE
-from executor.reaper import new_instance_id
-from executor.supervisor import CANCEL_GRACE_S
-from executor.taskdir import OWNER_NAME
+from executor.task.reaper import new_instance_id
+from executor.task.supervisor import CANCEL_GRACE_S
+from executor.task.taskdir import OWNER_NAME
 
 from ..conftest import PROTOCOLS, REPO, reused_pid_owner, run_cli
 

@@ -34,7 +34,7 @@ def test_reap_removes_leftovers_of_dead_executors_only(docker_client, run_dir, c
     (dead / "owner").write_text("thishost-not-a-real-id")
     live = run_dir / "t-live"
     live.mkdir()
-    from executor.reaper import new_instance_id
+    from executor.task.reaper import new_instance_id
 
     (live / "owner").write_text(new_instance_id())  # this very process: alive
     proc = run_cli("reap", "--json", env=cli_env)

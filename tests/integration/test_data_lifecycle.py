@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from executor.backends import LABEL_TASK
+from executor.data.projectdb import ProjectDatabase
 from executor.errors import ProjectDatabaseError
 from executor.hooks import AlgorithmProgress, Event, TaskEnded, TaskStarted
 from executor.outcome import Status
-from executor.projectdb import ProjectDatabase
 from executor.spec import TaskFlags, TaskSpec
 
 from ..conftest import PROTOCOLS, REPO, run_cli

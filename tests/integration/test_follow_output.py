@@ -11,8 +11,8 @@ import pytest
 from executor.backends import LABEL_MANAGED, LABEL_PARENT, ContainerSpec, Mount
 from executor.backends.docker import DockerBackend
 from executor.policy import IsolationPolicy
-from executor.reaper import new_instance_id
-from executor.tasklog import NOTE_STREAM, OutputCollector
+from executor.task.output import NOTE_STREAM, OutputCollector
+from executor.task.reaper import new_instance_id
 from tests.conftest import bounded
 
 pytestmark = pytest.mark.integration

@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from executor import supervisor as supervisor_module
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.spec import TaskSpec
-from executor.warmpool import Slot
+from executor.task import supervisor as supervisor_module
+from executor.task.warmpool import Slot
 
 from ..conftest import PROTOCOLS
 
@@ -78,7 +78,7 @@ def test_a_hundred_tasks_from_four_callers_on_a_pool_of_two_lose_none_though_slo
         return real_give(self, session)
 
     monkeypatch.setattr(Slot, "give", chaotic_give)
-    caplog.set_level(logging.WARNING, logger="executor.taskrun")
+    caplog.set_level(logging.WARNING, logger="executor.task.run")
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(lambda n: executor.run(_spec(data_dir, n)), range(100)))
 

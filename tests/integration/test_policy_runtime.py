@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from executor.outcome import Status
-from executor.policy_file import load_policy_file
+from executor.policy.file import load_policy_file
 from executor.spec import TaskSpec
 
 from ..conftest import PROTOCOLS, TEST_TIMEOUT_S

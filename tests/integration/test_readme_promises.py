@@ -29,9 +29,9 @@ from executor.mailbox.crypto import TaskKeys, seal_share, share_label
 from executor.mailbox.transport import Envelope, Route
 from executor.outcome import Status
 from executor.policy import DEFAULT_IMAGE, IsolationPolicy
-from executor.policy_file import load_policy_file
+from executor.policy.file import load_policy_file
 from executor.spec import TaskSpec
-from executor.taskdir import OWNER_NAME, TOKEN_NAME
+from executor.task.taskdir import OWNER_NAME, TOKEN_NAME
 
 from ..conftest import PROTOCOLS, reused_pid_owner
 

@@ -23,7 +23,7 @@ from executor.policy import IsolationPolicy
 from executor.runner import Executor
 from executor.sandbox.init import EXIT_PARENT_GONE, OUTPUT_CAP_BYTES, OUTPUT_TAIL_BYTES
 from executor.spec import TaskSpec
-from executor.supervisor import CANCEL_GRACE_S
+from executor.task.supervisor import CANCEL_GRACE_S
 
 from ..conftest import PROTOCOLS
 

@@ -29,10 +29,10 @@ from executor.mailbox.crypto import TaskKeys, associated_data, open_sealed, plai
 from executor.mailbox.transport import Envelope, Route
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.policy_file import PolicySet
+from executor.policy.file import PolicySet
 from executor.runner import Executor
 from executor.spec import TaskSpec
-from executor.taskdir import SOCKET_NAME
+from executor.task.taskdir import SOCKET_NAME
 from executor.testing import InMemoryTransport
 
 from .. import rpc_caps

@@ -31,8 +31,8 @@ from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
+from executor.policy.seccomp import runsc_applies_profiles
 from executor.runner import Executor
-from executor.seccomp import runsc_applies_profiles
 from executor.spec import TaskSpec
 
 from ..conftest import PROTOCOLS

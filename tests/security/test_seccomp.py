@@ -26,12 +26,11 @@ from typing import Any
 
 import pytest
 
-from executor import seccomp
 from executor.backends.docker import RUNSC_IGNORES_SECCOMP
 from executor.errors import PolicyError
 from executor.events import ProgressUpdate
 from executor.outcome import Status
-from executor.policy import IsolationPolicy
+from executor.policy import IsolationPolicy, seccomp
 from executor.spec import TaskSpec
 
 from ..conftest import PROTOCOLS

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from executor.data.resultrows import BatchRows, TaskRows
 from executor.events import ProgressUpdate
 from executor.mailbox.broker import MailboxBroker
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Channel, Route
-from executor.resultrows import BatchRows, TaskRows
 from executor.rpc.session import TaskSession
 from executor.testing import InMemoryTransport, LocalModeller
 from executor.v1 import sandbox_pb2 as pb

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from executor.admission import MAX_STARTING, StartGate, default_max_starting
 from executor.errors import CapacityError
+from executor.task.admission import MAX_STARTING, StartGate, default_max_starting
 
 from .conftest import wait_for
 
@@ -96,7 +96,7 @@ def test_two_gates_on_one_directory_share_one_host_budget(tmp_path):
 HOLD_PERMIT = """
 import sys, time
 from pathlib import Path
-from executor.admission import StartGate
+from executor.task.admission import StartGate
 permit = StartGate(1, Path(sys.argv[1])).acquire()
 print("held", flush=True)
 time.sleep(60)

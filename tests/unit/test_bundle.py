@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-import executor.bundle
-from executor.bundle import check_protocol_dir, copy_bundle
+import executor.task.bundle
 from executor.errors import ConfigurationError, ProtocolBundleError
+from executor.task.bundle import check_protocol_dir, copy_bundle
 
 
 def _one_line_error(source, match):
@@ -75,7 +75,7 @@ def test_parsing_runs_nothing(make_protocol, tmp_path):
 
 
 def test_protocol_py_over_the_entry_limit(make_protocol, monkeypatch):
-    monkeypatch.setattr(executor.bundle, "MAX_ENTRY_BYTES", 64)
+    monkeypatch.setattr(executor.task.bundle, "MAX_ENTRY_BYTES", 64)
     proto = make_protocol("def run(ctx):\n    return 1\n" + "# padding\n" * 10)
     _one_line_error(proto, "the limit is 64")
 
@@ -208,18 +208,18 @@ def test_unix_socket_is_refused(make_protocol, tmp_path):
 def test_size_limit(make_protocol, tmp_path, monkeypatch):
     proto = make_protocol("def run(ctx):\n    return 1\n", files={"data.bin": b"x" * 200})
     total = sum(p.stat().st_size for p in proto.rglob("*") if p.is_file())
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_BYTES", total)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_BYTES", total)
     assert copy_bundle(proto, tmp_path / "at-limit").size == total
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_BYTES", total - 1)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_BYTES", total - 1)
     with pytest.raises(ProtocolBundleError, match=f"exceeds {total - 1} bytes"):
         copy_bundle(proto, tmp_path / "over-limit")
 
 
 def test_file_count_limit(make_protocol, tmp_path, monkeypatch):
     proto = make_protocol(files={"a.py": "", "b.py": ""})
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_FILES", 3)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_FILES", 3)
     assert copy_bundle(proto, tmp_path / "at-limit").files == 3
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_FILES", 2)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_FILES", 2)
     with pytest.raises(ProtocolBundleError, match="more than 2 files"):
         copy_bundle(proto, tmp_path / "over-limit")
 
@@ -372,7 +372,7 @@ def test_a_file_swapped_after_its_check_is_refused(make_protocol, tmp_path, monk
         "fifo": lambda tmp: os.mkfifo(tmp),
     }
     cap = sum(p.stat().st_size for p in proto.rglob("*") if p.is_file()) + 100
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_BYTES", cap)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_BYTES", cap)
     fired = _after_check(monkeypatch, target, lambda: _replace_with(target, makers[swap_to]))
     dest = tmp_path / "bundle"
     with pytest.raises(ProtocolBundleError, match=r"helpers/model\.py"):
@@ -408,7 +408,7 @@ def test_a_file_that_grows_during_the_copy_stays_within_the_cap(
     proto = make_protocol(files={"data.bin": b"x" * 100})
     target = proto / "data.bin"
     cap = sum(p.stat().st_size for p in proto.rglob("*") if p.is_file())
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_BYTES", cap)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_BYTES", cap)
 
     def grow():
         with open(target, "ab") as f:
@@ -424,14 +424,14 @@ def test_a_file_that_grows_during_the_copy_stays_within_the_cap(
 
 def test_nesting_depth_and_directory_count_are_capped(make_protocol, tmp_path, monkeypatch):
     proto = make_protocol(files={"a/b/c/x.py": ""})
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DEPTH", 3)
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DIRS", 3)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_DEPTH", 3)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_DIRS", 3)
     assert copy_bundle(proto, tmp_path / "at-limit").files == 2
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DEPTH", 2)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_DEPTH", 2)
     with pytest.raises(ProtocolBundleError, match="deeper than 2"):
         copy_bundle(proto, tmp_path / "too-deep")
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DEPTH", 3)
-    monkeypatch.setattr(executor.bundle, "MAX_BUNDLE_DIRS", 2)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_DEPTH", 3)
+    monkeypatch.setattr(executor.task.bundle, "MAX_BUNDLE_DIRS", 2)
     with pytest.raises(ProtocolBundleError, match="more than 2 directories"):
         copy_bundle(proto, tmp_path / "too-many")
 

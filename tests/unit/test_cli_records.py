@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from executor.cli.records import failed_files_command, results_command, tasks_command
-from executor.dataview import FileStamp
+from executor.data.projectdb import BatchCommit, ProjectDatabase, TaskEnd, TaskStart
+from executor.data.view import FileStamp
 from executor.errors import ProjectDatabaseError
-from executor.projectdb import BatchCommit, ProjectDatabase, TaskEnd, TaskStart
 
 PROJECT = "oncology"
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

@@ -29,7 +29,7 @@ def test_the_childs_longest_error_report_is_accepted_by_the_parent(make_session)
 
 
 def test_both_sides_read_each_fact_from_the_contract():
-    import executor.fileoutcomes as fileoutcomes
+    import executor.data.fileoutcomes as fileoutcomes
     import executor.mailbox.crypto as crypto
     import executor.rpc.auth as auth
     import executor.rpc.limits as limits

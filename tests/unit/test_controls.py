@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from executor import serde
 from executor.events import Control, ControlKind
+from executor.rpc import serde
 from executor.v1 import sandbox_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
 # Where the parent sends each kind.
 SENDERS = {
     ControlKind.BEAT_SEEN: "executor/rpc/session.py",
-    ControlKind.MODELLER_READY: "executor/taskrun.py",
-    ControlKind.CANCEL: "executor/supervisor.py",
+    ControlKind.MODELLER_READY: "executor/task/run.py",
+    ControlKind.CANCEL: "executor/task/supervisor.py",
 }
 
 

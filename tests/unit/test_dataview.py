@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from executor import dataview
 from executor.backends import Mount
-from executor.dataview import (
+from executor.data import view as dataview
+from executor.data.view import (
     MAX_BIND_FILES,
     NAME_MAX,
     PATH_MAX,
@@ -180,7 +180,7 @@ def test_scan_skips_names_that_are_not_utf8_and_says_so(data: Path, caplog: pyte
     os.mkdir(os.path.join(os.fsencode(data), b"dir-\xfe"))
     _write(Path(os.fsdecode(os.path.join(os.fsencode(data), b"dir-\xfe"))), "inner.csv")
 
-    with caplog.at_level(logging.WARNING, logger="executor.dataview"):
+    with caplog.at_level(logging.WARNING, logger="executor.data.view"):
         files = scan(data)
 
     assert _names(files) == ["good.csv"]
@@ -784,8 +784,8 @@ def test_a_file_swapped_between_its_check_and_its_link_is_not_in_the_view(
 def test_a_plan_needing_too_many_bind_mounts_is_refused_before_anything_starts(
     data: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from executor import dataview
-    from executor.dataview import check_view_budget
+    from executor.data import view as dataview
+    from executor.data.view import check_view_budget
 
     big = MAX_BIND_FILES + 1
     check_view_budget(run_dir, data, "auto", big)  # one filesystem: hard links, no limit
@@ -820,7 +820,7 @@ def test_a_name_too_long_for_any_view_is_unusable_with_its_reason() -> None:
 def test_view_paths_count_the_sandbox_path_and_the_datasource_only_for_bind_views(
     data: Path, run_dir: Path
 ) -> None:
-    from executor.taskdir import TaskDir
+    from executor.task.taskdir import TaskDir
 
     linked = ViewPaths.of(run_dir, data, "auto", "/data")
     assert linked.roots == (str(dataview.data_view_path(run_dir)), "/data")
@@ -836,7 +836,7 @@ def test_select_counts_unusable_files_apart_and_the_counts_still_add_up(
 ) -> None:
     long = "d" * 300 + "/x.csv"
     files = [FileStamp("a.csv", 1, 1), FileStamp(long, 1, 1), FileStamp("b.csv", 1, 1)]
-    with caplog.at_level(logging.WARNING, logger="executor.dataview"):
+    with caplog.at_level(logging.WARNING, logger="executor.data.view"):
         selection = select(
             files,
             processed={},
@@ -869,7 +869,7 @@ def test_a_file_deeper_than_path_max_is_left_out_of_the_view_not_fatal(
     deep = deep_file(data, PATH_MAX + 100)
     files = scan(data)
     assert sorted(_names(files)) == sorted(["a.csv", deep])  # the scan reaches it through descriptors
-    with caplog.at_level(logging.WARNING, logger="executor.dataview"):
+    with caplog.at_level(logging.WARNING, logger="executor.data.view"):
         view = DataView(run_dir / "view", data, files, gid=GID)
     with view:
         assert _names(view.files) == ["a.csv"]

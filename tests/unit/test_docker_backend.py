@@ -13,7 +13,7 @@ from executor.backends import ContainerSpec, Mount
 from executor.backends.docker import RETRIES, DockerBackend, container_kwargs, host_pids_cap
 from executor.errors import ConfigurationError, ContainerError, EngineUnavailableError, ImageNotFoundError
 from executor.policy import IsolationPolicy
-from executor.seccomp import default_profile_json
+from executor.policy.seccomp import default_profile_json
 
 
 def _spec(policy: IsolationPolicy | None = None) -> ContainerSpec:

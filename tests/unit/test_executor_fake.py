@@ -25,12 +25,9 @@ from typing import Any
 import pytest
 
 from executor import runner as executor_module
-from executor import supervisor as supervisor_module
-from executor import taskrun
 from executor.backends import LABEL_WARM, ExitInfo
 from executor.errors import ContainerError, HostError, ImageNotFoundError, ProtocolBundleError
 from executor.events import ProgressUpdate
-from executor.launch import SANDBOX_IPC
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Transport
 from executor.outcome import Status
@@ -39,6 +36,9 @@ from executor.rpc.server import TaskServer
 from executor.runner import Executor
 from executor.sandbox.contract import START_SOCKET_NAME
 from executor.spec import TaskSpec
+from executor.task import run as taskrun
+from executor.task import supervisor as supervisor_module
+from executor.task.launch import SANDBOX_IPC
 from executor.testing import (
     FakeBackend,
     FakeContainer,

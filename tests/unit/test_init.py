@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from executor.lifeline import Lifeline
 from executor.sandbox.init import EXIT_INIT_FAILED, EXIT_PARENT_GONE, forward
+from executor.task.lifeline import Lifeline
 
 from .conftest import wait_for
 

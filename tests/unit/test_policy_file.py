@@ -12,9 +12,9 @@ from executor.backends.docker import container_kwargs
 from executor.cli import main
 from executor.errors import PolicyError
 from executor.policy import IsolationPolicy
-from executor.policy_file import load_policy_file
+from executor.policy.file import load_policy_file
+from executor.policy.seccomp import default_profile_json
 from executor.runner import resolve_secrets
-from executor.seccomp import default_profile_json
 
 STRICT_PROFILE = {
     "defaultAction": "SCMP_ACT_ERRNO",

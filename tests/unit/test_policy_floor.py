@@ -8,7 +8,7 @@ import pytest
 
 from executor.errors import PolicyError
 from executor.policy import IsolationPolicy
-from executor.policy_file import FLOOR_KEYS, load_policy_file
+from executor.policy.file import FLOOR_KEYS, load_policy_file
 
 # The floor keys the README names; the loader's list must hold at least these.
 README_FLOOR_KEYS = {"network", "privileged", "cap_add", "security_opt", "read_only", "volumes"}

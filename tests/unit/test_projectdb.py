@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from executor import projectdb
-from executor.dataview import FileStamp
-from executor.errors import ProjectDatabaseError
-from executor.projectdb import (
+from executor.data import projectdb
+from executor.data.projectdb import (
     MAX_LOG_TAIL_CHARS,
     SCHEMA_VERSION,
     BatchCommit,
@@ -25,6 +23,8 @@ from executor.projectdb import (
     TaskStart,
     default_db_path,
 )
+from executor.data.view import FileStamp
+from executor.errors import ProjectDatabaseError
 
 PROJECT = "oncology"
 HASH = "hash-1"

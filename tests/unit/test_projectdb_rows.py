@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from executor import projectdb
+from executor.data import projectdb
+from executor.data.projectdb import BatchCommit, ProjectDatabase, TaskStart
 from executor.errors import ProjectDatabaseError
-from executor.projectdb import BatchCommit, ProjectDatabase, TaskStart
 
 PROJECT = "oncology"
 HASH = "hash-1"

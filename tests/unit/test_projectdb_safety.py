@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from executor import dbfile, projectdb
 from executor.cli.commands import main
+from executor.data import dbfile, projectdb
+from executor.data.projectdb import ProjectDatabase, TaskEnd, TaskStart
 from executor.errors import ProjectDatabaseError
-from executor.projectdb import ProjectDatabase, TaskEnd, TaskStart
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 OTHER_UID = 4242

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
-from executor.reaper import instance_alive, new_instance_id, reap
-from executor.taskdir import OWNER_NAME
+from executor.task.reaper import instance_alive, new_instance_id, reap
+from executor.task.taskdir import OWNER_NAME
 
 
 class _NoContainers:

@@ -26,9 +26,9 @@ from typing import Any
 import grpc
 import pytest
 
-from executor import resultrows
+from executor.data import resultrows
+from executor.data.resultrows import TaskRows
 from executor.errors import ProjectDatabaseError
-from executor.resultrows import TaskRows
 from executor.rpc import limits as limits_module
 from executor.rpc import session as session_module
 from executor.rpc.limits import RATE_BURST, RATE_LIMITED, RATE_PER_S, ROWS_PER_TOKEN, CallLimiter

@@ -16,12 +16,11 @@ from typing import Any
 
 import pytest
 
-from executor import seccomp
 from executor.backends import ContainerSpec
 from executor.backends.docker import RUNSC_IGNORES_SECCOMP, DockerBackend, EngineInfo, container_kwargs
 from executor.errors import PolicyError
-from executor.policy import IsolationPolicy
-from executor.policy_file import load_policy_file
+from executor.policy import IsolationPolicy, seccomp
+from executor.policy.file import load_policy_file
 from executor.runner import Executor
 from executor.spec import TaskSpec
 from executor.testing.engine import FakeBackend

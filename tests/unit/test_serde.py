@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from executor import serde
 from executor.backends import Mount
-from executor.bundle import Bundle
 from executor.events import ProgressKind
-from executor.launch import SANDBOX_DATA, SANDBOX_PROTOCOL, container_spec
 from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
+from executor.rpc import serde
 from executor.rpc.session import RequestRejected
 from executor.sandbox.contract import CHUNK_BYTES
 from executor.spec import InferenceLimits, TaskFlags, TaskSpec
+from executor.task.bundle import Bundle
+from executor.task.launch import SANDBOX_DATA, SANDBOX_PROTOCOL, container_spec
 from executor.v1 import sandbox_pb2 as pb
 
 
@@ -82,9 +82,9 @@ def test_the_container_sees_only_its_mounts_and_is_labelled(tmp_path):
 
 
 def test_file_outcome_kinds_become_the_enum_and_unknown_kinds_are_refused():
-    from executor.fileoutcomes import FileKind
+    from executor.data.fileoutcomes import FileKind
+    from executor.rpc.serde import file_outcomes
     from executor.rpc.session import RequestRejected
-    from executor.serde import file_outcomes
 
     request = pb.FileOutcomes(
         files=[

@@ -448,7 +448,7 @@ def test_file_outcomes_with_a_lone_surrogate_are_refused(make_session, name, rea
 
 def test_file_outcome_caps_are_pinned():
     """Changing a cap changes what a task may make the parent hold: do it here, on purpose."""
-    from executor import fileoutcomes as f
+    from executor.data import fileoutcomes as f
 
     assert f.MAX_FILES_PER_CALL == 1000
     assert f.MAX_FILE_NAME_CHARS == 1024
@@ -491,7 +491,7 @@ def test_a_flood_of_failed_files_is_bounded(make_session):
     import json
     import tracemalloc
 
-    from executor.fileoutcomes import (
+    from executor.data.fileoutcomes import (
         MAX_FAILED_FILES_IN_JSON,
         MAX_FILE_REASON_CHARS,
         MAX_FILES_PER_CALL,
@@ -536,7 +536,7 @@ def test_a_flood_of_failed_files_is_bounded(make_session):
 
 
 def test_re_reporting_a_file_frees_its_old_reason(make_session):
-    from executor.fileoutcomes import MAX_FILE_REASON_CHARS, MAX_REASON_CHARS_PER_TASK, REASON_DROPPED
+    from executor.data.fileoutcomes import MAX_FILE_REASON_CHARS, MAX_REASON_CHARS_PER_TASK, REASON_DROPPED
 
     kit = make_session()
     full = MAX_REASON_CHARS_PER_TASK // MAX_FILE_REASON_CHARS

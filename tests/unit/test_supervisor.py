@@ -16,14 +16,14 @@ from collections.abc import Callable
 
 import pytest
 
-from executor import supervisor as supervisor_module
 from executor.backends import ContainerSpec, ExitInfo
 from executor.errors import ContainerError, EngineUnavailableError
 from executor.events import Control, ControlKind
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.rpc.session import TaskSession
-from executor.supervisor import Supervisor, abort_message
+from executor.task import supervisor as supervisor_module
+from executor.task.supervisor import Supervisor, abort_message
 from executor.testing import (
     SIGKILL_EXIT,
     FakeBackend,
@@ -673,7 +673,7 @@ def test_without_usage_figures_the_heartbeat_rule_alone_decides(make_session):
 
 
 def test_the_start_permit_is_given_back_at_the_first_beat_while_the_task_runs(make_session, tmp_path):
-    from executor.admission import StartGate
+    from executor.task.admission import StartGate
 
     session = make_session().session
     gate = StartGate(1, tmp_path)
@@ -706,7 +706,7 @@ def wait_for_release(permit: object, timeout: float = 5.0) -> bool:
 
 
 def test_an_adopted_slot_that_ends_before_its_first_beat_fails_the_hand_over_not_the_task(make_session):
-    from executor.supervisor import HandOverFailed
+    from executor.task.supervisor import HandOverFailed
 
     session = make_session().session
     backend = FakeBackend(hangs())
@@ -726,7 +726,7 @@ def test_an_adopted_slot_that_ends_before_its_first_beat_fails_the_hand_over_not
 
 
 def test_an_adopted_slot_that_never_beats_fails_the_hand_over(make_session):
-    from executor.supervisor import HandOverFailed
+    from executor.task.supervisor import HandOverFailed
 
     session = make_session().session
     backend = FakeBackend(hangs())

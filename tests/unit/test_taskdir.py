@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import executor
-from executor.bundle import copy_bundle
-from executor.taskdir import ENV_BASE, SOCKET_NAME, TOKEN_NAME, TaskDir, default_base_dir
+from executor.task.bundle import copy_bundle
+from executor.task.taskdir import ENV_BASE, SOCKET_NAME, TOKEN_NAME, TaskDir, default_base_dir
 
 SANDBOX_UID = 10_001
 NOBODY = 65_534
@@ -137,8 +137,8 @@ _UNPRIVILEGED_SCENARIO = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from executor.bundle import copy_bundle
-    from executor.taskdir import TaskDir
+    from executor.task.bundle import copy_bundle
+    from executor.task.taskdir import TaskDir
 
     base, source = Path(sys.argv[1]), Path(sys.argv[2])
     td = TaskDir(base, 10001)
@@ -216,7 +216,7 @@ class _NoContainers:
 def test_reaper_spares_fresh_unlabelled_dirs_and_live_owners(tmp_path):
     import os
 
-    from executor.reaper import new_instance_id, reap
+    from executor.task.reaper import new_instance_id, reap
 
     run_dir, spool = tmp_path / "run", tmp_path / "spool"
     run_dir.mkdir()

@@ -21,7 +21,7 @@ from executor.hooks import (
 )
 from executor.outcome import Outcome, Status
 from executor.sandbox.contract import PROGRESS_STEP_INTERVAL_S
-from executor.taskevents import MAX_TASK_EVENTS, TaskEvents
+from executor.task.eventflow import MAX_TASK_EVENTS, TaskEvents
 from tests.unit.conftest import wait_for
 
 CTX = TaskContext(task_id="t-1", task_hash="h", project="p", modeller="m", datasource="d")
@@ -134,7 +134,7 @@ def test_the_task_s_total_drops_progress_and_log_events_with_two_notes_and_keeps
 ) -> None:
     r = Rig(clock, max_events=5)
     r.events.emit(TaskStarted(task=CTX, selection={}, total_batches=1, runtime="runc"))
-    with caplog.at_level(logging.WARNING, logger="executor.taskevents"):
+    with caplog.at_level(logging.WARNING, logger="executor.task.eventflow"):
         for n in range(8):
             r.events.log_line("stdout", f"line {n}", 1)
         r.events.progress(ProgressUpdate(ProgressKind.RUN_END), 1)
@@ -164,7 +164,7 @@ def test_a_failing_listener_is_logged_and_the_events_still_go_on(clock: Clock, c
         raise RuntimeError("listener broke")
 
     events = TaskEvents(HookDispatcher([got.append]), CTX, on_progress=broken, clock=clock)
-    with caplog.at_level(logging.ERROR, logger="executor.taskevents"):
+    with caplog.at_level(logging.ERROR, logger="executor.task.eventflow"):
         events.progress(ProgressUpdate(ProgressKind.RUN_START), 1)
     events.close(5.0)
     assert kinds(got) == ["run_start"]

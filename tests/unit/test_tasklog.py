@@ -10,11 +10,12 @@ from collections.abc import Iterable, Iterator
 import docker.errors
 import pytest
 
-from executor import logtail, testing
+from executor import testing
 from executor.backends import ContainerSpec
 from executor.backends.docker import DockerBackend
 from executor.policy import IsolationPolicy
-from executor.tasklog import (
+from executor.task import logtail
+from executor.task.output import (
     MAX_LINE_CHARS,
     MAX_TAIL_CHARS,
     NOTE_STREAM,
@@ -157,7 +158,7 @@ def test_a_failing_line_listener_is_logged_and_lines_keep_coming(caplog):
         raise RuntimeError("listener broke")
 
     c = OutputCollector(Source([]), "t-1", on_line=listener, caps=OPEN, clock=Clock())
-    with caplog.at_level(logging.ERROR, logger="executor.tasklog"):
+    with caplog.at_level(logging.ERROR, logger="executor.task.output"):
         c.feed("stdout", lines_of(10))
         c.stop()
     assert seen == [f"line {i}" for i in range(10)]
@@ -438,7 +439,7 @@ def test_a_failing_stream_ends_the_following_quietly(caplog):
         raise ConnectionResetError("engine went away")
 
     c, lines = collector(chunks=broken())
-    with caplog.at_level(logging.WARNING, logger="executor.tasklog"):
+    with caplog.at_level(logging.WARNING, logger="executor.task.output"):
         c.start("cid")
         c.stop(timeout_s=30)
     assert lines == [("stdout", "one")]
@@ -580,7 +581,7 @@ def test_closing_the_docker_follow_closes_both_engine_streams():
 def test_a_protocols_info_and_debug_records_keep_their_level_and_nothing_rises_above_warning():
     import logging
 
-    from executor.tasklog import line_level
+    from executor.task.output import line_level
 
     assert line_level("stderr", "INFO csv_stats: 3 files") == logging.INFO
     assert line_level("stderr", "DEBUG x: y") == logging.DEBUG

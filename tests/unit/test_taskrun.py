@@ -1,4 +1,4 @@
-"""The parent's data lifecycle (executor/taskrun.py) on a scripted engine and a real SQLite database.
+"""The parent's data lifecycle (executor/task/run.py) on a scripted engine and a real SQLite database.
 
 Containers are :class:`~executor.testing.FakeBackend` programs; where a
 protocol must really run, :func:`~executor.testing.host_runtime` runs our init
@@ -25,20 +25,20 @@ from typing import Any
 
 import pytest
 
-from executor import taskrun
 from executor.backends import ExitInfo
-from executor.dataview import PATH_MAX
+from executor.data.projectdb import BatchCommit, ProjectDatabase
+from executor.data.view import PATH_MAX
 from executor.errors import ConfigurationError, ContainerError, ProjectDatabaseError
 from executor.hooks import AlgorithmProgress, BatchRun, Event, ResultsSaved, TaskEnded, TaskStarted
-from executor.launch import SANDBOX_DATA
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Transport
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
-from executor.projectdb import BatchCommit, ProjectDatabase
 from executor.runner import Executor
 from executor.spec import TaskFlags, TaskSpec
-from executor.taskrun import default_task_hash
+from executor.task import run as taskrun
+from executor.task.launch import SANDBOX_DATA
+from executor.task.run import default_task_hash
 from executor.testing import (
     FakeBackend,
     FakeContainer,

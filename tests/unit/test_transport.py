@@ -17,7 +17,7 @@ from executor.mailbox.transport import (
     Route,
     TransportError,
 )
-from executor.reaper import new_instance_id, reap
+from executor.task.reaper import new_instance_id, reap
 from executor.testing import InMemoryTransport
 
 REPO = Path(__file__).resolve().parents[2]

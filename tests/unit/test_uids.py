@@ -21,7 +21,7 @@ from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.runner import Executor, check_data_dir
 from executor.spec import TaskSpec
-from executor.uids import ENV_UID_DIR, UidPool, default_uid_dir
+from executor.task.uids import ENV_UID_DIR, UidPool, default_uid_dir
 
 RANGE = IsolationPolicy(uid_start=30_000, uid_count=3)
 PINNED = IsolationPolicy(uid=31_000)
@@ -119,7 +119,7 @@ HOLDER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from executor.policy import IsolationPolicy
-    from executor.uids import UidPool
+    from executor.task.uids import UidPool
     lease = UidPool(Path(sys.argv[1])).lease(IsolationPolicy(uid=int(sys.argv[2])))
     print(lease.uid, flush=True)
     time.sleep(60)

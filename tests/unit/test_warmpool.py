@@ -24,20 +24,20 @@ from typing import Any
 import grpc
 import pytest
 
-from executor import warmpool
 from executor.backends import LABEL_WARM, ContainerSpec, ExitInfo
 from executor.errors import CapacityError, ContainerError, HostError
-from executor.launch import SANDBOX_IPC
-from executor.lifeline import StartLine
 from executor.policy import IsolationPolicy
 from executor.rpc.session import SessionRef
 from executor.sandbox.contract import START_SOCKET_NAME, TOKEN_METADATA_KEY
-from executor.taskdir import SOCKET_NAME, TOKEN_NAME
+from executor.task import warmpool
+from executor.task.launch import SANDBOX_IPC
+from executor.task.lifeline import StartLine
+from executor.task.taskdir import SOCKET_NAME, TOKEN_NAME
+from executor.task.uids import UidPool
+from executor.task.warmpool import Slot, WarmPool, make_slot
 from executor.testing import FakeBackend, FakeContainer, Program
-from executor.uids import UidPool
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
-from executor.warmpool import Slot, WarmPool, make_slot
 from tests.unit.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(30)

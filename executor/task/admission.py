@@ -12,7 +12,7 @@ pool's refill takes permits too, but only when no task waits.
 
 Permits are host-wide, not per executor: each is an ``flock`` on one of
 ``limit`` files in a directory every executor of the host shares (beside the
-uid leases, :func:`executor.uids.default_uid_dir`), so several processes (a
+uid leases, :func:`executor.task.uids.default_uid_dir`), so several processes (a
 CLI per task, say) share one budget, and a permit ends with its process even
 if that process is killed. Within a process the waiters are served in order;
 across processes the head of each line tries the files in turn.
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from executor.errors import CapacityError, host_errors
-from executor.flocks import HeldLock, try_lock
+from executor.task.flocks import HeldLock, try_lock
 
 log = logging.getLogger(__name__)
 

@@ -164,7 +164,7 @@ class TaskDir:
 
     @property
     def start_path(self) -> Path:
-        """Where a warm slot's runtime waits for its task (see :class:`executor.lifeline.StartLine`)."""
+        """Where a warm slot's runtime waits for its task (see :class:`executor.task.lifeline.StartLine`)."""
         return self.ipc / START_SOCKET_NAME
 
     @property

@@ -36,7 +36,7 @@ from types import TracebackType
 
 from executor.backends import Mount
 from executor.errors import DataSourceError
-from executor.taskdir import ENV_BASE, data_view_path
+from executor.task.taskdir import ENV_BASE, data_view_path
 
 log = logging.getLogger(__name__)
 

@@ -11,19 +11,19 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, TypedDict
 
-from executor.bundle import ENTRY_MODULE
+from executor.data.fileoutcomes import FileKind
 from executor.events import Control, ProgressKind, ProgressUpdate
-from executor.fileoutcomes import FileKind
-from executor.launch import SANDBOX_DATA, SANDBOX_PROTOCOL
 from executor.outcome import Status
 from executor.rpc.session import FINISH_STATUSES, RequestRejected
 from executor.sandbox.contract import CHUNK_BYTES
+from executor.task.bundle import ENTRY_MODULE
+from executor.task.launch import SANDBOX_DATA, SANDBOX_PROTOCOL
 from executor.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
-    from executor.bundle import Bundle
     from executor.policy import IsolationPolicy
     from executor.spec import TaskSpec
+    from executor.task.bundle import Bundle
 
 # The statuses a sandbox may report (the session's list), by their wire value.
 _SANDBOX_STATUSES = {pb.Status.Value(status.value): status for status in FINISH_STATUSES}

@@ -40,13 +40,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from executor.admission import Permit
 from executor.backends import ContainerBackend, ContainerSpec, ExitInfo, Usage
 from executor.errors import BackendError, SandboxExecutorError
 from executor.events import ControlKind, FinishReport
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.rpc.session import TaskSession
+from executor.task.admission import Permit
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class HandOverFailed(Exception):
     """A warm slot died or hung before its task's first beat: no protocol code ran in it.
 
     Never an outcome: the task starts again in another slot or cold
-    (:mod:`executor.taskrun`), since nothing of it ran.
+    (:mod:`executor.task.run`), since nothing of it ran.
     """
 
 
@@ -192,13 +192,13 @@ class Supervisor:
         on_start: Called with the container's id once it has started (e.g. to
             follow its output); an exception from it is logged, never raised.
         adopt: The id of a container already running, a warm slot just given
-            this task (:mod:`executor.warmpool`): it is watched under the same
+            this task (:mod:`executor.task.warmpool`): it is watched under the same
             rules, instead of a new one being created.
         give: Hands the adopted slot its task, first thing (following its
             output and awaiting its exit come right after); returns when
             (``time.monotonic()``) it did, or raises :class:`HandOverFailed`.
             The boot's limits run from then.
-        permit: The start permit the task holds (:mod:`executor.admission`),
+        permit: The start permit the task holds (:mod:`executor.task.admission`),
             given back once the sandbox's first beat is seen or it ends.
     """
 

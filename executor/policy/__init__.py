@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from executor import seccomp
 from executor.errors import PolicyError
+from executor.policy import seccomp
 
 DEFAULT_IMAGE = "sandbox-executor/sandbox:latest"
 RUNTIMES = ("runc", "runsc")
@@ -39,7 +39,7 @@ MAX_SECCOMP_BYTES = 1024 * 1024
 def _check_seccomp(profile: str, runtime: str) -> None:
     """Refuse a profile the engine would not apply as written under ``runtime``.
 
-    See :mod:`executor.seccomp`: the profile is intersected with the default.
+    See :mod:`executor.policy.seccomp`: the profile is intersected with the default.
     """
     if not isinstance(profile, str):
         raise PolicyError(f"seccomp_profile: expected a profile's JSON text, got {type(profile).__name__}")
@@ -125,7 +125,7 @@ class IsolationPolicy:
         tmpfs_mb: Size of the writable, non-executable ``/tmp``.
         timeout_s: Wall-clock limit of the protocol's run, from its first line
             (per batch in a batched run). The sandbox's boot before it has a
-            grace of its own (:data:`executor.supervisor.BOOT_GRACE_S`).
+            grace of its own (:data:`executor.task.supervisor.BOOT_GRACE_S`).
         cpu_time_s: CPU seconds the whole sandbox may use from the protocol's
             first line (every process it forks included, as the host's cgroup
             counts them); past it the sandbox is killed and the task ends
@@ -159,14 +159,14 @@ class IsolationPolicy:
             group is readable by every task.
         seccomp_profile: A stricter seccomp profile (JSON text, an allow-list:
             its defaultAction refuses); empty means the executor's default
-            (:mod:`executor.seccomp`). The sandbox may make a call only when
+            (:mod:`executor.policy.seccomp`). The sandbox may make a call only when
             both this profile and the default allow it.
         secrets: Secrets granted to this project's sandboxes, as
             ``(name, source)`` with source ``env:VARIABLE`` or ``file:/path``,
             resolved in the parent at task start. Nothing else is granted.
         gpus: GPUs passed through: 0 (the default) for none, -1 for all.
         warm_pool: How many sandboxes of this policy the executor keeps started,
-            booted and waiting for a task (see :mod:`executor.warmpool`). Each
+            booted and waiting for a task (see :mod:`executor.task.warmpool`). Each
             serves one task and is then destroyed; 0 (the default) starts every
             task cold.
         preload: Modules (from the image) the sandbox runtime imports before it

@@ -22,7 +22,7 @@ from pathlib import Path
 from executor.backends import LABEL_PARENT, ContainerBackend
 from executor.errors import host_errors
 from executor.mailbox.transport import SPOOL_OWNER
-from executor.taskdir import OWNER_NAME, remove_tree
+from executor.task.taskdir import OWNER_NAME, remove_tree
 
 log = logging.getLogger(__name__)
 

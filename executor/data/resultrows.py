@@ -164,7 +164,7 @@ class TaskRows:
         max_rows: Rows the whole task may save (every batch together).
         max_bytes: UTF-8 bytes of row text the whole task may save.
         store: Where rows go (e.g. :meth:`ProjectDatabase.stage_rows
-            <executor.projectdb.ProjectDatabase.stage_rows>` for this task);
+            <executor.data.projectdb.ProjectDatabase.stage_rows>` for this task);
             ``None`` counts them and keeps nothing.
         task_id: For the log.
     """

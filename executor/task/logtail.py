@@ -80,7 +80,7 @@ def separator(batch: int) -> str:
 class Tail:
     """The last lines of one task's output across its batches, marked, within ``max_chars``.
 
-    Not locked: its owner (:class:`executor.tasklog.TaskOutput`) holds a lock.
+    Not locked: its owner (:class:`executor.task.output.TaskOutput`) holds a lock.
 
     Args:
         batched: Whether each batch's lines get a separator before them.

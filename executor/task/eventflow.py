@@ -46,8 +46,8 @@ from executor.hooks import (
     TaskContext,
     TaskEnded,
 )
-from executor.logtail import NOTE_STREAM
 from executor.sandbox.contract import PROGRESS_STEP_INTERVAL_S
+from executor.task.logtail import NOTE_STREAM
 
 log = logging.getLogger(__name__)
 

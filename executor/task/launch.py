@@ -1,7 +1,7 @@
 """What one task's container is: the sandbox's argv, its mounts and its labels.
 
 The paths inside the sandbox are named here once; the task configuration
-(:func:`executor.serde.task_config`) tells the runtime the same ones.
+(:func:`executor.rpc.serde.task_config`) tells the runtime the same ones.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from executor.backends import (
     ContainerSpec,
     Mount,
 )
-from executor.taskdir import LIFELINE_NAME, SOCKET_NAME, TOKEN_NAME
+from executor.task.taskdir import LIFELINE_NAME, SOCKET_NAME, TOKEN_NAME
 
 if TYPE_CHECKING:
     from executor.policy import IsolationPolicy
-    from executor.taskdir import TaskDir
+    from executor.task.taskdir import TaskDir
 
 SANDBOX_IPC = "/run/sandbox"
 SANDBOX_PROTOCOL = "/sandbox/protocol"
@@ -74,9 +74,9 @@ def container_spec(
     """The one container of a task: the only host paths it sees, labelled for the reaper.
 
     ``data_mounts`` put the task's data view at :data:`SANDBOX_DATA` (see
-    :class:`executor.dataview.DataView`): the directory, plus one read-only
+    :class:`executor.data.view.DataView`): the directory, plus one read-only
     bind mount per file when the view could not be made of hard links. A
-    ``warm`` container (a pool's slot, see :mod:`executor.warmpool`) is made
+    ``warm`` container (a pool's slot, see :mod:`executor.task.warmpool`) is made
     before its task is known: ``task_id`` names the slot, the bundle and data
     directories are still empty, and its runtime waits for the task.
     """

@@ -18,7 +18,7 @@ is known:
 - ``protocol/`` and ``data/``: empty directories, closed to the sandbox,
   mounted where a cold task's bundle and data view go. Given a task, the
   parent copies the bundle into the first and hard-links the batch's files
-  into the second (:class:`~executor.dataview.DataView`), opens both, and
+  into the second (:class:`~executor.data.view.DataView`), opens both, and
   only then sends the task's configuration down the runtime's start line (a
   socket it blocks on at no cost, connected before any protocol code
   exists). A view that would need bind mounts cannot be added to a running
@@ -28,10 +28,10 @@ A slot is taken by one task and destroyed when that task's container ends:
 never reused. Only a slot whose runtime is booted and waiting on its start
 line is handed out, and the hand-over is checked: a slot that cannot take
 its task at once (it hung up, or its runtime never reads the configuration)
-raises :class:`~executor.supervisor.HandOverFailed`, is destroyed, and the
+raises :class:`~executor.task.supervisor.HandOverFailed`, is destroyed, and the
 task goes to another slot or starts cold. Up to the task's first beat no
 protocol code has run in the slot, so nothing of the task is lost or done
-twice. Making slots takes start permits (:mod:`executor.admission`) only
+twice. Making slots takes start permits (:mod:`executor.task.admission`) only
 when no task waits for one, so a pool never delays a task.
 
 The pool refills in the background, several slots at once; slots that die
@@ -55,29 +55,29 @@ from typing import TYPE_CHECKING, Any
 
 from executor.backends import LABEL_WARM, ContainerBackend, Mount
 from executor.errors import BackendError, SandboxExecutorError, host_errors
-from executor.launch import SANDBOX_DATA, container_spec
-from executor.lifeline import Lifeline, StartLine
 from executor.rpc.server import TaskServer
 from executor.rpc.session import SessionRef
-from executor.supervisor import BOOT_GRACE_S, BOOT_LIMIT_S, HandOverFailed, busy
+from executor.task.launch import SANDBOX_DATA, container_spec
+from executor.task.lifeline import Lifeline, StartLine
+from executor.task.supervisor import BOOT_GRACE_S, BOOT_LIMIT_S, HandOverFailed, busy
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from executor.admission import Permit, StartGate
     from executor.backends import ContainerSpec
     from executor.policy import IsolationPolicy
     from executor.rpc.session import TaskSession
-    from executor.uids import UidLease, UidPool
+    from executor.task.admission import Permit, StartGate
+    from executor.task.uids import UidLease, UidPool
 
-from executor.taskdir import TaskDir
+from executor.task.taskdir import TaskDir
 
 log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT_S = BOOT_GRACE_S
 """A slot whose runtime has not reached its start line this long after it started, and whose
 CPU time stood still meanwhile, is destroyed (one still booting on a busy host may take until
-:data:`~executor.supervisor.BOOT_LIMIT_S`)."""
+:data:`~executor.task.supervisor.BOOT_LIMIT_S`)."""
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
 """After a slot fails to be made or to boot, the pool waits this long (doubling, capped) to retry."""
@@ -127,7 +127,7 @@ class Slot:
 
         A slot still booting past :data:`BOOT_TIMEOUT_S` is given more time
         while its CPU time advances (a busy host), up to
-        :data:`~executor.supervisor.BOOT_LIMIT_S`.
+        :data:`~executor.task.supervisor.BOOT_LIMIT_S`.
         """
         if self.start.connected:
             return not self.start.waiting

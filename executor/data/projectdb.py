@@ -18,7 +18,7 @@ task. The schema, at version :data:`SCHEMA_VERSION` (``PRAGMA user_version``)::
 Guarantees:
 
 * **Never trusted blindly.** Every connection first checks the file as
-  :mod:`executor.dbfile` says: no symbolic link followed (at the file or
+  :mod:`executor.data.dbfile` says: no symbolic link followed (at the file or
   beside it), this user's alone and writable by no one else, in a directory
   no one else may write, the very file that was checked once SQLite has it
   open, and holding only the objects its schema defines (no trigger or view
@@ -68,11 +68,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executor import dbfile, logtail
+from executor.data import dbfile
 from executor.errors import ProjectDatabaseError
+from executor.task import logtail
 
 if TYPE_CHECKING:
-    from executor.dataview import FileStamp
+    from executor.data.view import FileStamp
 
 ENV_STATE_DIR = "SANDBOX_EXECUTOR_STATE_DIR"
 DB_FILE_NAME = "projects.sqlite"
@@ -175,7 +176,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     CREATE INDEX tasks_running ON tasks (status) WHERE status = 'RUNNING';
     """,
-    # v4: the log tail's format (executor/logtail.py): 1 marks each line with
+    # v4: the log tail's format (executor/task/logtail.py): 1 marks each line with
     # its stream; the tails of older rows are plain text, format 0.
     """
     ALTER TABLE tasks ADD COLUMN log_format INTEGER NOT NULL DEFAULT 0;
@@ -464,7 +465,7 @@ class ProjectDatabase:
     def _check_existing(self) -> bool:
         """Whether the file exists, having checked read-only that it is a usable database.
 
-        The file must first pass :func:`executor.dbfile.check_file` (no link,
+        The file must first pass :func:`executor.data.dbfile.check_file` (no link,
         this user's alone, in a directory no one else may write). A database
         nobody has open (no ``-wal`` or ``-shm`` file) is read as immutable,
         which leaves no such file behind. That read bypasses SQLite's locks,
@@ -667,9 +668,9 @@ class ProjectDatabase:
     ) -> sqlite3.Connection:
         """A connection to the checked file, opened with URI ``params``.
 
-        The file passes :func:`executor.dbfile.check_file` first and must be
+        The file passes :func:`executor.data.dbfile.check_file` first and must be
         the one this instance first checked; SQLite must then have opened
-        exactly it (:func:`executor.dbfile.verify_opened`). Stored SQL may
+        exactly it (:func:`executor.data.dbfile.verify_opened`). Stored SQL may
         call no function with side effects (``trusted_schema`` off).
 
         Raises:
@@ -860,7 +861,7 @@ class ProjectDatabase:
             task_id: The task, RUNNING in the ledger.
             batch: Its batch saving the rows, not yet committed.
             rows: Each the JSON text of one flat object, as
-                :func:`executor.resultrows.check_row` accepts (the caller checks).
+                :func:`executor.data.resultrows.check_row` accepts (the caller checks).
             timeout_s: How long to wait for another writer's lock (default:
                 ``busy_timeout_s``).
 

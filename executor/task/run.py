@@ -5,16 +5,16 @@ selection; a :class:`TaskRun` then carries it out. The task's mailbox (channel,
 keys, quota) and its directory (with the bundle) live as long as the task; each
 batch gets a fresh container, token, socket and data view holding only that
 batch's files. A batch's result rows go to the project database as they
-arrive, unseen until the batch commits (:mod:`executor.resultrows`). When a
+arrive, unseen until the batch commits (:mod:`executor.data.resultrows`). When a
 batch ends OK, its processed and failed files commit in one transaction that
 also makes its rows seen; a batch that does not end OK commits only the
 failures it reported, its rows are removed, and the task stops there, so the
 next run with ``run_on_new_data_only`` starts at the first uncommitted batch.
 
 Typed events (:mod:`executor.hooks`) go to the executor's hooks as they
-happen, through :mod:`executor.taskevents` (steps coalesced, a total per
+happen, through :mod:`executor.task.eventflow` (steps coalesced, a total per
 task); the ledger row is written at the start and completed at the end,
-with the log tail its batches' output collectors share (:mod:`executor.tasklog`).
+with the log tail its batches' output collectors share (:mod:`executor.task.output`).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executor import logtail, serde
-from executor.bundle import Bundle, link_bundle
-from executor.dataview import DataView, FileStamp, Selection, may_link
+from executor.data.fileoutcomes import FileKind
+from executor.data.projectdb import BatchCommit, TaskEnd, TaskStart
+from executor.data.resultrows import STORE_WAIT_S, TaskRows
+from executor.data.view import DataView, FileStamp, Selection, may_link
 from executor.errors import (
     DataSourceError,
     ProjectDatabaseError,
@@ -41,7 +42,6 @@ from executor.errors import (
     host_errors,
 )
 from executor.events import ControlKind, ProgressUpdate
-from executor.fileoutcomes import FileKind
 from executor.hooks import (
     BatchRun,
     FailedFilesSaved,
@@ -51,28 +51,29 @@ from executor.hooks import (
     TaskEnded,
     TaskStarted,
 )
-from executor.launch import SANDBOX_DATA, container_spec
-from executor.lifeline import Lifeline
 from executor.mailbox.broker import MailboxBroker
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Route
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.projectdb import BatchCommit, TaskEnd, TaskStart
-from executor.resultrows import STORE_WAIT_S, TaskRows
+from executor.rpc import serde
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.spec import TaskSpec
-from executor.supervisor import REASON_CANCELLED, HandOverFailed, Supervisor, abort_message
-from executor.taskdir import TaskDir
-from executor.taskevents import TaskEvents
-from executor.tasklog import OutputCollector, TaskOutput
-from executor.uids import UidLease
-from executor.warmpool import Slot, WarmPool
+from executor.task import logtail
+from executor.task.bundle import Bundle, link_bundle
+from executor.task.eventflow import TaskEvents
+from executor.task.launch import SANDBOX_DATA, container_spec
+from executor.task.lifeline import Lifeline
+from executor.task.output import OutputCollector, TaskOutput
+from executor.task.supervisor import REASON_CANCELLED, HandOverFailed, Supervisor, abort_message
+from executor.task.taskdir import TaskDir
+from executor.task.uids import UidLease
+from executor.task.warmpool import Slot, WarmPool
 
 if TYPE_CHECKING:
-    from executor.admission import Permit
     from executor.runner import Executor
+    from executor.task.admission import Permit
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import threading
 from pathlib import Path
 
 from executor.errors import CapacityError, host_errors
-from executor.flocks import HeldLock, try_lock
 from executor.policy import IsolationPolicy
+from executor.task.flocks import HeldLock, try_lock
 
 log = logging.getLogger(__name__)
 
