@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from executor import paths
 from executor.backends import ContainerBackend
 from executor.data.projectdb import FileStates, ProjectDatabase
 from executor.data.view import (
@@ -46,7 +47,7 @@ from executor.task.bundle import check_protocol_dir, copy_bundle
 from executor.task.launch import SANDBOX_DATA
 from executor.task.reaper import ReapReport, instance_alive, new_instance_id, reap
 from executor.task.run import Plan, TaskRun, default_task_hash
-from executor.task.taskdir import TaskDir, default_base_dir, default_spool_dir
+from executor.task.taskdir import TaskDir
 from executor.task.uids import UidPool
 from executor.task.warmpool import WarmPool
 
@@ -99,9 +100,9 @@ class Executor:
         transport: Where mailbox traffic goes. By default there is no modeller:
             a :class:`~executor.mailbox.transport.NoModellerTransport`, which discards
             and counts what a task sends and fails its receives at once.
-        run_dir: Where task directories go; see :func:`default_base_dir`.
+        run_dir: Where task directories go; see :func:`paths.run_dir`.
         spool_dir: Where large mailbox bodies are staged (disk, not memory);
-            see :func:`default_spool_dir`.
+            see :func:`paths.spool_dir`.
         uid_dir: Where the host-wide uid leases live; see
             :func:`~executor.task.uids.default_uid_dir`.
         db: The project database (a path or an open one): the task ledger,
@@ -155,8 +156,8 @@ class Executor:
         self._single_policy = policy
         self._owns_transport = transport is None
         self.transport: Transport = transport if transport is not None else NoModellerTransport()
-        self.run_dir = run_dir or default_base_dir()
-        self.spool_dir = spool_dir or default_spool_dir()
+        self.run_dir = run_dir or paths.run_dir()
+        self.spool_dir = spool_dir or paths.spool_dir()
         self.uids = UidPool(uid_dir)
         try:
             self.gate = StartGate(

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from executor import __version__
+from executor import __version__, paths
 from executor.errors import SandboxExecutorError
 
 EXIT_OK = 0
@@ -69,9 +69,8 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 
 
 def _db_path(args: argparse.Namespace) -> Path:
-    from executor.data.projectdb import default_db_path
 
-    return args.db if args.db is not None else default_db_path()
+    return args.db if args.db is not None else paths.db_path()
 
 
 def build_parser() -> argparse.ArgumentParser:

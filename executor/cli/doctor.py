@@ -6,14 +6,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from executor.data.projectdb import default_db_path
+from executor import paths
 from executor.data.view import view_method
 from executor.errors import SandboxExecutorError
 from executor.policy import DEFAULT_IMAGE
 from executor.policy.seccomp import runsc_applies_profiles
 from executor.task.admission import STARTS_DIR_NAME, default_max_starting
-from executor.task.taskdir import default_base_dir, default_spool_dir
-from executor.task.uids import default_uid_dir
 
 IMAGES = {
     "sandbox-executor/base:bookworm": "make images",
@@ -88,15 +86,15 @@ def checks(data_dir: Path | None = None) -> list[Check]:
                 )
             )
     for name, path in (
-        ("task directories", default_base_dir()),
-        ("spool", default_spool_dir()),
-        ("project database", default_db_path()),
+        ("task directories", paths.run_dir()),
+        ("spool", paths.spool_dir()),
+        ("project database", paths.db_path()),
     ):
         out.append(
             Check(name, _writable(path), str(path), f"make {path} writable, or set SANDBOX_EXECUTOR_*_DIR")
         )
     # How a task's data view is made: never a copy of the data.
-    out.append(Check("data views", True, view_method(default_base_dir(), data_dir)))
+    out.append(Check("data views", True, view_method(paths.run_dir(), data_dir)))
     # The sandbox's CPU time and OOM kills, read from the host's cgroups, tell
     # a slow sandbox from a frozen one and enforce cpu_time_s.
     out.append(
@@ -116,7 +114,7 @@ def checks(data_dir: Path | None = None) -> list[Check]:
             "start permits",
             True,
             f"at most {default_max_starting()} sandboxes starting at once on this host by default "
-            f"(permits in {default_uid_dir() / STARTS_DIR_NAME})",
+            f"(permits in {paths.uid_dir() / STARTS_DIR_NAME})",
         )
     )
     return out

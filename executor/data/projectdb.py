@@ -75,8 +75,6 @@ from executor.task import logtail
 if TYPE_CHECKING:
     from executor.data.view import FileStamp
 
-ENV_STATE_DIR = "SANDBOX_EXECUTOR_STATE_DIR"
-DB_FILE_NAME = "projects.sqlite"
 MAX_LOG_TAIL_CHARS = logtail.MAX_CHARS
 RUNNING = "RUNNING"
 LOST = "LOST"
@@ -198,25 +196,6 @@ _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
-
-
-def default_db_path() -> Path:
-    """Where the project database lives unless the caller says otherwise.
-
-    ``$SANDBOX_EXECUTOR_STATE_DIR/projects.sqlite`` wins; then
-    ``/var/lib/sandbox-executor/projects.sqlite`` for root; then
-    ``$XDG_STATE_HOME/sandbox-executor/projects.sqlite``, or
-    ``~/.local/state/sandbox-executor/projects.sqlite`` without it.
-    """
-    env = os.environ.get(ENV_STATE_DIR)
-    if env:
-        return Path(env) / DB_FILE_NAME
-    if os.geteuid() == 0:
-        return Path("/var/lib/sandbox-executor") / DB_FILE_NAME
-    xdg = os.environ.get("XDG_STATE_HOME")
-    # The XDG spec says a relative value is invalid and must be ignored.
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".local" / "state"
-    return base / "sandbox-executor" / DB_FILE_NAME
 
 
 def _require_aware(name: str, value: datetime) -> None:
@@ -1176,5 +1155,4 @@ __all__ = [
     "TaskEnd",
     "TaskRecord",
     "TaskStart",
-    "default_db_path",
 ]

@@ -34,9 +34,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
+from executor import paths
 from executor.backends import Mount
 from executor.errors import DataSourceError
-from executor.task.taskdir import ENV_BASE, data_view_path
+from executor.task.taskdir import data_view_path
 
 log = logging.getLogger(__name__)
 
@@ -634,7 +635,7 @@ class DataView:
                 if strict:
                     raise DataSourceError(
                         f"cannot hard-link {stamp.name!r} from data directory {data_dir} into the data "
-                        f"view: {exc.strerror}; put the run directory ({ENV_BASE}) on the data's "
+                        f"view: {exc.strerror}; put the run directory ({paths.ENV_RUN_DIR}) on the data's "
                         f"filesystem, or let the view use bind mounts"
                     ) from None
                 return None
@@ -706,7 +707,7 @@ def _too_many_binds(count: int | None) -> str:
     how_many = f"{count} files" if count is not None else f"more than {MAX_BIND_FILES} files"
     return (
         f"the data view needs a read-only bind mount for each of {how_many}, over the limit of "
-        f"{MAX_BIND_FILES} per batch: put the run directory ({ENV_BASE}) on the data's filesystem "
+        f"{MAX_BIND_FILES} per batch: put the run directory ({paths.ENV_RUN_DIR}) on the data's filesystem "
         f"so hard links work, or use a smaller --batch-size"
     )
 
@@ -775,7 +776,7 @@ def view_method(run_dir: Path, data_dir: Path | None = None) -> str:
     if data_dev != _device(run_dir):
         return (
             f"{bind}: the run directory {run_dir} and the data {data_dir} are on different filesystems; "
-            f"set {ENV_BASE} to a directory on the data's filesystem to use hard links"
+            f"set {paths.ENV_RUN_DIR} to a directory on the data's filesystem to use hard links"
         )
     text = "hard links (run directory and data on one filesystem)"
     if os.geteuid() != 0 and _protected_hardlinks():

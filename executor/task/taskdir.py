@@ -34,45 +34,10 @@ from executor.sandbox.contract import BULK_SOCKET_NAME, START_SOCKET_NAME
 SOCKET_NAME = "sandbox.sock"
 LIFELINE_NAME = "lifeline.sock"
 TOKEN_NAME = "token"  # noqa: S105 (a file name, not a secret)
-ENV_BASE = "SANDBOX_EXECUTOR_RUN_DIR"
-ENV_SPOOL = "SANDBOX_EXECUTOR_SPOOL_DIR"
 OWNER_NAME = "owner"
 # Mounted over the engine's /etc/resolv.conf, which names the host's resolver:
 # a network-less sandbox has no use for DNS configuration.
 RESOLV_NAME = "resolv.conf"
-
-
-def default_base_dir() -> Path:
-    """Where task directories go unless the caller says otherwise.
-
-    ``$SANDBOX_EXECUTOR_RUN_DIR`` wins; then ``/run/sandbox-executor`` for root;
-    then ``$XDG_RUNTIME_DIR/sandbox-executor``; then a per-user directory in the
-    system temporary directory. All are short, which keeps socket paths below
-    the 107-byte limit of ``sun_path``.
-    """
-    env = os.environ.get(ENV_BASE)
-    if env:
-        return Path(env)
-    if os.geteuid() == 0 and Path("/run").is_dir():
-        return Path("/run/sandbox-executor")
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg and Path(xdg).is_dir():
-        return Path(xdg) / "sandbox-executor"
-    return Path(tempfile.gettempdir()) / f"sandbox-executor-{os.geteuid()}"
-
-
-def default_spool_dir() -> Path:
-    """Where large mailbox bodies are staged: on disk, since they can be big.
-
-    ``$SANDBOX_EXECUTOR_SPOOL_DIR`` wins; then ``/var/tmp/sandbox-executor`` for
-    root; then a per-user directory in the system temporary directory.
-    """
-    env = os.environ.get(ENV_SPOOL)
-    if env:
-        return Path(env)
-    if os.geteuid() == 0 and Path("/var/tmp").is_dir():
-        return Path("/var/tmp/sandbox-executor")
-    return Path(tempfile.gettempdir()) / f"sandbox-executor-spool-{os.geteuid()}"
 
 
 # A task directory's name: this prefix and tempfile.mkdtemp's 8 random characters.

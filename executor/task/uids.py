@@ -17,32 +17,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import threading
 from pathlib import Path
 
+from executor import paths
 from executor.errors import CapacityError, host_errors
 from executor.policy import IsolationPolicy
 from executor.task.flocks import HeldLock, try_lock
 
 log = logging.getLogger(__name__)
-
-ENV_UID_DIR = "SANDBOX_EXECUTOR_UID_DIR"
-
-
-def default_uid_dir() -> Path:
-    """Where uid locks live: one directory for every executor of this user on the host.
-
-    ``$SANDBOX_EXECUTOR_UID_DIR`` wins; then ``/run/sandbox-executor-uids`` for
-    root; then a per-user directory in the system temporary directory. It is
-    never inside a run directory, which the reaper empties.
-    """
-    env = os.environ.get(ENV_UID_DIR)
-    if env:
-        return Path(env)
-    if os.geteuid() == 0 and Path("/run").is_dir():
-        return Path("/run/sandbox-executor-uids")
-    return Path(tempfile.gettempdir()) / f"sandbox-executor-uids-{os.geteuid()}"
 
 
 class UidLease(HeldLock):
@@ -57,11 +40,11 @@ class UidPool:
     """Hands out uids from a policy's range, never one a live task holds.
 
     Args:
-        lock_dir: The host-wide directory of lock files; see :func:`default_uid_dir`.
+        lock_dir: The host-wide directory of lock files; see :func:`paths.uid_dir`.
     """
 
     def __init__(self, lock_dir: Path | None = None) -> None:
-        self.lock_dir = lock_dir or default_uid_dir()
+        self.lock_dir = lock_dir or paths.uid_dir()
         self._cursor = 0
         self._cursor_lock = threading.Lock()
 

@@ -15,9 +15,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from executor import paths
 from executor.mailbox.transport import SPOOL_OWNER, Envelope, Route, TransportError, body_size, discard
 from executor.task.reaper import new_instance_id
-from executor.task.taskdir import default_spool_dir
 
 CLOSE_POLL_S = 0.25
 # Message types that travel between pods rather than to the modeller.
@@ -36,7 +36,7 @@ def owned_spool(prefix: str) -> Path:
     It names this process as its owner, so ``sandbox-executor reap`` removes
     it once the process is gone, whatever way it ended.
     """
-    base = default_spool_dir()
+    base = paths.spool_dir()
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = base / f"{prefix}{uuid.uuid4().hex}"
     path.mkdir(mode=0o700)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from executor import paths
 from executor.data import projectdb
 from executor.data.projectdb import (
     MAX_LOG_TAIL_CHARS,
@@ -21,7 +22,6 @@ from executor.data.projectdb import (
     ProjectDatabase,
     TaskEnd,
     TaskStart,
-    default_db_path,
 )
 from executor.data.view import FileStamp
 from executor.errors import ProjectDatabaseError
@@ -657,25 +657,23 @@ def test_an_unwritable_directory_is_refused(tmp_path: Path) -> None:
 
 def test_default_path_prefers_the_state_dir_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SANDBOX_EXECUTOR_STATE_DIR", str(tmp_path))
-    assert default_db_path() == tmp_path / "projects.sqlite"
+    assert paths.db_path() == tmp_path / "projects.sqlite"
 
 
 def test_default_path_for_root_is_under_var_lib(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SANDBOX_EXECUTOR_STATE_DIR", raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert default_db_path() == Path("/var/lib/sandbox-executor/projects.sqlite")
+    assert paths.db_path() == Path("/var/lib/sandbox-executor/projects.sqlite")
 
 
 def test_default_path_for_a_user_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("SANDBOX_EXECUTOR_STATE_DIR", raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    assert default_db_path() == tmp_path / "state" / "sandbox-executor" / "projects.sqlite"
+    assert paths.db_path() == tmp_path / "state" / "sandbox-executor" / "projects.sqlite"
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert (
-        default_db_path() == tmp_path / "home" / ".local" / "state" / "sandbox-executor" / "projects.sqlite"
-    )
+    assert paths.db_path() == tmp_path / "home" / ".local" / "state" / "sandbox-executor" / "projects.sqlite"
 
 
 def test_rows_left_running_by_dead_executors_are_closed_as_lost(db_path: Path) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 import executor
+from executor import paths
 from executor.task.bundle import copy_bundle
-from executor.task.taskdir import ENV_BASE, SOCKET_NAME, TOKEN_NAME, TaskDir, default_base_dir
+from executor.task.taskdir import SOCKET_NAME, TOKEN_NAME, TaskDir
 
 SANDBOX_UID = 10_001
 NOBODY = 65_534
@@ -78,8 +79,8 @@ def test_base_dir_is_created_closed_to_listing(tmp_path):
 
 
 def test_socket_path_under_default_base_is_short_and_bindable(monkeypatch):
-    monkeypatch.delenv(ENV_BASE, raising=False)
-    base = default_base_dir()
+    monkeypatch.delenv(paths.ENV_RUN_DIR, raising=False)
+    base = paths.run_dir()
     existed = base.exists()
     td = TaskDir(base, SANDBOX_UID)
     try:
@@ -95,9 +96,9 @@ def test_socket_path_under_default_base_is_short_and_bindable(monkeypatch):
 
 
 def test_env_overrides_the_base_dir(monkeypatch, base):
-    monkeypatch.setenv(ENV_BASE, str(base / "custom"))
-    assert default_base_dir() == base / "custom"
-    with TaskDir(default_base_dir(), SANDBOX_UID) as td:
+    monkeypatch.setenv(paths.ENV_RUN_DIR, str(base / "custom"))
+    assert paths.run_dir() == base / "custom"
+    with TaskDir(paths.run_dir(), SANDBOX_UID) as td:
         assert td.path.parent == base / "custom"
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 
 import executor
+from executor import paths
 from executor.backends import ContainerSpec, ExitInfo
 from executor.errors import CapacityError, ContainerError, DataSourceError
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.runner import Executor, check_data_dir
 from executor.spec import TaskSpec
-from executor.task.uids import ENV_UID_DIR, UidPool, default_uid_dir
+from executor.task.uids import UidPool
 
 RANGE = IsolationPolicy(uid_start=30_000, uid_count=3)
 PINNED = IsolationPolicy(uid=31_000)
@@ -150,12 +151,12 @@ def test_another_process_holding_a_uid_excludes_it_until_it_dies(tmp_path):
 
 
 def test_default_uid_dir_is_host_wide_and_overridable(monkeypatch, tmp_path):
-    monkeypatch.delenv(ENV_UID_DIR, raising=False)
-    default = default_uid_dir()
+    monkeypatch.delenv(paths.ENV_UID_DIR, raising=False)
+    default = paths.uid_dir()
     assert default.is_absolute()
     assert "uids" in default.name
-    monkeypatch.setenv(ENV_UID_DIR, str(tmp_path / "elsewhere"))
-    assert default_uid_dir() == tmp_path / "elsewhere"
+    monkeypatch.setenv(paths.ENV_UID_DIR, str(tmp_path / "elsewhere"))
+    assert paths.uid_dir() == tmp_path / "elsewhere"
 
 
 # -- the executor gives the uid back on every path --------------------------------
