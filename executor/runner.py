@@ -47,7 +47,7 @@ from executor.task.bundle import check_protocol_dir, copy_bundle
 from executor.task.launch import SANDBOX_DATA
 from executor.task.reaper import ReapReport, instance_alive, new_instance_id, reap
 from executor.task.run import Plan, TaskRun, default_task_hash
-from executor.task.taskdir import TaskDir
+from executor.task.taskdir import TaskDir, data_view_path
 from executor.task.uids import UidPool
 from executor.task.warmpool import WarmPool
 
@@ -445,7 +445,9 @@ class Executor:
             new_data_only=flags.run_on_new_data_only,
             force_rerun_failed=flags.force_rerun_failed_files,
             max_files=effective_max_files(flags.test_run, spec.inference_limits.max_files),
-            view_paths=ViewPaths.of(self.run_dir, data_dir, self.view_method, SANDBOX_DATA),
+            view_paths=ViewPaths.of(
+                self.run_dir, data_dir, self.view_method, SANDBOX_DATA, view_dir=data_view_path(self.run_dir)
+            ),
         )
         batch_size = spec.effective_batch_size
         batches, selection = plan_batches(selection, batch_size, spec.inference_limits.max_batches)

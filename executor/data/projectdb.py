@@ -68,9 +68,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executor.data import dbfile
+from executor.data import dbfile, logtail
 from executor.errors import ProjectDatabaseError
-from executor.task import logtail
 
 if TYPE_CHECKING:
     from executor.data.view import FileStamp
@@ -174,7 +173,7 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tasks ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     CREATE INDEX tasks_running ON tasks (status) WHERE status = 'RUNNING';
     """,
-    # v4: the log tail's format (executor/task/logtail.py): 1 marks each line with
+    # v4: the log tail's format (executor/data/logtail.py): 1 marks each line with
     # its stream; the tails of older rows are plain text, format 0.
     """
     ALTER TABLE tasks ADD COLUMN log_format INTEGER NOT NULL DEFAULT 0;

@@ -37,7 +37,6 @@ from types import TracebackType
 from executor import paths
 from executor.backends import Mount
 from executor.errors import DataSourceError
-from executor.task.taskdir import data_view_path
 
 log = logging.getLogger(__name__)
 
@@ -260,13 +259,18 @@ class ViewPaths:
     roots: tuple[str, ...]
 
     @classmethod
-    def of(cls, run_dir: Path, data_dir: Path, method: str, sandbox_data: str) -> ViewPaths:
+    def of(
+        cls, run_dir: Path, data_dir: Path, method: str, sandbox_data: str, *, view_dir: Path
+    ) -> ViewPaths:
         """The roots of ``data_dir``'s views made in ``run_dir`` by ``method``, shown at ``sandbox_data``.
+
+        ``view_dir`` is a host path as long as any view's in ``run_dir`` (the
+        task directory names it: :func:`executor.task.taskdir.data_view_path`).
 
         The datasource counts only when views will be bind mounts; a file
         that unexpectedly needs one anyway is left out of its view then.
         """
-        roots = [str(data_view_path(run_dir)), sandbox_data]
+        roots = [str(view_dir), sandbox_data]
         if method == "bind" or (method == "auto" and not may_link(run_dir, data_dir)):
             roots.append(os.path.realpath(data_dir))
         return cls(tuple(roots))

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from executor.data.logtail import NOTE_STREAM
 from executor.events import ProgressKind, ProgressUpdate
 from executor.hooks import (
     AlgorithmProgress,
@@ -47,7 +48,6 @@ from executor.hooks import (
     TaskEnded,
 )
 from executor.sandbox.contract import PROGRESS_STEP_INTERVAL_S
-from executor.task.logtail import NOTE_STREAM
 
 log = logging.getLogger(__name__)
 

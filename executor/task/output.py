@@ -13,7 +13,7 @@ without a newline costs one line's worth).
 
 A task's batches run one container each, one :class:`OutputCollector` per
 container; the collectors of one task share a :class:`TaskOutput`: the rate,
-the task's totals, and the ledger's log tail (:mod:`executor.task.logtail`), in
+the task's totals, and the ledger's log tail (:mod:`executor.data.logtail`), in
 which every line carries the mark of its stream.
 
 Each kept line goes to the logger ``executor.task.<task_id>`` (stdout at
@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from executor.task import logtail
+from executor.data import logtail
 
 log = logging.getLogger(__name__)
 # Without a handler of the application's, logging's last resort would print
@@ -172,7 +172,7 @@ class TaskOutput:
         self._tail.add(batch, stream, text)
 
     def tail(self) -> str:
-        """The ledger's log tail so far: the last lines, each marked (:mod:`executor.task.logtail`)."""
+        """The ledger's log tail so far: the last lines, each marked (:mod:`executor.data.logtail`)."""
         with self.lock:
             return self._tail.text()
 

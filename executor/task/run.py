@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from executor.data import logtail
 from executor.data.fileoutcomes import FileKind
 from executor.data.projectdb import BatchCommit, TaskEnd, TaskStart
 from executor.data.resultrows import STORE_WAIT_S, TaskRows
@@ -60,7 +61,6 @@ from executor.rpc import serde
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.spec import TaskSpec
-from executor.task import logtail
 from executor.task.bundle import Bundle, link_bundle
 from executor.task.eventflow import TaskEvents
 from executor.task.launch import SANDBOX_DATA, container_spec

@@ -35,6 +35,7 @@ from executor.data.view import (
     view_method,
 )
 from executor.errors import DataSourceError
+from executor.task.taskdir import data_view_path
 from tests.deeptree import deep_file
 
 GID = 10_001
@@ -822,13 +823,13 @@ def test_view_paths_count_the_sandbox_path_and_the_datasource_only_for_bind_view
 ) -> None:
     from executor.task.taskdir import TaskDir
 
-    linked = ViewPaths.of(run_dir, data, "auto", "/data")
-    assert linked.roots == (str(dataview.data_view_path(run_dir)), "/data")
-    bound = ViewPaths.of(run_dir, data, "bind", "/data")
+    linked = ViewPaths.of(run_dir, data, "auto", "/data", view_dir=data_view_path(run_dir))
+    assert linked.roots == (str(data_view_path(run_dir)), "/data")
+    bound = ViewPaths.of(run_dir, data, "bind", "/data", view_dir=data_view_path(run_dir))
     assert bound.roots == (*linked.roots, os.path.realpath(data))
     # The estimate is as long as a real task directory's view path.
     with TaskDir(run_dir, os.getuid()) as task_dir:
-        assert len(str(task_dir.data)) == len(str(dataview.data_view_path(run_dir)))
+        assert len(str(task_dir.data)) == len(str(data_view_path(run_dir)))
 
 
 def test_select_counts_unusable_files_apart_and_the_counts_still_add_up(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from executor.task import logtail
-from executor.task.logtail import FORMAT, UNMARKED, Tail, TailLine, cut, parse, render
+from executor.data import logtail
+from executor.data.logtail import FORMAT, UNMARKED, Tail, TailLine, cut, parse, render
 
 
 def test_each_line_starts_with_its_stream_s_mark_and_unknown_streams_are_refused() -> None:

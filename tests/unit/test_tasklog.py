@@ -13,8 +13,8 @@ import pytest
 from executor import testing
 from executor.backends import ContainerSpec
 from executor.backends.docker import DockerBackend
+from executor.data import logtail
 from executor.policy import IsolationPolicy
-from executor.task import logtail
 from executor.task.output import (
     MAX_LINE_CHARS,
     MAX_TAIL_CHARS,
