@@ -219,7 +219,7 @@ def role_inproc_streamed(work: Path, mib: float, row_bytes: int, columns: int) -
     """Each call through a real TaskSession into ProjectDatabase.stage_rows, then commit_batch."""
     from executor.data.projectdb import BatchCommit, ProjectDatabase, TaskStart
     from executor.data.resultrows import TaskRows
-    from executor.data.view import FileStamp  # noqa: F401  (BatchCommit's annotations)
+    from executor.data.scan import FileStamp  # noqa: F401  (BatchCommit's annotations)
     from executor.mailbox.broker import MailboxBroker
     from executor.mailbox.crypto import TaskKeys
     from executor.mailbox.transport import Route

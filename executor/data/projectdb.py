@@ -72,7 +72,7 @@ from executor.data import dbfile, logtail
 from executor.errors import ProjectDatabaseError
 
 if TYPE_CHECKING:
-    from executor.data.view import FileStamp
+    from executor.data.scan import FileStamp
 
 MAX_LOG_TAIL_CHARS = logtail.MAX_CHARS
 RUNNING = "RUNNING"

@@ -10,7 +10,7 @@ import pytest
 
 from executor.cli.records import failed_files_command, results_command, tasks_command
 from executor.data.projectdb import BatchCommit, ProjectDatabase, TaskEnd, TaskStart
-from executor.data.view import FileStamp
+from executor.data.scan import FileStamp
 from executor.errors import ProjectDatabaseError
 
 PROJECT = "oncology"

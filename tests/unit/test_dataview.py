@@ -18,22 +18,13 @@ from typing import Any
 import pytest
 
 from executor.backends import Mount
+from executor.data import filesystem
+from executor.data import scan as datascan
 from executor.data import view as dataview
-from executor.data.view import (
-    MAX_BIND_FILES,
-    NAME_MAX,
-    PATH_MAX,
-    TEST_RUN_MAX_FILES,
-    DataView,
-    FileStamp,
-    Selection,
-    ViewPaths,
-    effective_max_files,
-    plan_batches,
-    scan,
-    select,
-    view_method,
-)
+from executor.data.scan import FileStamp, scan
+from executor.data.selection import TEST_RUN_MAX_FILES, Selection, effective_max_files, plan_batches, select
+from executor.data.view import MAX_BIND_FILES, DataView, check_view_budget, view_method
+from executor.data.viewpaths import NAME_MAX, PATH_MAX, ViewPaths
 from executor.errors import DataSourceError
 from executor.task.taskdir import data_view_path
 from tests.deeptree import deep_file
@@ -181,7 +172,7 @@ def test_scan_skips_names_that_are_not_utf8_and_says_so(data: Path, caplog: pyte
     os.mkdir(os.path.join(os.fsencode(data), b"dir-\xfe"))
     _write(Path(os.fsdecode(os.path.join(os.fsencode(data), b"dir-\xfe"))), "inner.csv")
 
-    with caplog.at_level(logging.WARNING, logger="executor.data.view"):
+    with caplog.at_level(logging.WARNING, logger="executor.data.scan"):
         files = scan(data)
 
     assert _names(files) == ["good.csv"]
@@ -200,7 +191,7 @@ def test_scan_of_a_missing_directory_is_a_one_line_error(tmp_path: Path) -> None
 
 
 def test_scan_caps_the_number_of_files(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dataview, "MAX_SCAN_FILES", 3)
+    monkeypatch.setattr(datascan, "MAX_SCAN_FILES", 3)
     for i in range(3):
         _write(data, f"sub/{i}.csv")
     assert len(scan(data)) == 3
@@ -210,7 +201,7 @@ def test_scan_caps_the_number_of_files(data: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_scan_caps_the_depth(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dataview, "MAX_SCAN_DEPTH", 2)
+    monkeypatch.setattr(datascan, "MAX_SCAN_DEPTH", 2)
     _write(data, "a/b/ok.csv")
     assert _names(scan(data)) == ["a/b/ok.csv"]
     _write(data, "a/b/c/deep.csv")
@@ -714,7 +705,7 @@ def shared_data(shared_tmp: Path) -> Path:
 
 @pytest.mark.skipif(not IS_ROOT, reason="needs another user's file to link")
 def test_non_root_links_its_own_files_and_binds_another_users(shared_tmp: Path, shared_data: Path) -> None:
-    if not dataview._protected_hardlinks():
+    if not filesystem.protected_hardlinks():
         pytest.skip("fs.protected_hardlinks is off: any file can be linked")
     got = _unprivileged_view(shared_tmp, GID)
     assert got["method"] == "bind"
@@ -785,16 +776,13 @@ def test_a_file_swapped_between_its_check_and_its_link_is_not_in_the_view(
 def test_a_plan_needing_too_many_bind_mounts_is_refused_before_anything_starts(
     data: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from executor.data import view as dataview
-    from executor.data.view import check_view_budget
-
     big = MAX_BIND_FILES + 1
     check_view_budget(run_dir, data, "auto", big)  # one filesystem: hard links, no limit
     check_view_budget(run_dir, data, "bind", MAX_BIND_FILES)
     with pytest.raises(DataSourceError, match=f"each of {big} files, over the limit of {MAX_BIND_FILES}"):
         check_view_budget(run_dir, data, "bind", big)
     # The run directory on another filesystem: auto means bind mounts.
-    monkeypatch.setattr(dataview, "_device", lambda path: os.stat(data).st_dev + 1)
+    monkeypatch.setattr(filesystem, "_device", lambda path: os.stat(data).st_dev + 1)
     with pytest.raises(DataSourceError, match="put the run directory"):
         check_view_budget(run_dir, data, "auto", big)
     check_view_budget(run_dir, data, "hardlink", big)
@@ -837,7 +825,7 @@ def test_select_counts_unusable_files_apart_and_the_counts_still_add_up(
 ) -> None:
     long = "d" * 300 + "/x.csv"
     files = [FileStamp("a.csv", 1, 1), FileStamp(long, 1, 1), FileStamp("b.csv", 1, 1)]
-    with caplog.at_level(logging.WARNING, logger="executor.data.view"):
+    with caplog.at_level(logging.WARNING, logger="executor.data.selection"):
         selection = select(
             files,
             processed={},
@@ -897,3 +885,27 @@ def test_a_bind_view_leaves_out_a_file_whose_source_path_the_engine_could_not_mo
         assert _tree(view.path) == {"a.csv"}
     with DataView(view_root, data, scan(data), gid=GID, method="hardlink") as view:
         assert sorted(_names(view.files)) == sorted(["a.csv", deep])  # a link is made through descriptors
+
+
+def test_one_same_filesystem_check_decides_links_the_bind_budget_and_doctors_words(
+    data: Path, run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = MAX_BIND_FILES + 1
+    assert filesystem.same_filesystem(run_dir, data)
+    assert ViewPaths.of(run_dir, data, "auto", "/data", view_dir=run_dir / "v").roots == (
+        str(run_dir / "v"),
+        "/data",
+    )
+    # Only the one check is told the run directory moved to another filesystem.
+    monkeypatch.setattr(filesystem, "_device", lambda path: os.stat(data).st_dev + 1)
+    assert not filesystem.may_link(run_dir, data)
+    assert (
+        os.path.realpath(data) in ViewPaths.of(run_dir, data, "auto", "/data", view_dir=run_dir / "v").roots
+    )
+    with pytest.raises(DataSourceError, match="put the run directory"):
+        check_view_budget(run_dir, data, "auto", big)
+    assert "are on different filesystems" in view_method(run_dir, data)
+    # Unreadable data: no link, and doctor says why.
+    assert not filesystem.may_link(run_dir, data / "absent")
+    with pytest.raises(OSError):
+        filesystem.same_filesystem(run_dir, data / "absent")

@@ -23,7 +23,7 @@ from executor.data.projectdb import (
     TaskEnd,
     TaskStart,
 )
-from executor.data.view import FileStamp
+from executor.data.scan import FileStamp
 from executor.errors import ProjectDatabaseError
 
 PROJECT = "oncology"

@@ -27,7 +27,7 @@ import pytest
 
 from executor.backends import ExitInfo
 from executor.data.projectdb import BatchCommit, ProjectDatabase
-from executor.data.view import PATH_MAX
+from executor.data.viewpaths import PATH_MAX
 from executor.errors import ConfigurationError, ContainerError, ProjectDatabaseError
 from executor.hooks import AlgorithmProgress, BatchRun, Event, ResultsSaved, TaskEnded, TaskStarted
 from executor.mailbox.crypto import TaskKeys
