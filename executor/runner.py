@@ -1,7 +1,7 @@
 """Run tasks, one hardened container per batch: the parent side's entry point.
 
 :meth:`Executor.run` validates the task, decides which datasource files it may
-see (:mod:`executor.data.selection`, against the project database), and hands the
+see (:mod:`executor.data.selection`, against the project store), and hands the
 plan to a :class:`~executor.task.run.TaskRun`: per batch a fresh directory,
 token, gRPC server, data view and container, supervised to its end. It returns
 an :class:`~executor.outcome.Outcome`. Containers, sockets and directories are
@@ -23,9 +23,10 @@ from pathlib import Path
 
 from executor import paths
 from executor.backends import ContainerBackend
-from executor.data.projectdb import FileStates, ProjectDatabase
 from executor.data.scan import FileStamp, scan
 from executor.data.selection import effective_max_files, plan_batches, select
+from executor.data.sqlite import ProjectDatabase
+from executor.data.store import FileStates
 from executor.data.view import METHODS, check_view_budget
 from executor.data.viewpaths import ViewPaths
 from executor.errors import ConfigurationError, DataSourceError, host_errors

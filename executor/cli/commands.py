@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from executor.data.projectdb import ProjectDatabase
+    from executor.data.sqlite import ProjectDatabase
     from executor.mailbox.transport import NoModellerTransport
     from executor.runner import Executor
     from executor.spec import InferenceLimits, TaskFlags, TaskSpec

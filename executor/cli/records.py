@@ -22,7 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from executor.cli.terminal import printable
-from executor.data.projectdb import FailedFileRecord, ProjectDatabase, ResultRecord, TaskRecord
+from executor.data.sqlite import ProjectDatabase
+from executor.data.store import FailedFileRecord, ResultRecord, TaskRecord
 from executor.errors import ProjectDatabaseError
 
 # Rows are flat dicts whose keys the protocol chose: past this many distinct

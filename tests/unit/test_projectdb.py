@@ -14,16 +14,10 @@ from pathlib import Path
 import pytest
 
 from executor import paths
-from executor.data import projectdb
-from executor.data.projectdb import (
-    MAX_LOG_TAIL_CHARS,
-    SCHEMA_VERSION,
-    BatchCommit,
-    ProjectDatabase,
-    TaskEnd,
-    TaskStart,
-)
 from executor.data.scan import FileStamp
+from executor.data.sqlite import ProjectDatabase, schema
+from executor.data.sqlite.schema import SCHEMA_VERSION
+from executor.data.store import MAX_LOG_TAIL_CHARS, BatchCommit, TaskEnd, TaskStart
 from executor.errors import ProjectDatabaseError
 
 PROJECT = "oncology"
@@ -471,7 +465,7 @@ def make_version_1(path: Path) -> None:
     conn = raw(path)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(projectdb.MIGRATIONS[0])
+        conn.executescript(schema.MIGRATIONS[0])
         conn.execute(
             "INSERT INTO tasks (task_id, task_hash, project, modeller, datasource, bundle_sha256,"
             " policy_json, runtime, status, timings_json, selection_json, test_run, started_at, ended_at)"
@@ -540,8 +534,8 @@ def test_an_upgrade_that_fails_leaves_the_version_1_database_as_it_was(
 ) -> None:
     make_version_1(db_path)
     # Version 2 breaks on its last statement, after its tables and columns were made.
-    broken = (projectdb.MIGRATIONS[0], projectdb.MIGRATIONS[1] + "CREATE TABLE tasks (x);")
-    monkeypatch.setattr(projectdb, "MIGRATIONS", broken)
+    broken = (schema.MIGRATIONS[0], schema.MIGRATIONS[1] + "CREATE TABLE tasks (x);")
+    monkeypatch.setattr(schema, "MIGRATIONS", broken)
     with pytest.raises(ProjectDatabaseError, match=r"cannot upgrade .*already exists"):
         ProjectDatabase(db_path)
     assert scalar(db_path, "PRAGMA user_version") == 1

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from executor.data import projectdb
-from executor.data.projectdb import BatchCommit, ProjectDatabase, TaskStart
+from executor.data.sqlite import ProjectDatabase, rows, schema
+from executor.data.store import BatchCommit, TaskStart
 from executor.errors import ProjectDatabaseError
 
 PROJECT = "oncology"
@@ -184,7 +184,7 @@ def test_rows_are_removed_in_chunks_of_at_most_a_mib(db: ProjectDatabase, monkey
     with deletes_per_transaction(monkeypatch) as counts:
         assert db.discard_rows("t1") == 48
     assert counts[-1] == 0
-    assert all(n * len(big) <= projectdb.DISCARD_CHUNK_BYTES for n in counts)
+    assert all(n * len(big) <= rows.DISCARD_CHUNK_BYTES for n in counts)
     assert sum(counts) == 48 and len(counts) == 4
 
 
@@ -238,7 +238,7 @@ def make_version_3(path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        for script in projectdb.MIGRATIONS[:3]:
+        for script in schema.MIGRATIONS[:3]:
             conn.executescript(script)
         conn.execute(
             "INSERT INTO tasks (task_id, task_hash, project, modeller, datasource, bundle_sha256,"
@@ -266,7 +266,7 @@ def make_version_3(path: Path) -> None:
 def test_a_version_3_database_upgrades_with_its_rows_still_seen(db_path: Path) -> None:
     make_version_3(db_path)
     db = ProjectDatabase(db_path)
-    assert stored(db_path, "PRAGMA user_version") == projectdb.SCHEMA_VERSION
+    assert stored(db_path, "PRAGMA user_version") == schema.SCHEMA_VERSION
     assert [(r.task_id, r.batch, r.row) for r in db.results(PROJECT)] == [
         ("v3", 1, {"v3": 1}),
         ("v3", 1, {"v3": 2}),
