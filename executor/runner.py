@@ -25,8 +25,8 @@ from executor import paths
 from executor.backends import ContainerBackend
 from executor.data.scan import FileStamp, scan
 from executor.data.selection import effective_max_files, plan_batches, select
-from executor.data.sqlite import ProjectDatabase
-from executor.data.store import FileStates
+from executor.data.store import FileStates, ProjectStore
+from executor.data.stores import open_store
 from executor.data.view import METHODS, check_view_budget
 from executor.data.viewpaths import ViewPaths
 from executor.errors import ConfigurationError, DataSourceError, host_errors
@@ -100,7 +100,8 @@ class Executor:
             see :func:`paths.spool_dir`.
         uid_dir: Where the host-wide uid leases live; see
             :func:`~executor.task.uids.default_uid_dir`.
-        db: The project database (a path or an open one): the task ledger,
+        db: The project store (a path, a URL for
+            :func:`~executor.data.stores.open_store`, or an open one): the task ledger,
             processed and failed files, result rows. Without it nothing is
             recorded, and ``run_on_new_data_only`` is refused.
         view_method: How data views are made (:class:`~executor.data.view.DataView`):
@@ -135,7 +136,7 @@ class Executor:
         run_dir: Path | None = None,
         spool_dir: Path | None = None,
         uid_dir: Path | None = None,
-        db: ProjectDatabase | Path | None = None,
+        db: ProjectStore | Path | str | None = None,
         hooks: Sequence[Hook] = (),
         view_method: str = "auto",
         warm: bool = True,
@@ -162,7 +163,7 @@ class Executor:
             )
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
-        self.db = ProjectDatabase(db) if isinstance(db, Path) else db
+        self.db = open_store(db) if isinstance(db, Path | str) else db
         self.hooks: tuple[Hook, ...] = tuple(hooks)
         if view_method not in METHODS:
             raise ConfigurationError(
