@@ -6,147 +6,27 @@ tail's last whole lines and list newest first; result rows staged for a batch
 stay unseen until it commits and go when it never does; file outcomes follow
 each batch per task hash; every refusal changes nothing. What only the SQLite
 file can show (its safety, schema upgrades, locks, processes) is in
-``test_projectdb*.py``.
+``test_projectdb*.py``; opening a store from a URL, and an executor running
+through each kind, in ``test_open_store.py``.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 import threading
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-from executor.data.memory import MemoryStore
-from executor.data.scan import FileStamp
-from executor.data.sqlite import ProjectDatabase
-from executor.data.store import MAX_LOG_TAIL_CHARS, BatchCommit, ProjectStore, TaskEnd, TaskStart
-from executor.data.stores import STORES, open_store
-from executor.errors import ConfigurationError, ProjectDatabaseError
-from executor.outcome import Status
-from executor.policy import IsolationPolicy
-from executor.runner import Executor
-from executor.spec import TaskFlags, TaskSpec
-from executor.testing import FakeBackend, host_runtime
-
-PROJECT = "oncology"
-HASH = "hash-1"
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-
-# How the suite opens each registered kind; a kind registered without an entry here fails
-# test_every_registered_store_is_held_to_the_contract.
-URLS: dict[str, Callable[[Path], str]] = {
-    "sqlite": lambda tmp: f"sqlite://{tmp}/pod.db",
-    "memory": lambda tmp: "memory:",
-}
+from executor.data.store import MAX_LOG_TAIL_CHARS, ProjectStore
+from executor.data.stores import open_store
+from executor.errors import ProjectDatabaseError
+from tests.storecases import HASH, PROJECT, T0, URLS, commit, end, save, stamp, start, texts
 
 
 @pytest.fixture(params=sorted(URLS))
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ProjectStore:
     return open_store(URLS[request.param](tmp_path))
-
-
-def start(task_id: str, *, project: str = PROJECT, task_hash: str = HASH, minute: int = 0, **kw) -> TaskStart:
-    fields = {
-        "task_id": task_id,
-        "task_hash": task_hash,
-        "project": project,
-        "modeller": "alice",
-        "datasource": "scans",
-        "bundle_sha256": "ab" * 32,
-        "policy": {"runtime": "runsc", "memory_mb": 512},
-        "runtime": "runsc",
-        "started_at": T0 + timedelta(minutes=minute),
-        "selection": {"total": 3, "selected": 3},
-        "total_batches": 2,
-        "test_run": False,
-    }
-    fields.update(kw)
-    return TaskStart(**fields)
-
-
-def end(task_id: str, **kw) -> TaskEnd:
-    fields = {
-        "task_id": task_id,
-        "status": "OK",
-        "error_type": None,
-        "error_message": None,
-        "timings": {"total": 1.5},
-        "ended_at": T0 + timedelta(hours=1),
-        "log_tail": "done\n",
-        "batches_done": 2,
-        "selection": {"total": 3, "selected": 2, "over_limit": 1},
-    }
-    fields.update(kw)
-    return TaskEnd(**fields)
-
-
-def stamp(name: str, size: int = 10, mtime_ns: int = 1) -> FileStamp:
-    return FileStamp(name=name, size=size, mtime_ns=mtime_ns)
-
-
-def commit(task_id: str, batch: int = 1, *, total: int = 2, task_hash: str = HASH, **kw) -> BatchCommit:
-    fields = {
-        "task_id": task_id,
-        "project": PROJECT,
-        "task_hash": task_hash,
-        "batch": batch,
-        "total_batches": total,
-        "processed": [],
-        "failed": [],
-        "record_processed": True,
-        "started_at": T0,
-        "ended_at": T0 + timedelta(seconds=5),
-        "stats": {"files": 0},
-    }
-    fields.update(kw)
-    return BatchCommit(**fields)
-
-
-def texts(*rows: dict) -> list[str]:
-    return [json.dumps(row, allow_nan=False) for row in rows]
-
-
-def save(store: ProjectStore, task_id: str, batch: int = 1, *, rows=(), **kw) -> None:
-    """What the executor does with a batch: stage its rows as they come, then commit it."""
-    if rows:
-        store.stage_rows(task_id, batch, texts(*rows))
-    store.commit_batch(commit(task_id, batch, **kw))
-
-
-# -- opening ------------------------------------------------------------------------------
-
-
-def test_every_registered_store_is_held_to_the_contract() -> None:
-    assert set(URLS) == set(STORES)
-
-
-def test_a_path_or_a_sqlite_url_opens_sqlite_and_memory_a_fresh_store(tmp_path: Path) -> None:
-    by_path = open_store(tmp_path / "a.db")
-    assert isinstance(by_path, ProjectDatabase) and by_path.path == tmp_path / "a.db"
-    assert isinstance(open_store(str(tmp_path / "b.db")), ProjectDatabase)
-    by_url = open_store(f"sqlite://{tmp_path}/c%20d.db")
-    assert isinstance(by_url, ProjectDatabase) and by_url.path == tmp_path / "c d.db"
-    one, two = open_store("memory:"), open_store("memory:")
-    assert isinstance(one, MemoryStore) and one is not two
-    one.start_task(start("t1"))
-    assert two.tasks() == []
-
-
-def test_an_unknown_or_malformed_store_url_is_a_one_line_configuration_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigurationError) as info:
-        open_store("postgresql://db.example/pods")
-    assert str(info.value) == (
-        "unknown project store 'postgresql://db.example/pods': its scheme 'postgresql' is not one of"
-        " memory:, sqlite: (or give a plain path for SQLite)"
-    )
-    with pytest.raises(ConfigurationError, match=r"sqlite:///path/to/file\.db"):
-        open_store("sqlite://remote.example/pod.db")
-    assert not (tmp_path / "pod.db").exists()
 
 
 # -- the ledger ---------------------------------------------------------------------------
@@ -561,87 +441,3 @@ def test_bad_values_are_refused_when_the_record_is_made() -> None:
         commit("t1", 1, processed=[stamp("a.csv")], failed=[(stamp("a.csv"), "x")])
     with pytest.raises(ValueError, match="RUNNING"):
         end("t1", status="RUNNING")
-
-
-# -- the executor sees only the contract -------------------------------------------------------
-
-# Per file of its view: "bad..." is reported failed; any other gets a result row and is processed.
-PER_FILE = """
-def run(ctx):
-    names = sorted(p.relative_to(ctx.data_dir).as_posix() for p in ctx.data_dir.rglob("*") if p.is_file())
-    for name in names:
-        if (ctx.data_dir / name).read_text().startswith("bad"):
-            ctx.file_failed(name, "malformed")
-            continue
-        ctx.save_results([{"file": name}])
-        ctx.file_processed(name)
-    return {"files": names}
-"""
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", sorted(URLS))
-def test_an_executor_given_a_store_url_records_its_batched_task_there_and_resumes_from_it(
-    kind: str, tmp_path: Path, make_protocol: Callable[..., Path]
-) -> None:
-    # Made to fail by running the second task without new_data_only (it then
-    # sees a.csv and b.csv again), or by a store that loses a committed batch.
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, text in {"a.csv": "1", "b.csv": "2", "c.csv": "bad"}.items():
-        (data / name).write_text(text)
-        (data / name).chmod(0o644)
-    data.chmod(0o755)
-    policy = IsolationPolicy.hardened().replace(
-        heartbeat_interval_s=0.05, heartbeat_timeout_s=10, timeout_s=60, uid_start=30001, uid_count=1
-    )
-    run_dir = Path(tempfile.mkdtemp(prefix="se-", dir="/tmp"))  # short: a socket path must fit
-    try:
-        with Executor(
-            FakeBackend(host_runtime(tmp_path / "scratch")),
-            policy=policy,
-            run_dir=run_dir,
-            spool_dir=tmp_path / "spool",
-            uid_dir=tmp_path / "uids",
-            db=URLS[kind](tmp_path),
-            warm=False,
-        ) as ex:
-            spec = TaskSpec(
-                protocol_dir=make_protocol(PER_FILE),
-                data_dir=data,
-                project_id=PROJECT,
-                task_id="t-first",
-                task_hash=HASH,
-                batch_size=2,
-            )
-            outcome = ex.run(spec)
-            assert outcome.status is Status.OK, outcome.error
-            (data / "d.csv").write_text("4")
-            (data / "d.csv").chmod(0o644)
-            again = ex.run(
-                TaskSpec(
-                    protocol_dir=spec.protocol_dir,
-                    data_dir=data,
-                    project_id=PROJECT,
-                    task_id="t-again",
-                    task_hash=HASH,
-                    flags=TaskFlags(run_on_new_data_only=True),
-                )
-            )
-            assert again.status is Status.OK, again.error
-            # a.csv and b.csv were processed, c.csv failed unchanged: only the new file is seen.
-            assert again.result == {"files": ["d.csv"]}
-            store = ex.db
-            assert store is not None
-            assert [(r.task_id, r.batch, r.row["file"]) for r in store.results(PROJECT)] == [
-                ("t-first", 1, "a.csv"),
-                ("t-first", 1, "b.csv"),
-                ("t-again", 1, "d.csv"),
-            ]
-            assert [(t.task_id, t.status, t.batches_done) for t in store.tasks(PROJECT)] == [
-                ("t-again", "OK", 1),
-                ("t-first", "OK", 2),
-            ]
-            assert store.file_states(PROJECT, HASH).failed == {"c.csv": ("malformed", 1)}
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
