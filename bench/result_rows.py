@@ -315,7 +315,7 @@ def role_inproc_streamed(work: Path, mib: float, row_bytes: int, columns: int) -
 def role_container(work: Path, mib: float, row_bytes: int, columns: int, runtime: str) -> dict[str, Any]:
     """A real task saves the rows through Executor (this checkout's, or the one on sys.path first)."""
     import executor
-    from executor.data.sqlite import ProjectDatabase
+    from executor import ProjectDatabase  # the public name: the same in every version
     from executor.spec import TaskSpec
 
     class TimedDatabase(ProjectDatabase):

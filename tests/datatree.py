@@ -8,11 +8,13 @@ import pickle
 import shutil
 import tempfile
 import traceback
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from executor.data.scan import FileStamp
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from executor.data.scan import FileStamp
 
 GID = 10_001
 NOBODY = 65_534

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from executor.data.scan import FileStamp
 from executor.data.store import BatchCommit, ProjectStore, TaskEnd, TaskStart
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
 
 PROJECT = "oncology"
 HASH = "hash-1"

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from executor.data import logtail
 from executor.data.store import (
@@ -34,6 +34,9 @@ from executor.data.store import (
     to_json,
 )
 from executor.errors import ProjectDatabaseError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 
 @dataclass

@@ -10,11 +10,12 @@ sandbox sees one at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
     from executor.data.scan import FileStamp
     from executor.data.viewpaths import ViewPaths
 

@@ -29,14 +29,17 @@ statistics) must be JSON.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from executor.data import logtail
-from executor.data.scan import FileStamp
 from executor.errors import ProjectDatabaseError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from datetime import datetime
+
+    from executor.data.scan import FileStamp
 
 MAX_LOG_TAIL_CHARS = logtail.MAX_CHARS
 """Characters of a task's log tail the ledger keeps (its last whole lines)."""

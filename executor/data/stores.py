@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor.data.memory import MemoryStore
 from executor.data.sqlite import ProjectDatabase
-from executor.data.store import ProjectStore
 from executor.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from executor.data.store import ProjectStore
 
 
 def _sqlite(url: urllib.parse.SplitResult) -> ProjectStore:

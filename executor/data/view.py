@@ -26,9 +26,8 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
+from typing import TYPE_CHECKING
 
 from executor import paths
 from executor.backends import Mount
@@ -36,6 +35,10 @@ from executor.data.filesystem import protected_hardlinks, same_filesystem
 from executor.data.scan import DIR_FLAGS, FileStamp
 from executor.data.viewpaths import PATH_MAX, ViewPaths, name_parts
 from executor.errors import DataSourceError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import TracebackType
 
 log = logging.getLogger(__name__)
 

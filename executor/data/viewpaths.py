@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor.data.filesystem import may_link
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PATH_MAX = 4096
 """Bytes of a path the kernel takes, its terminating NUL included (Linux): a longer one is ENAMETOOLONG."""

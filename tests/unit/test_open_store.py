@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,6 +20,9 @@ from executor.spec import TaskFlags, TaskSpec
 from executor.testing import FakeBackend, host_runtime
 from tests.storecases import HASH, PROJECT, URLS, start
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 def test_every_registered_store_is_held_to_the_contract() -> None:
     assert set(URLS) == set(STORES)
@@ -27,12 +30,15 @@ def test_every_registered_store_is_held_to_the_contract() -> None:
 
 def test_a_path_or_a_sqlite_url_opens_sqlite_and_memory_a_fresh_store(tmp_path: Path) -> None:
     by_path = open_store(tmp_path / "a.db")
-    assert isinstance(by_path, ProjectDatabase) and by_path.path == tmp_path / "a.db"
+    assert isinstance(by_path, ProjectDatabase)
+    assert by_path.path == tmp_path / "a.db"
     assert isinstance(open_store(str(tmp_path / "b.db")), ProjectDatabase)
     by_url = open_store(f"sqlite://{tmp_path}/c%20d.db")
-    assert isinstance(by_url, ProjectDatabase) and by_url.path == tmp_path / "c d.db"
+    assert isinstance(by_url, ProjectDatabase)
+    assert by_url.path == tmp_path / "c d.db"
     one, two = open_store("memory:"), open_store("memory:")
-    assert isinstance(one, MemoryStore) and one is not two
+    assert isinstance(one, MemoryStore)
+    assert one is not two
     one.start_task(start("t1"))
     assert two.tasks() == []
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -22,6 +22,9 @@ from executor.data.store import MAX_LOG_TAIL_CHARS, ProjectStore
 from executor.data.stores import open_store
 from executor.errors import ProjectDatabaseError
 from tests.storecases import HASH, PROJECT, T0, URLS, commit, end, save, stamp, start, texts
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 @pytest.fixture(params=sorted(URLS))

@@ -30,14 +30,17 @@ import secrets
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Iterator
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor.data import dbfile
 from executor.data.sqlite import schema
 from executor.data.sqlite.values import one_line
 from executor.errors import ProjectDatabaseError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6

@@ -5,10 +5,13 @@ Statements only, each on a connection inside the caller's transaction.
 
 from __future__ import annotations
 
-import sqlite3
+from typing import TYPE_CHECKING
 
 from executor.data.sqlite.values import time
 from executor.data.store import BatchCommit, FailedFileRecord, FileStates
+
+if TYPE_CHECKING:
+    import sqlite3
 
 
 def states(conn: sqlite3.Connection, project: str, task_hash: str) -> FileStates:

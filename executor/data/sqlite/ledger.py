@@ -7,9 +7,7 @@ refusal means).
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from executor.data import logtail
 from executor.data.sqlite.values import iso, limit_clause, time
@@ -24,6 +22,10 @@ from executor.data.store import (
     json_object,
     to_json,
 )
+
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Iterable, Sequence
 
 _COLUMNS = (
     "task_id, task_hash, project, modeller, datasource, bundle_sha256, policy_json, runtime,"

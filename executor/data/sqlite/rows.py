@@ -11,11 +11,14 @@ caller's transaction.
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from executor.data.sqlite.values import iso, limit_clause, time
 from executor.data.store import BatchCommit, ResultRecord
+
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Sequence
 
 DISCARD_CHUNK_ROWS = 1000
 """Most result rows one transaction of ``ProjectDatabase.discard_rows`` removes."""

@@ -19,7 +19,7 @@ writer never waits long for the lock.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from executor.data.sqlite import files, ledger
 from executor.data.sqlite import rows as results_table
@@ -36,6 +36,9 @@ from executor.data.store import (
     stats_json,
 )
 from executor.errors import ProjectDatabaseError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 
 class ProjectDatabase(DatabaseFile):
