@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from typing import Any
 
-    from executor.data.projectdb import ProjectDatabase
+    from executor.data.sqlite.store import ProjectDatabase
     from executor.errors import (
         BackendError,
         CapacityError,
@@ -99,7 +99,7 @@ _LAZY: dict[str, str] = {
     "FileLimitError": "executor.errors",
     "ResultLimitError": "executor.errors",
     "ProjectDatabaseError": "executor.errors",
-    "ProjectDatabase": "executor.data.projectdb",
+    "ProjectDatabase": "executor.data.sqlite.store",
     "Event": "executor.hooks",
     "TaskContext": "executor.hooks",
     "TaskStarted": "executor.hooks",

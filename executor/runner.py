@@ -1,7 +1,7 @@
 """Run tasks, one hardened container per batch: the parent side's entry point.
 
 :meth:`Executor.run` validates the task, decides which datasource files it may
-see (:mod:`executor.data.view`, against the project database), and hands the
+see (:mod:`executor.data.selection`, against the project store), and hands the
 plan to a :class:`~executor.task.run.TaskRun`: per batch a fresh directory,
 token, gRPC server, data view and container, supervised to its end. It returns
 an :class:`~executor.outcome.Outcome`. Containers, sockets and directories are
@@ -23,17 +23,12 @@ from pathlib import Path
 
 from executor import paths
 from executor.backends import ContainerBackend
-from executor.data.projectdb import FileStates, ProjectDatabase
-from executor.data.view import (
-    METHODS,
-    FileStamp,
-    ViewPaths,
-    check_view_budget,
-    effective_max_files,
-    plan_batches,
-    scan,
-    select,
-)
+from executor.data.scan import FileStamp, scan
+from executor.data.selection import effective_max_files, plan_batches, select
+from executor.data.store import FileStates, ProjectStore
+from executor.data.stores import open_store
+from executor.data.view import METHODS, check_view_budget
+from executor.data.viewpaths import ViewPaths
 from executor.errors import ConfigurationError, DataSourceError, host_errors
 from executor.events import ProgressUpdate
 from executor.hooks import Hook
@@ -105,7 +100,8 @@ class Executor:
             see :func:`paths.spool_dir`.
         uid_dir: Where the host-wide uid leases live; see
             :func:`~executor.task.uids.default_uid_dir`.
-        db: The project database (a path or an open one): the task ledger,
+        db: The project store (a path, a URL for
+            :func:`~executor.data.stores.open_store`, or an open one): the task ledger,
             processed and failed files, result rows. Without it nothing is
             recorded, and ``run_on_new_data_only`` is refused.
         view_method: How data views are made (:class:`~executor.data.view.DataView`):
@@ -140,7 +136,7 @@ class Executor:
         run_dir: Path | None = None,
         spool_dir: Path | None = None,
         uid_dir: Path | None = None,
-        db: ProjectDatabase | Path | None = None,
+        db: ProjectStore | Path | str | None = None,
         hooks: Sequence[Hook] = (),
         view_method: str = "auto",
         warm: bool = True,
@@ -167,7 +163,7 @@ class Executor:
             )
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
-        self.db = ProjectDatabase(db) if isinstance(db, Path) else db
+        self.db = open_store(db) if isinstance(db, Path | str) else db
         self.hooks: tuple[Hook, ...] = tuple(hooks)
         if view_method not in METHODS:
             raise ConfigurationError(

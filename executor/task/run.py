@@ -33,9 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 from executor.data import logtail
 from executor.data.fileoutcomes import FileKind
-from executor.data.projectdb import BatchCommit, TaskEnd, TaskStart
+from executor.data.filesystem import may_link
 from executor.data.resultrows import STORE_WAIT_S, TaskRows
-from executor.data.view import DataView, FileStamp, Selection, may_link
+from executor.data.scan import FileStamp
+from executor.data.selection import Selection
+from executor.data.store import BatchCommit, TaskEnd, TaskStart
+from executor.data.view import DataView
 from executor.errors import (
     DataSourceError,
     ProjectDatabaseError,

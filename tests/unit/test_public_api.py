@@ -49,7 +49,7 @@ PUBLIC = {
     "FileLimitError": "executor.errors",
     "ResultLimitError": "executor.errors",
     "ProjectDatabaseError": "executor.errors",
-    "ProjectDatabase": "executor.data.projectdb",
+    "ProjectDatabase": "executor.data.sqlite.store",
     "Event": "executor.hooks",
     "TaskContext": "executor.hooks",
     "TaskStarted": "executor.hooks",
