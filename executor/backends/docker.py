@@ -34,7 +34,7 @@ from executor.errors import (
     ImageNotFoundError,
     PolicyError,
 )
-from executor.policy import IsolationPolicy, seccomp
+from executor.policy import Isolation, IsolationPolicy, seccomp
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ class EngineInfo:
         return dict(self.runtime_args).get(runtime, ())
 
 
+# Docker's runtime for each isolation a policy may ask for (runsc as `make runsc` registers it).
+RUNTIME_OF: dict[Isolation, str] = {Isolation.CONTAINER: "runc", Isolation.GVISOR: "runsc"}
+
 # The one line a runsc task with a seccomp profile gets when gVisor would ignore the profile.
 RUNSC_IGNORES_SECCOMP = (
     "seccomp_profile: the engine's runsc runtime is registered without --oci-seccomp, so gVisor "
@@ -109,7 +112,8 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     """docker-py ``containers.create`` arguments for ``spec``.
 
     The hardening here is not configurable: a policy can only change the
-    resource numbers, the image and the runtime.
+    resource numbers, the image and the isolation (Docker's runtime for it,
+    :data:`RUNTIME_OF`).
 
     Raises:
         ConfigurationError: The policy names no uid: the executor pins the
@@ -125,7 +129,7 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     device_requests = [DeviceRequest(count=p.gpus, capabilities=[["gpu"]])] if p.gpus else []
     # RLIMIT_FSIZE, in bytes: a write past it fails with EFBIG (Python ignores SIGXFSZ).
     fsize = [Ulimit(name="fsize", soft=p.file_size_bytes, hard=p.file_size_bytes)] if p.file_size_mb else []
-    nproc = [Ulimit(name="nproc", soft=p.pids, hard=p.pids)] if p.runtime == "runsc" else []
+    nproc = [Ulimit(name="nproc", soft=p.pids, hard=p.pids)] if p.isolation is Isolation.GVISOR else []
     return {
         "image": p.image,
         "command": spec.command,
@@ -134,7 +138,7 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "environment": dict(spec.environment),
         "user": f"{p.uid}:{p.gid}",
         "working_dir": SANDBOX_TMP,
-        "runtime": p.runtime,
+        "runtime": RUNTIME_OF[p.isolation],
         "network_mode": "none",
         "cap_drop": ["ALL"],
         "security_opt": security_opt,
@@ -173,7 +177,7 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
 
 def host_pids_cap(policy: IsolationPolicy) -> int:
     """The container's pids cgroup cap: the policy's, or under gVisor a host bound above it."""
-    if policy.runtime == "runsc":
+    if policy.isolation is Isolation.GVISOR:
         return RUNSC_HOST_PIDS_BASE + RUNSC_HOST_PIDS_PER_TASK * policy.pids
     return policy.pids
 
@@ -277,7 +281,7 @@ class DockerBackend:
     def check_runtime(self, policy: IsolationPolicy) -> None:
         """Refuse a policy the engine's runtime would not enforce.
 
-        A seccomp profile under runsc needs gVisor registered with
+        A seccomp profile under gVisor needs runsc registered with
         ``--oci-seccomp``; without it gVisor ignores the profile. (The
         default profile is not refused there: gVisor's own kernel keeps
         locks and watches inside the sandbox.) A runtime the engine does not
@@ -287,9 +291,9 @@ class DockerBackend:
             PolicyError: The policy has a seccomp profile and runsc would ignore it.
             EngineUnavailableError: The engine cannot be reached.
         """
-        if policy.runtime != "runsc" or not policy.seccomp_profile:
+        if policy.isolation is not Isolation.GVISOR or not policy.seccomp_profile:
             return
-        args = self.engine_info().args_of("runsc")
+        args = self.engine_info().args_of(RUNTIME_OF[Isolation.GVISOR])
         if args is not None and not seccomp.runsc_applies_profiles(args):
             raise PolicyError(RUNSC_IGNORES_SECCOMP)
 
