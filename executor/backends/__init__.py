@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from executor.backends.cgroups import Usage
-from executor.policy import IsolationPolicy
+from executor.policy import Isolation, IsolationPolicy
 
 LABEL_PREFIX = "io.sandbox-executor"
 LABEL_MANAGED = f"{LABEL_PREFIX}.managed"
@@ -31,8 +31,10 @@ __all__ = [
     "LABEL_WARM",
     "ContainerBackend",
     "ContainerSpec",
+    "EngineInfo",
     "ExitInfo",
     "Mount",
+    "RuntimeInfo",
     "Usage",
 ]
 
@@ -75,8 +77,54 @@ class ExitInfo:
     oom_killed: bool = False
 
 
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """One runtime an engine has.
+
+    Attributes:
+        name: The engine's own name for it (Docker's ``runc``, ``runsc``).
+        isolation: The isolation it gives a policy, or ``None`` if no policy maps to it.
+        applies_seccomp: Whether a policy's own seccomp profile is applied
+            under it (gVisor ignores one unless registered with ``--oci-seccomp``).
+    """
+
+    name: str
+    isolation: Isolation | None
+    applies_seccomp: bool = True
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine says about itself: what ``doctor`` reports and errors name.
+
+    Attributes:
+        name: The engine, as its operator knows it (``Docker``).
+        version: Its version.
+        cgroup_version: ``1`` or ``2`` (``?`` if it does not say).
+        runtimes: The runtimes it has.
+    """
+
+    name: str
+    version: str
+    cgroup_version: str
+    runtimes: tuple[RuntimeInfo, ...] = ()
+
+    def runtime_for(self, isolation: Isolation) -> RuntimeInfo | None:
+        """The runtime that gives ``isolation``, or ``None`` if the engine has none."""
+        return next((r for r in self.runtimes if r.isolation is isolation), None)
+
+
 class ContainerBackend(Protocol):
     """The operations the executor performs on a container engine."""
+
+    def engine_info(self) -> EngineInfo:
+        """What the engine says about itself.
+
+        Raises:
+            EngineUnavailableError: The engine cannot be reached.
+            BackendError: It answered with an error.
+        """
+        ...
 
     def check_image(self, image: str) -> None:
         """Raise ``ImageNotFoundError`` unless ``image`` exists locally."""

@@ -15,7 +15,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import docker
@@ -24,7 +23,7 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
-from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
+from executor.backends import LABEL_MANAGED, ContainerSpec, EngineInfo, ExitInfo, RuntimeInfo
 from executor.backends.cgroups import CgroupPaths, OomWatch, Usage, paths_of, readable
 from executor.errors import (
     BackendError,
@@ -75,31 +74,29 @@ FOLLOW_QUEUE_FRAMES = 64
 _FOLLOW_POLL_S = 0.2
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    """The engine facts ``doctor`` reports.
-
-    Attributes:
-        version: The engine's version.
-        cgroup_version: ``1`` or ``2``.
-        runtimes: The OCI runtimes it knows, by name.
-        runtime_args: Each runtime's registered arguments (``runtimeArgs``).
-    """
-
-    version: str
-    cgroup_version: str
-    runtimes: tuple[str, ...]
-    runtime_args: tuple[tuple[str, tuple[str, ...]], ...] = ()
-
-    def args_of(self, runtime: str) -> tuple[str, ...] | None:
-        """The arguments ``runtime`` is registered with, or None if the engine does not know it."""
-        if runtime not in self.runtimes:
-            return None
-        return dict(self.runtime_args).get(runtime, ())
-
-
 # Docker's runtime for each isolation a policy may ask for (runsc as `make runsc` registers it).
 RUNTIME_OF: dict[Isolation, str] = {Isolation.CONTAINER: "runc", Isolation.GVISOR: "runsc"}
+_ISOLATION_OF = {name: isolation for isolation, name in RUNTIME_OF.items()}
+
+
+def engine_info_of(info: dict[str, Any]) -> EngineInfo:
+    """The engine's facts from its ``docker info`` answer (``client.info()``)."""
+    runtimes = info.get("Runtimes") or {}
+
+    def runtime(name: str) -> RuntimeInfo:
+        args = tuple(str(a) for a in (runtimes[name] or {}).get("runtimeArgs") or ())
+        isolation = _ISOLATION_OF.get(name)
+        # gVisor ignores a container's seccomp profile unless started with --oci-seccomp.
+        applies = seccomp.runsc_applies_profiles(args) if isolation is Isolation.GVISOR else True
+        return RuntimeInfo(name, isolation, applies)
+
+    return EngineInfo(
+        "Docker",
+        str(info.get("ServerVersion", "?")),
+        str(info.get("CgroupVersion", "?")),
+        tuple(runtime(name) for name in sorted(runtimes)),
+    )
+
 
 # The one line a runsc task with a seccomp profile gets when gVisor would ignore the profile.
 RUNSC_IGNORES_SECCOMP = (
@@ -260,23 +257,13 @@ class DockerBackend:
             ) from None
 
     def engine_info(self) -> EngineInfo:
-        """What the engine says about itself.
+        """What the engine says about itself (:func:`engine_info_of`).
 
         Raises:
             EngineUnavailableError: The engine cannot be reached.
             BackendError: It answered with an error.
         """
-        info = self._call("engine info", lambda: self.client.info())
-        runtimes = info.get("Runtimes") or {}
-        return EngineInfo(
-            str(info.get("ServerVersion", "?")),
-            str(info.get("CgroupVersion", "?")),
-            tuple(sorted(runtimes)),
-            tuple(
-                (name, tuple(str(a) for a in (entry or {}).get("runtimeArgs") or ()))
-                for name, entry in sorted(runtimes.items())
-            ),
-        )
+        return engine_info_of(self._call("engine info", lambda: self.client.info()))
 
     def check_runtime(self, policy: IsolationPolicy) -> None:
         """Refuse a policy the engine's runtime would not enforce.
@@ -293,13 +280,13 @@ class DockerBackend:
         """
         if policy.isolation is not Isolation.GVISOR or not policy.seccomp_profile:
             return
-        args = self.engine_info().args_of(RUNTIME_OF[Isolation.GVISOR])
-        if args is not None and not seccomp.runsc_applies_profiles(args):
+        runtime = self.engine_info().runtime_for(Isolation.GVISOR)
+        if runtime is not None and not runtime.applies_seccomp:
             raise PolicyError(RUNSC_IGNORES_SECCOMP)
 
     def runtimes(self) -> list[str]:
-        """The OCI runtimes the engine knows."""
-        return list(self.engine_info().runtimes)
+        """The runtimes the engine knows, by Docker's names."""
+        return [r.name for r in self.engine_info().runtimes]
 
     def create(self, spec: ContainerSpec) -> str:
         """Create the task's container; nothing runs yet.

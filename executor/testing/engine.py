@@ -34,9 +34,9 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo, Usage
+from executor.backends import LABEL_MANAGED, ContainerSpec, EngineInfo, ExitInfo, RuntimeInfo, Usage
 from executor.errors import ContainerError, ImageNotFoundError
-from executor.policy import IsolationPolicy
+from executor.policy import Isolation, IsolationPolicy
 
 # What an engine reports for a container ended by SIGKILL (128 + 9).
 SIGKILL_EXIT = 137
@@ -48,6 +48,9 @@ MAX_STDERR_CHARS = 64 * 1024
 OUTPUT_STREAMS = ("stdout", "stderr")
 
 Program = Callable[["FakeContainer"], "ExitInfo | None"]
+
+# What the fake engine says about itself: a runtime for every isolation, each applying seccomp.
+FAKE_ENGINE = EngineInfo("Fake", "0", "2", tuple(RuntimeInfo(i.value, i) for i in Isolation))
 
 
 class FakeContainer:
@@ -215,6 +218,7 @@ class FakeBackend:
             (e.g. orphans for the reaper).
         measures: What ``usage_supported`` says (a container's usage figures
             are whatever its program sets on it, ``None`` by default).
+        info: What ``engine_info`` says.
     """
 
     program: Program | None = None
@@ -223,6 +227,7 @@ class FakeBackend:
     images: Iterable[str] | None = None
     managed: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     measures: bool = True
+    info: EngineInfo = FAKE_ENGINE
     calls: list[tuple[str, str]] = field(default_factory=list)
     containers: dict[str, FakeContainer] = field(default_factory=dict)
 
@@ -249,6 +254,10 @@ class FakeBackend:
         return all(c.removed for c in self.containers.values())
 
     # -- ContainerBackend ------------------------------------------------
+    def engine_info(self) -> EngineInfo:
+        """:attr:`info`."""
+        return self.info
+
     def check_image(self, image: str) -> None:
         """Raise ``ImageNotFoundError`` unless ``image`` is one of :attr:`images`."""
         self._record("check_image", image)
