@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from executor import paths
-from executor.backends import ContainerBackend
+from executor.backends import ContainerBackend, open_backend
 from executor.data.projectdb import FileStates, ProjectDatabase
 from executor.data.view import (
     METHODS,
@@ -94,7 +94,8 @@ class Executor:
     """Runs tasks, one hardened container each.
 
     Args:
-        backend: The container engine; by default Docker from the environment.
+        backend: The container engine; by default the registered default
+            (:func:`~executor.backends.open_backend`: Docker from the environment).
         policy: One isolation policy for every task.
         policies: Per-project policies (from a policy file); ``policy`` wins if both.
         transport: Where mailbox traffic goes. By default there is no modeller:
@@ -147,11 +148,7 @@ class Executor:
         max_starting: int | None = None,
         max_queued: int | None = None,
     ) -> None:
-        if backend is None:
-            from executor.backends.docker import DockerBackend
-
-            backend = DockerBackend()
-        self.backend = backend
+        self.backend = backend if backend is not None else open_backend()
         self.policies = policies or PolicySet(default=policy or IsolationPolicy.hardened())
         self._single_policy = policy
         self._owns_transport = transport is None
@@ -267,7 +264,7 @@ class Executor:
         Raises:
             BackendError: The engine is unreachable or a policy's image is missing.
             PolicyError: The engine's runtime would not enforce a policy (see
-                :meth:`~executor.backends.docker.DockerBackend.check_runtime`).
+                :meth:`~executor.backends.ContainerBackend.check_runtime`).
             ProjectDatabaseError: The reap before the first task could not close
                 dead executors' ledger rows.
         """

@@ -2,7 +2,9 @@
 
 :class:`ContainerBackend` is what the executor needs; the Docker backend is
 the real one. A fake may serve unit tests of supervision logic, never tests
-that claim isolation.
+that claim isolation. Backends are opened by name
+(:func:`~executor.backends.registry.open_backend`): an engine is one module
+here and one registration line in :mod:`executor.backends.registry`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from executor.backends.cgroups import Usage
+from executor.backends.registry import DEFAULT_BACKEND, backend_names, open_backend, register_backend
 from executor.policy import Isolation, IsolationPolicy
 
 LABEL_PREFIX = "io.sandbox-executor"
@@ -23,6 +26,7 @@ LABEL_PARENT = f"{LABEL_PREFIX}.parent"
 LABEL_WARM = f"{LABEL_PREFIX}.warm-slot"
 
 __all__ = [
+    "DEFAULT_BACKEND",
     "LABEL_MANAGED",
     "LABEL_PARENT",
     "LABEL_PREFIX",
@@ -36,6 +40,9 @@ __all__ = [
     "Mount",
     "RuntimeInfo",
     "Usage",
+    "backend_names",
+    "open_backend",
+    "register_backend",
 ]
 
 

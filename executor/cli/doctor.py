@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from executor import paths
-from executor.backends import ContainerBackend
+from executor.backends import DEFAULT_BACKEND, ContainerBackend, open_backend
 from executor.data.view import view_method
 from executor.errors import SandboxExecutorError
 from executor.policy import DEFAULT_IMAGE, RUNTIME_ISOLATION
@@ -40,19 +40,19 @@ class Check:
     required: bool = True
 
 
-def checks(data_dir: Path | None = None, *, backend: ContainerBackend | None = None) -> list[Check]:
+def checks(
+    data_dir: Path | None = None, *, backend: ContainerBackend | None = None, engine: str = DEFAULT_BACKEND
+) -> list[Check]:
     """Look at the engine, its runtimes, the images and the executor's directories.
 
     Args:
         data_dir: Also say how that datasource's views would be made (hard
             links or bind mounts) from this machine's run directory.
-        backend: The engine to look at; by default Docker from the environment.
+        backend: The engine to look at; by default the one registered as ``engine``.
+        engine: The registered backend to open when ``backend`` is not given.
     """
     out: list[Check] = []
-    if backend is None:
-        from executor.backends.docker import DockerBackend
-
-        backend = DockerBackend()
+    backend = backend if backend is not None else open_backend(engine)
     try:
         info = backend.engine_info()
     except SandboxExecutorError as exc:

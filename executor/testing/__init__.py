@@ -1,7 +1,8 @@
 """Test doubles for the parent side, never imported by the executor's production path.
 
 - :mod:`~executor.testing.engine`: :class:`FakeBackend`, a scripted container
-  engine, and the programs that play the sandbox in it;
+  engine (registered as the backend ``fake``), and the programs that play the
+  sandbox in it;
   :mod:`~executor.testing.hostrun`: the program that runs the real child
   runtime as host processes.
 - :mod:`~executor.testing.transport`: :class:`InMemoryTransport`, whose modeller

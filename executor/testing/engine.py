@@ -34,7 +34,15 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from executor.backends import LABEL_MANAGED, ContainerSpec, EngineInfo, ExitInfo, RuntimeInfo, Usage
+from executor.backends import (
+    LABEL_MANAGED,
+    ContainerSpec,
+    EngineInfo,
+    ExitInfo,
+    RuntimeInfo,
+    Usage,
+    register_backend,
+)
 from executor.errors import ContainerError, ImageNotFoundError
 from executor.policy import Isolation, IsolationPolicy
 
@@ -422,3 +430,7 @@ def then(first: Callable[[FakeContainer], object], after: Program) -> Program:
         return after(container)
 
     return program
+
+
+# The test kit's engine is opened by name like any other (the backends room may not import this one).
+register_backend("fake", FakeBackend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from executor.backends import EngineInfo, RuntimeInfo
+from executor.backends import EngineInfo, RuntimeInfo, backend_names
 from executor.backends.docker import DockerBackend
 from executor.cli import doctor
 from executor.errors import EngineUnavailableError, ImageNotFoundError
@@ -27,7 +27,8 @@ def no_raw_client(monkeypatch):
     monkeypatch.setattr(DockerBackend, "client", property(refuse))
 
 
-def test_doctor_speaks_to_docker_only_through_the_backend_s_wrapped_calls(monkeypatch, no_raw_client):
+def test_doctor_opens_the_default_backend_by_name(monkeypatch, no_raw_client):
+    # No engine here: the Docker backend is what doctor opened, and its error is one line with the fix.
     def unreachable(self: DockerBackend) -> EngineInfo:
         raise EngineUnavailableError("the Docker engine is not reachable (connection refused)")
 
@@ -35,6 +36,7 @@ def test_doctor_speaks_to_docker_only_through_the_backend_s_wrapped_calls(monkey
     [check] = doctor.checks()
     assert (check.name, check.ok) == ("engine", False)
     assert "not reachable" in check.detail and "dockerd" in check.fix
+    assert "docker" in backend_names()
 
 
 def test_an_unreachable_engine_is_one_missing_line_with_the_fix():
