@@ -262,7 +262,8 @@ class Executor:
             Whether every pool is full (``True`` too when no policy asks for one).
 
         Raises:
-            BackendError: The engine is unreachable or a policy's image is missing.
+            BackendError: The engine is unreachable, or a policy's image is missing or
+                of another wire version.
             PolicyError: The engine's runtime would not enforce a policy (see
                 :meth:`~executor.backends.ContainerBackend.check_runtime`).
             ProjectDatabaseError: The reap before the first task could not close
@@ -360,7 +361,8 @@ class Executor:
             ConfigurationError: The protocol, data or task is unusable, or the
                 engine's runtime would not enforce the policy (``PolicyError``:
                 a seccomp profile under a runsc registered without --oci-seccomp).
-            BackendError: The engine is unreachable, the image is missing, or
+            BackendError: The engine is unreachable, the image is missing or of
+                another wire version, or
                 the container could not be created or started.
             CapacityError: Every sandbox uid of the policy's range is held by
                 a live task; nothing was started.

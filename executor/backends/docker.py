@@ -23,7 +23,15 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
-from executor.backends import LABEL_MANAGED, ContainerSpec, EngineInfo, ExitInfo, RuntimeInfo
+from executor.backends import (
+    IMAGE_FIX,
+    LABEL_MANAGED,
+    ContainerSpec,
+    EngineInfo,
+    ExitInfo,
+    RuntimeInfo,
+    check_image_labels,
+)
 from executor.backends.cgroups import CgroupPaths, OomWatch, Usage, paths_of, readable
 from executor.errors import (
     BackendError,
@@ -248,13 +256,18 @@ class DockerBackend:
         raise AssertionError("unreachable")
 
     def check_image(self, image: str) -> None:
-        """Raise :class:`ImageNotFoundError` with the fix unless ``image`` exists."""
+        """Refuse an image that is not built, or not for this wire version, with the fix.
+
+        Raises:
+            ImageNotFoundError: It is missing, or its child runtime speaks
+                another wire version (:func:`~executor.backends.check_image_labels`).
+            EngineUnavailableError: The engine cannot be reached.
+        """
         try:
-            self._call("image lookup", lambda: self.client.images.get(image))
+            found = self._call("image lookup", lambda: self.client.images.get(image))
         except docker.errors.ImageNotFound:
-            raise ImageNotFoundError(
-                f"sandbox image {image} is not built; run `make images` in the sandbox-executor checkout"
-            ) from None
+            raise ImageNotFoundError(f"sandbox image {image} is not built; {IMAGE_FIX}") from None
+        check_image_labels(image, dict(found.labels or {}))
 
     def engine_info(self) -> EngineInfo:
         """What the engine says about itself (:func:`engine_info_of`).
@@ -302,9 +315,7 @@ class DockerBackend:
         try:
             container = self._retrying("container create", lambda: self.client.containers.create(**kwargs))
         except docker.errors.ImageNotFound:
-            raise ImageNotFoundError(
-                f"sandbox image {spec.policy.image} is not built; run `make images`"
-            ) from None
+            raise ImageNotFoundError(f"sandbox image {spec.policy.image} is not built; {IMAGE_FIX}") from None
         return str(container.id)
 
     def _api(self) -> Any:

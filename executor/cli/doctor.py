@@ -11,13 +11,12 @@ from executor.backends import DEFAULT_BACKEND, ContainerBackend, open_backend
 from executor.data.view import view_method
 from executor.errors import SandboxExecutorError
 from executor.policy import DEFAULT_IMAGE, RUNTIME_ISOLATION
+from executor.sandbox.contract import WIRE_VERSION
 from executor.task.admission import STARTS_DIR_NAME, default_max_starting
 
-IMAGES = {
-    "sandbox-executor/base:bookworm": "make images",
-    DEFAULT_IMAGE: "make images",
-    "sandbox-executor/numpy:latest": "make images (only protocols that need numpy)",
-}
+# The images tasks run in, and whether every machine needs it (the base image
+# carries no child runtime: `make images` builds from it, no task runs in it).
+IMAGES = {DEFAULT_IMAGE: True, "sandbox-executor/numpy:latest": False}
 # Per runtime a policy may name: what it gives, the fix when the engine lacks it, whether it is required.
 RUNTIMES = {
     "runc": ("hardened namespaces", "install Docker's runc", True),
@@ -74,18 +73,14 @@ def checks(
                     required=False,
                 )
             )
-    for image, fix in IMAGES.items():
+    # The backend's own image check, as a task's: present, and built for this wire version.
+    for image, required in IMAGES.items():
         try:
             backend.check_image(image)
-            out.append(
-                Check(f"image {image}", True, "present", required=image != "sandbox-executor/numpy:latest")
-            )
-        except SandboxExecutorError:
-            out.append(
-                Check(
-                    f"image {image}", False, "missing", fix, required=image != "sandbox-executor/numpy:latest"
-                )
-            )
+            ok, detail = True, f"present, wire version {WIRE_VERSION}"
+        except SandboxExecutorError as exc:
+            ok, detail = False, str(exc)
+        out.append(Check(f"image {image}", ok, detail, required=required))
     for name, path in (
         ("task directories", paths.run_dir()),
         ("spool", paths.spool_dir()),

@@ -31,20 +31,24 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from executor.backends import (
+    IMAGE_FIX,
     LABEL_MANAGED,
+    LABEL_WIRE,
     ContainerSpec,
     EngineInfo,
     ExitInfo,
     RuntimeInfo,
     Usage,
+    check_image_labels,
     register_backend,
 )
 from executor.errors import ContainerError, ImageNotFoundError
 from executor.policy import Isolation, IsolationPolicy
+from executor.sandbox.contract import WIRE_VERSION
 
 # What an engine reports for a container ended by SIGKILL (128 + 9).
 SIGKILL_EXIT = 137
@@ -59,6 +63,8 @@ Program = Callable[["FakeContainer"], "ExitInfo | None"]
 
 # What the fake engine says about itself: a runtime for every isolation, each applying seccomp.
 FAKE_ENGINE = EngineInfo("Fake", "0", "2", tuple(RuntimeInfo(i.value, i) for i in Isolation))
+# The labels of an image the fake has, unless a test gives others: built by this checkout.
+BUILT_HERE = {LABEL_WIRE: str(WIRE_VERSION)}
 
 
 class FakeContainer:
@@ -221,7 +227,9 @@ class FakeBackend:
         create_errors: One entry per ``create`` call: an exception to raise,
             or ``None`` for a call that succeeds. Calls past the list succeed.
         start_errors: The same for ``start``.
-        images: The images that exist; ``None`` for every image.
+        images: The images that exist; ``None`` for every image. A mapping
+            gives each image's labels; listed by name, an image carries
+            :data:`BUILT_HERE` (this wire version).
         managed: Containers ``list_managed`` reports besides the fake's own
             (e.g. orphans for the reaper).
         measures: What ``usage_supported`` says (a container's usage figures
@@ -232,7 +240,7 @@ class FakeBackend:
     program: Program | None = None
     create_errors: list[BaseException | None] = field(default_factory=list)
     start_errors: list[BaseException | None] = field(default_factory=list)
-    images: Iterable[str] | None = None
+    images: Iterable[str] | Mapping[str, Mapping[str, str]] | None = None
     managed: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     measures: bool = True
     info: EngineInfo = FAKE_ENGINE
@@ -267,10 +275,19 @@ class FakeBackend:
         return self.info
 
     def check_image(self, image: str) -> None:
-        """Raise ``ImageNotFoundError`` unless ``image`` is one of :attr:`images`."""
+        """Raise ``ImageNotFoundError`` unless ``image`` is one of :attr:`images`, of this wire version."""
         self._record("check_image", image)
-        if self.images is not None and image not in set(self.images):
-            raise ImageNotFoundError(f"sandbox image {image} is not built; run `make images`")
+        if self.images is None:
+            labels: Mapping[str, str] = BUILT_HERE
+        elif isinstance(self.images, Mapping):
+            if image not in self.images:
+                raise ImageNotFoundError(f"sandbox image {image} is not built; {IMAGE_FIX}")
+            labels = self.images[image]
+        else:
+            if image not in set(self.images):
+                raise ImageNotFoundError(f"sandbox image {image} is not built; {IMAGE_FIX}")
+            labels = BUILT_HERE
+        check_image_labels(image, labels)
 
     def check_runtime(self, policy: IsolationPolicy) -> None:
         """Accept every policy: the fake enforces nothing (it proves supervision logic only)."""

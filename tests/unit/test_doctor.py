@@ -1,14 +1,15 @@
-"""``doctor`` asks through the backend seam: the engine's facts, its runtimes, the images."""
+"""``doctor`` asks through the backend seam: the engine's facts, its runtimes, the images as a task would."""
 
 from __future__ import annotations
 
 import pytest
 
-from executor.backends import EngineInfo, RuntimeInfo, backend_names
+from executor.backends import LABEL_WIRE, EngineInfo, RuntimeInfo, backend_names
 from executor.backends.docker import DockerBackend
 from executor.cli import doctor
-from executor.errors import EngineUnavailableError, ImageNotFoundError
+from executor.errors import EngineUnavailableError
 from executor.policy import DEFAULT_IMAGE, Isolation
+from executor.sandbox.contract import WIRE_VERSION
 from executor.testing import FakeBackend
 
 NUMPY = "sandbox-executor/numpy:latest"
@@ -50,17 +51,26 @@ def test_an_unreachable_engine_is_one_missing_line_with_the_fix():
 
 
 def test_a_reachable_engine_reports_its_facts_runtimes_and_images():
-    class NoNumpy(FakeBackend):
-        def check_image(self, image: str) -> None:
-            if "numpy" in image:
-                raise ImageNotFoundError(f"sandbox image {image} is not built")
-
-    by_name = _by_name(NoNumpy(info=EngineInfo("Docker", "27.1", "2", (RUNC,))))
+    backend = FakeBackend(images=[DEFAULT_IMAGE], info=EngineInfo("Docker", "27.1", "2", (RUNC,)))
+    by_name = _by_name(backend)
     assert by_name["engine"].detail == "Docker 27.1, cgroup v2"
     assert by_name["runtime runc"].ok and not by_name["runtime runsc"].ok
     assert by_name[f"image {DEFAULT_IMAGE}"].ok and by_name[f"image {DEFAULT_IMAGE}"].required
     assert not by_name[f"image {NUMPY}"].ok
     assert not by_name[f"image {NUMPY}"].required
+    assert "make images" in by_name[f"image {NUMPY}"].detail
+
+
+def test_an_image_of_another_wire_version_is_missing_with_the_fix_and_asked_once():
+    stale = {DEFAULT_IMAGE: {LABEL_WIRE: str(WIRE_VERSION - 1)}, NUMPY: {}}
+    backend = FakeBackend(images=stale)
+    by_name = _by_name(backend)
+    sandbox, numpy = by_name[f"image {DEFAULT_IMAGE}"], by_name[f"image {NUMPY}"]
+    assert not sandbox.ok and sandbox.required
+    assert f"wire version {WIRE_VERSION - 1}" in sandbox.detail and "make images" in sandbox.detail
+    assert not numpy.ok and "no wire version" in numpy.detail
+    assert "\n" not in sandbox.detail + numpy.detail
+    assert [s for op, s in backend.calls if op == "check_image"] == [DEFAULT_IMAGE, NUMPY]
 
 
 def test_doctor_says_how_a_given_datasource_would_be_viewed(monkeypatch, tmp_path):
