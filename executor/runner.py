@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from executor import paths
-from executor.backends import ContainerBackend
+from executor.backends import ContainerBackend, open_backend
 from executor.data.scan import FileStamp, scan
 from executor.data.selection import effective_max_files, plan_batches, select
 from executor.data.store import FileStates, ProjectStore
@@ -89,7 +89,8 @@ class Executor:
     """Runs tasks, one hardened container each.
 
     Args:
-        backend: The container engine; by default Docker from the environment.
+        backend: The container engine; by default the registered default
+            (:func:`~executor.backends.open_backend`: Docker from the environment).
         policy: One isolation policy for every task.
         policies: Per-project policies (from a policy file); ``policy`` wins if both.
         transport: Where mailbox traffic goes. By default there is no modeller:
@@ -143,11 +144,7 @@ class Executor:
         max_starting: int | None = None,
         max_queued: int | None = None,
     ) -> None:
-        if backend is None:
-            from executor.backends.docker import DockerBackend
-
-            backend = DockerBackend()
-        self.backend = backend
+        self.backend = backend if backend is not None else open_backend()
         self.policies = policies or PolicySet(default=policy or IsolationPolicy.hardened())
         self._single_policy = policy
         self._owns_transport = transport is None
@@ -261,9 +258,10 @@ class Executor:
             Whether every pool is full (``True`` too when no policy asks for one).
 
         Raises:
-            BackendError: The engine is unreachable or a policy's image is missing.
+            BackendError: The engine is unreachable, or a policy's image is missing or
+                of another wire version.
             PolicyError: The engine's runtime would not enforce a policy (see
-                :meth:`~executor.backends.docker.DockerBackend.check_runtime`).
+                :meth:`~executor.backends.ContainerBackend.check_runtime`).
             ProjectDatabaseError: The reap before the first task could not close
                 dead executors' ledger rows.
         """
@@ -359,7 +357,8 @@ class Executor:
             ConfigurationError: The protocol, data or task is unusable, or the
                 engine's runtime would not enforce the policy (``PolicyError``:
                 a seccomp profile under a runsc registered without --oci-seccomp).
-            BackendError: The engine is unreachable, the image is missing, or
+            BackendError: The engine is unreachable, the image is missing or of
+                another wire version, or
                 the container could not be created or started.
             CapacityError: Every sandbox uid of the policy's range is held by
                 a live task; nothing was started.
