@@ -24,9 +24,7 @@ METHOD_POLICY: dict[str, str] = {
     f"/{SERVICE_NAME}/Mailbox": "task-token",
     f"/{SERVICE_NAME}/SendSecureShares": "task-token",
     f"/{SERVICE_NAME}/GetSecureShares": "task-token",
-    f"/{SERVICE_NAME}/ReportProgress": "task-token",
-    f"/{SERVICE_NAME}/ReportFiles": "task-token",
-    f"/{SERVICE_NAME}/SaveResults": "task-token",
+    f"/{SERVICE_NAME}/Report": "task-token",
     f"/{SERVICE_NAME}/Finish": "task-token",
 }
 

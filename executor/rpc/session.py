@@ -33,7 +33,7 @@ from executor.data.resultrows import (
     check_row,
     counting_sink,
 )
-from executor.events import Control, ControlKind, FinishReport, ProgressKind, ProgressUpdate
+from executor.events import Control, ControlKind, FinishReport, Report
 from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
 from executor.mailbox.crypto import DecryptionError
 from executor.mailbox.transport import TransportError
@@ -44,7 +44,6 @@ from executor.sandbox.contract import (
     MAX_FILE_NAME_CHARS,
     MAX_FILE_REASON_CHARS,
     MAX_FILES_PER_CALL,
-    MAX_INFO_CHARS,
     MAX_POD_ID_CHARS,
     MAX_ROW_BYTES,
     MAX_ROWS_BYTES_PER_CALL,
@@ -54,12 +53,12 @@ from executor.sandbox.contract import (
     MAX_TRACEBACK_CHARS,
     RECEIVABLE,
     SENDABLE,
+    ReportCase,
 )
 from executor.v1 import sandbox_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-PROGRESS_KINDS = frozenset(ProgressKind)
 # The statuses a sandbox may report; the parent sets every other one itself.
 FINISH_STATUSES = frozenset({Status.OK, Status.ABORT, Status.ERROR})
 CHILD_TIMINGS = frozenset({"import", "config", "load", "run"})
@@ -183,7 +182,9 @@ class TaskSession:
         config: The ``TaskConfig`` the sandbox fetches (built by :func:`executor.rpc.serde.task_config`).
         mailbox: The task's mailbox broker (limits, crypto, transport).
         max_result_bytes: Largest result JSON accepted.
-        on_progress: Called, from a server thread, for each progress event.
+        on_event: Called, from a server thread, with each report event the
+            sandbox sends (progress, and any other kind of
+            :class:`~executor.events.Report`), once checked.
         on_finish: Called once the terminal report is recorded.
         data_dir: The datasource on the host, to check reported file names against.
         rows: Where validated result rows go as they arrive (the task's
@@ -198,7 +199,7 @@ class TaskSession:
         mailbox: MailboxBroker,
         *,
         max_result_bytes: int,
-        on_progress: Callable[[ProgressUpdate], None] | None = None,
+        on_event: Callable[[Report], None] | None = None,
         on_finish: Callable[[], None] | None = None,
         data_dir: Path | None = None,
         rows: RowSink | None = None,
@@ -207,7 +208,7 @@ class TaskSession:
         self._config = config
         self.mailbox = mailbox
         self.max_result_bytes = max_result_bytes
-        self._on_progress = on_progress
+        self._on_event = on_event
         self._on_finish = on_finish
         self._data_dir = data_dir
         self._files = FileLedger()
@@ -475,19 +476,27 @@ class TaskSession:
             except RowsNotStored as exc:
                 raise RequestRejected("UNAVAILABLE", str(exc)) from None
 
-    # -- progress and result ------------------------------------------
-    def report_progress(self, update: ProgressUpdate) -> None:
-        """Validate a progress event and pass it to the listener."""
-        if update.kind not in PROGRESS_KINDS:
-            raise RequestRejected("INVALID_ARGUMENT", "unknown progress event kind")
-        if len(update.info) > MAX_INFO_CHARS:
-            raise RequestRejected("INVALID_ARGUMENT", f"progress info exceeds {MAX_INFO_CHARS} characters")
-        _check_text("progress info", update.info)
-        if self._on_progress is not None:
+    # -- reports and result -------------------------------------------
+    def take_report(self, case: str, report: Any) -> None:
+        """A report by its case: file outcomes, result rows, or an event for the listener."""
+        if case == ReportCase.FILES:
+            self.report_files(report)
+        elif case == ReportCase.ROWS:
+            self.save_results(report)
+        else:
+            self.report_event(report)
+
+    def report_event(self, event: Report) -> None:
+        """Check a report event (progress, or any other kind) and pass it to the listener."""
+        try:
+            event.check()
+        except ValueError as exc:
+            raise RequestRejected("INVALID_ARGUMENT", str(exc)) from None
+        if self._on_event is not None:
             try:
-                self._on_progress(update)
+                self._on_event(event)
             except Exception:  # a listener's bug must not fail the sandbox's call
-                log.exception("progress listener failed for task %s", self.task_id)
+                log.exception("%s listener failed for task %s", event.event, self.task_id)
 
     def report_finish(
         self,

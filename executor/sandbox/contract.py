@@ -8,6 +8,9 @@ drifts (it did: 16,384 vs 8,000 traceback characters).
 
 from __future__ import annotations
 
+import enum
+import json
+
 # -- authentication and signals ------------------------------------------------
 # Every call carries the task's bootstrap token in this metadata entry.
 TOKEN_METADATA_KEY = "x-sandbox-token"  # noqa: S105 (a header name, not a secret)
@@ -34,21 +37,83 @@ FILE_SIZE_EXCEEDED = "FileSizeExceeded"
 # parent's heartbeat budget is sized for it.
 MIN_HEARTBEAT_INTERVAL_MS = 50
 
+
 # -- mailbox -------------------------------------------------------------------
-# Message types (names of ``executor.v1.MessageType``) a sandbox may send to the
-# modeller, and those it may wait for.
+class MessageType(enum.StrEnum):
+    """A mailbox message's type: the names of ``executor.v1.MessageType`` (0 is no type)."""
+
+    TASK_START = "TASK_START"
+    PREPARING_DATA_BATCHES = "PREPARING_DATA_BATCHES"
+    TASK_ABORT = "TASK_ABORT"
+    NUMBER_OF_BATCHES = "NUMBER_OF_BATCHES"
+    BATCHES_COMPLETE = "BATCHES_COMPLETE"
+    CURRENT_BATCH_ID = "CURRENT_BATCH_ID"
+    TRAINING_UPDATE = "TRAINING_UPDATE"
+    ALGORITHM_EXCHANGE = "ALGORITHM_EXCHANGE"
+    TRAINING_COMPLETE = "TRAINING_COMPLETE"
+    TASK_COMPLETE = "TASK_COMPLETE"
+    MODELLER_RESPONSE = "MODELLER_RESPONSE"
+    SECURE_SHARE = "SECURE_SHARE"
+
+
+# The types a sandbox may send to the modeller, and those it may wait for.
 SENDABLE = frozenset(
     {
-        "TASK_START",
-        "PREPARING_DATA_BATCHES",
-        "TASK_ABORT",
-        "NUMBER_OF_BATCHES",
-        "BATCHES_COMPLETE",
-        "CURRENT_BATCH_ID",
-        "TRAINING_UPDATE",
+        MessageType.TASK_START,
+        MessageType.PREPARING_DATA_BATCHES,
+        MessageType.TASK_ABORT,
+        MessageType.NUMBER_OF_BATCHES,
+        MessageType.BATCHES_COMPLETE,
+        MessageType.CURRENT_BATCH_ID,
+        MessageType.TRAINING_UPDATE,
     }
 )
-RECEIVABLE = frozenset({"ALGORITHM_EXCHANGE", "TRAINING_COMPLETE", "TASK_COMPLETE", "MODELLER_RESPONSE"})
+RECEIVABLE = frozenset(
+    {
+        MessageType.ALGORITHM_EXCHANGE,
+        MessageType.TRAINING_COMPLETE,
+        MessageType.TASK_COMPLETE,
+        MessageType.MODELLER_RESPONSE,
+    }
+)
+
+# The bodies of the seed's batch messages (JSON objects): the parent sends
+# them for a batched task, the sandbox for an unbatched one, so the modeller
+# reads the same bytes either way.
+MAX_BATCH_STATE_CHARS = 200
+
+
+def number_of_batches_body(number: int) -> bytes:
+    """The body of a NUMBER_OF_BATCHES message."""
+    return _json_body({"number_of_batches": int(number)})
+
+
+def batches_complete_body(state: str) -> bytes:
+    """The body of a BATCHES_COMPLETE message (``state``: how batching ended)."""
+    return _json_body({"state": str(state)[:MAX_BATCH_STATE_CHARS]})
+
+
+def current_batch_id_body(batch_id: int) -> bytes:
+    """The body of a CURRENT_BATCH_ID message."""
+    return _json_body({"batch_id": int(batch_id)})
+
+
+def task_abort_body(message: str, reason: str = "", exception_type: str = "", traceback: str = "") -> bytes:
+    """The body of a TASK_ABORT message, each field cut to the contract's caps."""
+    return _json_body(
+        {
+            "message": message[:MAX_ERROR_MESSAGE_CHARS],
+            "reason": reason[:MAX_ERROR_TYPE_CHARS],
+            "exception_type": exception_type[:MAX_ERROR_TYPE_CHARS],
+            "traceback": traceback[-MAX_TRACEBACK_CHARS:],
+        }
+    )
+
+
+def _json_body(value: dict[str, object]) -> bytes:
+    return json.dumps(value).encode()
+
+
 # Mailbox bodies of any size travel in chunks of at most this many bytes, so no
 # single gRPC message is ever large.
 CHUNK_BYTES = 1024 * 1024
@@ -85,6 +150,16 @@ MAX_SHARES = 256
 MAX_SHARE_BYTES = 190
 MAX_POD_ID_CHARS = 256
 
+
+# -- reports (the Report call) ----------------------------------------------------
+class ReportCase(enum.StrEnum):
+    """What one Report call carries: the names of ``executor.v1.ReportRequest``'s ``report`` cases."""
+
+    PROGRESS = "progress"
+    FILES = "files"
+    ROWS = "rows"
+
+
 # -- progress and per-file outcomes --------------------------------------------
 MAX_INFO_CHARS = 1024
 # Progress steps (ctx.progress.step) go to the parent at most once per this
@@ -97,7 +172,7 @@ MAX_FILES_PER_CALL = 1000
 MAX_FILE_NAME_CHARS = 1024
 MAX_FILE_REASON_CHARS = 1000
 
-# -- result rows (SaveResults) ---------------------------------------------------
+# -- result rows (a Report of rows) ---------------------------------------------
 # A row is one flat JSON object: column name -> JSON scalar. Per call the
 # parent accepts at most MAX_ROWS_PER_CALL rows and MAX_ROWS_BYTES_PER_CALL
 # bytes of row text (one chunk's worth, so a call always fits the parent's

@@ -42,7 +42,7 @@ from executor.errors import (
     SandboxExecutorError,
     host_errors,
 )
-from executor.events import ControlKind, ProgressUpdate
+from executor.events import ControlKind, ProgressUpdate, Report
 from executor.hooks import (
     BatchRun,
     FailedFilesSaved,
@@ -640,7 +640,7 @@ class TaskRun:
             serde.task_config(self.spec, self.task_id, self.bundle, self.policy, self.secrets),
             broker,
             max_result_bytes=self.policy.max_result_bytes,
-            on_progress=self._progress,
+            on_event=self._report,
             on_finish=wake.set,
             data_dir=view.path,
             rows=rows,
@@ -717,9 +717,10 @@ class TaskRun:
         )
 
     # -- events ----------------------------------------------------------------
-    def _progress(self, update: ProgressUpdate) -> None:
+    def _report(self, event: Report) -> None:
+        """Every event the sandbox reports, of any kind, goes on to the hooks as it is."""
         if self._events is not None:
-            self._events.progress(update, self._batch)
+            self._events.report(event, self._batch)
 
     def _line(self, batch: int, stream: str, line: str) -> None:
         if self._events is not None:

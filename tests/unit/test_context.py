@@ -30,7 +30,7 @@ from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Route
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
-from executor.sandbox import context as context_module
+from executor.sandbox import progress as progress_module
 from executor.sandbox import runtime
 from executor.sandbox.context import (
     Context,
@@ -558,7 +558,7 @@ def test_a_step_left_waiting_is_sent_by_itself_when_its_interval_is_up(kit, conn
     # The steps come within one interval whatever the machine's load (on real time, a
     # first step's call slower than the interval let the second through at once).
     clock = StillClock()
-    monkeypatch.setattr(context_module, "time", clock)
+    monkeypatch.setattr(progress_module, "time", clock)
     c = connect(kit.session)
     for i in range(10):
         c.ctx.progress.step(i, 10)

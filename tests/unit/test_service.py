@@ -115,8 +115,8 @@ def test_wrong_token_is_unauthenticated(served, make_metadata):
 
 def test_unauthenticated_progress_never_reaches_the_listener(served):
     code, _ = _code(
-        served.stub.ReportProgress,
-        pb.ProgressEvent(kind=pb.ProgressEvent.RUN_START),
+        served.stub.Report,
+        pb.ReportRequest(progress=pb.ProgressEvent(kind=pb.ProgressEvent.RUN_START)),
         metadata=((TOKEN_METADATA_KEY, "nope"),),
         timeout=RPC_TIMEOUT,
     )
@@ -248,7 +248,8 @@ def test_out_of_range_enum_values_are_invalid(served):
     cases = [
         (served.stub.ReceiveMessage, pb.ReceiveMessageRequest(type=99, timeout_ms=10)),
         (served.stub.Finish, pb.FinishRequest(status=42, result_json="1")),
-        (served.stub.ReportProgress, pb.ProgressEvent(kind=77)),
+        (served.stub.Report, pb.ReportRequest(progress=pb.ProgressEvent(kind=77))),
+        (served.stub.Report, pb.ReportRequest()),
     ]
     for call, message in cases:
         code, _ = _code(call, message, metadata=served.auth, timeout=RPC_TIMEOUT)
@@ -395,10 +396,12 @@ def test_rejection_with_an_uncatalogued_code_becomes_internal(served, monkeypatc
     def odd(update):
         raise RequestRejected("PERMISSION_DENIED", "leaky internals")
 
-    monkeypatch.setattr(served.session, "report_progress", odd)
+    monkeypatch.setattr(served.session, "report_event", odd)
     with pytest.raises(grpc.RpcError) as info:
-        served.stub.ReportProgress(
-            pb.ProgressEvent(kind=pb.ProgressEvent.STEP), metadata=served.auth, timeout=RPC_TIMEOUT
+        served.stub.Report(
+            pb.ReportRequest(progress=pb.ProgressEvent(kind=pb.ProgressEvent.STEP)),
+            metadata=served.auth,
+            timeout=RPC_TIMEOUT,
         )
     assert info.value.code() is grpc.StatusCode.INTERNAL
     assert info.value.details() == "internal error"
@@ -444,16 +447,21 @@ def test_the_runtime_backs_off_on_the_rate_limit_trailer_and_not_on_text():
 def test_every_rpc_edge_cap_is_its_pinned_value():
     # The RPC attack suite expects these numbers (tests/rpc_caps.py), not the
     # code's: a cap raised here in the code must fail, not move the expectation.
+    import executor.events as events
     import executor.rpc.bulk as bulk
     import executor.rpc.limits as limits
     import executor.rpc.session as session
     import executor.sandbox.contract as contract
 
+    # A progress event's info is checked by the event type itself (executor/events.py).
+    session_caps = dict(rpc_caps.SESSION_CAPS)
+    event_caps = {"MAX_INFO_CHARS": session_caps.pop("MAX_INFO_CHARS")}
     differ = {
         f"{module.__name__}.{name}": (getattr(module, name, "<missing>"), pinned)
         for module, caps in (
             (limits, rpc_caps.SERVICE_CAPS),
-            (session, rpc_caps.SESSION_CAPS),
+            (session, session_caps),
+            (events, event_caps),
             (bulk, rpc_caps.BULK_CAPS),
             (contract, rpc_caps.CONTRACT_BULK_CAPS),
         )
@@ -487,7 +495,7 @@ def test_calls_whose_request_never_arrives_cannot_keep_the_task_from_finishing(s
     ]
     try:
         for i in range(14):
-            method = ("GetTask", "ReportProgress", "ReportFiles", "SendSecureShares")[i % 4]
+            method = ("GetTask", "Report", "Report", "SendSecureShares")[i % 4]
             call = channels[i % 2].stream_unary(SERVICE_PATH + method)
             stalled.append(call.future(headers_only(), metadata=served.auth, timeout=RPC_TIMEOUT * 2))
         report = pb.FinishRequest(status=pb.OK, result_json='{"done": true}')
@@ -597,10 +605,10 @@ def test_file_outcomes_are_charged_per_file(make_session):
         files=[pb.FileOutcome(name=f"f{i}.csv", kind=pb.FileOutcome.PROCESSED) for i in range(1000)]
     )
     assert 1000 // FILES_PER_TOKEN <= 150 < 2 * (1000 // FILES_PER_TOKEN)
-    servicer.ReportFiles(files, _RecordingContext())
+    servicer.Report(pb.ReportRequest(files=files), _RecordingContext())
     context = _RecordingContext()
     with pytest.raises(_Aborted):
-        servicer.ReportFiles(files, context)
+        servicer.Report(pb.ReportRequest(files=files), context)
     assert (context.code, context.details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "call rate limit exceeded")
     assert context.trailers == ((RATE_LIMITED_TRAILER, "1"),)
 
@@ -826,8 +834,10 @@ def test_get_task_waits_for_the_slot_to_be_given_its_task(warm_served, make_sess
     assert warm_served.server.session is kit.session
     assert not warm_served.ref.waiting and not warm_served.ref.lost
     # Bound, the server serves the task as a cold one's does.
-    warm_served.stub.ReportProgress(
-        pb.ProgressEvent(kind=pb.ProgressEvent.STEP), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+    warm_served.stub.Report(
+        pb.ReportRequest(progress=pb.ProgressEvent(kind=pb.ProgressEvent.STEP)),
+        metadata=warm_served.auth,
+        timeout=RPC_TIMEOUT,
     )
     assert len(kit.progress) == 1
 
@@ -873,14 +883,10 @@ def test_every_call_but_get_task_and_heartbeat_is_refused_before_the_slot_has_a_
         "GetSecureShares": lambda: stub.GetSecureShares(
             pb.GetSecureSharesRequest(timeout_ms=50), metadata=warm_served.auth, timeout=RPC_TIMEOUT
         ),
-        "ReportProgress": lambda: stub.ReportProgress(
-            pb.ProgressEvent(kind=pb.ProgressEvent.RUN_START), metadata=warm_served.auth, timeout=RPC_TIMEOUT
-        ),
-        "ReportFiles": lambda: stub.ReportFiles(
-            pb.FileOutcomes(), metadata=warm_served.auth, timeout=RPC_TIMEOUT
-        ),
-        "SaveResults": lambda: stub.SaveResults(
-            pb.ResultRows(rows_json=['{"a": 1}']), metadata=warm_served.auth, timeout=RPC_TIMEOUT
+        "Report": lambda: stub.Report(
+            pb.ReportRequest(progress=pb.ProgressEvent(kind=pb.ProgressEvent.RUN_START)),
+            metadata=warm_served.auth,
+            timeout=RPC_TIMEOUT,
         ),
         "Finish": lambda: stub.Finish(
             pb.FinishRequest(status=pb.OK, result_json="1"), metadata=warm_served.auth, timeout=RPC_TIMEOUT

@@ -7,15 +7,14 @@ import threading
 
 import pytest
 
-from executor.events import ProgressKind
+from executor.events import ProgressKind, ProgressUpdate
 from executor.mailbox.transport import Envelope
 from executor.rpc.session import (
-    MAX_INFO_CHARS,
     MAX_PENDING_RECEIVES,
     MAX_TRACEBACK_CHARS,
-    ProgressUpdate,
     RequestRejected,
 )
+from executor.sandbox.contract import MAX_INFO_CHARS
 from executor.v1 import sandbox_pb2 as pb
 
 
@@ -216,23 +215,23 @@ def test_too_many_concurrent_receives(make_session):
 def test_progress_kinds_reach_the_listener(make_session, kind):
     kit = make_session()
     update = ProgressUpdate(kind, current_epoch=1, max_epochs=3, current=5, total=10, info="loss 0.3")
-    kit.session.report_progress(update)
+    kit.session.report_event(update)
     assert kit.progress == [update]
 
 
 @pytest.mark.parametrize("kind", ["KIND_UNSPECIFIED", "<invalid>", "step", "DONE", ""])
 def test_unknown_progress_kinds_are_refused(make_session, kind):
     kit = make_session()
-    _rejected("INVALID_ARGUMENT", kit.session.report_progress, ProgressUpdate(kind))
+    _rejected("INVALID_ARGUMENT", kit.session.report_event, ProgressUpdate(kind))
     assert kit.progress == []
 
 
 def test_progress_info_is_capped(make_session):
     kit = make_session()
-    kit.session.report_progress(ProgressUpdate(ProgressKind.STEP, info="i" * MAX_INFO_CHARS))
+    kit.session.report_event(ProgressUpdate(ProgressKind.STEP, info="i" * MAX_INFO_CHARS))
     _rejected(
         "INVALID_ARGUMENT",
-        kit.session.report_progress,
+        kit.session.report_event,
         ProgressUpdate(ProgressKind.STEP, info="i" * (MAX_INFO_CHARS + 1)),
     )
     assert len(kit.progress) == 1
@@ -243,8 +242,8 @@ def test_a_failing_progress_listener_does_not_fail_the_call(make_session, caplog
         raise RuntimeError("display crashed")
 
     kit = make_session(on_progress=broken)
-    kit.session.report_progress(ProgressUpdate(ProgressKind.RUN_START))
-    kit.session.report_progress(ProgressUpdate(ProgressKind.RUN_END))
+    kit.session.report_event(ProgressUpdate(ProgressKind.RUN_START))
+    kit.session.report_event(ProgressUpdate(ProgressKind.RUN_END))
     assert [u.kind for u in kit.progress] == [ProgressKind.RUN_START, ProgressKind.RUN_END]
     assert "progress listener failed" in caplog.text
 
@@ -430,9 +429,7 @@ def test_error_text_with_a_lone_surrogate_is_refused(make_session, field):
 
 def test_progress_info_with_a_lone_surrogate_is_refused(make_session):
     kit = make_session()
-    _rejected(
-        "INVALID_ARGUMENT", kit.session.report_progress, ProgressUpdate(ProgressKind.STEP, info="\ud800")
-    )
+    _rejected("INVALID_ARGUMENT", kit.session.report_event, ProgressUpdate(ProgressKind.STEP, info="\ud800"))
     assert kit.progress == []
 
 

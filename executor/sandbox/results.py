@@ -1,0 +1,161 @@
+"""Result rows and per-file outcomes a protocol reports: checked here by the contract's rule, then sent."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import grpc
+
+from executor.sandbox.client import ParentClient
+from executor.sandbox.contract import (
+    MAX_COLUMN_NAME_CHARS,
+    MAX_COLUMNS,
+    MAX_FILE_REASON_CHARS,
+    MAX_ROW_BYTES,
+    MAX_ROW_INT,
+    MAX_ROWS_BYTES_PER_CALL,
+    MAX_ROWS_PER_CALL,
+    MIN_ROW_INT,
+    ReportCase,
+    is_column_name,
+)
+from executor.sandbox.errors import ReportRefused, _status
+from executor.v1 import sandbox_pb2 as pb
+
+
+class Reports:
+    """What a protocol reports besides progress: result rows and per-file outcomes (a part of ``ctx``)."""
+
+    _client: ParentClient
+
+    def save_results(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Hand result rows to the parent, which validates and keeps them.
+
+        Each row maps column names to JSON scalars: ``str``, ``int`` (within
+        signed 64 bits), finite ``float``, ``bool`` or ``None``. No nested
+        lists or dicts, 1 to 256 columns, names of 1 to 128 characters with
+        no control characters, at most 64 KiB of JSON per row. Rows travel in
+        calls of up to 1000 rows (and 1 MiB); one sandbox (a task, or one
+        batch of a batched task) may save 100,000 rows and 32 MiB in all.
+        For example::
+
+            ctx.save_results([{"file": "a.csv", "rows": 120, "mean": 4.2}])
+
+        Every row is checked here before anything is sent, so a bad row sends
+        nothing. The parent accepts or refuses each call whole: if it refuses
+        one (a per-task cap, or the task has finished), the rows of the calls
+        before it are kept, and the message says how many.
+
+        Raises:
+            ReportRefused: A row is not such a mapping (``code`` empty), or the
+                parent refused a call (``code`` says why) or is gone.
+        """
+        if isinstance(rows, (Mapping, str, bytes)):
+            raise ReportRefused("save_results takes an iterable of rows (dicts); wrap a single row in a list")
+        texts = [_row_text(index, row) for index, row in enumerate(rows)]
+        saved = 0
+        for batch in _row_calls(texts):
+            try:
+                self._send_rows(batch)
+            except grpc.RpcError as exc:
+                code, details = _status(exc)
+                raise ReportRefused(
+                    f"result rows {saved} to {saved + len(batch) - 1} refused: {details} "
+                    f"({saved} row(s) of this call saved before them)",
+                    code,
+                ) from None
+            saved += len(batch)
+
+    def _send_rows(self, rows_json: list[str]) -> None:
+        """One Report of rows; RpcErrors propagate."""
+        self._client.count(progress=1)
+        self._client.report(ReportCase.ROWS, pb.ResultRows(rows_json=rows_json))
+
+    def file_processed(self, name: str) -> None:
+        """Record that datasource file ``name`` (relative to ``data_dir``) was processed.
+
+        Raises:
+            ReportRefused: The name is not a plain regular file of the datasource,
+                a cap is reached, or the parent is gone.
+        """
+        self._report_file(name, "PROCESSED", "")
+
+    def file_failed(self, name: str, reason: str) -> None:
+        """Record that datasource file ``name`` failed, and why.
+
+        Raises:
+            ReportRefused: As for :meth:`file_processed`.
+        """
+        self._report_file(name, "FAILED", reason)
+
+    def _report_file(self, name: str, kind: str, reason: str) -> None:
+        self._client.count(progress=1)
+        outcome = pb.FileOutcome(name=name, kind=kind, reason=reason[:MAX_FILE_REASON_CHARS])
+        try:
+            self._client.report(ReportCase.FILES, pb.FileOutcomes(files=[outcome]))
+        except grpc.RpcError as exc:
+            code, details = _status(exc)
+            raise ReportRefused(f"file outcome for {name!r} refused: {details}", code) from None
+
+
+def _row_text(index: int, row: object) -> str:
+    """One result row as compact JSON text, after the checks the parent makes.
+
+    Raises:
+        ReportRefused: The row breaks one (with no code: nothing was sent).
+    """
+    if not isinstance(row, Mapping):
+        raise ReportRefused(f"result row {index} is a {type(row).__name__}, not a dict of column -> value")
+    if not 0 < len(row) <= MAX_COLUMNS:
+        raise ReportRefused(f"result row {index} has {len(row)} columns; 1 to {MAX_COLUMNS} are allowed")
+    for name, value in row.items():
+        if not is_column_name(name):
+            raise ReportRefused(
+                f"result row {index}: column name {_short(name)} is not a string of 1 to "
+                f"{MAX_COLUMN_NAME_CHARS} characters free of control characters and lone surrogates"
+            )
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        if isinstance(value, int):
+            if not MIN_ROW_INT <= value <= MAX_ROW_INT:
+                raise ReportRefused(f"result row {index}, column {name!r}: integer outside signed 64 bits")
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ReportRefused(f"result row {index}, column {name!r}: {value} is not a JSON number")
+        else:
+            raise ReportRefused(
+                f"result row {index}, column {name!r}: a {type(value).__name__} is not a JSON scalar "
+                "(str, int, float, bool or None)"
+            )
+    text = json.dumps(dict(row), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ReportRefused(f"result row {index} holds a lone surrogate, which is not text") from None
+    if size > MAX_ROW_BYTES:
+        raise ReportRefused(f"result row {index} is {size} bytes of JSON; the limit is {MAX_ROW_BYTES}")
+    return text
+
+
+def _row_calls(texts: list[str]) -> Iterator[list[str]]:
+    """``texts`` in runs that fit one Report of rows (rows and bytes)."""
+    batch: list[str] = []
+    size = 0
+    for text in texts:
+        row_bytes = len(text.encode("utf-8"))
+        if batch and (len(batch) == MAX_ROWS_PER_CALL or size + row_bytes > MAX_ROWS_BYTES_PER_CALL):
+            yield batch
+            batch, size = [], 0
+        batch.append(text)
+        size += row_bytes
+    if batch:
+        yield batch
+
+
+def _short(value: object) -> str:
+    """A bounded repr for an error message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
