@@ -60,6 +60,12 @@ from executor.policy import IsolationPolicy
 from executor.rpc import serde
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
+from executor.sandbox.contract import (
+    MessageType,
+    batches_complete_body,
+    current_batch_id_body,
+    number_of_batches_body,
+)
 from executor.spec import TaskSpec
 from executor.task.bundle import Bundle, link_bundle
 from executor.task.eventflow import TaskEvents
@@ -301,7 +307,7 @@ class TaskRun:
             assert gave_up.error is not None
             self._abort_modeller(broker, gave_up.error.type, gave_up.error)
             if self.plan.batched:
-                self._tell_modeller(broker, "BATCHES_COMPLETE", {"state": "FAILED"})
+                self._tell_modeller(broker, MessageType.BATCHES_COMPLETE, batches_complete_body("FAILED"))
             raise
         finally:
             broker.close()
@@ -310,7 +316,7 @@ class TaskRun:
         plan = self.plan
         total = len(plan.batches)
         if plan.batched:
-            self._tell_modeller(broker, "NUMBER_OF_BATCHES", {"number_of_batches": total})
+            self._tell_modeller(broker, MessageType.NUMBER_OF_BATCHES, number_of_batches_body(total))
         results: list[Any] = []
         files: dict[str, tuple[FileKind, str]] = {}
         timings: dict[str, float] = {}
@@ -331,7 +337,7 @@ class TaskRun:
                 break
             self._batch = number
             if plan.batched:
-                self._tell_modeller(broker, "CURRENT_BATCH_ID", {"batch_id": number})
+                self._tell_modeller(broker, MessageType.CURRENT_BATCH_ID, current_batch_id_body(number))
             done = self._run_one(number, batch, broker, relay)
             last = done.outcome
             for phase, seconds in done.outcome.timings.items():
@@ -360,7 +366,7 @@ class TaskRun:
             self._completed += 1
         if plan.batched:
             state = "SUCCESS" if self._completed == total else "FAILED"
-            self._tell_modeller(broker, "BATCHES_COMPLETE", {"state": state})
+            self._tell_modeller(broker, MessageType.BATCHES_COMPLETE, batches_complete_body(state))
         if self._failed_saved:
             self._emit(FailedFilesSaved(task=self.context, files=dict(self._failed_saved)))
         assert last is not None  # plan_batches always gives at least one batch
@@ -389,10 +395,10 @@ class TaskRun:
         except SandboxExecutorError as exc:
             log.warning("task %s: could not tell the modeller it aborted: %s", self.task_id, exc)
 
-    def _tell_modeller(self, broker: MailboxBroker, message_type: str, body: dict[str, Any]) -> None:
-        """Send the seed's batch messages; a modeller that cannot be reached does not stop the task."""
+    def _tell_modeller(self, broker: MailboxBroker, message_type: MessageType, body: bytes) -> None:
+        """Send a batch message (the contract's body); an unreachable modeller does not stop the task."""
         try:
-            broker.send_bytes(message_type, json.dumps(body).encode())
+            broker.send_bytes(message_type, body)
         except Exception as exc:  # the transport's failure is the modeller's loss, not the task's
             log.info("task %s: could not send %s to the modeller: %s", self.task_id, message_type, exc)
 
