@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+from collections.abc import Mapping
+from typing import Any
 
 # -- authentication and signals ------------------------------------------------
 # Every call carries the task's bootstrap token in this metadata entry.
@@ -201,6 +204,46 @@ def is_column_name(name: object) -> bool:
         and 0 < len(name) <= MAX_COLUMN_NAME_CHARS
         and not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in name)
     )
+
+
+def row_problem(row: Mapping[Any, Any]) -> tuple[str, Any] | None:
+    """The first rule of result rows that ``row`` breaks, or ``None``: the rule both sides apply.
+
+    A row has 1 to :data:`MAX_COLUMNS` columns, each named as
+    :func:`is_column_name` allows and holding a string (valid Unicode), an
+    integer within signed 64 bits, a finite number, a boolean or null. The
+    sandbox checks a protocol's dict with it before anything is sent; the
+    parent checks each row it parsed from the wire.
+
+    Returns:
+        Why (words to follow "result row N"), and the column at fault (or
+        ``None``), which only the sandbox names in its message.
+    """
+    if not 0 < len(row) <= MAX_COLUMNS:
+        return f"must have 1 to {MAX_COLUMNS} columns", None
+    for name, value in row.items():
+        if not is_column_name(name):
+            return (
+                f"has a column name that is not 1 to {MAX_COLUMN_NAME_CHARS} characters "
+                "free of control characters and lone surrogates",
+                name,
+            )
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # not text any strict reader accepts
+                return "holds a lone surrogate", name
+        elif isinstance(value, int):
+            if not MIN_ROW_INT <= value <= MAX_ROW_INT:
+                return "holds an integer outside the signed 64-bit range", name
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return "holds a number that is not finite (NaN or infinity)", name
+        else:
+            return "has a value that is not a JSON scalar (string, number, boolean or null)", name
+    return None
 
 
 # -- the terminal report (and the TASK_ABORT body the child sends) -------------

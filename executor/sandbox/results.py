@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -11,16 +10,12 @@ import grpc
 
 from executor.sandbox.client import ParentClient
 from executor.sandbox.contract import (
-    MAX_COLUMN_NAME_CHARS,
-    MAX_COLUMNS,
     MAX_FILE_REASON_CHARS,
     MAX_ROW_BYTES,
-    MAX_ROW_INT,
     MAX_ROWS_BYTES_PER_CALL,
     MAX_ROWS_PER_CALL,
-    MIN_ROW_INT,
     ReportCase,
-    is_column_name,
+    row_problem,
 )
 from executor.sandbox.errors import ReportRefused, _status
 from executor.v1 import sandbox_pb2 as pb
@@ -102,39 +97,20 @@ class Reports:
 
 
 def _row_text(index: int, row: object) -> str:
-    """One result row as compact JSON text, after the checks the parent makes.
+    """One result row as compact JSON text, after the contract's row rule (the parent's too).
 
     Raises:
         ReportRefused: The row breaks one (with no code: nothing was sent).
     """
     if not isinstance(row, Mapping):
         raise ReportRefused(f"result row {index} is a {type(row).__name__}, not a dict of column -> value")
-    if not 0 < len(row) <= MAX_COLUMNS:
-        raise ReportRefused(f"result row {index} has {len(row)} columns; 1 to {MAX_COLUMNS} are allowed")
-    for name, value in row.items():
-        if not is_column_name(name):
-            raise ReportRefused(
-                f"result row {index}: column name {_short(name)} is not a string of 1 to "
-                f"{MAX_COLUMN_NAME_CHARS} characters free of control characters and lone surrogates"
-            )
-        if value is None or isinstance(value, (str, bool)):
-            continue
-        if isinstance(value, int):
-            if not MIN_ROW_INT <= value <= MAX_ROW_INT:
-                raise ReportRefused(f"result row {index}, column {name!r}: integer outside signed 64 bits")
-        elif isinstance(value, float):
-            if not math.isfinite(value):
-                raise ReportRefused(f"result row {index}, column {name!r}: {value} is not a JSON number")
-        else:
-            raise ReportRefused(
-                f"result row {index}, column {name!r}: a {type(value).__name__} is not a JSON scalar "
-                "(str, int, float, bool or None)"
-            )
+    problem = row_problem(row)
+    if problem is not None:
+        why, column = problem
+        where = f", column {_short(column)}," if column is not None else ""
+        raise ReportRefused(f"result row {index}{where} {why}")
     text = json.dumps(dict(row), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ReportRefused(f"result row {index} holds a lone surrogate, which is not text") from None
+    size = len(text.encode("utf-8"))
     if size > MAX_ROW_BYTES:
         raise ReportRefused(f"result row {index} is {size} bytes of JSON; the limit is {MAX_ROW_BYTES}")
     return text
