@@ -230,6 +230,25 @@ def test_interceptor_fails_closed_for_unmapped_methods():
     assert calls == ["request"]
 
 
+def test_the_interceptor_guards_each_method_once_and_still_checks_every_call():
+    real = grpc.unary_unary_rpc_method_handler(lambda request, context: "served")
+    interceptor = TokenAuthInterceptor("tok")
+
+    def handler(token):
+        return interceptor.intercept_service(
+            lambda d: real, _Details("/executor.v1.Sandbox/GetTask", ((TOKEN_METADATA_KEY, token),))
+        )
+
+    first = handler("tok")
+    assert handler("tok") is first  # not rebuilt per call
+    refused = handler("nope")
+    assert refused is not first
+    context = _RecordingContext()
+    with pytest.raises(_Aborted):
+        refused.stream_unary(iter(["request"]), context)
+    assert context.code is grpc.StatusCode.UNAUTHENTICATED
+
+
 # -- validation ------------------------------------------------------------------------
 
 
