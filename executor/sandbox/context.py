@@ -11,6 +11,7 @@ importable from here.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -65,7 +66,14 @@ class Context(Reports):
     the parent's log of the task.
     """
 
-    def __init__(self, config: pb.TaskConfig, client: ParentClient, scratch_dir: Path) -> None:
+    def __init__(
+        self,
+        config: pb.TaskConfig,
+        client: ParentClient,
+        scratch_dir: Path,
+        *,
+        modeller_ready: threading.Event | None = None,
+    ) -> None:
         self.task_id = config.task_id
         self.project_id = config.project_id
         self.modeller_name = config.modeller_name
@@ -90,7 +98,7 @@ class Context(Reports):
         self.data_dir = Path(config.data_path)
         self.scratch_dir = scratch_dir
         self._client = client
-        self.mailbox = Mailbox(client, config.chunk_bytes, config.max_message_bytes)
+        self.mailbox = Mailbox(client, config.chunk_bytes, config.max_message_bytes, modeller_ready)
         self.progress = Progress(client)
 
     def abort(self, message: str, reason: str = "") -> NoReturn:

@@ -110,11 +110,18 @@ class Mailbox:
     whenever no other thread is using it; otherwise each is a call of its own.
     """
 
-    def __init__(self, client: ParentClient, chunk_bytes: int, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        client: ParentClient,
+        chunk_bytes: int,
+        max_message_bytes: int,
+        modeller_ready: threading.Event | None = None,
+    ) -> None:
         self._client = client
         self._chunk = max(1024, chunk_bytes)
         self.max_message_bytes = max_message_bytes
-        self.modeller_ready = threading.Event()
+        # Set when the modeller said it is ready (the runtime's heartbeat owns the event).
+        self.modeller_ready = modeller_ready if modeller_ready is not None else threading.Event()
         self._stream: _OpStream | None = None
         self._stream_lock = threading.Lock()
         self._stream_breaks = 0

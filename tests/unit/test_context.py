@@ -275,13 +275,14 @@ def test_wait_for_modeller_returns_once_the_modeller_is_ready(kit, connect, monk
     monkeypatch.setattr(runtime.os, "_exit", exits.append)
     c = connect(kit.session)
     kit.broker.watch_ready(lambda: kit.session.send_control(ControlKind.MODELLER_READY))
-    heartbeat = runtime.Heartbeat(c.client, 0.05, [c.ctx])
+    heartbeat = runtime.Heartbeat(c.client, 0.05)
+    ctx = Context(_config(), c.client, c.ctx.scratch_dir, modeller_ready=heartbeat.modeller_ready)
     heartbeat.start()
     try:
         assert heartbeat.wait_seen(5)
-        assert not c.ctx.mailbox.wait_for_modeller(0.2)
+        assert not ctx.mailbox.wait_for_modeller(0.2)
         kit.modeller.ready(kit.task_id)
-        assert c.ctx.mailbox.wait_for_modeller(5)
+        assert ctx.mailbox.wait_for_modeller(5)
     finally:
         heartbeat.stop()
     assert exits == []
