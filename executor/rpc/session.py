@@ -220,7 +220,6 @@ class TaskSession:
         self.finished = threading.Event()
         self.beat_stats = BeatStats()
         self.controls: queue.Queue[Control | None] = queue.Queue()
-        self.closed = threading.Event()
 
     # -- configuration -------------------------------------------------
     def get_config(self) -> pb.TaskConfig:
@@ -572,9 +571,6 @@ class SessionRef:
         self._bound = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self._waiting = 0
-        self._waited_ever = threading.Event()
-        self._calls_ended = 0
         self.name = name or (session.task_id if session is not None else "warm slot")
         if session is not None:
             self._bound.set()
@@ -583,21 +579,6 @@ class SessionRef:
     def session(self) -> TaskSession | None:
         """The bound session, or ``None`` while the slot waits for a task."""
         return self._session if self._bound.is_set() else None
-
-    @property
-    def waiting(self) -> bool:
-        """Whether the sandbox is connected and waiting for its task (a ready warm slot)."""
-        return self._waiting > 0 and not self._bound.is_set()
-
-    @property
-    def ever_waited(self) -> bool:
-        """Whether the sandbox ever asked for its task."""
-        return self._waited_ever.is_set()
-
-    @property
-    def lost(self) -> bool:
-        """Whether the sandbox asked for its task and then gave up (its call ended unanswered)."""
-        return self._calls_ended > 0 and self._waiting == 0 and not self._bound.is_set()
 
     def bind(self, session: TaskSession) -> None:
         """Hand the slot its task: a waiting request gets the configuration at once.
@@ -618,16 +599,7 @@ class SessionRef:
 
     def wait(self, is_active: Callable[[], bool], poll_s: float = 0.5) -> TaskSession | None:
         """The session once bound; ``None`` if the call ended or the slot closed first."""
-        with self._lock:
-            self._waiting += 1
-        self._waited_ever.set()
-        try:
-            while not self._bound.wait(poll_s):
-                if self._closed.is_set() or not is_active():
-                    return None
-            return self._session
-        finally:
-            with self._lock:
-                self._waiting -= 1
-                if not self._bound.is_set():
-                    self._calls_ended += 1
+        while not self._bound.wait(poll_s):
+            if self._closed.is_set() or not is_active():
+                return None
+        return self._session
