@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from executor.rpc import SERVICE_NAME
-from executor.rpc.session import RequestRejected
+from executor.rpc.checks import RequestRejected
 from executor.sandbox.contract import CHUNK_BYTES as CHUNK_BYTES  # pinned with the caps below
 from executor.sandbox.contract import (
     MAX_OPEN_RECEIVES,

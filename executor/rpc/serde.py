@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 from executor.data.fileoutcomes import FileKind
 from executor.events import REPORTS, AlgorithmProgress, Control, ProgressKind, Report
 from executor.outcome import Status
-from executor.rpc.session import FINISH_STATUSES, RequestRejected
+from executor.rpc.checks import FINISH_STATUSES, RequestRejected
 from executor.sandbox.contract import CHUNK_BYTES, MessageType, ReportCase
 from executor.task.bundle import ENTRY_MODULE
 from executor.task.launch import SANDBOX_DATA, SANDBOX_PROTOCOL

@@ -29,8 +29,8 @@ import pytest
 from executor.data import resultrows
 from executor.data.resultrows import TaskRows
 from executor.errors import ProjectDatabaseError
+from executor.rpc import checks as checks_module
 from executor.rpc import limits as limits_module
-from executor.rpc import session as session_module
 from executor.rpc.limits import RATE_BURST, RATE_LIMITED, RATE_PER_S, ROWS_PER_TOKEN, CallLimiter
 from executor.rpc.server import TaskServer
 from executor.rpc.servicer import SandboxServicer
@@ -239,14 +239,14 @@ def test_rows_after_the_parent_ended_the_task_are_refused(make_session):
 def test_a_finish_that_lands_while_rows_are_checked_refuses_them(make_session, monkeypatch):
     kit = make_session()
     session = kit.session
-    check = session_module.check_row
+    check = checks_module.check_row
 
     def finish_midway(text: str) -> None:
         if session.finish is None:
             _finish(session)  # the result arrives on another thread while this call parses
         check(text)
 
-    monkeypatch.setattr(session_module, "check_row", finish_midway)
+    monkeypatch.setattr(checks_module, "check_row", finish_midway)
     _rejected("FAILED_PRECONDITION", session.save_results, ['{"a": 1}', '{"a": 2}'])
     assert kit.saved() == []
 
@@ -264,10 +264,8 @@ def test_result_row_caps_are_pinned():
     assert resultrows.MAX_ROWS_PER_BATCH == 100_000
     assert resultrows.MAX_ROWS_BYTES_PER_BATCH == 32 * 1024 * 1024
     # Parent and child enforce the same objects, not copies.
-    assert (
-        resultrows.MAX_ROWS_PER_CALL is session_module.MAX_ROWS_PER_CALL is results_module.MAX_ROWS_PER_CALL
-    )
-    assert resultrows.MAX_ROW_BYTES is session_module.MAX_ROW_BYTES is results_module.MAX_ROW_BYTES
+    assert resultrows.MAX_ROWS_PER_CALL is checks_module.MAX_ROWS_PER_CALL is results_module.MAX_ROWS_PER_CALL
+    assert resultrows.MAX_ROW_BYTES is checks_module.MAX_ROW_BYTES is results_module.MAX_ROW_BYTES
 
 
 def test_rows_per_call(make_session):

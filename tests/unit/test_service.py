@@ -467,12 +467,25 @@ def test_the_runtime_backs_off_on_the_rate_limit_trailer_and_not_on_text():
 def test_every_rpc_edge_cap_is_its_pinned_value():
     # The RPC attack suite expects these numbers (tests/rpc_caps.py), not the
     # code's: a cap raised here in the code must fail, not move the expectation.
+    import types
+
     import executor.events as events
     import executor.rpc.bulk as bulk
+    import executor.rpc.checks as checks
     import executor.rpc.limits as limits
-    import executor.rpc.session as session
+    import executor.rpc.session as session_module
     import executor.sandbox.contract as contract
 
+    # The session and the checks it makes of each report (executor/rpc/checks.py).
+    session = types.SimpleNamespace(
+        __name__="executor.rpc.session+checks",
+        **{
+            name: value
+            for module in (checks, session_module)
+            for name, value in vars(module).items()
+            if name.isupper()
+        },
+    )
     # A progress event's info is checked by the event type itself (executor/events.py).
     session_caps = dict(rpc_caps.SESSION_CAPS)
     event_caps = {"MAX_INFO_CHARS": session_caps.pop("MAX_INFO_CHARS")}

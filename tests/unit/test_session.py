@@ -11,10 +11,9 @@ from executor.events import ProgressKind, ProgressUpdate
 from executor.mailbox.transport import Envelope
 from executor.rpc.session import (
     MAX_PENDING_RECEIVES,
-    MAX_TRACEBACK_CHARS,
     RequestRejected,
 )
-from executor.sandbox.contract import MAX_INFO_CHARS
+from executor.sandbox.contract import MAX_INFO_CHARS, MAX_TRACEBACK_CHARS
 from executor.v1 import sandbox_pb2 as pb
 
 
@@ -454,8 +453,8 @@ def test_file_outcome_caps_are_pinned():
     assert f.MAX_FILE_NAME_CHARS_PER_TASK == 16 * 1024 * 1024
     assert f.MAX_REASON_CHARS_PER_TASK == 256 * 1024
     assert f.MAX_FAILED_FILES_IN_JSON == 1000
-    # The session enforces the same objects, not copies.
-    import executor.rpc.session as s
+    # The session's checks enforce the same objects, not copies.
+    import executor.rpc.checks as s
 
     assert (s.MAX_FILES_PER_CALL, s.MAX_FILE_NAME_CHARS, s.MAX_FILE_REASON_CHARS) == (
         f.MAX_FILES_PER_CALL,
