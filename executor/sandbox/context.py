@@ -60,8 +60,9 @@ class Context(Reports):
 
     Besides these: :meth:`save_results` hands result rows to the parent (which
     stores them, e.g. in the pod's project database), :meth:`file_processed`
-    and :meth:`file_failed` report per-file outcomes, and :meth:`abort` ends
-    the task with status ABORT. What the protocol logs with :mod:`logging`
+    and :meth:`file_failed` report per-file outcomes, :meth:`report` sends a
+    report of any other kind the contract has, and :meth:`abort` ends the
+    task with status ABORT. What the protocol logs with :mod:`logging`
     (INFO and above, unless it configures logging itself) or prints reaches
     the parent's log of the task.
     """

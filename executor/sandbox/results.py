@@ -95,6 +95,36 @@ class Reports:
             code, details = _status(exc)
             raise ReportRefused(f"file outcome for {name!r} refused: {details}", code) from None
 
+    def report(self, kind: str, /, **fields: Any) -> None:
+        """Send a report of a kind that has no method of its own: ``fields`` of the contract's case ``kind``.
+
+        Every kind of :class:`~executor.sandbox.contract.ReportCase` travels
+        so, checked by the parent as its own kind and charged to the
+        task's budget; one a newer contract adds needs nothing more here.
+        For example ``ctx.report("metric", name="loss", value=0.25)`` where
+        the contract has metrics.
+
+        Raises:
+            ReportRefused: No such kind, a field it does not have or of the
+                wrong type (``code`` empty), or the parent refused it or is gone.
+        """
+        try:
+            case = ReportCase(kind)
+        except ValueError:
+            raise ReportRefused(
+                f"no report of kind {kind!r}; the kinds are {', '.join(ReportCase)}"
+            ) from None
+        try:
+            message = type(getattr(pb.ReportRequest(), case.value))(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ReportRefused(f"{kind} report refused: {exc}") from None
+        self._client.count(progress=1)
+        try:
+            self._client.report(case, message)
+        except grpc.RpcError as exc:
+            code, details = _status(exc)
+            raise ReportRefused(f"{kind} report refused: {details}", code) from None
+
 
 def _row_text(index: int, row: object) -> str:
     """One result row as compact JSON text, after the contract's row rule (the parent's too).

@@ -353,6 +353,22 @@ def test_progress_events_reach_the_parent_with_their_fields(kit, connect):
     assert c.client.progress_events == 5
 
 
+def test_a_report_of_any_kind_travels_by_its_case_and_is_checked_as_that_kind(kit, connect):
+    c = connect(kit.session)
+    c.ctx.report("progress", kind=pb.ProgressEvent.STEP, current=4, total=8, info="generic")
+    assert [(u.kind, u.current, u.total, u.info) for u in kit.progress] == [("STEP", 4, 8, "generic")]
+    # The parent checks it as it checks that kind's own method.
+    with pytest.raises(ReportRefused) as refused:
+        c.ctx.report("progress", kind=pb.ProgressEvent.STEP, info="i" * 2000)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    # A kind the contract does not have, or a field its message lacks, sends nothing.
+    for kind, fields in (("telemetry", {}), ("progress", {"colour": "red"}), ("progress", {"current": "x"})):
+        with pytest.raises(ReportRefused) as local:
+            c.ctx.report(kind, **fields)
+        assert local.value.code == ""
+    assert len(kit.progress) == 1
+
+
 @pytest.fixture
 def datasource(tmp_path: Path) -> Path:
     data = tmp_path / "data"
