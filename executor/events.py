@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Self
 
 from executor.data.fileoutcomes import MAX_FAILED_FILES_IN_JSON
 from executor.outcome import Outcome, Status
-from executor.sandbox.contract import MAX_INFO_CHARS, ReportCase
+from executor.sandbox.contract import MAX_COLUMN_NAME_CHARS, MAX_INFO_CHARS, ReportCase, is_column_name
 
 
 class ProgressKind(enum.StrEnum):
@@ -252,6 +253,36 @@ class AlgorithmProgress(Report):
 
 ProgressUpdate = AlgorithmProgress
 """The name the ``on_progress`` listener's argument has always had: the same type."""
+
+
+@dataclass(frozen=True)
+class Metric(Report):
+    """A named number the protocol measured (a loss, an accuracy), sent with ``ctx.report("metric", ...)``.
+
+    Attributes:
+        name: What was measured: 1 to 128 characters, no control character
+            (the contract's rule for a result column's name).
+        value: The number, finite.
+    """
+
+    event: ClassVar[str] = "metric"
+    case: ClassVar[str] = ReportCase.METRIC
+
+    name: str
+    value: float
+
+    def check(self) -> None:
+        """Refuse a name that could not name a column, and a value that is not a finite number."""
+        if not is_column_name(self.name):
+            raise ValueError(
+                f"a metric name must be 1 to {MAX_COLUMN_NAME_CHARS} characters "
+                "free of control characters and lone surrogates"
+            )
+        if not math.isfinite(self.value):
+            raise ValueError("a metric value must be a finite number")
+
+    def _fields(self) -> dict[str, Any]:
+        return {"batch": self.batch, "name": self.name, "value": self.value}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -161,6 +161,9 @@ class ReportCase(enum.StrEnum):
     PROGRESS = "progress"
     FILES = "files"
     ROWS = "rows"
+    # A named number (``ctx.report("metric", name=..., value=...)``): a name
+    # as a result column's (is_column_name) and a finite value.
+    METRIC = "metric"
 
 
 # -- progress and per-file outcomes --------------------------------------------
