@@ -153,8 +153,8 @@ class Report(Event):
     report); the run loop binds it to its task and batch (:meth:`bound`) and
     hands it to the hooks as it is, whatever its kind. A subclass names its
     ``case`` (a :class:`~executor.sandbox.contract.ReportCase`) and is found
-    by it in :data:`REPORTS`; its ``__post_init__`` refuses a value no
-    protocol may report (``ValueError``, with a public message).
+    by it in :data:`REPORTS`; its :meth:`check` refuses a value no protocol
+    may report (the session answers with the refusal).
 
     Attributes:
         batch: The batch (1-based) whose sandbox reported it; 0 until bound.
