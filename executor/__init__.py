@@ -41,11 +41,10 @@ if TYPE_CHECKING:
         SandboxExecutorError,
         TransportError,
     )
-    from executor.hooks import (
+    from executor.events import (
         AlgorithmProgress,
         BatchRun,
         Event,
-        EventsFile,
         FailedFilesSaved,
         LogLine,
         ResultsSaved,
@@ -53,6 +52,7 @@ if TYPE_CHECKING:
         TaskEnded,
         TaskStarted,
     )
+    from executor.hooks import EventsFile
     from executor.mailbox.crypto import TaskKeys
     from executor.mailbox.transport import Channel, Envelope, NoModellerTransport, Route, Transport
     from executor.outcome import ErrorDetail, Outcome, Status
@@ -100,15 +100,15 @@ _LAZY: dict[str, str] = {
     "ResultLimitError": "executor.errors",
     "ProjectDatabaseError": "executor.errors",
     "ProjectDatabase": "executor.data.sqlite.store",
-    "Event": "executor.hooks",
-    "TaskContext": "executor.hooks",
-    "TaskStarted": "executor.hooks",
-    "AlgorithmProgress": "executor.hooks",
-    "BatchRun": "executor.hooks",
-    "ResultsSaved": "executor.hooks",
-    "FailedFilesSaved": "executor.hooks",
-    "LogLine": "executor.hooks",
-    "TaskEnded": "executor.hooks",
+    "Event": "executor.events",
+    "TaskContext": "executor.events",
+    "TaskStarted": "executor.events",
+    "AlgorithmProgress": "executor.events",
+    "BatchRun": "executor.events",
+    "ResultsSaved": "executor.events",
+    "FailedFilesSaved": "executor.events",
+    "LogLine": "executor.events",
+    "TaskEnded": "executor.events",
     "EventsFile": "executor.hooks",
 }
 

@@ -45,7 +45,7 @@ from executor.errors import (
     SandboxExecutorError,
     host_errors,
 )
-from executor.events import ControlKind, ProgressUpdate
+from executor.events import ControlKind, ProgressUpdate, Report
 from executor.hooks import (
     BatchRun,
     FailedFilesSaved,
@@ -63,6 +63,12 @@ from executor.policy import IsolationPolicy
 from executor.rpc import serde
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
+from executor.sandbox.contract import (
+    MessageType,
+    batches_complete_body,
+    current_batch_id_body,
+    number_of_batches_body,
+)
 from executor.spec import TaskSpec
 from executor.task.bundle import Bundle, link_bundle
 from executor.task.eventflow import TaskEvents
@@ -304,7 +310,7 @@ class TaskRun:
             assert gave_up.error is not None
             self._abort_modeller(broker, gave_up.error.type, gave_up.error)
             if self.plan.batched:
-                self._tell_modeller(broker, "BATCHES_COMPLETE", {"state": "FAILED"})
+                self._tell_modeller(broker, MessageType.BATCHES_COMPLETE, batches_complete_body("FAILED"))
             raise
         finally:
             broker.close()
@@ -313,7 +319,7 @@ class TaskRun:
         plan = self.plan
         total = len(plan.batches)
         if plan.batched:
-            self._tell_modeller(broker, "NUMBER_OF_BATCHES", {"number_of_batches": total})
+            self._tell_modeller(broker, MessageType.NUMBER_OF_BATCHES, number_of_batches_body(total))
         results: list[Any] = []
         files: dict[str, tuple[FileKind, str]] = {}
         timings: dict[str, float] = {}
@@ -334,7 +340,7 @@ class TaskRun:
                 break
             self._batch = number
             if plan.batched:
-                self._tell_modeller(broker, "CURRENT_BATCH_ID", {"batch_id": number})
+                self._tell_modeller(broker, MessageType.CURRENT_BATCH_ID, current_batch_id_body(number))
             done = self._run_one(number, batch, broker, relay)
             last = done.outcome
             for phase, seconds in done.outcome.timings.items():
@@ -363,7 +369,7 @@ class TaskRun:
             self._completed += 1
         if plan.batched:
             state = "SUCCESS" if self._completed == total else "FAILED"
-            self._tell_modeller(broker, "BATCHES_COMPLETE", {"state": state})
+            self._tell_modeller(broker, MessageType.BATCHES_COMPLETE, batches_complete_body(state))
         if self._failed_saved:
             self._emit(FailedFilesSaved(task=self.context, files=dict(self._failed_saved)))
         assert last is not None  # plan_batches always gives at least one batch
@@ -392,10 +398,10 @@ class TaskRun:
         except SandboxExecutorError as exc:
             log.warning("task %s: could not tell the modeller it aborted: %s", self.task_id, exc)
 
-    def _tell_modeller(self, broker: MailboxBroker, message_type: str, body: dict[str, Any]) -> None:
-        """Send the seed's batch messages; a modeller that cannot be reached does not stop the task."""
+    def _tell_modeller(self, broker: MailboxBroker, message_type: MessageType, body: bytes) -> None:
+        """Send a batch message (the contract's body); an unreachable modeller does not stop the task."""
         try:
-            broker.send_bytes(message_type, json.dumps(body).encode())
+            broker.send_bytes(message_type, body)
         except Exception as exc:  # the transport's failure is the modeller's loss, not the task's
             log.info("task %s: could not send %s to the modeller: %s", self.task_id, message_type, exc)
 
@@ -643,7 +649,7 @@ class TaskRun:
             serde.task_config(self.spec, self.task_id, self.bundle, self.policy, self.secrets),
             broker,
             max_result_bytes=self.policy.max_result_bytes,
-            on_progress=self._progress,
+            on_event=self._report,
             on_finish=wake.set,
             data_dir=view.path,
             rows=rows,
@@ -720,9 +726,10 @@ class TaskRun:
         )
 
     # -- events ----------------------------------------------------------------
-    def _progress(self, update: ProgressUpdate) -> None:
+    def _report(self, event: Report) -> None:
+        """Every event the sandbox reports, of any kind, goes on to the hooks as it is."""
         if self._events is not None:
-            self._events.progress(update, self._batch)
+            self._events.report(event, self._batch)
 
     def _line(self, batch: int, stream: str, line: str) -> None:
         if self._events is not None:
