@@ -120,7 +120,7 @@ def test_a_permit_ends_with_the_process_that_held_it(tmp_path):
         got[0].release()  # type: ignore[attr-defined]
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()  # reaps it and closes its pipes
 
 
 def test_a_full_line_refuses_a_task_at_once_with_a_capacity_error(tmp_path):

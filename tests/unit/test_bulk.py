@@ -89,7 +89,11 @@ def header(ticket: bytes, token: str = TOKEN, magic: bytes = BULK_MAGIC) -> byte
 def connect(srv: BulkServer, first: bytes = b"") -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(WAIT_S)
-    sock.connect(str(srv.path))
+    try:
+        sock.connect(str(srv.path))
+    except OSError:
+        sock.close()
+        raise
     if first:
         # It may be closed by the parent already: what it sends back says so.
         with contextlib.suppress(OSError):

@@ -109,7 +109,7 @@ def test_init_ends_the_sandbox_when_the_parent_lets_go_of_the_lifeline(tmp_path)
         assert proc.stderr is not None and "lost the parent" in proc.stderr.read()
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()  # reaps it and closes its pipes
         lifeline.close()
 
 
@@ -186,7 +186,7 @@ def test_init_forwards_a_termination_signal_to_the_runtime():
         assert proc.wait(10) == 128 + 15
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()  # reaps it and closes its pipes
 
 
 @pytest.mark.parametrize("command", [(), ("/nonexistent/python3",)], ids=["none", "missing"])

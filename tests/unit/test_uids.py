@@ -145,7 +145,7 @@ def test_another_process_holding_a_uid_excludes_it_until_it_dies(tmp_path):
             UidPool(lock_dir).lease(PINNED)
     finally:
         child.send_signal(signal.SIGKILL)
-        child.wait(timeout=10)
+        child.communicate(timeout=10)  # reaps it and closes its pipe
     with UidPool(lock_dir).lease(PINNED) as lease:
         assert lease.uid == 31_000
 
