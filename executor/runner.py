@@ -41,10 +41,10 @@ from executor.mailbox.transport import NoModellerTransport, Transport
 from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
 from executor.policy.file import PolicySet
+from executor.sandbox.contract import SANDBOX_DATA
 from executor.spec import TaskSpec
 from executor.task.admission import STARTS_DIR_NAME, StartGate, default_max_starting
 from executor.task.bundle import check_protocol_dir, copy_bundle
-from executor.task.launch import SANDBOX_DATA
 from executor.task.reaper import ReapReport, instance_alive, new_instance_id, reap
 from executor.task.run import Plan, TaskRun, default_task_hash
 from executor.task.taskdir import TaskDir, data_view_path

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from executor.errors import ProtocolBundleError
+from executor.sandbox.contract import ENTRY_MODULE
 
-ENTRY_FILE = "protocol.py"
-ENTRY_MODULE = "protocol"
+ENTRY_FILE = f"{ENTRY_MODULE}.py"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_BUNDLE_FILES = 10_000
 MAX_ENTRY_BYTES = 4 * 1024 * 1024

@@ -1,6 +1,7 @@
 """What one task's container is: the sandbox's argv, its mounts and its labels.
 
-The paths inside the sandbox are named here once; the task configuration
+The paths inside the sandbox are named once, in the wire contract
+(:mod:`executor.sandbox.contract`); the task configuration
 (:func:`executor.rpc.serde.task_config`) tells the runtime the same ones.
 """
 
@@ -18,15 +19,15 @@ from executor.backends import (
     ContainerSpec,
     Mount,
 )
+from executor.sandbox.contract import SANDBOX_DATA, SANDBOX_IPC, SANDBOX_PROTOCOL
 from executor.task.taskdir import LIFELINE_NAME, SOCKET_NAME, TOKEN_NAME
 
 if TYPE_CHECKING:
     from executor.policy import IsolationPolicy
     from executor.task.taskdir import TaskDir
 
-SANDBOX_IPC = "/run/sandbox"
-SANDBOX_PROTOCOL = "/sandbox/protocol"
-SANDBOX_DATA = "/data"
+__all__ = ["SANDBOX_DATA", "SANDBOX_IPC", "SANDBOX_PROTOCOL", "container_spec", "sandbox_command"]
+
 SANDBOX_RESOLV_CONF = "/etc/resolv.conf"
 
 

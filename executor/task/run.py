@@ -60,10 +60,11 @@ from executor.policy import IsolationPolicy
 from executor.rpc import serde
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
+from executor.sandbox.contract import SANDBOX_DATA
 from executor.spec import TaskSpec
 from executor.task.bundle import Bundle, link_bundle
 from executor.task.eventflow import TaskEvents
-from executor.task.launch import SANDBOX_DATA, container_spec
+from executor.task.launch import container_spec
 from executor.task.lifeline import Lifeline
 from executor.task.output import OutputCollector, TaskOutput
 from executor.task.supervisor import REASON_CANCELLED, HandOverFailed, Supervisor, abort_message
@@ -637,7 +638,7 @@ class TaskRun:
         rows = self._task_rows().batch(number)
         session = TaskSession(
             self.task_id,
-            serde.task_config(self.spec, self.task_id, self.bundle, self.policy, self.secrets),
+            serde.task_config(self.spec, self.task_id, self.bundle.sha256, self.policy, self.secrets),
             broker,
             max_result_bytes=self.policy.max_result_bytes,
             on_progress=self._progress,

@@ -57,7 +57,8 @@ from executor.backends import LABEL_WARM, ContainerBackend, Mount
 from executor.errors import BackendError, SandboxExecutorError, host_errors
 from executor.rpc.server import TaskServer
 from executor.rpc.session import SessionRef
-from executor.task.launch import SANDBOX_DATA, container_spec
+from executor.sandbox.contract import SANDBOX_DATA
+from executor.task.launch import container_spec
 from executor.task.lifeline import Lifeline, StartLine
 from executor.task.supervisor import BOOT_GRACE_S, BOOT_LIMIT_S, HandOverFailed, busy
 
