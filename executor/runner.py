@@ -23,17 +23,8 @@ from pathlib import Path
 
 from executor import paths
 from executor.backends import ContainerBackend
-from executor.data.projectdb import FileStates, ProjectDatabase
-from executor.data.view import (
-    METHODS,
-    FileStamp,
-    ViewPaths,
-    check_view_budget,
-    effective_max_files,
-    plan_batches,
-    scan,
-    select,
-)
+from executor.data.projectdb import ProjectDatabase
+from executor.data.view import METHODS, scan
 from executor.errors import ConfigurationError, DataSourceError, host_errors
 from executor.events import ProgressUpdate
 from executor.hooks import Hook
@@ -41,13 +32,14 @@ from executor.mailbox.transport import NoModellerTransport, Transport
 from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
 from executor.policy.file import PolicySet
-from executor.sandbox.contract import SANDBOX_DATA
 from executor.spec import TaskSpec
 from executor.task.admission import STARTS_DIR_NAME, StartGate, default_max_starting
 from executor.task.bundle import check_protocol_dir, copy_bundle
+from executor.task.host import TaskHost
+from executor.task.plan import default_task_hash, plan_task
 from executor.task.reaper import ReapReport, instance_alive, new_instance_id, reap
-from executor.task.run import Plan, TaskRun, default_task_hash
-from executor.task.taskdir import TaskDir, data_view_path
+from executor.task.run import TaskRun
+from executor.task.taskdir import TaskDir
 from executor.task.uids import UidPool
 from executor.task.warmpool import WarmPool
 
@@ -184,6 +176,18 @@ class Executor:
         self._pools: dict[IsolationPolicy, WarmPool] = {}
         self._pools_lock = threading.Lock()
         self._closed = False
+        self._host = TaskHost(
+            backend=self.backend,
+            transport=self.transport,
+            run_dir=self.run_dir,
+            spool_dir=self.spool_dir,
+            uids=self.uids,
+            gate=self.gate,
+            db=self.db,
+            hooks=self.hooks,
+            view_method=self.view_method,
+            instance_id=self.instance_id,
+        )
 
     @property
     def policy(self) -> IsolationPolicy:
@@ -405,9 +409,9 @@ class Executor:
             with self._task_dir(policy.uid_range[0], policy.gid) as workspace:
                 bundle = copy_bundle(spec.protocol_dir, workspace.protocol)
                 task_hash = spec.task_hash or default_task_hash(bundle.sha256, spec.parameters)
-                plan = self._plan(spec, task_hash, data_dir, files)
+                plan = plan_task(self._host, spec, task_hash, data_dir, files)
                 task = TaskRun(
-                    executor=self,
+                    host=self._host,
                     spec=spec,
                     task_id=task_id,
                     task_hash=task_hash,
@@ -428,31 +432,6 @@ class Executor:
                 task.release()
         outcome.timings["total"] = time.monotonic() - started
         return outcome
-
-    def _plan(self, spec: TaskSpec, task_hash: str, data_dir: Path, files: list[FileStamp]) -> Plan:
-        """Which files the task may see, and in which batches: decided here, never by the sandbox."""
-        flags = spec.flags
-        # What this task hash did before matters only to a run on new data only.
-        states = (
-            self.db.file_states(spec.project_id, task_hash)
-            if self.db is not None and flags.run_on_new_data_only
-            else FileStates()
-        )
-        selection = select(
-            files,
-            processed=states.processed,
-            failed=states.failed_stamps,
-            new_data_only=flags.run_on_new_data_only,
-            force_rerun_failed=flags.force_rerun_failed_files,
-            max_files=effective_max_files(flags.test_run, spec.inference_limits.max_files),
-            view_paths=ViewPaths.of(
-                self.run_dir, data_dir, self.view_method, SANDBOX_DATA, view_dir=data_view_path(self.run_dir)
-            ),
-        )
-        batch_size = spec.effective_batch_size
-        batches, selection = plan_batches(selection, batch_size, spec.inference_limits.max_batches)
-        check_view_budget(self.run_dir, data_dir, self.view_method, max(map(len, batches)))
-        return Plan(selection, batches, batch_size)
 
 
 def _close_pools(pools: list[WarmPool]) -> None:

@@ -20,7 +20,6 @@ with the log tail its batches' output collectors share (:mod:`executor.task.outp
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import threading
@@ -35,7 +34,7 @@ from executor.data import logtail
 from executor.data.fileoutcomes import FileKind
 from executor.data.projectdb import BatchCommit, TaskEnd, TaskStart
 from executor.data.resultrows import STORE_WAIT_S, TaskRows
-from executor.data.view import DataView, FileStamp, Selection, may_link
+from executor.data.view import DataView, FileStamp, may_link
 from executor.errors import (
     DataSourceError,
     ProjectDatabaseError,
@@ -73,8 +72,9 @@ from executor.task.uids import UidLease
 from executor.task.warmpool import Slot, WarmPool
 
 if TYPE_CHECKING:
-    from executor.runner import Executor
     from executor.task.admission import Permit
+    from executor.task.host import TaskHost
+    from executor.task.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -84,29 +84,6 @@ OUTPUT_DRAIN_S = 2.0
 """How long, after its container is gone, a batch's output may take to arrive."""
 MAX_HANDOVERS = 3
 """Warm slots one batch tries before it starts cold: each that fails is destroyed, nothing of the task ran."""
-
-
-def default_task_hash(bundle_sha256: str, parameters: dict[str, Any]) -> str:
-    """The task hash when the orchestrator gives none: the bundle's digest and the parameters."""
-    digest = hashlib.sha256(b"sandbox-executor task hash v1\0")
-    digest.update(bundle_sha256.encode())
-    digest.update(b"\0")
-    digest.update(json.dumps(parameters, sort_keys=True, separators=(",", ":")).encode())
-    return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the parent decided the task may see: the selection and its batches."""
-
-    selection: Selection
-    batches: list[tuple[FileStamp, ...]]
-    batch_size: int
-
-    @property
-    def batched(self) -> bool:
-        """Whether the task runs in batches (and the modeller hears of them)."""
-        return self.batch_size > 0
 
 
 class _ReadyRelay:
@@ -144,9 +121,9 @@ class _BatchResult:
 
 @dataclass
 class TaskRun:
-    """Carries out one planned task; made and run by :meth:`Executor.run`."""
+    """Carries out one planned task on ``host``; made and run by :meth:`Executor.run`."""
 
-    executor: Executor
+    host: TaskHost
     spec: TaskSpec
     task_id: str
     task_hash: str
@@ -174,7 +151,7 @@ class TaskRun:
     def _task_rows(self) -> TaskRows:
         """The task's result rows across its batches: its caps, and the database they stream to."""
         if self._rows is None:
-            db = self.executor.db
+            db = self.host.db
             store = None
             if db is not None:
                 wait = min(db.busy_timeout_s, STORE_WAIT_S)
@@ -207,10 +184,8 @@ class TaskRun:
 
     def run(self) -> Outcome:
         """Every batch in turn, until one does not end OK; the ledger and hooks hear of all."""
-        db = self.executor.db
-        self._events = TaskEvents(
-            HookDispatcher(self.executor.hooks), self.context, on_progress=self.on_progress
-        )
+        db = self.host.db
+        self._events = TaskEvents(HookDispatcher(self.host.hooks), self.context, on_progress=self.on_progress)
         started = ended = False
         try:
             if db is not None:
@@ -228,7 +203,7 @@ class TaskRun:
                         selection=self.plan.selection.counts(),
                         total_batches=len(self.plan.batches),
                         test_run=self.spec.flags.test_run,
-                        owner=self.executor.instance_id,
+                        owner=self.host.instance_id,
                     )
                 )
             started = True
@@ -269,15 +244,15 @@ class TaskRun:
     # -- batches ---------------------------------------------------------------
     def _run_batches(self) -> Outcome:
         spec = self.spec
-        ex = self.executor
+        host = self.host
         route = Route(
             self.task_id,
             spec.pod_identifier,
             spec.modeller_name,
             tuple(p for p in spec.pod_identifiers if p != spec.pod_identifier),
         )
-        spool = ex.spool_dir / self.workspace.path.name
-        channel = ex.transport.open(route)
+        spool = host.spool_dir / self.workspace.path.name
+        channel = host.transport.open(route)
         try:
             with host_errors("make the mailbox spool", spool):
                 broker = MailboxBroker(
@@ -287,7 +262,7 @@ class TaskRun:
                     spool,
                     max_message_bytes=self.policy.max_message_bytes,
                     max_task_bytes=self.policy.max_task_bytes,
-                    owner=ex.instance_id,
+                    owner=host.instance_id,
                 )
         except BaseException:
             channel.close()
@@ -405,7 +380,7 @@ class TaskRun:
         A test run touches no file state (neither processed nor failed), so a
         later real run sees every file as it would have without the trial.
         """
-        db = self.executor.db
+        db = self.host.db
         if db is None:
             return 0
         ok = done.outcome.ok
@@ -444,7 +419,7 @@ class TaskRun:
 
     def _discard_rows(self, number: int) -> None:
         """Remove a batch's rows that will never be seen; they stay unseen if that fails too."""
-        db = self.executor.db
+        db = self.host.db
         assert db is not None
         try:
             db.discard_rows(self.task_id, number)
@@ -470,7 +445,7 @@ class TaskRun:
             permit: Permit | None = None
             if filled is None:
                 t = time.monotonic()
-                admitted = self.executor.gate.acquire(
+                admitted = self.host.gate.acquire(
                     cancel=self.cancel,
                     poll=(lambda: self._fill_warm_slot(batch)) if handovers < MAX_HANDOVERS else None,
                 )
@@ -528,7 +503,7 @@ class TaskRun:
         self._cold_uid()
         with host_errors("make the data view in", task_dir.path):
             view = DataView(
-                task_dir.data, self.data_dir, batch, gid=self.policy.gid, method=self.executor.view_method
+                task_dir.data, self.data_dir, batch, gid=self.policy.gid, method=self.host.view_method
             )
         try:
             return self._serve(number, view, broker, relay, started_at, permit=permit, queued_s=queued_s)
@@ -544,7 +519,7 @@ class TaskRun:
             CapacityError: Every uid of the policy's range is held by a live task.
         """
         if self._lease is None:
-            self._lease = self.executor.uids.lease(self.policy)
+            self._lease = self.host.uids.lease(self.policy)
             self.workspace.sandbox_uid = self._lease.uid
         return self._lease.uid
 
@@ -581,12 +556,12 @@ class TaskRun:
         that cannot be destroys the slot, unused, and the task's batches
         start cold from then on.
         """
-        ex = self.executor
+        host = self.host
         if (
             self.pool is None
             or not self._warm_ok
-            or ex.view_method == "bind"
-            or not may_link(ex.run_dir, self.data_dir)
+            or host.view_method == "bind"
+            or not may_link(host.run_dir, self.data_dir)
         ):
             return None
         slot = self.pool.take()
@@ -632,7 +607,7 @@ class TaskRun:
         Raises:
             HandOverFailed: ``slot`` did not take its task (nothing of it ran).
         """
-        ex = self.executor
+        host = self.host
         task_dir = slot.task_dir if slot is not None else self.workspace
         wake = threading.Event()
         rows = self._task_rows().batch(number)
@@ -655,7 +630,7 @@ class TaskRun:
         relay.attach(session)
         lifeline: Lifeline | None = slot.lifeline if slot is not None else None
         collector = OutputCollector(
-            ex.backend,
+            host.backend,
             self.task_id,
             on_line=lambda stream, line: self._line(number, stream, line),
             task=self.output,
@@ -672,7 +647,7 @@ class TaskRun:
                 container = container_spec(
                     task_id=self.task_id,
                     project_id=self.spec.project_id,
-                    instance_id=ex.instance_id,
+                    instance_id=host.instance_id,
                     policy=self.policy.replace(uid=self._cold_uid()),
                     task_dir=task_dir,
                     bundle_path=self.bundle.path,
@@ -681,7 +656,7 @@ class TaskRun:
             else:
                 container = slot.spec
             supervisor = Supervisor(
-                ex.backend,
+                host.backend,
                 container,
                 session,
                 wake,
@@ -752,7 +727,7 @@ class TaskRun:
         timings: dict[str, float],
         done: int,
     ) -> None:
-        db = self.executor.db
+        db = self.host.db
         if db is None:
             return
         db.end_task(

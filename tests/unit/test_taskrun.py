@@ -38,7 +38,7 @@ from executor.runner import Executor
 from executor.spec import TaskFlags, TaskSpec
 from executor.task import run as taskrun
 from executor.task.launch import SANDBOX_DATA
-from executor.task.run import default_task_hash
+from executor.task.plan import default_task_hash
 from executor.testing import (
     FakeBackend,
     FakeContainer,
