@@ -16,6 +16,7 @@ from executor.backends import (
     LABEL_PARENT,
     LABEL_PROJECT,
     LABEL_TASK,
+    LABEL_WARM,
     ContainerSpec,
     Mount,
 )
@@ -79,7 +80,8 @@ def container_spec(
     bind mount per file when the view could not be made of hard links. A
     ``warm`` container (a pool's slot, see :mod:`executor.task.warmpool`) is made
     before its task is known: ``task_id`` names the slot, the bundle and data
-    directories are still empty, and its runtime waits for the task.
+    directories are still empty, its runtime waits for the task, and it
+    carries the warm label.
     """
     return ContainerSpec(
         name=f"sandbox-{task_id[:40]}-{uuid.uuid4().hex[:6]}",
@@ -96,5 +98,6 @@ def container_spec(
             LABEL_TASK: task_id,
             LABEL_PROJECT: project_id,
             LABEL_PARENT: instance_id,
+            **({LABEL_WARM: "true"} if warm else {}),
         },
     )

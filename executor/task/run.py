@@ -57,14 +57,12 @@ from executor.mailbox.transport import Route
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.rpc import serde
-from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.sandbox.contract import SANDBOX_DATA
 from executor.spec import TaskSpec
+from executor.task.assembly import Assembly, assemble
 from executor.task.bundle import Bundle, link_bundle
 from executor.task.eventflow import TaskEvents
-from executor.task.launch import container_spec
-from executor.task.lifeline import Lifeline
 from executor.task.output import OutputCollector, TaskOutput
 from executor.task.supervisor import REASON_CANCELLED, HandOverFailed, Supervisor, abort_message
 from executor.task.taskdir import TaskDir
@@ -621,14 +619,7 @@ class TaskRun:
             data_dir=view.path,
             rows=rows,
         )
-        if slot is not None:
-            server = slot.server
-        else:
-            with host_errors("listen on", task_dir.socket_path):
-                server = TaskServer(session, task_dir.token, task_dir.socket_path)
-            server.start()
-        relay.attach(session)
-        lifeline: Lifeline | None = slot.lifeline if slot is not None else None
+        assembly: Assembly | None = None
         collector = OutputCollector(
             host.backend,
             self.task_id,
@@ -637,24 +628,21 @@ class TaskRun:
             batch=number,
         )
         try:
-            if slot is None:
-                # Held for the batch's life: when this process goes, so does the sandbox.
-                with host_errors("listen on", task_dir.lifeline_path):
-                    lifeline = Lifeline(task_dir.lifeline_path)
-                lifeline.start()
-                with host_errors("hand to the sandbox user", task_dir.ipc):
-                    task_dir.grant_to_sandbox()
-                container = container_spec(
-                    task_id=self.task_id,
+            if slot is not None:
+                container = slot.spec
+            else:
+                assembly = assemble(
+                    task_dir,
+                    session,
+                    name=self.task_id,
                     project_id=self.spec.project_id,
                     instance_id=host.instance_id,
                     policy=self.policy.replace(uid=self._cold_uid()),
-                    task_dir=task_dir,
                     bundle_path=self.bundle.path,
                     data_mounts=view.mounts(SANDBOX_DATA),
                 )
-            else:
-                container = slot.spec
+                container = assembly.spec
+            relay.attach(session)
             supervisor = Supervisor(
                 host.backend,
                 container,
@@ -678,10 +666,11 @@ class TaskRun:
                 self._warm_starts += 1
         finally:
             relay.attach(None)
-            server.stop()
+            if assembly is not None:
+                assembly.close()
+            elif slot is not None:
+                slot.server.stop()
             rows.seal()
-            if lifeline is not None:
-                lifeline.close()
             collector.stop(OUTPUT_DRAIN_S)
         return _BatchResult(
             outcome=outcome,

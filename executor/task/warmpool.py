@@ -53,13 +53,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executor.backends import LABEL_WARM, ContainerBackend, Mount
+from executor.backends import ContainerBackend, Mount
 from executor.errors import BackendError, SandboxExecutorError, host_errors
-from executor.rpc.server import TaskServer
 from executor.rpc.session import SessionRef
 from executor.sandbox.contract import SANDBOX_DATA
-from executor.task.launch import container_spec
-from executor.task.lifeline import Lifeline, StartLine
+from executor.task.assembly import assemble
 from executor.task.supervisor import BOOT_GRACE_S, BOOT_LIMIT_S, HandOverFailed, busy
 
 if TYPE_CHECKING:
@@ -67,8 +65,10 @@ if TYPE_CHECKING:
 
     from executor.backends import ContainerSpec
     from executor.policy import IsolationPolicy
+    from executor.rpc.server import TaskServer
     from executor.rpc.session import TaskSession
     from executor.task.admission import Permit, StartGate
+    from executor.task.lifeline import Lifeline, StartLine
     from executor.task.uids import UidLease, UidPool
 
 from executor.task.taskdir import TaskDir
@@ -233,78 +233,57 @@ def make_slot(
     name = f"warm-{uuid.uuid4().hex[:12]}"
     lease = uids.lease(policy)
     policy = policy.replace(uid=lease.uid)
-    made: list[Any] = []
+    task_dir: TaskDir | None = None
+    slot: Slot | None = None
+
+    def ready() -> None:
+        if slot is not None:
+            slot.release_permit()
+        if on_ready is not None:
+            on_ready()
+
     try:
         with host_errors("make a warm slot's directory in", run_dir):
             task_dir = TaskDir(run_dir, lease.uid, instance_id, sandbox_gid=policy.gid)
-            made.append(task_dir)
             # Mounted now, filled when the slot is given a task; closed until then.
             task_dir.protocol.mkdir(mode=0o700)
             task_dir.data.mkdir(mode=0o700)
-        with host_errors("listen on", task_dir.socket_path):
-            server = TaskServer(
-                SessionRef(name=name),
-                task_dir.token,
-                task_dir.socket_path,
-                max_result_bytes=policy.max_result_bytes,
-            )
-        made.append(server)
-        server.start()
-        with host_errors("listen on", task_dir.lifeline_path):
-            lifeline = Lifeline(task_dir.lifeline_path)
-        made.append(lifeline)
-        lifeline.start()
-        made_slot: list[Slot] = []
-
-        def ready() -> None:
-            if made_slot:
-                made_slot[0].release_permit()
-            if on_ready is not None:
-                on_ready()
-
-        with host_errors("listen on", task_dir.start_path):
-            start = StartLine(task_dir.start_path, on_connect=ready)
-        made.append(start)
-        start.start()
-        with host_errors("hand to the sandbox user", task_dir.ipc):
-            task_dir.grant_to_sandbox()
-        base = container_spec(
-            task_id=name,
+        parts = assemble(
+            task_dir,
+            SessionRef(name=name),
+            name=name,
             project_id="",
             instance_id=instance_id,
             policy=policy,
-            task_dir=task_dir,
             bundle_path=task_dir.protocol,
             data_mounts=[Mount(task_dir.data, SANDBOX_DATA)],
-            warm=True,
+            max_result_bytes=policy.max_result_bytes,
+            on_waiting=ready,
         )
-        spec = type(base)(
-            name=base.name,
-            command=base.command,
-            policy=base.policy,
-            mounts=base.mounts,
-            labels={**base.labels, LABEL_WARM: "true"},
-            environment=base.environment,
+        assert parts.start is not None
+        slot = Slot(
+            name,
+            parts.spec,
+            task_dir,
+            lease,
+            parts.server,
+            parts.lifeline,
+            parts.start,
+            backend,
+            permit=permit,
         )
-        slot = Slot(name, spec, task_dir, lease, server, lifeline, start, backend, permit=permit)
-        made_slot.append(slot)
-        made = [slot]
-        slot.container_id = backend.create(spec)
+        slot.container_id = backend.create(slot.spec)
         backend.start(slot.container_id)
         slot.started_at = time.monotonic()
         return slot
     except BaseException:
-        for thing in reversed(made):
+        if slot is not None:
             with contextlib.suppress(Exception):
-                if isinstance(thing, Slot):
-                    thing.discard()
-                elif isinstance(thing, TaskServer):
-                    thing.stop(grace=0)
-                elif isinstance(thing, Lifeline):
-                    thing.close()
-                elif isinstance(thing, TaskDir):
-                    thing.remove()
-        if not any(isinstance(thing, Slot) for thing in made):
+                slot.discard()
+        else:
+            if task_dir is not None:
+                with contextlib.suppress(Exception):
+                    task_dir.remove()
             lease.release()
             if permit is not None:
                 permit.release()

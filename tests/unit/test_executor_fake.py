@@ -36,7 +36,7 @@ from executor.rpc.server import TaskServer
 from executor.runner import Executor
 from executor.sandbox.contract import START_SOCKET_NAME
 from executor.spec import TaskSpec
-from executor.task import run as taskrun
+from executor.task import assembly
 from executor.task import supervisor as supervisor_module
 from executor.task.launch import SANDBOX_IPC
 from executor.testing import (
@@ -496,7 +496,7 @@ def test_a_lifeline_that_cannot_be_bound_is_a_host_error_and_leaves_nothing_behi
     def refuse(path: Path) -> None:
         raise OSError(98, "Address already in use")
 
-    monkeypatch.setattr(taskrun, "Lifeline", refuse)
+    monkeypatch.setattr(assembly, "Lifeline", refuse)
     backend = FakeBackend(exits(0))
     with pytest.raises(HostError) as info:
         kit.executor(backend).run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
