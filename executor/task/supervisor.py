@@ -93,7 +93,7 @@ class HandOverFailed(Exception):
     """A warm slot died or hung before its task's first beat: no protocol code ran in it.
 
     Never an outcome: the task starts again in another slot or cold
-    (:mod:`executor.task.run`), since nothing of it ran.
+    (:mod:`executor.task.batch`), since nothing of it ran.
     """
 
 

@@ -1,4 +1,4 @@
-"""The parent's data lifecycle (executor/task/run.py) on a scripted engine and a real SQLite database.
+"""The parent's data lifecycle (executor/task/: run, batch, ledger) on a scripted engine and a real SQLite db.
 
 Containers are :class:`~executor.testing.FakeBackend` programs; where a
 protocol must really run, :func:`~executor.testing.host_runtime` runs our init
@@ -688,7 +688,7 @@ def test_each_container_sees_exactly_its_batch_in_a_view_removed_afterwards(rig,
     # Fails if a container's /data shows more than its batch, or the view
     # outlives its batch: made to fail by building each batch's DataView from
     # plan.selection.files instead of the batch, and by dropping view.remove()
-    # in _run_one (the next batch's view then cannot be made).
+    # in BatchRunner.run (the next batch's view then cannot be made).
     data = make_data({"a.csv": "1", "c.csv": "3", "scans/b.csv": "2"})
     views: list[tuple[Path, list[str]]] = []
 
