@@ -483,35 +483,30 @@ class Supervisor:
         self, exited: ExitInfo | BaseException, cid: str, usage: _UsageWatch
     ) -> tuple[Outcome, str]:
         """How a container that ended without a result ended; the reason is the error type."""
-        outcome = self._exit_outcome(exited, cid, usage)
-        assert outcome.error is not None
-        return outcome, outcome.error.type
-
-    def _exit_outcome(self, exited: ExitInfo | BaseException, cid: str, usage: _UsageWatch) -> Outcome:
         if isinstance(exited, BaseException):
-            return self._outcome(
-                Status.ERROR, error=ErrorDetail("ContainerLost", f"lost track of the container: {exited}")
-            )
+            detail = ErrorDetail("ContainerLost", f"lost track of the container: {exited}")
+            return self._outcome(Status.ERROR, error=detail), detail.type
         tail = self.backend.stderr_tail(cid, STDERR_TAIL_LINES)
         if exited.oom_killed or usage.oom_kills():
-            return self._outcome(
-                Status.KILLED, error=self._out_of_memory_detail(exit_code=exited.exit_code, tail=tail)
-            )
-        if exited.exit_code in _SIGKILL_CODES:
+            status = Status.KILLED
+            detail = self._out_of_memory_detail(exit_code=exited.exit_code, tail=tail)
+        elif exited.exit_code in _SIGKILL_CODES:
+            status = Status.KILLED
             detail = ErrorDetail(
                 "Killed",
                 "the sandbox was killed (SIGKILL) from outside the executor",
                 exit_code=exited.exit_code,
                 stderr_tail=tail,
             )
-            return self._outcome(Status.KILLED, error=detail)
-        detail = ErrorDetail(
-            "ContainerExited",
-            f"the sandbox exited with code {exited.exit_code} before reporting a result",
-            exit_code=exited.exit_code,
-            stderr_tail=tail,
-        )
-        return self._outcome(Status.ERROR, error=detail)
+        else:
+            status = Status.ERROR
+            detail = ErrorDetail(
+                "ContainerExited",
+                f"the sandbox exited with code {exited.exit_code} before reporting a result",
+                exit_code=exited.exit_code,
+                stderr_tail=tail,
+            )
+        return self._outcome(status, error=detail), detail.type
 
 
 def abort_message(reason: str, error_type: str, message: str) -> bytes:
