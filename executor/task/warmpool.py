@@ -58,7 +58,8 @@ from executor.errors import BackendError, SandboxExecutorError, host_errors
 from executor.rpc.session import SessionRef
 from executor.sandbox.contract import SANDBOX_DATA
 from executor.task.assembly import assemble
-from executor.task.supervisor import BOOT_GRACE_S, BOOT_LIMIT_S, HandOverFailed, busy
+from executor.task.supervisor import BOOT_GRACE_S, BOOT_LIMIT_S, HandOverFailed
+from executor.task.usage import busy
 
 if TYPE_CHECKING:
     from collections.abc import Callable
