@@ -45,9 +45,10 @@ if TYPE_CHECKING:
     from executor.task.host import TaskHost
     from executor.task.modeller import ReadyRelay
     from executor.task.output import TaskOutput
+    from executor.task.slot import Slot
     from executor.task.taskdir import TaskDir
     from executor.task.uids import UidLease
-    from executor.task.warmpool import Slot, WarmPool
+    from executor.task.warmpool import WarmPool
 
 log = logging.getLogger(__name__)
 
