@@ -45,7 +45,7 @@ def task_config(
         serialized_protocol=spec.serialized_protocol,
         parameters_json=json.dumps(spec.parameters),
         flags=pb.Flags(
-            batched_execution=spec.flags.batched_execution,
+            batched_execution=spec.batched,
             test_run=spec.flags.test_run,
             run_on_new_data_only=spec.flags.run_on_new_data_only,
             force_rerun_failed_files=spec.flags.force_rerun_failed_files,

@@ -44,11 +44,6 @@ class Plan:
     batches: list[tuple[FileStamp, ...]]
     batch_size: int
 
-    @property
-    def batched(self) -> bool:
-        """Whether the task runs in batches (and the modeller hears of them)."""
-        return self.batch_size > 0
-
 
 def plan_task(host: TaskHost, spec: TaskSpec, task_hash: str, data_dir: Path, files: list[FileStamp]) -> Plan:
     """Which files the task may see, and in which batches: decided here, never by the sandbox."""

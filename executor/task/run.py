@@ -89,7 +89,7 @@ class TaskRun:
     _batches: BatchRunner | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        self.output = TaskOutput(batched=self.plan.batched)
+        self.output = TaskOutput(batched=self.spec.batched)
         """What the task's batches' output collectors share: rate, totals, the ledger's tail."""
         self.ledger = TaskLedger(
             self.host.db, self.spec, self.task_id, self.task_hash, self.policy, self.plan
@@ -225,7 +225,7 @@ class TaskRun:
             gave_up = _gave_up(self.task_id, self.policy.runtime, exc)
             assert gave_up.error is not None
             abort_modeller(broker, self.task_id, gave_up.error.type, gave_up.error)
-            if self.plan.batched:
+            if self.spec.batched:
                 tell_modeller(broker, self.task_id, "BATCHES_COMPLETE", {"state": "FAILED"})
             raise
         finally:
@@ -233,10 +233,11 @@ class TaskRun:
 
     def _each_batch(self, broker: MailboxBroker, relay: ReadyRelay) -> Outcome:
         plan = self.plan
+        batched = self.spec.batched
         batches = self._batches
         assert batches is not None
         total = len(plan.batches)
-        if plan.batched:
+        if batched:
             tell_modeller(broker, self.task_id, "NUMBER_OF_BATCHES", {"number_of_batches": total})
         results: list[Any] = []
         files: dict[str, tuple[FileKind, str]] = {}
@@ -256,7 +257,7 @@ class TaskRun:
                 )
                 abort_modeller(broker, self.task_id, REASON_CANCELLED, last.error)
                 break
-            if plan.batched:
+            if batched:
                 tell_modeller(broker, self.task_id, "CURRENT_BATCH_ID", {"batch_id": number})
             done = batches.run(number, batch, broker, relay)
             last = done.outcome
@@ -290,7 +291,7 @@ class TaskRun:
             if not done.outcome.ok:
                 break
             self._completed += 1
-        if plan.batched:
+        if batched:
             state = "SUCCESS" if self._completed == total else "FAILED"
             tell_modeller(broker, self.task_id, "BATCHES_COMPLETE", {"state": state})
         if self._failed_saved:
@@ -298,14 +299,12 @@ class TaskRun:
         assert last is not None  # plan_batches always gives at least one batch
         return dataclasses.replace(
             last,
-            result=(results if plan.batched else last.result) if last.ok else None,
+            result=(results if batched else last.result) if last.ok else None,
             timings=timings,
             files=files,
             selection=plan.selection.counts(),
             batches=(
-                {"total": total, "completed": self._completed, "size": plan.batch_size}
-                if plan.batched
-                else None
+                {"total": total, "completed": self._completed, "size": plan.batch_size} if batched else None
             ),
             saved_rows=saved_rows,
             task_hash=self.task_hash,

@@ -222,6 +222,28 @@ def test_the_modeller_of_a_batched_task_hears_the_count_each_batch_and_success(
     assert outcome.result == [{"files": ["a.csv", "b.csv"]}, {"files": ["c.csv"]}]
 
 
+@pytest.mark.parametrize(
+    ("batch_size", "flag", "batched"), [(2, False, True), (0, True, True), (0, False, False)]
+)
+def test_the_sandbox_is_told_the_task_is_batched_exactly_when_it_runs_in_batches(
+    rig, make_protocol, make_data, batch_size, flag, batched
+):
+    # "Batched" is derived once (TaskSpec.batched): a batch size without the
+    # seed's flag still runs in batches, and the sandbox's ctx.flags says so.
+    # Made to fail by sending spec.flags.batched_execution as before.
+    data = make_data({"a.csv": "1"})
+    spec = TaskSpec(
+        protocol_dir=make_protocol("def run(ctx):\n    return ctx.flags.batched_execution\n"),
+        data_dir=data,
+        batch_size=batch_size,
+        flags=TaskFlags(batched_execution=flag),
+    )
+    outcome = rig.executor(FakeBackend(rig.runtime())).run(spec)
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == ([batched] if batched else batched)
+    assert (outcome.batches is not None) == batched
+
+
 def test_the_modeller_of_a_batched_task_whose_second_batch_fails_hears_failed_and_one_abort(
     rig, make_protocol, make_data, modeller
 ):
