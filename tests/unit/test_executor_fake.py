@@ -426,6 +426,14 @@ def test_a_missing_image_is_refused_before_anything_is_made(kit, make_protocol, 
     assert [op for op, _ in backend.calls] == ["check_image"]
 
 
+def test_a_protocol_without_run_is_refused_before_anything_is_made(kit, make_protocol, data):
+    backend = FakeBackend(exits(0))
+    with pytest.raises(ProtocolBundleError, match="defines no top-level run"):
+        kit.executor(backend).run(_spec(make_protocol, data, "def train(ctx):\n    return 1\n"))
+    assert backend.calls == []
+    assert list(kit.run_dir.iterdir()) == []
+
+
 def test_a_bundle_refused_during_the_copy_leaves_nothing_behind(kit, make_protocol, data, tmp_path):
     protocol = make_protocol("def run(ctx):\n    return 1\n")
     # A hard link passes the pre-check but not the copy (it could name a file the operator never shared).
