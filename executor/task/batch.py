@@ -96,6 +96,12 @@ class BatchRunner:
     _warm_ok: bool = True
     _cold_started: bool = False
 
+    def __post_init__(self) -> None:
+        # What every batch's sandbox fetches: the same for all of them, so built once.
+        self.config = serde.task_config(
+            self.spec, self.task_id, self.bundle.sha256, self.policy, self.secrets
+        )
+
     def run(
         self, number: int, batch: tuple[FileStamp, ...], broker: MailboxBroker, relay: ReadyRelay
     ) -> BatchResult:
@@ -283,7 +289,7 @@ class BatchRunner:
         rows = self.rows.batch(number)
         session = TaskSession(
             self.task_id,
-            serde.task_config(self.spec, self.task_id, self.bundle.sha256, self.policy, self.secrets),
+            self.config,
             broker,
             max_result_bytes=self.policy.max_result_bytes,
             on_progress=lambda update: self.events.progress(update, number),

@@ -244,6 +244,27 @@ def test_the_sandbox_is_told_the_task_is_batched_exactly_when_it_runs_in_batches
     assert (outcome.batches is not None) == batched
 
 
+def test_the_task_config_is_built_once_for_all_its_batches(rig, make_protocol, make_data, monkeypatch):
+    # Every batch's sandbox fetches the same configuration; it was rebuilt per
+    # batch. Made to fail by building it in BatchRunner._serve again.
+    from executor.rpc import serde
+
+    built: list[str] = []
+    real = serde.task_config
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        built.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serde, "task_config", counted)
+    data = make_data({"a.csv": "1", "b.csv": "2", "c.csv": "3"})
+    spec = TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=data, task_id="t-once", batch_size=1)
+    outcome = rig.executor(FakeBackend(rig.runtime())).run(spec)
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.batches == {"total": 3, "completed": 3, "size": 1}
+    assert built == ["t-once"]
+
+
 def test_the_modeller_of_a_batched_task_whose_second_batch_fails_hears_failed_and_one_abort(
     rig, make_protocol, make_data, modeller
 ):
