@@ -323,7 +323,7 @@ class Executor:
             HostError: The host refused to make it (e.g. the run directory is not writable).
         """
         with host_errors("make a task directory in", self.run_dir):
-            return TaskDir(self.run_dir, uid, self.instance_id, sandbox_gid=gid)
+            return TaskDir(self.run_dir, uid, self.instance_id, sandbox_gid=gid, ipc=False)
 
     def reap(self, *, everything: bool = False) -> ReapReport:
         """Remove containers, task directories and spools of dead executors.

@@ -94,7 +94,6 @@ class BatchRunner:
     warm_starts: int = 0
     _lease: UidLease | None = field(default=None, repr=False)
     _warm_ok: bool = True
-    _cold_started: bool = False
 
     def __post_init__(self) -> None:
         # What every batch's sandbox fetches: the same for all of them, so built once.
@@ -172,10 +171,9 @@ class BatchRunner:
     ) -> BatchResult:
         """The batch in a new container of its own, under ``permit``."""
         task_dir = self.workspace
-        if self._cold_started:
-            with host_errors("renew the IPC directory in", task_dir.path):
-                task_dir.renew()
-        self._cold_started = True
+        # The task's own directory holds no IPC part until a batch starts cold.
+        with host_errors("renew the IPC directory in", task_dir.path):
+            task_dir.renew()
         self._cold_uid()
         with host_errors("make the data view in", task_dir.path):
             view = DataView(

@@ -39,6 +39,7 @@ from executor.spec import TaskSpec
 from executor.task import assembly
 from executor.task import supervisor as supervisor_module
 from executor.task.launch import SANDBOX_IPC
+from executor.task.run import TaskRun
 from executor.testing import (
     FakeBackend,
     FakeContainer,
@@ -145,6 +146,28 @@ def test_a_warm_slot_boots_the_real_runtime_which_waits_and_then_runs_its_task(k
     assert outcome.warm_starts == 1
     assert {"assign", "load", "run"} <= set(outcome.timings) and "create" not in outcome.timings
     assert ex.backend.containers[slot["container_id"]].removed  # type: ignore[attr-defined]
+
+
+def test_a_task_served_by_a_warm_slot_makes_no_ipc_directory_of_its_own(
+    kit, make_protocol, data, monkeypatch
+):
+    # Its own directory held a token, sockets' directory and resolv.conf no
+    # warm batch uses; now only its bundle (the slot links it). Made to fail
+    # by making the task directory with its IPC part again.
+    seen: list[list[str]] = []
+    real_run = TaskRun.run
+
+    def run(self: TaskRun) -> Any:
+        seen.append(sorted(p.name for p in self.workspace.path.iterdir()))
+        return real_run(self)
+
+    monkeypatch.setattr(TaskRun, "run", run)
+    ex = kit.executor(FakeBackend(kit.runtime()), policy=POLICY.replace(warm_pool=1, uid_count=2))
+    assert ex.warm_up(wait=30), ex.pool_stats()
+    outcome = ex.run(_spec(make_protocol, data, OK_PROTOCOL, task_id="t-warm", parameters={"epochs": 1}))
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.warm_starts == 1
+    assert seen == [["owner", "protocol"]]
 
 
 def _warm_or(cold: Program, warm: Program) -> Program:
