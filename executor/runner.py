@@ -10,7 +10,6 @@ removed whatever happened.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import stat
@@ -41,7 +40,7 @@ from executor.task.reaper import ReapReport, instance_alive, new_instance_id, re
 from executor.task.run import TaskRun
 from executor.task.taskdir import TaskDir
 from executor.task.uids import UidPool
-from executor.task.warmpool import WarmPool
+from executor.task.warmpool import WarmPool, WarmPools
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +172,6 @@ class Executor:
         self._images_seen: dict[str, float] = {}
         for p in self._warm_policies():
             p.check_warm_pool()
-        self._pools: dict[IsolationPolicy, WarmPool] = {}
-        self._pools_lock = threading.Lock()
-        self._closed = False
         self._host = TaskHost(
             backend=self.backend,
             transport=self.transport,
@@ -188,6 +184,7 @@ class Executor:
             view_method=self.view_method,
             instance_id=self.instance_id,
         )
+        self._pools = WarmPools(self._host, enabled=warm)
 
     @property
     def policy(self) -> IsolationPolicy:
@@ -207,19 +204,10 @@ class Executor:
         running to its end). A transport the caller passed in stays the
         caller's to close. Safe twice.
         """
-        with self._pools_lock:
-            self._closed = True
-            pools, self._pools = list(self._pools.values()), {}
-        atexit.unregister(self._close_pools)
-        _close_pools(pools)
+        self._pools.close()
         close = getattr(self.transport, "close", None)
         if self._owns_transport and callable(close):
             close()
-
-    def _close_pools(self) -> None:
-        with self._pools_lock:
-            pools, self._pools = list(self._pools.values()), {}
-        _close_pools(pools)
 
     def _warm_policies(self) -> list[IsolationPolicy]:
         """The distinct policies tasks may run under that ask for a warm pool."""
@@ -236,27 +224,7 @@ class Executor:
 
     def pool_for(self, policy: IsolationPolicy) -> WarmPool | None:
         """The warm pool of ``policy`` (started now if it was not), or ``None`` if it has none."""
-        if not self._warm or not policy.warm_pool:
-            return None
-        with self._pools_lock:
-            if self._closed:
-                return None
-            pool = self._pools.get(policy)
-            if pool is None:
-                if not self._pools:
-                    # A process that exits without close() still tears its pools down.
-                    atexit.register(self._close_pools)
-                pool = WarmPool(
-                    self.backend,
-                    policy,
-                    run_dir=self.run_dir,
-                    uids=self.uids,
-                    instance_id=self.instance_id,
-                    gate=self.gate,
-                )
-                self._pools[policy] = pool
-                pool.start()
-        return pool
+        return self._pools.get(policy)
 
     def warm_up(self, *, wait: float | None = None) -> bool:
         """Start the warm pool of every policy that asks for one; with ``wait``, until they are full.
@@ -288,9 +256,7 @@ class Executor:
 
     def pool_stats(self) -> list[dict[str, object]]:
         """What each warm pool holds and has done (see :meth:`WarmPool.stats`)."""
-        with self._pools_lock:
-            pools = list(self._pools.values())
-        return [p.stats() for p in pools]
+        return self._pools.stats()
 
     def _check_image(self, image: str) -> None:
         """Refuse a missing image before anything is made; an engine round trip, so at most once a minute.
@@ -432,15 +398,6 @@ class Executor:
                 task.release()
         outcome.timings["total"] = time.monotonic() - started
         return outcome
-
-
-def _close_pools(pools: list[WarmPool]) -> None:
-    """Close ``pools`` side by side: each destroys its slots."""
-    threads = [threading.Thread(target=p.close, name="close-warm-pool") for p in pools]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 def resolve_secrets(policy: IsolationPolicy) -> dict[str, str]:

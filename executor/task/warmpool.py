@@ -29,6 +29,7 @@ reaper removes, like a dead parent's cold tasks.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
@@ -44,9 +45,10 @@ if TYPE_CHECKING:
     from executor.backends import ContainerBackend
     from executor.policy import IsolationPolicy
     from executor.task.admission import Permit, StartGate
+    from executor.task.host import TaskHost
     from executor.task.uids import UidPool
 
-__all__ = ["Slot", "WarmPool", "make_slot"]
+__all__ = ["Slot", "WarmPool", "WarmPools", "make_slot"]
 
 log = logging.getLogger(__name__)
 RETRY_MIN_S = 1.0
@@ -332,3 +334,67 @@ def _discard_all(slots: list[Slot]) -> None:
     slots[0].discard()
     for t in threads:
         t.join()
+
+
+class WarmPools:
+    """An executor's warm pools, one per policy that asks for one: each started at its first use.
+
+    A process that exits without :meth:`close` still tears them down (at exit).
+
+    Args:
+        host: The executor's side of every task (engine, run directory, uids, gate).
+        enabled: With ``False`` there are none: every task starts cold.
+    """
+
+    def __init__(self, host: TaskHost, *, enabled: bool = True) -> None:
+        self._host = host
+        self._enabled = enabled
+        self._pools: dict[IsolationPolicy, WarmPool] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self, policy: IsolationPolicy) -> WarmPool | None:
+        """The warm pool of ``policy`` (started now if it was not), or ``None`` if it has none."""
+        if not self._enabled or not policy.warm_pool:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            pool = self._pools.get(policy)
+            if pool is None:
+                if not self._pools:
+                    atexit.register(self._close_all)
+                host = self._host
+                pool = WarmPool(
+                    host.backend,
+                    policy,
+                    run_dir=host.run_dir,
+                    uids=host.uids,
+                    instance_id=host.instance_id,
+                    gate=host.gate,
+                )
+                self._pools[policy] = pool
+                pool.start()
+        return pool
+
+    def stats(self) -> list[dict[str, Any]]:
+        """What each pool holds and has done (see :meth:`WarmPool.stats`)."""
+        with self._lock:
+            pools = list(self._pools.values())
+        return [p.stats() for p in pools]
+
+    def close(self) -> None:
+        """Destroy every pool's slots, side by side; no pool starts after. Safe twice."""
+        with self._lock:
+            self._closed = True
+        atexit.unregister(self._close_all)
+        self._close_all()
+
+    def _close_all(self) -> None:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        threads = [threading.Thread(target=p.close, name="close-warm-pool") for p in pools]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
