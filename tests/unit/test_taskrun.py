@@ -761,7 +761,7 @@ def test_a_datasource_file_deeper_than_path_max_is_skipped_and_counted_and_the_t
 ):
     # Finding 7 of the third red team: one such file failed every task on
     # its datasource (exit 2, "File name too long" while making the view).
-    # Made to fail by dropping view_paths from Executor._plan (the file is
+    # Made to fail by dropping view_paths from plan_task (the file is
     # then selected and only the view leaves it out, uncounted) and, with the
     # view's own check removed too, the task raised HostError (ENAMETOOLONG)
     # before any container started, as it did.
