@@ -9,6 +9,11 @@ PYTEST_ARGS  ?=
 DOCKER_BUILDKIT ?= 0
 export DOCKER_BUILDKIT
 
+# The wire version (executor/sandbox/contract.py) the images' child runtime speaks,
+# as a label the parent checks before it starts anything.
+WIRE_VERSION := $(shell sed -n 's/^WIRE_VERSION = \([0-9][0-9]*\)$$/\1/p' executor/sandbox/contract.py)
+IMAGE_LABELS := --label io.sandbox-executor.wire-version=$(WIRE_VERSION)
+
 VPY   := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 BUILD := build
@@ -82,19 +87,20 @@ $(BUILD)/numpy/.wheels: images/numpy/requirements.txt
 
 .PHONY: images
 images: $(STAMP) $(BUILD)/sandbox/.wheels $(BUILD)/numpy/.wheels ## Build the base (offline), sandbox and numpy images
+	@test -n "$(WIRE_VERSION)" || { echo "no WIRE_VERSION in executor/sandbox/contract.py"; exit 1; }
 	images/base/build.sh $(BASE_IMAGE)
 	rm -rf $(BUILD)/sandbox/lib/executor && mkdir -p $(BUILD)/sandbox/lib/executor
 	cp executor/__init__.py $(BUILD)/sandbox/lib/executor/
 	cp -r executor/sandbox executor/v1 $(BUILD)/sandbox/lib/executor/
 	find $(BUILD)/sandbox/lib/executor -name '__pycache__' -prune -exec rm -rf {} +
 	cp images/sandbox/Dockerfile $(BUILD)/sandbox/Dockerfile
-	docker build -q --force-rm --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+	docker build -q --force-rm --network none --build-arg BASE_IMAGE=$(BASE_IMAGE) $(IMAGE_LABELS) \
 	  -t $(SANDBOX_IMAGE) $(BUILD)/sandbox >/dev/null
-	@echo "sandbox image $(SANDBOX_IMAGE): built"
+	@echo "sandbox image $(SANDBOX_IMAGE): built (wire version $(WIRE_VERSION))"
 	cp images/numpy/Dockerfile $(BUILD)/numpy/Dockerfile
-	docker build -q --force-rm --network none --build-arg SANDBOX_IMAGE=$(SANDBOX_IMAGE) \
+	docker build -q --force-rm --network none --build-arg SANDBOX_IMAGE=$(SANDBOX_IMAGE) $(IMAGE_LABELS) \
 	  -t $(NUMPY_IMAGE) $(BUILD)/numpy >/dev/null
-	@echo "numpy image $(NUMPY_IMAGE): built"
+	@echo "numpy image $(NUMPY_IMAGE): built (wire version $(WIRE_VERSION))"
 	@docker image prune -f --filter label=io.sandbox-executor.image >/dev/null
 
 .PHONY: runsc

@@ -168,13 +168,13 @@ def _task_row(conn: sqlite3.Connection, task_id: str) -> None:
 
 def role_inproc_baseline(work: Path, mib: float, row_bytes: int, columns: int) -> dict[str, Any]:
     """Rows kept in the parent, then parsed, re-serialised and inserted in one transaction (pre-v4)."""
-    from executor.data import projectdb
     from executor.data.resultrows import check_row
+    from executor.data.sqlite import schema
 
     db = work / "pod.db"
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
-    for script in projectdb.MIGRATIONS[:3]:  # the schema the all-at-the-end code wrote
+    for script in schema.MIGRATIONS[:3]:  # the schema the all-at-the-end code wrote
         conn.executescript(script)
     conn.execute("PRAGMA user_version = 3")
     _task_row(conn, "t")
@@ -217,9 +217,10 @@ def role_inproc_baseline(work: Path, mib: float, row_bytes: int, columns: int) -
 # -- in-process: streamed ------------------------------------------------------------------------
 def role_inproc_streamed(work: Path, mib: float, row_bytes: int, columns: int) -> dict[str, Any]:
     """Each call through a real TaskSession into ProjectDatabase.stage_rows, then commit_batch."""
-    from executor.data.projectdb import BatchCommit, ProjectDatabase, TaskStart
     from executor.data.resultrows import TaskRows
-    from executor.data.view import FileStamp  # noqa: F401  (BatchCommit's annotations)
+    from executor.data.scan import FileStamp  # noqa: F401  (BatchCommit's annotations)
+    from executor.data.sqlite import ProjectDatabase
+    from executor.data.store import BatchCommit, TaskStart
     from executor.mailbox.broker import MailboxBroker
     from executor.mailbox.crypto import TaskKeys
     from executor.mailbox.transport import Route
@@ -314,7 +315,7 @@ def role_inproc_streamed(work: Path, mib: float, row_bytes: int, columns: int) -
 def role_container(work: Path, mib: float, row_bytes: int, columns: int, runtime: str) -> dict[str, Any]:
     """A real task saves the rows through Executor (this checkout's, or the one on sys.path first)."""
     import executor
-    from executor.data.projectdb import ProjectDatabase
+    from executor import ProjectDatabase  # the public name: the same in every version
     from executor.spec import TaskSpec
 
     class TimedDatabase(ProjectDatabase):

@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from typing import Any
 
-    from executor.data.projectdb import ProjectDatabase
+    from executor.data.sqlite.store import ProjectDatabase
     from executor.errors import (
         BackendError,
         CapacityError,

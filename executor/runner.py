@@ -1,7 +1,7 @@
 """Run tasks, one hardened container per batch: the parent side's entry point.
 
 :meth:`Executor.run` validates the task, decides which datasource files it may
-see (:mod:`executor.data.view`, against the project database), and hands the
+see (:mod:`executor.data.selection`, against the project store), and hands the
 plan to a :class:`~executor.task.run.TaskRun`: per batch a fresh directory,
 token, gRPC server, data view and container, supervised to its end. It returns
 an :class:`~executor.outcome.Outcome`. Containers, sockets and directories are
@@ -21,9 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from executor import paths
-from executor.backends import ContainerBackend
-from executor.data.projectdb import ProjectDatabase
-from executor.data.view import METHODS, scan
+from executor.backends import ContainerBackend, open_backend
+from executor.data.scan import scan
+from executor.data.store import ProjectStore
+from executor.data.stores import open_store
+from executor.data.view import METHODS
 from executor.errors import ConfigurationError, DataSourceError, host_errors
 from executor.events import ProgressUpdate
 from executor.hooks import Hook
@@ -85,7 +87,8 @@ class Executor:
     """Runs tasks, one hardened container each.
 
     Args:
-        backend: The container engine; by default Docker from the environment.
+        backend: The container engine; by default the registered default
+            (:func:`~executor.backends.open_backend`: Docker from the environment).
         policy: One isolation policy for every task.
         policies: Per-project policies (from a policy file); ``policy`` wins if both.
         transport: Where mailbox traffic goes. By default there is no modeller:
@@ -96,7 +99,8 @@ class Executor:
             see :func:`paths.spool_dir`.
         uid_dir: Where the host-wide uid leases live; see
             :func:`~executor.task.uids.default_uid_dir`.
-        db: The project database (a path or an open one): the task ledger,
+        db: The project store (a path, a URL for
+            :func:`~executor.data.stores.open_store`, or an open one): the task ledger,
             processed and failed files, result rows. Without it nothing is
             recorded, and ``run_on_new_data_only`` is refused.
         view_method: How data views are made (:class:`~executor.data.view.DataView`):
@@ -131,18 +135,14 @@ class Executor:
         run_dir: Path | None = None,
         spool_dir: Path | None = None,
         uid_dir: Path | None = None,
-        db: ProjectDatabase | Path | None = None,
+        db: ProjectStore | Path | str | None = None,
         hooks: Sequence[Hook] = (),
         view_method: str = "auto",
         warm: bool = True,
         max_starting: int | None = None,
         max_queued: int | None = None,
     ) -> None:
-        if backend is None:
-            from executor.backends.docker import DockerBackend
-
-            backend = DockerBackend()
-        self.backend = backend
+        self.backend = backend if backend is not None else open_backend()
         self.policies = policies or PolicySet(default=policy or IsolationPolicy.hardened())
         self._single_policy = policy
         self._owns_transport = transport is None
@@ -158,7 +158,7 @@ class Executor:
             )
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
-        self.db = ProjectDatabase(db) if isinstance(db, Path) else db
+        self.db = open_store(db) if isinstance(db, Path | str) else db
         self.hooks: tuple[Hook, ...] = tuple(hooks)
         if view_method not in METHODS:
             raise ConfigurationError(
@@ -237,9 +237,10 @@ class Executor:
             Whether every pool is full (``True`` too when no policy asks for one).
 
         Raises:
-            BackendError: The engine is unreachable or a policy's image is missing.
+            BackendError: The engine is unreachable, or a policy's image is missing or
+                of another wire version.
             PolicyError: The engine's runtime would not enforce a policy (see
-                :meth:`~executor.backends.docker.DockerBackend.check_runtime`).
+                :meth:`~executor.backends.ContainerBackend.check_runtime`).
             ProjectDatabaseError: The reap before the first task could not close
                 dead executors' ledger rows.
         """
@@ -333,7 +334,8 @@ class Executor:
             ConfigurationError: The protocol, data or task is unusable, or the
                 engine's runtime would not enforce the policy (``PolicyError``:
                 a seccomp profile under a runsc registered without --oci-seccomp).
-            BackendError: The engine is unreachable, the image is missing, or
+            BackendError: The engine is unreachable, the image is missing or of
+                another wire version, or
                 the container could not be created or started.
             CapacityError: Every sandbox uid of the policy's range is held by
                 a live task; nothing was started.

@@ -129,5 +129,6 @@ def attack_limits() -> dict[str, float]:
         "max_share_bytes": MAX_SHARE_BYTES,
         "max_info_chars": MAX_INFO_CHARS,
         "max_files_per_call": MAX_FILES_PER_CALL,
+        "files_per_token": FILES_PER_TOKEN,
         "max_file_reason_chars": MAX_FILE_REASON_CHARS,
     }

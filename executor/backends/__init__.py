@@ -2,18 +2,23 @@
 
 :class:`ContainerBackend` is what the executor needs; the Docker backend is
 the real one. A fake may serve unit tests of supervision logic, never tests
-that claim isolation.
+that claim isolation. Backends are opened by name
+(:func:`~executor.backends.registry.open_backend`): an engine is one module
+here and one registration line in :mod:`executor.backends.registry`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from executor.backends.cgroups import Usage
-from executor.policy import IsolationPolicy
+from executor.backends.registry import DEFAULT_BACKEND, backend_names, open_backend, register_backend
+from executor.errors import ImageNotFoundError
+from executor.policy import Isolation, IsolationPolicy
+from executor.sandbox.contract import WIRE_VERSION
 
 LABEL_PREFIX = "io.sandbox-executor"
 LABEL_MANAGED = f"{LABEL_PREFIX}.managed"
@@ -21,19 +26,33 @@ LABEL_TASK = f"{LABEL_PREFIX}.task-id"
 LABEL_PROJECT = f"{LABEL_PREFIX}.project"
 LABEL_PARENT = f"{LABEL_PREFIX}.parent"
 LABEL_WARM = f"{LABEL_PREFIX}.warm-slot"
+# On an image: the wire version (executor.sandbox.contract.WIRE_VERSION) of the
+# child runtime it carries, set by `make images` (docker build --label).
+LABEL_WIRE = f"{LABEL_PREFIX}.wire-version"
+# What an image was not built by this checkout's `make images` is told to do.
+IMAGE_FIX = "run `make images` in the sandbox-executor checkout"
 
 __all__ = [
+    "DEFAULT_BACKEND",
+    "IMAGE_FIX",
     "LABEL_MANAGED",
     "LABEL_PARENT",
     "LABEL_PREFIX",
     "LABEL_PROJECT",
     "LABEL_TASK",
     "LABEL_WARM",
+    "LABEL_WIRE",
     "ContainerBackend",
     "ContainerSpec",
+    "EngineInfo",
     "ExitInfo",
     "Mount",
+    "RuntimeInfo",
     "Usage",
+    "backend_names",
+    "check_image_labels",
+    "open_backend",
+    "register_backend",
 ]
 
 
@@ -75,11 +94,84 @@ class ExitInfo:
     oom_killed: bool = False
 
 
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """One runtime an engine has.
+
+    Attributes:
+        name: The engine's own name for it (Docker's ``runc``, ``runsc``).
+        isolation: The isolation it gives a policy, or ``None`` if no policy maps to it.
+        applies_seccomp: Whether a policy's own seccomp profile is applied
+            under it (gVisor ignores one unless registered with ``--oci-seccomp``).
+    """
+
+    name: str
+    isolation: Isolation | None
+    applies_seccomp: bool = True
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine says about itself: what ``doctor`` reports and errors name.
+
+    Attributes:
+        name: The engine, as its operator knows it (``Docker``).
+        version: Its version.
+        cgroup_version: ``1`` or ``2`` (``?`` if it does not say).
+        runtimes: The runtimes it has.
+    """
+
+    name: str
+    version: str
+    cgroup_version: str
+    runtimes: tuple[RuntimeInfo, ...] = ()
+
+    def runtime_for(self, isolation: Isolation) -> RuntimeInfo | None:
+        """The runtime that gives ``isolation``, or ``None`` if the engine has none."""
+        return next((r for r in self.runtimes if r.isolation is isolation), None)
+
+
+def check_image_labels(image: str, labels: Mapping[str, str]) -> None:
+    """Refuse an image whose child runtime speaks another wire version than this parent (or says none).
+
+    Every backend's :meth:`~ContainerBackend.check_image` ends here, so a
+    stale image is refused before anything starts, in one line with the fix.
+
+    Raises:
+        ImageNotFoundError: ``labels`` carry no :data:`LABEL_WIRE`, or another version.
+    """
+    found = labels.get(LABEL_WIRE)
+    if found is None:
+        raise ImageNotFoundError(
+            f"sandbox image {image} carries no wire version (label {LABEL_WIRE}), so it was not "
+            f"built by this version's `make images`; {IMAGE_FIX}"
+        )
+    if found != str(WIRE_VERSION):
+        shown = found if found.isdigit() and len(found) < 10 else repr(found[:20])
+        raise ImageNotFoundError(
+            f"sandbox image {image} was built for wire version {shown}, and this executor speaks "
+            f"version {WIRE_VERSION}; {IMAGE_FIX}"
+        )
+
+
 class ContainerBackend(Protocol):
     """The operations the executor performs on a container engine."""
 
+    def engine_info(self) -> EngineInfo:
+        """What the engine says about itself.
+
+        Raises:
+            EngineUnavailableError: The engine cannot be reached.
+            BackendError: It answered with an error.
+        """
+        ...
+
     def check_image(self, image: str) -> None:
-        """Raise ``ImageNotFoundError`` unless ``image`` exists locally."""
+        """Raise ``ImageNotFoundError`` unless ``image`` exists and carries this wire version.
+
+        An implementation looks the image's labels up, then calls
+        :func:`check_image_labels`.
+        """
         ...
 
     def check_runtime(self, policy: IsolationPolicy) -> None:

@@ -7,15 +7,11 @@ exceptions are wrapped here, so callers only ever see
 
 from __future__ import annotations
 
-import calendar
 import contextlib
 import logging
-import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import docker
@@ -24,8 +20,17 @@ import requests.exceptions
 from docker.types import DeviceRequest, LogConfig, Ulimit
 from docker.types import Mount as DockerMount
 
-from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo
+from executor.backends import (
+    IMAGE_FIX,
+    LABEL_MANAGED,
+    ContainerSpec,
+    EngineInfo,
+    ExitInfo,
+    RuntimeInfo,
+    check_image_labels,
+)
 from executor.backends.cgroups import CgroupPaths, OomWatch, Usage, paths_of, readable
+from executor.backends.dockerlogs import follow_logs
 from executor.errors import (
     BackendError,
     ConfigurationError,
@@ -34,7 +39,7 @@ from executor.errors import (
     ImageNotFoundError,
     PolicyError,
 )
-from executor.policy import IsolationPolicy, seccomp
+from executor.policy import Isolation, IsolationPolicy, seccomp
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
@@ -68,34 +73,30 @@ _OOM_EXITS = (137, -9, 2)
 # long requests (wait, and a log follow per stream); docker-py's default of 10
 # would make urllib3 discard and warn with a few tasks at once.
 POOL_SIZE = 64
-# Log frames (at most 16 KiB each, the engine's own split) waiting between
-# the follow threads and the consumer: the parent's memory bound per task.
-FOLLOW_QUEUE_FRAMES = 64
-# How often a follow thread blocked on a full queue looks whether its consumer went away.
-_FOLLOW_POLL_S = 0.2
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    """The engine facts ``doctor`` reports.
+# Docker's runtime for each isolation a policy may ask for (runsc as `make runsc` registers it).
+RUNTIME_OF: dict[Isolation, str] = {Isolation.CONTAINER: "runc", Isolation.GVISOR: "runsc"}
+_ISOLATION_OF = {name: isolation for isolation, name in RUNTIME_OF.items()}
 
-    Attributes:
-        version: The engine's version.
-        cgroup_version: ``1`` or ``2``.
-        runtimes: The OCI runtimes it knows, by name.
-        runtime_args: Each runtime's registered arguments (``runtimeArgs``).
-    """
 
-    version: str
-    cgroup_version: str
-    runtimes: tuple[str, ...]
-    runtime_args: tuple[tuple[str, tuple[str, ...]], ...] = ()
+def engine_info_of(info: dict[str, Any]) -> EngineInfo:
+    """The engine's facts from its ``docker info`` answer (``client.info()``)."""
+    runtimes = info.get("Runtimes") or {}
 
-    def args_of(self, runtime: str) -> tuple[str, ...] | None:
-        """The arguments ``runtime`` is registered with, or None if the engine does not know it."""
-        if runtime not in self.runtimes:
-            return None
-        return dict(self.runtime_args).get(runtime, ())
+    def runtime(name: str) -> RuntimeInfo:
+        args = tuple(str(a) for a in (runtimes[name] or {}).get("runtimeArgs") or ())
+        isolation = _ISOLATION_OF.get(name)
+        # gVisor ignores a container's seccomp profile unless started with --oci-seccomp.
+        applies = seccomp.runsc_applies_profiles(args) if isolation is Isolation.GVISOR else True
+        return RuntimeInfo(name, isolation, applies)
+
+    return EngineInfo(
+        "Docker",
+        str(info.get("ServerVersion", "?")),
+        str(info.get("CgroupVersion", "?")),
+        tuple(runtime(name) for name in sorted(runtimes)),
+    )
 
 
 # The one line a runsc task with a seccomp profile gets when gVisor would ignore the profile.
@@ -109,7 +110,8 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     """docker-py ``containers.create`` arguments for ``spec``.
 
     The hardening here is not configurable: a policy can only change the
-    resource numbers, the image and the runtime.
+    resource numbers, the image and the isolation (Docker's runtime for it,
+    :data:`RUNTIME_OF`).
 
     Raises:
         ConfigurationError: The policy names no uid: the executor pins the
@@ -125,7 +127,7 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     device_requests = [DeviceRequest(count=p.gpus, capabilities=[["gpu"]])] if p.gpus else []
     # RLIMIT_FSIZE, in bytes: a write past it fails with EFBIG (Python ignores SIGXFSZ).
     fsize = [Ulimit(name="fsize", soft=p.file_size_bytes, hard=p.file_size_bytes)] if p.file_size_mb else []
-    nproc = [Ulimit(name="nproc", soft=p.pids, hard=p.pids)] if p.runtime == "runsc" else []
+    nproc = [Ulimit(name="nproc", soft=p.pids, hard=p.pids)] if p.isolation is Isolation.GVISOR else []
     return {
         "image": p.image,
         "command": spec.command,
@@ -134,7 +136,7 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "environment": dict(spec.environment),
         "user": f"{p.uid}:{p.gid}",
         "working_dir": SANDBOX_TMP,
-        "runtime": p.runtime,
+        "runtime": RUNTIME_OF[p.isolation],
         "network_mode": "none",
         "cap_drop": ["ALL"],
         "security_opt": security_opt,
@@ -173,7 +175,7 @@ def container_kwargs(spec: ContainerSpec) -> dict[str, Any]:
 
 def host_pids_cap(policy: IsolationPolicy) -> int:
     """The container's pids cgroup cap: the policy's, or under gVisor a host bound above it."""
-    if policy.runtime == "runsc":
+    if policy.isolation is Isolation.GVISOR:
         return RUNSC_HOST_PIDS_BASE + RUNSC_HOST_PIDS_PER_TASK * policy.pids
     return policy.pids
 
@@ -247,37 +249,32 @@ class DockerBackend:
         raise AssertionError("unreachable")
 
     def check_image(self, image: str) -> None:
-        """Raise :class:`ImageNotFoundError` with the fix unless ``image`` exists."""
+        """Refuse an image that is not built, or not for this wire version, with the fix.
+
+        Raises:
+            ImageNotFoundError: It is missing, or its child runtime speaks
+                another wire version (:func:`~executor.backends.check_image_labels`).
+            EngineUnavailableError: The engine cannot be reached.
+        """
         try:
-            self._call("image lookup", lambda: self.client.images.get(image))
+            found = self._call("image lookup", lambda: self.client.images.get(image))
         except docker.errors.ImageNotFound:
-            raise ImageNotFoundError(
-                f"sandbox image {image} is not built; run `make images` in the sandbox-executor checkout"
-            ) from None
+            raise ImageNotFoundError(f"sandbox image {image} is not built; {IMAGE_FIX}") from None
+        check_image_labels(image, dict(found.labels or {}))
 
     def engine_info(self) -> EngineInfo:
-        """What the engine says about itself.
+        """What the engine says about itself (:func:`engine_info_of`).
 
         Raises:
             EngineUnavailableError: The engine cannot be reached.
             BackendError: It answered with an error.
         """
-        info = self._call("engine info", lambda: self.client.info())
-        runtimes = info.get("Runtimes") or {}
-        return EngineInfo(
-            str(info.get("ServerVersion", "?")),
-            str(info.get("CgroupVersion", "?")),
-            tuple(sorted(runtimes)),
-            tuple(
-                (name, tuple(str(a) for a in (entry or {}).get("runtimeArgs") or ()))
-                for name, entry in sorted(runtimes.items())
-            ),
-        )
+        return engine_info_of(self._call("engine info", lambda: self.client.info()))
 
     def check_runtime(self, policy: IsolationPolicy) -> None:
         """Refuse a policy the engine's runtime would not enforce.
 
-        A seccomp profile under runsc needs gVisor registered with
+        A seccomp profile under gVisor needs runsc registered with
         ``--oci-seccomp``; without it gVisor ignores the profile. (The
         default profile is not refused there: gVisor's own kernel keeps
         locks and watches inside the sandbox.) A runtime the engine does not
@@ -287,15 +284,15 @@ class DockerBackend:
             PolicyError: The policy has a seccomp profile and runsc would ignore it.
             EngineUnavailableError: The engine cannot be reached.
         """
-        if policy.runtime != "runsc" or not policy.seccomp_profile:
+        if policy.isolation is not Isolation.GVISOR or not policy.seccomp_profile:
             return
-        args = self.engine_info().args_of("runsc")
-        if args is not None and not seccomp.runsc_applies_profiles(args):
+        runtime = self.engine_info().runtime_for(Isolation.GVISOR)
+        if runtime is not None and not runtime.applies_seccomp:
             raise PolicyError(RUNSC_IGNORES_SECCOMP)
 
     def runtimes(self) -> list[str]:
-        """The OCI runtimes the engine knows."""
-        return list(self.engine_info().runtimes)
+        """The runtimes the engine knows, by Docker's names."""
+        return [r.name for r in self.engine_info().runtimes]
 
     def create(self, spec: ContainerSpec) -> str:
         """Create the task's container; nothing runs yet.
@@ -311,9 +308,7 @@ class DockerBackend:
         try:
             container = self._retrying("container create", lambda: self.client.containers.create(**kwargs))
         except docker.errors.ImageNotFound:
-            raise ImageNotFoundError(
-                f"sandbox image {spec.policy.image} is not built; run `make images`"
-            ) from None
+            raise ImageNotFoundError(f"sandbox image {spec.policy.image} is not built; {IMAGE_FIX}") from None
         return str(container.id)
 
     def _api(self) -> Any:
@@ -378,7 +373,7 @@ class DockerBackend:
         except BackendError as exc:
             log.debug("container %s: output not followed: %s", container_id[:12], exc)
             return iter(())
-        return _follow_output(api, container_id)
+        return follow_logs(api, container_id)
 
     def usage_supported(self) -> bool:
         """Whether this process sees the host's cgroups (it must run on the engine's host)."""
@@ -439,107 +434,6 @@ class DockerBackend:
             lambda: self._api().containers(all=True, filters={"label": f"{LABEL_MANAGED}=true"}),
         )
         return [(str(c["Id"]), dict(c.get("Labels") or {})) for c in found]
-
-
-def _follow_output(api: Any, container_id: str) -> Iterator[tuple[str, bytes]]:
-    """Merge a log follow of each stream through one bounded queue (see ``follow_output``)."""
-    frames: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=FOLLOW_QUEUE_FRAMES)
-    gone = threading.Event()  # the consumer closed the iterator
-    lock = threading.Lock()
-    open_streams: list[Any] = []
-
-    def put(item: tuple[str, bytes] | None) -> bool:
-        while not gone.is_set():
-            try:
-                frames.put(item, timeout=_FOLLOW_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def logs(name: str, *, follow: bool, since: float | None) -> Any:
-        kwargs: dict[str, Any] = {"stream": True, "follow": follow, "timestamps": True}
-        if since is not None:
-            kwargs["since"] = since
-        stream = api.logs(container_id, stdout=name == "stdout", stderr=name == "stderr", **kwargs)
-        with lock:
-            if gone.is_set():
-                _close_stream(stream)
-                return iter(())
-            open_streams.append(stream)
-        return stream
-
-    def pump(name: str) -> None:
-        last: int | None = None  # the last message's time (ns), and how many had it
-        at_last = 0
-        try:
-            for frame in logs(name, follow=True, since=None):
-                stamp, payload = _unstamped(bytes(frame))
-                if stamp is not None:
-                    last, at_last = stamp, (at_last + 1 if stamp == last else 1)
-                if not put((name, payload)):
-                    return
-            # The engine may end a follow before the container's last message
-            # (an unterminated line, flushed at its exit) is in the log it
-            # follows: read what came after the last message seen.
-            skip = at_last
-            since = None if last is None else last / 1e9 - 1.0
-            for frame in logs(name, follow=False, since=since):
-                stamp, payload = _unstamped(bytes(frame))
-                if last is not None and stamp is not None:
-                    if stamp < last:
-                        continue
-                    if stamp == last and skip:
-                        skip -= 1
-                        continue
-                if not put((name, payload)):
-                    return
-        except Exception as exc:  # removed mid-stream, engine gone: the follow just ends
-            log.debug("container %s: following its %s ended: %s", container_id[:12], name, _short(exc))
-        put(None)
-
-    for name in ("stdout", "stderr"):
-        threading.Thread(
-            target=pump, args=(name,), name=f"follow-{name}-{container_id[:12]}", daemon=True
-        ).start()
-    try:
-        running = 2
-        while running:
-            item = frames.get()
-            if item is None:
-                running -= 1
-            else:
-                yield item
-    finally:
-        gone.set()
-        with lock:
-            for stream in open_streams:
-                _close_stream(stream)
-
-
-# The engine's time stamp on a log message: RFC 3339, up to nanoseconds (UTC, in practice).
-_STAMP = re.compile(rb"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(?:Z|([+-])(\d\d):(\d\d))")
-
-
-def _unstamped(frame: bytes) -> tuple[int | None, bytes]:
-    """``(nanoseconds since the epoch, message)`` of a frame the engine stamped; ``(None, frame)`` if not."""
-    head, space, payload = frame.partition(b" ")
-    match = _STAMP.fullmatch(head) if space else None
-    if match is None:
-        return None, frame
-    seconds = calendar.timegm(time.strptime(match[1].decode(), "%Y-%m-%dT%H:%M:%S"))
-    if match[3]:
-        offset = int(match[4]) * 3600 + int(match[5]) * 60
-        seconds -= offset if match[3] == b"+" else -offset
-    return seconds * 1_000_000_000 + int((match[2] or b"").ljust(9, b"0")), payload
-
-
-def _close_stream(stream: Any) -> None:
-    """Close a docker-py log stream; its reading thread then ends."""
-    try:
-        stream.close()
-    except Exception as exc:  # already closed by the engine's side
-        log.debug("closing a log follow: %s", _short(exc))
 
 
 def _wrapped(what: str, exc: BaseException, container_id: str | None) -> BackendError:

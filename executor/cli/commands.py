@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from executor.data.projectdb import ProjectDatabase
+    from executor.data.stores import open_store
     from executor.mailbox.transport import NoModellerTransport
     from executor.runner import Executor
     from executor.spec import InferenceLimits, TaskFlags, TaskSpec
@@ -228,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
         from executor.policy.file import load_policy_file
 
         policies = load_policy_file(args.policy)
-    db = ProjectDatabase(_db_path(args))
+    db = open_store(_db_path(args))
     hooks: list[Any] = []
     events_file = None
     if args.events is not None:

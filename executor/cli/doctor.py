@@ -7,16 +7,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from executor import paths
+from executor.backends import DEFAULT_BACKEND, ContainerBackend, open_backend
 from executor.data.view import view_method
 from executor.errors import SandboxExecutorError
-from executor.policy import DEFAULT_IMAGE
-from executor.policy.seccomp import runsc_applies_profiles
+from executor.policy import DEFAULT_IMAGE, RUNTIME_ISOLATION
+from executor.sandbox.contract import WIRE_VERSION
 from executor.task.admission import STARTS_DIR_NAME, default_max_starting
 
-IMAGES = {
-    "sandbox-executor/base:bookworm": "make images",
-    DEFAULT_IMAGE: "make images",
-    "sandbox-executor/numpy:latest": "make images (only protocols that need numpy)",
+# The images tasks run in, and whether every machine needs it (the base image
+# carries no child runtime: `make images` builds from it, no task runs in it).
+IMAGES = {DEFAULT_IMAGE: True, "sandbox-executor/numpy:latest": False}
+# Per runtime a policy may name: what it gives, the fix when the engine lacks it, whether it is required.
+RUNTIMES = {
+    "runc": ("hardened namespaces", "install Docker's runc", True),
+    "runsc": (
+        'gVisor, for projects with runtime = "runsc"',
+        "sudo make runsc (installs Debian's runsc and registers it with dockerd)",
+        False,
+    ),
 }
 
 
@@ -31,60 +39,48 @@ class Check:
     required: bool = True
 
 
-def checks(data_dir: Path | None = None) -> list[Check]:
+def checks(
+    data_dir: Path | None = None, *, backend: ContainerBackend | None = None, engine: str = DEFAULT_BACKEND
+) -> list[Check]:
     """Look at the engine, its runtimes, the images and the executor's directories.
 
-    With ``data_dir``, say how that datasource's views would be made (hard
-    links or bind mounts) from this machine's run directory.
+    Args:
+        data_dir: Also say how that datasource's views would be made (hard
+            links or bind mounts) from this machine's run directory.
+        backend: The engine to look at; by default the one registered as ``engine``.
+        engine: The registered backend to open when ``backend`` is not given.
     """
-    from executor.backends.docker import DockerBackend
-
     out: list[Check] = []
-    backend = DockerBackend()
+    backend = backend if backend is not None else open_backend(engine)
     try:
         info = backend.engine_info()
     except SandboxExecutorError as exc:
         return [Check("engine", False, str(exc), "start dockerd, or point DOCKER_HOST at it")]
-    out.append(Check("engine", True, f"Docker {info.version}, cgroup v{info.cgroup_version}"))
-    runtimes = info.runtimes
-    out.append(Check("runtime runc", "runc" in runtimes, "hardened namespaces", "install Docker's runc"))
-    out.append(
-        Check(
-            "runtime runsc",
-            "runsc" in runtimes,
-            'gVisor, for projects with runtime = "runsc"',
-            "sudo make runsc (installs Debian's runsc and registers it with dockerd)",
-            required=False,
-        )
-    )
-    runsc_args = info.args_of("runsc")
-    if runsc_args is not None:
-        # gVisor ignores a container's seccomp profile unless started with --oci-seccomp.
-        applies = runsc_applies_profiles(runsc_args)
-        out.append(
-            Check(
-                "runsc seccomp",
-                applies,
-                "gVisor applies the sandbox's seccomp profile"
-                if applies
-                else "runsc is registered without --oci-seccomp: gVisor ignores seccomp profiles, "
-                "so runsc tasks whose policy has a seccomp_profile are refused",
-                "sudo make runsc (re-registers runsc with --oci-seccomp)",
-                required=False,
-            )
-        )
-    for image, fix in IMAGES.items():
-        try:
-            backend.check_image(image)
-            out.append(
-                Check(f"image {image}", True, "present", required=image != "sandbox-executor/numpy:latest")
-            )
-        except SandboxExecutorError:
+    out.append(Check("engine", True, f"{info.name} {info.version}, cgroup v{info.cgroup_version}"))
+    for name, (gives, fix, required) in RUNTIMES.items():
+        runtime = info.runtime_for(RUNTIME_ISOLATION[name])
+        out.append(Check(f"runtime {name}", runtime is not None, gives, fix, required=required))
+        if name == "runsc" and runtime is not None:
             out.append(
                 Check(
-                    f"image {image}", False, "missing", fix, required=image != "sandbox-executor/numpy:latest"
+                    "runsc seccomp",
+                    runtime.applies_seccomp,
+                    "gVisor applies the sandbox's seccomp profile"
+                    if runtime.applies_seccomp
+                    else "runsc is registered without --oci-seccomp: gVisor ignores seccomp profiles, "
+                    "so runsc tasks whose policy has a seccomp_profile are refused",
+                    "sudo make runsc (re-registers runsc with --oci-seccomp)",
+                    required=False,
                 )
             )
+    # The backend's own image check, as a task's: present, and built for this wire version.
+    for image, required in IMAGES.items():
+        try:
+            backend.check_image(image)
+            ok, detail = True, f"present, wire version {WIRE_VERSION}"
+        except SandboxExecutorError as exc:
+            ok, detail = False, str(exc)
+        out.append(Check(f"image {image}", ok, detail, required=required))
     for name, path in (
         ("task directories", paths.run_dir()),
         ("spool", paths.spool_dir()),
@@ -97,12 +93,13 @@ def checks(data_dir: Path | None = None) -> list[Check]:
     out.append(Check("data views", True, view_method(paths.run_dir(), data_dir)))
     # The sandbox's CPU time and OOM kills, read from the host's cgroups, tell
     # a slow sandbox from a frozen one and enforce cpu_time_s.
+    measured = backend.usage_supported()
     out.append(
         Check(
             "cgroups",
-            backend.usage_supported(),
+            measured,
             "readable: a silent sandbox whose CPU time advances is slow, not frozen; cpu_time_s is enforced"
-            if backend.usage_supported()
+            if measured
             else "not readable from here: a silent sandbox is judged by its heartbeats alone, and a "
             "policy setting cpu_time_s is refused",
             "run the executor on the engine's host, where /sys/fs/cgroup shows the containers' cgroups",

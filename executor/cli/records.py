@@ -22,7 +22,8 @@ from rich.table import Table
 from rich.text import Text
 
 from executor.cli.terminal import printable
-from executor.data.projectdb import FailedFileRecord, ProjectDatabase, ResultRecord, TaskRecord
+from executor.data.store import FailedFileRecord, ProjectStore, ResultRecord, TaskRecord
+from executor.data.stores import open_store
 from executor.errors import ProjectDatabaseError
 
 # Rows are flat dicts whose keys the protocol chose: past this many distinct
@@ -131,7 +132,7 @@ def tasks_command(db_path: Path, project: str | None, as_json: bool, limit: int 
     return 0
 
 
-def _open(db_path: Path) -> ProjectDatabase:
+def _open(db_path: Path) -> ProjectStore:
     """The database at ``db_path``; a read command never makes one (a link there is refused, not followed)."""
     try:
         os.lstat(db_path)
@@ -139,7 +140,7 @@ def _open(db_path: Path) -> ProjectDatabase:
         raise ProjectDatabaseError(f"no project database at {db_path}") from None
     except OSError as exc:
         raise ProjectDatabaseError(f"cannot read project database {db_path}: {exc.strerror}") from exc
-    return ProjectDatabase(db_path)
+    return open_store(db_path)
 
 
 def _console() -> Console:

@@ -33,10 +33,13 @@ import json
 import os
 import sqlite3
 import stat
-from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor.errors import ProjectDatabaseError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 SIBLING_SUFFIXES = ("-wal", "-shm", "-journal")
 """The files SQLite keeps beside a database, by name."""

@@ -163,8 +163,8 @@ class TaskRows:
     Args:
         max_rows: Rows the whole task may save (every batch together).
         max_bytes: UTF-8 bytes of row text the whole task may save.
-        store: Where rows go (e.g. :meth:`ProjectDatabase.stage_rows
-            <executor.data.projectdb.ProjectDatabase.stage_rows>` for this task);
+        store: Where rows go (e.g. :meth:`ProjectStore.stage_rows
+            <executor.data.store.ProjectStore.stage_rows>` for this task);
             ``None`` counts them and keeps nothing.
         task_id: For the log.
     """

@@ -1,13 +1,15 @@
 """Isolation policies: how tightly one project's sandboxes are confined.
 
-A policy is a frozen, validated value. It says nothing about Docker: the Docker
-backend alone turns it into engine arguments. The defaults are the hardened
+A policy is a frozen, validated value. It says nothing about Docker: it asks for
+an :class:`Isolation`, and each backend maps that to a runtime of its engine and
+turns the rest into engine arguments. The defaults are the hardened
 settings of the design; no field can loosen what every sandbox gets regardless
 (no network, no capabilities, no new privileges, read-only root).
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,7 +18,22 @@ from executor.errors import PolicyError
 from executor.policy import seccomp
 
 DEFAULT_IMAGE = "sandbox-executor/sandbox:latest"
-RUNTIMES = ("runc", "runsc")
+
+
+class Isolation(enum.Enum):
+    """What stands between the protocol and the host's kernel; each backend maps it to a runtime."""
+
+    CONTAINER = "container"
+    """Namespaces, cgroups and seccomp on the host's own kernel."""
+    GVISOR = "gvisor"
+    """gVisor's user-space kernel between the sandbox and the host's."""
+
+
+# The policy key ``runtime`` names the isolation in the words operators know
+# (README, policy files, the outcome's ``runtime``): these spellings are the
+# user-facing contract, whatever each engine calls its runtimes.
+RUNTIME_ISOLATION: dict[str, Isolation] = {"runc": Isolation.CONTAINER, "runsc": Isolation.GVISOR}
+RUNTIMES = tuple(RUNTIME_ISOLATION)
 # Each live task runs as a uid of its own from [uid_start, uid_start + uid_count):
 # the kernel's per-user pools (inotify, POSIX message queues, pipe pages, epoll
 # watches, pending signals) are then per task, not shared by every sandbox.
@@ -111,7 +128,9 @@ class IsolationPolicy:
     """The confinement one task's sandbox runs under.
 
     Attributes:
-        runtime: The OCI runtime: ``runc`` (hardened namespaces) or ``runsc`` (gVisor).
+        runtime: The isolation wanted, in the policy file's words: ``runc``
+            (hardened namespaces, :attr:`Isolation.CONTAINER`) or ``runsc``
+            (gVisor, :attr:`Isolation.GVISOR`); see :attr:`isolation`.
         image: The sandbox image; it must carry the child runtime.
         memory_mb: Memory limit, swap included.
         cpus: CPU quota in cores.
@@ -231,7 +250,7 @@ class IsolationPolicy:
         _check_secrets(self.secrets)
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not -1 <= self.gpus <= 64:
             raise PolicyError(f"gpus: expected 0 (none), a count up to 64, or -1 (all), got {self.gpus!r}")
-        if self.gpus and self.runtime == "runsc":
+        if self.gpus and self.isolation is Isolation.GVISOR:
             # gVisor passes GPUs through only with its nvproxy, which this
             # runsc set-up does not enable: the key would be silently ignored.
             raise PolicyError(
@@ -288,6 +307,11 @@ class IsolationPolicy:
                 "warm_pool: each warm sandbox holds a uid of its own, so it needs the uid range; "
                 f"unset uid (pinned to {self.uid}) or set warm_pool = 0"
             )
+
+    @property
+    def isolation(self) -> Isolation:
+        """The isolation :attr:`runtime` asks for, which the backend maps to its engine's runtime."""
+        return RUNTIME_ISOLATION[self.runtime]
 
     @property
     def uid_range(self) -> range:

@@ -8,6 +8,14 @@ drifts (it did: 16,384 vs 8,000 traceback characters).
 
 from __future__ import annotations
 
+# -- version ---------------------------------------------------------------------
+# The version of this contract and of the proto. An image carries the version of
+# the child runtime it was built with (the label io.sandbox-executor.wire-version,
+# which `make images` reads from this line), and the parent refuses an image of
+# another version before it starts anything. Raise it with any change a parent
+# and a child of different checkouts would disagree on.
+WIRE_VERSION = 1
+
 # -- authentication and signals ------------------------------------------------
 # Every call carries the task's bootstrap token in this metadata entry.
 TOKEN_METADATA_KEY = "x-sandbox-token"  # noqa: S105 (a header name, not a secret)

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from executor.data.view import DataView, FileStamp, may_link
+from executor.data.filesystem import may_link
+from executor.data.scan import FileStamp
+from executor.data.view import DataView
 from executor.errors import DataSourceError, host_errors
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.rpc import serde

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from executor.backends import ContainerBackend
-    from executor.data.projectdb import ProjectDatabase
+    from executor.data.store import ProjectStore
     from executor.hooks import Hook
     from executor.mailbox.transport import Transport
     from executor.task.admission import StartGate
@@ -32,7 +32,7 @@ class TaskHost:
         spool_dir: Where large mailbox bodies are staged.
         uids: The host-wide uid leases.
         gate: The host's start permits.
-        db: The project database, or ``None``: nothing is recorded.
+        db: The project store, or ``None``: nothing is recorded.
         hooks: Called with every typed event of every task.
         view_method: How data views are made (see :class:`~executor.data.view.DataView`).
         instance_id: The executor instance, for labels, owner files and the ledger.
@@ -44,7 +44,7 @@ class TaskHost:
     spool_dir: Path
     uids: UidPool
     gate: StartGate
-    db: ProjectDatabase | None
+    db: ProjectStore | None
     hooks: tuple[Hook, ...]
     view_method: str
     instance_id: str

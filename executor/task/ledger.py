@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 from executor.data import logtail
 from executor.data.fileoutcomes import FileKind
-from executor.data.projectdb import BatchCommit, TaskEnd, TaskStart
 from executor.data.resultrows import STORE_WAIT_S, TaskRows
+from executor.data.store import BatchCommit, TaskEnd, TaskStart
 from executor.errors import ProjectDatabaseError
 from executor.outcome import ErrorDetail, Outcome, Status
 
 if TYPE_CHECKING:
-    from executor.data.projectdb import ProjectDatabase
-    from executor.data.view import FileStamp
+    from executor.data.scan import FileStamp
+    from executor.data.store import ProjectStore
     from executor.policy import IsolationPolicy
     from executor.spec import TaskSpec
     from executor.task.plan import Plan
@@ -94,7 +94,7 @@ class TaskLedger:
 
     def __init__(
         self,
-        db: ProjectDatabase | None,
+        db: ProjectStore | None,
         spec: TaskSpec,
         task_id: str,
         task_hash: str,

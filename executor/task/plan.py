@@ -7,16 +7,11 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from executor.data.projectdb import FileStates
-from executor.data.view import (
-    FileStamp,
-    Selection,
-    ViewPaths,
-    check_view_budget,
-    effective_max_files,
-    plan_batches,
-    select,
-)
+from executor.data.scan import FileStamp
+from executor.data.selection import Selection, effective_max_files, plan_batches, select
+from executor.data.store import FileStates
+from executor.data.view import check_view_budget
+from executor.data.viewpaths import ViewPaths
 from executor.sandbox.contract import SANDBOX_DATA
 from executor.task.taskdir import data_view_path
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from executor.data.fileoutcomes import FileKind
-from executor.data.projectdb import TaskStart
+from executor.data.store import TaskStart
 from executor.errors import ProjectDatabaseError, host_errors
 from executor.events import ProgressUpdate
 from executor.hooks import (

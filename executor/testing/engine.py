@@ -13,6 +13,7 @@ supervisor must tell apart::
     hangs()                     never exits until killed
     lost()                      the engine loses track of it (``wait`` raises)
     host_runtime(scratch)       runs the real init and child runtime as host processes
+                                (:mod:`executor.testing.hostrun`)
 
 What a program writes (:meth:`FakeContainer.write`) is what
 :meth:`FakeBackend.follow_output` yields, from the container's start until it
@@ -29,19 +30,25 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from executor.backends import LABEL_MANAGED, ContainerSpec, ExitInfo, Usage
+from executor.backends import (
+    IMAGE_FIX,
+    LABEL_MANAGED,
+    LABEL_WIRE,
+    ContainerSpec,
+    EngineInfo,
+    ExitInfo,
+    RuntimeInfo,
+    Usage,
+    check_image_labels,
+    register_backend,
+)
 from executor.errors import ContainerError, ImageNotFoundError
-from executor.policy import IsolationPolicy
+from executor.policy import Isolation, IsolationPolicy
+from executor.sandbox.contract import WIRE_VERSION
 
 # What an engine reports for a container ended by SIGKILL (128 + 9).
 SIGKILL_EXIT = 137
@@ -53,6 +60,11 @@ MAX_STDERR_CHARS = 64 * 1024
 OUTPUT_STREAMS = ("stdout", "stderr")
 
 Program = Callable[["FakeContainer"], "ExitInfo | None"]
+
+# What the fake engine says about itself: a runtime for every isolation, each applying seccomp.
+FAKE_ENGINE = EngineInfo("Fake", "0", "2", tuple(RuntimeInfo(i.value, i) for i in Isolation))
+# The labels of an image the fake has, unless a test gives others: built by this checkout.
+BUILT_HERE = {LABEL_WIRE: str(WIRE_VERSION)}
 
 
 class FakeContainer:
@@ -215,19 +227,23 @@ class FakeBackend:
         create_errors: One entry per ``create`` call: an exception to raise,
             or ``None`` for a call that succeeds. Calls past the list succeed.
         start_errors: The same for ``start``.
-        images: The images that exist; ``None`` for every image.
+        images: The images that exist; ``None`` for every image. A mapping
+            gives each image's labels; listed by name, an image carries
+            :data:`BUILT_HERE` (this wire version).
         managed: Containers ``list_managed`` reports besides the fake's own
             (e.g. orphans for the reaper).
         measures: What ``usage_supported`` says (a container's usage figures
             are whatever its program sets on it, ``None`` by default).
+        info: What ``engine_info`` says.
     """
 
     program: Program | None = None
     create_errors: list[BaseException | None] = field(default_factory=list)
     start_errors: list[BaseException | None] = field(default_factory=list)
-    images: Iterable[str] | None = None
+    images: Iterable[str] | Mapping[str, Mapping[str, str]] | None = None
     managed: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     measures: bool = True
+    info: EngineInfo = FAKE_ENGINE
     calls: list[tuple[str, str]] = field(default_factory=list)
     containers: dict[str, FakeContainer] = field(default_factory=dict)
 
@@ -254,11 +270,24 @@ class FakeBackend:
         return all(c.removed for c in self.containers.values())
 
     # -- ContainerBackend ------------------------------------------------
+    def engine_info(self) -> EngineInfo:
+        """:attr:`info`."""
+        return self.info
+
     def check_image(self, image: str) -> None:
-        """Raise ``ImageNotFoundError`` unless ``image`` is one of :attr:`images`."""
+        """Raise ``ImageNotFoundError`` unless ``image`` is one of :attr:`images`, of this wire version."""
         self._record("check_image", image)
-        if self.images is not None and image not in set(self.images):
-            raise ImageNotFoundError(f"sandbox image {image} is not built; run `make images`")
+        if self.images is None:
+            labels: Mapping[str, str] = BUILT_HERE
+        elif isinstance(self.images, Mapping):
+            if image not in self.images:
+                raise ImageNotFoundError(f"sandbox image {image} is not built; {IMAGE_FIX}")
+            labels = self.images[image]
+        else:
+            if image not in set(self.images):
+                raise ImageNotFoundError(f"sandbox image {image} is not built; {IMAGE_FIX}")
+            labels = BUILT_HERE
+        check_image_labels(image, labels)
 
     def check_runtime(self, policy: IsolationPolicy) -> None:
         """Accept every policy: the fake enforces nothing (it proves supervision logic only)."""
@@ -420,116 +449,5 @@ def then(first: Callable[[FakeContainer], object], after: Program) -> Program:
     return program
 
 
-# The child runtime on the host: the container's paths (protocol bundle,
-# datasource, IPC directory) are mapped back to their host sources.
-_HOST_RUNTIME = """\
-import json, sys
-from pathlib import Path
-import executor.sandbox.runtime as runtime
-
-mounts = json.loads(sys.argv[1])
-runtime.SCRATCH_DIR = Path(sys.argv[2])
-
-
-def host_path(path):
-    for target, source in mounts.items():
-        if path == target or path.startswith(target + "/"):
-            return source + path[len(target):]
-    return path
-
-
-class HostContext(runtime.Context):
-    def __init__(self, config, client, scratch_dir):
-        config.protocol_path = host_path(config.protocol_path)
-        config.data_path = host_path(config.data_path)
-        super().__init__(config, client, scratch_dir)
-
-
-runtime.Context = HostContext
-sys.exit(runtime.main(sys.argv[3:]))
-"""
-
-
-# Interpreter flags for the image (no site-packages for init, no working
-# directory on sys.path) that would hide the host's venv, where this package is.
-_IMAGE_ONLY_FLAGS = frozenset({"-P", "-S"})
-
-
-def host_command(spec: ContainerSpec, scratch_dir: Path) -> list[str]:
-    """``spec.command`` as host processes: the real init and runtime, container paths mapped."""
-    mounts = {m.target: str(m.source) for m in spec.mounts}
-
-    def host_path(arg: str) -> str:
-        for target, source in mounts.items():
-            if arg == target or arg.startswith(target + "/"):
-                return source + arg[len(target) :]
-        return arg
-
-    argv: list[str] = []
-    args = iter(spec.command)
-    for arg in args:
-        if arg == "python3":
-            argv.append(sys.executable)
-        elif arg in _IMAGE_ONLY_FLAGS and argv and argv[-1] == sys.executable:
-            continue
-        elif arg == "-m" and argv and argv[-1] == sys.executable:
-            module = next(args)
-            if module == "executor.sandbox":
-                argv += ["-c", _HOST_RUNTIME, json.dumps(mounts), str(scratch_dir)]
-            else:
-                argv += ["-m", module]
-        else:
-            argv.append(host_path(arg))
-    return argv
-
-
-def host_runtime(scratch_dir: Path, *, stderr_bytes: int = 16 * 1024) -> Program:
-    """Run the container's command (our init, then the child runtime) as host processes.
-
-    The server, session, lifeline and supervisor are then driven for real
-    without Docker. A kill SIGKILLs the whole process group, as an engine
-    kills a container; an exit by a signal is reported as ``128 + signal``.
-    The processes' stdout and stderr are the container's output, written as
-    they come (``follow_output`` yields them); ``stderr_tail`` keeps the last
-    ``stderr_bytes`` characters. Nothing here confines the protocol: use it
-    only with trusted test code.
-    """
-
-    def program(container: FakeContainer) -> ExitInfo:
-        proc = subprocess.Popen(
-            host_command(container.spec, scratch_dir),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-
-        def kill_group() -> None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-
-        def pump(stream: str, fd: int) -> None:
-            while chunk := os.read(fd, 64 * 1024):
-                container.write(stream, chunk)
-
-        assert proc.stdout is not None and proc.stderr is not None
-        readers = [
-            threading.Thread(target=pump, args=(name, pipe.fileno()), daemon=True)
-            for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))
-        ]
-        for reader in readers:
-            reader.start()
-        container.on_kill(kill_group)
-        if container.wait_killed(0):  # killed before the process existed
-            kill_group()
-        for reader in readers:  # until end-of-file, as communicate() would
-            reader.join()
-        proc.stdout.close()
-        proc.stderr.close()
-        code = proc.wait()
-        # The group may outlive its leader (a runtime init left behind).
-        kill_group()
-        container.stderr = container.stderr[-stderr_bytes:]
-        return ExitInfo(128 - code if code < 0 else code)
-
-    return program
+# The test kit's engine is opened by name like any other (the backends room may not import this one).
+register_backend("fake", FakeBackend)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from executor.backends import LABEL_TASK
-from executor.data.projectdb import ProjectDatabase
+from executor.data.sqlite import ProjectDatabase
 from executor.errors import ProjectDatabaseError
 from executor.hooks import AlgorithmProgress, Event, TaskEnded, TaskStarted
 from executor.outcome import Status

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from executor.cli.records import failed_files_command, results_command, tasks_command
-from executor.data.projectdb import BatchCommit, ProjectDatabase, TaskEnd, TaskStart
-from executor.data.view import FileStamp
+from executor.data.scan import FileStamp
+from executor.data.sqlite import ProjectDatabase
+from executor.data.store import BatchCommit, TaskEnd, TaskStart
 from executor.errors import ProjectDatabaseError
 
 PROJECT = "oncology"

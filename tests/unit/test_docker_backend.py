@@ -10,9 +10,16 @@ import pytest
 import requests
 
 from executor.backends import ContainerSpec, Mount
-from executor.backends.docker import RETRIES, DockerBackend, container_kwargs, host_pids_cap
+from executor.backends.docker import (
+    RETRIES,
+    RUNTIME_OF,
+    DockerBackend,
+    container_kwargs,
+    engine_info_of,
+    host_pids_cap,
+)
 from executor.errors import ConfigurationError, ContainerError, EngineUnavailableError, ImageNotFoundError
-from executor.policy import IsolationPolicy
+from executor.policy import Isolation, IsolationPolicy
 from executor.policy.seccomp import default_profile_json
 
 
@@ -61,6 +68,41 @@ def test_policy_numbers_reach_the_engine():
     assert (kw["mem_limit"], kw["nano_cpus"], kw["runtime"]) == ("256m", 500_000_000, "runsc")
     assert "size=8m" in kw["tmpfs"]["/tmp"]
     assert kw["user"] == "12345:20000"  # the task's own uid, the shared group
+
+
+def test_a_policy_asks_for_an_isolation_and_docker_maps_it_to_its_runtime():
+    # The policy file's words are the user-facing contract; the engine's names are the backend's.
+    assert IsolationPolicy(runtime="runc").isolation is Isolation.CONTAINER
+    assert IsolationPolicy(runtime="runsc").isolation is Isolation.GVISOR
+    assert set(RUNTIME_OF) == set(Isolation)
+    for runtime in ("runc", "runsc"):
+        policy = IsolationPolicy(runtime=runtime, uid=10_001)
+        assert container_kwargs(_spec(policy))["runtime"] == runtime  # Docker's names for them
+
+
+def test_docker_reports_its_runtimes_with_the_isolation_each_gives():
+    info = engine_info_of(
+        {
+            "ServerVersion": "20.10.24",
+            "CgroupVersion": "1",
+            "Runtimes": {
+                "io.containerd.runc.v2": {"path": "runc"},
+                "runc": {"path": "runc"},
+                "runsc": {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=none", "--host-uds=open"]},
+            },
+        }
+    )
+    assert (info.name, info.version, info.cgroup_version) == ("Docker", "20.10.24", "1")
+    assert [(r.name, r.isolation) for r in info.runtimes] == [
+        ("io.containerd.runc.v2", None),
+        ("runc", Isolation.CONTAINER),
+        ("runsc", Isolation.GVISOR),
+    ]
+    gvisor = info.runtime_for(Isolation.GVISOR)
+    assert gvisor is not None and not gvisor.applies_seccomp  # registered without --oci-seccomp
+    bare = engine_info_of({})
+    assert (bare.version, bare.cgroup_version, bare.runtimes) == ("?", "?", ())
+    assert bare.runtime_for(Isolation.CONTAINER) is None
 
 
 def test_the_pids_cap_is_the_cgroup_s_under_runc_and_gvisor_s_own_under_runsc():

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from executor import runner as executor_module
-from executor.backends import LABEL_WARM, ExitInfo
+from executor.backends import LABEL_WARM, LABEL_WIRE, ExitInfo
 from executor.errors import ContainerError, HostError, ImageNotFoundError, ProtocolBundleError
 from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys
@@ -442,9 +442,14 @@ def test_an_engine_refusing_the_start_removes_the_container_and_leaves_nothing_b
     assert backend.all_removed() and backend.containers
 
 
-def test_a_missing_image_is_refused_before_anything_is_made(kit, make_protocol, data):
-    backend = FakeBackend(exits(0), images=[])
-    with pytest.raises(ImageNotFoundError):
+@pytest.mark.parametrize(
+    ("images", "says"),
+    [([], "is not built"), ({POLICY.image: {LABEL_WIRE: "0"}}, "built for wire version 0")],
+    ids=["missing", "another wire version"],
+)
+def test_a_missing_image_is_refused_before_anything_is_made(kit, make_protocol, data, images, says):
+    backend = FakeBackend(exits(0), images=images)
+    with pytest.raises(ImageNotFoundError, match=says):
         kit.executor(backend).run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
     assert [op for op, _ in backend.calls] == ["check_image"]
 

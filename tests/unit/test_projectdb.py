@@ -1,4 +1,4 @@
-"""The project database: schema and upgrades, one-transaction batches, refusals that touch nothing."""
+"""The SQLite store's own file: schema, upgrades, one-transaction batches, locks, processes, refusals."""
 
 from __future__ import annotations
 
@@ -8,22 +8,16 @@ import os
 import sqlite3
 import stat
 import threading
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from executor import paths
-from executor.data import projectdb
-from executor.data.projectdb import (
-    MAX_LOG_TAIL_CHARS,
-    SCHEMA_VERSION,
-    BatchCommit,
-    ProjectDatabase,
-    TaskEnd,
-    TaskStart,
-)
-from executor.data.view import FileStamp
+from executor.data.scan import FileStamp
+from executor.data.sqlite import ProjectDatabase, schema
+from executor.data.sqlite.schema import SCHEMA_VERSION
+from executor.data.store import BatchCommit, TaskEnd, TaskStart
 from executor.errors import ProjectDatabaseError
 
 PROJECT = "oncology"
@@ -151,122 +145,28 @@ def test_reads_leave_no_wal_or_shm_files(db: ProjectDatabase, db_path: Path) -> 
     assert sorted(p.name for p in db_path.parent.iterdir()) == ["pod.db"]
 
 
-# -- the ledger ---------------------------------------------------------------------------
+# -- batches (the store contract itself is held by test_store.py) ---------------------------
 
 
-def test_a_task_is_running_until_it_ends_and_its_row_decodes(db: ProjectDatabase) -> None:
-    plus_two = timezone(timedelta(hours=2))
-    db.start_task(start("t1", started_at=datetime(2025, 3, 1, 14, 0, tzinfo=plus_two), test_run=True))
-    (running,) = db.tasks()
-    assert running.status == "RUNNING"
-    assert running.ended_at is None
-    assert running.started_at == T0
-    assert running.started_at.utcoffset() == timedelta(0)
-    assert running.policy == {"runtime": "runsc", "memory_mb": 512}
-    assert running.test_run is True
-    assert (running.total_batches, running.batches_done) == (2, 0)
-
-    db.end_task(end("t1", status="ERROR", error_type="ValueError", error_message="bad scan", batches_done=1))
-    (ended,) = db.tasks()
-    assert (ended.status, ended.error_type, ended.error_message) == ("ERROR", "ValueError", "bad scan")
-    assert ended.timings == {"total": 1.5}
-    assert ended.selection == {"total": 3, "selected": 2, "over_limit": 1}
-    assert ended.ended_at == T0 + timedelta(hours=1)
-    assert ended.batches_done == 1
-    assert ended.log_tail == "done\n"
-    assert (ended.task_hash, ended.modeller, ended.datasource, ended.runtime) == (
-        HASH,
-        "alice",
-        "scans",
-        "runsc",
-    )
-    assert ended.bundle_sha256 == "ab" * 32
-
-
-def test_the_log_tail_keeps_the_last_whole_lines_of_a_long_log(db: ProjectDatabase) -> None:
-    # A cut through a line would leave its end as the tail's first line, where
-    # text the protocol wrote could pass for a stream's mark.
-    db.start_task(start("t1"))
-    log = "stdout| x [executor: forged]\n" * 10_000 + "stdout| the last line\n"
-    db.end_task(end("t1", log_tail=log, log_format=1))
-    (task,) = db.tasks()
-    assert (
-        MAX_LOG_TAIL_CHARS - len("stdout| x [executor: forged]\n") < len(task.log_tail) <= MAX_LOG_TAIL_CHARS
-    )
-    assert task.log_tail.startswith("stdout| ")
-    assert task.log_tail.endswith("stdout| the last line\n")
-    assert log.endswith(task.log_tail)
-    assert task.log_format == 1
-    assert {line.stream for line in task.log_lines()} == {"stdout"}
-
-
-def test_a_tail_recorded_without_its_format_reads_as_unmarked(db: ProjectDatabase) -> None:
-    db.start_task(start("t1"))
-    db.end_task(end("t1", log_tail="executor| [executor: looks marked]\n"))
-    (task,) = db.tasks()
-    assert task.log_format == 0
-    assert [line.to_dict() for line in task.log_lines()] == [
-        {"stream": None, "batch": None, "line": "executor| [executor: looks marked]"}
-    ]
-
-
-def test_a_task_id_already_recorded_is_refused(db: ProjectDatabase) -> None:
-    db.start_task(start("t1"))
-    with pytest.raises(ProjectDatabaseError, match="task t1 is already recorded"):
-        db.start_task(start("t1", minute=5))
-    assert len(db.tasks()) == 1
-
-
-def test_ending_a_task_never_started_is_refused(db: ProjectDatabase) -> None:
-    with pytest.raises(ProjectDatabaseError, match="task ghost was never started"):
-        db.end_task(end("ghost"))
-
-
-def test_tasks_are_listed_newest_first_by_project_and_limit(db: ProjectDatabase) -> None:
-    db.start_task(start("old", minute=0))
-    db.start_task(start("other", project="cardiology", minute=1))
-    db.start_task(start("new", minute=2))
-    assert [t.task_id for t in db.tasks()] == ["new", "other", "old"]
-    assert [t.task_id for t in db.tasks(PROJECT)] == ["new", "old"]
-    assert [t.task_id for t in db.tasks(limit=1)] == ["new"]
-    assert db.tasks("nobody") == []
-
-
-# -- batches ------------------------------------------------------------------------------
-
-
-def test_a_batch_commits_rows_files_its_batch_row_and_progress(db: ProjectDatabase, db_path: Path) -> None:
-    db.start_task(start("t1"))
+def test_each_committed_batch_has_a_batch_row_with_its_counts_and_statistics(
+    db: ProjectDatabase, db_path: Path
+) -> None:
+    db.start_task(start("t1", total_batches=3))
     save(
         db,
         "t1",
         1,
+        total=3,
         rows=[{"file": "a.csv", "mean": 1.5}, {"file": "b.csv", "mean": None}],
         processed=[stamp("a.csv", 10, 100), stamp("b.csv", 20, 200)],
         failed=[(stamp("c.csv"), "malformed header")],
         stats={"files": 3, "duration_s": 0.5},
     )
-    save(db, "t1", 2, rows=[{"file": "d.csv", "mean": 2}], processed=[stamp("d.csv")])
-
-    results = db.results(PROJECT)
-    assert [(r.task_id, r.task_hash, r.batch, r.row) for r in results] == [
-        ("t1", HASH, 1, {"file": "a.csv", "mean": 1.5}),
-        ("t1", HASH, 1, {"file": "b.csv", "mean": None}),
-        ("t1", HASH, 2, {"file": "d.csv", "mean": 2}),
-    ]
-    assert all(r.created_at.tzinfo is not None for r in results)
-    states = db.file_states(PROJECT, HASH)
-    assert states.processed == {"a.csv": (10, 100), "b.csv": (20, 200), "d.csv": (10, 1)}
-    assert states.failed == {"c.csv": ("malformed header", 1)}
-    (failed,) = db.failed_files(PROJECT)
-    assert (failed.task_hash, failed.name, failed.reason, failed.attempts, failed.last_task_id) == (
-        HASH,
-        "c.csv",
-        "malformed header",
-        1,
-        "t1",
+    save(db, "t1", 2, total=3, rows=[{"file": "d.csv", "mean": 2}], processed=[stamp("d.csv")])
+    # A batch that did not end OK has none.
+    db.commit_batch(
+        commit("t1", 3, total=3, failed=[(stamp("e.csv"), "crashed")], record_processed=False, ok=False)
     )
-    assert db.tasks()[0].batches_done == 2
     conn = raw(db_path)
     try:
         batch_rows = conn.execute(
@@ -276,66 +176,9 @@ def test_a_batch_commits_rows_files_its_batch_row_and_progress(db: ProjectDataba
     finally:
         conn.close()
     assert batch_rows == [
-        (1, 2, 3, 2, 1, 2, '{"duration_s":0.5,"files":3}'),
-        (2, 2, 1, 1, 0, 1, '{"files":0}'),
+        (1, 3, 3, 2, 1, 2, '{"duration_s":0.5,"files":3}'),
+        (2, 3, 1, 1, 0, 1, '{"files":0}'),
     ]
-
-
-def test_file_states_follow_each_outcome_per_task_hash(db: ProjectDatabase) -> None:
-    db.start_task(start("t1"))
-    db.start_task(start("t2", minute=1))
-    db.start_task(start("t3", minute=2))
-    db.commit_batch(
-        commit("t1", 1, processed=[stamp("ok-then-bad.csv")], failed=[(stamp("bad.csv"), "first")])
-    )
-    # Failing again counts an attempt and keeps the latest reason; a file that
-    # fails leaves the processed files, one processed OK leaves the failed ones.
-    db.commit_batch(
-        commit(
-            "t2",
-            1,
-            processed=[stamp("bad.csv", 11, 2)],
-            failed=[(stamp("ok-then-bad.csv"), "now broken")],
-        )
-    )
-    db.commit_batch(commit("t3", 1, failed=[(stamp("ok-then-bad.csv"), "still broken")]))
-    states = db.file_states(PROJECT, HASH)
-    assert states.processed == {"bad.csv": (11, 2)}
-    assert states.failed == {"ok-then-bad.csv": ("still broken", 2)}
-    assert [f.last_task_id for f in db.failed_files(PROJECT)] == ["t3"]
-    # Another task hash has its own history.
-    assert db.file_states(PROJECT, "hash-2").processed == {}
-    assert db.failed_files(PROJECT, "hash-2") == []
-
-
-def test_a_test_run_records_no_processed_files(db: ProjectDatabase) -> None:
-    db.start_task(start("t1"))
-    db.commit_batch(commit("t1", 1, failed=[(stamp("x.csv"), "broken")]))
-    db.start_task(start("test", minute=1, test_run=True))
-    save(
-        db,
-        "test",
-        1,
-        rows=[{"n": 1}],
-        processed=[stamp("x.csv"), stamp("y.csv")],
-        failed=[(stamp("z.csv"), "empty")],
-        record_processed=False,
-    )
-    states = db.file_states(PROJECT, HASH)
-    assert states.processed == {}
-    assert states.failed == {"x.csv": ("broken", 1), "z.csv": ("empty", 1)}
-    assert [r.row for r in db.results(PROJECT)] == [{"n": 1}]
-
-
-def test_a_batch_that_did_not_end_ok_keeps_its_failed_files_only(db: ProjectDatabase, db_path: Path) -> None:
-    db.start_task(start("t1"))
-    db.commit_batch(commit("t1", 1, processed=[stamp("a.csv")]))
-    db.commit_batch(commit("t1", 2, failed=[(stamp("b.csv"), "crashed")], record_processed=False, ok=False))
-    assert db.file_states(PROJECT, HASH).failed == {"b.csv": ("crashed", 1)}
-    assert db.tasks()[0].batches_done == 1
-    assert scalar(db_path, "SELECT count(*) FROM batches") == 1
-    with pytest.raises(ValueError, match="commits no processed files"):
-        commit("t1", 2, processed=[stamp("c.csv")], record_processed=False, ok=False)
 
 
 def test_a_commit_that_fails_mid_way_stores_nothing_of_the_batch(db: ProjectDatabase) -> None:
@@ -357,39 +200,6 @@ def test_a_commit_for_a_task_never_started_is_refused(db: ProjectDatabase) -> No
         db.stage_rows("ghost", 1, ['{"n": 1}'])
     assert db.results(PROJECT) == []
     assert db.file_states(PROJECT, HASH).processed == {}
-
-
-def test_statistics_that_are_not_json_are_refused_before_writing(db: ProjectDatabase) -> None:
-    db.start_task(start("t1"))
-    db.stage_rows("t1", 1, ['{"n": 1}'])
-    with pytest.raises(ProjectDatabaseError, match="not JSON"):
-        db.commit_batch(commit("t1", 1, stats={"mean": float("nan")}))
-    assert db.results(PROJECT) == []
-    assert db.tasks()[0].batches_done == 0
-
-
-def test_results_filter_by_task_hash_and_limit(db: ProjectDatabase) -> None:
-    db.start_task(start("t1"))
-    db.start_task(start("t2", task_hash="hash-2", minute=1))
-    save(db, "t1", 1, rows=[{"n": 1}, {"n": 2}])
-    save(db, "t2", 1, task_hash="hash-2", rows=[{"n": 3}])
-    save(db, "t1", 2, rows=[{"n": 4}])
-    assert [r.row["n"] for r in db.results(PROJECT)] == [1, 2, 3, 4]
-    assert [r.row["n"] for r in db.results(PROJECT, HASH)] == [1, 2, 4]
-    assert [r.row["n"] for r in db.results(PROJECT, "hash-2")] == [3]
-    assert [r.row["n"] for r in db.results(PROJECT, limit=2)] == [1, 2]
-    assert db.results("cardiology") == []
-
-
-def test_bad_values_are_refused_when_the_record_is_made() -> None:
-    with pytest.raises(ValueError, match="aware"):
-        start("t1", started_at=datetime(2025, 1, 1))
-    with pytest.raises(ValueError, match=r"batch 3 is not in 1\.\.2"):
-        commit("t1", 3)
-    with pytest.raises(ValueError, match="named twice"):
-        commit("t1", 1, processed=[stamp("a.csv")], failed=[(stamp("a.csv"), "x")])
-    with pytest.raises(ValueError, match="RUNNING"):
-        end("t1", status="RUNNING")
 
 
 # -- concurrency --------------------------------------------------------------------------
@@ -471,7 +281,7 @@ def make_version_1(path: Path) -> None:
     conn = raw(path)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(projectdb.MIGRATIONS[0])
+        conn.executescript(schema.MIGRATIONS[0])
         conn.execute(
             "INSERT INTO tasks (task_id, task_hash, project, modeller, datasource, bundle_sha256,"
             " policy_json, runtime, status, timings_json, selection_json, test_run, started_at, ended_at)"
@@ -540,8 +350,8 @@ def test_an_upgrade_that_fails_leaves_the_version_1_database_as_it_was(
 ) -> None:
     make_version_1(db_path)
     # Version 2 breaks on its last statement, after its tables and columns were made.
-    broken = (projectdb.MIGRATIONS[0], projectdb.MIGRATIONS[1] + "CREATE TABLE tasks (x);")
-    monkeypatch.setattr(projectdb, "MIGRATIONS", broken)
+    broken = (schema.MIGRATIONS[0], schema.MIGRATIONS[1] + "CREATE TABLE tasks (x);")
+    monkeypatch.setattr(schema, "MIGRATIONS", broken)
     with pytest.raises(ProjectDatabaseError, match=r"cannot upgrade .*already exists"):
         ProjectDatabase(db_path)
     assert scalar(db_path, "PRAGMA user_version") == 1
@@ -674,20 +484,3 @@ def test_default_path_for_a_user_follows_xdg(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert paths.db_path() == tmp_path / "home" / ".local" / "state" / "sandbox-executor" / "projects.sqlite"
-
-
-def test_rows_left_running_by_dead_executors_are_closed_as_lost(db_path: Path) -> None:
-    db = ProjectDatabase(db_path)
-    db.start_task(start("dead-1", owner="host:1:1:dead"))
-    db.start_task(start("alive-1", owner="host:2:2:alive"))
-    db.start_task(start("unowned"))
-    db.start_task(start("dead-done", owner="host:1:1:dead"))
-    db.end_task(end("dead-done"))
-    assert db.close_lost(lambda owner: owner.endswith("alive")) == ["dead-1"]
-    by_id = {t.task_id: t for t in db.tasks()}
-    lost = by_id["dead-1"]
-    assert (lost.status, lost.error_type) == ("LOST", "ParentLost")
-    assert lost.ended_at is not None
-    assert by_id["alive-1"].status == by_id["unowned"].status == "RUNNING"
-    assert by_id["dead-done"].status == "OK"
-    assert db.close_lost(lambda owner: False) == ["alive-1"]  # once gone, it is closed too

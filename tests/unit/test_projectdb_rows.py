@@ -1,10 +1,11 @@
-"""Result rows streamed into the project database: unseen until their batch commits, removed in chunks.
+"""Result rows streamed into the SQLite project store: a short commit, removal in bounded chunks, upgrades.
 
 The third red team's finding 3: a batch's rows were all held in the parent and
 inserted in one transaction at its end (one 32 MiB commit held the write lock
 for 2.3 s). Now each call's rows are staged as they arrive, the commit only
 adds the batch row that makes them seen, and the rows of a batch that never
-commits go in bounded chunks.
+commits go in bounded chunks. That rows are unseen until their batch commits
+holds for every store: ``test_store.py``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from executor.data import projectdb
-from executor.data.projectdb import BatchCommit, ProjectDatabase, TaskStart
+from executor.data.sqlite import ProjectDatabase, rows, schema
+from executor.data.store import BatchCommit, TaskStart
 from executor.errors import ProjectDatabaseError
 
 PROJECT = "oncology"
@@ -85,69 +86,6 @@ def db(db_path: Path) -> ProjectDatabase:
     return ProjectDatabase(db_path)
 
 
-def test_staged_rows_are_unseen_until_their_batch_commits_then_seen_in_order(db: ProjectDatabase) -> None:
-    db.start_task(start("t1"))
-    db.stage_rows("t1", 1, texts({"n": 1}, {"n": 2}))
-    db.stage_rows("t1", 1, texts({"n": 3}))
-    assert db.results(PROJECT) == []
-    assert db.results(PROJECT, task_id="t1", batch=1) == []
-    db.commit_batch(commit("t1", 1))
-    assert [(r.batch, r.row) for r in db.results(PROJECT)] == [(1, {"n": 1}), (1, {"n": 2}), (1, {"n": 3})]
-    db.stage_rows("t1", 2, texts({"n": 4}))
-    assert [r.row["n"] for r in db.results(PROJECT)] == [1, 2, 3], "batch 2 is still running"
-    db.commit_batch(commit("t1", 2))
-    assert [r.row["n"] for r in db.results(PROJECT)] == [1, 2, 3, 4]
-    assert [r.row["n"] for r in db.results(PROJECT, task_id="t1", batch=2)] == [4]
-    assert db.results(PROJECT, task_id="other") == []
-    assert stored(db.path, "SELECT rows FROM batches WHERE batch = 1") == 3
-
-
-def test_rows_keep_the_column_order_the_protocol_gave(db: ProjectDatabase) -> None:
-    db.start_task(start("t1", total=1))
-    db.stage_rows("t1", 1, ['{"zeta": 1, "alpha": 2}'])
-    db.commit_batch(commit("t1", 1, total=1))
-    (record,) = db.results(PROJECT)
-    assert list(record.row) == ["zeta", "alpha"]
-
-
-def test_a_batch_that_did_not_end_ok_never_shows_its_rows_and_they_are_removed(db: ProjectDatabase) -> None:
-    db.start_task(start("t1"))
-    db.stage_rows("t1", 1, texts({"kept": 1}))
-    db.commit_batch(commit("t1", 1))
-    db.stage_rows("t1", 2, texts({"lost": 1}, {"lost": 2}))
-    db.commit_batch(commit("t1", 2, ok=False))
-    assert [r.row for r in db.results(PROJECT)] == [{"kept": 1}]
-    assert db.discard_rows("t1", 2) == 2
-    assert db.discard_rows("t1") == 0, "a committed batch's rows were removed"
-    assert [r.row for r in db.results(PROJECT)] == [{"kept": 1}]
-    assert stored(db.path) == 1
-
-
-def test_rows_cannot_join_a_committed_batch_or_a_task_not_running(db: ProjectDatabase) -> None:
-    db.start_task(start("t1"))
-    db.commit_batch(commit("t1", 1))
-    with pytest.raises(ProjectDatabaseError, match="batch 1 of task t1 is already committed"):
-        db.stage_rows("t1", 1, texts({"late": 1}))
-    with pytest.raises(ProjectDatabaseError, match=r"batch 3 is not in 1\.\.2 of task t1"):
-        db.stage_rows("t1", 3, texts({"n": 1}))
-    with pytest.raises(ProjectDatabaseError, match="task nobody is not running"):
-        db.stage_rows("nobody", 1, texts({"n": 1}))
-    assert db.close_lost(lambda owner: False) == []  # unowned: not lost
-    assert stored(db.path) == 0
-
-
-def test_a_lost_tasks_staged_rows_are_removed_when_it_is_closed(db: ProjectDatabase) -> None:
-    db.start_task(start("dead", owner="host:1:1:dead"))
-    db.stage_rows("dead", 1, texts({"n": 1}))
-    db.commit_batch(commit("dead", 1))
-    db.stage_rows("dead", 2, texts({"n": 2}, {"n": 3}))
-    assert db.close_lost(lambda owner: False) == ["dead"]
-    assert [r.row for r in db.results(PROJECT)] == [{"n": 1}]
-    assert stored(db.path) == 1
-    with pytest.raises(ProjectDatabaseError, match="task dead is not running"):
-        db.stage_rows("dead", 2, texts({"n": 4}))
-
-
 @contextmanager
 def deletes_per_transaction(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """The rows each write transaction of discard_rows deleted."""
@@ -184,7 +122,7 @@ def test_rows_are_removed_in_chunks_of_at_most_a_mib(db: ProjectDatabase, monkey
     with deletes_per_transaction(monkeypatch) as counts:
         assert db.discard_rows("t1") == 48
     assert counts[-1] == 0
-    assert all(n * len(big) <= projectdb.DISCARD_CHUNK_BYTES for n in counts)
+    assert all(n * len(big) <= rows.DISCARD_CHUNK_BYTES for n in counts)
     assert sum(counts) == 48 and len(counts) == 4
 
 
@@ -238,7 +176,7 @@ def make_version_3(path: Path) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        for script in projectdb.MIGRATIONS[:3]:
+        for script in schema.MIGRATIONS[:3]:
             conn.executescript(script)
         conn.execute(
             "INSERT INTO tasks (task_id, task_hash, project, modeller, datasource, bundle_sha256,"
@@ -266,7 +204,7 @@ def make_version_3(path: Path) -> None:
 def test_a_version_3_database_upgrades_with_its_rows_still_seen(db_path: Path) -> None:
     make_version_3(db_path)
     db = ProjectDatabase(db_path)
-    assert stored(db_path, "PRAGMA user_version") == projectdb.SCHEMA_VERSION
+    assert stored(db_path, "PRAGMA user_version") == schema.SCHEMA_VERSION
     assert [(r.task_id, r.batch, r.row) for r in db.results(PROJECT)] == [
         ("v3", 1, {"v3": 1}),
         ("v3", 1, {"v3": 2}),

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from executor.cli.commands import main
-from executor.data import dbfile, projectdb
-from executor.data.projectdb import ProjectDatabase, TaskEnd, TaskStart
+from executor.data import dbfile
+from executor.data.sqlite import ProjectDatabase, database, schema
+from executor.data.store import TaskEnd, TaskStart
 from executor.errors import ProjectDatabaseError
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -323,7 +324,7 @@ def test_an_older_database_with_a_planted_trigger_is_refused_before_its_upgrade(
     conn = raw(path)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(projectdb.MIGRATIONS[0])
+        conn.executescript(schema.MIGRATIONS[0])
         conn.execute("PRAGMA user_version = 1")
         conn.executescript(TURN_FAILED_OK)
     finally:
@@ -352,7 +353,7 @@ def swap_on_connect(monkeypatch: pytest.MonkeyPatch, swap) -> list[str]:
             swap()
         return real(target, *args, **kwargs)
 
-    monkeypatch.setattr(projectdb.sqlite3, "connect", connect)
+    monkeypatch.setattr(database.sqlite3, "connect", connect)
     return seen
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from executor.backends import ContainerSpec
-from executor.backends.docker import RUNSC_IGNORES_SECCOMP, DockerBackend, EngineInfo, container_kwargs
+from executor.backends import ContainerSpec, EngineInfo
+from executor.backends.docker import RUNSC_IGNORES_SECCOMP, DockerBackend, container_kwargs, engine_info_of
 from executor.errors import PolicyError
 from executor.policy import IsolationPolicy, seccomp
 from executor.policy.file import load_policy_file
@@ -382,12 +382,13 @@ def test_runsc_applies_profiles_only_with_oci_seccomp(args, applies):
 
 def _engine(monkeypatch: pytest.MonkeyPatch, runsc_args: tuple[str, ...] | None) -> list[int]:
     calls: list[int] = []
-    runtimes = ("runc",) if runsc_args is None else ("runc", "runsc")
-    args = () if runsc_args is None else (("runc", ()), ("runsc", runsc_args))
+    runtimes: dict[str, object] = {"runc": {"path": "runc"}}
+    if runsc_args is not None:
+        runtimes["runsc"] = {"path": "/usr/bin/runsc", "runtimeArgs": list(runsc_args)}
 
     def info(self: DockerBackend) -> EngineInfo:
         calls.append(1)
-        return EngineInfo("20.10", "2", runtimes, args)
+        return engine_info_of({"ServerVersion": "20.10", "CgroupVersion": "2", "Runtimes": runtimes})
 
     monkeypatch.setattr(DockerBackend, "engine_info", info)
     return calls

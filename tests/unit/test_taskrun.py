@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 
 from executor.backends import ExitInfo
-from executor.data.projectdb import BatchCommit, ProjectDatabase
-from executor.data.view import PATH_MAX
+from executor.data.sqlite import ProjectDatabase
+from executor.data.store import BatchCommit
+from executor.data.viewpaths import PATH_MAX
 from executor.errors import ConfigurationError, ContainerError, ProjectDatabaseError
 from executor.hooks import AlgorithmProgress, BatchRun, Event, ResultsSaved, TaskEnded, TaskStarted
 from executor.mailbox.crypto import TaskKeys
