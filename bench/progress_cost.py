@@ -7,7 +7,7 @@ in one of three modes:
 - ``steps``: ``ctx.progress.step`` in a tight loop (with an epoch start and
   end every ``--per-epoch`` steps, 500 by default, 0 for none): an eager
   but honest protocol;
-- ``raw``: the ReportProgress call itself in a tight loop, past anything
+- ``raw``: a Report of progress itself in a tight loop, past anything
   ``ctx.progress`` does in the sandbox: what a hostile protocol (or an image
   whose runtime does not coalesce steps) can make the parent do;
 - ``sleep``: the baseline, measured in the same run: the same task sleeping

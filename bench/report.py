@@ -870,7 +870,7 @@ def progress_section(prog: dict[str, Any]) -> list[str]:
         "",
         f"The parent's CPU over that of the same task sleeping as long (baseline, "
         f"{_f(prog['baseline_sleep_cpu_s']):.2f} s), per second of the protocol's loop; an `EventsFile` "
-        f"hook as `--events`. The sandbox's `ctx.progress` {coalesces}. `raw` calls ReportProgress "
+        f"hook as `--events`. The sandbox's `ctx.progress` {coalesces}. `raw` calls Report with progress "
         "itself, as a hostile protocol can.",
         "",
         md_table(

@@ -46,11 +46,10 @@ if TYPE_CHECKING:
         SandboxExecutorError,
         TransportError,
     )
-    from executor.hooks import (
+    from executor.events import (
         AlgorithmProgress,
         BatchRun,
         Event,
-        EventsFile,
         FailedFilesSaved,
         LogLine,
         ResultsSaved,
@@ -58,6 +57,7 @@ if TYPE_CHECKING:
         TaskEnded,
         TaskStarted,
     )
+    from executor.hooks import EventsFile
     from executor.mailbox.crypto import TaskKeys
     from executor.mailbox.transport import Channel, Envelope, NoModellerTransport, Route, Transport
     from executor.outcome import ErrorDetail, Outcome, Status

@@ -1,8 +1,7 @@
-"""Typed events a pod orchestrator's hooks receive, and the dispatcher that shields tasks from hooks.
+"""The dispatcher that shields tasks from a pod orchestrator's hooks, and the ``--events`` hook.
 
-Every event is a frozen dataclass carrying the task it is about
-(:class:`TaskContext`) and an aware UTC time, with a ``to_dict()`` that is
-ready for ``json.dumps``. A *hook* is any callable taking an event.
+A *hook* is any callable taking an event (the typed events of
+:mod:`executor.events`, which this module also names for its callers).
 
 :class:`HookDispatcher` gives each hook a thread and a bounded queue of its
 own: a hook that raises is logged and keeps receiving; a hook that blocks
@@ -20,15 +19,20 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import cast
 
-from executor.data.fileoutcomes import MAX_FAILED_FILES_IN_JSON
 from executor.errors import HostError
-from executor.events import ProgressUpdate
-from executor.outcome import Outcome
+from executor.events import AlgorithmProgress as AlgorithmProgress
+from executor.events import BatchRun as BatchRun
+from executor.events import Event as Event
+from executor.events import FailedFilesSaved as FailedFilesSaved
+from executor.events import LogLine as LogLine
+from executor.events import ResultsSaved as ResultsSaved
+from executor.events import TaskContext as TaskContext
+from executor.events import TaskEnded as TaskEnded
+from executor.events import TaskStarted as TaskStarted
 
 log = logging.getLogger(__name__)
 
@@ -36,223 +40,6 @@ DEFAULT_QUEUE_SIZE = 10_000
 """Events one hook may have waiting; beyond it new events are dropped for that hook (counted)."""
 MAX_LOGGED_FAILURES = 3
 """Failures of one hook logged with their traceback; later ones are only counted."""
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class TaskContext:
-    """Which task an event is about: the fields every event carries."""
-
-    task_id: str
-    task_hash: str
-    project: str
-    modeller: str
-    datasource: str
-
-    def to_dict(self) -> dict[str, str]:
-        """The context's fields, as every event's JSON form has them at its top level."""
-        return {
-            "task_id": self.task_id,
-            "task_hash": self.task_hash,
-            "project": self.project,
-            "modeller": self.modeller,
-            "datasource": self.datasource,
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class Event:
-    """Base of the typed events: the task, an aware UTC time, and the JSON form.
-
-    Attributes:
-        task: The task the event is about.
-        time: When it happened (aware; normalised to UTC). Defaults to now.
-    """
-
-    event: ClassVar[str] = "event"
-
-    task: TaskContext
-    time: datetime = field(default_factory=_now)
-
-    def __post_init__(self) -> None:
-        if self.time.tzinfo is None or self.time.utcoffset() is None:
-            raise ValueError(f"{type(self).__name__}.time must be timezone-aware, got {self.time!r}")
-        object.__setattr__(self, "time", self.time.astimezone(UTC))
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"event": name, "time": ISO 8601, task fields..., event fields...}``."""
-        return {"event": self.event, "time": self.time.isoformat(), **self.task.to_dict(), **self._fields()}
-
-    def _fields(self) -> dict[str, Any]:
-        return {}
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskStarted(Event):
-    """The task's files are selected and split into batches; the first batch is about to run.
-
-    Attributes:
-        selection: The selection counts (``total``, ``selected``, ``skipped_processed``,
-            ``skipped_failed``, ``over_limit``, ``skipped_unusable``).
-        total_batches: How many batches the selection was split into.
-        runtime: The container runtime isolating it (``runc``, ``runsc``).
-    """
-
-    event: ClassVar[str] = "task_started"
-
-    selection: dict[str, int]
-    total_batches: int
-    runtime: str
-
-    def _fields(self) -> dict[str, Any]:
-        return {
-            "selection": dict(self.selection),
-            "total_batches": self.total_batches,
-            "runtime": self.runtime,
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class AlgorithmProgress(Event):
-    """A progress report from the protocol: run start/end, epoch start/end, a step.
-
-    Attributes:
-        update: What the protocol reported.
-        batch: The batch (1-based) that reported it.
-        min_epochs: The seed's ``min_epochs`` (its training loop's minimum
-            epochs before early stopping may end training). The sandbox's
-            progress contract carries no such number, so it is ``None`` unless
-            the parent knows it.
-    """
-
-    event: ClassVar[str] = "algorithm_progress"
-
-    update: ProgressUpdate
-    batch: int
-    min_epochs: int | None = None
-
-    def _fields(self) -> dict[str, Any]:
-        u = self.update
-        return {
-            "kind": u.kind.value.lower(),
-            "batch": self.batch,
-            "current_epoch": u.current_epoch,
-            "min_epochs": self.min_epochs,
-            "max_epochs": u.max_epochs,
-            "current": u.current,
-            "total": u.total,
-            "info": u.info,
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class BatchRun(Event):
-    """A batch ended: the seed's ``ProtocolTaskBatchRun`` statistics.
-
-    Attributes:
-        datasource_name: The datasource the batch read.
-        statistics: What the batch did (JSON values).
-        batch_number: The batch (1-based).
-        total_batches: How many batches the task has.
-    """
-
-    event: ClassVar[str] = "batch_run"
-
-    datasource_name: str
-    statistics: dict[str, Any]
-    batch_number: int
-    total_batches: int
-
-    def _fields(self) -> dict[str, Any]:
-        return {
-            "datasource_name": self.datasource_name,
-            "statistics": dict(self.statistics),
-            "batch_number": self.batch_number,
-            "total_batches": self.total_batches,
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class ResultsSaved(Event):
-    """A batch's result rows are committed to the project database.
-
-    The rows themselves are not carried (a batch may hold 32 MiB of them): a
-    hook that keeps them elsewhere reads them back with
-    ``ProjectDatabase.results(event.task.project, task_id=event.task.task_id,
-    batch=event.batch)``.
-
-    Attributes:
-        batch: The batch (1-based).
-        rows: How many rows were committed.
-    """
-
-    event: ClassVar[str] = "results_saved"
-
-    batch: int
-    rows: int
-
-    def _fields(self) -> dict[str, Any]:
-        return {"batch": self.batch, "rows": self.rows}
-
-
-@dataclass(frozen=True, kw_only=True)
-class FailedFilesSaved(Event):
-    """The task's failed files are recorded (the seed's resilience phase, at the end of the run).
-
-    Attributes:
-        files: Datasource-relative name -> reason.
-    """
-
-    event: ClassVar[str] = "failed_files_saved"
-
-    files: dict[str, str]
-
-    def _fields(self) -> dict[str, Any]:
-        listed: dict[str, str] = {}
-        for name, reason in self.files.items():
-            if len(listed) == MAX_FAILED_FILES_IN_JSON:
-                break
-            listed[name] = reason
-        out: dict[str, Any] = {"total": len(self.files), "files": listed}
-        if len(self.files) > len(listed):
-            out["truncated"] = len(self.files) - len(listed)
-        return out
-
-
-@dataclass(frozen=True, kw_only=True)
-class LogLine(Event):
-    """One line the sandbox wrote, after the parent's caps (:mod:`executor.task.output`).
-
-    Attributes:
-        stream: ``stdout``, ``stderr``, or ``executor`` for the parent's own
-            notes (output dropped by a cap, the task's event total reached).
-        line: The line, without its newline; hostile text (escape it to print).
-        batch: The batch (1-based) whose container wrote it.
-    """
-
-    event: ClassVar[str] = "log_line"
-
-    stream: str
-    line: str
-    batch: int
-
-    def _fields(self) -> dict[str, Any]:
-        return {"stream": self.stream, "line": self.line, "batch": self.batch}
-
-
-@dataclass(frozen=True, kw_only=True)
-class TaskEnded(Event):
-    """The task ended; ``outcome`` is what :meth:`Executor.run` returns."""
-
-    event: ClassVar[str] = "task_ended"
-
-    outcome: Outcome
-
-    def _fields(self) -> dict[str, Any]:
-        return {"outcome": self.outcome.to_dict()}
 
 
 Hook = Callable[[Event], object]

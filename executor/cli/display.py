@@ -18,8 +18,7 @@ from rich.text import Text
 
 from executor.cli.terminal import printable
 from executor.data.fileoutcomes import FileKind
-from executor.events import ProgressKind, ProgressUpdate
-from executor.hooks import AlgorithmProgress, BatchRun, Event, TaskStarted
+from executor.events import AlgorithmProgress, BatchRun, Event, ProgressKind, ProgressUpdate, TaskStarted
 from executor.outcome import Outcome
 
 MAX_INFO_SHOWN = 60
@@ -87,7 +86,7 @@ class ProgressDisplay:
             self._selected = event.selection.get("selected", 0)
             self._total_batches = event.total_batches
         elif isinstance(event, AlgorithmProgress):
-            self.update(event.update)
+            self.update(event)
         elif isinstance(event, BatchRun):
             p = self._begin()
             if self._batches is not None and event.statistics.get("status") == "OK":

@@ -28,7 +28,7 @@ from executor.errors import ResultLimitError as ResultLimitError
 from executor.sandbox.contract import MAX_COLUMN_NAME_CHARS as MAX_COLUMN_NAME_CHARS
 from executor.sandbox.contract import MAX_COLUMNS as MAX_COLUMNS
 from executor.sandbox.contract import MAX_ROW_BYTES as MAX_ROW_BYTES
-from executor.sandbox.contract import MAX_ROW_INT, MIN_ROW_INT, is_column_name
+from executor.sandbox.contract import MAX_ROW_INT, MIN_ROW_INT, row_problem
 from executor.sandbox.contract import MAX_ROWS_BYTES_PER_CALL as MAX_ROWS_BYTES_PER_CALL
 from executor.sandbox.contract import MAX_ROWS_PER_CALL as MAX_ROWS_PER_CALL
 
@@ -78,17 +78,14 @@ def _constant(name: str) -> Any:
     raise RowError(f"holds {name}, which is not JSON")
 
 
-_SCALARS = (str, int, float, type(None))  # bool is an int
-
-
 def check_row(text: str) -> None:
     """Refuse row text that is not one flat JSON object of scalars.
 
-    The object has 1 to MAX_COLUMNS columns, each named as
-    :func:`~executor.sandbox.contract.is_column_name` allows (no name twice)
-    and holding a string (valid Unicode), an integer within signed 64 bits,
-    a finite number, a boolean or null. The text's size is the caller's to
-    check, before this parses it.
+    The text must parse as JSON (no name twice, no NaN or Infinity) into an
+    object that keeps the contract's row rule
+    (:func:`~executor.sandbox.contract.row_problem`, which the sandbox
+    applies too). The text's size is the caller's to check, before this
+    parses it.
 
     Raises:
         RowError: Why, in words fit for the sandbox ("result row 3 " + it).
@@ -106,21 +103,9 @@ def check_row(text: str) -> None:
         raise RowError("is not valid JSON") from None
     if not isinstance(row, dict):
         raise RowError("is not a JSON object")
-    if not 0 < len(row) <= MAX_COLUMNS:
-        raise RowError(f"must have 1 to {MAX_COLUMNS} columns")
-    for name, value in row.items():
-        if not is_column_name(name):
-            raise RowError(
-                f"has a column name that is not 1 to {MAX_COLUMN_NAME_CHARS} characters "
-                "free of control characters and lone surrogates"
-            )
-        if not isinstance(value, _SCALARS):
-            raise RowError("has a value that is not a JSON scalar (string, number, boolean or null)")
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:  # a "\ud800" escape: not text any strict reader accepts
-                raise RowError("holds a lone surrogate") from None
+    problem = row_problem(row)
+    if problem is not None:
+        raise RowError(problem[0])  # never the column: the message does not echo the row
 
 
 class RowsClosed(Exception):

@@ -24,9 +24,7 @@ METHOD_POLICY: dict[str, str] = {
     f"/{SERVICE_NAME}/Mailbox": "task-token",
     f"/{SERVICE_NAME}/SendSecureShares": "task-token",
     f"/{SERVICE_NAME}/GetSecureShares": "task-token",
-    f"/{SERVICE_NAME}/ReportProgress": "task-token",
-    f"/{SERVICE_NAME}/ReportFiles": "task-token",
-    f"/{SERVICE_NAME}/SaveResults": "task-token",
+    f"/{SERVICE_NAME}/Report": "task-token",
     f"/{SERVICE_NAME}/Finish": "task-token",
 }
 
@@ -66,6 +64,10 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         self._token = token.encode()
         self._limiter = limiter or CallLimiter()
         self._watch = watch or RequestWatch()
+        # Each method's handler and its guarded form, made on its first call:
+        # grpc hands the same handler for a method every time, and the guard
+        # holds no per-call state, so one serves every call.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def intercept_service(
         self,
@@ -90,4 +92,9 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             return _abort_handler(
                 handler, grpc.StatusCode.RESOURCE_EXHAUSTED, refused, rate_limit_trailers(refused)
             )
-        return guarded(handler, self._limiter, self._watch, handler_call_details.method)
+        method = handler_call_details.method
+        made = self._guarded.get(method)
+        if made is None or made[0] is not handler:
+            made = (handler, guarded(handler, self._limiter, self._watch, method))
+            self._guarded[method] = made
+        return made[1]

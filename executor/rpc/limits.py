@@ -9,18 +9,20 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from executor.rpc import SERVICE_NAME
-from executor.rpc.session import RequestRejected
+from executor.rpc.checks import RequestRejected
 from executor.sandbox.contract import CHUNK_BYTES as CHUNK_BYTES  # pinned with the caps below
 from executor.sandbox.contract import (
     MAX_OPEN_RECEIVES,
     MAX_OPEN_SENDS,
     MAX_OPEN_SHARE_RECEIVES,
     RATE_LIMITED_TRAILER,
+    ReportCase,
 )
 
 # The public messages of a refusal for calling too fast; the child recognises
@@ -49,6 +51,33 @@ CONCURRENCY: dict[str, int] = {
 # burst, and the task's whole row cap (100,000) ten seconds of its rate.
 FILES_PER_TOKEN = 10
 ROWS_PER_TOKEN = 10
+
+
+@dataclass(frozen=True)
+class ReportCharge:
+    """What one Report call of a case costs besides the call itself.
+
+    Attributes:
+        items_per_token: Each this many items of its lists (file outcomes,
+            rows) cost one more token of the call budget; 0 for none.
+        event: Whether it is an event for every hook, charged to the event
+            bucket (:data:`PROGRESS_PER_S`) too.
+    """
+
+    items_per_token: int = 0
+    event: bool = False
+
+
+# The per-case charge of the Report call. A case not listed is an event for
+# every hook, charged as progress is: the strictest charge, so a new kind
+# cannot slip past the budget.
+REPORT_CHARGES: dict[str, ReportCharge] = {
+    ReportCase.PROGRESS: ReportCharge(event=True),
+    ReportCase.FILES: ReportCharge(items_per_token=FILES_PER_TOKEN),
+    ReportCase.ROWS: ReportCharge(items_per_token=ROWS_PER_TOKEN),
+}
+DEFAULT_REPORT_CHARGE = ReportCharge(event=True)
+
 # Beats have a bucket of their own: the runtime beats at most every 50 ms.
 BEATS_PER_S = 25.0
 BEAT_BURST = 50
@@ -194,6 +223,15 @@ class CallLimiter:
         """Charge one progress report to its own bucket; the reason it is refused, or ``None``."""
         with self._lock:
             return None if self._progress.take(1) else self._refuse(PROGRESS_RATE_LIMITED)
+
+    def report(self, case: str, items: int) -> str | None:
+        """Charge a Report of ``case`` holding ``items`` items; the reason it is refused, or ``None``."""
+        charge = REPORT_CHARGES.get(case, DEFAULT_REPORT_CHARGE)
+        if charge.items_per_token:
+            refused = self.charge(items // charge.items_per_token)
+            if refused is not None:
+                return refused
+        return self.progress() if charge.event else None
 
     def open(self, method: str) -> str | None:
         """Take a slot for an open call to ``method``; the reason it is refused, or ``None``."""

@@ -2,20 +2,29 @@
 
 The servicer calls these and the session; nothing else on the parent side
 reads or builds a sandbox message. Enums become :class:`~executor.outcome.Status`,
-:class:`~executor.events.ProgressKind` and :class:`~executor.events.ControlKind`
-here and stay enums until printed.
+:class:`~executor.events.ProgressKind`, :class:`~executor.events.ControlKind` and
+:class:`~executor.sandbox.contract.MessageType` here and stay enums until printed; a
+report becomes the typed event (or the values) the session takes, through one table.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from executor.data.fileoutcomes import FileKind
-from executor.events import Control, ProgressKind, ProgressUpdate
+from executor.events import REPORTS, AlgorithmProgress, Control, ProgressKind, Report
 from executor.outcome import Status
-from executor.rpc.session import FINISH_STATUSES, RequestRejected
-from executor.sandbox.contract import CHUNK_BYTES, ENTRY_MODULE, SANDBOX_DATA, SANDBOX_PROTOCOL
+from executor.rpc.checks import FINISH_STATUSES, RequestRejected
+from executor.sandbox.contract import (
+    CHUNK_BYTES,
+    ENTRY_MODULE,
+    SANDBOX_DATA,
+    SANDBOX_PROTOCOL,
+    MessageType,
+    ReportCase,
+)
 from executor.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
@@ -72,13 +81,14 @@ def control_message(control: Control) -> pb.Control:
     return pb.Control(kind=control.kind.value, reason=control.reason)
 
 
-def message_type(value: int) -> str:
-    """The name of a ``MessageType`` (the mailbox's wire name), or ``"<invalid>"``."""
-    return _enum_name(pb.MessageType, value)
+def message_type(value: int) -> MessageType | str:
+    """The ``MessageType`` of a wire value, or ``"<invalid>"`` (which no check lets through)."""
+    name = _enum_name(pb.MessageType, value)
+    return MessageType(name) if name in MessageType.__members__ else name
 
 
-def progress_update(event: pb.ProgressEvent) -> ProgressUpdate:
-    """A progress event as the typed update listeners get.
+def progress_update(event: pb.ProgressEvent) -> AlgorithmProgress:
+    """A progress event as the typed event listeners and hooks get (not yet bound to its task).
 
     Raises:
         RequestRejected: The kind is not one a protocol may report.
@@ -87,7 +97,7 @@ def progress_update(event: pb.ProgressEvent) -> ProgressUpdate:
         kind = ProgressKind(_enum_name(pb.ProgressEvent.Kind, event.kind))
     except ValueError:
         raise RequestRejected("INVALID_ARGUMENT", "unknown progress event kind") from None
-    return ProgressUpdate(
+    return AlgorithmProgress(
         kind=kind,
         current_epoch=event.current_epoch,
         max_epochs=event.max_epochs,
@@ -112,6 +122,59 @@ def file_outcomes(request: pb.FileOutcomes) -> list[tuple[str, FileKind, str]]:
 def result_rows(request: pb.ResultRows) -> list[str]:
     """The JSON text of each result row; the session parses and checks them."""
     return list(request.rows_json)
+
+
+# The one conversion table of the Report call: a case's message to what the
+# session takes. A case without an entry is a flat message of scalars whose
+# fields are those of its event class (REPORTS), made by :func:`_flat_report`.
+_REPORTS: dict[str, Callable[[Any], Any]] = {
+    ReportCase.PROGRESS: progress_update,
+    ReportCase.FILES: file_outcomes,
+    ReportCase.ROWS: result_rows,
+}
+
+
+def report_case(request: pb.ReportRequest) -> tuple[str, int]:
+    """The case a Report carries and how many items it holds (each entry of its lists; at least 1).
+
+    Raises:
+        RequestRejected: The request carries no case.
+    """
+    case = request.WhichOneof("report")
+    if case is None:
+        raise RequestRejected("INVALID_ARGUMENT", "a report must carry one of its kinds")
+    message = getattr(request, case)
+    items = sum(len(value) for field, value in message.ListFields() if _is_repeated(field))
+    return case, max(1, items)
+
+
+def report(request: pb.ReportRequest) -> tuple[str, Any]:
+    """A Report's case, and its message as the session takes it (see :data:`_REPORTS`).
+
+    Raises:
+        RequestRejected: No case, a case with no event class, or a value its
+            class cannot hold.
+    """
+    case, _ = report_case(request)
+    message = getattr(request, case)
+    convert = _REPORTS.get(case)
+    return case, (convert(message) if convert is not None else _flat_report(case, message))
+
+
+def _flat_report(case: str, message: Any) -> Report:
+    """The event of a case whose message is flat: each field, by name, becomes the event's."""
+    cls = REPORTS.get(case)
+    if cls is None:
+        raise RequestRejected("INVALID_ARGUMENT", f"reports of kind {case} are not accepted")
+    fields = {field.name: getattr(message, field.name) for field in message.DESCRIPTOR.fields}
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError):
+        raise RequestRejected("INVALID_ARGUMENT", f"malformed {case} report") from None
+
+
+def _is_repeated(field: Any) -> bool:
+    return bool(field.is_repeated)
 
 
 class FinishFields(TypedDict):

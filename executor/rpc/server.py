@@ -123,7 +123,6 @@ class TaskServer:
         self.ref.close()
         session = self.ref.session
         if session is not None:
-            session.closed.set()
             session.controls.put(None)
         self._watch.stop()
         self.bulk.close()

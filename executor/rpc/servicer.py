@@ -19,7 +19,7 @@ from executor.errors import DecryptionError
 from executor.mailbox.broker import Incoming
 from executor.rpc import serde
 from executor.rpc.bulk import BulkServer
-from executor.rpc.limits import FILES_PER_TOKEN, ROWS_PER_TOKEN, CallLimiter, refusal
+from executor.rpc.limits import CallLimiter, refusal
 from executor.rpc.session import RequestRejected, SessionRef, TaskSession
 from executor.sandbox.contract import BULK_BUSY_TRAILER, CHUNK_BYTES
 from executor.v1 import sandbox_pb2 as pb
@@ -267,31 +267,13 @@ class SandboxServicer(pb_grpc.SandboxServicer):
         return pb.SecureShares(shares=self._session.get_secure_shares(request.timeout_ms / 1000))
 
     @_rpc_errors
-    def ReportProgress(self, request: pb.ProgressEvent, context: grpc.ServicerContext) -> pb.Ack:
-        """Pass a progress event on, within the task's progress budget (beside its call budget)."""
-        session = self._session
-        refused = self._limiter.progress()
+    def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.Ack:
+        """A report of any kind: charged by its case before it is converted, then checked by the session."""
+        case, items = serde.report_case(request)
+        refused = self._limiter.report(case, items)
         if refused is not None:
             raise refusal(refused)
-        session.report_progress(serde.progress_update(request))
-        return pb.Ack()
-
-    @_rpc_errors
-    def ReportFiles(self, request: pb.FileOutcomes, context: grpc.ServicerContext) -> pb.Ack:
-        """Record per-file outcomes."""
-        refused = self._limiter.charge(len(request.files) // FILES_PER_TOKEN)
-        if refused is not None:
-            raise refusal(refused)
-        self._session.report_files(serde.file_outcomes(request))
-        return pb.Ack()
-
-    @_rpc_errors
-    def SaveResults(self, request: pb.ResultRows, context: grpc.ServicerContext) -> pb.Ack:
-        """Keep result rows (validated by the session, all of a call or none)."""
-        refused = self._limiter.charge(len(request.rows_json) // ROWS_PER_TOKEN)
-        if refused is not None:
-            raise refusal(refused)
-        self._session.save_results(serde.result_rows(request))
+        self._session.take_report(*serde.report(request))
         return pb.Ack()
 
     @_rpc_errors

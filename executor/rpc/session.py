@@ -10,132 +10,45 @@ public message when it is wrong.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import queue
-import re
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from executor.data.fileoutcomes import FileKind, FileLedger, FileLimitError
 from executor.data.resultrows import (
     ResultLimitError,
-    RowError,
     RowsClosed,
     RowSink,
     RowsNotStored,
-    check_row,
     counting_sink,
 )
-from executor.events import Control, ControlKind, FinishReport, ProgressKind, ProgressUpdate
+from executor.events import Control, ControlKind, FinishReport, Report
 from executor.mailbox.broker import Incoming, MailboxBroker, MailboxLimitError
 from executor.mailbox.crypto import DecryptionError
 from executor.mailbox.transport import TransportError
 from executor.outcome import Status
+from executor.rpc import checks
+from executor.rpc.checks import FINISH_STATUSES as FINISH_STATUSES
+from executor.rpc.checks import RequestRejected as RequestRejected
 from executor.sandbox.contract import (
-    MAX_ERROR_MESSAGE_CHARS,
-    MAX_ERROR_TYPE_CHARS,
-    MAX_FILE_NAME_CHARS,
-    MAX_FILE_REASON_CHARS,
-    MAX_FILES_PER_CALL,
-    MAX_INFO_CHARS,
     MAX_POD_ID_CHARS,
-    MAX_ROW_BYTES,
-    MAX_ROWS_BYTES_PER_CALL,
-    MAX_ROWS_PER_CALL,
     MAX_SHARE_BYTES,
     MAX_SHARES,
-    MAX_TRACEBACK_CHARS,
     RECEIVABLE,
     SENDABLE,
+    ReportCase,
 )
 from executor.v1 import sandbox_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-PROGRESS_KINDS = frozenset(ProgressKind)
-# The statuses a sandbox may report; the parent sets every other one itself.
-FINISH_STATUSES = frozenset({Status.OK, Status.ABORT, Status.ERROR})
-CHILD_TIMINGS = frozenset({"import", "config", "load", "run"})
-
 MAX_RECEIVE_TIMEOUT_S = 600.0
 MAX_PENDING_RECEIVES = 4
-
-
-def _reject_constant(name: str) -> float:
-    """NaN and Infinity are not JSON; the outcome must stay valid JSON."""
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range")
-    return value
-
-
-# A JSON escape of a UTF-16 surrogate: the only way valid UTF-8 text can carry one.
-_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _is_valid_text(text: str) -> bool:
-    """Whether ``text`` is valid Unicode (no lone surrogate), so it encodes as UTF-8."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_text(what: str, text: str) -> None:
-    """Refuse text that no strict JSON parser or UTF-8 terminal accepts."""
-    if not _is_valid_text(text):
-        raise RequestRejected("INVALID_ARGUMENT", f"{what} holds a lone surrogate")
-
-
-def _holds_lone_surrogate(value: Any) -> bool:
-    """Whether a parsed JSON value holds a string or key with a lone surrogate."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if not _is_valid_text(item):
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item)
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
-
-
-def _not_serialisable(timings: dict[str, float]) -> FinishReport:
-    # Python's json reads "\ud800" as a lone surrogate, which no strict JSON
-    # parser accepts and no UTF-8 terminal can print: the result is not data.
-    return FinishReport(
-        Status.ERROR,
-        None,
-        "ResultNotSerialisable",
-        "the protocol's result holds a lone surrogate, which is not valid Unicode text",
-        timings=dict(timings),
-    )
-
-
-class RequestRejected(Exception):
-    """A request from the sandbox is invalid; ``code`` names the gRPC status."""
-
-    def __init__(self, code: str, message: str, *, trailers: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(message)
-        self.code = code
-        self.public_message = message
-        # Trailing metadata the refusal carries (the wire contract's signals).
-        self.trailers = trailers
 
 
 @contextlib.contextmanager
@@ -183,7 +96,9 @@ class TaskSession:
         config: The ``TaskConfig`` the sandbox fetches (built by :func:`executor.rpc.serde.task_config`).
         mailbox: The task's mailbox broker (limits, crypto, transport).
         max_result_bytes: Largest result JSON accepted.
-        on_progress: Called, from a server thread, for each progress event.
+        on_event: Called, from a server thread, with each report event the
+            sandbox sends (progress, and any other kind of
+            :class:`~executor.events.Report`), once checked.
         on_finish: Called once the terminal report is recorded.
         data_dir: The datasource on the host, to check reported file names against.
         rows: Where validated result rows go as they arrive (the task's
@@ -198,7 +113,7 @@ class TaskSession:
         mailbox: MailboxBroker,
         *,
         max_result_bytes: int,
-        on_progress: Callable[[ProgressUpdate], None] | None = None,
+        on_event: Callable[[Report], None] | None = None,
         on_finish: Callable[[], None] | None = None,
         data_dir: Path | None = None,
         rows: RowSink | None = None,
@@ -207,7 +122,7 @@ class TaskSession:
         self._config = config
         self.mailbox = mailbox
         self.max_result_bytes = max_result_bytes
-        self._on_progress = on_progress
+        self._on_event = on_event
         self._on_finish = on_finish
         self._data_dir = data_dir
         self._files = FileLedger()
@@ -219,7 +134,6 @@ class TaskSession:
         self.finished = threading.Event()
         self.beat_stats = BeatStats()
         self.controls: queue.Queue[Control | None] = queue.Queue()
-        self.closed = threading.Event()
 
     # -- configuration -------------------------------------------------
     def get_config(self) -> pb.TaskConfig:
@@ -365,51 +279,12 @@ class TaskSession:
     # -- per-file outcomes ----------------------------------------------
     def report_files(self, outcomes: list[tuple[str, FileKind, str]] | list[tuple[str, str, str]]) -> None:
         """Record (name, kind, reason) per datasource file; names are checked strictly."""
-        if not 0 < len(outcomes) <= MAX_FILES_PER_CALL:
-            raise RequestRejected("INVALID_ARGUMENT", f"expected 1 to {MAX_FILES_PER_CALL} file outcomes")
-        checked = []
-        for name, given, reason in outcomes:
-            try:
-                kind = FileKind(given)
-            except ValueError:
-                raise RequestRejected(
-                    "INVALID_ARGUMENT", "file outcome must be PROCESSED or FAILED"
-                ) from None
-            if len(reason) > MAX_FILE_REASON_CHARS:
-                raise RequestRejected(
-                    "INVALID_ARGUMENT", f"reason exceeds {MAX_FILE_REASON_CHARS} characters"
-                )
-            _check_text("file outcome reason", reason)
-            checked.append((self._check_file_name(name), kind, reason))
+        checked = checks.file_outcomes(outcomes, self._data_dir)
         with self._lock:
             try:
                 self._files.record(checked)
             except FileLimitError as exc:
                 raise RequestRejected("RESOURCE_EXHAUSTED", str(exc)) from None
-
-    def _check_file_name(self, name: str) -> str:
-        """``name`` if it is a plain relative path to a regular file in the datasource."""
-        if not name or len(name) > MAX_FILE_NAME_CHARS or "\0" in name:
-            raise RequestRejected("INVALID_ARGUMENT", "file name is empty, too long or holds NUL")
-        _check_text("file name", name)
-        path = PurePosixPath(name)
-        if path.is_absolute() or ".." in path.parts or name != str(path):
-            raise RequestRejected(
-                "INVALID_ARGUMENT", "file name must be a plain relative path inside the datasource"
-            )
-        if self._data_dir is not None:
-            current = self._data_dir
-            for part in path.parts:
-                current = current / part
-                try:
-                    st = current.lstat()
-                except OSError:
-                    raise RequestRejected("INVALID_ARGUMENT", "no such file in the datasource") from None
-                if stat.S_ISLNK(st.st_mode):
-                    raise RequestRejected("INVALID_ARGUMENT", "file name may not pass through a symlink")
-            if not stat.S_ISREG(st.st_mode):
-                raise RequestRejected("INVALID_ARGUMENT", "file name must name a regular file")
-        return name
 
     def file_outcomes(self) -> dict[str, tuple[FileKind, str]]:
         """A copy of the per-file outcomes reported so far."""
@@ -433,36 +308,13 @@ class TaskSession:
                 FAILED_PRECONDITION once the task (or batch) has finished,
                 UNAVAILABLE when the rows could not be stored (none was).
         """
-        if not 0 < len(rows_json) <= MAX_ROWS_PER_CALL:
-            raise RequestRejected("INVALID_ARGUMENT", f"expected 1 to {MAX_ROWS_PER_CALL} result rows")
+        checks.rows_call_count(rows_json)
         self._refuse_after_finish()
-        size = 0
-        for index, text in enumerate(rows_json):
-            try:
-                row_bytes = len(text.encode("utf-8"))
-            except UnicodeEncodeError:
-                raise RequestRejected(
-                    "INVALID_ARGUMENT", f"result row {index} holds a lone surrogate"
-                ) from None
-            if row_bytes > MAX_ROW_BYTES:
-                raise RequestRejected(
-                    "INVALID_ARGUMENT",
-                    f"result row {index} is {row_bytes} bytes; the limit is {MAX_ROW_BYTES}",
-                )
-            size += row_bytes
-        if size > MAX_ROWS_BYTES_PER_CALL:
-            raise RequestRejected(
-                "INVALID_ARGUMENT",
-                f"result rows of one call may hold at most {MAX_ROWS_BYTES_PER_CALL} bytes",
-            )
+        size = checks.rows_call_size(rows_json)
         # Refused before any row is parsed when the budget is already spent.
         with _result_limits():
             self._rows.room_for(len(rows_json), size)
-        for index, text in enumerate(rows_json):
-            try:
-                check_row(text)
-            except RowError as exc:
-                raise RequestRejected("INVALID_ARGUMENT", f"result row {index} {exc}") from None
+        checks.rows(rows_json)
         # A result recorded meanwhile ends the task: rows after it are refused like mail.
         if self.finish is not None:
             raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")
@@ -475,19 +327,27 @@ class TaskSession:
             except RowsNotStored as exc:
                 raise RequestRejected("UNAVAILABLE", str(exc)) from None
 
-    # -- progress and result ------------------------------------------
-    def report_progress(self, update: ProgressUpdate) -> None:
-        """Validate a progress event and pass it to the listener."""
-        if update.kind not in PROGRESS_KINDS:
-            raise RequestRejected("INVALID_ARGUMENT", "unknown progress event kind")
-        if len(update.info) > MAX_INFO_CHARS:
-            raise RequestRejected("INVALID_ARGUMENT", f"progress info exceeds {MAX_INFO_CHARS} characters")
-        _check_text("progress info", update.info)
-        if self._on_progress is not None:
+    # -- reports and result -------------------------------------------
+    def take_report(self, case: str, report: Any) -> None:
+        """A report by its case: file outcomes, result rows, or an event for the listener."""
+        if case == ReportCase.FILES:
+            self.report_files(report)
+        elif case == ReportCase.ROWS:
+            self.save_results(report)
+        else:
+            self.report_event(report)
+
+    def report_event(self, event: Report) -> None:
+        """Check a report event (progress, or any other kind) and pass it to the listener."""
+        try:
+            event.check()
+        except ValueError as exc:
+            raise RequestRejected("INVALID_ARGUMENT", str(exc)) from None
+        if self._on_event is not None:
             try:
-                self._on_progress(update)
+                self._on_event(event)
             except Exception:  # a listener's bug must not fail the sandbox's call
-                log.exception("progress listener failed for task %s", self.task_id)
+                log.exception("%s listener failed for task %s", event.event, self.task_id)
 
     def report_finish(
         self,
@@ -499,53 +359,9 @@ class TaskSession:
         timings: dict[str, float],
     ) -> None:
         """Record the sandbox's terminal report; accepted once."""
-        if status not in FINISH_STATUSES:
-            raise RequestRejected("INVALID_ARGUMENT", "status must be OK, ABORT or ERROR")
-        if len(error_type) > MAX_ERROR_TYPE_CHARS or len(error_message) > MAX_ERROR_MESSAGE_CHARS:
-            raise RequestRejected("INVALID_ARGUMENT", "error type or message too long")
-        if len(traceback) > MAX_TRACEBACK_CHARS:
-            raise RequestRejected("INVALID_ARGUMENT", f"traceback exceeds {MAX_TRACEBACK_CHARS} characters")
-        for what, text in (
-            ("error type", error_type),
-            ("error message", error_message),
-            ("traceback", traceback),
-        ):
-            _check_text(what, text)
-        if len(timings) > len(CHILD_TIMINGS) or not set(timings) <= CHILD_TIMINGS:
-            raise RequestRejected("INVALID_ARGUMENT", "unknown timing names")
-        if not all(math.isfinite(v) and 0 <= v < 1e7 for v in timings.values()):
-            raise RequestRejected("INVALID_ARGUMENT", "timings must be finite, non-negative seconds")
-        try:
-            size: int | None = len(result_json.encode("utf-8"))
-        except UnicodeEncodeError:
-            size = None
-        if size is None:
-            report = _not_serialisable(timings)
-        elif size > self.max_result_bytes:
-            report = FinishReport(
-                Status.ERROR,
-                None,
-                "ResultTooLarge",
-                f"the protocol's result is {size} bytes; the limit is {self.max_result_bytes}",
-                timings=dict(timings),
-            )
-        else:
-            try:
-                # json.loads builds only dicts, lists, strings and numbers: safe on
-                # untrusted text, unlike pickle (design invariant 1).
-                result = (
-                    json.loads(result_json, parse_constant=_reject_constant, parse_float=_finite_float)
-                    if result_json
-                    else None
-                )
-            except (ValueError, RecursionError):
-                raise RequestRejected("INVALID_ARGUMENT", "result_json is not valid JSON") from None
-            if _LONE_SURROGATE_ESCAPE.search(result_json) and _holds_lone_surrogate(result):
-                report = _not_serialisable(timings)
-            else:
-                report = FinishReport(
-                    Status(status), result, error_type, error_message, traceback, dict(timings)
-                )
+        report = checks.finish_report(
+            status, result_json, error_type, error_message, traceback, timings, self.max_result_bytes
+        )
         if not self._finish_with(report):
             raise RequestRejected("FAILED_PRECONDITION", "the task has already finished")
 
@@ -563,9 +379,6 @@ class SessionRef:
         self._bound = threading.Event()
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self._waiting = 0
-        self._waited_ever = threading.Event()
-        self._calls_ended = 0
         self.name = name or (session.task_id if session is not None else "warm slot")
         if session is not None:
             self._bound.set()
@@ -574,21 +387,6 @@ class SessionRef:
     def session(self) -> TaskSession | None:
         """The bound session, or ``None`` while the slot waits for a task."""
         return self._session if self._bound.is_set() else None
-
-    @property
-    def waiting(self) -> bool:
-        """Whether the sandbox is connected and waiting for its task (a ready warm slot)."""
-        return self._waiting > 0 and not self._bound.is_set()
-
-    @property
-    def ever_waited(self) -> bool:
-        """Whether the sandbox ever asked for its task."""
-        return self._waited_ever.is_set()
-
-    @property
-    def lost(self) -> bool:
-        """Whether the sandbox asked for its task and then gave up (its call ended unanswered)."""
-        return self._calls_ended > 0 and self._waiting == 0 and not self._bound.is_set()
 
     def bind(self, session: TaskSession) -> None:
         """Hand the slot its task: a waiting request gets the configuration at once.
@@ -609,16 +407,7 @@ class SessionRef:
 
     def wait(self, is_active: Callable[[], bool], poll_s: float = 0.5) -> TaskSession | None:
         """The session once bound; ``None`` if the call ended or the slot closed first."""
-        with self._lock:
-            self._waiting += 1
-        self._waited_ever.set()
-        try:
-            while not self._bound.wait(poll_s):
-                if self._closed.is_set() or not is_active():
-                    return None
-            return self._session
-        finally:
-            with self._lock:
-                self._waiting -= 1
-                if not self._bound.is_set():
-                    self._calls_ended += 1
+        while not self._bound.wait(poll_s):
+            if self._closed.is_set() or not is_active():
+                return None
+        return self._session

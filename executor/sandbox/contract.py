@@ -8,6 +8,12 @@ drifts (it did: 16,384 vs 8,000 traceback characters).
 
 from __future__ import annotations
 
+import enum
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
 # -- version ---------------------------------------------------------------------
 # The version of this contract and of the proto. An image carries the version of
 # the child runtime it was built with (the label io.sandbox-executor.wire-version,
@@ -51,21 +57,83 @@ FILE_SIZE_EXCEEDED = "FileSizeExceeded"
 # parent's heartbeat budget is sized for it.
 MIN_HEARTBEAT_INTERVAL_MS = 50
 
+
 # -- mailbox -------------------------------------------------------------------
-# Message types (names of ``executor.v1.MessageType``) a sandbox may send to the
-# modeller, and those it may wait for.
+class MessageType(enum.StrEnum):
+    """A mailbox message's type: the names of ``executor.v1.MessageType`` (0 is no type)."""
+
+    TASK_START = "TASK_START"
+    PREPARING_DATA_BATCHES = "PREPARING_DATA_BATCHES"
+    TASK_ABORT = "TASK_ABORT"
+    NUMBER_OF_BATCHES = "NUMBER_OF_BATCHES"
+    BATCHES_COMPLETE = "BATCHES_COMPLETE"
+    CURRENT_BATCH_ID = "CURRENT_BATCH_ID"
+    TRAINING_UPDATE = "TRAINING_UPDATE"
+    ALGORITHM_EXCHANGE = "ALGORITHM_EXCHANGE"
+    TRAINING_COMPLETE = "TRAINING_COMPLETE"
+    TASK_COMPLETE = "TASK_COMPLETE"
+    MODELLER_RESPONSE = "MODELLER_RESPONSE"
+    SECURE_SHARE = "SECURE_SHARE"
+
+
+# The types a sandbox may send to the modeller, and those it may wait for.
 SENDABLE = frozenset(
     {
-        "TASK_START",
-        "PREPARING_DATA_BATCHES",
-        "TASK_ABORT",
-        "NUMBER_OF_BATCHES",
-        "BATCHES_COMPLETE",
-        "CURRENT_BATCH_ID",
-        "TRAINING_UPDATE",
+        MessageType.TASK_START,
+        MessageType.PREPARING_DATA_BATCHES,
+        MessageType.TASK_ABORT,
+        MessageType.NUMBER_OF_BATCHES,
+        MessageType.BATCHES_COMPLETE,
+        MessageType.CURRENT_BATCH_ID,
+        MessageType.TRAINING_UPDATE,
     }
 )
-RECEIVABLE = frozenset({"ALGORITHM_EXCHANGE", "TRAINING_COMPLETE", "TASK_COMPLETE", "MODELLER_RESPONSE"})
+RECEIVABLE = frozenset(
+    {
+        MessageType.ALGORITHM_EXCHANGE,
+        MessageType.TRAINING_COMPLETE,
+        MessageType.TASK_COMPLETE,
+        MessageType.MODELLER_RESPONSE,
+    }
+)
+
+# The bodies of the seed's batch messages (JSON objects): the parent sends
+# them for a batched task, the sandbox for an unbatched one, so the modeller
+# reads the same bytes either way.
+MAX_BATCH_STATE_CHARS = 200
+
+
+def number_of_batches_body(number: int) -> bytes:
+    """The body of a NUMBER_OF_BATCHES message."""
+    return _json_body({"number_of_batches": int(number)})
+
+
+def batches_complete_body(state: str) -> bytes:
+    """The body of a BATCHES_COMPLETE message (``state``: how batching ended)."""
+    return _json_body({"state": str(state)[:MAX_BATCH_STATE_CHARS]})
+
+
+def current_batch_id_body(batch_id: int) -> bytes:
+    """The body of a CURRENT_BATCH_ID message."""
+    return _json_body({"batch_id": int(batch_id)})
+
+
+def task_abort_body(message: str, reason: str = "", exception_type: str = "", traceback: str = "") -> bytes:
+    """The body of a TASK_ABORT message, each field cut to the contract's caps."""
+    return _json_body(
+        {
+            "message": message[:MAX_ERROR_MESSAGE_CHARS],
+            "reason": reason[:MAX_ERROR_TYPE_CHARS],
+            "exception_type": exception_type[:MAX_ERROR_TYPE_CHARS],
+            "traceback": traceback[-MAX_TRACEBACK_CHARS:],
+        }
+    )
+
+
+def _json_body(value: dict[str, object]) -> bytes:
+    return json.dumps(value).encode()
+
+
 # Mailbox bodies of any size travel in chunks of at most this many bytes, so no
 # single gRPC message is ever large.
 CHUNK_BYTES = 1024 * 1024
@@ -102,6 +170,19 @@ MAX_SHARES = 256
 MAX_SHARE_BYTES = 190
 MAX_POD_ID_CHARS = 256
 
+
+# -- reports (the Report call) ----------------------------------------------------
+class ReportCase(enum.StrEnum):
+    """What one Report call carries: the names of ``executor.v1.ReportRequest``'s ``report`` cases."""
+
+    PROGRESS = "progress"
+    FILES = "files"
+    ROWS = "rows"
+    # A named number (``ctx.report("metric", name=..., value=...)``): a name
+    # as a result column's (is_column_name) and a finite value.
+    METRIC = "metric"
+
+
 # -- progress and per-file outcomes --------------------------------------------
 MAX_INFO_CHARS = 1024
 # Progress steps (ctx.progress.step) go to the parent at most once per this
@@ -114,7 +195,7 @@ MAX_FILES_PER_CALL = 1000
 MAX_FILE_NAME_CHARS = 1024
 MAX_FILE_REASON_CHARS = 1000
 
-# -- result rows (SaveResults) ---------------------------------------------------
+# -- result rows (a Report of rows) ---------------------------------------------
 # A row is one flat JSON object: column name -> JSON scalar. Per call the
 # parent accepts at most MAX_ROWS_PER_CALL rows and MAX_ROWS_BYTES_PER_CALL
 # bytes of row text (one chunk's worth, so a call always fits the parent's
@@ -143,6 +224,46 @@ def is_column_name(name: object) -> bool:
         and 0 < len(name) <= MAX_COLUMN_NAME_CHARS
         and not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or 0xD800 <= ord(c) < 0xE000 for c in name)
     )
+
+
+def row_problem(row: Mapping[Any, Any]) -> tuple[str, Any] | None:
+    """The first rule of result rows that ``row`` breaks, or ``None``: the rule both sides apply.
+
+    A row has 1 to :data:`MAX_COLUMNS` columns, each named as
+    :func:`is_column_name` allows and holding a string (valid Unicode), an
+    integer within signed 64 bits, a finite number, a boolean or null. The
+    sandbox checks a protocol's dict with it before anything is sent; the
+    parent checks each row it parsed from the wire.
+
+    Returns:
+        Why (words to follow "result row N"), and the column at fault (or
+        ``None``), which only the sandbox names in its message.
+    """
+    if not 0 < len(row) <= MAX_COLUMNS:
+        return f"must have 1 to {MAX_COLUMNS} columns", None
+    for name, value in row.items():
+        if not is_column_name(name):
+            return (
+                f"has a column name that is not 1 to {MAX_COLUMN_NAME_CHARS} characters "
+                "free of control characters and lone surrogates",
+                name,
+            )
+        if value is None or isinstance(value, bool):
+            continue
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # not text any strict reader accepts
+                return "holds a lone surrogate", name
+        elif isinstance(value, int):
+            if not MIN_ROW_INT <= value <= MAX_ROW_INT:
+                return "holds an integer outside the signed 64-bit range", name
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return "holds a number that is not finite (NaN or infinity)", name
+        else:
+            return "has a value that is not a JSON scalar (string, number, boolean or null)", name
+    return None
 
 
 # -- the terminal report (and the TASK_ABORT body the child sends) -------------

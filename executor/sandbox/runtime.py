@@ -79,16 +79,16 @@ def _stderr(message: str) -> None:
 class Heartbeat:
     """Beats up from a thread of its own; applies control messages coming down."""
 
-    def __init__(self, client: ParentClient, interval_s: float, ctx_holder: list[Context]) -> None:
+    def __init__(self, client: ParentClient, interval_s: float) -> None:
         self._client = client
         self._interval = interval_s
         self._stop = threading.Event()
         self._done = threading.Event()
-        self._ctx_holder = ctx_holder
         self.cancelled = threading.Event()
         self.seen = threading.Event()
-        # The modeller may be ready before the protocol's context exists (its
-        # TASK_START came before the sandbox booted): remembered here.
+        # The one record of the modeller's readiness: it may come before the
+        # protocol's context exists (its TASK_START came before the sandbox
+        # booted), and the context's mailbox is handed this same event.
         self.modeller_ready = threading.Event()
         self._main_ident = threading.main_thread().ident
         self._last_position: tuple[int, int] | None = None
@@ -122,8 +122,6 @@ class Heartbeat:
                     self.seen.set()
                 elif kind == "MODELLER_READY":
                     self.modeller_ready.set()
-                    if self._ctx_holder:
-                        self._ctx_holder[0].mailbox.modeller_ready.set()
                 elif kind == "CANCEL":
                     self.cancelled.set()
                     # A real signal, aimed at the main thread, so that a blocking
@@ -422,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     stub = pb_grpc.SandboxStub(channel)
     client = ParentClient(stub, metadata, str(Path(args.socket).parent / BULK_SOCKET_NAME))
-    ctx_holder: list[Context] = []
+    ctx: Context | None = None
     start_line: socket.socket | None = None
     if args.wait_for_task:
         # A warm sandbox: the configuration comes down the start line.
@@ -442,9 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             _stderr(f"cannot fetch the task from the parent: {exc}")
             return EXIT_PARENT_GONE
         timings["config"] = time.monotonic() - t
-    heartbeat = Heartbeat(
-        client, max(config.heartbeat_interval_ms, MIN_HEARTBEAT_INTERVAL_MS) / 1000, ctx_holder
-    )
+    heartbeat = Heartbeat(client, max(config.heartbeat_interval_ms, MIN_HEARTBEAT_INTERVAL_MS) / 1000)
     heartbeat.start()
     if start_line is not None:
         # Beside the stream: whichever confirmation comes first lets the protocol start.
@@ -459,17 +455,14 @@ def main(argv: list[str] | None = None) -> int:
         _stderr(f"the parent saw no heartbeat within {BEAT_SEEN_WAIT_S:g} s; exiting")
         return EXIT_PARENT_GONE
     try:
-        ctx = Context(config, client, SCRATCH_DIR)
-        ctx_holder.append(ctx)
-        if heartbeat.modeller_ready.is_set():
-            ctx.mailbox.modeller_ready.set()
+        ctx = Context(config, client, SCRATCH_DIR, modeller_ready=heartbeat.modeller_ready)
         report = _execute(config, ctx, timings)
     except BaseException as exc:  # even a broken configuration must be reported
         report = _error(type(exc).__name__, _describe(exc), _summarise(exc))
-    if ctx_holder:
+    if ctx is not None:
         # ctx.progress coalesces steps: one still waiting goes before the result.
         with contextlib.suppress(Exception):
-            ctx_holder[0].progress.flush()
+            ctx.progress.flush()
     if heartbeat.cancelled.is_set() and report.status == pb.Status.ERROR:
         report = _error("Cancelled", "the task was cancelled", "")
     report.timings.update(timings)

@@ -292,7 +292,7 @@ class BatchRunner:
             self.config,
             broker,
             max_result_bytes=self.policy.max_result_bytes,
-            on_progress=lambda update: self.events.progress(update, number),
+            on_event=lambda event: self.events.report(event, number),
             on_finish=wake.set,
             data_dir=view.path,
             rows=rows,

@@ -15,7 +15,10 @@ it. :class:`TaskEvents` stands between a task and its
 - **Boundaries pass.** ``run_start``, ``run_end``, ``epoch_start`` and
   ``epoch_end`` go on as they come; what bounds them is the price of a
   progress call in the sandbox's call budget (:mod:`executor.rpc.limits`).
-- **A total per task.** Progress and log-line events handed to hooks count
+- **Every report, one way.** Whatever kind of event the sandbox reports
+  (:class:`~executor.events.Report`) goes on bound to its task and batch,
+  with no wiring per kind; only steps are coalesced.
+- **A total per task.** Reported and log-line events handed to hooks count
   against :data:`MAX_TASK_EVENTS`; when it is reached, one ``log_line`` note
   on the stream ``executor`` says so, later ones are dropped and counted, and
   a second note just before ``task_ended`` gives the count. The events of
@@ -37,16 +40,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from executor.data.logtail import NOTE_STREAM
-from executor.events import ProgressKind, ProgressUpdate
-from executor.hooks import (
+from executor.events import (
     AlgorithmProgress,
     Event,
-    HookDispatcher,
-    HookStats,
     LogLine,
+    ProgressKind,
+    ProgressUpdate,
+    Report,
     TaskContext,
     TaskEnded,
 )
+from executor.hooks import HookDispatcher, HookStats
 from executor.sandbox.contract import PROGRESS_STEP_INTERVAL_S
 
 log = logging.getLogger(__name__)
@@ -131,12 +135,12 @@ class TaskEvents:
             self._dispatcher.emit(event)
         self._tell_listener(ready)
 
-    def progress(self, update: ProgressUpdate, batch: int) -> None:
-        """A progress update of ``batch``: a step may wait (coalesced); any other kind goes on at once."""
-        event = AlgorithmProgress(task=self._context, update=update, batch=batch)
+    def report(self, report: Report, batch: int) -> None:
+        """An event the sandbox reported in ``batch``, of any kind: a step may wait; others go on."""
+        event = report.bound(self._context, batch)
         with self._lock:
             self._batch = batch
-            if update.kind is ProgressKind.STEP:
+            if isinstance(event, AlgorithmProgress) and event.kind is ProgressKind.STEP:
                 now = self._clock()
                 if self._last_step is None or now - self._last_step >= self._interval:
                     if self._pending is not None:  # superseded by this one, which goes now
@@ -144,7 +148,7 @@ class TaskEvents:
                         self._coalesced += 1
                     self._last_step = now
                     self._counted(event)
-                    ready = [event]
+                    ready: list[Event] = [event]
                 else:
                     if self._pending is not None:
                         self._coalesced += 1
@@ -206,7 +210,7 @@ class TaskEvents:
         """A note of the parent's, outside the total (at most two per task)."""
         self._dispatcher.emit(LogLine(task=self._context, stream=NOTE_STREAM, line=text, batch=self._batch))
 
-    def _take_pending(self) -> list[AlgorithmProgress]:
+    def _take_pending(self) -> list[Event]:
         """Hand on the step waiting, if any; it, for the listener."""
         event, self._pending = self._pending, None
         if event is None:
@@ -240,12 +244,14 @@ class TaskEvents:
             self._tell_listener(ready)
 
     # -- the listener ----------------------------------------------------------------
-    def _tell_listener(self, events: list[AlgorithmProgress]) -> None:
+    def _tell_listener(self, events: list[Event]) -> None:
         if self._on_progress is None:
             return
         with self._listener_lock:
             for event in events:
+                if not isinstance(event, AlgorithmProgress):
+                    continue
                 try:
-                    self._on_progress(event.update)
+                    self._on_progress(event)
                 except Exception:  # the orchestrator's listener must not fail the sandbox's call
                     log.exception("task %s: the progress listener failed", self._context.task_id)

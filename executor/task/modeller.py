@@ -8,10 +8,9 @@ come from the parent. A modeller that cannot be reached never stops a task.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from executor.errors import SandboxExecutorError
 from executor.events import ControlKind
@@ -21,6 +20,7 @@ if TYPE_CHECKING:
     from executor.mailbox.broker import MailboxBroker
     from executor.outcome import ErrorDetail
     from executor.rpc.session import TaskSession
+    from executor.sandbox.contract import MessageType
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ def abort_modeller(broker: MailboxBroker, task_id: str, reason: str, error: Erro
         log.warning("task %s: could not tell the modeller it aborted: %s", task_id, exc)
 
 
-def tell_modeller(broker: MailboxBroker, task_id: str, message_type: str, body: dict[str, Any]) -> None:
-    """Send the seed's batch messages; a modeller that cannot be reached does not stop the task."""
+def tell_modeller(broker: MailboxBroker, task_id: str, message_type: MessageType, body: bytes) -> None:
+    """Send a batch message (the contract's body); an unreachable modeller does not stop the task."""
     try:
-        broker.send_bytes(message_type, json.dumps(body).encode())
+        broker.send_bytes(message_type, body)
     except Exception as exc:  # the transport's failure is the modeller's loss, not the task's
         log.info("task %s: could not send %s to the modeller: %s", task_id, message_type, exc)

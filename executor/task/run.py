@@ -44,6 +44,12 @@ from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Route
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
+from executor.sandbox.contract import (
+    MessageType,
+    batches_complete_body,
+    current_batch_id_body,
+    number_of_batches_body,
+)
 from executor.spec import TaskSpec
 from executor.task.batch import BatchRunner
 from executor.task.bundle import Bundle
@@ -226,7 +232,9 @@ class TaskRun:
             assert gave_up.error is not None
             abort_modeller(broker, self.task_id, gave_up.error.type, gave_up.error)
             if self.spec.batched:
-                tell_modeller(broker, self.task_id, "BATCHES_COMPLETE", {"state": "FAILED"})
+                tell_modeller(
+                    broker, self.task_id, MessageType.BATCHES_COMPLETE, batches_complete_body("FAILED")
+                )
             raise
         finally:
             broker.close()
@@ -238,7 +246,7 @@ class TaskRun:
         assert batches is not None
         total = len(plan.batches)
         if batched:
-            tell_modeller(broker, self.task_id, "NUMBER_OF_BATCHES", {"number_of_batches": total})
+            tell_modeller(broker, self.task_id, MessageType.NUMBER_OF_BATCHES, number_of_batches_body(total))
         results: list[Any] = []
         files: dict[str, tuple[FileKind, str]] = {}
         timings: dict[str, float] = {}
@@ -258,7 +266,9 @@ class TaskRun:
                 abort_modeller(broker, self.task_id, REASON_CANCELLED, last.error)
                 break
             if batched:
-                tell_modeller(broker, self.task_id, "CURRENT_BATCH_ID", {"batch_id": number})
+                tell_modeller(
+                    broker, self.task_id, MessageType.CURRENT_BATCH_ID, current_batch_id_body(number)
+                )
             done = batches.run(number, batch, broker, relay)
             last = done.outcome
             for phase, seconds in done.outcome.timings.items():
@@ -293,7 +303,7 @@ class TaskRun:
             self._completed += 1
         if batched:
             state = "SUCCESS" if self._completed == total else "FAILED"
-            tell_modeller(broker, self.task_id, "BATCHES_COMPLETE", {"state": state})
+            tell_modeller(broker, self.task_id, MessageType.BATCHES_COMPLETE, batches_complete_body(state))
         if self._failed_saved:
             self._emit(FailedFilesSaved(task=self.context, files=dict(self._failed_saved)))
         assert last is not None  # plan_batches always gives at least one batch

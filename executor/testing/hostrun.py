@@ -38,10 +38,10 @@ def host_path(path):
 
 
 class HostContext(runtime.Context):
-    def __init__(self, config, client, scratch_dir):
+    def __init__(self, config, client, scratch_dir, **kwargs):
         config.protocol_path = host_path(config.protocol_path)
         config.data_path = host_path(config.data_path)
-        super().__init__(config, client, scratch_dir)
+        super().__init__(config, client, scratch_dir, **kwargs)
 
 
 runtime.Context = HostContext

@@ -306,6 +306,26 @@ class ResultRows(_message.Message):
     rows_json: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, rows_json: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ReportRequest(_message.Message):
+    __slots__ = ("progress", "files", "rows", "metric")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    progress: ProgressEvent
+    files: FileOutcomes
+    rows: ResultRows
+    metric: Metric
+    def __init__(self, progress: _Optional[_Union[ProgressEvent, _Mapping]] = ..., files: _Optional[_Union[FileOutcomes, _Mapping]] = ..., rows: _Optional[_Union[ResultRows, _Mapping]] = ..., metric: _Optional[_Union[Metric, _Mapping]] = ...) -> None: ...
+
+class Metric(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+
 class Ack(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -74,19 +74,9 @@ class SandboxStub:
                 request_serializer=executor_dot_v1_dot_sandbox__pb2.GetSecureSharesRequest.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_sandbox__pb2.SecureShares.FromString,
                 _registered_method=True)
-        self.ReportProgress = channel.unary_unary(
-                '/executor.v1.Sandbox/ReportProgress',
-                request_serializer=executor_dot_v1_dot_sandbox__pb2.ProgressEvent.SerializeToString,
-                response_deserializer=executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
-                _registered_method=True)
-        self.ReportFiles = channel.unary_unary(
-                '/executor.v1.Sandbox/ReportFiles',
-                request_serializer=executor_dot_v1_dot_sandbox__pb2.FileOutcomes.SerializeToString,
-                response_deserializer=executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
-                _registered_method=True)
-        self.SaveResults = channel.unary_unary(
-                '/executor.v1.Sandbox/SaveResults',
-                request_serializer=executor_dot_v1_dot_sandbox__pb2.ResultRows.SerializeToString,
+        self.Report = channel.unary_unary(
+                '/executor.v1.Sandbox/Report',
+                request_serializer=executor_dot_v1_dot_sandbox__pb2.ReportRequest.SerializeToString,
                 response_deserializer=executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
                 _registered_method=True)
         self.Finish = channel.unary_unary(
@@ -168,24 +158,11 @@ class SandboxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReportProgress(self, request, context):
-        """Progress events for the operator (progress bars) and the hooks.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ReportFiles(self, request, context):
-        """Per-file outcomes: which datasource files were processed or failed.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def SaveResults(self, request, context):
-        """Result rows the protocol hands to the parent, which validates them and
-        stores them (e.g. in the project database). Many calls per task; each is
-        accepted or refused whole.
+    def Report(self, request, context):
+        """Everything the protocol reports for the operator and the hooks, one
+        report a call: progress, per-file outcomes, result rows. Each case is
+        validated and charged to the task's budget as its own kind
+        (executor/rpc/limits.py); a call is accepted or refused whole.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,19 +218,9 @@ def add_SandboxServicer_to_server(servicer, server):
                     request_deserializer=executor_dot_v1_dot_sandbox__pb2.GetSecureSharesRequest.FromString,
                     response_serializer=executor_dot_v1_dot_sandbox__pb2.SecureShares.SerializeToString,
             ),
-            'ReportProgress': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReportProgress,
-                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.ProgressEvent.FromString,
-                    response_serializer=executor_dot_v1_dot_sandbox__pb2.Ack.SerializeToString,
-            ),
-            'ReportFiles': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReportFiles,
-                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.FileOutcomes.FromString,
-                    response_serializer=executor_dot_v1_dot_sandbox__pb2.Ack.SerializeToString,
-            ),
-            'SaveResults': grpc.unary_unary_rpc_method_handler(
-                    servicer.SaveResults,
-                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.ResultRows.FromString,
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=executor_dot_v1_dot_sandbox__pb2.ReportRequest.FromString,
                     response_serializer=executor_dot_v1_dot_sandbox__pb2.Ack.SerializeToString,
             ),
             'Finish': grpc.unary_unary_rpc_method_handler(
@@ -489,7 +456,7 @@ class Sandbox:
             _registered_method=True)
 
     @staticmethod
-    def ReportProgress(request,
+    def Report(request,
             target,
             options=(),
             channel_credentials=None,
@@ -502,62 +469,8 @@ class Sandbox:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/executor.v1.Sandbox/ReportProgress',
-            executor_dot_v1_dot_sandbox__pb2.ProgressEvent.SerializeToString,
-            executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReportFiles(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/executor.v1.Sandbox/ReportFiles',
-            executor_dot_v1_dot_sandbox__pb2.FileOutcomes.SerializeToString,
-            executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def SaveResults(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/executor.v1.Sandbox/SaveResults',
-            executor_dot_v1_dot_sandbox__pb2.ResultRows.SerializeToString,
+            '/executor.v1.Sandbox/Report',
+            executor_dot_v1_dot_sandbox__pb2.ReportRequest.SerializeToString,
             executor_dot_v1_dot_sandbox__pb2.Ack.FromString,
             options,
             channel_credentials,

@@ -72,14 +72,11 @@ class SandboxStub:
     and opened by the parent with the pods' RSA keys.
     """
     GetSecureShares: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.GetSecureSharesRequest, _sandbox_pb2.SecureShares]
-    ReportProgress: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ProgressEvent, _sandbox_pb2.Ack]
-    """Progress events for the operator (progress bars) and the hooks."""
-    ReportFiles: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.FileOutcomes, _sandbox_pb2.Ack]
-    """Per-file outcomes: which datasource files were processed or failed."""
-    SaveResults: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ResultRows, _sandbox_pb2.Ack]
-    """Result rows the protocol hands to the parent, which validates them and
-    stores them (e.g. in the project database). Many calls per task; each is
-    accepted or refused whole.
+    Report: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.ReportRequest, _sandbox_pb2.Ack]
+    """Everything the protocol reports for the operator and the hooks, one
+    report a call: progress, per-file outcomes, result rows. Each case is
+    validated and charged to the task's budget as its own kind
+    (executor/rpc/limits.py); a call is accepted or refused whole.
     """
     Finish: _grpc.UnaryUnaryMultiCallable[_sandbox_pb2.FinishRequest, _sandbox_pb2.Ack]
     """The terminal result. Called at most once."""
@@ -121,14 +118,11 @@ class SandboxAsyncStub(SandboxStub):
     and opened by the parent with the pods' RSA keys.
     """
     GetSecureShares: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.GetSecureSharesRequest, _sandbox_pb2.SecureShares]  # type: ignore[assignment]
-    ReportProgress: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ProgressEvent, _sandbox_pb2.Ack]  # type: ignore[assignment]
-    """Progress events for the operator (progress bars) and the hooks."""
-    ReportFiles: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.FileOutcomes, _sandbox_pb2.Ack]  # type: ignore[assignment]
-    """Per-file outcomes: which datasource files were processed or failed."""
-    SaveResults: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ResultRows, _sandbox_pb2.Ack]  # type: ignore[assignment]
-    """Result rows the protocol hands to the parent, which validates them and
-    stores them (e.g. in the project database). Many calls per task; each is
-    accepted or refused whole.
+    Report: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.ReportRequest, _sandbox_pb2.Ack]  # type: ignore[assignment]
+    """Everything the protocol reports for the operator and the hooks, one
+    report a call: progress, per-file outcomes, result rows. Each case is
+    validated and charged to the task's budget as its own kind
+    (executor/rpc/limits.py); a call is accepted or refused whole.
     """
     Finish: _aio.UnaryUnaryMultiCallable[_sandbox_pb2.FinishRequest, _sandbox_pb2.Ack]  # type: ignore[assignment]
     """The terminal result. Called at most once."""
@@ -217,30 +211,15 @@ class SandboxServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_sandbox_pb2.SecureShares, _abc.Awaitable[_sandbox_pb2.SecureShares]]: ...
 
     @_abc_1.abstractmethod
-    def ReportProgress(
+    def Report(
         self,
-        request: _sandbox_pb2.ProgressEvent,
+        request: _sandbox_pb2.ReportRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_sandbox_pb2.Ack, _abc.Awaitable[_sandbox_pb2.Ack]]:
-        """Progress events for the operator (progress bars) and the hooks."""
-
-    @_abc_1.abstractmethod
-    def ReportFiles(
-        self,
-        request: _sandbox_pb2.FileOutcomes,
-        context: _ServicerContext,
-    ) -> _typing.Union[_sandbox_pb2.Ack, _abc.Awaitable[_sandbox_pb2.Ack]]:
-        """Per-file outcomes: which datasource files were processed or failed."""
-
-    @_abc_1.abstractmethod
-    def SaveResults(
-        self,
-        request: _sandbox_pb2.ResultRows,
-        context: _ServicerContext,
-    ) -> _typing.Union[_sandbox_pb2.Ack, _abc.Awaitable[_sandbox_pb2.Ack]]:
-        """Result rows the protocol hands to the parent, which validates them and
-        stores them (e.g. in the project database). Many calls per task; each is
-        accepted or refused whole.
+        """Everything the protocol reports for the operator and the hooks, one
+        report a call: progress, per-file outcomes, result rows. Each case is
+        validated and charged to the task's budget as its own kind
+        (executor/rpc/limits.py); a call is accepted or refused whole.
         """
 
     @_abc_1.abstractmethod

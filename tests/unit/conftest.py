@@ -138,7 +138,7 @@ def make_session(tmp_path: Path) -> Iterator[Callable[..., SessionKit]]:
             config if config is not None else pb.TaskConfig(task_id=task_id),
             broker,
             max_result_bytes=max_result_bytes,
-            on_progress=record,
+            on_event=record,
             on_finish=lambda: finish_calls.append(None),
             data_dir=data_dir,
             rows=rows,

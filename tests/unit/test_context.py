@@ -30,7 +30,7 @@ from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Route
 from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
-from executor.sandbox import context as context_module
+from executor.sandbox import progress as progress_module
 from executor.sandbox import runtime
 from executor.sandbox.context import (
     Context,
@@ -275,13 +275,14 @@ def test_wait_for_modeller_returns_once_the_modeller_is_ready(kit, connect, monk
     monkeypatch.setattr(runtime.os, "_exit", exits.append)
     c = connect(kit.session)
     kit.broker.watch_ready(lambda: kit.session.send_control(ControlKind.MODELLER_READY))
-    heartbeat = runtime.Heartbeat(c.client, 0.05, [c.ctx])
+    heartbeat = runtime.Heartbeat(c.client, 0.05)
+    ctx = Context(_config(), c.client, c.ctx.scratch_dir, modeller_ready=heartbeat.modeller_ready)
     heartbeat.start()
     try:
         assert heartbeat.wait_seen(5)
-        assert not c.ctx.mailbox.wait_for_modeller(0.2)
+        assert not ctx.mailbox.wait_for_modeller(0.2)
         kit.modeller.ready(kit.task_id)
-        assert c.ctx.mailbox.wait_for_modeller(5)
+        assert ctx.mailbox.wait_for_modeller(5)
     finally:
         heartbeat.stop()
     assert exits == []
@@ -350,6 +351,22 @@ def test_progress_events_reach_the_parent_with_their_fields(kit, connect):
     )
     assert (kit.progress[1].current_epoch, kit.progress[1].max_epochs) == (1, 3)
     assert c.client.progress_events == 5
+
+
+def test_a_report_of_any_kind_travels_by_its_case_and_is_checked_as_that_kind(kit, connect):
+    c = connect(kit.session)
+    c.ctx.report("progress", kind=pb.ProgressEvent.STEP, current=4, total=8, info="generic")
+    assert [(u.kind, u.current, u.total, u.info) for u in kit.progress] == [("STEP", 4, 8, "generic")]
+    # The parent checks it as it checks that kind's own method.
+    with pytest.raises(ReportRefused) as refused:
+        c.ctx.report("progress", kind=pb.ProgressEvent.STEP, info="i" * 2000)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    # A kind the contract does not have, or a field its message lacks, sends nothing.
+    for kind, fields in (("telemetry", {}), ("progress", {"colour": "red"}), ("progress", {"current": "x"})):
+        with pytest.raises(ReportRefused) as local:
+            c.ctx.report(kind, **fields)
+        assert local.value.code == ""
+    assert len(kit.progress) == 1
 
 
 @pytest.fixture
@@ -558,7 +575,7 @@ def test_a_step_left_waiting_is_sent_by_itself_when_its_interval_is_up(kit, conn
     # The steps come within one interval whatever the machine's load (on real time, a
     # first step's call slower than the interval let the second through at once).
     clock = StillClock()
-    monkeypatch.setattr(context_module, "time", clock)
+    monkeypatch.setattr(progress_module, "time", clock)
     c = connect(kit.session)
     for i in range(10):
         c.ctx.progress.step(i, 10)

@@ -107,9 +107,8 @@ def kit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Kit]:
         spools = sorted(str(p) for p in kit.spool_dir.iterdir()) if kit.spool_dir.exists() else []
         assert not leftovers, f"task directories left behind: {leftovers}"
         assert not spools, f"spools left behind: {spools}"
-        # A warm slot's server that never had a task has no session: its ref is closed instead.
-        stopped = [s.session.closed if s.session is not None else s.ref._closed for s in kit.servers]
-        assert all(e.is_set() for e in stopped), "a task server was never stopped"
+        # A stopped server has removed its socket (a warm slot's too, task or none).
+        assert not [s for s in kit.servers if s.socket_path.exists()], "a task server was never stopped"
         with executor_module.UidPool(kit.uid_dir).lease(POLICY):
             pass  # the task's uid was given back
     finally:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from executor.errors import HostError
-from executor.events import ProgressKind, ProgressUpdate
+from executor.events import ProgressKind
 from executor.hooks import (
     MAX_LOGGED_FAILURES,
     AlgorithmProgress,
@@ -89,10 +89,7 @@ def every_event() -> list[Event]:
             task=CTX, time=WHEN, selection={"total": 5, "selected": 3}, total_batches=2, runtime="runc"
         ),
         AlgorithmProgress(
-            task=CTX,
-            time=WHEN,
-            update=ProgressUpdate(ProgressKind.EPOCH_START, current_epoch=2, max_epochs=5),
-            batch=1,
+            ProgressKind.EPOCH_START, current_epoch=2, max_epochs=5, task=CTX, time=WHEN, batch=1
         ),
         BatchRun(
             task=CTX,
@@ -155,9 +152,7 @@ def test_event_fields_in_their_json_form():
 
 
 def test_a_step_keeps_its_info_and_counts():
-    d = AlgorithmProgress(
-        task=CTX, update=ProgressUpdate(ProgressKind.STEP, current=3, total=9, info="loss 0.2"), batch=2
-    ).to_dict()
+    d = AlgorithmProgress(ProgressKind.STEP, current=3, total=9, info="loss 0.2", task=CTX, batch=2).to_dict()
     assert (d["kind"], d["current"], d["total"], d["info"], d["batch"]) == ("step", 3, 9, "loss 0.2", 2)
 
 

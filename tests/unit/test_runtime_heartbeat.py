@@ -57,7 +57,7 @@ def exits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 def test_protocol_code_waits_for_the_parent_to_see_a_beat(exits):
     stub = FakeStub([], fail=False)
-    heartbeat = runtime.Heartbeat(FakeClient(stub), 0.05, [])  # type: ignore[arg-type]
+    heartbeat = runtime.Heartbeat(FakeClient(stub), 0.05)  # type: ignore[arg-type]
     heartbeat.start()
     try:
         assert not heartbeat.wait_seen(0.3)
@@ -65,7 +65,7 @@ def test_protocol_code_waits_for_the_parent_to_see_a_beat(exits):
         heartbeat.stop()
         stub.release.set()
     stub = FakeStub([pb.Control.BEAT_SEEN], fail=False)
-    heartbeat = runtime.Heartbeat(FakeClient(stub), 0.05, [])  # type: ignore[arg-type]
+    heartbeat = runtime.Heartbeat(FakeClient(stub), 0.05)  # type: ignore[arg-type]
     heartbeat.start()
     try:
         assert heartbeat.wait_seen(5)
@@ -79,6 +79,6 @@ def test_the_runtime_leaves_when_the_parent_is_gone_even_with_stderr_closed(exit
     closed = io.StringIO()
     closed.close()
     monkeypatch.setattr(runtime.sys, "stderr", closed)
-    heartbeat = runtime.Heartbeat(FakeClient(FakeStub([pb.Control.BEAT_SEEN], fail=True)), 0.05, [])  # type: ignore[arg-type]
+    heartbeat = runtime.Heartbeat(FakeClient(FakeStub([pb.Control.BEAT_SEEN], fail=True)), 0.05)  # type: ignore[arg-type]
     heartbeat.start()
     assert wait_for(lambda: exits == [EXIT_PARENT_GONE])

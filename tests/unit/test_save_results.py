@@ -1,4 +1,4 @@
-"""Result rows from protocol code to the parent: ctx.save_results -> SaveResults -> TaskSession.
+"""Result rows from protocol code to the parent: ctx.save_results -> Report(rows) -> TaskSession.
 
 Every row is untrusted: the session keeps a call's rows only if each is one
 flat JSON object of scalars within the caps, and keeps none of them otherwise.
@@ -29,13 +29,14 @@ import pytest
 from executor.data import resultrows
 from executor.data.resultrows import TaskRows
 from executor.errors import ProjectDatabaseError
+from executor.rpc import checks as checks_module
 from executor.rpc import limits as limits_module
-from executor.rpc import session as session_module
 from executor.rpc.limits import RATE_BURST, RATE_LIMITED, RATE_PER_S, ROWS_PER_TOKEN, CallLimiter
 from executor.rpc.server import TaskServer
 from executor.rpc.servicer import SandboxServicer
 from executor.rpc.session import RequestRejected, TaskSession
-from executor.sandbox import context as context_module
+from executor.sandbox import client as client_module
+from executor.sandbox import results as results_module
 from executor.sandbox.context import Context, ParentClient, ReportRefused, SandboxError
 from executor.sandbox.contract import (
     MAX_COLUMN_NAME_CHARS,
@@ -238,14 +239,14 @@ def test_rows_after_the_parent_ended_the_task_are_refused(make_session):
 def test_a_finish_that_lands_while_rows_are_checked_refuses_them(make_session, monkeypatch):
     kit = make_session()
     session = kit.session
-    check = session_module.check_row
+    check = checks_module.check_row
 
     def finish_midway(text: str) -> None:
         if session.finish is None:
             _finish(session)  # the result arrives on another thread while this call parses
         check(text)
 
-    monkeypatch.setattr(session_module, "check_row", finish_midway)
+    monkeypatch.setattr(checks_module, "check_row", finish_midway)
     _rejected("FAILED_PRECONDITION", session.save_results, ['{"a": 1}', '{"a": 2}'])
     assert kit.saved() == []
 
@@ -263,10 +264,8 @@ def test_result_row_caps_are_pinned():
     assert resultrows.MAX_ROWS_PER_BATCH == 100_000
     assert resultrows.MAX_ROWS_BYTES_PER_BATCH == 32 * 1024 * 1024
     # Parent and child enforce the same objects, not copies.
-    assert (
-        resultrows.MAX_ROWS_PER_CALL is session_module.MAX_ROWS_PER_CALL is context_module.MAX_ROWS_PER_CALL
-    )
-    assert resultrows.MAX_ROW_BYTES is session_module.MAX_ROW_BYTES is context_module.MAX_ROW_BYTES
+    assert resultrows.MAX_ROWS_PER_CALL is checks_module.MAX_ROWS_PER_CALL is results_module.MAX_ROWS_PER_CALL
+    assert resultrows.MAX_ROW_BYTES is checks_module.MAX_ROW_BYTES is results_module.MAX_ROW_BYTES
 
 
 def test_rows_per_call(make_session):
@@ -432,7 +431,7 @@ def _status(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
 def test_save_results_over_the_wire(make_session, serve):
     s = serve(make_session())
     rows = pb.ResultRows(rows_json=['{"file": "a.csv", "n": 1}', '{"file": "b.csv", "n": 2}'])
-    assert s.stub.SaveResults(rows, metadata=s.auth, timeout=RPC_TIMEOUT) == pb.Ack()
+    assert s.stub.Report(pb.ReportRequest(rows=rows), metadata=s.auth, timeout=RPC_TIMEOUT) == pb.Ack()
     assert s.kit.saved() == [{"file": "a.csv", "n": 1}, {"file": "b.csv", "n": 2}]
 
 
@@ -441,7 +440,9 @@ def test_refusals_over_the_wire_carry_their_code_and_reason(make_session, serve)
 
     def save(*texts: str) -> tuple[grpc.StatusCode, str]:
         request = pb.ResultRows(rows_json=list(texts))
-        return _status(lambda: s.stub.SaveResults(request, metadata=s.auth, timeout=RPC_TIMEOUT))
+        return _status(
+            lambda: s.stub.Report(pb.ReportRequest(rows=request), metadata=s.auth, timeout=RPC_TIMEOUT)
+        )
 
     assert save('{"a": 1}', '{"a": {"nested": 1}}') == (
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -450,8 +451,10 @@ def test_refusals_over_the_wire_carry_their_code_and_reason(make_session, serve)
     assert save() == (grpc.StatusCode.INVALID_ARGUMENT, f"expected 1 to {MAX_ROWS_PER_CALL} result rows")
     unsigned = ((TOKEN_METADATA_KEY, "forged"),)
     code, _ = _status(
-        lambda: s.stub.SaveResults(
-            pb.ResultRows(rows_json=['{"a": 1}']), metadata=unsigned, timeout=RPC_TIMEOUT
+        lambda: s.stub.Report(
+            pb.ReportRequest(rows=pb.ResultRows(rows_json=['{"a": 1}'])),
+            metadata=unsigned,
+            timeout=RPC_TIMEOUT,
         )
     )
     assert code is grpc.StatusCode.UNAUTHENTICATED
@@ -463,17 +466,19 @@ def test_refusals_over_the_wire_carry_their_code_and_reason(make_session, serve)
 def test_a_call_larger_than_the_message_cap_is_refused_and_the_server_still_answers(make_session, serve):
     s = serve(make_session())
     huge = pb.ResultRows(rows_json=[_row_of_bytes(MAX_ROW_BYTES)] * 40)  # 2.5 MiB: past any cap
-    code, _ = _status(lambda: s.stub.SaveResults(huge, metadata=s.auth, timeout=RPC_TIMEOUT))
+    code, _ = _status(
+        lambda: s.stub.Report(pb.ReportRequest(rows=huge), metadata=s.auth, timeout=RPC_TIMEOUT)
+    )
     assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
     # The largest call the contract allows fits the server's message cap.
     full = pb.ResultRows(
         rows_json=[_row_of_bytes(MAX_ROW_BYTES)] * (MAX_ROWS_BYTES_PER_CALL // MAX_ROW_BYTES)
     )
-    s.stub.SaveResults(full, metadata=s.auth, timeout=RPC_TIMEOUT)
+    s.stub.Report(pb.ReportRequest(rows=full), metadata=s.auth, timeout=RPC_TIMEOUT)
     many = pb.ResultRows(
         rows_json=[_row_of_bytes(MAX_ROWS_BYTES_PER_CALL // MAX_ROWS_PER_CALL)] * MAX_ROWS_PER_CALL
     )
-    s.stub.SaveResults(many, metadata=s.auth, timeout=RPC_TIMEOUT)
+    s.stub.Report(pb.ReportRequest(rows=many), metadata=s.auth, timeout=RPC_TIMEOUT)
     assert len(s.kit.saved()) == len(full.rows_json) + MAX_ROWS_PER_CALL
 
 
@@ -500,10 +505,10 @@ def test_rows_are_charged_to_the_task_per_ten(make_session):
     servicer = SandboxServicer(session, CallLimiter(rate_per_s=0.001, burst=150))
     rows = pb.ResultRows(rows_json=['{"a": 1}'] * MAX_ROWS_PER_CALL)
     assert MAX_ROWS_PER_CALL // ROWS_PER_TOKEN <= 150 < 2 * (MAX_ROWS_PER_CALL // ROWS_PER_TOKEN)
-    servicer.SaveResults(rows, _RecordingContext())  # type: ignore[arg-type]
+    servicer.Report(pb.ReportRequest(rows=rows), _RecordingContext())  # type: ignore[arg-type]
     context = _RecordingContext()
     with pytest.raises(_Aborted):
-        servicer.SaveResults(rows, context)  # type: ignore[arg-type]
+        servicer.Report(pb.ReportRequest(rows=rows), context)  # type: ignore[arg-type]
     assert (context.code, context.details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, RATE_LIMITED)
     assert context.trailers == ((RATE_LIMITED_TRAILER, "1"),)
     assert len(kit.saved()) == MAX_ROWS_PER_CALL, "the refused call kept nothing"
@@ -515,8 +520,8 @@ def test_a_task_saving_its_whole_row_cap_is_slowed_at_most_never_refused():
     # child's backoff waits before it gives up.
     call_cost = 1 + MAX_ROWS_PER_CALL // ROWS_PER_TOKEN
     assert call_cost <= RATE_BURST
-    backoff, delay = 0.0, context_module.RATE_BACKOFF_S
-    for _ in range(context_module.RATE_RETRIES - 1):
+    backoff, delay = 0.0, client_module.RATE_BACKOFF_S
+    for _ in range(client_module.RATE_RETRIES - 1):
         backoff += delay
         delay = min(delay * 2, 0.5)
     assert call_cost / RATE_PER_S < backoff / 4
@@ -574,21 +579,21 @@ LOCAL_REFUSALS: dict[str, tuple[object, str]] = {
         [{"a": 1}, [("a", 1)]],
         f"result row {MAX_ROWS_PER_CALL + 2} is a list, not a dict",
     ),
-    "empty-row": ([{}], f"result row {MAX_ROWS_PER_CALL + 1} has 0 columns"),
-    "too-many-columns": ([{f"c{i}": 1 for i in range(MAX_COLUMNS + 1)}], "257 columns"),
-    "int-key": ([{1: "a"}], "column name 1 is not a string"),
-    "empty-key": ([{"": 1}], "column name '' is not"),
+    "empty-row": ([{}], f"result row {MAX_ROWS_PER_CALL + 1} must have 1 to {MAX_COLUMNS} columns"),
+    "too-many-columns": ([{f"c{i}": 1 for i in range(MAX_COLUMNS + 1)}], f"1 to {MAX_COLUMNS} columns"),
+    "int-key": ([{1: "a"}], "column 1, has a column name that is not"),
+    "empty-key": ([{"": 1}], "column '', has a column name that is not"),
     "long-key": ([{"k" * (MAX_COLUMN_NAME_CHARS + 1): 1}], "characters free of control characters"),
-    "nul-in-key": ([{"a\0": 1}], "column name 'a\\x00'"),
-    "nested-list": ([{"a": [1]}], "column 'a': a list is not a JSON scalar"),
-    "nested-dict": ([{"a": {"b": 1}}], "column 'a': a dict is not a JSON scalar"),
-    "tuple": ([{"a": (1, 2)}], "a tuple is not a JSON scalar"),
-    "decimal": ([{"a": Decimal("1.5")}], "a Decimal is not a JSON scalar"),
-    "object": ([{"a": _Opaque()}], "a _Opaque is not a JSON scalar"),
-    "bytes": ([{"a": b"x"}], "a bytes is not a JSON scalar"),
-    "nan": ([{"a": math.nan}], "nan is not a JSON number"),
-    "infinity": ([{"a": -math.inf}], "-inf is not a JSON number"),
-    "int-too-large": ([{"a": INT64_MAX + 1}], "integer outside signed 64 bits"),
+    "nul-in-key": ([{"a\0": 1}], "column 'a\\x00', has a column name"),
+    "nested-list": ([{"a": [1]}], "column 'a', has a value that is not a JSON scalar"),
+    "nested-dict": ([{"a": {"b": 1}}], "column 'a', has a value that is not a JSON scalar"),
+    "tuple": ([{"a": (1, 2)}], "not a JSON scalar"),
+    "decimal": ([{"a": Decimal("1.5")}], "not a JSON scalar"),
+    "object": ([{"a": _Opaque()}], "not a JSON scalar"),
+    "bytes": ([{"a": b"x"}], "not a JSON scalar"),
+    "nan": ([{"a": math.nan}], "column 'a', holds a number that is not finite"),
+    "infinity": ([{"a": -math.inf}], "holds a number that is not finite"),
+    "int-too-large": ([{"a": INT64_MAX + 1}], "integer outside the signed 64-bit range"),
     "lone-surrogate": ([{"a": "\udc00"}], "lone surrogate"),
     "row-too-large": ([{"a": "x" * MAX_ROW_BYTES}], f"the limit is {MAX_ROW_BYTES}"),
 }

@@ -7,15 +7,13 @@ import threading
 
 import pytest
 
-from executor.events import ProgressKind
+from executor.events import ProgressKind, ProgressUpdate
 from executor.mailbox.transport import Envelope
 from executor.rpc.session import (
-    MAX_INFO_CHARS,
     MAX_PENDING_RECEIVES,
-    MAX_TRACEBACK_CHARS,
-    ProgressUpdate,
     RequestRejected,
 )
+from executor.sandbox.contract import MAX_INFO_CHARS, MAX_TRACEBACK_CHARS
 from executor.v1 import sandbox_pb2 as pb
 
 
@@ -216,23 +214,23 @@ def test_too_many_concurrent_receives(make_session):
 def test_progress_kinds_reach_the_listener(make_session, kind):
     kit = make_session()
     update = ProgressUpdate(kind, current_epoch=1, max_epochs=3, current=5, total=10, info="loss 0.3")
-    kit.session.report_progress(update)
+    kit.session.report_event(update)
     assert kit.progress == [update]
 
 
 @pytest.mark.parametrize("kind", ["KIND_UNSPECIFIED", "<invalid>", "step", "DONE", ""])
 def test_unknown_progress_kinds_are_refused(make_session, kind):
     kit = make_session()
-    _rejected("INVALID_ARGUMENT", kit.session.report_progress, ProgressUpdate(kind))
+    _rejected("INVALID_ARGUMENT", kit.session.report_event, ProgressUpdate(kind))
     assert kit.progress == []
 
 
 def test_progress_info_is_capped(make_session):
     kit = make_session()
-    kit.session.report_progress(ProgressUpdate(ProgressKind.STEP, info="i" * MAX_INFO_CHARS))
+    kit.session.report_event(ProgressUpdate(ProgressKind.STEP, info="i" * MAX_INFO_CHARS))
     _rejected(
         "INVALID_ARGUMENT",
-        kit.session.report_progress,
+        kit.session.report_event,
         ProgressUpdate(ProgressKind.STEP, info="i" * (MAX_INFO_CHARS + 1)),
     )
     assert len(kit.progress) == 1
@@ -243,8 +241,8 @@ def test_a_failing_progress_listener_does_not_fail_the_call(make_session, caplog
         raise RuntimeError("display crashed")
 
     kit = make_session(on_progress=broken)
-    kit.session.report_progress(ProgressUpdate(ProgressKind.RUN_START))
-    kit.session.report_progress(ProgressUpdate(ProgressKind.RUN_END))
+    kit.session.report_event(ProgressUpdate(ProgressKind.RUN_START))
+    kit.session.report_event(ProgressUpdate(ProgressKind.RUN_END))
     assert [u.kind for u in kit.progress] == [ProgressKind.RUN_START, ProgressKind.RUN_END]
     assert "progress listener failed" in caplog.text
 
@@ -430,9 +428,7 @@ def test_error_text_with_a_lone_surrogate_is_refused(make_session, field):
 
 def test_progress_info_with_a_lone_surrogate_is_refused(make_session):
     kit = make_session()
-    _rejected(
-        "INVALID_ARGUMENT", kit.session.report_progress, ProgressUpdate(ProgressKind.STEP, info="\ud800")
-    )
+    _rejected("INVALID_ARGUMENT", kit.session.report_event, ProgressUpdate(ProgressKind.STEP, info="\ud800"))
     assert kit.progress == []
 
 
@@ -457,8 +453,8 @@ def test_file_outcome_caps_are_pinned():
     assert f.MAX_FILE_NAME_CHARS_PER_TASK == 16 * 1024 * 1024
     assert f.MAX_REASON_CHARS_PER_TASK == 256 * 1024
     assert f.MAX_FAILED_FILES_IN_JSON == 1000
-    # The session enforces the same objects, not copies.
-    import executor.rpc.session as s
+    # The session's checks enforce the same objects, not copies.
+    import executor.rpc.checks as s
 
     assert (s.MAX_FILES_PER_CALL, s.MAX_FILE_NAME_CHARS, s.MAX_FILE_REASON_CHARS) == (
         f.MAX_FILES_PER_CALL,

@@ -88,10 +88,10 @@ def test_steps_coming_faster_than_the_interval_are_coalesced_to_the_latest(rig: 
     # Finding 4 of the third red team: every step became an event for every
     # hook (1.45 MB/s to --events) and half a core of the parent.
     for n in range(1, 101):  # all at one instant
-        rig.events.progress(step(n), 1)
+        rig.events.report(step(n), 1)
     clock.now += PROGRESS_STEP_INTERVAL_S
-    rig.events.progress(step(101), 1)  # the interval is up: this one goes, superseding the waiting one
-    rig.events.progress(step(102), 1)  # and this one waits again
+    rig.events.report(step(101), 1)  # the interval is up: this one goes, superseding the waiting one
+    rig.events.report(step(102), 1)  # and this one waits again
     rig.events.emit(BatchRun(task=CTX, datasource_name="d", statistics={}, batch_number=1, total_batches=1))
     assert kinds(rig.close()) == ["step1", "step101", "step102", "batch_run"]
     assert rig.events.stats.coalesced == 99  # 2..100
@@ -99,20 +99,20 @@ def test_steps_coming_faster_than_the_interval_are_coalesced_to_the_latest(rig: 
 
 
 def test_a_boundary_goes_on_at_once_after_the_step_waiting_before_it(rig: Rig) -> None:
-    rig.events.progress(ProgressUpdate(ProgressKind.RUN_START), 1)
+    rig.events.report(ProgressUpdate(ProgressKind.RUN_START), 1)
     for n in range(1, 4):
-        rig.events.progress(step(n), 1)
-    rig.events.progress(ProgressUpdate(ProgressKind.EPOCH_END, current_epoch=1, max_epochs=2), 1)
-    rig.events.progress(ProgressUpdate(ProgressKind.EPOCH_START, current_epoch=2, max_epochs=2), 1)
-    rig.events.progress(ProgressUpdate(ProgressKind.RUN_END), 1)
+        rig.events.report(step(n), 1)
+    rig.events.report(ProgressUpdate(ProgressKind.EPOCH_END, current_epoch=1, max_epochs=2), 1)
+    rig.events.report(ProgressUpdate(ProgressKind.EPOCH_START, current_epoch=2, max_epochs=2), 1)
+    rig.events.report(ProgressUpdate(ProgressKind.RUN_END), 1)
     assert kinds(rig.close()) == ["run_start", "step1", "step3", "epoch_end", "epoch_start", "run_end"]
 
 
 def test_a_log_line_and_the_end_hand_on_the_waiting_step_first(rig: Rig) -> None:
-    rig.events.progress(step(1), 1)
-    rig.events.progress(step(2), 1)
+    rig.events.report(step(1), 1)
+    rig.events.report(step(2), 1)
     rig.events.log_line("stdout", "hello", 1)
-    rig.events.progress(step(3), 1)
+    rig.events.report(step(3), 1)
     assert kinds(rig.close()) == ["step1", "step2", "log_line", "step3"]
 
 
@@ -122,7 +122,7 @@ def test_a_waiting_step_goes_on_by_itself_when_its_interval_is_up() -> None:
     r = Rig(time.monotonic, step_interval_s=0.05, flush_thread=True)
     try:
         for n in range(1, 11):
-            r.events.progress(step(n), 1)
+            r.events.report(step(n), 1)
         assert wait_for(lambda: [u.current for u in r.heard] == [1, 10])
     finally:
         got = r.close()
@@ -137,7 +137,7 @@ def test_the_task_s_total_drops_progress_and_log_events_with_two_notes_and_keeps
     with caplog.at_level(logging.WARNING, logger="executor.task.eventflow"):
         for n in range(8):
             r.events.log_line("stdout", f"line {n}", 1)
-        r.events.progress(ProgressUpdate(ProgressKind.RUN_END), 1)
+        r.events.report(ProgressUpdate(ProgressKind.RUN_END), 1)
     r.events.emit(BatchRun(task=CTX, datasource_name="d", statistics={}, batch_number=1, total_batches=1))
     r.events.emit(TaskEnded(task=CTX, outcome=Outcome("t-1", Status.OK)))
     got = r.close()
@@ -165,7 +165,7 @@ def test_a_failing_listener_is_logged_and_the_events_still_go_on(clock: Clock, c
 
     events = TaskEvents(HookDispatcher([got.append]), CTX, on_progress=broken, clock=clock)
     with caplog.at_level(logging.ERROR, logger="executor.task.eventflow"):
-        events.progress(ProgressUpdate(ProgressKind.RUN_START), 1)
+        events.report(ProgressUpdate(ProgressKind.RUN_START), 1)
     events.close(5.0)
     assert kinds(got) == ["run_start"]
     assert "the progress listener failed" in caplog.text

@@ -1,7 +1,7 @@
 """Bench protocol: report progress as fast as it can for a while, or sleep as long (the baseline).
 
 ``mode`` is ``steps`` (``ctx.progress.step`` in a tight loop, an honest but
-eager protocol), ``raw`` (the ReportProgress call itself in a tight loop,
+eager protocol), ``raw`` (a Report of progress itself in a tight loop,
 past whatever ``ctx.progress`` does: what a hostile protocol can make the
 parent do) or ``sleep`` (nothing for as long). Every ``per_epoch`` steps
 (0: never) an epoch starts and ends, as a training loop's would. A call the
@@ -19,8 +19,10 @@ def _raw(ctx):
 
     def report(**fields):
         client.call(
-            lambda: client.stub.ReportProgress(
-                pb.ProgressEvent(**fields), metadata=client.metadata, timeout=RPC_TIMEOUT_S
+            lambda: client.stub.Report(
+                pb.ReportRequest(progress=pb.ProgressEvent(**fields)),
+                metadata=client.metadata,
+                timeout=RPC_TIMEOUT_S,
             )
         )
 

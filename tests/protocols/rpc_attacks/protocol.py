@@ -91,17 +91,14 @@ METHODS: dict[str, tuple[str, bytes]] = {
     ),
     "SendSecureShares": ("unary_unary", pb.SecureShares(shares={"pod-x": b"s"}).SerializeToString()),
     "GetSecureShares": ("unary_unary", pb.GetSecureSharesRequest(timeout_ms=100).SerializeToString()),
-    "ReportProgress": (
+    "Report": (
         "unary_unary",
-        pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="forged").SerializeToString(),
-    ),
-    "ReportFiles": (
-        "unary_unary",
-        pb.FileOutcomes(
-            files=[pb.FileOutcome(name="sub/inner.csv", kind=pb.FileOutcome.FAILED, reason="forged")]
+        pb.ReportRequest(
+            files=pb.FileOutcomes(
+                files=[pb.FileOutcome(name="sub/inner.csv", kind=pb.FileOutcome.FAILED, reason="forged")]
+            )
         ).SerializeToString(),
     ),
-    "SaveResults": ("unary_unary", pb.ResultRows(rows_json=['{"forged": true}']).SerializeToString()),
     # If this were ever accepted the task would end with a forged result: loud, not silent.
     "Finish": ("unary_unary", pb.FinishRequest(status=pb.OK, result_json='"forged"').SerializeToString()),
 }
@@ -222,7 +219,7 @@ class Attacker:
         self.host_run_dir = ctx.parameters["host_run_dir"]
 
     def normal_calls_work(self, checks: Checks, label: str, channel: grpc.Channel | None = None) -> None:
-        """GetTask and ReportProgress answer on ``channel``, a new channel and the runtime's own."""
+        """GetTask and Report answer on ``channel``, a new channel and the runtime's own."""
         fresh = _channel()
         try:
             stubs = [("new channel", pb_grpc.SandboxStub(fresh)), ("runtime channel", self.own.stub)]
@@ -237,13 +234,15 @@ class Attacker:
                     time.sleep(0.1)
                 checks.status(f"{label}: GetTask on the {where}", got, "OK")
                 got = _status(
-                    lambda s=stub: s.ReportProgress(
-                        pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="still here"),
+                    lambda s=stub: s.Report(
+                        pb.ReportRequest(
+                            progress=pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="still here")
+                        ),
                         metadata=self.md,
                         timeout=10,
                     )
                 )
-                checks.status(f"{label}: ReportProgress on the {where}", got, "OK")
+                checks.status(f"{label}: Report on the {where}", got, "OK")
         finally:
             _close(fresh)
 
@@ -439,8 +438,10 @@ def attack_oversized_message(a: Attacker) -> tuple[bool, str]:
     too_big = "Received message larger than max"
     try:
         got = _status(
-            lambda: stub.ReportProgress(
-                pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="i" * big), metadata=a.md, timeout=60
+            lambda: stub.Report(
+                pb.ReportRequest(progress=pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="i" * big)),
+                metadata=a.md,
+                timeout=60,
             )
         )
         checks.status("32 MiB ProgressEvent.info", got, "RESOURCE_EXHAUSTED", contains=too_big)
@@ -560,8 +561,10 @@ def attack_rapid_cancel(a: Attacker) -> tuple[bool, str]:
     try:
         for _ in range(5):
             futures = [
-                stub.ReportProgress.future(
-                    pb.ProgressEvent(kind=pb.ProgressEvent.STEP), metadata=a.md, timeout=TIMEOUT_S
+                stub.Report.future(
+                    pb.ReportRequest(progress=pb.ProgressEvent(kind=pb.ProgressEvent.STEP)),
+                    metadata=a.md,
+                    timeout=TIMEOUT_S,
                 )
                 for _ in range(200)
             ]
@@ -850,15 +853,19 @@ def attack_invalid_enums(a: Attacker) -> tuple[bool, str]:
             )
         for kind in (77, 0, -1):
             got = _status(
-                lambda k=kind: stub.ReportProgress(pb.ProgressEvent(kind=k), metadata=a.md, timeout=TIMEOUT_S)
+                lambda k=kind: stub.Report(
+                    pb.ReportRequest(progress=pb.ProgressEvent(kind=k)), metadata=a.md, timeout=TIMEOUT_S
+                )
             )
             checks.status(
                 f"ProgressEvent.Kind {kind}", got, "INVALID_ARGUMENT", "unknown progress event kind"
             )
         for kind in (9, 0):
             got = _status(
-                lambda k=kind: stub.ReportFiles(
-                    pb.FileOutcomes(files=[pb.FileOutcome(name="sub/inner.csv", kind=k)]),
+                lambda k=kind: stub.Report(
+                    pb.ReportRequest(
+                        files=pb.FileOutcomes(files=[pb.FileOutcome(name="sub/inner.csv", kind=k)])
+                    ),
                     metadata=a.md,
                     timeout=TIMEOUT_S,
                 )
@@ -912,9 +919,13 @@ def attack_file_names(a: Attacker) -> tuple[bool, str]:
 
     def report(*names: str) -> Status:
         return _status(
-            lambda: stub.ReportFiles(
-                pb.FileOutcomes(
-                    files=[pb.FileOutcome(name=n, kind=pb.FileOutcome.FAILED, reason="bad") for n in names]
+            lambda: stub.Report(
+                pb.ReportRequest(
+                    files=pb.FileOutcomes(
+                        files=[
+                            pb.FileOutcome(name=n, kind=pb.FileOutcome.FAILED, reason="bad") for n in names
+                        ]
+                    )
                 ),
                 metadata=a.md,
                 timeout=TIMEOUT_S,
@@ -1000,12 +1011,13 @@ def attack_forged_body_size(a: Attacker) -> tuple[bool, str]:
 def attack_garbage_protobuf(a: Attacker) -> tuple[bool, str]:
     checks = Checks()
     channel = _channel()
-    bad_utf8_name = b"\x0a\x04" + b"\x0a\x02\xff\xfe"  # FileOutcomes{files{name: b"\xff\xfe"}}
+    # ReportRequest{files{files{name: b"\xff\xfe"}}}
+    bad_utf8_name = b"\x12\x06" + b"\x0a\x04" + b"\x0a\x02\xff\xfe"
     cases = [
         ("GetTask", "invalid tag", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"),
-        ("ReportProgress", "truncated length-delimited field", b"\x32\x05ab"),
-        ("ReportProgress", "random bytes", os.urandom(512)),
-        ("ReportFiles", "invalid UTF-8 in a string", bad_utf8_name),
+        ("Report", "truncated length-delimited field", b"\x32\x05ab"),
+        ("Report", "random bytes", os.urandom(512)),
+        ("Report", "invalid UTF-8 in a string", bad_utf8_name),
         ("Finish", "100k nested groups", b"\x0b" * 100_000),
         ("SendSecureShares", "wire type 7", b"\x0f\x00"),
         ("SendMessage", "random bytes on a stream", b"\x1a\xff\xff\xff\xff\x0f"),
@@ -1025,7 +1037,7 @@ def attack_garbage_protobuf_one_connection(a: Attacker) -> tuple[bool, str]:
     """Many unparsable requests on one connection: that connection must keep serving."""
     checks = Checks()
     channel = _channel()
-    raw = channel.unary_unary(SERVICE + "ReportProgress")
+    raw = channel.unary_unary(SERVICE + "Report")
     stub = pb_grpc.SandboxStub(channel)
     n = 30
     try:
@@ -1128,7 +1140,12 @@ def attack_field_limits(a: Attacker) -> tuple[bool, str]:
         chars = lim["max_info_chars"]
         checks.status(
             "progress info too long",
-            call(stub.ReportProgress, pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="i" * (chars + 1))),
+            call(
+                stub.Report,
+                pb.ReportRequest(
+                    progress=pb.ProgressEvent(kind=pb.ProgressEvent.STEP, info="i" * (chars + 1))
+                ),
+            ),
             "INVALID_ARGUMENT",
             f"progress info exceeds {chars} characters",
         )
@@ -1136,9 +1153,12 @@ def attack_field_limits(a: Attacker) -> tuple[bool, str]:
         checks.status(
             f"{files + 1} file outcomes",
             call(
-                stub.ReportFiles,
-                pb.FileOutcomes(
-                    files=[pb.FileOutcome(name="sub/inner.csv", kind=pb.FileOutcome.PROCESSED)] * (files + 1)
+                stub.Report,
+                pb.ReportRequest(
+                    files=pb.FileOutcomes(
+                        files=[pb.FileOutcome(name="sub/inner.csv", kind=pb.FileOutcome.PROCESSED)]
+                        * (files + 1)
+                    )
                 ),
             ),
             "INVALID_ARGUMENT",
@@ -1146,7 +1166,7 @@ def attack_field_limits(a: Attacker) -> tuple[bool, str]:
         )
         checks.status(
             "no file outcomes",
-            call(stub.ReportFiles, pb.FileOutcomes()),
+            call(stub.Report, pb.ReportRequest(files=pb.FileOutcomes())),
             "INVALID_ARGUMENT",
             f"expected 1 to {files} file outcomes",
         )
@@ -1154,13 +1174,15 @@ def attack_field_limits(a: Attacker) -> tuple[bool, str]:
         checks.status(
             "file reason too long",
             call(
-                stub.ReportFiles,
-                pb.FileOutcomes(
-                    files=[
-                        pb.FileOutcome(
-                            name="sub/inner.csv", kind=pb.FileOutcome.FAILED, reason="r" * (reason + 1)
-                        )
-                    ]
+                stub.Report,
+                pb.ReportRequest(
+                    files=pb.FileOutcomes(
+                        files=[
+                            pb.FileOutcome(
+                                name="sub/inner.csv", kind=pb.FileOutcome.FAILED, reason="r" * (reason + 1)
+                            )
+                        ]
+                    )
                 ),
             ),
             "INVALID_ARGUMENT",
@@ -1275,8 +1297,10 @@ def attack_file_flood(a: Attacker) -> tuple[bool, str]:
     per_token = int(a.limits["files_per_token"])
     rate_per_s, rate_burst = float(a.limits["rate_per_s"]), int(a.limits["rate_burst"])
     threads, max_calls, deadline_s = 2, 400, 30.0
-    payload = pb.FileOutcomes(
-        files=[pb.FileOutcome(name="records.csv", kind=pb.FileOutcome.FAILED, reason="bad")] * per_call
+    payload = pb.ReportRequest(
+        files=pb.FileOutcomes(
+            files=[pb.FileOutcome(name="records.csv", kind=pb.FileOutcome.FAILED, reason="bad")] * per_call
+        )
     ).SerializeToString()
     counts: dict[Status, int] = {}
     lock = threading.Lock()
@@ -1286,7 +1310,7 @@ def attack_file_flood(a: Attacker) -> tuple[bool, str]:
     def worker() -> None:
         channel = _channel()
         # Raw bytes spare the client the protobuf work on every call: a faster flood.
-        report = channel.unary_unary(SERVICE + "ReportFiles")
+        report = channel.unary_unary(SERVICE + "Report")
         try:
             while not stop.is_set():
                 with lock:
@@ -1345,7 +1369,7 @@ def attack_stalled_requests(a: Attacker) -> tuple[bool, str]:
         yield b""
 
     channels = [_channel() for _ in range(2)]
-    methods = ["GetTask", "ReportProgress", "ReportFiles", "SendSecureShares", "Finish"]
+    methods = ["GetTask", "Report", "SendSecureShares", "Finish"]
     futures = []
     try:
         for i in range(n):
