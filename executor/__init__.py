@@ -6,6 +6,11 @@ untrusted child runtime lives in :mod:`executor.sandbox`, which is copied into
 the sandbox image. Importing this package must stay cheap and dependency-free,
 because the child runtime imports it too: the public names below load lazily
 (PEP 562), each from its own module on first use.
+
+The public API is written once, as the imports under ``TYPE_CHECKING``: mypy
+reads them there, and on first use :func:`_public` reads the same lines from
+this file (with :mod:`ast`, which executes nothing) for the lazy loader,
+``__all__`` and ``dir()``. To add a public name, add its import there.
 """
 
 from __future__ import annotations
@@ -62,110 +67,35 @@ if TYPE_CHECKING:
     from executor.spec import InferenceLimits, TaskFlags, TaskSpec
     from executor.testing import InMemoryTransport, LocalModeller
 
-_LAZY: dict[str, str] = {
-    "Executor": "executor.runner",
-    "TaskSpec": "executor.spec",
-    "TaskFlags": "executor.spec",
-    "InferenceLimits": "executor.spec",
-    "Outcome": "executor.outcome",
-    "Status": "executor.outcome",
-    "ErrorDetail": "executor.outcome",
-    "IsolationPolicy": "executor.policy",
-    "PolicySet": "executor.policy.file",
-    "load_policy_file": "executor.policy.file",
-    "TaskKeys": "executor.mailbox.crypto",
-    "Transport": "executor.mailbox.transport",
-    "Channel": "executor.mailbox.transport",
-    "Envelope": "executor.mailbox.transport",
-    "Route": "executor.mailbox.transport",
-    "NoModellerTransport": "executor.mailbox.transport",
-    "InMemoryTransport": "executor.testing",
-    "LocalModeller": "executor.testing",
-    "SandboxExecutorError": "executor.errors",
-    "ConfigurationError": "executor.errors",
-    "PolicyError": "executor.errors",
-    "ProtocolBundleError": "executor.errors",
-    "DataSourceError": "executor.errors",
-    "CapacityError": "executor.errors",
-    "BackendError": "executor.errors",
-    "EngineUnavailableError": "executor.errors",
-    "ImageNotFoundError": "executor.errors",
-    "ContainerError": "executor.errors",
-    "HostError": "executor.errors",
-    "TransportError": "executor.errors",
-    "DecryptionError": "executor.errors",
-    "LimitError": "executor.errors",
-    "MailboxLimitError": "executor.errors",
-    "FileLimitError": "executor.errors",
-    "ResultLimitError": "executor.errors",
-    "ProjectDatabaseError": "executor.errors",
-    "ProjectDatabase": "executor.data.sqlite.store",
-    "Event": "executor.events",
-    "TaskContext": "executor.events",
-    "TaskStarted": "executor.events",
-    "AlgorithmProgress": "executor.events",
-    "BatchRun": "executor.events",
-    "ResultsSaved": "executor.events",
-    "FailedFilesSaved": "executor.events",
-    "LogLine": "executor.events",
-    "TaskEnded": "executor.events",
-    "EventsFile": "executor.hooks",
-}
+_PUBLIC: dict[str, str] | None = None
 
-__all__ = [
-    "AlgorithmProgress",
-    "BackendError",
-    "BatchRun",
-    "CapacityError",
-    "Channel",
-    "ConfigurationError",
-    "ContainerError",
-    "DataSourceError",
-    "DecryptionError",
-    "EngineUnavailableError",
-    "Envelope",
-    "ErrorDetail",
-    "Event",
-    "EventsFile",
-    "Executor",
-    "FailedFilesSaved",
-    "FileLimitError",
-    "HostError",
-    "ImageNotFoundError",
-    "InMemoryTransport",
-    "InferenceLimits",
-    "IsolationPolicy",
-    "LimitError",
-    "LocalModeller",
-    "LogLine",
-    "MailboxLimitError",
-    "NoModellerTransport",
-    "Outcome",
-    "PolicyError",
-    "PolicySet",
-    "ProjectDatabase",
-    "ProjectDatabaseError",
-    "ProtocolBundleError",
-    "ResultLimitError",
-    "ResultsSaved",
-    "Route",
-    "SandboxExecutorError",
-    "Status",
-    "TaskContext",
-    "TaskEnded",
-    "TaskFlags",
-    "TaskKeys",
-    "TaskSpec",
-    "TaskStarted",
-    "Transport",
-    "TransportError",
-    "__version__",
-    "load_policy_file",
-]
+
+def _public() -> dict[str, str]:
+    """Each public name and the module it loads from: the imports under ``TYPE_CHECKING`` above."""
+    global _PUBLIC
+    if _PUBLIC is None:
+        import ast
+
+        with open(__file__, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), filename=__file__)
+        table: dict[str, str] = {}
+        for node in tree.body:
+            if (
+                isinstance(node, ast.If)
+                and isinstance(node.test, ast.Name)
+                and node.test.id == "TYPE_CHECKING"
+            ):
+                for imp in node.body:
+                    if isinstance(imp, ast.ImportFrom) and (imp.module or "").startswith("executor."):
+                        table.update((alias.asname or alias.name, imp.module or "") for alias in imp.names)
+        _PUBLIC = table
+    return _PUBLIC
 
 
 def __getattr__(name: str) -> Any:
-    module_name = _LAZY.get(name)
+    if name == "__all__":
+        return sorted([*_public(), "__version__"])
+    module_name = _public().get(name)
     if module_name is None:
         raise AttributeError(f"module 'executor' has no attribute {name!r}")
     import importlib
@@ -174,4 +104,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_public(), "__all__"})

@@ -10,7 +10,6 @@ removed whatever happened.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import stat
@@ -23,12 +22,10 @@ from pathlib import Path
 
 from executor import paths
 from executor.backends import ContainerBackend, open_backend
-from executor.data.scan import FileStamp, scan
-from executor.data.selection import effective_max_files, plan_batches, select
-from executor.data.store import FileStates, ProjectStore
+from executor.data.scan import scan
+from executor.data.store import ProjectStore
 from executor.data.stores import open_store
-from executor.data.view import METHODS, check_view_budget
-from executor.data.viewpaths import ViewPaths
+from executor.data.view import METHODS
 from executor.errors import ConfigurationError, DataSourceError, host_errors
 from executor.events import ProgressUpdate
 from executor.hooks import Hook
@@ -39,12 +36,13 @@ from executor.policy.file import PolicySet
 from executor.spec import TaskSpec
 from executor.task.admission import STARTS_DIR_NAME, StartGate, default_max_starting
 from executor.task.bundle import check_protocol_dir, copy_bundle
-from executor.task.launch import SANDBOX_DATA
+from executor.task.host import TaskHost
+from executor.task.plan import default_task_hash, plan_task
 from executor.task.reaper import ReapReport, instance_alive, new_instance_id, reap
-from executor.task.run import Plan, TaskRun, default_task_hash
-from executor.task.taskdir import TaskDir, data_view_path
+from executor.task.run import TaskRun
+from executor.task.taskdir import TaskDir
 from executor.task.uids import UidPool
-from executor.task.warmpool import WarmPool
+from executor.task.warmpool import WarmPool, WarmPools
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +172,19 @@ class Executor:
         self._images_seen: dict[str, float] = {}
         for p in self._warm_policies():
             p.check_warm_pool()
-        self._pools: dict[IsolationPolicy, WarmPool] = {}
-        self._pools_lock = threading.Lock()
-        self._closed = False
+        self._host = TaskHost(
+            backend=self.backend,
+            transport=self.transport,
+            run_dir=self.run_dir,
+            spool_dir=self.spool_dir,
+            uids=self.uids,
+            gate=self.gate,
+            db=self.db,
+            hooks=self.hooks,
+            view_method=self.view_method,
+            instance_id=self.instance_id,
+        )
+        self._pools = WarmPools(self._host, enabled=warm)
 
     @property
     def policy(self) -> IsolationPolicy:
@@ -196,19 +204,10 @@ class Executor:
         running to its end). A transport the caller passed in stays the
         caller's to close. Safe twice.
         """
-        with self._pools_lock:
-            self._closed = True
-            pools, self._pools = list(self._pools.values()), {}
-        atexit.unregister(self._close_pools)
-        _close_pools(pools)
+        self._pools.close()
         close = getattr(self.transport, "close", None)
         if self._owns_transport and callable(close):
             close()
-
-    def _close_pools(self) -> None:
-        with self._pools_lock:
-            pools, self._pools = list(self._pools.values()), {}
-        _close_pools(pools)
 
     def _warm_policies(self) -> list[IsolationPolicy]:
         """The distinct policies tasks may run under that ask for a warm pool."""
@@ -225,27 +224,7 @@ class Executor:
 
     def pool_for(self, policy: IsolationPolicy) -> WarmPool | None:
         """The warm pool of ``policy`` (started now if it was not), or ``None`` if it has none."""
-        if not self._warm or not policy.warm_pool:
-            return None
-        with self._pools_lock:
-            if self._closed:
-                return None
-            pool = self._pools.get(policy)
-            if pool is None:
-                if not self._pools:
-                    # A process that exits without close() still tears its pools down.
-                    atexit.register(self._close_pools)
-                pool = WarmPool(
-                    self.backend,
-                    policy,
-                    run_dir=self.run_dir,
-                    uids=self.uids,
-                    instance_id=self.instance_id,
-                    gate=self.gate,
-                )
-                self._pools[policy] = pool
-                pool.start()
-        return pool
+        return self._pools.get(policy)
 
     def warm_up(self, *, wait: float | None = None) -> bool:
         """Start the warm pool of every policy that asks for one; with ``wait``, until they are full.
@@ -278,9 +257,7 @@ class Executor:
 
     def pool_stats(self) -> list[dict[str, object]]:
         """What each warm pool holds and has done (see :meth:`WarmPool.stats`)."""
-        with self._pools_lock:
-            pools = list(self._pools.values())
-        return [p.stats() for p in pools]
+        return self._pools.stats()
 
     def _check_image(self, image: str) -> None:
         """Refuse a missing image before anything is made; an engine round trip, so at most once a minute.
@@ -313,7 +290,7 @@ class Executor:
             HostError: The host refused to make it (e.g. the run directory is not writable).
         """
         with host_errors("make a task directory in", self.run_dir):
-            return TaskDir(self.run_dir, uid, self.instance_id, sandbox_gid=gid)
+            return TaskDir(self.run_dir, uid, self.instance_id, sandbox_gid=gid, ipc=False)
 
     def reap(self, *, everything: bool = False) -> ReapReport:
         """Remove containers, task directories and spools of dead executors.
@@ -400,9 +377,9 @@ class Executor:
             with self._task_dir(policy.uid_range[0], policy.gid) as workspace:
                 bundle = copy_bundle(spec.protocol_dir, workspace.protocol)
                 task_hash = spec.task_hash or default_task_hash(bundle.sha256, spec.parameters)
-                plan = self._plan(spec, task_hash, data_dir, files)
+                plan = plan_task(self._host, spec, task_hash, data_dir, files)
                 task = TaskRun(
-                    executor=self,
+                    host=self._host,
                     spec=spec,
                     task_id=task_id,
                     task_hash=task_hash,
@@ -423,40 +400,6 @@ class Executor:
                 task.release()
         outcome.timings["total"] = time.monotonic() - started
         return outcome
-
-    def _plan(self, spec: TaskSpec, task_hash: str, data_dir: Path, files: list[FileStamp]) -> Plan:
-        """Which files the task may see, and in which batches: decided here, never by the sandbox."""
-        flags = spec.flags
-        # What this task hash did before matters only to a run on new data only.
-        states = (
-            self.db.file_states(spec.project_id, task_hash)
-            if self.db is not None and flags.run_on_new_data_only
-            else FileStates()
-        )
-        selection = select(
-            files,
-            processed=states.processed,
-            failed=states.failed_stamps,
-            new_data_only=flags.run_on_new_data_only,
-            force_rerun_failed=flags.force_rerun_failed_files,
-            max_files=effective_max_files(flags.test_run, spec.inference_limits.max_files),
-            view_paths=ViewPaths.of(
-                self.run_dir, data_dir, self.view_method, SANDBOX_DATA, view_dir=data_view_path(self.run_dir)
-            ),
-        )
-        batch_size = spec.effective_batch_size
-        batches, selection = plan_batches(selection, batch_size, spec.inference_limits.max_batches)
-        check_view_budget(self.run_dir, data_dir, self.view_method, max(map(len, batches)))
-        return Plan(selection, batches, batch_size)
-
-
-def _close_pools(pools: list[WarmPool]) -> None:
-    """Close ``pools`` side by side: each destroys its slots."""
-    threads = [threading.Thread(target=p.close, name="close-warm-pool") for p in pools]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
 
 
 def resolve_secrets(policy: IsolationPolicy) -> dict[str, str]:

@@ -92,6 +92,11 @@ class TaskSpec:
             return self.batch_size
         return DEFAULT_BATCH_SIZE if self.flags.batched_execution else 0
 
+    @property
+    def batched(self) -> bool:
+        """Whether the task runs in batches: the sandbox, the modeller and the log tail hear so."""
+        return self.effective_batch_size > 0
+
     def __post_init__(self) -> None:
         if not isinstance(self.flags, TaskFlags):
             raise ConfigurationError(f"flags: expected a TaskFlags, got {type(self.flags).__name__}")

@@ -217,7 +217,6 @@ def _run(args: argparse.Namespace) -> int:
         task_hash=args.task_hash,
         batch_size=args.batch_size,
         flags=TaskFlags(
-            batched_execution=args.batch_size > 0,
             test_run=args.test_run,
             run_on_new_data_only=args.new_data_only,
             force_rerun_failed_files=args.force_rerun_failed,

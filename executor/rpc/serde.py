@@ -17,24 +17,31 @@ from executor.data.fileoutcomes import FileKind
 from executor.events import REPORTS, AlgorithmProgress, Control, ProgressKind, Report
 from executor.outcome import Status
 from executor.rpc.checks import FINISH_STATUSES, RequestRejected
-from executor.sandbox.contract import CHUNK_BYTES, MessageType, ReportCase
-from executor.task.bundle import ENTRY_MODULE
-from executor.task.launch import SANDBOX_DATA, SANDBOX_PROTOCOL
+from executor.sandbox.contract import (
+    CHUNK_BYTES,
+    ENTRY_MODULE,
+    SANDBOX_DATA,
+    SANDBOX_PROTOCOL,
+    MessageType,
+    ReportCase,
+)
 from executor.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
     from executor.policy import IsolationPolicy
     from executor.spec import TaskSpec
-    from executor.task.bundle import Bundle
 
 # The statuses a sandbox may report (the session's list), by their wire value.
 _SANDBOX_STATUSES = {pb.Status.Value(status.value): status for status in FINISH_STATUSES}
 
 
 def task_config(
-    spec: TaskSpec, task_id: str, bundle: Bundle, policy: IsolationPolicy, secrets: dict[str, str]
+    spec: TaskSpec, task_id: str, bundle_sha256: str, policy: IsolationPolicy, secrets: dict[str, str]
 ) -> pb.TaskConfig:
-    """The configuration the sandbox fetches: no keys, no host paths, only the secrets granted."""
+    """The configuration the sandbox fetches: no keys, no host paths, only the secrets granted.
+
+    ``bundle_sha256`` is the digest of the task's protocol bundle (the task room's copy).
+    """
     return pb.TaskConfig(
         task_id=task_id,
         project_id=spec.project_id,
@@ -47,7 +54,7 @@ def task_config(
         serialized_protocol=spec.serialized_protocol,
         parameters_json=json.dumps(spec.parameters),
         flags=pb.Flags(
-            batched_execution=spec.flags.batched_execution,
+            batched_execution=spec.batched,
             test_run=spec.flags.test_run,
             run_on_new_data_only=spec.flags.run_on_new_data_only,
             force_rerun_failed_files=spec.flags.force_rerun_failed_files,
@@ -60,7 +67,7 @@ def task_config(
         username=spec.username,
         protocol_path=SANDBOX_PROTOCOL,
         entry_module=ENTRY_MODULE,
-        bundle_sha256=bundle.sha256,
+        bundle_sha256=bundle_sha256,
         heartbeat_interval_ms=int(policy.heartbeat_interval_s * 1000),
         max_message_bytes=policy.max_message_bytes,
         max_result_bytes=policy.max_result_bytes,

@@ -32,6 +32,15 @@ RATE_LIMITED_TRAILER = "x-sandbox-rate-limited"
 # out (receives hold them): the body may take the gRPC path instead.
 BULK_BUSY_TRAILER = "x-sandbox-bulk-busy"
 
+# -- where the sandbox finds what the parent gives it -----------------------------
+# The parent mounts the task's IPC directory, bundle and data view at these
+# paths, and the task configuration names them; the runtime imports
+# ENTRY_MODULE (its file: ENTRY_MODULE + ".py") from the bundle.
+SANDBOX_IPC = "/run/sandbox"
+SANDBOX_PROTOCOL = "/sandbox/protocol"
+SANDBOX_DATA = "/data"
+ENTRY_MODULE = "protocol"
+
 # -- the child's exit statuses (besides its own 0 and 1) ------------------------
 # Init could not start the runtime (bad arguments, no lifeline, exec failed).
 EXIT_INIT_FAILED = 70

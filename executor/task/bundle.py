@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from executor.errors import ProtocolBundleError
+from executor.sandbox.contract import ENTRY_MODULE
 
-ENTRY_FILE = "protocol.py"
-ENTRY_MODULE = "protocol"
+ENTRY_FILE = f"{ENTRY_MODULE}.py"
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024
 MAX_BUNDLE_FILES = 10_000
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
@@ -106,6 +106,8 @@ def _defines_run(tree: ast.Module) -> bool:
 def copy_bundle(source: Path, dest: Path) -> Bundle:
     """Copy the protocol in ``source`` to ``dest`` (which must not exist).
 
+    ``source`` is checked first by the caller (:func:`check_protocol_dir`,
+    before anything is made for the task): its entry file is parsed once.
     The source is read through descriptors only: every entry is opened without
     following links and checked on the open descriptor, so a file or directory
     swapped for a symlink, FIFO or device while the copy runs is refused, not
@@ -113,11 +115,10 @@ def copy_bundle(source: Path, dest: Path) -> Bundle:
     unprivileged user can import them; directories become traversable.
 
     Raises:
-        ProtocolBundleError: The protocol is unusable, holds a symlink, special
+        ProtocolBundleError: The directory cannot be opened, holds a symlink, special
             file or hard-linked file, changed during the copy, or exceeds the size,
             file-count or depth limits.
     """
-    check_protocol_dir(source)
     dest.mkdir(mode=0o755)
     copier = _Copier(dest)
     try:

@@ -1,6 +1,7 @@
 """What one task's container is: the sandbox's argv, its mounts and its labels.
 
-The paths inside the sandbox are named here once; the task configuration
+The paths inside the sandbox are named once, in the wire contract
+(:mod:`executor.sandbox.contract`); the task configuration
 (:func:`executor.rpc.serde.task_config`) tells the runtime the same ones.
 """
 
@@ -15,18 +16,19 @@ from executor.backends import (
     LABEL_PARENT,
     LABEL_PROJECT,
     LABEL_TASK,
+    LABEL_WARM,
     ContainerSpec,
     Mount,
 )
+from executor.sandbox.contract import SANDBOX_DATA, SANDBOX_IPC, SANDBOX_PROTOCOL
 from executor.task.taskdir import LIFELINE_NAME, SOCKET_NAME, TOKEN_NAME
 
 if TYPE_CHECKING:
     from executor.policy import IsolationPolicy
     from executor.task.taskdir import TaskDir
 
-SANDBOX_IPC = "/run/sandbox"
-SANDBOX_PROTOCOL = "/sandbox/protocol"
-SANDBOX_DATA = "/data"
+__all__ = ["SANDBOX_DATA", "SANDBOX_IPC", "SANDBOX_PROTOCOL", "container_spec", "sandbox_command"]
+
 SANDBOX_RESOLV_CONF = "/etc/resolv.conf"
 
 
@@ -78,7 +80,8 @@ def container_spec(
     bind mount per file when the view could not be made of hard links. A
     ``warm`` container (a pool's slot, see :mod:`executor.task.warmpool`) is made
     before its task is known: ``task_id`` names the slot, the bundle and data
-    directories are still empty, and its runtime waits for the task.
+    directories are still empty, its runtime waits for the task, and it
+    carries the warm label.
     """
     return ContainerSpec(
         name=f"sandbox-{task_id[:40]}-{uuid.uuid4().hex[:6]}",
@@ -95,5 +98,6 @@ def container_spec(
             LABEL_TASK: task_id,
             LABEL_PROJECT: project_id,
             LABEL_PARENT: instance_id,
+            **({LABEL_WARM: "true"} if warm else {}),
         },
     )

@@ -36,17 +36,17 @@ import json
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from executor.backends import ContainerBackend, ContainerSpec, ExitInfo, Usage
+from executor.backends import ContainerBackend, ContainerSpec, ExitInfo
 from executor.errors import BackendError, SandboxExecutorError
 from executor.events import ControlKind, FinishReport
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.rpc.session import TaskSession
 from executor.task.admission import Permit
+from executor.task.usage import UsageWatch, busy
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,6 @@ BOOT_GRACE_S = 30.0
 # within this long: past it the task ends as BootTimeout even if the boot
 # still uses CPU. The protocol's wall clock starts only at the first beat.
 BOOT_LIMIT_S = 300.0
-# A sandbox silent past its limit is frozen only if its CPU time stood still
-# too, over the latter half of the limit: it used less than this share of
-# one core (and less than FROZEN_CPU_MIN_S). Otherwise it is slow (a busy
-# host, a boot that takes long) and keeps being watched. Measured here: a
-# stopped or idle runc sandbox uses no CPU at all; gVisor's own kernel uses
-# about 0.2 ms a second while the sandbox's processes are stopped; a sandbox
-# booting among 24 others on 2 cores at load 20 got 2 to 6% of a core.
-FROZEN_CPU_SHARE = 0.002
-FROZEN_CPU_MIN_S = 0.002
-# How often the container's cgroup is read (its CPU time, OOM kills).
-USAGE_SAMPLE_S = 0.25
-# Samples kept per watched window at most: a long window is sampled more sparsely.
-_MAX_SAMPLES = 240
 # Exit statuses of a process killed by SIGKILL, as engines report them.
 _SIGKILL_CODES = (137, -9)
 
@@ -93,7 +80,7 @@ class HandOverFailed(Exception):
     """A warm slot died or hung before its task's first beat: no protocol code ran in it.
 
     Never an outcome: the task starts again in another slot or cold
-    (:mod:`executor.task.run`), since nothing of it ran.
+    (:mod:`executor.task.batch`), since nothing of it ran.
     """
 
 
@@ -102,79 +89,6 @@ class _Verdict:
     status: Status
     error: ErrorDetail
     reason: str
-
-
-class _UsageWatch:
-    """The container's CPU time over time, read from its cgroup (never from the sandbox)."""
-
-    def __init__(self, backend: ContainerBackend, container_id: str, window_s: float) -> None:
-        self._backend = backend
-        self._cid = container_id
-        # Several samples per window however short it is, and at most a few a second.
-        self._every = max(0.02, min(USAGE_SAMPLE_S, window_s / 8))
-        self._keep_s = window_s + 2 * self._every
-        self._samples: deque[tuple[float, float]] = deque()
-        self._sampled_at = -1e18
-        self.last: Usage | None = None
-
-    def sample(self, now: float, *, force: bool = False) -> Usage | None:
-        """Read the cgroup if a sample is due (or ``force``); the latest usage known."""
-        if not force and now - self._sampled_at < self._every:
-            return self.last
-        self._sampled_at = now
-        try:
-            usage = self._backend.usage(self._cid)
-        except Exception:  # a backend's failure to measure is an unknown, never a verdict
-            log.debug("container %s: reading its usage failed", self._cid[:12], exc_info=True)
-            usage = None
-        if usage is None:
-            return self.last
-        self.last = usage
-        if usage.cpu_s is not None:
-            self._samples.append((now, usage.cpu_s))
-            # Keep one sample from before the window, so that it is covered whole.
-            while len(self._samples) > 2 and now - self._samples[1][0] > self._keep_s:
-                self._samples.popleft()
-            if len(self._samples) > _MAX_SAMPLES:
-                # A long window: keep every other of its older half (coarser, still covering it).
-                half = len(self._samples) // 2
-                older = list(self._samples)[:half:2]
-                self._samples = deque(older + list(self._samples)[half:])
-        return usage
-
-    @property
-    def cpu_s(self) -> float | None:
-        """The CPU seconds used so far, as last read."""
-        return self.last.cpu_s if self.last is not None else None
-
-    def cpu_over(self, window_s: float, now: float) -> float | None:
-        """CPU seconds used over the last ``window_s`` (or since watching began); ``None`` if unknown."""
-        if len(self._samples) < 2:
-            return None
-        since = now - window_s
-        base = self._samples[0][1]
-        for t, cpu in self._samples:
-            if t > since:
-                break
-            base = cpu
-        return self._samples[-1][1] - base
-
-    def oom_kills(self) -> int:
-        """OOM kills in the container so far, as last read (its cgroup counts from its creation)."""
-        if self.last is None or self.last.oom_kills is None:
-            return 0
-        return self.last.oom_kills
-
-    def pids_refused(self) -> int:
-        """Forks refused at the container's pids cap so far, as last read."""
-        if self.last is None or self.last.pids_refused is None:
-            return 0
-        return self.last.pids_refused
-
-
-def busy(cpu_s: float | None, window_s: float) -> bool:
-    """Whether ``cpu_s`` of CPU over ``window_s`` means the sandbox still runs (slow, not frozen)."""
-    return cpu_s is not None and cpu_s >= max(FROZEN_CPU_MIN_S, FROZEN_CPU_SHARE * window_s)
 
 
 @dataclass
@@ -281,7 +195,7 @@ class Supervisor:
         policy = self.policy
         session = self.session
         tick = min(policy.heartbeat_interval_s / 4, 0.25)
-        usage = _UsageWatch(self.backend, cid, max(policy.heartbeat_timeout_s, BOOT_GRACE_S))
+        usage = UsageWatch(self.backend, cid, max(policy.heartbeat_timeout_s, BOOT_GRACE_S))
         usage.sample(time.monotonic(), force=True)
         cpu_at_start: float | None = None
         self._slow_noted = False
@@ -361,7 +275,7 @@ class Supervisor:
             raise HandOverFailed("the warm sandbox ended before it took its task")
         return self._from_exit(exit_box[0], cid, usage)
 
-    def _liveness(self, now: float, running_since: float, usage: _UsageWatch) -> _Verdict | None:
+    def _liveness(self, now: float, running_since: float, usage: UsageWatch) -> _Verdict | None:
         """A verdict if the sandbox is frozen (or out of memory) or stuck, else ``None``."""
         policy = self.policy
         stats = self.session.beat_stats
@@ -480,38 +394,33 @@ class Supervisor:
         return self._outcome(Status.ERROR, error=error), REASON_PROTOCOL_ERROR
 
     def _from_exit(
-        self, exited: ExitInfo | BaseException, cid: str, usage: _UsageWatch
+        self, exited: ExitInfo | BaseException, cid: str, usage: UsageWatch
     ) -> tuple[Outcome, str]:
         """How a container that ended without a result ended; the reason is the error type."""
-        outcome = self._exit_outcome(exited, cid, usage)
-        assert outcome.error is not None
-        return outcome, outcome.error.type
-
-    def _exit_outcome(self, exited: ExitInfo | BaseException, cid: str, usage: _UsageWatch) -> Outcome:
         if isinstance(exited, BaseException):
-            return self._outcome(
-                Status.ERROR, error=ErrorDetail("ContainerLost", f"lost track of the container: {exited}")
-            )
+            detail = ErrorDetail("ContainerLost", f"lost track of the container: {exited}")
+            return self._outcome(Status.ERROR, error=detail), detail.type
         tail = self.backend.stderr_tail(cid, STDERR_TAIL_LINES)
         if exited.oom_killed or usage.oom_kills():
-            return self._outcome(
-                Status.KILLED, error=self._out_of_memory_detail(exit_code=exited.exit_code, tail=tail)
-            )
-        if exited.exit_code in _SIGKILL_CODES:
+            status = Status.KILLED
+            detail = self._out_of_memory_detail(exit_code=exited.exit_code, tail=tail)
+        elif exited.exit_code in _SIGKILL_CODES:
+            status = Status.KILLED
             detail = ErrorDetail(
                 "Killed",
                 "the sandbox was killed (SIGKILL) from outside the executor",
                 exit_code=exited.exit_code,
                 stderr_tail=tail,
             )
-            return self._outcome(Status.KILLED, error=detail)
-        detail = ErrorDetail(
-            "ContainerExited",
-            f"the sandbox exited with code {exited.exit_code} before reporting a result",
-            exit_code=exited.exit_code,
-            stderr_tail=tail,
-        )
-        return self._outcome(Status.ERROR, error=detail)
+        else:
+            status = Status.ERROR
+            detail = ErrorDetail(
+                "ContainerExited",
+                f"the sandbox exited with code {exited.exit_code} before reporting a result",
+                exit_code=exited.exit_code,
+                stderr_tail=tail,
+            )
+        return self._outcome(status, error=detail), detail.type
 
 
 def abort_message(reason: str, error_type: str, message: str) -> bytes:

@@ -15,8 +15,10 @@ who cannot list the base directory cannot find it)::
         resolv.conf             empty, mounted read-only over /etc/resolv.conf
 
 A batched task keeps its directory and bundle from batch to batch; each batch
-gets a fresh ``ipc/`` (:meth:`TaskDir.renew`) and ``data/`` view. The
-directory is removed whatever happens to the task.
+that starts cold gets a fresh ``ipc/`` and ``resolv.conf`` (:meth:`TaskDir.renew`)
+and ``data/`` view. A task's own directory is made without them
+(``ipc=False``): a batch served by a warm slot uses the slot's directory and
+only the task's bundle. The directory is removed whatever happens to the task.
 """
 
 from __future__ import annotations
@@ -74,10 +76,18 @@ class TaskDir:
         owner: The executor instance that owns it, for the reaper.
         sandbox_gid: The group the sandbox runs as; by default ``sandbox_uid``.
             The IPC directory gives the group nothing: other tasks share it.
+        ipc: Make the IPC directory, token and ``resolv.conf`` now; without,
+            :meth:`renew` makes them for the first container.
     """
 
     def __init__(
-        self, base: Path, sandbox_uid: int, owner: str = "", *, sandbox_gid: int | None = None
+        self,
+        base: Path,
+        sandbox_uid: int,
+        owner: str = "",
+        *,
+        sandbox_gid: int | None = None,
+        ipc: bool = True,
     ) -> None:
         base.mkdir(mode=0o711, parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=_NAME_PREFIX, dir=base))
@@ -91,16 +101,18 @@ class TaskDir:
             self.ipc = self.path / "ipc"
             self.protocol = self.path / "protocol"
             self.data = self.path / DATA_NAME
-            self._make_ipc()
             self.resolv_conf = self.path / RESOLV_NAME
-            fd = os.open(self.resolv_conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-            os.fchmod(fd, 0o444)  # whatever the umask
-            os.close(fd)
+            if ipc:
+                self._make_ipc()
         except BaseException:
             self.remove()
             raise
 
     def _make_ipc(self) -> None:
+        if not self.resolv_conf.exists():
+            fd = os.open(self.resolv_conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            os.fchmod(fd, 0o444)  # whatever the umask
+            os.close(fd)
         self.ipc.mkdir(mode=0o700)
         fd = os.open(self.ipc / TOKEN_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -111,7 +123,8 @@ class TaskDir:
 
         Call once the previous container is gone and its server stopped: the
         old socket, lifeline and token go with the old directory, so nothing
-        of one batch's sandbox can reach the next one's.
+        of one batch's sandbox can reach the next one's. In a directory made
+        with ``ipc=False`` the first call makes them.
         """
         remove_tree(self.ipc)
         self.token = secrets.token_urlsafe(32)

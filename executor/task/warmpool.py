@@ -8,22 +8,7 @@ cold task's (same image, hardening, caps, uid range, lifeline, labels), whose
 runtime has booted (interpreter, grpc, ``preload``) and waits on its start
 line for a task.
 
-A slot holds everything a cold task's container holds, made before the task
-is known:
-
-- a task directory of its own (random name, owner file for the reaper) with a
-  fresh token, its gRPC and bulk sockets, a lifeline init connected to at
-  boot and a start line the runtime connected to once booted;
-- a uid leased from the policy's range;
-- ``protocol/`` and ``data/``: empty directories, closed to the sandbox,
-  mounted where a cold task's bundle and data view go. Given a task, the
-  parent copies the bundle into the first and hard-links the batch's files
-  into the second (:class:`~executor.data.view.DataView`), opens both, and
-  only then sends the task's configuration down the runtime's start line (a
-  socket it blocks on at no cost, connected before any protocol code
-  exists). A view that would need bind mounts cannot be added to a running
-  container, so such a task starts cold.
-
+What a slot holds, and how it is handed its task, is :mod:`executor.task.slot`.
 A slot is taken by one task and destroyed when that task's container ends:
 never reused. Only a slot whose runtime is booted and waiting on its start
 line is handed out, and the hand-over is checked: a slot that cannot take
@@ -35,7 +20,7 @@ twice. Making slots takes start permits (:mod:`executor.task.admission`) only
 when no task waits for one, so a pool never delays a task.
 
 The pool refills in the background, several slots at once; slots that die
-while idle or fail to boot within :data:`BOOT_TIMEOUT_S` are destroyed and
+while idle or fail to boot within :data:`~executor.task.slot.BOOT_TIMEOUT_S` are destroyed and
 the pool backs off (a broken image does not spin). :meth:`WarmPool.close`
 destroys every slot, including those being made; a parent that dies instead
 leaves containers whose init ends them at once (the lifeline) and which the
@@ -44,40 +29,28 @@ reaper removes, like a dead parent's cold tasks.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executor.backends import LABEL_WARM, ContainerBackend, Mount
-from executor.errors import BackendError, SandboxExecutorError, host_errors
-from executor.rpc.server import TaskServer
-from executor.rpc.session import SessionRef
-from executor.task.launch import SANDBOX_DATA, container_spec
-from executor.task.lifeline import Lifeline, StartLine
-from executor.task.supervisor import BOOT_GRACE_S, BOOT_LIMIT_S, HandOverFailed, busy
+from executor.errors import SandboxExecutorError
+from executor.task.slot import Slot, make_slot
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from pathlib import Path
 
-    from executor.backends import ContainerSpec
+    from executor.backends import ContainerBackend
     from executor.policy import IsolationPolicy
-    from executor.rpc.session import TaskSession
     from executor.task.admission import Permit, StartGate
-    from executor.task.uids import UidLease, UidPool
+    from executor.task.host import TaskHost
+    from executor.task.uids import UidPool
 
-from executor.task.taskdir import TaskDir
+__all__ = ["Slot", "WarmPool", "WarmPools", "make_slot"]
 
 log = logging.getLogger(__name__)
-
-BOOT_TIMEOUT_S = BOOT_GRACE_S
-"""A slot whose runtime has not reached its start line this long after it started, and whose
-CPU time stood still meanwhile, is destroyed (one still booting on a busy host may take until
-:data:`~executor.task.supervisor.BOOT_LIMIT_S`)."""
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 30.0
 """After a slot fails to be made or to boot, the pool waits this long (doubling, capped) to retry."""
@@ -90,224 +63,6 @@ REFILL_DELAY_S = 0.25
 would otherwise compete with the task's first milliseconds (its first calls then took 10 ms, not 2)."""
 CLOSE_JOIN_S = 60.0
 """How long :meth:`WarmPool.close` waits for a slot being made (an engine call) to come back."""
-
-
-@dataclass
-class Slot:
-    """One warm sandbox: its directory, uid, server, lifeline and running container."""
-
-    name: str
-    spec: ContainerSpec
-    task_dir: TaskDir
-    lease: UidLease
-    server: TaskServer
-    lifeline: Lifeline
-    start: StartLine
-    backend: ContainerBackend
-    container_id: str = ""
-    started_at: float = field(default_factory=time.monotonic)
-    permit: Permit | None = field(default=None, repr=False)
-    _cpu_mark: tuple[float, float] | None = field(default=None, repr=False)
-    _given: bool = False
-    _discarded: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def policy(self) -> IsolationPolicy:
-        """The slot's policy, its uid the one it leased."""
-        return self.spec.policy
-
-    @property
-    def ready(self) -> bool:
-        """Booted and waiting for its task."""
-        return self.start.waiting
-
-    def dead(self, now: float) -> bool:
-        """Whether the sandbox stopped waiting (it died) or did not boot in time.
-
-        A slot still booting past :data:`BOOT_TIMEOUT_S` is given more time
-        while its CPU time advances (a busy host), up to
-        :data:`~executor.task.supervisor.BOOT_LIMIT_S`.
-        """
-        if self.start.connected:
-            return not self.start.waiting
-        age = now - self.started_at
-        if age <= BOOT_TIMEOUT_S:
-            return False
-        if age > BOOT_LIMIT_S:
-            return True
-        try:
-            usage = self.backend.usage(self.container_id) if self.container_id else None
-        except Exception:
-            usage = None
-        cpu = usage.cpu_s if usage is not None else None
-        if cpu is None:
-            return True
-        mark, self._cpu_mark = self._cpu_mark, (now, cpu)
-        if mark is None:
-            return False  # judged at the next look, over the time between
-        return not busy(cpu - mark[1], now - mark[0])
-
-    def release_permit(self) -> None:
-        """Give back the start permit the slot was made under (it booted, or is gone)."""
-        permit = self.permit
-        if permit is not None:
-            permit.release()
-
-    def give(self, session: TaskSession) -> float:
-        """Hand the slot its one task: the waiting sandbox gets the configuration now.
-
-        Returns:
-            When (``time.monotonic()``) it was given.
-
-        Raises:
-            RuntimeError: The slot was already given a task or destroyed.
-            HandOverFailed: The runtime is not waiting on its start line (it
-                died or never got there) or could not be written to: nothing
-                of the task reached it. The caller destroys the slot.
-        """
-        with self._lock:
-            if self._given or self._discarded:
-                raise RuntimeError(f"warm slot {self.name} was already used")
-            self._given = True
-        if not self.start.waiting:
-            raise HandOverFailed(f"warm slot {self.name}: its sandbox is not waiting for a task")
-        given_at = time.monotonic()
-        self.server.ref.bind(session)
-        # The configuration goes down the start line (fetched, as far as the
-        # supervisor is concerned, now). The task counts as handed over only
-        # at its first beat: a runtime that dies before it beats ran no
-        # protocol code, and the supervisor raises HandOverFailed.
-        if not self.start.go(session.get_config().SerializeToString()):
-            raise HandOverFailed(f"warm slot {self.name}: its start line could not take the task")
-        self.start.answer_first_beat(
-            lambda: session.record_beat(0, 0, False), self.policy.heartbeat_timeout_s
-        )
-        return given_at
-
-    def discard(self) -> None:
-        """Destroy the slot: container, server, lifeline, directory, uid. Safe twice."""
-        with self._lock:
-            if self._discarded:
-                return
-            self._discarded = True
-        self.release_permit()
-        try:
-            if self.container_id:
-                try:
-                    self.backend.remove(self.container_id)
-                except BackendError as exc:
-                    log.warning(
-                        "warm slot %s: could not remove container %s: %s", self.name, self.container_id, exc
-                    )
-        finally:
-            self.server.stop(grace=0)
-            self.start.close()
-            self.lifeline.close()
-            self.task_dir.remove()
-            self.lease.release()
-
-
-def make_slot(
-    backend: ContainerBackend,
-    policy: IsolationPolicy,
-    *,
-    run_dir: Path,
-    uids: UidPool,
-    instance_id: str,
-    permit: Permit | None = None,
-    on_ready: Callable[[], None] | None = None,
-) -> Slot:
-    """Make, start and return one slot of ``policy``; nothing is left behind if it fails.
-
-    ``permit`` (the start permit it is made under) is given back once the
-    slot's runtime reaches its start line, or when the slot is destroyed;
-    ``on_ready`` is called then too (on the start line's thread).
-
-    Raises:
-        CapacityError: No uid of the policy's range is free.
-        HostError: The host refused the slot's directory or sockets.
-        BackendError: The engine could not create or start the container.
-    """
-    name = f"warm-{uuid.uuid4().hex[:12]}"
-    lease = uids.lease(policy)
-    policy = policy.replace(uid=lease.uid)
-    made: list[Any] = []
-    try:
-        with host_errors("make a warm slot's directory in", run_dir):
-            task_dir = TaskDir(run_dir, lease.uid, instance_id, sandbox_gid=policy.gid)
-            made.append(task_dir)
-            # Mounted now, filled when the slot is given a task; closed until then.
-            task_dir.protocol.mkdir(mode=0o700)
-            task_dir.data.mkdir(mode=0o700)
-        with host_errors("listen on", task_dir.socket_path):
-            server = TaskServer(
-                SessionRef(name=name),
-                task_dir.token,
-                task_dir.socket_path,
-                max_result_bytes=policy.max_result_bytes,
-            )
-        made.append(server)
-        server.start()
-        with host_errors("listen on", task_dir.lifeline_path):
-            lifeline = Lifeline(task_dir.lifeline_path)
-        made.append(lifeline)
-        lifeline.start()
-        made_slot: list[Slot] = []
-
-        def ready() -> None:
-            if made_slot:
-                made_slot[0].release_permit()
-            if on_ready is not None:
-                on_ready()
-
-        with host_errors("listen on", task_dir.start_path):
-            start = StartLine(task_dir.start_path, on_connect=ready)
-        made.append(start)
-        start.start()
-        with host_errors("hand to the sandbox user", task_dir.ipc):
-            task_dir.grant_to_sandbox()
-        base = container_spec(
-            task_id=name,
-            project_id="",
-            instance_id=instance_id,
-            policy=policy,
-            task_dir=task_dir,
-            bundle_path=task_dir.protocol,
-            data_mounts=[Mount(task_dir.data, SANDBOX_DATA)],
-            warm=True,
-        )
-        spec = type(base)(
-            name=base.name,
-            command=base.command,
-            policy=base.policy,
-            mounts=base.mounts,
-            labels={**base.labels, LABEL_WARM: "true"},
-            environment=base.environment,
-        )
-        slot = Slot(name, spec, task_dir, lease, server, lifeline, start, backend, permit=permit)
-        made_slot.append(slot)
-        made = [slot]
-        slot.container_id = backend.create(spec)
-        backend.start(slot.container_id)
-        slot.started_at = time.monotonic()
-        return slot
-    except BaseException:
-        for thing in reversed(made):
-            with contextlib.suppress(Exception):
-                if isinstance(thing, Slot):
-                    thing.discard()
-                elif isinstance(thing, TaskServer):
-                    thing.stop(grace=0)
-                elif isinstance(thing, Lifeline):
-                    thing.close()
-                elif isinstance(thing, TaskDir):
-                    thing.remove()
-        if not any(isinstance(thing, Slot) for thing in made):
-            lease.release()
-            if permit is not None:
-                permit.release()
-        raise
 
 
 class WarmPool:
@@ -511,11 +266,7 @@ class WarmPool:
 
     def _lost(self, dead: list[Slot]) -> None:
         for slot in dead:
-            why = (
-                "stopped while it waited"
-                if slot.start.connected
-                else f"did not boot within {BOOT_TIMEOUT_S:g} s"
-            )
+            why = slot.death()
             tail = ""
             with contextlib.suppress(Exception):
                 tail = self.backend.stderr_tail(slot.container_id, 5).strip()
@@ -583,3 +334,67 @@ def _discard_all(slots: list[Slot]) -> None:
     slots[0].discard()
     for t in threads:
         t.join()
+
+
+class WarmPools:
+    """An executor's warm pools, one per policy that asks for one: each started at its first use.
+
+    A process that exits without :meth:`close` still tears them down (at exit).
+
+    Args:
+        host: The executor's side of every task (engine, run directory, uids, gate).
+        enabled: With ``False`` there are none: every task starts cold.
+    """
+
+    def __init__(self, host: TaskHost, *, enabled: bool = True) -> None:
+        self._host = host
+        self._enabled = enabled
+        self._pools: dict[IsolationPolicy, WarmPool] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self, policy: IsolationPolicy) -> WarmPool | None:
+        """The warm pool of ``policy`` (started now if it was not), or ``None`` if it has none."""
+        if not self._enabled or not policy.warm_pool:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            pool = self._pools.get(policy)
+            if pool is None:
+                if not self._pools:
+                    atexit.register(self._close_all)
+                host = self._host
+                pool = WarmPool(
+                    host.backend,
+                    policy,
+                    run_dir=host.run_dir,
+                    uids=host.uids,
+                    instance_id=host.instance_id,
+                    gate=host.gate,
+                )
+                self._pools[policy] = pool
+                pool.start()
+        return pool
+
+    def stats(self) -> list[dict[str, Any]]:
+        """What each pool holds and has done (see :meth:`WarmPool.stats`)."""
+        with self._lock:
+            pools = list(self._pools.values())
+        return [p.stats() for p in pools]
+
+    def close(self) -> None:
+        """Destroy every pool's slots, side by side; no pool starts after. Safe twice."""
+        with self._lock:
+            self._closed = True
+        atexit.unregister(self._close_all)
+        self._close_all()
+
+    def _close_all(self) -> None:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        threads = [threading.Thread(target=p.close, name="close-warm-pool") for p in pools]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()

@@ -78,7 +78,7 @@ def test_a_hundred_tasks_from_four_callers_on_a_pool_of_two_lose_none_though_slo
         return real_give(self, session)
 
     monkeypatch.setattr(Slot, "give", chaotic_give)
-    caplog.set_level(logging.WARNING, logger="executor.task.run")
+    caplog.set_level(logging.WARNING, logger="executor.task.batch")
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(lambda n: executor.run(_spec(data_dir, n)), range(100)))
 

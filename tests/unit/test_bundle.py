@@ -224,13 +224,24 @@ def test_file_count_limit(make_protocol, tmp_path, monkeypatch):
         copy_bundle(proto, tmp_path / "over-limit")
 
 
-def test_copy_checks_the_entry_point_first(tmp_path):
+def test_the_entry_point_is_parsed_once_per_task_by_the_check_not_again_by_the_copy(tmp_path, monkeypatch):
+    # The runner checks the protocol before anything is made for the task;
+    # the copy parsed protocol.py a second time. Made to fail by calling
+    # check_protocol_dir from copy_bundle again.
     proto = tmp_path / "proto"
     proto.mkdir()
-    (proto / "protocol.py").write_text("def train(ctx):\n    return 1\n")
-    with pytest.raises(ProtocolBundleError, match="defines no top-level run"):
-        copy_bundle(proto, tmp_path / "bundle")
-    assert not (tmp_path / "bundle").exists()
+    (proto / "protocol.py").write_text("def run(ctx):\n    return 1\n")
+    parses: list[object] = []
+    real_parse = ast.parse
+
+    def counted_parse(*args, **kwargs):
+        parses.append(args[0])
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(ast, "parse", counted_parse)
+    check_protocol_dir(proto)
+    copy_bundle(proto, tmp_path / "bundle")
+    assert len(parses) == 1
 
 
 # -- digest ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Where the parent sends each kind.
 SENDERS = {
     ControlKind.BEAT_SEEN: "executor/rpc/session.py",
-    ControlKind.MODELLER_READY: "executor/task/run.py",
+    ControlKind.MODELLER_READY: "executor/task/modeller.py",
     ControlKind.CANCEL: "executor/task/supervisor.py",
 }
 

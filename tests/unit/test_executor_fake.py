@@ -36,9 +36,10 @@ from executor.rpc.server import TaskServer
 from executor.runner import Executor
 from executor.sandbox.contract import START_SOCKET_NAME
 from executor.spec import TaskSpec
-from executor.task import run as taskrun
+from executor.task import assembly
 from executor.task import supervisor as supervisor_module
 from executor.task.launch import SANDBOX_IPC
+from executor.task.run import TaskRun
 from executor.testing import (
     FakeBackend,
     FakeContainer,
@@ -144,6 +145,28 @@ def test_a_warm_slot_boots_the_real_runtime_which_waits_and_then_runs_its_task(k
     assert outcome.warm_starts == 1
     assert {"assign", "load", "run"} <= set(outcome.timings) and "create" not in outcome.timings
     assert ex.backend.containers[slot["container_id"]].removed  # type: ignore[attr-defined]
+
+
+def test_a_task_served_by_a_warm_slot_makes_no_ipc_directory_of_its_own(
+    kit, make_protocol, data, monkeypatch
+):
+    # Its own directory held a token, sockets' directory and resolv.conf no
+    # warm batch uses; now only its bundle (the slot links it). Made to fail
+    # by making the task directory with its IPC part again.
+    seen: list[list[str]] = []
+    real_run = TaskRun.run
+
+    def run(self: TaskRun) -> Any:
+        seen.append(sorted(p.name for p in self.workspace.path.iterdir()))
+        return real_run(self)
+
+    monkeypatch.setattr(TaskRun, "run", run)
+    ex = kit.executor(FakeBackend(kit.runtime()), policy=POLICY.replace(warm_pool=1, uid_count=2))
+    assert ex.warm_up(wait=30), ex.pool_stats()
+    outcome = ex.run(_spec(make_protocol, data, OK_PROTOCOL, task_id="t-warm", parameters={"epochs": 1}))
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.warm_starts == 1
+    assert seen == [["owner", "protocol"]]
 
 
 def _warm_or(cold: Program, warm: Program) -> Program:
@@ -430,6 +453,14 @@ def test_a_missing_image_is_refused_before_anything_is_made(kit, make_protocol, 
     assert [op for op, _ in backend.calls] == ["check_image"]
 
 
+def test_a_protocol_without_run_is_refused_before_anything_is_made(kit, make_protocol, data):
+    backend = FakeBackend(exits(0))
+    with pytest.raises(ProtocolBundleError, match="defines no top-level run"):
+        kit.executor(backend).run(_spec(make_protocol, data, "def train(ctx):\n    return 1\n"))
+    assert backend.calls == []
+    assert list(kit.run_dir.iterdir()) == []
+
+
 def test_a_bundle_refused_during_the_copy_leaves_nothing_behind(kit, make_protocol, data, tmp_path):
     protocol = make_protocol("def run(ctx):\n    return 1\n")
     # A hard link passes the pre-check but not the copy (it could name a file the operator never shared).
@@ -500,7 +531,7 @@ def test_a_lifeline_that_cannot_be_bound_is_a_host_error_and_leaves_nothing_behi
     def refuse(path: Path) -> None:
         raise OSError(98, "Address already in use")
 
-    monkeypatch.setattr(taskrun, "Lifeline", refuse)
+    monkeypatch.setattr(assembly, "Lifeline", refuse)
     backend = FakeBackend(exits(0))
     with pytest.raises(HostError) as info:
         kit.executor(backend).run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))

@@ -31,7 +31,7 @@ def test_the_task_config_carries_sandbox_paths_and_no_keys(tmp_path):
         keys=TaskKeys.generate(),
     )
     bundle = Bundle(path=tmp_path / "bundle", sha256="ab" * 32, size=1, files=1)
-    config = serde.task_config(spec, "t-1", bundle, IsolationPolicy.hardened(), {"s": "v"})
+    config = serde.task_config(spec, "t-1", bundle.sha256, IsolationPolicy.hardened(), {"s": "v"})
     assert (config.task_id, config.project_id, config.parameters_json) == ("t-1", "p", '{"a": 1}')
     assert (config.data_path, config.protocol_path) == (SANDBOX_DATA, SANDBOX_PROTOCOL)
     assert config.flags == pb.Flags(test_run=True, force_rerun_failed_files=True)

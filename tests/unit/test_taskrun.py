@@ -1,4 +1,4 @@
-"""The parent's data lifecycle (executor/task/run.py) on a scripted engine and a real SQLite database.
+"""The parent's data lifecycle (executor/task/: run, batch, ledger) on a scripted engine and a real SQLite db.
 
 Containers are :class:`~executor.testing.FakeBackend` programs; where a
 protocol must really run, :func:`~executor.testing.host_runtime` runs our init
@@ -39,7 +39,7 @@ from executor.runner import Executor
 from executor.spec import TaskFlags, TaskSpec
 from executor.task import run as taskrun
 from executor.task.launch import SANDBOX_DATA
-from executor.task.run import default_task_hash
+from executor.task.plan import default_task_hash
 from executor.testing import (
     FakeBackend,
     FakeContainer,
@@ -221,6 +221,49 @@ def test_the_modeller_of_a_batched_task_hears_the_count_each_batch_and_success(
         ("BATCHES_COMPLETE", {"state": "SUCCESS"}),
     ]
     assert outcome.result == [{"files": ["a.csv", "b.csv"]}, {"files": ["c.csv"]}]
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "flag", "batched"), [(2, False, True), (0, True, True), (0, False, False)]
+)
+def test_the_sandbox_is_told_the_task_is_batched_exactly_when_it_runs_in_batches(
+    rig, make_protocol, make_data, batch_size, flag, batched
+):
+    # "Batched" is derived once (TaskSpec.batched): a batch size without the
+    # seed's flag still runs in batches, and the sandbox's ctx.flags says so.
+    # Made to fail by sending spec.flags.batched_execution as before.
+    data = make_data({"a.csv": "1"})
+    spec = TaskSpec(
+        protocol_dir=make_protocol("def run(ctx):\n    return ctx.flags.batched_execution\n"),
+        data_dir=data,
+        batch_size=batch_size,
+        flags=TaskFlags(batched_execution=flag),
+    )
+    outcome = rig.executor(FakeBackend(rig.runtime())).run(spec)
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.result == ([batched] if batched else batched)
+    assert (outcome.batches is not None) == batched
+
+
+def test_the_task_config_is_built_once_for_all_its_batches(rig, make_protocol, make_data, monkeypatch):
+    # Every batch's sandbox fetches the same configuration; it was rebuilt per
+    # batch. Made to fail by building it in BatchRunner._serve again.
+    from executor.rpc import serde
+
+    built: list[str] = []
+    real = serde.task_config
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        built.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serde, "task_config", counted)
+    data = make_data({"a.csv": "1", "b.csv": "2", "c.csv": "3"})
+    spec = TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=data, task_id="t-once", batch_size=1)
+    outcome = rig.executor(FakeBackend(rig.runtime())).run(spec)
+    assert outcome.status is Status.OK, outcome.error
+    assert outcome.batches == {"total": 3, "completed": 3, "size": 1}
+    assert built == ["t-once"]
 
 
 def test_the_modeller_of_a_batched_task_whose_second_batch_fails_hears_failed_and_one_abort(
@@ -689,7 +732,7 @@ def test_each_container_sees_exactly_its_batch_in_a_view_removed_afterwards(rig,
     # Fails if a container's /data shows more than its batch, or the view
     # outlives its batch: made to fail by building each batch's DataView from
     # plan.selection.files instead of the batch, and by dropping view.remove()
-    # in _run_one (the next batch's view then cannot be made).
+    # in BatchRunner.run (the next batch's view then cannot be made).
     data = make_data({"a.csv": "1", "c.csv": "3", "scans/b.csv": "2"})
     views: list[tuple[Path, list[str]]] = []
 
@@ -719,7 +762,7 @@ def test_a_datasource_file_deeper_than_path_max_is_skipped_and_counted_and_the_t
 ):
     # Finding 7 of the third red team: one such file failed every task on
     # its datasource (exit 2, "File name too long" while making the view).
-    # Made to fail by dropping view_paths from Executor._plan (the file is
+    # Made to fail by dropping view_paths from plan_task (the file is
     # then selected and only the view leaves it out, uncounted) and, with the
     # view's own check removed too, the task raised HostError (ENAMETOOLONG)
     # before any container started, as it did.

@@ -29,6 +29,7 @@ from executor.errors import CapacityError, ContainerError, HostError
 from executor.policy import IsolationPolicy
 from executor.rpc.session import SessionRef
 from executor.sandbox.contract import START_SOCKET_NAME, TOKEN_METADATA_KEY
+from executor.task import slot as warmslot
 from executor.task import warmpool
 from executor.task.launch import SANDBOX_IPC
 from executor.task.lifeline import StartLine
@@ -428,7 +429,7 @@ def test_a_dead_slot_is_discarded_and_counted(host, monkeypatch, how):
     monkeypatch.setattr(warmpool, "CHECK_S", 0.02)
     monkeypatch.setattr(warmpool, "RETRY_MIN_S", 30.0)  # no second slot during the test
     if how == "never-booted":
-        monkeypatch.setattr(warmpool, "BOOT_TIMEOUT_S", 0.1)
+        monkeypatch.setattr(warmslot, "BOOT_TIMEOUT_S", 0.1)
         program = None  # the fake container hangs and never asks for its task
     else:
         program = Sandboxes().program(give_up_after=0.05)
