@@ -30,7 +30,7 @@ from executor.backends.docker import RUNSC_IGNORES_SECCOMP
 from executor.errors import PolicyError
 from executor.events import ProgressUpdate
 from executor.outcome import Status
-from executor.policy import IsolationPolicy, seccomp
+from executor.policy import IsolationPolicy, seccomp, syscalls
 from executor.spec import TaskSpec
 
 from ..conftest import PROTOCOLS
@@ -222,7 +222,7 @@ def test_a_policys_profile_refusing_symlink_is_enforced_or_refused_at_start(
 
 # -- runc: the compiled filter, against the engine's own default -----------------------------
 
-ARG0 = (0, 8, 0x2_0000, 0x2_0008, 0xFFFF_FFFF, 0x0120_0011, 0x003D_0F00, 0x0120_0011 | seccomp.CLONE_NEWUSER)
+ARG0 = (0, 8, 0x2_0000, 0x2_0008, 0xFFFF_FFFF, 0x0120_0011, 0x003D_0F00, 0x0120_0011 | syscalls.CLONE_NEWUSER)
 ARG1 = (*range(0, 40), *range(1024, 1040), 2**32 + 3)
 
 
@@ -258,7 +258,7 @@ def _answers(programs: list[list[tuple[int, int, int, int]]]) -> dict[tuple[str,
             grid: tuple[tuple[int, ...], ...] = ((0,) * 6,)
             if name in ("personality", "clone"):
                 grid = tuple((a, 0) for a in ARG0)
-            elif name in seccomp.FCNTL_NAMES:
+            elif name in syscalls.FCNTL_NAMES:
                 grid = tuple((3, c) for c in ARG1)
             for args in grid:
                 out[(abi, name, args)] = decide(programs, abi, nr, args)
@@ -271,9 +271,9 @@ def test_the_default_is_the_engines_own_less_the_refusals(docker_client):
     would, except EPERM for the refused calls and fcntl commands; with those put back, exactly as it."""
     ours = seccomp.default_profile("runc")
     restored = dict(ours)
-    restored["syscalls"] = [r for r in ours["syscalls"] if r["names"] != list(seccomp.FCNTL_NAMES)]
+    restored["syscalls"] = [r for r in ours["syscalls"] if r["names"] != list(syscalls.FCNTL_NAMES)]
     restored["syscalls"].append(
-        {"names": [*seccomp.REFUSED, *seccomp.FCNTL_NAMES], "action": "SCMP_ACT_ALLOW", "args": []}
+        {"names": [*syscalls.REFUSED, *syscalls.FCNTL_NAMES], "action": "SCMP_ACT_ALLOW", "args": []}
     )
     engine = _answers(_filters_of(docker_client, None))
     assert _answers(_filters_of(docker_client, json.dumps(restored))) == engine
@@ -285,8 +285,8 @@ def test_the_default_is_the_engines_own_less_the_refusals(docker_client):
     expected = {
         (abi, name, args): (RET_ALLOW, RET_ERRNO | 1)
         for abi, name, args in engine
-        if name in seccomp.REFUSED
-        or (name in seccomp.FCNTL_NAMES and _command(abi, args[1]) not in seccomp.FCNTL_ALLOWED)
+        if name in syscalls.REFUSED
+        or (name in syscalls.FCNTL_NAMES and _command(abi, args[1]) not in syscalls.FCNTL_ALLOWED)
     }
     assert differ == expected
     # Every ABI's refused calls were among them (the i386 ones through int 0x80 too).

@@ -19,7 +19,7 @@ import pytest
 from executor.backends import ContainerSpec, EngineInfo
 from executor.backends.docker import RUNSC_IGNORES_SECCOMP, DockerBackend, container_kwargs, engine_info_of
 from executor.errors import PolicyError
-from executor.policy import IsolationPolicy, seccomp
+from executor.policy import IsolationPolicy, seccomp, syscalls
 from executor.policy.file import load_policy_file
 from executor.runner import Executor
 from executor.spec import TaskSpec
@@ -33,9 +33,9 @@ ALLOW, REFUSE = "allow", "refuse"
 # and some it never allows.
 NEVER = ("unshare", "setns", "mount", "keyctl", "bpf", "kexec_load", "userfaultfd", "perf_event_open")
 UNIVERSE = sorted(
-    seccomp.ALLOWED
-    | set(seccomp.REFUSED)
-    | set(seccomp.FCNTL_NAMES)
+    syscalls.ALLOWED
+    | set(syscalls.REFUSED)
+    | set(syscalls.FCNTL_NAMES)
     | {"clone", "clone3", "personality", "ptrace", "arch_prctl", "modify_ldt", "set_tls", *NEVER}
 )
 # Argument values that matter to the default's conditions: personality's and
@@ -51,7 +51,7 @@ ARG0 = (
     0xFFFF_FFFF,
     FORK_FLAGS,
     THREAD_FLAGS,
-    FORK_FLAGS | seccomp.CLONE_NEWUSER,
+    FORK_FLAGS | syscalls.CLONE_NEWUSER,
 )
 ARG1 = (*range(0, 40), *range(1024, 1040), 2**32 + 3)
 
@@ -76,7 +76,7 @@ def _applies(rule: dict[str, Any]) -> bool:
 
 def _matches(rule: dict[str, Any], args: tuple[int, ...]) -> bool:
     return all(
-        seccomp.Arg(a["index"], a["value"], a["op"], a.get("valueTwo", 0)).holds(args[a["index"]])
+        syscalls.Arg(a["index"], a["value"], a["op"], a.get("valueTwo", 0)).holds(args[a["index"]])
         for a in rule.get("args") or []
     )
 
@@ -100,7 +100,7 @@ def _grid() -> list[tuple[str, tuple[int, ...]]]:
     for name in UNIVERSE:
         if name in ("personality", "clone"):
             out += [(name, (a, 0, 0, 0, 0, 0)) for a in ARG0]
-        elif name in seccomp.FCNTL_NAMES:
+        elif name in syscalls.FCNTL_NAMES:
             out += [(name, (fd, cmd, 0, 0, 0, 0)) for fd, cmd in itertools.product((3, 4), ARG1)]
         else:
             out.append((name, (0,) * 6))
@@ -125,12 +125,12 @@ def _arg(index: int, value: int, op: str = "SCMP_CMP_EQ", value_two: int = 0) ->
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
 def test_the_default_refuses_locks_watches_and_io_uring_and_keeps_the_rest(runtime):
     default = seccomp.default_profile(runtime)
-    for name in seccomp.REFUSED:
+    for name in syscalls.REFUSED:
         assert decide(default, name) == REFUSE, name
-    for fcntl in seccomp.FCNTL_NAMES:
-        for cmd in seccomp.FCNTL_REFUSED:
+    for fcntl in syscalls.FCNTL_NAMES:
+        for cmd in syscalls.FCNTL_REFUSED:
             assert decide(default, fcntl, (3, cmd, 0, 0, 0, 0)) == REFUSE, (fcntl, cmd)
-        for cmd in seccomp.FCNTL_ALLOWED:
+        for cmd in syscalls.FCNTL_ALLOWED:
             assert decide(default, fcntl, (3, cmd, 0, 0, 0, 0)) == ALLOW, (fcntl, cmd)
         # A command with bits above 32 is not the command the kernel would see: refused.
         assert decide(default, fcntl, (3, 2**32 + 3, 0, 0, 0, 0)) == REFUSE
@@ -140,7 +140,7 @@ def test_the_default_refuses_locks_watches_and_io_uring_and_keeps_the_rest(runti
         assert decide(default, name) == REFUSE, name
     assert decide(default, "clone", (FORK_FLAGS, 0, 0, 0, 0, 0)) == ALLOW
     assert decide(default, "clone", (THREAD_FLAGS, 0, 0, 0, 0, 0)) == ALLOW
-    assert decide(default, "clone", (FORK_FLAGS | seccomp.CLONE_NEWUSER, 0, 0, 0, 0, 0)) == REFUSE
+    assert decide(default, "clone", (FORK_FLAGS | syscalls.CLONE_NEWUSER, 0, 0, 0, 0, 0)) == REFUSE
     assert [v for v in ARG0 if decide(default, "personality", (v, 0, 0, 0, 0, 0)) == ALLOW] == [
         0,
         8,
@@ -153,15 +153,15 @@ def test_the_default_refuses_locks_watches_and_io_uring_and_keeps_the_rest(runti
 def test_clone3_is_not_implemented_under_runc_and_left_to_gvisor_under_runsc():
     # glibc falls back to clone only on ENOSYS; gVisor answers ENOSYS itself
     # but would turn a profile's ENOSYS into EPERM.
-    assert decide(seccomp.default_profile("runc"), "clone3") == f"errno {seccomp.ENOSYS}"
+    assert decide(seccomp.default_profile("runc"), "clone3") == f"errno {syscalls.ENOSYS}"
     assert decide(seccomp.default_profile("runsc"), "clone3") == ALLOW
 
 
 def test_the_fcntl_allow_list_and_the_refused_commands_are_apart_and_cover_the_locks():
-    assert not set(seccomp.FCNTL_ALLOWED) & set(seccomp.FCNTL_REFUSED)
+    assert not set(syscalls.FCNTL_ALLOWED) & set(syscalls.FCNTL_REFUSED)
     # F_GETLK..F_SETLKW, the OFD locks, leases and dnotify, by their Linux numbers.
-    assert {5, 6, 7, 36, 37, 38, 1024, 1025, 1026} <= set(seccomp.FCNTL_REFUSED)
-    assert {0, 1, 2, 3, 4, 1030, 1031, 1032, 1033, 1034} <= set(seccomp.FCNTL_ALLOWED)
+    assert {5, 6, 7, 36, 37, 38, 1024, 1025, 1026} <= set(syscalls.FCNTL_REFUSED)
+    assert {0, 1, 2, 3, 4, 1030, 1031, 1032, 1033, 1034} <= set(syscalls.FCNTL_ALLOWED)
 
 
 def test_the_default_is_built_once_and_reaches_the_engine_arguments():
@@ -236,7 +236,7 @@ def test_what_the_intersection_keeps_in_numbers():
     ]
     merged = seccomp.merged_profile(POLICY_PROFILES["all but symlink"])
     assert decide(merged, "symlink") == REFUSE and decide(merged, "read") == ALLOW
-    assert all(decide(merged, name) == REFUSE for name in [*seccomp.REFUSED, *NEVER])
+    assert all(decide(merged, name) == REFUSE for name in [*syscalls.REFUSED, *NEVER])
 
 
 def test_refusing_rules_keep_their_own_action_and_errno():
@@ -248,7 +248,7 @@ def test_refusing_rules_keep_their_own_action_and_errno():
     merged = seccomp.merged_profile(profile, "runc")
     assert decide(merged, "symlink") == "errno 13"
     # clone3 is the default's to decide: a kill or EPERM would stop every thread from starting.
-    assert decide(merged, "clone3") == f"errno {seccomp.ENOSYS}"
+    assert decide(merged, "clone3") == f"errno {syscalls.ENOSYS}"
 
 
 def test_a_refused_call_in_a_policy_profile_meets_the_profiles_own_default_action():
@@ -394,7 +394,7 @@ def _engine(monkeypatch: pytest.MonkeyPatch, runsc_args: tuple[str, ...] | None)
     return calls
 
 
-STRICT = _profile(_allow(sorted(seccomp.ALLOWED)))
+STRICT = _profile(_allow(sorted(syscalls.ALLOWED)))
 
 
 def test_a_runsc_task_with_a_profile_is_refused_when_gvisor_would_ignore_it(monkeypatch):
