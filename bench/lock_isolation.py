@@ -34,10 +34,12 @@ import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _common as c
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 SYSCALL_LOOP = (
     "import fcntl, os, time\n"

@@ -32,10 +32,12 @@ import contextlib
 import multiprocessing
 import queue
 import time
-from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _common as c
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 def _echo(inbox: Any, outbox: Any, rounds: int) -> None:

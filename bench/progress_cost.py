@@ -37,10 +37,12 @@ import collections
 import json
 import resource
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _common as c
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 MODES = ("sleep", "steps", "raw")
 

@@ -28,11 +28,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _common as c
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 RESULTS = c.BENCH_DIR / "results"
 # name -> extra arguments, in the order they run. The issue 12 targets fix two of them: 32 tasks at

@@ -37,10 +37,12 @@ import collections
 import multiprocessing
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import _common as c
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PROTOCOL = (
     "import time\n\n"

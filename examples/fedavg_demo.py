@@ -28,21 +28,24 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from traceback import format_exc
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from executor.errors import SandboxExecutorError
-from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
 from executor.runner import Executor
 from executor.spec import TaskSpec
 from executor.testing import InMemoryTransport, LocalModeller, ModellerMessage
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import FrameType
+
+    from executor.events import ProgressUpdate
 
 EXAMPLES = Path(__file__).resolve().parent
 PROTOCOL_DIR = EXAMPLES / "protocols" / "fedavg"

@@ -36,7 +36,10 @@ itself may catch is a separate tree, rooted at
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 class SandboxExecutorError(Exception):

@@ -16,11 +16,13 @@ import enum
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from executor.data.fileoutcomes import MAX_FAILED_FILES_IN_JSON
-from executor.outcome import Outcome, Status
 from executor.sandbox.contract import MAX_COLUMN_NAME_CHARS, MAX_INFO_CHARS, ReportCase, is_column_name
+
+if TYPE_CHECKING:
+    from executor.outcome import Outcome, Status
 
 
 class ProgressKind(enum.StrEnum):

@@ -121,7 +121,7 @@ class _Worker:
             if item is _STOP or self.abandoned:
                 return
             try:
-                self.hook(cast(Event, item))
+                self.hook(cast("Event", item))
             except BaseException:  # a hook's SystemExit must not end its worker silently either
                 with self._counts:
                     self.failed += 1

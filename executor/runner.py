@@ -16,24 +16,19 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor import paths
 from executor.backends import ContainerBackend, open_backend
 from executor.data.scan import scan
-from executor.data.store import ProjectStore
 from executor.data.stores import open_store
 from executor.data.view import METHODS
 from executor.errors import ConfigurationError, DataSourceError, host_errors
-from executor.events import ProgressUpdate
-from executor.hooks import Hook
 from executor.mailbox.transport import NoModellerTransport, Transport
-from executor.outcome import Outcome
 from executor.policy import IsolationPolicy
 from executor.policy.file import PolicySet
-from executor.spec import TaskSpec
 from executor.task.admission import STARTS_DIR_NAME, StartGate, default_max_starting
 from executor.task.bundle import check_protocol_dir, copy_bundle
 from executor.task.host import TaskHost
@@ -43,6 +38,15 @@ from executor.task.run import TaskRun
 from executor.task.taskdir import TaskDir
 from executor.task.uids import UidPool
 from executor.task.warmpool import WarmPool, WarmPools
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from executor.data.store import ProjectStore
+    from executor.events import ProgressUpdate
+    from executor.hooks import Hook
+    from executor.outcome import Outcome
+    from executor.spec import TaskSpec
 
 log = logging.getLogger(__name__)
 

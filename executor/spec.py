@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from executor.errors import ConfigurationError
-from executor.mailbox.crypto import TaskKeys
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from executor.mailbox.crypto import TaskKeys
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _HASH_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -12,9 +12,8 @@ the backends it can run.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -30,6 +29,9 @@ from executor.backends import (
 from executor.errors import ImageNotFoundError
 from executor.policy import DEFAULT_IMAGE, Isolation, IsolationPolicy
 from executor.task.reaper import new_instance_id
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 # The backends that need no engine: the unit suite runs the contract over them.
 ENGINE_FREE = frozenset({"fake"})
@@ -105,9 +107,11 @@ class BackendContract:
 
     def test_the_engine_names_itself_and_gives_plain_containers(self, engine: Engine) -> None:
         info = engine.backend.engine_info()
-        assert info.name and info.version
+        assert info.name
+        assert info.version
         plain = info.runtime_for(Isolation.CONTAINER)
-        assert plain is not None and plain.name
+        assert plain is not None
+        assert plain.name
         assert plain.applies_seccomp  # the default profile always holds in a plain container
 
     def test_a_missing_image_is_reported_as_such(self, engine: Engine) -> None:

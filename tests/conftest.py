@@ -6,9 +6,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -16,6 +15,9 @@ from executor.backends import LABEL_PARENT
 from executor.policy import DEFAULT_IMAGE, IsolationPolicy
 from executor.policy.file import PolicySet
 from executor.task.reaper import new_instance_id
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = Path(__file__).parent / "protocols"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 COMPONENT = 240
 """Bytes of each directory name: under NAME_MAX (255), so the filesystem takes every one."""

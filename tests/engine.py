@@ -10,9 +10,12 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from executor.backends import ContainerSpec
 from executor.backends.docker import DockerBackend
+
+if TYPE_CHECKING:
+    from executor.backends import ContainerSpec
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 

@@ -9,16 +9,19 @@ here and one registration line in :mod:`executor.backends.registry`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from executor.backends.cgroups import Usage
 from executor.backends.registry import DEFAULT_BACKEND, backend_names, open_backend, register_backend
 from executor.errors import ImageNotFoundError
-from executor.policy import Isolation, IsolationPolicy
 from executor.sandbox.contract import WIRE_VERSION
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+    from pathlib import Path
+
+    from executor.policy import Isolation, IsolationPolicy
 
 LABEL_PREFIX = "io.sandbox-executor"
 LABEL_MANAGED = f"{LABEL_PREFIX}.managed"

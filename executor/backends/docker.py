@@ -11,8 +11,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import docker
 import docker.errors
@@ -40,6 +39,9 @@ from executor.errors import (
     PolicyError,
 )
 from executor.policy import Isolation, IsolationPolicy, seccomp
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)

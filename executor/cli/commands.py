@@ -19,13 +19,15 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from executor import __version__, paths
 from executor.errors import SandboxExecutorError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import FrameType
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1

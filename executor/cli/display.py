@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from types import TracebackType
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.highlighter import JSONHighlighter
@@ -19,7 +19,11 @@ from rich.text import Text
 from executor.cli.terminal import printable
 from executor.data.fileoutcomes import FileKind
 from executor.events import AlgorithmProgress, BatchRun, Event, ProgressKind, ProgressUpdate, TaskStarted
-from executor.outcome import Outcome
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from executor.outcome import Outcome
 
 MAX_INFO_SHOWN = 60
 MAX_FAILED_FILES_SHOWN = 5

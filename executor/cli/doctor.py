@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor import paths
 from executor.backends import DEFAULT_BACKEND, ContainerBackend, open_backend
@@ -13,6 +13,9 @@ from executor.errors import SandboxExecutorError
 from executor.policy import DEFAULT_IMAGE, RUNTIME_ISOLATION
 from executor.sandbox.contract import WIRE_VERSION
 from executor.task.admission import STARTS_DIR_NAME, default_max_starting
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 # The images tasks run in, and whether every machine needs it (the base image
 # carries no child runtime: `make images` builds from it, no task runs in it).

@@ -13,18 +13,21 @@ import dataclasses
 import json
 import os
 import sys
-from datetime import datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from executor.cli.terminal import printable
-from executor.data.store import FailedFileRecord, ProjectStore, ResultRecord, TaskRecord
 from executor.data.stores import open_store
 from executor.errors import ProjectDatabaseError
+
+if TYPE_CHECKING:
+    from datetime import datetime
+    from pathlib import Path
+
+    from executor.data.store import FailedFileRecord, ProjectStore, ResultRecord, TaskRecord
 
 # Rows are flat dicts whose keys the protocol chose: past this many distinct
 # keys the table shows each row as one JSON column rather than grow sideways.

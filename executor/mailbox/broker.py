@@ -21,9 +21,8 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor.errors import MailboxLimitError as MailboxLimitError
 from executor.errors import SandboxExecutorError
@@ -44,6 +43,10 @@ from executor.mailbox.crypto import (
     share_label,
 )
 from executor.mailbox.transport import SPOOL_OWNER, Channel, Envelope, Route, TransportError, discard
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
 
 log = logging.getLogger(__name__)
 

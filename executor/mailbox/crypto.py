@@ -28,10 +28,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -41,6 +39,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from executor.errors import DecryptionError as DecryptionError
 from executor.sandbox.contract import MAX_SHARE_BYTES
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
 
 MAGIC = b"SE2"
 LEGACY_MAGIC = b"SE1"

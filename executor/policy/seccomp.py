@@ -71,9 +71,8 @@ built once per profile and runtime.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from executor.errors import PolicyError
 from executor.policy.syscalls import (
@@ -87,6 +86,9 @@ from executor.policy.syscalls import (
     Clause,
     allowed_clauses,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
 
 # -- profiles ----------------------------------------------------------------------
 

@@ -11,9 +11,11 @@ these into profiles; the reasons are in its docstring.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # -- what a sandbox may call -------------------------------------------------------
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from executor.rpc import SERVICE_NAME
 from executor.rpc.limits import CallLimiter, RequestWatch, guarded, rate_limit_trailers
 from executor.sandbox.contract import TOKEN_METADATA_KEY
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # Every RPC and who may call it. A method missing here is refused, so a new
 # RPC stays closed until someone decides its policy (a unit test checks that

@@ -34,12 +34,10 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor.errors import DecryptionError
-from executor.mailbox.broker import Incoming
 from executor.rpc.session import RequestRejected
 from executor.sandbox.contract import (
     BULK_MAGIC,
@@ -49,6 +47,12 @@ from executor.sandbox.contract import (
     MAX_BULK_CONNECTIONS,
     MAX_BULK_TICKETS,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from executor.mailbox.broker import Incoming
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -24,6 +23,9 @@ from executor.sandbox.contract import (
     RATE_LIMITED_TRAILER,
     ReportCase,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 # The public messages of a refusal for calling too fast; the child recognises
 # such a refusal by the contract's trailer, never by this text.

@@ -10,12 +10,10 @@ report becomes the typed event (or the values) the session takes, through one ta
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from executor.data.fileoutcomes import FileKind
 from executor.events import REPORTS, AlgorithmProgress, Control, ProgressKind, Report
-from executor.outcome import Status
 from executor.rpc.checks import FINISH_STATUSES, RequestRejected
 from executor.sandbox.contract import (
     CHUNK_BYTES,
@@ -28,6 +26,9 @@ from executor.sandbox.contract import (
 from executor.v1 import sandbox_pb2 as pb
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from executor.outcome import Status
     from executor.policy import IsolationPolicy
     from executor.spec import TaskSpec
 

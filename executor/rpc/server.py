@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 from concurrent import futures
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -30,6 +30,9 @@ from executor.rpc.servicer import SandboxServicer
 from executor.rpc.session import SessionRef, TaskSession
 from executor.sandbox.contract import BULK_SOCKET_NAME, CHUNK_BYTES
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 log = logging.getLogger(__name__)
 

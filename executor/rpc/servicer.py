@@ -11,19 +11,21 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from executor.errors import DecryptionError
-from executor.mailbox.broker import Incoming
 from executor.rpc import serde
-from executor.rpc.bulk import BulkServer
 from executor.rpc.limits import CallLimiter, refusal
 from executor.rpc.session import RequestRejected, SessionRef, TaskSession
 from executor.sandbox.contract import BULK_BUSY_TRAILER, CHUNK_BYTES
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from executor.mailbox.broker import Incoming
+    from executor.rpc.bulk import BulkServer
 
 log = logging.getLogger(__name__)
 

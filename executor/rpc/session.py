@@ -14,10 +14,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from executor.data.fileoutcomes import FileKind, FileLedger, FileLimitError
 from executor.data.resultrows import (
@@ -43,7 +41,12 @@ from executor.sandbox.contract import (
     SENDABLE,
     ReportCase,
 )
-from executor.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from executor.v1 import sandbox_pb2 as pb
 
 log = logging.getLogger(__name__)
 

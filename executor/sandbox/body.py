@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
-import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import socket
 
 # Where a bytes object's data starts (CPython: the header, then ob_sval).
 _BYTES_DATA_OFFSET = bytes.__basicsize__ - 1

@@ -5,8 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -20,6 +19,9 @@ from executor.sandbox.contract import (
 )
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _R = TypeVar("_R")
 

@@ -11,15 +11,13 @@ importable from here.
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from executor.sandbox.client import RATE_BACKOFF_S as RATE_BACKOFF_S
 from executor.sandbox.client import RATE_RETRIES as RATE_RETRIES
 from executor.sandbox.client import RPC_TIMEOUT_S as RPC_TIMEOUT_S
-from executor.sandbox.client import ParentClient as ParentClient
 from executor.sandbox.errors import MailboxError as MailboxError
 from executor.sandbox.errors import MailboxTimeout as MailboxTimeout
 from executor.sandbox.errors import ReportRefused as ReportRefused
@@ -28,7 +26,12 @@ from executor.sandbox.errors import TaskAborted as TaskAborted
 from executor.sandbox.mailbox import Mailbox as Mailbox
 from executor.sandbox.progress import Progress as Progress
 from executor.sandbox.results import Reports
-from executor.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    import threading
+
+    from executor.sandbox.client import ParentClient as ParentClient
+    from executor.v1 import sandbox_pb2 as pb
 
 
 @dataclass(frozen=True)

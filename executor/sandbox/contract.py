@@ -11,8 +11,10 @@ from __future__ import annotations
 import enum
 import json
 import math
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 # -- version ---------------------------------------------------------------------
 # The version of this contract and of the proto. An image carries the version of

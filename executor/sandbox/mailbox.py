@@ -6,8 +6,7 @@ import contextlib
 import queue
 import socket
 import threading
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -28,6 +27,9 @@ from executor.sandbox.contract import (
 )
 from executor.sandbox.errors import MailboxError, MailboxTimeout, _status
 from executor.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 _R = TypeVar("_R")
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from executor.sandbox.client import ParentClient
 from executor.sandbox.contract import MAX_INFO_CHARS, PROGRESS_STEP_INTERVAL_S, ReportCase
 from executor.sandbox.errors import ReportRefused, _status
 from executor.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from executor.sandbox.client import ParentClient
 
 
 class Progress:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from executor.sandbox.client import ParentClient
 from executor.sandbox.contract import (
     MAX_FILE_REASON_CHARS,
     MAX_ROW_BYTES,
@@ -19,6 +18,9 @@ from executor.sandbox.contract import (
 )
 from executor.sandbox.errors import ReportRefused, _status
 from executor.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from executor.sandbox.client import ParentClient
 
 
 class Reports:

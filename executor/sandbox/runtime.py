@@ -36,9 +36,8 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 import traceback  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -56,6 +55,9 @@ from executor.sandbox.contract import (  # noqa: E402
 )
 from executor.v1 import sandbox_pb2 as pb  # noqa: E402
 from executor.v1 import sandbox_pb2_grpc as pb_grpc  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 if _SSL_BLOCKED and sys.modules.get("ssl", 0) is None:
     del sys.modules["ssl"]

@@ -12,7 +12,6 @@ a failure is closed again.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ from executor.task.launch import container_spec
 from executor.task.lifeline import Lifeline, StartLine
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from executor.backends import ContainerSpec, Mount

@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from executor.data.filesystem import may_link
-from executor.data.scan import FileStamp
 from executor.data.view import DataView
 from executor.errors import DataSourceError, host_errors
 from executor.outcome import ErrorDetail, Outcome, Status
@@ -38,6 +37,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from executor.data.resultrows import TaskRows
+    from executor.data.scan import FileStamp
     from executor.mailbox.broker import MailboxBroker
     from executor.policy import IsolationPolicy
     from executor.spec import TaskSpec

@@ -36,8 +36,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from executor.data.logtail import NOTE_STREAM
 from executor.events import (
@@ -50,8 +50,12 @@ from executor.events import (
     TaskContext,
     TaskEnded,
 )
-from executor.hooks import HookDispatcher, HookStats
 from executor.sandbox.contract import PROGRESS_STEP_INTERVAL_S
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from executor.hooks import HookDispatcher, HookStats
 
 log = logging.getLogger(__name__)
 

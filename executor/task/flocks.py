@@ -13,9 +13,11 @@ import fcntl
 import logging
 import os
 import threading
-from pathlib import Path
-from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from pathlib import Path
+    from types import TracebackType
 
 log = logging.getLogger(__name__)
 

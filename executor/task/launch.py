@@ -8,7 +8,6 @@ The paths inside the sandbox are named once, in the wire contract
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from executor.backends import (
@@ -24,6 +23,8 @@ from executor.sandbox.contract import SANDBOX_DATA, SANDBOX_IPC, SANDBOX_PROTOCO
 from executor.task.taskdir import LIFELINE_NAME, SOCKET_NAME, TOKEN_NAME
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from executor.policy import IsolationPolicy
     from executor.task.taskdir import TaskDir
 

@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from executor.data.scan import FileStamp
 from executor.data.selection import Selection, effective_max_files, plan_batches, select
 from executor.data.store import FileStates
 from executor.data.view import check_view_budget
@@ -18,6 +17,7 @@ from executor.task.taskdir import data_view_path
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from executor.data.scan import FileStamp
     from executor.spec import TaskSpec
     from executor.task.host import TaskHost
 

@@ -15,14 +15,17 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor.backends import LABEL_PARENT, ContainerBackend
 from executor.errors import host_errors
 from executor.mailbox.transport import SPOOL_OWNER
 from executor.task.taskdir import OWNER_NAME, remove_tree
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
 
 log = logging.getLogger(__name__)
 

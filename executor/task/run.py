@@ -19,17 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from executor.data.fileoutcomes import FileKind
 from executor.data.store import TaskStart
 from executor.errors import ProjectDatabaseError, host_errors
-from executor.events import ProgressUpdate
 from executor.hooks import (
     BatchRun,
     FailedFilesSaved,
@@ -43,27 +37,34 @@ from executor.mailbox.broker import MailboxBroker
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Route
 from executor.outcome import ErrorDetail, Outcome, Status
-from executor.policy import IsolationPolicy
 from executor.sandbox.contract import (
     MessageType,
     batches_complete_body,
     current_batch_id_body,
     number_of_batches_body,
 )
-from executor.spec import TaskSpec
 from executor.task.batch import BatchRunner
-from executor.task.bundle import Bundle
 from executor.task.eventflow import TaskEvents
 from executor.task.ledger import REASON_UNRECORDED, TaskLedger, batch_statistics, unrecorded
 from executor.task.modeller import ReadyRelay, abort_modeller, tell_modeller
 from executor.task.output import TaskOutput
 from executor.task.supervisor import REASON_CANCELLED
-from executor.task.taskdir import TaskDir
-from executor.task.warmpool import WarmPool
 
 if TYPE_CHECKING:
+    import threading
+    from collections.abc import Callable
+    from datetime import datetime
+    from pathlib import Path
+
+    from executor.data.fileoutcomes import FileKind
+    from executor.events import ProgressUpdate
+    from executor.policy import IsolationPolicy
+    from executor.spec import TaskSpec
+    from executor.task.bundle import Bundle
     from executor.task.host import TaskHost
     from executor.task.plan import Plan
+    from executor.task.taskdir import TaskDir
+    from executor.task.warmpool import WarmPool
 
 log = logging.getLogger(__name__)
 

@@ -36,17 +36,21 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from executor.backends import ContainerBackend, ContainerSpec, ExitInfo
 from executor.errors import BackendError, SandboxExecutorError
 from executor.events import ControlKind, FinishReport
 from executor.outcome import ErrorDetail, Outcome, Status
-from executor.policy import IsolationPolicy
-from executor.rpc.session import TaskSession
-from executor.task.admission import Permit
 from executor.task.usage import UsageWatch, busy
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from executor.backends import ContainerBackend, ContainerSpec, ExitInfo
+    from executor.policy import IsolationPolicy
+    from executor.rpc.session import TaskSession
+    from executor.task.admission import Permit
 
 log = logging.getLogger(__name__)
 

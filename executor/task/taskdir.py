@@ -29,9 +29,12 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from types import TracebackType
+from typing import TYPE_CHECKING
 
 from executor.sandbox.contract import BULK_SOCKET_NAME, START_SOCKET_NAME
+
+if TYPE_CHECKING:
+    from types import TracebackType
 
 SOCKET_NAME = "sandbox.sock"
 LIFELINE_NAME = "lifeline.sock"

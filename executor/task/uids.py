@@ -18,12 +18,16 @@ import contextlib
 import logging
 import os
 import threading
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor import paths
 from executor.errors import CapacityError, host_errors
-from executor.policy import IsolationPolicy
 from executor.task.flocks import HeldLock, try_lock
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from executor.policy import IsolationPolicy
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import TYPE_CHECKING
 
-from executor.backends import ContainerBackend, Usage
+if TYPE_CHECKING:
+    from executor.backends import ContainerBackend, Usage
 
 log = logging.getLogger(__name__)
 

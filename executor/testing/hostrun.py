@@ -14,10 +14,14 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor.backends import ContainerSpec, ExitInfo
-from executor.testing.engine import FakeContainer, Program
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from executor.testing.engine import FakeContainer, Program
 
 # The child runtime on the host: the container's paths (protocol bundle,
 # datasource, IPC directory) are mapped back to their host sources.
@@ -111,7 +115,8 @@ def host_runtime(scratch_dir: Path, *, stderr_bytes: int = 16 * 1024) -> Program
             while chunk := os.read(fd, 64 * 1024):
                 container.write(stream, chunk)
 
-        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
         readers = [
             threading.Thread(target=pump, args=(name, pipe.fileno()), daemon=True)
             for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr))

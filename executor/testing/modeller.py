@@ -8,9 +8,9 @@ and, for a multi-pod task (whose pods share the id), by the pod.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor.mailbox.crypto import (
     STREAM_CHUNK,
@@ -23,6 +23,9 @@ from executor.mailbox.crypto import (
 )
 from executor.mailbox.transport import Envelope
 from executor.testing.transport import InMemoryTransport, owned_spool
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 @dataclass(frozen=True)

@@ -9,13 +9,16 @@ fixture of its own to reach its engine (:data:`ENGINE_FIXTURES`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from executor.backends import backend_names
 
 from ..backend_contract import BackendContract, Engine, open_engine
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 pytestmark = pytest.mark.integration
 

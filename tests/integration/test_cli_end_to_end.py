@@ -45,7 +45,8 @@ def test_files_in_the_json_and_progress_bars_in_human_output(
     # Not a terminal: rich draws the bars once, as they ended.
     bars = {line.split()[0]: line for line in proc.stderr.splitlines() if line.strip()}
     assert "2/2" in bars["epochs"]
-    assert "2/2" in bars["steps"] and "batch 2" in bars["steps"]
+    assert "2/2" in bars["steps"]
+    assert "batch 2" in bars["steps"]
     assert "files: 1 processed, 1 failed" in proc.stdout
     assert "bad.csv: unparsable row 3" in proc.stdout
     assert list(run_dir.iterdir()) == []
@@ -151,7 +152,8 @@ def test_no_engine_is_exit_2_with_one_line(data_dir, run_dir, cli_env, policy_fi
     assert proc.returncode == 2
     assert proc.stdout == ""
     (line,) = proc.stderr.strip().splitlines()
-    assert line.startswith("sandbox-executor: error: ") and "Docker engine is not reachable" in line
+    assert line.startswith("sandbox-executor: error: ")
+    assert "Docker engine is not reachable" in line
     assert list(run_dir.iterdir()) == []
 
 
@@ -171,7 +173,8 @@ def test_a_missing_image_is_exit_2_with_one_line(data_dir, run_dir, docker_clien
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("sandbox-executor: error: ")
-    assert "sandbox-executor/not-built:latest is not built" in line and "make images" in line
+    assert "sandbox-executor/not-built:latest is not built" in line
+    assert "make images" in line
     assert list(run_dir.iterdir()) == []
 
 
@@ -186,7 +189,8 @@ def test_reap_says_what_it_removed(run_dir, docker_client, cli_env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     # Containers of other dead executors on a shared engine may be counted too.
     assert re.fullmatch(r"removed \d+ container\(s\), 1 task directory, 1 spool\(s\)\n", proc.stdout)
-    assert list(run_dir.iterdir()) == [] and list(spool.iterdir()) == []
+    assert list(run_dir.iterdir()) == []
+    assert list(spool.iterdir()) == []
 
 
 # `reap --all` removes every managed container on the engine, which on a shared
@@ -230,7 +234,8 @@ def test_reap_all_removes_even_what_live_executors_own(run_dir, docker_client, c
 
     try:
         plain = reap()
-        assert plain["containers"] == [] and plain["task_dirs"] == []
+        assert plain["containers"] == []
+        assert plain["task_dirs"] == []
         everything = reap("--all")
         assert everything["containers"] == [container.id]
         assert everything["task_dirs"] == [str(run_dir / "t-live")]

@@ -13,8 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -26,6 +25,9 @@ from executor.outcome import Status
 from executor.spec import TaskFlags, TaskSpec
 
 from ..conftest import PROTOCOLS, REPO, run_cli
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 pytestmark = pytest.mark.integration
 
@@ -142,7 +144,8 @@ def test_results_and_failures_land_in_the_database_and_new_data_only_sees_only_n
     assert fourth["result"]["seen"] == ["d.csv"], fourth
     assert fourth["files"]["failed"] == {"d.csv": "row 2: 'x' is not a whole number"}
     failed = {f["name"]: f for f in _records(cli_env, "failed-files", db)["failed_files"]}
-    assert set(failed) == {"d.csv"} and failed["d.csv"]["attempts"] == 2
+    assert set(failed) == {"d.csv"}
+    assert failed["d.csv"]["attempts"] == 2
 
     tasks = _records(cli_env, "tasks", db)["tasks"]
     assert len(tasks) == 4
@@ -155,7 +158,8 @@ def test_max_files_shows_the_sandbox_exactly_that_many(tmp_path, cli_env, policy
     out = _run(cli_env, policy_file, data, tmp_path / "pod.db", "--max-files", "2")
     assert out["status"] == "OK", out
     assert out["result"]["seen"] == ["f0.csv", "f1.csv"]
-    assert out["selection"]["selected"] == 2 and out["selection"]["over_limit"] == 3
+    assert out["selection"]["selected"] == 2
+    assert out["selection"]["over_limit"] == 3
 
 
 def test_a_batched_run_killed_in_its_second_batch_resumes_at_the_second_batch(
@@ -247,7 +251,8 @@ def test_progress_events_arrive_in_order_in_the_events_file(tmp_path, cli_env, p
     assert out["status"] == "OK", out
     lines = [json.loads(line) for line in events.read_text().splitlines()]
     names = [e["event"] for e in lines]
-    assert names[0] == "task_started" and names[-1] == "task_ended"
+    assert names[0] == "task_started"
+    assert names[-1] == "task_ended"
     assert {e["task_id"] for e in lines} == {out["task_id"]}
     progress = [(e["kind"], e.get("current_epoch")) for e in lines if e["event"] == "algorithm_progress"]
     assert progress == [
@@ -261,7 +266,8 @@ def test_progress_events_arrive_in_order_in_the_events_file(tmp_path, cli_env, p
         ("run_end", 0),
     ]
     assert names.index("batch_run") > names.index("algorithm_progress")
-    assert "results_saved" in names and "failed_files_saved" in names
+    assert "results_saved" in names
+    assert "failed_files_saved" in names
     logged = [e["line"] for e in lines if e["event"] == "log_line"]
     assert any("hello" in line for line in logged), logged
 
@@ -278,7 +284,8 @@ def test_a_raising_hook_does_not_fail_the_task_and_other_hooks_hear_everything(
     executor = make_executor(db=tmp_path / "pod.db", hooks=[broken, seen.append])
     outcome = executor.run(TaskSpec(protocol_dir=CSV, data_dir=data, project_id="oncology"))
     assert outcome.status is Status.OK, outcome.error
-    assert isinstance(seen[0], TaskStarted) and isinstance(seen[-1], TaskEnded)
+    assert isinstance(seen[0], TaskStarted)
+    assert isinstance(seen[-1], TaskEnded)
     assert seen[-1].outcome.task_id == outcome.task_id
     assert sum(isinstance(e, AlgorithmProgress) for e in seen) == 8
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,6 +14,9 @@ from executor.policy import IsolationPolicy
 from executor.task.output import NOTE_STREAM, OutputCollector
 from executor.task.reaper import new_instance_id
 from tests.conftest import bounded
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +95,8 @@ def test_a_sandbox_s_lines_arrive_tagged_while_it_runs(backend, tmp_path):
     ]
     assert [t for s, t in lines if s == "stderr"] == [f"err {i}" for i in range(6)]
     assert not [line for line in lines if line[0] == NOTE_STREAM]
-    assert "err 5\n" in collector.tail() and "out 5\n" in collector.tail()
+    assert "err 5\n" in collector.tail()
+    assert "out 5\n" in collector.tail()
     engine.remove(cid)
     assert cid not in dict(engine.list_managed())
 

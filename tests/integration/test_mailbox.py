@@ -42,7 +42,8 @@ def test_every_mailbox_operation_and_modeller_ready(make_executor, modeller, dat
     thread, box = _start(make_executor, modeller, spec)
 
     first = modeller.receive("mb-all", timeout=60)
-    assert first is not None and first.type == "TASK_START"
+    assert first is not None
+    assert first.type == "TASK_START"
     # Only now does the modeller say it is ready: the sandbox must have waited.
     modeller.ready("mb-all")
     received = []
@@ -67,7 +68,8 @@ def test_every_mailbox_operation_and_modeller_ready(make_executor, modeller, dat
         ("BATCHES_COMPLETE", b'{"state": "complete"}'),
         ("TRAINING_UPDATE", b"\x00\x01weights"),
     ]
-    assert abort is not None and abort.type == "TASK_ABORT"
+    assert abort is not None
+    assert abort.type == "TASK_ABORT"
     assert json.loads(abort.read()) == {
         "message": "stopping early",
         "reason": "LimitsExceeded",
@@ -124,7 +126,8 @@ def test_oversize_messages_are_refused_and_the_parent_carries_on(make_executor, 
     assert f"the limit is {2 * MiB}" in out["incoming_too_big"][1]
     # Nothing refused reached the modeller; the message after the refusals did.
     msg = modeller.receive("mb-big", timeout=5)
-    assert msg is not None and (msg.type, msg.read()) == ("TRAINING_UPDATE", b"still here")
+    assert msg is not None
+    assert (msg.type, msg.read()) == ("TRAINING_UPDATE", b"still here")
     assert modeller.receive("mb-big", timeout=0.2) is None
 
 
@@ -185,7 +188,8 @@ def test_a_waiting_task_does_not_block_another(make_executor, modeller, data_dir
     spec = TaskSpec(protocol_dir=PROTOCOLS / "waits", data_dir=data_dir, task_id="mb-waits", keys=keys)
     waiting, box = _start(make_executor, modeller, spec)
     started = modeller.receive("mb-waits", timeout=60)
-    assert started is not None and started.type == "TASK_START"
+    assert started is not None
+    assert started.type == "TASK_START"
 
     other = make_executor(transport=modeller.transport).run(
         TaskSpec(protocol_dir=PROTOCOLS / "async_run", data_dir=data_dir, parameters={"n": 1})
@@ -475,7 +479,8 @@ def test_a_large_body_altered_part_way_fails_the_receive_and_none_of_it_reaches_
     spec = TaskSpec(protocol_dir=PROTOCOLS / "echo", data_dir=data_dir, task_id="mb-tampered", keys=keys)
     outcome = make_executor(transport=_TamperingTransport(modeller.transport)).run(spec)
     assert outcome.status is Status.ERROR
-    assert outcome.error is not None and outcome.error.type == "MailboxError"
+    assert outcome.error is not None
+    assert outcome.error.type == "MailboxError"
     assert "failed authentication" in outcome.error.message
     # What the protocol sent its modeller: nothing but the parent's abort.
     heard = []

@@ -13,20 +13,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from executor.backends import ContainerSpec
 from executor.backends.docker import DockerBackend
 from executor.errors import BackendError, PolicyError
-from executor.events import ProgressUpdate
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.spec import TaskSpec
 
 from ..conftest import PROTOCOLS
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from executor.backends import ContainerSpec
+    from executor.events import ProgressUpdate
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +113,8 @@ def test_cpus_caps_the_whole_sandbox_s_cpu_as_the_host_counts_it(
 
     def mark(update: ProgressUpdate) -> None:
         usage = backend.usage(backend.last)
-        assert usage is not None and usage.cpu_s is not None
+        assert usage is not None
+        assert usage.cpu_s is not None
         marks[update.kind.value] = (time.monotonic(), usage.cpu_s)
 
     outcome = executor.run(_spec(data_dir, mode="burn", procs=2, seconds=3), on_progress=mark)
@@ -129,7 +133,8 @@ def test_cpu_time_s_ends_a_busy_sandbox_as_cpu_time_exceeded(
     assert outcome.status is Status.TIMEOUT, outcome.error
     assert outcome.error is not None and outcome.error.type == "CpuTimeExceeded", outcome.error
     assert outcome.error.limit_s == 1
-    assert outcome.error.measured_s is not None and outcome.error.measured_s > 1
+    assert outcome.error.measured_s is not None
+    assert outcome.error.measured_s > 1
 
 
 def test_file_size_mb_fails_a_write_past_it_and_names_a_task_that_ends_on_it(
@@ -155,7 +160,9 @@ def test_timeout_s_is_the_protocol_s_wall_clock_and_the_boot_is_not_counted(
     assert within.status is Status.OK, within.error
     past = executor.run(_spec(data_dir, mode="sleep", seconds=30))
     assert past.status is Status.TIMEOUT
-    assert past.error is not None and past.error.type == "TimeoutError" and past.error.limit_s == 2
+    assert past.error is not None
+    assert past.error.type == "TimeoutError"
+    assert past.error.limit_s == 2
 
 
 def test_stall_timeout_s_tells_stuck_from_frozen(make_executor: Any, data_dir: Path, runtime: str) -> None:
@@ -169,10 +176,12 @@ def test_image_is_the_one_the_sandbox_runs(make_executor: Any, data_dir: Path, r
     executor = make_executor(policy=_policy(runtime, image="sandbox-executor/numpy:latest"))
     outcome = executor.run(_spec(data_dir, mode="imports", module="numpy"))
     assert outcome.status is Status.OK, outcome.error
-    assert isinstance(outcome.result, str) and outcome.result[0].isdigit()
+    assert isinstance(outcome.result, str)
+    assert outcome.result[0].isdigit()
     plain = make_executor(policy=_policy(runtime)).run(_spec(data_dir, mode="imports", module="numpy"))
     assert plain.status is Status.ERROR
-    assert plain.error is not None and plain.error.type == "ModuleNotFoundError"
+    assert plain.error is not None
+    assert plain.error.type == "ModuleNotFoundError"
 
 
 def test_max_result_mb_refuses_a_larger_result(make_executor: Any, data_dir: Path, runtime: str) -> None:

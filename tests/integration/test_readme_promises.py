@@ -16,6 +16,7 @@ import re
 import socket
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import docker.errors
 import pytest
@@ -24,7 +25,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from executor.backends import LABEL_MANAGED, LABEL_PARENT, LABEL_TASK
 from executor.backends.docker import DockerBackend
-from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys, seal_share, share_label
 from executor.mailbox.transport import Envelope, Route
 from executor.outcome import Status
@@ -34,6 +34,9 @@ from executor.spec import TaskSpec
 from executor.task.taskdir import OWNER_NAME, TOKEN_NAME
 
 from ..conftest import PROTOCOLS, reused_pid_owner
+
+if TYPE_CHECKING:
+    from executor.events import ProgressUpdate
 
 pytestmark = pytest.mark.integration
 
@@ -109,7 +112,8 @@ def test_policy_keys_and_the_sandboxs_view_hold_in_a_running_container(
     scratch = inside["scratch"]
     assert scratch["written"] == "written"
     assert scratch["executed"] == "EACCES"
-    assert scratch["mount"]["fstype"] == "tmpfs" and "noexec" in scratch["mount"]["options"]
+    assert scratch["mount"]["fstype"] == "tmpfs"
+    assert "noexec" in scratch["mount"]["options"]
 
     assert inside["modeller_name"] == "modeller-alice"
 
@@ -150,7 +154,8 @@ def _allow_all_but(refused: set[str]) -> str:
     if not UNISTD.is_file():
         pytest.fail(f"{UNISTD} is missing (Debian's linux-libc-dev): it lists the syscalls to allow")
     names = sorted(set(re.findall(r"#define __NR_(\w+) \d+", UNISTD.read_text())) - refused)
-    assert len(names) > 300 and not refused & set(names)
+    assert len(names) > 300
+    assert not refused & set(names)
     return json.dumps(
         {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [{"names": names, "action": "SCMP_ACT_ALLOW"}]}
     )
@@ -199,7 +204,8 @@ def test_a_max_result_mb_override_is_the_result_cap(make_executor, data_dir):
     assert outcomes[5_000].result == "x" * 5_000
     over = outcomes[20_000]
     assert over.status is Status.ERROR
-    assert over.error is not None and over.error.type == "ResultTooLarge"
+    assert over.error is not None
+    assert over.error.type == "ResultTooLarge"
 
 
 # -- supervision: the modeller is told, retries on start, the implicit reap ----------
@@ -225,9 +231,11 @@ def test_a_timeout_sends_the_modeller_task_abort_with_limits_exceeded(
         TaskSpec(protocol_dir=PROTOCOLS / protocol, data_dir=data_dir, task_id=task_id, keys=keys)
     )
     assert outcome.status is Status.TIMEOUT
-    assert outcome.error is not None and outcome.error.type == error_type
+    assert outcome.error is not None
+    assert outcome.error.type == error_type
     abort = modeller.receive(task_id, timeout=5)
-    assert abort is not None and abort.type == "TASK_ABORT"
+    assert abort is not None
+    assert abort.type == "TASK_ABORT"
     body = json.loads(abort.read())
     assert (body["reason"], body["exception_type"]) == ("LimitsExceeded", error_type)
 
@@ -337,7 +345,8 @@ def test_a_share_from_a_non_peer_or_a_second_from_one_peer_is_dropped(
     assert outcome.status is Status.OK, outcome.error
     assert outcome.result == {"pod-b": "b, first", "pod-c": "c"}
     dropped = [r.getMessage() for r in caplog.records if "dropped a secure share" in r.getMessage()]
-    assert any("'pod-x'" in m for m in dropped) and any("'pod-b'" in m for m in dropped)
+    assert any("'pod-x'" in m for m in dropped)
+    assert any("'pod-b'" in m for m in dropped)
 
 
 def test_a_forged_task_start_does_not_make_the_modeller_ready(make_executor, modeller, data_dir, caplog):

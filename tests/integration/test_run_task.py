@@ -52,9 +52,13 @@ def test_protocol_result_mailbox_and_progress_travel_over_grpc(make_executor, mo
     assert (sent.type, sent.read()) == ("TRAINING_UPDATE", b"update:hello from the modeller")
     kinds = [e.kind for e in events]
     # Steps are coalesced (at most 4 a second, the latest kept), boundaries never.
-    assert kinds[0] == "RUN_START" and kinds[-1] == "RUN_END" and set(kinds[1:-1]) == {"STEP"}
+    assert kinds[0] == "RUN_START"
+    assert kinds[-1] == "RUN_END"
+    assert set(kinds[1:-1]) == {"STEP"}
     steps = [e.current for e in events if e.kind == "STEP"]
-    assert steps[-1] == 3 and steps == sorted(set(steps)) and set(steps) <= {1, 2, 3}
+    assert steps[-1] == 3
+    assert steps == sorted(set(steps))
+    assert set(steps) <= {1, 2, 3}
     assert outcome.runtime == "runc"
     for phase in ("create", "start", "boot", "config", "load", "run", "total"):
         assert outcome.timings[phase] >= 0, phase

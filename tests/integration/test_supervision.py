@@ -73,9 +73,11 @@ def test_frozen_sandbox_is_detected_and_the_modeller_told(make_executor, modelle
     # measured by bench/failure_detection.py, not asserted here (no wall-clock
     # assertions in tests).
     assert outcome.error.limit_s == 1.5
-    assert outcome.error.measured_s is not None and outcome.error.measured_s > 1.5
+    assert outcome.error.measured_s is not None
+    assert outcome.error.measured_s > 1.5
     abort = modeller.receive("frozen", timeout=5)
-    assert abort is not None and abort.type == "TASK_ABORT"
+    assert abort is not None
+    assert abort.type == "TASK_ABORT"
     body = json.loads(abort.read())
     assert body["reason"] == "LimitsExceeded"
     assert body["exception_type"] == "HeartbeatTimeout"
@@ -101,7 +103,8 @@ def test_wall_clock_limit_gives_timeout(make_executor, data_dir):
     assert outcome.error is not None
     assert outcome.error.type == "TimeoutError"
     assert outcome.error.limit_s == 2
-    assert outcome.error.measured_s is not None and outcome.error.measured_s >= 2
+    assert outcome.error.measured_s is not None
+    assert outcome.error.measured_s >= 2
 
 
 def test_cancel_stops_the_task_gracefully(make_executor, data_dir):
@@ -116,7 +119,8 @@ def test_cancel_stops_the_task_gracefully(make_executor, data_dir):
     outcome = box[0]
     assert outcome.status is Status.CANCELLED
     assert outcome.error is not None
-    assert "stopped" in outcome.error.message and "grace period" in outcome.error.message
+    assert "stopped" in outcome.error.message
+    assert "grace period" in outcome.error.message
     assert "killed" not in outcome.error.message
 
 
@@ -310,7 +314,8 @@ def test_a_freeze_on_the_first_line_is_caught_by_the_heartbeat_timeout(
     assert outcome.error is not None
     assert outcome.error.type == "HeartbeatTimeout", outcome.error
     assert outcome.error.limit_s == 3
-    assert outcome.error.measured_s is not None and outcome.error.measured_s > 3
+    assert outcome.error.measured_s is not None
+    assert outcome.error.measured_s > 3
 
 
 OUTLIVING_PARENT = r"""
@@ -402,6 +407,7 @@ def test_a_flood_of_output_is_capped_inside_the_sandbox(make_executor, data_dir,
     assert (outcome.error.type, outcome.error.exit_code) == ("ContainerExited", 3)
     assert "last words" in outcome.error.stderr_tail
     (log,) = backend.logs
-    assert b"stdout reached its cap" in log and b"stderr reached its cap" in log
+    assert b"stdout reached its cap" in log
+    assert b"stderr reached its cap" in log
     # Both streams, each capped with its end kept, plus the notes.
     assert len(log) <= 2 * (OUTPUT_CAP_BYTES + OUTPUT_TAIL_BYTES) + 4096

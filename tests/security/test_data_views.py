@@ -9,7 +9,7 @@ and by the operator's files afterwards.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -18,6 +18,9 @@ from executor.policy import IsolationPolicy
 from executor.spec import InferenceLimits, TaskSpec
 
 from ..conftest import PROTOCOLS
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 pytestmark = pytest.mark.security
 

@@ -21,13 +21,12 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from executor.backends import LABEL_PARENT
 from executor.backends.docker import host_pids_cap
-from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys
 from executor.outcome import Outcome, Status
 from executor.policy import IsolationPolicy
@@ -37,6 +36,9 @@ from executor.spec import TaskSpec
 
 from ..conftest import PROTOCOLS
 from ..engine import RecordingBackend
+
+if TYPE_CHECKING:
+    from executor.events import ProgressUpdate
 
 pytestmark = pytest.mark.security
 

@@ -21,14 +21,12 @@ import os
 import sqlite3
 import struct
 import threading
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from executor.backends.docker import RUNSC_IGNORES_SECCOMP
 from executor.errors import PolicyError
-from executor.events import ProgressUpdate
 from executor.outcome import Status
 from executor.policy import IsolationPolicy, seccomp, syscalls
 from executor.spec import TaskSpec
@@ -36,6 +34,11 @@ from executor.spec import TaskSpec
 from ..conftest import PROTOCOLS
 from ..engine import RecordingBackend
 from ..seccomp_filter import RET_ALLOW, RET_ERRNO, decide, read_filters, syscall_numbers
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from executor.events import ProgressUpdate
 
 pytestmark = pytest.mark.security
 

@@ -5,21 +5,24 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from executor.data.resultrows import BatchRows, TaskRows
-from executor.events import ProgressUpdate
 from executor.mailbox.broker import MailboxBroker
 from executor.mailbox.crypto import TaskKeys
 from executor.mailbox.transport import Channel, Route
 from executor.rpc.session import TaskSession
 from executor.testing import InMemoryTransport, LocalModeller
 from executor.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from pathlib import Path
+
+    from executor.events import ProgressUpdate
 
 MINIMAL_PROTOCOL = "def run(ctx):\n    return {'ok': True}\n"
 

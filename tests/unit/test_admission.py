@@ -49,7 +49,8 @@ def test_no_more_than_the_limit_start_at_once_and_a_release_admits_the_next(tmp_
     assert got == [], "a third sandbox was admitted while two were starting"
     first.release()
     thread.join(5)
-    assert len(got) == 1 and got[0] is not None
+    assert len(got) == 1
+    assert got[0] is not None
     assert gate.starting == 2
     second.release()
     got[0].release()  # type: ignore[attr-defined]
@@ -88,7 +89,8 @@ def test_two_gates_on_one_directory_share_one_host_budget(tmp_path):
     assert got == [], "the second gate admitted a third sandbox on the host"
     held[0].release()  # a permit of the other gate: not notified, found by polling
     thread.join(5)
-    assert len(got) == 1 and got[0] is not None
+    assert len(got) == 1
+    assert got[0] is not None
     for p in (held[1], got[0]):
         p.release()  # type: ignore[attr-defined]
 
@@ -108,7 +110,8 @@ def test_a_permit_ends_with_the_process_that_held_it(tmp_path):
         [sys.executable, "-c", HOLD_PERMIT, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "held"
         gate = StartGate(1, tmp_path)
         got: list[object] = []
         thread = _waiter(gate, got)
@@ -116,7 +119,8 @@ def test_a_permit_ends_with_the_process_that_held_it(tmp_path):
         assert got == []
         proc.kill()
         thread.join(5)
-        assert len(got) == 1 and got[0] is not None
+        assert len(got) == 1
+        assert got[0] is not None
         got[0].release()  # type: ignore[attr-defined]
     finally:
         proc.kill()
@@ -156,7 +160,8 @@ def test_a_cancelled_waiter_leaves_the_line_and_gets_nothing(tmp_path):
     assert wait_for(lambda: gate.waiting == 1)
     cancel.set()
     thread.join(5)
-    assert got == [None] and gate.waiting == 0
+    assert got == [None]
+    assert gate.waiting == 0
     held.release()
     assert gate.starting == 0
 
@@ -171,7 +176,8 @@ def test_what_the_poll_finds_while_waiting_is_taken_instead_of_a_permit(tmp_path
     slot.append("a warm slot")
     gate.notify()
     thread.join(5)
-    assert got == ["a warm slot"] and gate.waiting == 0
+    assert got == ["a warm slot"]
+    assert gate.waiting == 0
     held.release()
 
 
@@ -188,7 +194,8 @@ def test_background_work_takes_a_free_permit_only_when_no_task_waits(tmp_path):
     other_process.release()  # type: ignore[union-attr]
     assert gate.try_acquire() is None
     thread.join(5)
-    assert len(got) == 1 and got[0] is not None
+    assert len(got) == 1
+    assert got[0] is not None
     refill.release()
     got[0].release()  # type: ignore[attr-defined]
 
@@ -196,10 +203,12 @@ def test_background_work_takes_a_free_permit_only_when_no_task_waits(tmp_path):
 def test_a_release_twice_gives_back_one_permit(tmp_path):
     gate = StartGate(1, tmp_path)
     permit = gate.acquire()
-    assert permit is not None and permit.held
+    assert permit is not None
+    assert permit.held
     permit.release()
     permit.release()
-    assert not permit.held and gate.starting == 0
+    assert not permit.held
+    assert gate.starting == 0
     again = gate.acquire()
     assert again is not None
     again.release()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from executor.backends import backend_names
 
 from ..backend_contract import ENGINE_FREE, BackendContract, Engine, open_engine
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 def test_the_fake_is_registered_and_the_contract_covers_it():

@@ -83,4 +83,5 @@ def test_an_interrupted_run_still_closes_the_executor_and_transport(mailing, cap
     assert (MailingExecutor.closed, RecordingTransport.closed) == (1, 1)
     captured = capsys.readouterr()
     assert captured.out == ""  # no outcome: the task was not waited for
-    assert captured.err.count("\n") == 1 and "interrupted" in captured.err
+    assert captured.err.count("\n") == 1
+    assert "interrupted" in captured.err

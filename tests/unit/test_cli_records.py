@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -13,6 +13,9 @@ from executor.data.scan import FileStamp
 from executor.data.sqlite import ProjectDatabase
 from executor.data.store import BatchCommit, TaskEnd, TaskStart
 from executor.errors import ProjectDatabaseError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 PROJECT = "oncology"
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)

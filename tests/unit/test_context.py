@@ -14,10 +14,9 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -51,6 +50,9 @@ from executor.testing import InMemoryTransport, chunked
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 from tests.unit.conftest import SessionKit, wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -132,7 +134,8 @@ def test_the_context_carries_the_configuration(kit, connect, tmp_path):
         "pod-a",
     )
     assert ctx.parameters == {"epochs": 2}
-    assert ctx.flags.test_run and not ctx.flags.batched_execution
+    assert ctx.flags.test_run
+    assert not ctx.flags.batched_execution
     assert ctx.secrets == {"K": "v"}
     assert ctx.scratch_dir == tmp_path / "scratch"
 
@@ -145,7 +148,8 @@ def test_a_body_larger_than_a_chunk_reaches_the_modeller_whole(kit, connect):
     body = os.urandom(5000)  # five chunks of the configured 1 KiB
     c.ctx.mailbox.send_training_update(body)
     message = kit.modeller.receive(kit.task_id, 5)
-    assert message is not None and (message.type, message.read()) == ("TRAINING_UPDATE", body)
+    assert message is not None
+    assert (message.type, message.read()) == ("TRAINING_UPDATE", body)
     assert c.client.mailbox_ops == 1
 
 
@@ -177,7 +181,8 @@ def test_large_bodies_take_the_bulk_socket_both_ways_and_small_ones_do_not(kit, 
     up = os.urandom(BULK_MIN_BYTES + 12345)
     c.ctx.mailbox.send_training_update(up)
     message = kit.modeller.receive(kit.task_id, 10)
-    assert message is not None and message.read() == up
+    assert message is not None
+    assert message.read() == up
     down = os.urandom(3 * MIB + 7)
     kit.modeller.send_stream(kit.task_id, "ALGORITHM_EXCHANGE", chunked(down))
     assert c.ctx.mailbox.await_algorithm_exchange(timeout=10) == down
@@ -186,7 +191,8 @@ def test_large_bodies_take_the_bulk_socket_both_ways_and_small_ones_do_not(kit, 
     small = os.urandom(BULK_MIN_BYTES - 1)
     c.ctx.mailbox.send_training_update(small)
     message = kit.modeller.receive(kit.task_id, 10)
-    assert message is not None and message.read() == small
+    assert message is not None
+    assert message.read() == small
     assert len(connections) == 2
     assert c.client.mailbox_ops == 3
 
@@ -202,7 +208,8 @@ def test_a_mailbox_operation_while_another_waits_is_not_held_up_by_it(kit, conne
         assert wait_for(lambda: kit.session._pending_receives == 1)
         c.ctx.mailbox.send_training_update(b"while waiting")
         message = kit.modeller.receive(kit.task_id, 5)
-        assert message is not None and message.read() == b"while waiting"
+        assert message is not None
+        assert message.read() == b"while waiting"
         assert waiter.is_alive()
     finally:
         kit.modeller.send(kit.task_id, "MODELLER_RESPONSE", b"reply")
@@ -225,8 +232,10 @@ def test_the_seed_mailbox_helpers_send_what_the_modeller_expects(kit, connect):
         "BATCHES_COMPLETE",
         "TASK_ABORT",
     ]
-    assert got[1] is not None and got[1].read() == b'{"number_of_batches": 3}'
-    assert got[4] is not None and b'"reason": "NoData"' in got[4].read()
+    assert got[1] is not None
+    assert got[1].read() == b'{"number_of_batches": 3}'
+    assert got[4] is not None
+    assert b'"reason": "NoData"' in got[4].read()
 
 
 def test_every_await_helper_receives_its_own_type(kit, connect):
@@ -458,7 +467,8 @@ def test_a_refused_file_outcome_is_a_report_refused_with_the_parents_code(make_s
     assert info.value.code == "INVALID_ARGUMENT"
     assert "secret.csv" in str(info.value)
     # One root for protocol code, and still the ValueError it used to be.
-    assert isinstance(info.value, SandboxError) and isinstance(info.value, ValueError)
+    assert isinstance(info.value, SandboxError)
+    assert isinstance(info.value, ValueError)
 
 
 CTX_CALLS: dict[str, tuple[Callable[[Context], object], type[SandboxError]]] = {
@@ -484,7 +494,8 @@ def test_no_grpc_error_reaches_protocol_code_when_the_parent_is_gone(kit, connec
     assert type(info.value) is expected, info.value
     assert not isinstance(info.value, grpc.RpcError)
     assert info.value.code == "UNAVAILABLE"
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
 
 
 # -- the parent's rate cap -----------------------------------------------------------------
@@ -536,7 +547,8 @@ def test_progress_reports_have_a_budget_of_their_own_and_an_eager_sender_is_slow
     for i in range(20):
         c.ctx.progress._report("STEP", current=i)  # one call each, as an older child sent every step
     assert [u.current for u in kit.progress] == list(range(20)), "every report arrives, in order"
-    assert refused and set(refused) == {limits.PROGRESS_RATE_LIMITED}
+    assert refused
+    assert set(refused) == {limits.PROGRESS_RATE_LIMITED}
     assert c.client.rate_limited == len(refused)
 
 
@@ -550,9 +562,12 @@ def test_steps_in_a_tight_loop_cost_a_few_calls_and_the_last_one_arrives_before_
         progress.step(i, 2000, info=f"loss {i}")
     progress.epoch_end(1, 1)
     kinds = [u.kind for u in kit.progress]
-    assert kinds[0] == "EPOCH_START" and kinds[-1] == "EPOCH_END"
+    assert kinds[0] == "EPOCH_START"
+    assert kinds[-1] == "EPOCH_END"
     steps = [u.current for u in kit.progress if u.kind == "STEP"]
-    assert steps[0] == 0 and steps[-1] == 1999 and steps == sorted(steps)
+    assert steps[0] == 0
+    assert steps[-1] == 1999
+    assert steps == sorted(steps)
     assert len(steps) < 100, f"{len(steps)} of 2000 steps were sent: they were not coalesced"
     assert c.client.progress_events == 2002  # yet every step counted as activity in the beats
 

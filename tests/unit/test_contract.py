@@ -39,7 +39,8 @@ def test_both_sides_read_each_fact_from_the_contract():
     assert auth.TOKEN_METADATA_KEY is contract.TOKEN_METADATA_KEY
     assert limits.CHUNK_BYTES is contract.CHUNK_BYTES
     assert crypto.MAX_SHARE_BYTES is contract.MAX_SHARE_BYTES
-    assert session.SENDABLE is contract.SENDABLE and session.RECEIVABLE is contract.RECEIVABLE
+    assert session.SENDABLE is contract.SENDABLE
+    assert session.RECEIVABLE is contract.RECEIVABLE
     assert fileoutcomes.MAX_FILE_NAME_CHARS is contract.MAX_FILE_NAME_CHARS
     assert init.EXIT_PARENT_GONE is contract.EXIT_PARENT_GONE
     # A share of the contract's size is what RSA-2048 OAEP-SHA256 can seal in one block.

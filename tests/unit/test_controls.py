@@ -42,6 +42,7 @@ def test_each_control_becomes_its_proto_kind_with_its_reason(kind):
 
 def test_shutdown_is_reserved_so_its_number_is_never_reused():
     proto = (REPO / "proto/executor/v1/sandbox.proto").read_text()
-    assert "reserved 3;" in proto and 'reserved "SHUTDOWN";' in proto
+    assert "reserved 3;" in proto
+    assert 'reserved "SHUTDOWN";' in proto
     names = list(pb.Control.Kind.keys())
     assert "SHUTDOWN" not in names

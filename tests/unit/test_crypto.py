@@ -135,7 +135,8 @@ def test_segmented_bodies_of_every_shape_round_trip_and_their_size_is_known_from
     assert plaintext_size(len(sealed)) == size
     segments = list(open_segments(key, io.BytesIO(sealed), len(sealed), AAD))
     assert b"".join(segments) == data
-    assert all(len(s) == SEG for s in segments[:-1]) and len(segments[-1]) <= SEG
+    assert all(len(s) == SEG for s in segments[:-1])
+    assert len(segments[-1]) <= SEG
     path = tmp_path / "sealed"
     with path.open("wb") as out:
         # Chunks that straddle segment boundaries make the same body.

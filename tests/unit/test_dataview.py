@@ -8,9 +8,8 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -24,6 +23,9 @@ from executor.errors import DataSourceError
 from tests import datatree
 from tests.datatree import GID, IS_ROOT, NOBODY, as_unprivileged, names, tree, write
 from tests.deeptree import deep_file
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 @pytest.fixture

@@ -50,7 +50,8 @@ def test_hardening_is_always_on():
         "Type": "bind",
         "ReadOnly": True,
     }
-    assert "noexec" in kw["tmpfs"]["/tmp"] and "size=64m" in kw["tmpfs"]["/tmp"]
+    assert "noexec" in kw["tmpfs"]["/tmp"]
+    assert "size=64m" in kw["tmpfs"]["/tmp"]
     assert kw["mem_limit"] == kw["memswap_limit"] == "1024m"
     assert kw["pids_limit"] == 128
     assert {u.name: u.hard for u in kw["ulimits"]} == {"nofile": 1024, "core": 0, "msgqueue": 819_200}
@@ -99,7 +100,8 @@ def test_docker_reports_its_runtimes_with_the_isolation_each_gives():
         ("runsc", Isolation.GVISOR),
     ]
     gvisor = info.runtime_for(Isolation.GVISOR)
-    assert gvisor is not None and not gvisor.applies_seccomp  # registered without --oci-seccomp
+    assert gvisor is not None
+    assert not gvisor.applies_seccomp
     bare = engine_info_of({})
     assert (bare.version, bare.cgroup_version, bare.runtimes) == ("?", "?", ())
     assert bare.runtime_for(Isolation.CONTAINER) is None

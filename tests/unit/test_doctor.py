@@ -36,7 +36,8 @@ def test_doctor_opens_the_default_backend_by_name(monkeypatch, no_raw_client):
     monkeypatch.setattr(DockerBackend, "engine_info", unreachable)
     [check] = doctor.checks()
     assert (check.name, check.ok) == ("engine", False)
-    assert "not reachable" in check.detail and "dockerd" in check.fix
+    assert "not reachable" in check.detail
+    assert "dockerd" in check.fix
     assert "docker" in backend_names()
 
 
@@ -47,15 +48,18 @@ def test_an_unreachable_engine_is_one_missing_line_with_the_fix():
 
     [check] = doctor.checks(backend=Unreachable())
     assert (check.name, check.ok) == ("engine", False)
-    assert "not reachable" in check.detail and "dockerd" in check.fix
+    assert "not reachable" in check.detail
+    assert "dockerd" in check.fix
 
 
 def test_a_reachable_engine_reports_its_facts_runtimes_and_images():
     backend = FakeBackend(images=[DEFAULT_IMAGE], info=EngineInfo("Docker", "27.1", "2", (RUNC,)))
     by_name = _by_name(backend)
     assert by_name["engine"].detail == "Docker 27.1, cgroup v2"
-    assert by_name["runtime runc"].ok and not by_name["runtime runsc"].ok
-    assert by_name[f"image {DEFAULT_IMAGE}"].ok and by_name[f"image {DEFAULT_IMAGE}"].required
+    assert by_name["runtime runc"].ok
+    assert not by_name["runtime runsc"].ok
+    assert by_name[f"image {DEFAULT_IMAGE}"].ok
+    assert by_name[f"image {DEFAULT_IMAGE}"].required
     assert not by_name[f"image {NUMPY}"].ok
     assert not by_name[f"image {NUMPY}"].required
     assert "make images" in by_name[f"image {NUMPY}"].detail
@@ -66,9 +70,12 @@ def test_an_image_of_another_wire_version_is_missing_with_the_fix_and_asked_once
     backend = FakeBackend(images=stale)
     by_name = _by_name(backend)
     sandbox, numpy = by_name[f"image {DEFAULT_IMAGE}"], by_name[f"image {NUMPY}"]
-    assert not sandbox.ok and sandbox.required
-    assert f"wire version {WIRE_VERSION - 1}" in sandbox.detail and "make images" in sandbox.detail
-    assert not numpy.ok and "no wire version" in numpy.detail
+    assert not sandbox.ok
+    assert sandbox.required
+    assert f"wire version {WIRE_VERSION - 1}" in sandbox.detail
+    assert "make images" in sandbox.detail
+    assert not numpy.ok
+    assert "no wire version" in numpy.detail
     assert "\n" not in sandbox.detail + numpy.detail
     assert [s for op, s in backend.calls if op == "check_image"] == [DEFAULT_IMAGE, NUMPY]
 
@@ -90,7 +97,9 @@ def test_doctor_tells_whether_gvisor_applies_seccomp_profiles():
             "runsc seccomp"
         ]
     assert found[True].ok
-    assert not found[False].ok and not found[False].required
-    assert "--oci-seccomp" in found[False].detail and "sudo make runsc" in found[False].fix
+    assert not found[False].ok
+    assert not found[False].required
+    assert "--oci-seccomp" in found[False].detail
+    assert "sudo make runsc" in found[False].fix
     # No gVisor at all: nothing to say about its seccomp.
     assert "runsc seccomp" not in _by_name(FakeBackend(info=EngineInfo("Docker", "20.10", "2", (RUNC,))))

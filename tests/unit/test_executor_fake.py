@@ -17,19 +17,16 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from executor import runner as executor_module
 from executor.backends import LABEL_WARM, LABEL_WIRE, ExitInfo
 from executor.errors import ContainerError, HostError, ImageNotFoundError, ProtocolBundleError
-from executor.events import ProgressUpdate
 from executor.mailbox.crypto import TaskKeys
-from executor.mailbox.transport import Transport
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.rpc.server import TaskServer
@@ -49,6 +46,12 @@ from executor.testing import (
     exits,
     host_runtime,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from executor.events import ProgressUpdate
+    from executor.mailbox.transport import Transport
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -143,7 +146,8 @@ def test_a_warm_slot_boots_the_real_runtime_which_waits_and_then_runs_its_task(k
     assert outcome.status is Status.OK, outcome.error
     assert outcome.result == {"epochs": 2, "task": "t-warm"}
     assert outcome.warm_starts == 1
-    assert {"assign", "load", "run"} <= set(outcome.timings) and "create" not in outcome.timings
+    assert {"assign", "load", "run"} <= set(outcome.timings)
+    assert "create" not in outcome.timings
     assert ex.backend.containers[slot["container_id"]].removed  # type: ignore[attr-defined]
 
 
@@ -217,7 +221,8 @@ def test_a_warm_slot_that_dies_at_the_hand_over_sends_its_task_elsewhere(kit, ma
     assert outcome.warm_starts == 0
     assert backend.containers[slot["container_id"]].removed
     cold = [c for c in backend.containers.values() if c.spec.labels.get(LABEL_WARM) != "true"]
-    assert len(cold) == 1 and cold[0].removed
+    assert len(cold) == 1
+    assert cold[0].removed
 
 
 def test_a_slot_still_booting_is_never_handed_a_task(kit, make_protocol, data):
@@ -301,7 +306,8 @@ def test_a_task_runs_through_the_real_server_init_and_runtime(kit, make_protocol
             "failed": {"a.csv": "re-read and found wanting"},
         }
         message = modeller.receive("t-ok", 5)
-        assert message is not None and (message.type, message.read()) == (
+        assert message is not None
+        assert (message.type, message.read()) == (
             "TRAINING_UPDATE",
             b"weights" * 1000,
         )
@@ -325,7 +331,8 @@ def test_an_abort_is_abort_with_its_reason(kit, make_protocol, data):
     ex = kit.executor(FakeBackend(kit.runtime()))
     outcome = ex.run(_spec(make_protocol, data, "def run(ctx):\n    ctx.abort('no data', reason='NoData')\n"))
     assert outcome.status is Status.ABORT
-    assert outcome.error is not None and (outcome.error.type, outcome.error.message) == ("NoData", "no data")
+    assert outcome.error is not None
+    assert (outcome.error.type, outcome.error.message) == ("NoData", "no data")
 
 
 def test_a_sandbox_that_dies_without_a_result_reports_its_exit_code_and_last_words(kit, make_protocol, data):
@@ -354,10 +361,12 @@ def test_a_frozen_sandbox_times_out_and_the_modeller_is_told(kit, make_protocol,
         )
         outcome = ex.run(_spec(make_protocol, data, source, task_id="t-frozen", keys=keys))
         assert outcome.status is Status.TIMEOUT
-        assert outcome.error is not None and outcome.error.type == "HeartbeatTimeout"
+        assert outcome.error is not None
+        assert outcome.error.type == "HeartbeatTimeout"
         assert ex.backend.only().killed  # type: ignore[attr-defined]
         message = modeller.receive("t-frozen", 5)
-        assert message is not None and message.type == "TASK_ABORT"
+        assert message is not None
+        assert message.type == "TASK_ABORT"
         assert json.loads(message.read())["reason"] == "LimitsExceeded"
     finally:
         modeller.close()
@@ -397,10 +406,12 @@ def test_a_cancelled_protocol_stops_gracefully_and_is_not_killed(kit, make_proto
         _spec(make_protocol, data, source), cancel=cancel, on_progress=_cancel_on_run_start(cancel)
     )
     assert outcome.status is Status.CANCELLED
-    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    assert outcome.error is not None
+    assert outcome.error.type == "Cancelled"
     # The protocol was interrupted and the runtime reported it: no kill was needed to stop it.
     (server,) = kit.servers
-    assert server.session.finish is not None and server.session.finish.error_type == "Cancelled"
+    assert server.session.finish is not None
+    assert server.session.finish.error_type == "Cancelled"
 
 
 def test_a_protocol_that_ignores_the_cancel_is_killed(kit, make_protocol, data, monkeypatch):
@@ -415,7 +426,8 @@ def test_a_protocol_that_ignores_the_cancel_is_killed(kit, make_protocol, data, 
         _spec(make_protocol, data, source), cancel=cancel, on_progress=_cancel_on_run_start(cancel)
     )
     assert outcome.status is Status.CANCELLED
-    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    assert outcome.error is not None
+    assert outcome.error.type == "Cancelled"
     (server,) = kit.servers
     assert server.session.finish is None, "the protocol ignored the cancel, yet a result came"
     assert ex.backend.only().killed  # type: ignore[attr-defined]
@@ -438,7 +450,8 @@ def test_an_engine_refusing_the_start_removes_the_container_and_leaves_nothing_b
     backend = FakeBackend(exits(0), start_errors=[ContainerError("container start failed: 500 Server Error")])
     with pytest.raises(ContainerError):
         kit.executor(backend).run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
-    assert backend.all_removed() and backend.containers
+    assert backend.all_removed()
+    assert backend.containers
 
 
 @pytest.mark.parametrize(
@@ -550,7 +563,8 @@ def test_a_task_after_a_failed_one_gets_the_uid_back(kit, make_protocol, data):
     # The policy's range holds one uid: this run needs the failed task's.
     outcome = ex.run(spec)
     assert outcome.status is Status.ERROR  # exits(0) reports nothing
-    assert outcome.error is not None and outcome.error.type == "ContainerExited"
+    assert outcome.error is not None
+    assert outcome.error.type == "ContainerExited"
 
 
 # -- the host refusing what the executor needs before a task --------------------------------
@@ -570,7 +584,8 @@ def test_a_lock_directory_the_host_refuses_is_a_host_error_naming_it(kit, make_p
         ex.run(_spec(make_protocol, data, "def run(ctx):\n    return 1\n"))
     message = str(info.value)
     assert message.startswith(f"cannot make the start permit directory {blocker / 'uids' / 'starting'}: ")
-    assert "\n" not in message and info.value.path == str(blocker / "uids" / "starting")
+    assert "\n" not in message
+    assert info.value.path == str(blocker / "uids" / "starting")
     assert backend.containers == {}
 
 

@@ -184,7 +184,8 @@ def test_each_hook_gets_every_event_in_emit_order():
     for event in events:
         dispatcher.emit(event)
     stats = dispatcher.close()
-    assert first.got == events and second.got == events
+    assert first.got == events
+    assert second.got == events
     assert [(s.delivered, s.failed, s.dropped, s.undelivered, s.abandoned) for s in stats] == [
         (500, 0, 0, 0, False)
     ] * 2
@@ -343,7 +344,8 @@ def test_events_file_errors_are_one_line_and_logged_by_the_dispatcher(tmp_path, 
         dispatcher.emit(line(0))
         (stats,) = dispatcher.close()
     assert stats.failed == 1
-    assert "EventsFile" in caplog.text and "is closed" in caplog.text
+    assert "EventsFile" in caplog.text
+    assert "is closed" in caplog.text
 
 
 def test_events_file_write_error_is_raised(tmp_path):

@@ -12,8 +12,8 @@ import secrets
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -24,6 +24,9 @@ from executor.rpc.server import TaskServer
 from executor.sandbox.contract import TOKEN_METADATA_KEY
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 pytestmark = pytest.mark.timeout(60)
 

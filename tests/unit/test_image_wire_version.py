@@ -32,9 +32,11 @@ def test_an_image_of_another_or_no_wire_version_is_refused_in_one_line_with_the_
     with pytest.raises(ImageNotFoundError) as info:
         check_image_labels(IMAGE, labels)
     message = str(info.value)
-    assert says in message and IMAGE in message
+    assert says in message
+    assert IMAGE in message
     assert "make images" in message
-    assert "\n" not in message and len(message) < 300
+    assert "\n" not in message
+    assert len(message) < 300
 
 
 def test_an_image_of_this_wire_version_passes():
@@ -49,7 +51,8 @@ def test_make_images_labels_both_images_with_the_contract_s_wire_version():
     assert f"IMAGE_LABELS := --label {LABEL_WIRE}=$(WIRE_VERSION)" in makefile
     assert "executor/sandbox/contract.py" in makefile
     builds = makefile.split("\tdocker build")[1:]
-    assert len(builds) == 2 and all("$(IMAGE_LABELS)" in b.split("\n")[0] for b in builds)
+    assert len(builds) == 2
+    assert all("$(IMAGE_LABELS)" in b.split("\n")[0] for b in builds)
 
 
 class _Images:

@@ -7,13 +7,16 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
 
 import executor
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 PACKAGE = Path(executor.__file__).resolve().parent
 REPO = PACKAGE.parent

@@ -106,7 +106,8 @@ def test_init_ends_the_sandbox_when_the_parent_lets_go_of_the_lifeline(tmp_path)
         lifeline.close()
         assert proc.wait(10) == EXIT_PARENT_GONE
         assert wait_for(lambda: _gone(child)), "the runtime outlived the lifeline"
-        assert proc.stderr is not None and "lost the parent" in proc.stderr.read()
+        assert proc.stderr is not None
+        assert "lost the parent" in proc.stderr.read()
     finally:
         proc.kill()
         proc.communicate()  # reaps it and closes its pipes
@@ -180,7 +181,8 @@ def test_init_forwards_a_termination_signal_to_the_runtime():
         cwd=REPO,
     )
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
         proc.send_signal(15)
         # The runtime died of the forwarded SIGTERM; init itself survived to report it.
         assert proc.wait(10) == 128 + 15

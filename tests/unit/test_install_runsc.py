@@ -13,10 +13,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "install-runsc.sh"
 REQUIRED = ["--network=none", "--host-uds=open", "--oci-seccomp"]
@@ -131,4 +134,5 @@ def test_without_root_an_upgrade_is_one_line_with_the_fix(engine):
     )
     proc = _install(engine, FAKE_UID="1000")
     assert proc.returncode == 1
-    assert proc.stderr.count("\n") == 1 and "sudo make runsc" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "sudo make runsc" in proc.stderr

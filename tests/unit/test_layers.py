@@ -12,12 +12,15 @@ from __future__ import annotations
 import ast
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import executor
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 PACKAGE = Path(executor.__file__).resolve().parent
 

@@ -7,8 +7,8 @@ import math
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -23,6 +23,9 @@ from executor.task.eventflow import TaskEvents
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 from tests.unit.conftest import SessionKit, wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 CTX = TaskContext(task_id="t-m", task_hash="h", project="p", modeller="m", datasource="d")
 
@@ -53,7 +56,8 @@ def test_a_metric_goes_from_the_protocol_to_a_hook_as_a_typed_event(make_session
     kit = make_session()
     ctx_of(kit).report("metric", name="loss", value=0.25)
     [metric] = kit.progress  # every event the session hands on, whatever its kind
-    assert isinstance(metric, Metric) and (metric.name, metric.value) == ("loss", 0.25)
+    assert isinstance(metric, Metric)
+    assert (metric.name, metric.value) == ("loss", 0.25)
     # The run loop hands it on as it is, bound to its task and batch.
     got: list[Event] = []
     events_file = EventsFile(tmp_path / "events.jsonl")
@@ -62,7 +66,8 @@ def test_a_metric_goes_from_the_protocol_to_a_hook_as_a_typed_event(make_session
     assert wait_for(lambda: len(got) == 1)
     events.close(5.0)
     events_file.close()
-    assert isinstance(got[0], Metric) and (got[0].task, got[0].batch) == (CTX, 2)
+    assert isinstance(got[0], Metric)
+    assert (got[0].task, got[0].batch) == (CTX, 2)
     line = json.loads((tmp_path / "events.jsonl").read_text())
     assert {k: line[k] for k in ("event", "task_id", "batch", "name", "value")} == {
         "event": "metric",

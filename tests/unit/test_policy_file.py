@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,6 +15,9 @@ from executor.policy import IsolationPolicy
 from executor.policy.file import load_policy_file
 from executor.policy.seccomp import default_profile_json
 from executor.runner import resolve_secrets
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 STRICT_PROFILE = {
     "defaultAction": "SCMP_ACT_ERRNO",
@@ -162,7 +165,8 @@ def test_cli_policy_check_and_show(tmp_path, capsys):
     bad = _write(tmp_path, "[default]\nprivileged = true\n")
     assert main(["policy", "check", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sandbox-executor: error: ") and err.count("\n") == 1
+    assert err.startswith("sandbox-executor: error: ")
+    assert err.count("\n") == 1
 
 
 def test_cli_run_refuses_a_bad_policy_before_docker(tmp_path, capsys, monkeypatch):

@@ -13,16 +13,19 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from executor.data.sqlite import ProjectDatabase, rows, schema
 from executor.data.store import BatchCommit, TaskStart
 from executor.errors import ProjectDatabaseError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
 
 PROJECT = "oncology"
 HASH = "hash-1"
@@ -123,7 +126,8 @@ def test_rows_are_removed_in_chunks_of_at_most_a_mib(db: ProjectDatabase, monkey
         assert db.discard_rows("t1") == 48
     assert counts[-1] == 0
     assert all(n * len(big) <= rows.DISCARD_CHUNK_BYTES for n in counts)
-    assert sum(counts) == 48 and len(counts) == 4
+    assert sum(counts) == 48
+    assert len(counts) == 4
 
 
 def wal_bytes(path: Path) -> int:

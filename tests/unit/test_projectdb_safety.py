@@ -223,7 +223,8 @@ def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
 def test_a_new_database_is_made_without_following_links_and_private(pod: Path) -> None:
     ProjectDatabase(pod / "new.db")
     st = (pod / "new.db").lstat()
-    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert stat.S_ISREG(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_uid == os.geteuid()
     with pytest.raises(FileExistsError):
         dbfile.create_exclusive(pod / "new.db")
@@ -409,7 +410,8 @@ def test_the_read_commands_refuse_a_linked_database_with_exit_status_2(
     os.symlink(made, pod / "link.db")
     assert main([command, "--db", str(pod / "link.db")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is a symbolic link, which is never followed" in err
+    assert err.count("\n") == 1
+    assert "is a symbolic link, which is never followed" in err
 
 
 def test_a_read_command_names_a_dangling_link_as_a_link(
@@ -433,5 +435,6 @@ def test_run_refuses_a_planted_database_with_exit_status_2_before_anything_runs(
     data.mkdir()
     assert main(["run", str(protocol), "--data", str(data), "--db", str(made)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and 'trigger "make_it_ok"' in err
+    assert err.count("\n") == 1
+    assert 'trigger "make_it_ok"' in err
     assert made.read_bytes() == before

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -14,6 +14,9 @@ from executor.sandbox.init import EXIT_PARENT_GONE
 from executor.v1 import sandbox_pb2 as pb
 
 from .conftest import wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 
 class LostParent(grpc.RpcError):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from executor.sandbox import runtime
 from executor.v1 import sandbox_pb2 as pb
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def _finish(tmp_path: Path, body: str) -> pb.FinishRequest:

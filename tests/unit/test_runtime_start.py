@@ -8,8 +8,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from executor.events import ControlKind
 from executor.rpc.server import TaskServer
@@ -17,6 +17,9 @@ from executor.rpc.session import TaskSession
 from executor.v1 import sandbox_pb2 as pb
 
 from .conftest import wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME = (
@@ -104,7 +107,8 @@ def test_the_protocol_is_not_even_imported_before_the_parent_has_seen_a_beat(
         session.send_control(ControlKind.BEAT_SEEN)
         assert proc.wait(30) == 0
         assert marker.exists()
-        assert session.finish is not None and session.finish.result == "ran"
+        assert session.finish is not None
+        assert session.finish.result == "ran"
 
 
 def test_a_modeller_ready_before_the_sandbox_boots_reaches_the_protocol(

@@ -17,11 +17,10 @@ import sys
 import tempfile
 import threading
 import tracemalloc
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -52,6 +51,9 @@ from executor.v1 import sandbox_pb2_grpc as pb_grpc
 from tests.unit.conftest import SessionKit, wait_for
 from tests.unit.test_runtime_start import REPO, RUNTIME
 from tests.unit.test_runtime_start import _config as runtime_config
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,7 +119,8 @@ def test_a_calls_rows_are_handed_on_before_it_returns_and_the_session_keeps_none
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert kit.rows is not None and kit.rows.bytes > 30 * MAX_ROWS_BYTES_PER_CALL
+    assert kit.rows is not None
+    assert kit.rows.bytes > 30 * MAX_ROWS_BYTES_PER_CALL
     assert peak < 8 * MAX_ROWS_BYTES_PER_CALL, f"{peak / 2**20:.1f} MiB held while saving 31 MiB of rows"
 
 
@@ -352,7 +355,8 @@ def test_bytes_per_task(make_session):
     assert message.startswith(f"at most {resultrows.MAX_ROWS_BYTES_PER_BATCH} bytes of result rows")
     session.save_results(['{"a": 12}'])
     _rejected("RESOURCE_EXHAUSTED", session.save_results, ["{}"])  # refused before it is parsed
-    assert kit.rows is not None and kit.rows.bytes == resultrows.MAX_ROWS_BYTES_PER_BATCH
+    assert kit.rows is not None
+    assert kit.rows.bytes == resultrows.MAX_ROWS_BYTES_PER_BATCH
     assert kit.saved()[-1] == {"a": 12}
 
 
@@ -608,7 +612,8 @@ def test_ctx_refuses_a_bad_row_before_sending_anything(make_session, serve, case
         s.ctx.save_results(rows if not isinstance(rows, list) else [*good, *rows])  # type: ignore[arg-type]
     assert why in str(info.value)
     assert info.value.code == "", "refused locally, not by the parent"
-    assert isinstance(info.value, ValueError) and isinstance(info.value, SandboxError)
+    assert isinstance(info.value, ValueError)
+    assert isinstance(info.value, SandboxError)
     assert s.kit.saved() == []
 
 
@@ -631,7 +636,8 @@ def test_a_parent_refusal_is_a_report_refused_with_its_code_and_what_was_saved(
     assert info.value.code == "RESOURCE_EXHAUSTED"
     assert "result rows 1000 to 1999 refused: at most 1500 result rows per batch" in str(info.value)
     assert "(1000 row(s) of this call saved before them)" in str(info.value)
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
     assert len(s.kit.saved()) == 1000
     _finish(s.session)
     with pytest.raises(ReportRefused) as info:
@@ -835,7 +841,8 @@ def test_rows_the_store_cannot_take_are_refused_as_unavailable_and_not_counted(m
     task = TaskRows(max_rows=10, max_bytes=10**6, store=store)
     kit = make_session(task_rows=task)
     message = _rejected("UNAVAILABLE", kit.session.save_results, ['{"a": 1}'])
-    assert "could not store these rows" in message and "/secret" not in message
+    assert "could not store these rows" in message
+    assert "/secret" not in message
     assert (task.rows, kit.rows.rows if kit.rows else None) == (0, 0)
     kit.session.save_results(['{"a": 2}'])  # the next call is stored
     assert kept == ['{"a": 2}']
@@ -844,7 +851,8 @@ def test_rows_the_store_cannot_take_are_refused_as_unavailable_and_not_counted(m
 def test_rows_after_their_batch_was_sealed_are_refused(make_session):
     kit = make_session()
     kit.session.save_results(['{"a": 1}'])
-    assert kit.rows is not None and kit.rows.seal() == 1
+    assert kit.rows is not None
+    assert kit.rows.seal() == 1
     assert _rejected("FAILED_PRECONDITION", kit.session.save_results, ['{"a": 2}']) == (
         "the task has already finished"
     )
@@ -869,4 +877,5 @@ def test_a_call_that_waits_too_long_for_the_tasks_earlier_rows_is_refused(make_s
     finally:
         release.set()
         first.join(RPC_TIMEOUT)
-    assert kit.rows is not None and kit.rows.rows == 1
+    assert kit.rows is not None
+    assert kit.rows.rows == 1

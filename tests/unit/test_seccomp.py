@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -24,6 +23,9 @@ from executor.policy.file import load_policy_file
 from executor.runner import Executor
 from executor.spec import TaskSpec
 from executor.testing.engine import FakeBackend
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 ARCH = "amd64"
 KERNEL = (6, 1)
@@ -235,7 +237,8 @@ def test_what_the_intersection_keeps_in_numbers():
         {"minKernel": "5.10"}
     ]
     merged = seccomp.merged_profile(POLICY_PROFILES["all but symlink"])
-    assert decide(merged, "symlink") == REFUSE and decide(merged, "read") == ALLOW
+    assert decide(merged, "symlink") == REFUSE
+    assert decide(merged, "read") == ALLOW
     assert all(decide(merged, name) == REFUSE for name in [*syscalls.REFUSED, *NEVER])
 
 
@@ -403,7 +406,8 @@ def test_a_runsc_task_with_a_profile_is_refused_when_gvisor_would_ignore_it(monk
     with pytest.raises(PolicyError) as info:
         backend.check_runtime(IsolationPolicy(runtime="runsc", seccomp_profile=STRICT))
     assert str(info.value) == RUNSC_IGNORES_SECCOMP
-    assert "--oci-seccomp" in RUNSC_IGNORES_SECCOMP and "sudo make runsc" in RUNSC_IGNORES_SECCOMP
+    assert "--oci-seccomp" in RUNSC_IGNORES_SECCOMP
+    assert "sudo make runsc" in RUNSC_IGNORES_SECCOMP
     # The default profile is not refused (gVisor keeps locks and watches inside);
     # runc and profile-less policies do not even ask the engine.
     backend.check_runtime(IsolationPolicy(runtime="runsc"))
@@ -450,7 +454,8 @@ def test_under_runsc_a_call_gvisor_names_differently_is_named_both_ways():
     assert decide(seccomp.default_profile("runsc"), "pselect") == ALLOW
     assert decide(seccomp.default_profile("runc"), "pselect") == REFUSE
     merged = seccomp.merged_profile(_profile(_allow(["pselect6", "read"])), "runsc")
-    assert decide(merged, "pselect") == ALLOW and decide(merged, "pselect6") == ALLOW
+    assert decide(merged, "pselect") == ALLOW
+    assert decide(merged, "pselect6") == ALLOW
     refusing = seccomp.merged_profile(
         _profile(_allow(["read"]), {"names": ["pselect6"], "action": "SCMP_ACT_KILL"}), "runsc"
     )

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -14,6 +13,10 @@ from executor.data.selection import TEST_RUN_MAX_FILES, Selection, effective_max
 from executor.data.viewpaths import NAME_MAX, PATH_MAX, ViewPaths
 from executor.task.taskdir import data_view_path
 from tests.datatree import names
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
 
 
 @pytest.fixture
@@ -203,14 +206,17 @@ def test_a_name_too_long_for_any_view_is_unusable_with_its_reason() -> None:
     assert paths.reason("a/b.csv") is None
     long_component = "x" * (NAME_MAX + 1)
     reason = paths.reason(f"dir/{long_component}")
-    assert reason is not None and f"{NAME_MAX + 1} bytes" in reason
+    assert reason is not None
+    assert f"{NAME_MAX + 1} bytes" in reason
     # 4095 bytes is the longest path the kernel takes; the host root is the longer one here.
     root = "/run/se/t-12345678/data/"
     fits = "/".join(["y" * 200] * 19) + "/" + "z" * (PATH_MAX - 1 - len(root) - 19 * 201)
     assert len(root + fits) == PATH_MAX - 1
     assert paths.reason(fits) is None
     reason = paths.reason(fits + "z")
-    assert reason is not None and "/run/se/t-12345678/data" in reason and f"{PATH_MAX} bytes" in reason
+    assert reason is not None
+    assert "/run/se/t-12345678/data" in reason
+    assert f"{PATH_MAX} bytes" in reason
 
 
 def test_view_paths_count_the_sandbox_path_and_the_datasource_only_for_bind_views(

@@ -43,12 +43,14 @@ def test_the_task_config_carries_sandbox_paths_and_no_keys(tmp_path):
 
 def test_progress_and_finish_become_enums_and_bad_values_are_refused():
     update = serde.progress_update(pb.ProgressEvent(kind=pb.ProgressEvent.STEP, current=2, info="x"))
-    assert update.kind is ProgressKind.STEP and update.current == 2
+    assert update.kind is ProgressKind.STEP
+    assert update.current == 2
     for kind in (0, 77):
         with pytest.raises(RequestRejected, match="unknown progress event kind"):
             serde.progress_update(pb.ProgressEvent(kind=kind))  # type: ignore[arg-type]
     fields = serde.finish_fields(pb.FinishRequest(status=pb.Status.ABORT, error=pb.ErrorInfo(type="T")))
-    assert fields["status"] is Status.ABORT and fields["error_type"] == "T"
+    assert fields["status"] is Status.ABORT
+    assert fields["error_type"] == "T"
     with pytest.raises(RequestRejected, match="status must be OK, ABORT or ERROR"):
         serde.finish_fields(pb.FinishRequest(status=pb.Status.STATUS_UNSPECIFIED))
     assert serde.message_type(pb.TASK_START) == "TASK_START"

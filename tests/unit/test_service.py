@@ -533,7 +533,8 @@ def test_calls_whose_request_never_arrives_cannot_keep_the_task_from_finishing(s
             stalled.append(call.future(headers_only(), metadata=served.auth, timeout=RPC_TIMEOUT * 2))
         report = pb.FinishRequest(status=pb.OK, result_json='{"done": true}')
         served.stub.Finish(report, metadata=served.auth, timeout=RPC_TIMEOUT)
-        assert served.session.finish is not None and served.session.finish.result == {"done": True}
+        assert served.session.finish is not None
+        assert served.session.finish.result == {"done": True}
         # Every stalled call was ended by the parent (cancelled when its request
         # did not come, or refused at once), not left to its own deadline.
         codes = [f.exception(timeout=RPC_TIMEOUT).code() for f in stalled]

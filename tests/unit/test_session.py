@@ -559,7 +559,8 @@ def test_refused_sends_give_their_quota_back(make_session):
         )
     kit.session.send_message("TRAINING_UPDATE", 1000, iter([b"z" * 1000]))
     got = kit.modeller.receive(kit.task_id, timeout=1)
-    assert got is not None and got.read() == b"z" * 1000
+    assert got is not None
+    assert got.read() == b"z" * 1000
 
 
 def test_the_parents_task_abort_is_sent_when_the_sandbox_spent_its_quota(make_session):

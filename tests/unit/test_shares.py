@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -15,6 +14,10 @@ from executor.mailbox.crypto import TaskKeys, seal_share, share_label
 from executor.mailbox.transport import Envelope, Route
 from executor.rpc.session import MAX_SHARES, RequestRejected, TaskSession
 from executor.testing import InMemoryTransport
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 SEALED_BYTES = KEY.key_size // 8

@@ -13,12 +13,14 @@ from executor.spec import InferenceLimits, TaskFlags, TaskSpec
 
 def test_a_spec_without_groups_runs_with_no_flags_and_no_limits():
     spec = TaskSpec(protocol_dir=Path("p"), data_dir=Path("d"))
-    assert spec.flags == TaskFlags() and not any(vars(spec.flags).values())
+    assert spec.flags == TaskFlags()
+    assert not any(vars(spec.flags).values())
     assert spec.inference_limits == InferenceLimits(max_files=0, max_batches=0)
 
 
 def test_the_groups_are_public_and_frozen():
-    assert executor.TaskFlags is TaskFlags and executor.InferenceLimits is InferenceLimits
+    assert executor.TaskFlags is TaskFlags
+    assert executor.InferenceLimits is InferenceLimits
     with pytest.raises(AttributeError):
         TaskFlags().test_run = True  # type: ignore[misc]
 

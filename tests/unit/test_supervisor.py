@@ -12,7 +12,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -21,7 +21,6 @@ from executor.errors import ContainerError, EngineUnavailableError
 from executor.events import Control, ControlKind
 from executor.outcome import ErrorDetail, Outcome, Status
 from executor.policy import IsolationPolicy
-from executor.rpc.session import TaskSession
 from executor.task import supervisor as supervisor_module
 from executor.task.supervisor import Supervisor, abort_message
 from executor.testing import (
@@ -35,7 +34,12 @@ from executor.testing import (
     out_of_memory,
     then,
 )
-from tests.unit.conftest import SessionKit
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from executor.rpc.session import TaskSession
+    from tests.unit.conftest import SessionKit
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -145,7 +149,8 @@ def test_a_task_ended_for_rpc_abuse_is_an_error_of_that_type(make_session):
     # The parent closes its connections; the runtime then leaves (exit 75).
     outcome = _supervise(session, FakeBackend(then(abuse, exits(75))), PATIENT)
     assert outcome.status is Status.ERROR
-    assert outcome.error is not None and outcome.error.type == "RpcAbuse"
+    assert outcome.error is not None
+    assert outcome.error.type == "RpcAbuse"
 
 
 # -- the container ends without a result -------------------------------------------------
@@ -199,7 +204,8 @@ def test_a_lost_container_is_an_error_and_is_still_removed(make_session):
     backend = FakeBackend(then(_boot(session), lost("no such container")))
     outcome = _supervise(session, backend, PATIENT)
     assert outcome.status is Status.ERROR
-    assert outcome.error is not None and outcome.error.type == "ContainerLost"
+    assert outcome.error is not None
+    assert outcome.error.type == "ContainerLost"
     assert "remove" in backend.ops(backend.only().id)
 
 
@@ -213,7 +219,8 @@ def test_a_silence_after_the_config_fetch_gets_the_heartbeat_limit_not_the_boot_
     error = _timeout_error(_supervise(session, backend))
     assert error.type == "HeartbeatTimeout"
     assert error.limit_s == FAST.heartbeat_timeout_s
-    assert error.measured_s is not None and error.measured_s > FAST.heartbeat_timeout_s
+    assert error.measured_s is not None
+    assert error.measured_s > FAST.heartbeat_timeout_s
     assert backend.only().killed
 
 
@@ -223,7 +230,8 @@ def test_before_the_config_fetch_the_boot_grace_applies(make_session, monkeypatc
     error = _timeout_error(_supervise(session, FakeBackend(hangs())))
     assert error.type == "HeartbeatTimeout"
     assert error.limit_s == 0.5
-    assert error.measured_s is not None and error.measured_s > 0.5
+    assert error.measured_s is not None
+    assert error.measured_s > 0.5
 
 
 def test_after_a_beat_the_heartbeat_limit_applies(make_session):
@@ -254,7 +262,8 @@ def test_beats_without_progress_are_a_stall(make_session):
     )
     assert error.type == "StallTimeout"
     assert error.limit_s == 0.3
-    assert error.measured_s is not None and error.measured_s > 0.3
+    assert error.measured_s is not None
+    assert error.measured_s > 0.3
 
 
 @pytest.mark.parametrize(
@@ -275,7 +284,8 @@ def test_the_wall_clock_limit_reports_its_limit_and_the_time_measured(make_sessi
     )
     assert error.type == "TimeoutError"
     assert error.limit_s == 1
-    assert error.measured_s is not None and error.measured_s >= 1
+    assert error.measured_s is not None
+    assert error.measured_s >= 1
 
 
 def _notifier(kit: SessionKit) -> Callable[[str, str, str], None]:
@@ -422,7 +432,8 @@ def test_a_cancel_the_sandbox_obeys_is_cancelled_without_a_kill(make_session):
     backend = FakeBackend(then(obey, exits(130)))
     outcome = _supervise(session, backend, PATIENT, cancel=cancel)
     assert outcome.status is Status.CANCELLED
-    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    assert outcome.error is not None
+    assert outcome.error.type == "Cancelled"
     assert not backend.only().killed, "a sandbox that stopped within the grace was killed"
 
 
@@ -455,7 +466,8 @@ def test_a_sandbox_that_reports_after_a_cancel_is_cancelled_not_error(make_sessi
 
     outcome = _supervise(session, FakeBackend(then(stop_and_report, exits(0))), PATIENT, cancel=cancel)
     assert outcome.status is Status.CANCELLED
-    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    assert outcome.error is not None
+    assert outcome.error.type == "Cancelled"
 
 
 # -- the engine ------------------------------------------------------------------------
@@ -601,7 +613,8 @@ def test_a_boot_that_uses_cpu_forever_ends_at_the_boot_limit(make_session, monke
     error = _timeout_error(_supervise(session, FakeBackend(_burning(0.5)), FAST))
     assert error.type == "BootTimeout"
     assert error.limit_s == 0.8
-    assert error.measured_s is not None and error.measured_s > 0.8
+    assert error.measured_s is not None
+    assert error.measured_s > 0.8
 
 
 def test_the_wall_clock_starts_at_the_first_beat_not_at_the_boot(make_session):
@@ -628,7 +641,8 @@ def test_a_cpu_time_limit_ends_a_busy_sandbox_as_cpu_time_exceeded(make_session)
     error = _timeout_error(_supervise(session, backend, policy))
     assert error.type == "CpuTimeExceeded"
     assert error.limit_s == 0.5
-    assert error.measured_s is not None and 0.5 < error.measured_s < 3.0
+    assert error.measured_s is not None
+    assert 0.5 < error.measured_s < 3.0
     assert backend.only().killed
 
 
@@ -644,7 +658,8 @@ def test_a_silent_sandbox_the_oom_killer_hit_is_out_of_memory_not_frozen(make_se
 
     outcome = _supervise(session, FakeBackend(oom_then_hang), FAST)
     assert outcome.status is Status.KILLED
-    assert outcome.error is not None and outcome.error.type == "OutOfMemory"
+    assert outcome.error is not None
+    assert outcome.error.type == "OutOfMemory"
     assert outcome.error.memory_limit_mb == FAST.memory_mb
 
 
@@ -661,7 +676,8 @@ def test_an_exit_after_an_oom_kill_the_engine_did_not_flag_is_out_of_memory(make
 
     outcome = _supervise(session, FakeBackend(child_oom_then_exit), PATIENT)
     assert outcome.status is Status.KILLED
-    assert outcome.error is not None and outcome.error.type == "OutOfMemory"
+    assert outcome.error is not None
+    assert outcome.error.type == "OutOfMemory"
     assert outcome.error.exit_code == 2
 
 
@@ -740,4 +756,5 @@ def test_an_adopted_slot_that_never_beats_fails_the_hand_over(make_session):
 
     with pytest.raises(HandOverFailed):
         Supervisor(backend, spec, session, threading.Event(), adopt=cid, give=give).run()
-    assert backend.containers[cid].killed and backend.containers[cid].removed
+    assert backend.containers[cid].killed
+    assert backend.containers[cid].removed

@@ -232,8 +232,10 @@ def test_reaper_spares_fresh_unlabelled_dirs_and_live_owners(tmp_path):
     try:
         report = reap(_NoContainers(), run_dir, spool)
         assert sorted(report.task_dirs) == sorted([str(old), str(dead.path)])
-        assert fresh.exists() and live.path.exists()
-        assert not old.exists() and not dead.path.exists()
+        assert fresh.exists()
+        assert live.path.exists()
+        assert not old.exists()
+        assert not dead.path.exists()
     finally:
         live.remove()
         dead.remove()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -23,6 +23,9 @@ from executor.outcome import Outcome, Status
 from executor.sandbox.contract import PROGRESS_STEP_INTERVAL_S
 from executor.task.eventflow import MAX_TASK_EVENTS, TaskEvents
 from tests.unit.conftest import wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 CTX = TaskContext(task_id="t-1", task_hash="h", project="p", modeller="m", datasource="d")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import tracemalloc
-from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import docker.errors
 import pytest
@@ -25,6 +25,9 @@ from executor.task.output import (
     TaskOutput,
 )
 from executor.testing.engine import prints
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
 
 MiB = 1024 * 1024
 OPEN = OutputCaps(lines_per_s=1e9, burst=10**9, max_lines=10**9, max_bytes=10**12)
@@ -305,7 +308,8 @@ def test_a_task_s_tail_separates_its_batches_and_a_cut_keeps_the_first_batch_s_s
     assert lines[0] in ("executor| --- batch 1 ---", "executor| --- batch 2 ---")
     assert "executor| --- batch 3 ---" in lines
     parsed = logtail.parse(tail, logtail.FORMAT)
-    assert parsed[-1].batch == 3 and parsed[-1].line.startswith("b3 line 00149")
+    assert parsed[-1].batch == 3
+    assert parsed[-1].line.startswith("b3 line 00149")
     assert all(p.line.startswith(f"b{p.batch} ") for p in parsed)
 
 
@@ -513,7 +517,9 @@ class StubAPI:
         self.calls: list[dict[str, object]] = []
 
     def logs(self, container_id: str, *, stdout: bool, stderr: bool, **kwargs: object) -> StubStream:
-        assert kwargs["stream"] and kwargs["timestamps"] and stdout != stderr
+        assert kwargs["stream"]
+        assert kwargs["timestamps"]
+        assert stdout != stderr
         self.calls.append({"stdout": stdout, **kwargs})
         got = self.streams["stdout" if stdout else "stderr"]
         if isinstance(got, Exception):

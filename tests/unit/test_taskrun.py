@@ -18,21 +18,17 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from executor.backends import ExitInfo
 from executor.data.sqlite import ProjectDatabase
-from executor.data.store import BatchCommit
 from executor.data.viewpaths import PATH_MAX
 from executor.errors import ConfigurationError, ContainerError, ProjectDatabaseError
 from executor.hooks import AlgorithmProgress, BatchRun, Event, ResultsSaved, TaskEnded, TaskStarted
 from executor.mailbox.crypto import TaskKeys
-from executor.mailbox.transport import Transport
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.runner import Executor
@@ -51,6 +47,13 @@ from executor.testing import (
     then,
 )
 from tests.deeptree import deep_file
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from executor.backends import ExitInfo
+    from executor.data.store import BatchCommit
+    from executor.mailbox.transport import Transport
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -282,7 +285,8 @@ def test_the_modeller_of_a_batched_task_whose_second_batch_fails_hears_failed_an
     )
     outcome = ex.run(spec)
     assert outcome.status is Status.ERROR
-    assert outcome.error is not None and outcome.error.exit_code == 3
+    assert outcome.error is not None
+    assert outcome.error.exit_code == 3
     heard = modeller_heard(modeller, "t-fails")
     assert [kind for kind, _ in heard] == [
         "NUMBER_OF_BATCHES",
@@ -402,7 +406,8 @@ def test_a_task_cancelled_before_it_runs_starts_no_container(rig, make_protocol,
         cancel=cancel,
     )
     assert outcome.status is Status.CANCELLED
-    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    assert outcome.error is not None
+    assert outcome.error.type == "Cancelled"
     assert creates(backend) == 0
     (task,) = db.tasks(PROJECT)
     assert (task.status, task.batches_done) == ("CANCELLED", 0)
@@ -442,7 +447,8 @@ def test_a_task_cancelled_between_batches_keeps_the_first_and_starts_no_second(r
         cancel=cancel,
     )
     assert outcome.status is Status.CANCELLED
-    assert outcome.error is not None and outcome.error.type == "Cancelled"
+    assert outcome.error is not None
+    assert outcome.error.type == "Cancelled"
     assert "before batch 2 of 2" in outcome.error.message
     assert outcome.batches == {"total": 2, "completed": 1, "size": 1}
     assert creates(backend) == 1
@@ -473,7 +479,8 @@ def test_an_engine_refusing_the_create_closes_the_ledger_row_and_still_raises(ri
     (task,) = db.tasks(PROJECT)
     assert task.status == "ERROR"
     assert task.error_type == "ContainerError"
-    assert task.error_message is not None and "409 Conflict" in task.error_message
+    assert task.error_message is not None
+    assert "409 Conflict" in task.error_message
     assert task.ended_at is not None
     assert backend.containers == {}
     assert list(rig.run_dir.iterdir()) == []
@@ -524,7 +531,8 @@ def test_an_engine_failing_mid_task_keeps_the_count_tells_the_modeller_and_the_h
     assert said[4][1] == {"state": "FAILED"}
     assert isinstance(heard[-1], TaskEnded)
     assert heard[-1].outcome.status is Status.ERROR
-    assert heard[-1].outcome.error is not None and heard[-1].outcome.error.type == "ContainerError"
+    assert heard[-1].outcome.error is not None
+    assert heard[-1].outcome.error.type == "ContainerError"
 
 
 class _RefusesCommits(ProjectDatabase):
@@ -554,8 +562,10 @@ def test_a_batch_that_cannot_be_recorded_ends_the_task_as_an_error_and_says_so(
             batch_size=1,
         )
     )
-    assert outcome.status is Status.ERROR and outcome.result is None
-    assert outcome.error is not None and outcome.error.type == "ProjectDatabaseError"
+    assert outcome.status is Status.ERROR
+    assert outcome.result is None
+    assert outcome.error is not None
+    assert outcome.error.type == "ProjectDatabaseError"
     assert "batch 1 ran but could not be recorded" in outcome.error.message
     assert outcome.batches == {"total": 2, "completed": 0, "size": 1}
     assert creates(backend) == 1  # nothing more runs once what ran cannot be recorded
@@ -622,10 +632,12 @@ def test_hooks_that_raise_or_block_neither_fail_nor_stall_the_task(
         release.set()
     assert outcome.status is Status.OK, outcome.error
     kinds = [type(e) for e in good]
-    assert kinds[0] is TaskStarted and kinds[-1] is TaskEnded
+    assert kinds[0] is TaskStarted
+    assert kinds[-1] is TaskEnded
     assert kinds.count(TaskStarted) == kinds.count(TaskEnded) == 1
     ended = good[-1]
-    assert isinstance(ended, TaskEnded) and ended.outcome is outcome
+    assert isinstance(ended, TaskEnded)
+    assert ended.outcome is outcome
     assert any(isinstance(e, ResultsSaved) and e.rows == 2 for e in good)
     assert isinstance(raised_on[-1], TaskEnded), "a hook that raised stopped receiving events"
 
@@ -700,7 +712,8 @@ def test_the_default_task_hash_follows_the_parameters_and_the_bundle_only():
     assert base != default_task_hash(bundle, {"epochs": 4, "lr": 0.1})
     assert base != default_task_hash(bundle, {"epochs": 3})
     assert base != default_task_hash(other_bundle, {"epochs": 3, "lr": 0.1})
-    assert len(base) == 64 and int(base, 16) >= 0
+    assert len(base) == 64
+    assert int(base, 16) >= 0
 
 
 def test_a_task_without_a_hash_gets_one_from_its_bundle_and_parameters(rig, make_protocol, make_data):
@@ -843,7 +856,8 @@ def test_the_ledger_s_tail_marks_every_line_s_stream_so_a_protocol_cannot_pass_f
         assert ("stdout", "partial line with no end") in mine
     assert not [line for line in lines if line[0] == "executor"]  # the parent had nothing to say
     tail = task.log_tail.splitlines()
-    assert tail[0] == "executor| --- batch 1 ---" and "executor| --- batch 2 ---" in tail
+    assert tail[0] == "executor| --- batch 1 ---"
+    assert "executor| --- batch 2 ---" in tail
     assert all(line.startswith(("stdout| ", "stderr| ", "executor| --- batch ")) for line in tail)
 
 
@@ -1057,7 +1071,8 @@ def test_without_a_database_rows_are_counted_capped_and_kept_nowhere(rig, make_p
         TaskSpec(protocol_dir=make_protocol(PER_FILE), data_dir=make_data({"a.csv": "1", "b.csv": "2"}))
     )
     assert outcome.status is Status.ERROR
-    assert outcome.error is not None and "at most 1 result rows per task" in outcome.error.message
+    assert outcome.error is not None
+    assert "at most 1 result rows per task" in outcome.error.message
     assert outcome.saved_rows == 0
     (run,) = [e for e in heard if isinstance(e, BatchRun)]
     assert run.statistics["rows"] == 1

@@ -149,7 +149,8 @@ def test_a_share_reaches_the_same_task_on_the_peer_and_no_later_task():
     assert later.receive("SECURE_SHARE", 0.3) is None
     same = transport.open(Route("task-1", "pod-b", peers=("pod-a",)))
     got = same.receive("SECURE_SHARE", 1.0)
-    assert got is not None and (got.body, got.peer) == (b"for task 1", "pod-a")
+    assert got is not None
+    assert (got.body, got.peer) == (b"for task 1", "pod-a")
 
     # What arrives for a task that has ended is dropped with it.
     sender.send(Envelope("SECURE_SHARE", b"too late", peer="pod-b"))
@@ -173,10 +174,12 @@ def test_the_modeller_addresses_each_pod_of_a_task_that_shares_one_id():
     a.send(Envelope("TRAINING_UPDATE", b"from a"))
     assert b.receive("MODELLER_RESPONSE", 0.2) is None
     got = a.receive("MODELLER_RESPONSE", 1.0)
-    assert got is not None and got.body == b"to a"
+    assert got is not None
+    assert got.body == b"to a"
     assert transport.from_pod("task-1", 0.0, "pod-b") is None
     sent = transport.from_pod("task-1", 1.0, "pod-a")
-    assert sent is not None and sent.body == b"from a"
+    assert sent is not None
+    assert sent.body == b"from a"
     transport.close()
 
 

@@ -11,18 +11,21 @@ import tempfile
 import textwrap
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 import executor
 from executor import paths
-from executor.backends import ContainerSpec, ExitInfo
 from executor.errors import CapacityError, ContainerError, DataSourceError
 from executor.outcome import Status
 from executor.policy import IsolationPolicy
 from executor.runner import Executor, check_data_dir
 from executor.spec import TaskSpec
 from executor.task.uids import UidPool
+
+if TYPE_CHECKING:
+    from executor.backends import ContainerSpec, ExitInfo
 
 RANGE = IsolationPolicy(uid_start=30_000, uid_count=3)
 PINNED = IsolationPolicy(uid=31_000)

@@ -16,10 +16,9 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -40,6 +39,9 @@ from executor.testing import FakeBackend, FakeContainer, Program
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
 from tests.unit.conftest import wait_for
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -105,7 +107,8 @@ def test_bind_hands_the_waiting_call_its_session(make_session):
     assert _held(waiter)
     ref.bind(session)
     assert waiter.join() is session
-    assert ref.session is session and ref.name == "task-7"
+    assert ref.session is session
+    assert ref.name == "task-7"
     assert ref.wait(lambda: True, poll_s=0.01) is session  # a later call gets it at once
 
 
@@ -153,7 +156,8 @@ def test_a_second_call_still_gets_the_task_after_the_first_ends(make_session):
     first_active.set()
     first = _Waiter(ref, first_active.is_set)
     second = _Waiter(ref)
-    assert _held(first) and _held(second)
+    assert _held(first)
+    assert _held(second)
     first_active.clear()
     assert first.join() is None
     # One call still waits: the sandbox is there, so the slot still takes its task.
@@ -281,12 +285,14 @@ def test_a_slot_is_a_labelled_container_with_its_own_uid_and_empty_task_director
     slot = host.slot(backend)
     try:
         container = backend.only()
-        assert container.running and container.id == slot.container_id
+        assert container.running
+        assert container.id == slot.container_id
         assert container.spec.labels[LABEL_WARM] == "true"
         assert slot.policy.uid in POLICY.uid_range
         assert container.spec.policy.uid == slot.policy.uid
         assert list(slot.task_dir.protocol.iterdir()) == list(slot.task_dir.data.iterdir()) == []
-        assert slot.server.session is None and not slot.ready
+        assert slot.server.session is None
+        assert not slot.ready
     finally:
         slot.discard()
     assert backend.all_removed()
@@ -374,7 +380,8 @@ def test_a_pool_fills_with_ready_slots_and_a_taken_slot_gets_its_task(host, make
     assert (stats["ready"], stats["made"], stats["failed"]) == (2, 2, 0)
     assert len({s["uid"] for s in stats["slots"]}) == 2  # a uid each
     slot = pool.take()
-    assert slot is not None and slot.ready
+    assert slot is not None
+    assert slot.ready
     try:
         kit = make_session(config=pb.TaskConfig(task_id="task-3"))
         slot.give(kit.session)
@@ -495,8 +502,10 @@ def test_close_while_a_slot_is_being_made_leaves_nothing_once_it_comes_back(host
         backend.release.set()
         if closer is not None:
             closer.join(RPC_TIMEOUT)
-    assert closer is not None and not closer.is_alive()
-    assert len(backend.containers) == 1 and backend.all_removed()
+    assert closer is not None
+    assert not closer.is_alive()
+    assert len(backend.containers) == 1
+    assert backend.all_removed()
     assert host.leftovers() == []
     assert host.uids_free()
     assert pool.stats()["made"] == 0
@@ -510,7 +519,8 @@ def test_the_start_line_hands_over_the_configuration_and_tells_a_waiting_runtime
     runtime = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         config = pb.TaskConfig(task_id="t-1", parameters_json='{"x": 1}').SerializeToString()
-        assert not line.waiting and not line.go(config)  # nobody there yet
+        assert not line.waiting
+        assert not line.go(config)
         runtime.connect(str(path))
         assert wait_for(lambda: line.waiting)
         assert not path.exists()  # one connection only: it stops listening

@@ -27,13 +27,15 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 IPC = "/run/sandbox"
 SOCKET = f"{IPC}/sandbox.sock"
@@ -285,7 +287,8 @@ def attack_wrong_token_same_length(a: Attacker) -> tuple[bool, str]:
         "reversed": a.token[::-1] if a.token[::-1] != a.token else _flip(a.token, 1),
     }
     for label, wrong in variants.items():
-        assert len(wrong) == n and wrong != a.token
+        assert len(wrong) == n
+        assert wrong != a.token
         _every_method_refused(a, checks, f"{label}:", ((TOKEN_KEY, wrong),))
     return checks.result()
 
