@@ -118,7 +118,7 @@ class ProjectDatabase(DatabaseFile):
         """Write result rows of a running batch, unseen until the batch commits; all of them or none.
 
         One short transaction, not fsynced (the batch's commit is): the rows
-        of one SaveResults call (at most 1000 and 1 MiB), in the order given.
+        of one result-rows report (at most 1000 and 1 MiB), in the order given.
         The task's project and task hash come from its ledger row.
 
         Args:
