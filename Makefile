@@ -29,7 +29,7 @@ help: ## Show this help
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(VPY) -m pip install -q -c constraints.txt -e '.[dev,cli]'
 	touch $@
 
 .PHONY: install

@@ -8,6 +8,28 @@
 
 from __future__ import annotations
 
-from executor.cli.commands import main
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["main"]
+
+# The command line draws with rich; the library (``Executor``) does not need it,
+# so it is the ``cli`` extra rather than a dependency of the core.
+MISSING_RICH = (
+    "sandbox-executor: error: the command line needs the 'cli' extra: pip install 'sandbox-executor[cli]'"
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit status (2, with the fix, when its extra is not installed)."""
+    try:
+        import rich  # noqa: F401  (only whether it is there)
+    except ImportError:
+        print(MISSING_RICH, file=sys.stderr)
+        return 2
+    from executor.cli.commands import main as run_cli
+
+    return run_cli(argv)

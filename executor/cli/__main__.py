@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from executor.cli.commands import main
+from executor.cli import main
 
 sys.exit(main())
