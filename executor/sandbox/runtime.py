@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 
 import grpc  # noqa: E402
 
-from executor.sandbox.context import Context, ParentClient, TaskAborted  # noqa: E402
+from executor.sandbox.client import ParentClient  # noqa: E402
+from executor.sandbox.context import Context, TaskAborted  # noqa: E402
 from executor.sandbox.contract import (  # noqa: E402
     BULK_SOCKET_NAME,
     EXIT_PARENT_GONE,

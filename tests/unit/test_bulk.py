@@ -27,7 +27,8 @@ from executor.rpc import bulk as bulk_module
 from executor.rpc.bulk import BulkServer
 from executor.rpc.server import TaskServer
 from executor.rpc.session import RequestRejected
-from executor.sandbox.context import Context, ParentClient
+from executor.sandbox.client import ParentClient
+from executor.sandbox.context import Context
 from executor.sandbox.contract import BULK_MAGIC, TOKEN_METADATA_KEY
 from executor.v1 import sandbox_pb2 as pb
 from executor.v1 import sandbox_pb2_grpc as pb_grpc

@@ -31,11 +31,11 @@ from executor.rpc.server import TaskServer
 from executor.rpc.session import TaskSession
 from executor.sandbox import progress as progress_module
 from executor.sandbox import runtime
+from executor.sandbox.client import ParentClient
 from executor.sandbox.context import (
     Context,
     MailboxError,
     MailboxTimeout,
-    ParentClient,
     ReportRefused,
     SandboxError,
     TaskAborted,

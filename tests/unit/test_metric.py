@@ -17,7 +17,8 @@ from executor.events import Event, Metric, TaskContext
 from executor.hooks import EventsFile, HookDispatcher
 from executor.rpc.limits import PROGRESS_BURST, PROGRESS_RATE_LIMITED, CallLimiter
 from executor.rpc.server import TaskServer
-from executor.sandbox.context import Context, ParentClient, ReportRefused
+from executor.sandbox.client import ParentClient
+from executor.sandbox.context import Context, ReportRefused
 from executor.sandbox.contract import MAX_COLUMN_NAME_CHARS, TOKEN_METADATA_KEY, ReportCase
 from executor.task.eventflow import TaskEvents
 from executor.v1 import sandbox_pb2 as pb

@@ -36,7 +36,8 @@ from executor.rpc.servicer import SandboxServicer
 from executor.rpc.session import RequestRejected, TaskSession
 from executor.sandbox import client as client_module
 from executor.sandbox import results as results_module
-from executor.sandbox.context import Context, ParentClient, ReportRefused, SandboxError
+from executor.sandbox.client import ParentClient
+from executor.sandbox.context import Context, ReportRefused, SandboxError
 from executor.sandbox.contract import (
     MAX_COLUMN_NAME_CHARS,
     MAX_COLUMNS,

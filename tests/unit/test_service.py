@@ -429,7 +429,7 @@ def test_rejection_with_an_uncatalogued_code_becomes_internal(served, monkeypatc
 
 def test_the_runtime_backs_off_on_the_rate_limit_trailer_and_not_on_text():
     from executor.rpc.limits import RATE_LIMITED, rate_limit_trailers
-    from executor.sandbox.context import ParentClient
+    from executor.sandbox.client import ParentClient
 
     class Refused(grpc.RpcError):
         def __init__(self, details, trailers):
