@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from executor.sandbox.client import RATE_BACKOFF_S as RATE_BACKOFF_S
 from executor.sandbox.client import RATE_RETRIES as RATE_RETRIES
 from executor.sandbox.client import RPC_TIMEOUT_S as RPC_TIMEOUT_S
+
+# A re-export the runtime and protocols import at run time, not an annotation-only import.
+from executor.sandbox.client import ParentClient as ParentClient  # noqa: TC001
 from executor.sandbox.errors import MailboxError as MailboxError
 from executor.sandbox.errors import MailboxTimeout as MailboxTimeout
 from executor.sandbox.errors import ReportRefused as ReportRefused
@@ -30,7 +33,6 @@ from executor.sandbox.results import Reports
 if TYPE_CHECKING:
     import threading
 
-    from executor.sandbox.client import ParentClient as ParentClient
     from executor.v1 import sandbox_pb2 as pb
 
 

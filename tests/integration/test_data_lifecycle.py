@@ -341,7 +341,8 @@ def test_a_corrupt_database_is_a_one_line_error_and_is_left_as_it_was(
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not a usable project database" in lines[0], proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert "not a usable project database" in lines[0], proc.stderr
     assert db.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("pod.db")) == ["pod.db"]
     assert list(run_dir.iterdir()) == []

@@ -131,7 +131,8 @@ def test_cpu_time_s_ends_a_busy_sandbox_as_cpu_time_exceeded(
     executor = make_executor(policy=_policy(runtime, cpu_time_s=1))
     outcome = executor.run(_spec(data_dir, mode="burn", procs=2, seconds=30))
     assert outcome.status is Status.TIMEOUT, outcome.error
-    assert outcome.error is not None and outcome.error.type == "CpuTimeExceeded", outcome.error
+    assert outcome.error is not None, outcome
+    assert outcome.error.type == "CpuTimeExceeded", outcome.error
     assert outcome.error.limit_s == 1
     assert outcome.error.measured_s is not None
     assert outcome.error.measured_s > 1
@@ -147,7 +148,8 @@ def test_file_size_mb_fails_a_write_past_it_and_names_a_task_that_ends_on_it(
     assert caught.result == {"written": limit, "error": "EFBIG"}
     raised = executor.run(_spec(data_dir, mode="write", bytes=2 * limit, **{"raise": True}))
     assert raised.status is Status.ERROR
-    assert raised.error is not None and raised.error.type == "FileSizeExceeded", raised.error
+    assert raised.error is not None, raised
+    assert raised.error.type == "FileSizeExceeded", raised.error
 
 
 def test_timeout_s_is_the_protocol_s_wall_clock_and_the_boot_is_not_counted(
@@ -169,7 +171,8 @@ def test_stall_timeout_s_tells_stuck_from_frozen(make_executor: Any, data_dir: P
     executor = make_executor(policy=_policy(runtime, heartbeat_interval_s=0.2, stall_timeout_s=2))
     outcome = executor.run(_spec(data_dir, mode="stuck"))
     assert outcome.status is Status.TIMEOUT
-    assert outcome.error is not None and outcome.error.type == "StallTimeout", outcome.error
+    assert outcome.error is not None, outcome
+    assert outcome.error.type == "StallTimeout", outcome.error
 
 
 def test_image_is_the_one_the_sandbox_runs(make_executor: Any, data_dir: Path, runtime: str) -> None:
@@ -188,14 +191,16 @@ def test_max_result_mb_refuses_a_larger_result(make_executor: Any, data_dir: Pat
     executor = make_executor(policy=_policy(runtime, max_result_mb=0.01))
     outcome = executor.run(_spec(data_dir, mode="result", bytes=20_000))
     assert outcome.status is Status.ERROR
-    assert outcome.error is not None and outcome.error.type == "ResultTooLarge", outcome.error
+    assert outcome.error is not None, outcome
+    assert outcome.error.type == "ResultTooLarge", outcome.error
 
 
 def test_max_message_mb_refuses_a_larger_message(make_executor: Any, data_dir: Path, runtime: str) -> None:
     executor = make_executor(policy=_policy(runtime, max_message_mb=1))
     outcome = executor.run(_spec(data_dir, mode="send", bytes=2 * 1024 * 1024))
     assert outcome.status is Status.ERROR
-    assert outcome.error is not None and outcome.error.type == "MailboxError", outcome.error
+    assert outcome.error is not None, outcome
+    assert outcome.error.type == "MailboxError", outcome.error
     assert "limit" in outcome.error.message
 
 

@@ -141,7 +141,8 @@ def test_policy_keys_and_the_sandboxs_view_hold_in_a_running_container(
         start = got.index(("EPOCH_START", epoch, 2, 0, 0, ""))
         end = got.index(("EPOCH_END", epoch, 2, 0, 0, ""))
         steps = got[start + 1 : end]
-        assert steps and steps[-1] == ("STEP", epoch, 2, 2, 2, "batch 2"), got
+        assert steps, got
+        assert steps[-1] == ("STEP", epoch, 2, 2, 2, "batch 2"), got
         assert set(steps) <= {("STEP", epoch, 2, step, 2, f"batch {step}") for step in (1, 2)}, got
 
     # ctx.file_processed / file_failed reach the outcome and its JSON.

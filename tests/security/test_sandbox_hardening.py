@@ -392,7 +392,8 @@ def test_memory_hog_is_killed_at_the_memory_cap(runtime: str, docker_client: Any
     )
     assert engine_runtime == runtime
     assert outcome.status is Status.KILLED, outcome.result or outcome.error
-    assert outcome.error is not None and outcome.error.type == "OutOfMemory", outcome.error
+    assert outcome.error is not None, outcome
+    assert outcome.error.type == "OutOfMemory", outcome.error
 
 
 # -- one task against another: the kernel's per-user pools ----------------------------------
@@ -430,7 +431,8 @@ def test_a_task_cannot_drain_the_per_user_kernel_pools_of_another(
             holding = modeller.receive("pools-hog", timeout=1)
             if holding is not None or not thread.is_alive():
                 break
-        assert holding is not None and holding.type == "TASK_START", "the hog never said it held the pools"
+        assert holding is not None, "the hog never said it held the pools"
+        assert holding.type == "TASK_START", f"the hog sent {holding.type} before it said it held the pools"
         victim_spec = TaskSpec(
             protocol_dir=PROTOCOLS / "kernel_pools", data_dir=data_dir, parameters={"role": "victim"}
         )
@@ -439,7 +441,8 @@ def test_a_task_cannot_drain_the_per_user_kernel_pools_of_another(
         modeller.send("pools-hog", "MODELLER_RESPONSE", b"release")
         thread.join(120)
         assert not thread.is_alive(), "the task did not end within 120 s of its test's wait"
-    assert box and box[0].status is Status.OK, box[0].error if box else "the hog did not end"
+    assert box, "the hog did not end"
+    assert box[0].status is Status.OK, box[0].error
     assert victim.status is Status.OK, victim.error
     held, got = box[0].result, victim.result
     # inotify is no pool to drain where the sandbox's seccomp profile applies

@@ -53,22 +53,24 @@ WAIT_S = 3.0
 
 
 @pytest.fixture
-def sock_dir(request: pytest.FixtureRequest) -> Path:
+def sock_dir() -> Iterator[Path]:
     """A short private directory: a pytest tmp_path can be too long for a socket's address."""
     path = Path(tempfile.mkdtemp(prefix="se-bulk-", dir="/tmp"))
-    request.addfinalizer(lambda: shutil.rmtree(path, ignore_errors=True))
-    return path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
-def server(sock_dir: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> BulkServer:
+def server(sock_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[BulkServer]:
     """A started BulkServer with short header and idle timeouts; closed afterwards."""
     monkeypatch.setattr(bulk_module, "HEADER_TIMEOUT_S", HEADER_TIMEOUT_S)
     monkeypatch.setattr(bulk_module, "IDLE_TIMEOUT_S", IDLE_TIMEOUT_S)
     srv = BulkServer(sock_dir / "bulk.sock", TOKEN, "task-1")
-    request.addfinalizer(srv.close)
-    srv.start()
-    return srv
+    try:  # closed even if it fails to start
+        srv.start()
+        yield srv
+    finally:
+        srv.close()
 
 
 @dataclass
@@ -386,11 +388,11 @@ def test_a_transfer_frees_its_connection_slot_before_the_sandbox_sees_it_end(ser
 
 
 @pytest.fixture
-def idle_server(sock_dir: Path, request: pytest.FixtureRequest) -> BulkServer:
+def idle_server(sock_dir: Path) -> Iterator[BulkServer]:
     """A BulkServer listening but not yet accepting (its acceptor lags); closed afterwards."""
     srv = BulkServer(sock_dir / "bulk.sock", TOKEN, "task-1")
-    request.addfinalizer(srv.close)
-    return srv
+    yield srv
+    srv.close()
 
 
 def sandbox_client(path: Path) -> ParentClient:
@@ -504,7 +506,7 @@ def test_close_ends_transfers_drops_tickets_and_removes_the_socket(server, sock_
     assert not spool.exists()
     assert server.offer_send(10, Sends()) is None
     assert server.offer_receive(Incoming("ALGORITHM_EXCHANGE", 1, body=b"x")) is None
-    with pytest.raises(OSError):
+    with pytest.raises(FileNotFoundError):  # its socket is gone
         connect(server)
     server.close()  # twice is fine
 
@@ -528,15 +530,17 @@ class Served:
 
 
 @pytest.fixture
-def served(make_session, sock_dir, request) -> Served:
+def served(make_session, sock_dir) -> Iterator[Served]:
     kit = make_session(max_message_bytes=4 * MiB, max_task_bytes=16 * MiB)
     token = secrets.token_urlsafe(32)
-    srv = TaskServer(kit.session, token, sock_dir / "sandbox.sock")
-    request.addfinalizer(lambda: srv.stop(grace=0.2))
-    srv.start()
-    channel = grpc.insecure_channel(f"unix:{sock_dir / 'sandbox.sock'}", options=[("grpc.enable_retries", 0)])
-    request.addfinalizer(channel.close)
-    return Served(kit, token, pb_grpc.SandboxStub(channel), sock_dir / "bulk.sock", srv)
+    socket_path = sock_dir / "sandbox.sock"
+    srv = TaskServer(kit.session, token, socket_path)
+    with contextlib.ExitStack() as cleanup:  # undone in reverse, even if a later step fails
+        cleanup.callback(srv.stop, grace=0.2)
+        srv.start()
+        channel = grpc.insecure_channel(f"unix:{socket_path}", options=[("grpc.enable_retries", 0)])
+        cleanup.callback(channel.close)
+        yield Served(kit, token, pb_grpc.SandboxStub(channel), sock_dir / "bulk.sock", srv)
 
 
 def _bulk(served: Served, ticket: bytes, body: bytes = b"", token: str = "") -> bytes:

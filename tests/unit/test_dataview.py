@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -298,7 +299,7 @@ def test_remove_is_safe_twice_and_never_removes_what_it_did_not_make(data: Path,
 
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a//b", "./a", "a/..", "", "a/b/"])
 def test_names_that_could_leave_the_data_directory_are_refused(data: Path, run_dir: Path, name: str) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape(f"not a datasource-relative file name: {name!r}")):
         DataView(run_dir / "view", data, [FileStamp(name, 1, 1)], gid=GID)
     assert not (run_dir / "view").exists()
 

@@ -261,7 +261,9 @@ def test_a_warm_task_holds_no_uid_but_its_slots_so_the_pool_refills_meanwhile(ki
     (kit.scratch / "go").touch()  # the host runtime's scratch_dir (a fake engine shares one)
     thread.join(30)
     assert refilled, ex.pool_stats()
-    assert box and box[0].status is Status.OK and box[0].warm_starts == 1, box
+    assert box, "the task did not end within 30 s"
+    assert box[0].status is Status.OK, box[0].error
+    assert box[0].warm_starts == 1, box[0]
 
 
 def _wait(condition: Callable[[], bool], timeout: float) -> bool:

@@ -739,7 +739,8 @@ def test_a_protocols_rows_and_log_lines_reach_the_parent(make_session, make_prot
     kit = make_session(config=runtime_config("task-1", bundle))
     session = kit.session
     assert _run_runtime(session, tmp_path / "scratch", tmp_path / "stderr") == 0
-    assert session.finish is not None and session.finish.result == "done", session.finish
+    assert session.finish is not None, (tmp_path / "stderr").read_text()
+    assert session.finish.result == "done", session.finish
     assert kit.saved() == [{"file": "a.csv", "n": 2}, {"file": "b.csv", "n": 5}]
     lines = (tmp_path / "stderr").read_text().splitlines()
     # Logged at import too: logging is set up before protocol code is loaded.
@@ -764,7 +765,8 @@ def test_a_protocol_that_configures_logging_gets_exactly_its_own(make_session, m
     kit = make_session(config=runtime_config("task-1", bundle))
     session = kit.session
     assert _run_runtime(session, tmp_path / "scratch", tmp_path / "stderr") == 0
-    assert session.finish is not None and session.finish.result == "done", session.finish
+    assert session.finish is not None, (tmp_path / "stderr").read_text()
+    assert session.finish.result == "done", session.finish
     lines = (tmp_path / "stderr").read_text().splitlines()
     assert lines == ["MINE DEBUG detail", "MINE WARNING careful"], lines
 
@@ -791,7 +793,8 @@ def test_a_protocols_own_handler_is_not_doubled_by_the_sandboxs(make_session, ma
     kit = make_session(config=runtime_config("task-1", bundle))
     session = kit.session
     assert _run_runtime(session, tmp_path / "scratch", tmp_path / "stderr") == 0
-    assert session.finish is not None and session.finish.result == "done", session.finish
+    assert session.finish is not None, (tmp_path / "stderr").read_text()
+    assert session.finish.result == "done", session.finish
     lines = (tmp_path / "stderr").read_text().splitlines()
     assert lines == ["OWN proto once", "INFO other: by the sandbox's handler"], lines
 

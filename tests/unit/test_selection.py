@@ -142,7 +142,7 @@ def test_effective_max_files(test_run: bool, max_files: int, expected: int | Non
 
 def test_a_test_run_sees_one_file_like_the_seed() -> None:
     assert TEST_RUN_MAX_FILES == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"max_files must be 0 \(no limit\) or more, not -1"):
         effective_max_files(False, -1)
 
 
@@ -192,9 +192,9 @@ def test_an_empty_selection_is_one_empty_batch(batch_size: int) -> None:
 
 
 def test_negative_batch_settings_are_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch_size and max_batches must be 0 or more, not -1, 0"):
         plan_batches(_selection(2), -1, 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch_size and max_batches must be 0 or more, not 1, -1"):
         plan_batches(_selection(2), 1, -1)
 
 

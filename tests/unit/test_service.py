@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import secrets
 import shutil
@@ -58,26 +59,32 @@ class Served:
 
 
 @pytest.fixture
-def served(make_session, request):
+def served(make_session):
     """A TaskServer on a socket in a short private directory; torn down even on failure."""
     kit = make_session(config=CONFIG, max_result_bytes=64 * 1024, max_message_bytes=4 * 1024 * 1024)
-    sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
-    request.addfinalizer(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
-    token = secrets.token_urlsafe(32)
-    socket_path = sock_dir / "sandbox.sock"
-    server = TaskServer(kit.session, token, socket_path)
-    request.addfinalizer(lambda: server.stop(grace=0.2))
-    server.start()
-    channel = grpc.insecure_channel(f"unix:{socket_path}", options=[("grpc.enable_retries", 0)])
-    request.addfinalizer(channel.close)
-    return Served(kit, token, pb_grpc.SandboxStub(channel), socket_path, server, channel)
+    with contextlib.ExitStack() as cleanup:  # undone in reverse, even if a later step fails
+        sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
+        cleanup.callback(shutil.rmtree, sock_dir, ignore_errors=True)
+        token = secrets.token_urlsafe(32)
+        socket_path = sock_dir / "sandbox.sock"
+        server = TaskServer(kit.session, token, socket_path)
+        cleanup.callback(server.stop, grace=0.2)
+        server.start()
+        channel = grpc.insecure_channel(f"unix:{socket_path}", options=[("grpc.enable_retries", 0)])
+        cleanup.callback(channel.close)
+        yield Served(kit, token, pb_grpc.SandboxStub(channel), socket_path, server, channel)
+
+
+def _call_to_the_end(call, *args, **kwargs):
+    """Make ``call``; a response stream is read to its end, where a streaming call's error surfaces."""
+    result = call(*args, **kwargs)
+    if not isinstance(result, (pb.TaskConfig, pb.Ack)):  # a response stream: read it
+        list(result)
 
 
 def _code(call, *args, **kwargs):
     with pytest.raises(grpc.RpcError) as info:
-        result = call(*args, **kwargs)
-        if not isinstance(result, (pb.TaskConfig, pb.Ack)):  # a response stream: read it
-            list(result)
+        _call_to_the_end(call, *args, **kwargs)
     return info.value.code(), info.value.details()
 
 
@@ -831,19 +838,21 @@ class WarmServed:
 
 
 @pytest.fixture
-def warm_served(request, monkeypatch):
+def warm_served(monkeypatch):
     """A warm slot's server; a waiting GetTask rechecks its call every 20 ms instead of 500 ms."""
     monkeypatch.setattr(SessionRef, "wait", functools.partialmethod(SessionRef.wait, poll_s=0.02))
-    sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
-    request.addfinalizer(lambda: shutil.rmtree(sock_dir, ignore_errors=True))
-    token = secrets.token_urlsafe(32)
-    ref = SessionRef(name="warm-test")
-    server = TaskServer(ref, token, sock_dir / "sandbox.sock", max_result_bytes=64 * 1024)
-    request.addfinalizer(lambda: server.stop(grace=0.2))
-    server.start()
-    channel = grpc.insecure_channel(f"unix:{sock_dir / 'sandbox.sock'}", options=[("grpc.enable_retries", 0)])
-    request.addfinalizer(channel.close)
-    return WarmServed(ref, token, pb_grpc.SandboxStub(channel), server, sock_dir / "sandbox.sock")
+    with contextlib.ExitStack() as cleanup:  # undone in reverse, even if a later step fails
+        sock_dir = Path(tempfile.mkdtemp(prefix="se-unit-", dir="/tmp"))
+        cleanup.callback(shutil.rmtree, sock_dir, ignore_errors=True)
+        token = secrets.token_urlsafe(32)
+        ref = SessionRef(name="warm-test")
+        socket_path = sock_dir / "sandbox.sock"
+        server = TaskServer(ref, token, socket_path, max_result_bytes=64 * 1024)
+        cleanup.callback(server.stop, grace=0.2)
+        server.start()
+        channel = grpc.insecure_channel(f"unix:{socket_path}", options=[("grpc.enable_retries", 0)])
+        cleanup.callback(channel.close)
+        yield WarmServed(ref, token, pb_grpc.SandboxStub(channel), server, socket_path)
 
 
 def test_an_unbound_server_needs_max_result_bytes(tmp_path):

@@ -60,7 +60,8 @@ def _supervise(
     spec = ContainerSpec(name="sandbox-test", command=["true"], policy=policy, mounts=[])
     outcome = Supervisor(backend, spec, session, threading.Event(), cancel, notify_abort).run()
     # Whatever the verdict, the container is gone.
-    assert backend.containers and backend.all_removed(), backend.calls
+    assert backend.containers, backend.calls
+    assert backend.all_removed(), backend.calls
     return outcome
 
 

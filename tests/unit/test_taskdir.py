@@ -200,12 +200,18 @@ def test_remove_deletes_read_only_dirs_without_privileges(tmp_path):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_context_manager_removes_the_directory_on_exception(base):
-    with pytest.raises(RuntimeError, match="task blew up"), TaskDir(base, SANDBOX_UID) as td:
-        path = td.path
+def _blow_up_inside(taskdir: TaskDir) -> None:
+    """Use ``taskdir`` as a context manager whose body writes a file, then raises."""
+    with taskdir as td:
         (td.ipc / "scratch").write_text("x")
         raise RuntimeError("task blew up")
-    assert not path.exists()
+
+
+def test_context_manager_removes_the_directory_on_exception(base):
+    taskdir = TaskDir(base, SANDBOX_UID)
+    with pytest.raises(RuntimeError, match="task blew up"):
+        _blow_up_inside(taskdir)
+    assert not taskdir.path.exists()
     assert list(base.iterdir()) == []
 
 

@@ -423,7 +423,9 @@ def test_failures_to_make_a_slot_back_off_are_counted_and_leave_nothing(host, mo
     gaps = [b - a for a, b in itertools.pairwise(backend.create_times)]
     assert len(gaps) == 3
     # Each retry waits longer: 0.02 s, then 0.04 s, then 0.08 s.
-    assert gaps[0] >= 0.02 and gaps[1] >= 0.04 and gaps[2] >= 0.08, gaps
+    assert gaps[0] >= 0.02, gaps
+    assert gaps[1] >= 0.04, gaps
+    assert gaps[2] >= 0.08, gaps
     assert len(host.leftovers()) == 1  # the one slot made; none of the failed ones
     pool.close()
     assert host.leftovers() == []
