@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -207,10 +209,14 @@ class DockerBackend:
         """The engine client, connecting on first use."""
         with self._lock:
             if self._client is None:
+                client: docker.DockerClient | None = None
                 try:
+                    _probe_local_engine()
                     client = docker.from_env(timeout=30, max_pool_size=POOL_SIZE)
                     client.ping()
                 except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                    if client is not None:
+                        client.close()  # its connection pool holds the socket it tried
                     raise EngineUnavailableError(
                         f"the Docker engine is not reachable ({_short(exc)}); is dockerd running "
                         "and is DOCKER_HOST right?"
@@ -436,6 +442,28 @@ class DockerBackend:
             lambda: self._api().containers(all=True, filters={"label": f"{LABEL_MANAGED}=true"}),
         )
         return [(str(c["Id"]), dict(c.get("Labels") or {})) for c in found]
+
+
+def _probe_local_engine() -> None:
+    """Connect to a local engine's socket once, and close it, before docker-py does.
+
+    docker-py leaves the socket of a failed Unix connect for the garbage
+    collector; probing first keeps the usual failures (no socket, a stale one)
+    free of that, and names the path. Other hosts (tcp, ssh) are left to docker-py.
+
+    Raises:
+        requests.exceptions.ConnectionError: The socket is missing or refuses.
+    """
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if not host.startswith("unix://"):
+        return
+    path = host.removeprefix("unix://")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(10)
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            raise requests.exceptions.ConnectionError(f"{path}: {exc.strerror or exc}") from None
 
 
 def _wrapped(what: str, exc: BaseException, container_id: str | None) -> BackendError:
