@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from executor.backends.cgroups import Usage
+from executor.backends.cgroups import Scheduling, Usage
 from executor.backends.registry import DEFAULT_BACKEND, backend_names, open_backend, register_backend
 from executor.errors import ImageNotFoundError
 from executor.sandbox.contract import WIRE_VERSION
@@ -51,6 +51,7 @@ __all__ = [
     "ExitInfo",
     "Mount",
     "RuntimeInfo",
+    "Scheduling",
     "Usage",
     "backend_names",
     "check_image_labels",
@@ -228,6 +229,16 @@ class ContainerBackend(Protocol):
         call several times a second. ``None`` when the engine or host cannot
         tell (the container is gone, or its cgroups are out of this process's
         sight); a figure the host does not keep is ``None`` inside ``Usage``.
+        """
+        ...
+
+    def scheduling(self, container_id: str) -> Scheduling | None:
+        """Whether the running container's threads want CPU or wait on the host's kernel, now.
+
+        Read from outside the sandbox, and only when a silent sandbox whose
+        CPU time stood still is about to be judged frozen: runnable threads
+        starved of CPU, or threads in an uninterruptible wait, mean slow.
+        ``None`` when the host cannot tell (the verdict then rests on CPU time).
         """
         ...
 

@@ -45,6 +45,27 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class Scheduling:
+    """Whether a container's threads want the host's CPU or wait on its kernel, read from the host's /proc.
+
+    A container whose CPU time stands still is not frozen if its threads
+    are runnable but get no CPU (a host busier than its cores) or are in an
+    uninterruptible wait (the engine's storage, a FUSE daemon starved too).
+
+    Attributes:
+        waited_s: Seconds its threads have spent runnable but waiting for a
+            CPU, summed (the second figure of each ``/proc/<tid>/schedstat``).
+        active: Its threads running, runnable or in an uninterruptible wait
+            now (state ``R`` or ``D``).
+        threads: Its threads.
+    """
+
+    waited_s: float
+    active: int
+    threads: int
+
+
+@dataclass(frozen=True)
 class CgroupPaths:
     """Where one process's cgroup files live (a directory per controller that was found)."""
 
@@ -63,6 +84,28 @@ class CgroupPaths:
             ),
             pids_refused=_keyed(self.pids, "pids.events", "max"),
         )
+
+    def scheduling(self, *, proc: Path = Path("/proc")) -> Scheduling | None:
+        """How its threads stand with the scheduler now; ``None`` if the cgroup or /proc cannot tell."""
+        if self.cpu is None:
+            return None
+        listing = _read(self.cpu / ("cgroup.threads" if self.cpu_v2 else "tasks"))
+        if listing is None:
+            return None
+        waited_ns = active = threads = 0
+        for tid in listing.split():
+            stat = _read(proc / tid / "stat")
+            sched = _read(proc / tid / "schedstat")
+            if stat is None or sched is None:
+                continue  # it ended between the listing and the read
+            threads += 1
+            state = stat.rsplit(")", 1)[-1].split()[:1]
+            if state and state[0] in ("R", "D"):
+                active += 1
+            fields = sched.split()
+            if len(fields) >= 2 and fields[1].isdigit():
+                waited_ns += int(fields[1])
+        return Scheduling(waited_s=waited_ns / 1e9, active=active, threads=threads)
 
 
 def _mounts(mountinfo: str) -> tuple[dict[str, tuple[Path, str]], tuple[Path, str] | None]:

@@ -30,7 +30,7 @@ from executor.backends import (
     RuntimeInfo,
     check_image_labels,
 )
-from executor.backends.cgroups import CgroupPaths, OomWatch, Usage, paths_of, readable
+from executor.backends.cgroups import CgroupPaths, OomWatch, Scheduling, Usage, paths_of, readable
 from executor.backends.dockerlogs import follow_logs
 from executor.errors import (
     BackendError,
@@ -398,6 +398,11 @@ class DockerBackend:
         """
         paths = self._paths(container_id)
         return paths.read() if paths is not None else None
+
+    def scheduling(self, container_id: str) -> Scheduling | None:
+        """Its threads' standing with the host's scheduler, from its cgroup's thread list and /proc."""
+        paths = self._paths(container_id)
+        return paths.scheduling() if paths is not None else None
 
     def _paths(self, container_id: str) -> CgroupPaths | None:
         """The running container's cgroup directories, found once (an inspect); ``None`` if not found."""

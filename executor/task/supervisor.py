@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING
 from executor.errors import BackendError, SandboxExecutorError
 from executor.events import ControlKind, FinishReport
 from executor.outcome import ErrorDetail, Outcome, Status
-from executor.task.usage import UsageWatch, busy
+from executor.task.usage import UsageWatch, busy, confirm_s, moving
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from executor.backends import ContainerBackend, ContainerSpec, ExitInfo
+    from executor.backends import ContainerBackend, ContainerSpec, ExitInfo, Scheduling
     from executor.policy import IsolationPolicy
     from executor.rpc.session import TaskSession
     from executor.task.admission import Permit
@@ -203,6 +203,9 @@ class Supervisor:
         usage.sample(time.monotonic(), force=True)
         cpu_at_start: float | None = None
         self._slow_noted = False
+        self._cid, self._tick = cid, tick
+        self._suspect: tuple[float, Scheduling | None, float] | None = None
+        self._starved = False
         verdict: _Verdict | None = None
         while not session.finished.is_set() and not exit_box:
             now = time.monotonic()
@@ -279,6 +282,28 @@ class Supervisor:
             raise HandOverFailed("the warm sandbox ended before it took its task")
         return self._from_exit(exit_box[0], cid, usage)
 
+    def _still_suspect(self, now: float, limit: float) -> bool:
+        """Whether a silent sandbox whose CPU time stood still is still under its second look.
+
+        The first call takes a look at its threads and says yes; calls go on
+        saying yes until :func:`confirm_s` has passed, then the second look is
+        taken and ``self._starved`` says whether the two show it wanting the
+        host (slow). A watch that itself woke late (this process starved: the
+        beats it did not hear may be waiting in it) starts the look afresh.
+        """
+        if self._suspect is not None and now - self._suspect[2] > self._tick + confirm_s(limit) / 2:
+            log.debug("task %s: the supervisor woke late; looking again", self.session.task_id)
+            self._suspect = None
+        if self._suspect is None:
+            self._suspect = (now, self.backend.scheduling(self._cid), now)
+            return True
+        since, first, _ = self._suspect
+        if now - since < confirm_s(limit):
+            self._suspect = (since, first, now)
+            return True
+        self._starved = moving(first, self.backend.scheduling(self._cid), now - since)
+        return False
+
     def _liveness(self, now: float, running_since: float, usage: UsageWatch) -> _Verdict | None:
         """A verdict if the sandbox is frozen (or out of memory) or stuck, else ``None``."""
         policy = self.policy
@@ -293,6 +318,8 @@ class Supervisor:
         else:
             last, limit = running_since, max(policy.heartbeat_timeout_s, BOOT_GRACE_S)
         silence = now - last
+        if silence <= limit:
+            self._suspect = None
         if silence > limit:
             usage.sample(now, force=True)
             if usage.oom_kills():
@@ -303,17 +330,22 @@ class Supervisor:
             # the moment it froze (and gVisor's as it stops) must not delay the verdict.
             window = limit / 2
             cpu = usage.cpu_over(window, now)
-            if busy(cpu, window):
+            if not busy(cpu, window) and self._still_suspect(now, limit):
+                return None  # looked at once more before it is judged
+            self._suspect = None
+            if busy(cpu, window) or self._starved:
                 if not self._slow_noted:
                     self._slow_noted = True
                     log.warning(
                         "task %s: no heartbeat for %.1f s, but the sandbox used %.3f s of CPU over the "
-                        "last %g s: slow (a busy host?), not frozen; still watching",
+                        "last %g s%s: slow (a busy host?), not frozen; still watching",
                         self.session.task_id,
                         silence,
                         cpu or 0.0,
                         window,
+                        " and its threads wait for the host" if self._starved else "",
                     )
+                self._starved = False
                 return None
             return _Verdict(
                 Status.TIMEOUT,

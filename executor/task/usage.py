@@ -12,7 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from executor.backends import ContainerBackend, Usage
+    from executor.backends import ContainerBackend, Scheduling, Usage
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 # booting among 24 others on 2 cores at load 20 got 2 to 6% of a core.
 FROZEN_CPU_SHARE = 0.002
 FROZEN_CPU_MIN_S = 0.002
+# A silent sandbox whose CPU time stood still is looked at once more this
+# long after (a share of its limit, within bounds) before it is judged frozen:
+# if its threads were runnable but starved of CPU for at least
+# STARVED_WAIT_SHARE of that time (summed over its threads), or any was
+# running, runnable or in an uninterruptible wait (its storage starved too) at
+# either look, it is slow. A stopped or deadlocked sandbox has no such thread
+# and waits for no CPU; gVisor's own idle kernel wakes a few times a second.
+CONFIRM_SHARE = 0.25
+CONFIRM_MIN_S = 0.25
+CONFIRM_MAX_S = 2.0
+STARVED_WAIT_SHARE = 0.25
 # How often the container's cgroup is read (its CPU time, OOM kills).
 USAGE_SAMPLE_S = 0.25
 # Samples kept per watched window at most: a long window is sampled more sparsely.
@@ -102,3 +113,21 @@ class UsageWatch:
 def busy(cpu_s: float | None, window_s: float) -> bool:
     """Whether ``cpu_s`` of CPU over ``window_s`` means the sandbox still runs (slow, not frozen)."""
     return cpu_s is not None and cpu_s >= max(FROZEN_CPU_MIN_S, FROZEN_CPU_SHARE * window_s)
+
+
+def confirm_s(limit_s: float) -> float:
+    """How long after a silent, still sandbox is first suspected it is looked at again."""
+    return min(CONFIRM_MAX_S, max(CONFIRM_MIN_S, CONFIRM_SHARE * limit_s))
+
+
+def moving(first: Scheduling | None, later: Scheduling | None, elapsed_s: float) -> bool:
+    """Whether two looks at a silent sandbox's threads, ``elapsed_s`` apart, show it wanting the host.
+
+    Unknown (either look ``None``) is not moving: the verdict then rests on
+    CPU time alone, as on a host that cannot tell.
+    """
+    if first is None or later is None:
+        return False
+    if first.active or later.active:
+        return True
+    return later.waited_s - first.waited_s >= STARVED_WAIT_SHARE * elapsed_s

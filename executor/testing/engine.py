@@ -42,6 +42,7 @@ from executor.backends import (
     EngineInfo,
     ExitInfo,
     RuntimeInfo,
+    Scheduling,
     Usage,
     check_image_labels,
     register_backend,
@@ -94,6 +95,9 @@ class FakeContainer:
         self.oom_kills: int | None = None
         self.pids_refused: int | None = None
         self.usage_reads = 0
+        # How its threads stand with the scheduler when a silent sandbox is
+        # judged (None: the host cannot tell); a function is read at each call.
+        self.scheduling: Scheduling | Callable[[], Scheduling] | None = None
         self.started = threading.Event()
         self._ended = threading.Event()
         self._kill_requested = threading.Event()
@@ -359,6 +363,17 @@ class FakeBackend:
         cpu = container.cpu_s() if callable(container.cpu_s) else container.cpu_s
         container.usage_reads += 1
         return Usage(cpu_s=cpu, oom_kills=container.oom_kills, pids_refused=container.pids_refused)
+
+    def scheduling(self, container_id: str) -> Scheduling | None:
+        """What the running container's program set as its threads' standing; ``None`` once it ended."""
+        try:
+            container = self._get(container_id)
+        except ContainerError:
+            return None
+        if not container.running:
+            return None
+        got = container.scheduling
+        return got() if callable(got) else got
 
     def list_managed(self) -> list[tuple[str, dict[str, str]]]:
         """The fake's containers not yet removed, plus :attr:`managed`."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from executor.backends import ContainerSpec, ExitInfo
+from executor.backends import ContainerSpec, ExitInfo, Scheduling
 from executor.errors import ContainerError, EngineUnavailableError
 from executor.events import Control, ControlKind
 from executor.outcome import ErrorDetail, Outcome, Status
@@ -589,6 +589,54 @@ def test_a_silent_sandbox_whose_cpu_stands_still_is_frozen(make_session, monkeyp
     error = _timeout_error(_supervise(session, FakeBackend(idle), FAST))
     assert error.type == "HeartbeatTimeout"
     assert error.limit_s == 0.3
+
+
+def _starved_until(session: TaskSession, after_s: float, **standing: int) -> Callable[[FakeContainer], None]:
+    """Silent, its CPU time still, its threads waiting on the host (``active`` or run-queue wait)."""
+
+    def starved(container: FakeContainer) -> None:
+        container.cpu_s = 0.01
+        t0 = time.monotonic()
+        active = standing.get("active", 0)
+        # Waiting for a CPU the whole time (one thread), unless only ``active`` is set.
+        share = 0.0 if active else 1.0
+        container.scheduling = lambda: Scheduling(
+            waited_s=share * (time.monotonic() - t0), active=active, threads=3
+        )
+        if container.wait_killed(after_s):
+            return
+        _reports(session, "OK", "1")(container)
+
+    return starved
+
+
+@pytest.mark.parametrize(
+    "standing", [{"active": 0}, {"active": 1}], ids=["runnable-starved", "in-kernel-wait"]
+)
+def test_a_boot_starved_of_cpu_or_blocked_in_the_kernel_is_slow_not_frozen(
+    make_session, monkeypatch, standing
+):
+    # Its CPU time stands still, but its threads want the host (a host busier
+    # than its cores, or storage that is starved too): no hang verdict.
+    monkeypatch.setattr(supervisor_module, "BOOT_GRACE_S", 0.3)
+    session = make_session().session
+    backend = FakeBackend(then(_starved_until(session, 1.5, **standing), exits(0)))
+    outcome = _supervise(session, backend, FAST)
+    assert outcome.status is Status.OK, outcome.error
+    assert not backend.only().killed
+
+
+def test_a_still_sandbox_whose_threads_all_sleep_is_frozen(make_session, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "BOOT_GRACE_S", 0.3)
+    session = make_session().session
+
+    def asleep(container: FakeContainer) -> None:
+        container.cpu_s = 0.5
+        container.scheduling = Scheduling(waited_s=2.0, active=0, threads=4)  # no wait added, none active
+        container.wait_killed()
+
+    error = _timeout_error(_supervise(session, FakeBackend(asleep), FAST))
+    assert error.type == "HeartbeatTimeout"
 
 
 def test_a_frozen_sandbox_after_its_boot_is_caught_though_it_used_cpu_before(make_session):
