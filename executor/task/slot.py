@@ -40,13 +40,13 @@ from executor.sandbox.contract import SANDBOX_DATA
 from executor.task.assembly import assemble
 from executor.task.supervisor import BOOT_GRACE_S, BOOT_LIMIT_S, HandOverFailed
 from executor.task.taskdir import TaskDir
-from executor.task.usage import busy
+from executor.task.usage import busy, moving
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from executor.backends import ContainerSpec
+    from executor.backends import ContainerSpec, Scheduling
     from executor.policy import IsolationPolicy
     from executor.rpc.server import TaskServer
     from executor.rpc.session import TaskSession
@@ -77,7 +77,7 @@ class Slot:
     container_id: str = ""
     started_at: float = field(default_factory=time.monotonic)
     permit: Permit | None = field(default=None, repr=False)
-    _cpu_mark: tuple[float, float] | None = field(default=None, repr=False)
+    _cpu_mark: tuple[float, float, Scheduling | None] | None = field(default=None, repr=False)
     _given: bool = False
     _discarded: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -113,10 +113,15 @@ class Slot:
         cpu = usage.cpu_s if usage is not None else None
         if cpu is None:
             return True
-        mark, self._cpu_mark = self._cpu_mark, (now, cpu)
+        try:
+            standing = self.backend.scheduling(self.container_id) if self.container_id else None
+        except Exception:
+            standing = None
+        mark, self._cpu_mark = self._cpu_mark, (now, cpu, standing)
         if mark is None:
             return False  # judged at the next look, over the time between
-        return not busy(cpu - mark[1], now - mark[0])
+        # Slow, not dead: its CPU time advances, or its threads want the host (starved, or blocked in it).
+        return not busy(cpu - mark[1], now - mark[0]) and not moving(mark[2], standing, now - mark[0])
 
     def death(self) -> str:
         """How a slot that :meth:`dead` judged dead died, for the pool's last error."""
