@@ -238,6 +238,7 @@ def test_parent_killed_with_sigkill_leaves_containers_the_next_start_reaps(
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
+        proc.stdout.close()
     orphans = {c.id for c in docker_client.containers.list(all=True, filters={"label": label})}
     assert len(orphans) == 1
     assert list(run_dir.iterdir())
@@ -282,6 +283,8 @@ def test_the_sandbox_exits_by_itself_when_its_parent_dies(docker_client, data_di
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(30)
+        proc.stdout.close()  # type: ignore[union-attr]
         for c in docker_client.containers.list(all=True, filters={"label": label}):
             with contextlib.suppress(docker.errors.APIError):  # another reaper got there first
                 c.remove(force=True)
@@ -373,6 +376,8 @@ def test_no_protocol_keeps_its_sandbox_alive_without_its_parent(
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(30)
+        proc.stdout.close()  # type: ignore[union-attr]
         for c in docker_client.containers.list(all=True, filters={"label": label}) if label else []:
             with contextlib.suppress(docker.errors.APIError):
                 c.remove(force=True)

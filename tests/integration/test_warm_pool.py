@@ -256,6 +256,8 @@ def test_a_killed_parents_pool_stops_by_itself_and_is_reaped(
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(30)
+        proc.stdout.close()  # type: ignore[union-attr]
         for c in docker_client.containers.list(all=True, filters={"label": label}) if label else []:
             with contextlib.suppress(docker.errors.APIError):
                 c.remove(force=True)
