@@ -10,6 +10,7 @@ removal), so an OOM kill is named whatever the engine says.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import pytest
@@ -19,14 +20,31 @@ from executor.policy import DEFAULT_IMAGE
 
 pytestmark = pytest.mark.integration
 
-HOG = "x = []\nwhile True:\n    x.append(bytearray(8 << 20))\n    x[-1][::4096] = b'\\1' * 2048\n"
+# Both programs wait for SIGUSR1 (blocked, so none is lost) before they act: the
+# watch must be on the cgroup before a hog can end the sandbox, and under gVisor
+# an OOM kill removes the cgroup within milliseconds of the container's start.
+GATE = (
+    "import signal\n"
+    "signal.signal(signal.SIGUSR1, lambda *_: None)\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})\n"
+    "print('ready', flush=True)\n"
+    "signal.sigwait({signal.SIGUSR1})\n"
+)
+HOG = GATE + "x = []\nwhile True:\n    x.append(bytearray(8 << 20))\n    x[-1][::4096] = b'\\1' * 2048\n"
+EXITS = GATE + "import time\ntime.sleep(0.5)\n"
+READY_WAIT_S = 60.0
+
+
+def _wait_ready(container: Any) -> None:
+    end = time.monotonic() + READY_WAIT_S
+    while b"ready" not in container.logs(stdout=True, stderr=False):
+        assert time.monotonic() < end, f"the program did not start within {READY_WAIT_S:g} s"
+        time.sleep(0.05)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="cgroup.event_control is root's to write")
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
-@pytest.mark.parametrize(
-    ("program", "oom"), [(HOG, True), ("import time; time.sleep(0.5)", False)], ids=["hog", "exits"]
-)
+@pytest.mark.parametrize(("program", "oom"), [(HOG, True), (EXITS, False)], ids=["hog", "exits"])
 def test_the_kernel_s_oom_notice_is_seen_after_the_cgroup_is_gone(
     docker_client: Any, runtime: str, program: str, oom: bool
 ) -> None:
@@ -43,10 +61,12 @@ def test_the_kernel_s_oom_notice_is_seen_after_the_cgroup_is_gone(
     )
     try:
         container.start()
+        _wait_ready(container)
         pid = int(docker_client.api.inspect_container(container.id)["State"]["Pid"])
         watch = OomWatch.of(paths_of(pid))
         assert watch is not None, "no OOM watch on a cgroup v1 memory controller as root"
         try:
+            container.kill(signal="SIGUSR1")
             docker_client.api.wait(container.id, timeout=60)
             assert watch.oom_killed(2.0) is oom
         finally:
