@@ -2,91 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sqlite3
 import stat
 import threading
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from executor import paths
-from executor.data.scan import FileStamp
 from executor.data.sqlite import ProjectDatabase, schema
 from executor.data.sqlite.schema import SCHEMA_VERSION
-from executor.data.store import BatchCommit, TaskEnd, TaskStart
 from executor.errors import ProjectDatabaseError
-
-PROJECT = "oncology"
-HASH = "hash-1"
-T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
-
-
-def start(task_id: str, *, project: str = PROJECT, task_hash: str = HASH, minute: int = 0, **kw) -> TaskStart:
-    fields = {
-        "task_id": task_id,
-        "task_hash": task_hash,
-        "project": project,
-        "modeller": "alice",
-        "datasource": "scans",
-        "bundle_sha256": "ab" * 32,
-        "policy": {"runtime": "runsc", "memory_mb": 512},
-        "runtime": "runsc",
-        "started_at": T0 + timedelta(minutes=minute),
-        "selection": {"total": 3, "selected": 3},
-        "total_batches": 2,
-        "test_run": False,
-    }
-    fields.update(kw)
-    return TaskStart(**fields)
-
-
-def end(task_id: str, **kw) -> TaskEnd:
-    fields = {
-        "task_id": task_id,
-        "status": "OK",
-        "error_type": None,
-        "error_message": None,
-        "timings": {"total": 1.5},
-        "ended_at": T0 + timedelta(hours=1),
-        "log_tail": "done\n",
-        "batches_done": 2,
-        "selection": {"total": 3, "selected": 2, "over_limit": 1},
-    }
-    fields.update(kw)
-    return TaskEnd(**fields)
-
-
-def stamp(name: str, size: int = 10, mtime_ns: int = 1) -> FileStamp:
-    return FileStamp(name=name, size=size, mtime_ns=mtime_ns)
-
-
-def commit(task_id: str, batch: int = 1, *, total: int = 2, task_hash: str = HASH, **kw) -> BatchCommit:
-    fields = {
-        "task_id": task_id,
-        "project": PROJECT,
-        "task_hash": task_hash,
-        "batch": batch,
-        "total_batches": total,
-        "processed": [],
-        "failed": [],
-        "record_processed": True,
-        "started_at": T0,
-        "ended_at": T0 + timedelta(seconds=5),
-        "stats": {"files": 0},
-    }
-    fields.update(kw)
-    return BatchCommit(**fields)
-
-
-def save(db: ProjectDatabase, task_id: str, batch: int = 1, *, rows=(), **kw) -> None:
-    """What the executor does with a batch: stage its rows as they come, then commit it."""
-    if rows:
-        db.stage_rows(task_id, batch, [json.dumps(row, allow_nan=False) for row in rows])
-    db.commit_batch(commit(task_id, batch, **kw))
+from tests.storecases import HASH, PROJECT, commit, save, stamp, start
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
